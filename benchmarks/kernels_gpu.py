@@ -1,0 +1,198 @@
+"""GPU check and kernel benchmark: `python -m benchmarks.kernels_gpu [--elements N] [--no-append]`.
+
+1. Correctness on the device: the cuda and triton backends against the torch reference (same stream, same pass),
+   every dtype, both distributions, every variant, odd sizes, offsets above 2^31.
+2. Bandwidth: each op on OPT-1.3B's parameter shapes (1.316e9 bf16 elements in 388 tensors) as effective GB/s
+   (bytes read + written once) and as a fraction of a device-to-device copy of the same bytes, timed in the same run.
+   MeZO's per-tensor `torch.normal` pass is timed beside them as the baseline.
+
+Prints a Markdown table and appends it to benchmarks/RESULTS.md with the device, versions, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import zokern
+from zokern import _reference
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def opt_1_3b_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of facebook/opt-1.3b (hidden 2048, 24 layers, ffn 8192, vocab 50272): 1.316e9 elements."""
+    h, ffn, layers = 2048, 8192, 24
+    shapes: list[tuple[int, ...]] = [(50272, h), (2050, h)]
+    for _ in range(layers):
+        shapes += [(h, h), (h,)] * 4  # q, k, v, out projections
+        shapes += [(h,), (h,)]  # self-attention layer norm
+        shapes += [(ffn, h), (ffn,), (h, ffn), (h,)]
+        shapes += [(h,), (h,)]  # final layer norm of the block
+    shapes += [(h,), (h,)]  # decoder final layer norm
+    return shapes
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> tuple[float, float, float]:
+    """Median, p20 and p80 of ``reps`` timed calls, each bracketed by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return statistics.median(times), times[int(0.2 * (reps - 1))], times[int(0.8 * (reps - 1))]
+
+
+def copy_time_ms(numel: int, dtype: torch.dtype) -> float:
+    """Median time of a device-to-device copy of ``numel`` elements: the bandwidth floor of an in-place pass."""
+    src = torch.empty(numel, device="cuda", dtype=dtype)
+    dst = torch.empty_like(src)
+    return cuda_time_ms(lambda: dst.copy_(src))[0]
+
+
+# ------------------------------------------------------------------------------------------------- correctness
+
+
+def check_backend(backend: str) -> list[str]:
+    """Run every variant on small tensors through ``backend`` and the torch reference; return failures."""
+    failures = []
+    sizes = (1, 7, 129, 1000, 4097, 70_000)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for distribution in ("gaussian", "rademacher"):
+            for variant in ("perturb", "update", "update_tensor_g", "nonfinite_g", "two_seed", "stochastic"):
+                g = torch.Generator().manual_seed(1)
+                base = [(torch.randn(n, generator=g) * 0.02 + 0.5).to(dtype).cuda() for n in sizes]
+                ours, ref = [t.clone() for t in base], [t.clone() for t in base]
+                offset = 2**31 + 5 if variant != "update" else 2**40 + 3
+                for ts, be in ((ours, backend), (ref, "torch")):
+                    kw = dict(offset=offset, distribution=distribution, backend=be)
+                    if variant == "perturb":
+                        zokern.perturb_(ts, 3, 1e-3, **kw)
+                    elif variant == "update":
+                        zokern.restore_update_(ts, 3, 1e-3, 0.1, 0.7, weight_decay=0.01, **kw)
+                    elif variant == "update_tensor_g":
+                        zokern.restore_update_(ts, 3, 1e-3, 0.1, torch.tensor(0.7, device="cuda"), **kw)
+                    elif variant == "nonfinite_g":
+                        zokern.restore_update_(ts, 3, 1e-3, 0.1, torch.tensor(float("nan"), device="cuda"), **kw)
+                    elif variant == "two_seed":
+                        zokern.two_seed_(ts, 3, 1e-3, 4, -2e-3, **kw)
+                    else:
+                        zokern.perturb_(ts, 3, 1e-3, rounding="stochastic", rounding_seed=11, **kw)
+                for o, r in zip(ours, ref):
+                    diff = (o.double() - r.double()).abs()
+                    spacing = r.double().abs().clamp_min(1e-30) * torch.finfo(dtype).eps * 2
+                    bad = diff > torch.maximum(spacing, torch.full_like(spacing, 2e-7))
+                    frac = (diff > 0).double().mean().item() if dtype != torch.float32 else 0.0
+                    if bad.any() or frac > 0.02:
+                        failures.append(
+                            f"{backend} {dtype} {distribution} {variant} n={o.numel()}: "
+                            f"{int(bad.sum())} elements beyond one ulp, max diff {diff.max().item():.3g}"
+                        )
+    for domain in (0, 1, 2):
+        impl = {"cuda": "zokern._native", "triton": "zokern.kernels.zo_pass"}[backend]
+        words = __import__(impl, fromlist=["x"]).philox_block_words(2**63 - 1, domain, 2**40 - 7, 4099, "cuda")
+        if not torch.equal(words.cpu(), _reference.philox_block_words(2**63 - 1, domain, 2**40 - 7, 4099)):
+            failures.append(f"{backend}: Philox words differ from the reference (domain {domain})")
+    z = zokern.gaussian(5, 2**33, 1 << 22, device="cuda", backend=backend).double().cpu()
+    err = (z - _reference.stream(5, 2**33, 1 << 22, "gaussian")).abs().max().item()
+    print(f"  {backend}: max |z - exact| over 4.2e6 Gaussians = {err:.3g}")
+    if err > 2.0**-17 * 5.86:
+        failures.append(f"{backend}: Gaussian error {err:.3g} beyond the spec's bound")
+    return failures
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+def mezo_pass(params: list[torch.Tensor], seed: int, scale: float) -> None:
+    """MeZO's published perturbation: reseed the global generator, torch.normal per tensor, out-of-place add."""
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        p.data = p.data + scale * z
+
+
+def bench(backends: list[str], n_elements: int | None) -> list[tuple[str, str, str, float, float, float]]:
+    shapes = opt_1_3b_shapes()
+    params = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in shapes]
+    if n_elements is not None:  # a smaller run for quick checks: one flat tensor
+        params = [torch.randn(n_elements, device="cuda", dtype=torch.bfloat16) * 0.02]
+    numel = sum(p.numel() for p in params)
+    nbytes = 2 * numel * params[0].element_size()  # read once, write once
+    copy_ms = copy_time_ms(numel, params[0].dtype)
+    rows = [("device copy", "-", "-", copy_ms, nbytes / copy_ms / 1e6, 1.0)]
+    g_dev = torch.tensor(0.3, device="cuda")
+    ops: dict[str, Callable[[str, str], None]] = {
+        "perturb_": lambda be, d: zokern.perturb_(params, 1, 1e-3, distribution=d, backend=be),
+        "restore_update_ (device g)": lambda be, d: zokern.restore_update_(
+            params, 1, 1e-3, 0.0, g_dev, distribution=d, backend=be
+        ),
+        "restore_update_ + next perturbation": lambda be, d: zokern.restore_update_(
+            params, 1, 1e-3, 0.0, g_dev, next_seed=2, next_alpha=1e-3, distribution=d, backend=be
+        ),
+        "two_seed_": lambda be, d: zokern.two_seed_(params, 1, 1e-3, 2, -1e-3, distribution=d, backend=be),
+        "perturb_ stochastic rounding": lambda be, d: zokern.perturb_(
+            params, 1, 1e-3, distribution=d, rounding="stochastic", rounding_seed=5, backend=be
+        ),
+    }
+    for backend in backends:
+        for distribution in ("gaussian", "rademacher"):
+            for name, op in ops.items():
+                ms = cuda_time_ms(lambda op=op, be=backend, d=distribution: op(be, d), reps=10)[0]
+                rows.append((name, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
+    ms = cuda_time_ms(lambda: mezo_pass(params, 1, 1e-3), reps=5)[0]
+    rows.append(("MeZO torch.normal pass (baseline)", "torch", "gaussian", ms, nbytes / ms / 1e6, copy_ms / ms))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--elements", type=int, default=None, help="time one flat tensor of N elements instead")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks.kernels_gpu needs a CUDA device", file=sys.stderr)
+        return 2
+    backends = [b for b in ("cuda", "triton") if b in zokern.available_backends()]
+    print(f"backends on this device: {backends}; status: {zokern.backend_status()}")
+    failures = [f for b in backends for f in check_backend(b)]
+    for f in failures:
+        print("FAIL", f)
+    rows = bench(backends, args.elements)
+    import importlib.metadata as md
+
+    triton_version = md.version("triton") if "triton" in backends else "-"
+    header = (
+        f"\n### Kernel bandwidth, {datetime.date.today()}\n\n"
+        f"Device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_version}, "
+        f"CUDA {torch.version.cuda}, Python {platform.python_version()}, zokern {zokern.__version__} "
+        f"(stream v{zokern.STREAM_VERSION}). Command: `python -m benchmarks.kernels_gpu"
+        f"{'' if args.elements is None else f' --elements {args.elements}'}`. Elements: "
+        f"{'OPT-1.3B shapes, 1.316e9 bf16 in 388 tensors' if args.elements is None else args.elements}. "
+        f"Correctness on device: {'all passed' if not failures else f'{len(failures)} FAILURES'}.\n\n"
+        "| op | backend | z | ms (median) | GB/s | fraction of copy |\n|---|---|---|---|---|---|\n"
+    )
+    table = header + "".join(f"| {o} | {b} | {d} | {ms:.3f} | {gbs:.0f} | {f:.1%} |\n" for o, b, d, ms, gbs, f in rows)
+    print(table)
+    if not args.no_append:
+        with RESULTS.open("a") as fh:
+            fh.write(table)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

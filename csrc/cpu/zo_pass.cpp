@@ -1,0 +1,350 @@
+// zokern's torch ops: their schemas (for every backend), their CPU kernels, and the Python module zokern._C that
+// registers them on import.
+//
+//   zokern::zo_pass_      the fused pass of docs/stream.md, section 5, over a list of tensors of one device and dtype
+//   zokern::philox_words_ fills an int64 [n, 4] tensor with the words of Philox blocks first_block .. first_block+n-1
+//
+// The CPU kernel walks the global index space in chunks aligned to kChunk. Per chunk it generates z (and the second
+// seed's z and the rounding integers) into small buffers with structure-of-arrays Philox batches, then runs one
+// branch-free, vectorisable loop over the chunk's elements. at::parallel_for spreads the chunks of all tensors.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include <zokern/stream.h>
+
+namespace zokern {
+
+// Argument checks shared with the CUDA binding (csrc/cuda/bindings.cpp declares them).
+void check_pass_inputs(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, int64_t domain, int64_t seed2,
+                       int64_t rounding_seed, const std::optional<at::Tensor>& grad_tensor, bool update,
+                       c10::DeviceType device_type) {
+  TORCH_CHECK(tensors.size() == bases.size(), "zo_pass_: got ", tensors.size(), " tensors but ", bases.size(),
+              " bases");
+  TORCH_CHECK(domain == kDomainGaussian || domain == kDomainRademacher,
+              "zo_pass_: domain must be 0 (gaussian) or 1 (rademacher), got ", domain);
+  TORCH_CHECK(seed >= 0 && seed2 >= 0 && rounding_seed >= 0, "zo_pass_: seed, seed2 and rounding_seed must be in "
+              "[0, 2^63), got ", seed, ", ", seed2, ", ", rounding_seed);
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const at::Tensor& t = tensors[k];
+    TORCH_CHECK(t.device().type() == device_type && t.device() == tensors[0].device(), "zo_pass_: tensors[", k,
+                "] is on ", t.device(), ", expected ", tensors[0].device(), " (a ", device_type, " device)");
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), "zo_pass_: tensors[", k, "] has dtype ",
+                t.scalar_type(), " but tensors[0] has ", tensors[0].scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "zo_pass_: tensors[", k, "] is not contiguous");
+    TORCH_CHECK(bases[k] >= 0 && (t.numel() == 0 || t.numel() - 1 <= std::numeric_limits<int64_t>::max() - bases[k]),
+                "zo_pass_: bases[", k, "] = ", bases[k], " with numel ", t.numel(), " leaves the index range [0, 2^63)");
+  }
+  if (!tensors.empty()) {
+    const at::ScalarType dtype = tensors[0].scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "zo_pass_: tensors must be float32, bfloat16 or float16, got ", dtype);
+  }
+  if (update && grad_tensor.has_value()) {
+    const at::Tensor& g = *grad_tensor;
+    TORCH_CHECK(g.scalar_type() == at::kFloat && g.numel() == 1, "zo_pass_: grad_tensor must be a one-element "
+                "float32 tensor, got ", g.scalar_type(), " with ", g.numel(), " elements");
+    TORCH_CHECK(tensors.empty() || g.device() == tensors[0].device(), "zo_pass_: grad_tensor is on ", g.device(),
+                " but the tensors are on ", tensors[0].device());
+  }
+}
+
+void check_philox_inputs(const at::Tensor& out, int64_t seed, int64_t domain, int64_t first_block) {
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 2 && out.size(1) == 4 && out.is_contiguous(),
+              "philox_words_: out must be a contiguous int64 tensor of shape [n, 4], got ", out.scalar_type(), " ",
+              out.sizes());
+  TORCH_CHECK(seed >= 0, "philox_words_: seed must be in [0, 2^63), got ", seed);
+  TORCH_CHECK(domain >= 0 && domain <= 0xFFFFFFFFll, "philox_words_: domain must be in [0, 2^32), got ", domain);
+  TORCH_CHECK(first_block >= 0 && out.size(0) <= std::numeric_limits<int64_t>::max() - first_block,
+              "philox_words_: first_block must be >= 0 and first_block + n < 2^63, got ", first_block);
+}
+
+namespace {
+
+// A task is a chunk of kChunk consecutive global indices aligned to kChunk: a multiple of 128, so each Philox block
+// of every stream lies in one chunk, and the chunk's z, second z and rounding integers (10 KiB) stay in L1.
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kMaxBlocks = kChunk >> kGaussianLog2;  // Philox blocks per chunk, 8-element streams
+constexpr int64_t kGrainChunks = 16;                     // 16 Ki elements per parallel_for task at least
+
+// r depends only on the low 16 bits of a word and (cos, sin) only on the high 16 bits. Tabulating the header's own
+// functions keeps the CPU's z bit-identical to evaluating them, for two L2 lookups per pair instead of three libm
+// calls.
+struct GaussianTables {
+  float radius[1 << 16];
+  float cos_sin[1 << 16][2];
+
+  GaussianTables() {
+    for (uint32_t v = 0; v < (1u << 16); ++v) {
+      radius[v] = gaussian_radius(v);
+      gaussian_sincos(v, &cos_sin[v][1], &cos_sin[v][0]);
+    }
+  }
+};
+
+const GaussianTables& gaussian_tables() {
+  static const GaussianTables tables;
+  return tables;
+}
+
+// Inlined into process_chunk, so that they are compiled for each of its target clones.
+#if defined(_MSC_VER)
+#define ZK_INLINE __forceinline
+#else
+#define ZK_INLINE inline __attribute__((always_inline))
+#endif
+
+// Structure of arrays, so that the ten rounds vectorise across blocks.
+struct BlockWords {
+  alignas(64) uint32_t w[4][kMaxBlocks];
+};
+
+ZK_INLINE void philox_blocks(uint64_t seed, uint32_t domain, uint64_t first, int64_t count, BlockWords& out) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  // 32-bit counter arithmetic (with the carry) keeps the loop in 32-bit lanes.
+  const uint32_t n_lo = static_cast<uint32_t>(first), n_hi = static_cast<uint32_t>(first >> 32);
+  for (int32_t b = 0; b < static_cast<int32_t>(count); ++b) {
+    const uint32_t c0 = n_lo + static_cast<uint32_t>(b);
+    const uint32_t c1 = n_hi + (c0 < n_lo ? 1u : 0u);
+    const Philox4 r = philox4x32_10(c0, c1, domain, 0u, k0, k1);
+    out.w[0][b] = r.x[0];
+    out.w[1][b] = r.x[1];
+    out.w[2][b] = r.x[2];
+    out.w[3][b] = r.x[3];
+  }
+}
+
+// The fill_* functions write the elements of the whole Philox blocks that cover global indices [lo, last] into
+// buf[i - chunk_begin]; those blocks lie inside the chunk [chunk_begin, chunk_begin + kChunk).
+
+ZK_INLINE void fill_gaussian(uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, float* buf,
+                          BlockWords& words) {
+  const int64_t first = lo >> kGaussianLog2, count = (last >> kGaussianLog2) - first + 1;
+  philox_blocks(seed, kDomainGaussian, first, count, words);
+  const GaussianTables& tab = gaussian_tables();
+  float* out = buf + ((first << kGaussianLog2) - chunk_begin);
+  for (int64_t b = 0; b < count; ++b) {
+    for (int p = 0; p < 4; ++p) {
+      const uint32_t w = words.w[p][b];
+      const float r = tab.radius[w & 0xFFFFu];
+      const float* cs = tab.cos_sin[w >> 16];
+      out[8 * b + 2 * p] = r * cs[0];
+      out[8 * b + 2 * p + 1] = r * cs[1];
+    }
+  }
+}
+
+ZK_INLINE void fill_rademacher(uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, float* buf,
+                               BlockWords& words) {
+  const int64_t first = lo >> kRademacherLog2, count = (last >> kRademacherLog2) - first + 1;
+  philox_blocks(seed, kDomainRademacher, first, count, words);
+  float* out = buf + ((first << kRademacherLog2) - chunk_begin);
+  for (int64_t b = 0; b < count; ++b) {
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t w = words.w[q][b];
+      float* o = out + 128 * b + 32 * q;
+      for (uint32_t e = 0; e < 32; ++e) o[e] = bits_float(0x3F800000u | (((w >> e) & 1u) << 31));
+    }
+  }
+}
+
+ZK_INLINE void fill_z(int64_t domain, uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, float* buf,
+                   BlockWords& words) {
+  if (domain == kDomainGaussian) {
+    fill_gaussian(seed, chunk_begin, lo, last, buf, words);
+  } else {
+    fill_rademacher(seed, chunk_begin, lo, last, buf, words);
+  }
+}
+
+ZK_INLINE void fill_rounding(uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, uint16_t* buf,
+                             BlockWords& words) {
+  const int64_t first = lo >> kRoundingLog2, count = (last >> kRoundingLog2) - first + 1;
+  philox_blocks(seed, kDomainRounding, first, count, words);
+  uint16_t* out = buf + ((first << kRoundingLog2) - chunk_begin);
+  for (int64_t b = 0; b < count; ++b) {
+    for (int p = 0; p < 4; ++p) {
+      const uint32_t w = words.w[p][b];
+      out[8 * b + 2 * p] = static_cast<uint16_t>(w);
+      out[8 * b + 2 * p + 1] = static_cast<uint16_t>(w >> 16);
+    }
+  }
+}
+
+struct Job {
+  void* data;
+  int64_t base;
+  int64_t last;         // global index of the last element
+  int64_t first_chunk;  // global chunk number of the first element
+  int64_t task_begin;   // this tensor's first task in the flattened task list
+};
+
+struct PassConfig {
+  int64_t domain;
+  uint64_t seed, seed2, rounding_seed;
+  PassScalars scalars;
+};
+
+// x86-64's baseline, SSE2, has no vector 32x32->64-bit multiply that the vectoriser can use for Philox: AVX2 and
+// AVX-512 (x86-64-v4) clones, picked at load time, run the Philox batches 8 or 16 blocks at a time (1.4x and 3.6x
+// the SSE2 throughput on an AMD EPYC). setup.py compiles with -ffp-contract=off, so x86-64-v4's FMA leaves the
+// pass's float operations separately rounded.
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define ZK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__ELF__) && defined(__clang__) && __clang_major__ >= 14
+#define ZK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ZK_CPU_CLONES
+#endif
+
+template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
+ZK_CPU_CLONES void process_chunk(const Job& job, int64_t chunk_begin, const PassConfig& cfg) {
+  alignas(64) float z1[kChunk];
+  alignas(64) float z2[kChunk];
+  alignas(64) uint16_t s[kChunk];
+  BlockWords words;
+  const int64_t lo = std::max(chunk_begin, job.base);
+  const int64_t last = std::min(chunk_begin + (kChunk - 1), job.last);
+  fill_z(cfg.domain, cfg.seed, chunk_begin, lo, last, z1, words);
+  if (kSecond) fill_z(cfg.domain, cfg.seed2, chunk_begin, lo, last, z2, words);
+  if (kStochastic) fill_rounding(cfg.rounding_seed, chunk_begin, lo, last, s, words);
+
+  auto* __restrict data = static_cast<typename Format::Storage*>(job.data) + (lo - job.base);
+  const int64_t off = lo - chunk_begin, n = last - lo + 1;
+  const PassScalars p = cfg.scalars;
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = pass_element(Format::to_float(data[j]), z1[off + j], kSecond ? z2[off + j] : 0.0f, p, kUpdate,
+                                 kSecond);
+    data[j] = kStochastic ? Format::round_stochastic(x, s[off + j]) : Format::round_nearest(x);
+  }
+}
+
+template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
+void run_pass(const std::vector<Job>& jobs, int64_t n_tasks, const PassConfig& cfg) {
+  if (cfg.domain == kDomainGaussian) gaussian_tables();  // built on first use, before the threads need it
+  at::parallel_for(0, n_tasks, kGrainChunks, [&](int64_t begin, int64_t end) {
+    // The last job starting at or before `begin`; empty tensors own no task and are never jobs.
+    size_t k = std::upper_bound(jobs.begin(), jobs.end(), begin,
+                                [](int64_t task, const Job& job) { return task < job.task_begin; }) -
+               jobs.begin() - 1;
+    for (int64_t task = begin; task < end; ++task) {
+      while (k + 1 < jobs.size() && jobs[k + 1].task_begin <= task) ++k;
+      const Job& job = jobs[k];
+      process_chunk<Format, kUpdate, kSecond, kStochastic>(job, (job.first_chunk + (task - job.task_begin)) * kChunk,
+                                                           cfg);
+    }
+  });
+}
+
+// Calls f(std::bool_constant<v>{}): turns a runtime flag into a template argument.
+template <class F>
+void with_flag(bool v, F&& f) {
+  if (v) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <class Format>
+void run_pass_for(const std::vector<Job>& jobs, int64_t n_tasks, const PassConfig& cfg, bool update, bool second,
+                  bool stochastic) {
+  with_flag(update, [&](auto u) {
+    with_flag(second, [&](auto s2) {
+      if constexpr (std::is_same_v<Format, Float32Format>) {
+        run_pass<Format, decltype(u)::value, decltype(s2)::value, false>(jobs, n_tasks, cfg);
+      } else {
+        with_flag(stochastic, [&](auto sr) {
+          run_pass<Format, decltype(u)::value, decltype(s2)::value, decltype(sr)::value>(jobs, n_tasks, cfg);
+        });
+      }
+    });
+  });
+}
+
+void zo_pass_cpu(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, double alpha, int64_t domain,
+                 double lr, double grad_value, const std::optional<at::Tensor>& grad_tensor, bool update,
+                 double weight_decay, int64_t seed2, double alpha2, bool second, int64_t rounding_seed,
+                 bool stochastic) {
+  check_pass_inputs(tensors, bases, seed, domain, seed2, rounding_seed, grad_tensor, update, c10::DeviceType::CPU);
+  std::vector<Job> jobs;
+  jobs.reserve(tensors.size());
+  int64_t n_tasks = 0;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const int64_t numel = tensors[k].numel();
+    if (numel == 0) continue;
+    const int64_t last = bases[k] + (numel - 1);
+    const int64_t first_chunk = bases[k] / kChunk;
+    jobs.push_back({tensors[k].data_ptr(), bases[k], last, first_chunk, n_tasks});
+    n_tasks += last / kChunk - first_chunk + 1;
+  }
+  if (jobs.empty()) return;
+
+  float g = static_cast<float>(grad_value);
+  if (update && grad_tensor.has_value()) g = *grad_tensor->const_data_ptr<float>();
+  const PassConfig cfg{domain,
+                       static_cast<uint64_t>(seed),
+                       static_cast<uint64_t>(seed2),
+                       static_cast<uint64_t>(rounding_seed),
+                       {static_cast<float>(alpha), static_cast<float>(lr), g, static_cast<float>(weight_decay),
+                        static_cast<float>(alpha2)}};
+  // A non-finite g skips the update: the pass then only restores.
+  const bool do_update = update && is_finite(g);
+  switch (tensors[0].scalar_type()) {
+    case at::kFloat:
+      run_pass_for<Float32Format>(jobs, n_tasks, cfg, do_update, second, false);
+      break;
+    case at::kBFloat16:
+      run_pass_for<BFloat16Format>(jobs, n_tasks, cfg, do_update, second, stochastic);
+      break;
+    default:  // at::kHalf, the only other dtype check_pass_inputs admits
+      run_pass_for<Float16Format>(jobs, n_tasks, cfg, do_update, second, stochastic);
+      break;
+  }
+}
+
+void philox_words_cpu(const at::Tensor& out, int64_t seed, int64_t domain, int64_t first_block) {
+  check_philox_inputs(out, seed, domain, first_block);
+  TORCH_CHECK(out.device().is_cpu(), "philox_words_: out is on ", out.device(), ", expected cpu");
+  int64_t* words = out.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, out.size(0), 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const Philox4 r = philox_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(first_block + b),
+                                     static_cast<uint32_t>(domain));
+      for (int q = 0; q < 4; ++q) words[4 * b + q] = r.x[q];
+    }
+  });
+}
+
+}  // namespace
+}  // namespace zokern
+
+TORCH_LIBRARY(zokern, m) {
+  // Fake (meta) implementations, for torch.compile and opcheck, are registered in Python.
+  m.set_python_module("zokern._native");
+  m.def(
+      "zo_pass_(Tensor(a!)[] tensors, int[] bases, int seed, float alpha, int domain, float lr, float grad_value, "
+      "Tensor? grad_tensor, bool update, float weight_decay, int seed2, float alpha2, bool second, "
+      "int rounding_seed, bool stochastic) -> ()");
+  m.def("philox_words_(Tensor(a!) out, int seed, int domain, int first_block) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(zokern, CPU, m) {
+  m.impl("zo_pass_", &zokern::zo_pass_cpu);
+  m.impl("philox_words_", &zokern::philox_words_cpu);
+}
+
+// `import zokern._C` loads this library, whose static initialisers above register the ops; the module is empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

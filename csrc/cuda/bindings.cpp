@@ -1,0 +1,86 @@
+// CUDA kernels of zokern::zo_pass_ and zokern::philox_words_ (schemas in csrc/cpu/zo_pass.cpp): argument checks,
+// the current device and stream, then the torch-free launchers of zo_pass.cu. Nothing here synchronises: a grad
+// tensor on the device is read by the kernel itself.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "zo_pass.h"
+
+namespace zokern {
+
+// Defined in csrc/cpu/zo_pass.cpp: the checks both backends share.
+void check_pass_inputs(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, int64_t domain, int64_t seed2,
+                       int64_t rounding_seed, const std::optional<at::Tensor>& grad_tensor, bool update,
+                       c10::DeviceType device_type);
+void check_philox_inputs(const at::Tensor& out, int64_t seed, int64_t domain, int64_t first_block);
+
+namespace {
+
+gpu::Format format_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return gpu::Format::kFloat32;
+    case at::kBFloat16:
+      return gpu::Format::kBFloat16;
+    default:  // at::kHalf, the only other dtype check_pass_inputs admits
+      return gpu::Format::kFloat16;
+  }
+}
+
+void zo_pass_cuda(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, double alpha, int64_t domain,
+                  double lr, double grad_value, const std::optional<at::Tensor>& grad_tensor, bool update,
+                  double weight_decay, int64_t seed2, double alpha2, bool second, int64_t rounding_seed,
+                  bool stochastic) {
+  check_pass_inputs(tensors, bases, seed, domain, seed2, rounding_seed, grad_tensor, update, c10::DeviceType::CUDA);
+  if (tensors.empty()) return;
+  std::vector<gpu::TensorSpan> spans;
+  spans.reserve(tensors.size());
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    if (tensors[k].numel() > 0) spans.push_back({tensors[k].data_ptr(), tensors[k].numel(), bases[k]});
+  }
+  if (spans.empty()) return;
+
+  gpu::PassConfig config{};
+  config.seed = static_cast<uint64_t>(seed);
+  config.seed2 = static_cast<uint64_t>(seed2);
+  config.rounding_seed = static_cast<uint64_t>(rounding_seed);
+  config.alpha = static_cast<float>(alpha);
+  config.alpha2 = static_cast<float>(alpha2);
+  config.lr = static_cast<float>(lr);
+  config.weight_decay = static_cast<float>(weight_decay);
+  config.grad = static_cast<float>(grad_value);
+  config.grad_ptr = update && grad_tensor.has_value() ? grad_tensor->const_data_ptr<float>() : nullptr;
+  config.domain = static_cast<uint32_t>(domain);
+  config.update = update;
+  config.second = second;
+  config.stochastic = stochastic;
+
+  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  C10_CUDA_CHECK(gpu::launch_zo_pass(spans.data(), static_cast<int64_t>(spans.size()),
+                                     format_of(tensors[0].scalar_type()), config,
+                                     c10::cuda::getCurrentCUDAStream()));
+}
+
+void philox_words_cuda(const at::Tensor& out, int64_t seed, int64_t domain, int64_t first_block) {
+  check_philox_inputs(out, seed, domain, first_block);
+  TORCH_CHECK(out.is_cuda(), "philox_words_: out is on ", out.device(), ", expected a CUDA device");
+  const c10::cuda::CUDAGuard guard(out.device());
+  C10_CUDA_CHECK(gpu::launch_philox_words(static_cast<uint64_t>(seed), static_cast<uint32_t>(domain),
+                                          static_cast<uint64_t>(first_block), out.size(0),
+                                          out.mutable_data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+}  // namespace zokern
+
+TORCH_LIBRARY_IMPL(zokern, CUDA, m) {
+  m.impl("zo_pass_", &zokern::zo_pass_cuda);
+  m.impl("philox_words_", &zokern::philox_words_cuda);
+}

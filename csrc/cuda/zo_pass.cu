@@ -1,0 +1,271 @@
+// CUDA kernels of zokern's fused pass (docs/stream.md, section 5) and of raw Philox words.
+//
+// Work decomposition. The global index space is cut into tiles of kTileElems consecutive indices aligned to
+// kTileElems; a CUDA block processes one tile per iteration of a grid-stride loop, each thread one octet (8
+// consecutive indices aligned to 8, the elements of one Gaussian Philox call). One launch covers up to kMaxTensors
+// tensors of one format: it enumerates the tiles that intersect each tensor, and a block finds its tile's tensor in
+// the cumulative tile counts, which live in the kernel parameters (uniform per block, served by the constant
+// cache). A warp's 32 octets are 256 contiguous elements, read and written with 16-byte accesses whenever the
+// octet's address is 16-byte aligned (the tensor's base index and data pointer permit it); octets cut by a
+// tensor's ends, or misaligned, use element accesses.
+//
+// Cost per octet: one Philox call and four Box-Muller pairs for Gaussian z; one Philox call for Rademacher z (the
+// 16 threads of a 128-element group recompute the same call, which costs the warp no more than one call, as for
+// Gaussian z, without the transform); one more call for the second seed's z, and one for the stochastic-rounding
+// integers.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <type_traits>
+
+#include <zokern/stream.h>
+
+#include "zo_pass.h"
+
+namespace zokern {
+namespace gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kTileElems = 8 * kThreads;  // 2048: a multiple of 128, so tiles hold whole Rademacher groups
+// Metadata passed by value: 4 arrays of 8 bytes per tensor, 3 KiB for 96, under the 4 KiB kernel-parameter limit.
+constexpr int kMaxTensors = 96;
+constexpr int kMaxDevices = 64;
+
+struct TileMap {
+  int64_t tile_end[kMaxTensors];  // tensor k owns the launch's tiles [tile_end[k-1], tile_end[k])
+  int64_t base[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  void* data[kMaxTensors];
+  int count;
+};
+
+__device__ __forceinline__ int find_tensor(const TileMap& map, int64_t tile) {
+  int lo = 0, hi = map.count - 1;  // the first k with tile_end[k] > tile
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (map.tile_end[mid] > tile) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// ------------------------------------------------------------------------------------------- octet accesses
+
+__device__ __forceinline__ void load_octet(const uint16_t* p, uint16_t v[8]) {
+  const uint4 q = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = static_cast<uint16_t>(w[i]);
+    v[2 * i + 1] = static_cast<uint16_t>(w[i] >> 16);
+  }
+}
+
+__device__ __forceinline__ void store_octet(uint16_t* p, const uint16_t v[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = static_cast<uint32_t>(v[2 * i]) | (static_cast<uint32_t>(v[2 * i + 1]) << 16);
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ void load_octet(const float* p, float v[8]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+  v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+__device__ __forceinline__ void store_octet(float* p, const float v[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// ---------------------------------------------------------------------------------------------- the kernels
+
+template <uint32_t kDomain>
+__device__ __forceinline__ void z_octet(uint64_t seed, uint64_t octet, float z[8]) {
+  if constexpr (kDomain == kDomainGaussian) {
+    gaussian_octet(philox_block(seed, octet, kDomainGaussian), z);
+  } else {
+    rademacher_octet(philox_block(seed, octet >> (kRademacherLog2 - 3), kDomainRademacher), octet, z);
+  }
+}
+
+template <class Fmt, uint32_t kDomain, bool kSecond, bool kStochastic>
+__global__ void __launch_bounds__(kThreads)
+    zo_pass_kernel(const __grid_constant__ TileMap map, const PassConfig cfg, int64_t n_tiles) {
+  using Storage = typename Fmt::Storage;
+  const float g = cfg.grad_ptr != nullptr ? *cfg.grad_ptr : cfg.grad;
+  const bool update = cfg.update && is_finite(g);
+  const PassScalars p{cfg.alpha, cfg.lr, g, cfg.weight_decay, cfg.alpha2};
+
+  // A block's tiles increase, so after one search its tensor index only walks forward: over the whole grid-stride
+  // loop that costs at most one step per tensor, where a search per tile would cost log2(count) steps each.
+  int k = find_tensor(map, blockIdx.x);  // the grid has at most n_tiles blocks
+  for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+    while (map.tile_end[k] <= tile) ++k;
+    const int64_t base = map.base[k], numel = map.numel[k];
+    const int64_t tile_in_tensor = tile - (k == 0 ? 0 : map.tile_end[k - 1]);
+    const uint64_t octet = (static_cast<uint64_t>(base / kTileElems + tile_in_tensor)) * kThreads + threadIdx.x;
+    // Local index of the octet's first element; unsigned arithmetic because base + numel may reach 2^63.
+    const int64_t j0 = static_cast<int64_t>(octet * 8 - static_cast<uint64_t>(base));
+    if (j0 <= -8 || j0 >= numel) continue;
+    Storage* data = static_cast<Storage*>(map.data[k]);
+    const bool vector =
+        j0 >= 0 && j0 + 8 <= numel && (reinterpret_cast<uintptr_t>(data + j0) & 15) == 0;
+
+    // Loads first: their latency overlaps the generator's arithmetic.
+    Storage raw[8];
+    if (vector) {
+      load_octet(data + j0, raw);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int64_t j = j0 + e;
+        raw[e] = j >= 0 && j < numel ? data[j] : Storage{};
+      }
+    }
+
+    float z1[8], z2[8];
+    uint32_t s[8];
+    z_octet<kDomain>(cfg.seed, octet, z1);
+    if constexpr (kSecond) z_octet<kDomain>(cfg.seed2, octet, z2);
+    if constexpr (kStochastic) rounding_octet(philox_block(cfg.rounding_seed, octet, kDomainRounding), s);
+
+    Storage out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float x = pass_element(Fmt::to_float(raw[e]), z1[e], kSecond ? z2[e] : 0.0f, p, update, kSecond);
+      if constexpr (kStochastic) {
+        out[e] = Fmt::round_stochastic(x, s[e]);
+      } else {
+        out[e] = Fmt::round_nearest(x);
+      }
+    }
+
+    if (vector) {
+      store_octet(data + j0, out);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int64_t j = j0 + e;
+        if (j >= 0 && j < numel) data[j] = out[e];
+      }
+    }
+  }
+}
+
+__global__ void philox_words_kernel(uint64_t seed, uint32_t domain, uint64_t first_block, int64_t n_blocks,
+                                    int64_t* out) {
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < n_blocks;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Philox4 r = philox_block(seed, first_block + static_cast<uint64_t>(b), domain);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) out[4 * b + q] = r.x[q];
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- launchers
+
+int sm_count() {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return std::max(sms, 1);
+}
+
+// A grid of one wave of resident blocks: enough to fill the GPU; the grid-stride loop covers the rest.
+template <class Fmt, uint32_t kDomain, bool kSecond, bool kStochastic>
+cudaError_t launch_tiles(const TileMap& map, int64_t n_tiles, const PassConfig& cfg, cudaStream_t stream) {
+  constexpr auto kernel = zo_pass_kernel<Fmt, kDomain, kSecond, kStochastic>;
+  static std::atomic<int> blocks_per_sm[kMaxDevices];
+  int device = 0;
+  cudaGetDevice(&device);
+  int per_sm = device < kMaxDevices ? blocks_per_sm[device].load(std::memory_order_relaxed) : 0;
+  if (per_sm == 0) {
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+    if (err != cudaSuccess) return err;
+    per_sm = std::max(per_sm, 1);
+    if (device < kMaxDevices) blocks_per_sm[device].store(per_sm, std::memory_order_relaxed);
+  }
+  const int64_t grid = std::min<int64_t>(n_tiles, static_cast<int64_t>(sm_count()) * per_sm);
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(map, cfg, n_tiles);
+  return cudaGetLastError();
+}
+
+template <class Fmt, uint32_t kDomain>
+cudaError_t launch_for_domain(const TileMap& map, int64_t n_tiles, const PassConfig& cfg, cudaStream_t stream) {
+  if constexpr (std::is_same<Fmt, Float32Format>::value) {  // float32 stores x as is: no stochastic rounding
+    return cfg.second ? launch_tiles<Fmt, kDomain, true, false>(map, n_tiles, cfg, stream)
+                      : launch_tiles<Fmt, kDomain, false, false>(map, n_tiles, cfg, stream);
+  } else if (cfg.second) {
+    return cfg.stochastic ? launch_tiles<Fmt, kDomain, true, true>(map, n_tiles, cfg, stream)
+                          : launch_tiles<Fmt, kDomain, true, false>(map, n_tiles, cfg, stream);
+  } else {
+    return cfg.stochastic ? launch_tiles<Fmt, kDomain, false, true>(map, n_tiles, cfg, stream)
+                          : launch_tiles<Fmt, kDomain, false, false>(map, n_tiles, cfg, stream);
+  }
+}
+
+template <class Fmt>
+cudaError_t launch_for_format(const TileMap& map, int64_t n_tiles, const PassConfig& cfg, cudaStream_t stream) {
+  return cfg.domain == kDomainGaussian ? launch_for_domain<Fmt, kDomainGaussian>(map, n_tiles, cfg, stream)
+                                       : launch_for_domain<Fmt, kDomainRademacher>(map, n_tiles, cfg, stream);
+}
+
+cudaError_t launch_map(const TileMap& map, int64_t n_tiles, Format format, const PassConfig& cfg,
+                       cudaStream_t stream) {
+  switch (format) {
+    case Format::kFloat32:
+      return launch_for_format<Float32Format>(map, n_tiles, cfg, stream);
+    case Format::kBFloat16:
+      return launch_for_format<BFloat16Format>(map, n_tiles, cfg, stream);
+    case Format::kFloat16:
+      return launch_for_format<Float16Format>(map, n_tiles, cfg, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_zo_pass(const TensorSpan* tensors, int64_t count, Format format, const PassConfig& config,
+                           cudaStream_t stream) {
+  TileMap map;
+  map.count = 0;
+  int64_t n_tiles = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const TensorSpan& t = tensors[k];
+    if (t.numel == 0) continue;
+    const int64_t last = t.base + (t.numel - 1);
+    n_tiles += last / kTileElems - t.base / kTileElems + 1;
+    map.tile_end[map.count] = n_tiles;
+    map.base[map.count] = t.base;
+    map.numel[map.count] = t.numel;
+    map.data[map.count] = t.data;
+    if (++map.count == kMaxTensors) {
+      const cudaError_t err = launch_map(map, n_tiles, format, config, stream);
+      if (err != cudaSuccess) return err;
+      map.count = 0;
+      n_tiles = 0;
+    }
+  }
+  return map.count == 0 ? cudaSuccess : launch_map(map, n_tiles, format, config, stream);
+}
+
+cudaError_t launch_philox_words(uint64_t seed, uint32_t domain, uint64_t first_block, int64_t n_blocks, int64_t* out,
+                                cudaStream_t stream) {
+  if (n_blocks == 0) return cudaSuccess;
+  constexpr int kWordThreads = 256;
+  const int64_t grid = std::min<int64_t>((n_blocks + kWordThreads - 1) / kWordThreads, int64_t{sm_count()} * 8);
+  philox_words_kernel<<<static_cast<unsigned>(grid), kWordThreads, 0, stream>>>(seed, domain, first_block, n_blocks,
+                                                                                out);
+  return cudaGetLastError();
+}
+
+}  // namespace gpu
+}  // namespace zokern

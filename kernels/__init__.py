@@ -1,0 +1,1 @@
+"""Triton kernels of zokern (installed as zokern.kernels)."""

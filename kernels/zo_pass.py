@@ -1,0 +1,260 @@
+"""The ``triton`` backend: the fused pass of docs/stream.md, section 5, as one launch per (device, dtype) group.
+
+The tensors of a call are cut into work tiles of ``BLOCK`` global indices, each starting at a multiple of 128 so that
+it holds whole Philox blocks of every stream; one program handles one tile. A cached int64 table gives each tile its
+tensor's address, global base index, numel and the tile's first global index, so a model of hundreds of tensors is
+still one launch. Tiles at a tensor's ends are masked; a tile never crosses into the next tensor's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from zokern._reference import DISTRIBUTIONS
+from zokern._reference import DOMAIN_RADEMACHER
+from zokern.kernels.philox import gaussian_tile
+from zokern.kernels.philox import philox_blocks
+from zokern.kernels.philox import rademacher_tile
+from zokern.kernels.philox import rounding_tile
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Global indices per program. Any multiple of 128 gives the same z (the tests check two); 2048 bf16 elements is
+# 4 KiB per program on a GPU. The interpreter runs programs one by one in Python, so it gets bigger tiles.
+GPU_BLOCK = 2048
+INTERPRETER_BLOCK = 8192
+_ROW = 4  # table columns: address, base, numel, first global index of the tile
+_TABLE_CACHE_SIZE = 64
+_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+@triton.jit
+def _bf16_from_bits(bits):
+    """The bf16 whose code is the high half of the uint32 ``bits``."""
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _widen(v, DTYPE: tl.constexpr):
+    """A loaded value as float32. bf16 goes through its bits, like _round_nearest: Triton's interpreter flushes
+    bf16 subnormals in the conversion."""
+    if DTYPE == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _round_nearest(x, DTYPE: tl.constexpr):
+    """x rounded to nearest-even in DTYPE. bf16 is rounded on the bits because Triton's interpreter truncates
+    float32 -> bf16 conversions; compiled, these are a few integer ops in a memory-bound pass."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = _bf16_from_bits(bits + 0x7FFF + ((bits >> 16) & 1))
+        return tl.where(x != x, x.to(DTYPE), rounded)  # the carry could turn a NaN's payload into infinity
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _sign_magnitude_round(x, s, DTYPE: tl.constexpr):
+    """x rounded to DTYPE away from zero iff s < q * 65536 (docs/stream.md, section 5), for finite in-range x."""
+    if DTYPE == tl.bfloat16:
+        # bf16 is float32 with the low 16 bits cut: truncation is rounding toward zero, and q * 65536 is exactly
+        # those low bits.
+        bits = x.to(tl.uint32, bitcast=True)
+        toward = bits & 0xFFFF0000
+        chosen = tl.where(s.to(tl.uint32) < (bits & 0xFFFF), toward + 0x10000, toward)
+        return _bf16_from_bits(chosen)
+    else:
+        nearest = _round_nearest(x, DTYPE)
+        code = nearest.to(tl.uint16, bitcast=True).to(tl.int32)
+        # In sign-magnitude codes, -1 steps toward zero and +1 away from it.
+        toward_code = code - (tl.abs(nearest.to(tl.float32)) > tl.abs(x)).to(tl.int32)
+        toward = toward_code.to(tl.uint16).to(DTYPE, bitcast=True)
+        away = (toward_code + 1).to(tl.uint16).to(DTYPE, bitcast=True)
+        low = tl.abs(toward.to(tl.float32))
+        q = (tl.abs(x) - low) / (tl.abs(away.to(tl.float32)) - low)
+        return tl.where(s.to(tl.float32) < q * 65536.0, away, toward)
+
+
+@triton.jit(do_not_specialize=["seed", "seed2", "rounding_seed"])
+def _zo_pass_kernel(
+    table_ptr,
+    seed,
+    alpha,
+    seed2,
+    alpha2,
+    lr,
+    grad_ptr,
+    grad_value,
+    weight_decay,
+    rounding_seed,
+    DTYPE: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    UPDATE: tl.constexpr,
+    GRAD_ON_DEVICE: tl.constexpr,
+    SECOND: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = table_ptr + tl.program_id(0).to(tl.int64) * 4
+    address = tl.load(row)
+    base = tl.load(row + 1)
+    numel = tl.load(row + 2)
+    g0 = tl.load(row + 3)
+    start = g0 - base  # index within the tensor of the tile's first element; negative at a misaligned tensor start
+    tensor_ptr = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # every base a multiple of 8 and every address of 16 bytes: 16-byte vector loads and stores
+        tensor_ptr = tl.multiple_of(tensor_ptr, 16)  # on the pointer: the hint does not survive the int cast
+        start = tl.multiple_of(start, 8)
+    ptrs = tensor_ptr + start + tl.arange(0, BLOCK)
+    local = start + tl.arange(0, BLOCK)
+    mask = (local >= 0) & (local < numel)
+    # Interior tiles skip the mask, whose unknown bound would otherwise stop the loads from being vectorised.
+    interior = (start >= 0) & (start + BLOCK <= numel)
+    if interior:
+        x = _widen(tl.load(ptrs), DTYPE)
+    else:
+        x = _widen(tl.load(ptrs, mask=mask, other=0.0), DTYPE)
+
+    if RADEMACHER:
+        z1 = rademacher_tile(seed, g0, BLOCK)
+    else:
+        z1 = gaussian_tile(seed, g0, BLOCK)
+    x = x + alpha * z1
+    if UPDATE:
+        if GRAD_ON_DEVICE:
+            g = tl.load(grad_ptr)
+        else:
+            g = grad_value
+        updated = x - lr * (g * z1 + weight_decay * x)
+        x = tl.where(tl.abs(g) <= 3.4028234663852886e38, updated, x)  # a NaN or infinite g only restores
+    if SECOND:
+        if RADEMACHER:
+            z2 = rademacher_tile(seed2, g0, BLOCK)
+        else:
+            z2 = gaussian_tile(seed2, g0, BLOCK)
+        x = x + alpha2 * z2
+
+    if STOCHASTIC:
+        s = rounding_tile(rounding_seed, g0, BLOCK)
+        if DTYPE == tl.float16:
+            in_range = tl.abs(x) <= 65504.0  # false for NaN and infinities, which round to nearest
+        else:
+            in_range = tl.abs(x) <= 3.3895313892515355e38
+        out = tl.where(in_range, _sign_magnitude_round(x, s, DTYPE), _round_nearest(x, DTYPE))
+    else:
+        out = _round_nearest(x, DTYPE)
+    if interior:
+        tl.store(ptrs, out)
+    else:
+        tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _philox_words_kernel(out_ptr, n_blocks, seed, first_block, DOMAIN: tl.constexpr, BLOCK: tl.constexpr):
+    first = tl.program_id(0).to(tl.int64) * BLOCK
+    x0, x1, x2, x3 = philox_blocks(seed, first_block + first, BLOCK, DOMAIN)
+    n = first + tl.arange(0, BLOCK)
+    mask = n < n_blocks
+    out = out_ptr + n * 4
+    tl.store(out, x0.to(tl.int64), mask=mask)
+    tl.store(out + 1, x1.to(tl.int64), mask=mask)
+    tl.store(out + 2, x2.to(tl.int64), mask=mask)
+    tl.store(out + 3, x3.to(tl.int64), mask=mask)
+
+
+def _block_size(device: torch.device) -> int:
+    return GPU_BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
+
+
+def _work_table(tensors: Sequence[torch.Tensor], bases: Sequence[int], block: int) -> torch.Tensor:
+    """The tile table on the tensors' device, cached: an optimizer passes the same tensors every step."""
+    key = (tensors[0].device, block, tuple((t.data_ptr(), t.numel(), b) for t, b in zip(tensors, bases)))
+    table = _tables.get(key)
+    if table is not None:
+        _tables.move_to_end(key)
+        return table
+    rows = []
+    for t, base in zip(tensors, bases):
+        first = base - base % 128
+        n_tiles = -(-(base + t.numel() - first) // block)
+        tiles = first + block * torch.arange(n_tiles, dtype=torch.int64)  # base + numel may be 2^63
+        columns = torch.tensor([t.data_ptr(), base, t.numel()], dtype=torch.int64).expand(len(tiles), 3)
+        rows.append(torch.cat((columns, tiles[:, None]), dim=1))
+    table = torch.cat(rows).to(tensors[0].device)
+    _tables[key] = table
+    if len(_tables) > _TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return table
+
+
+def zo_pass_(
+    tensors: Sequence[torch.Tensor],
+    bases: Sequence[int],
+    *,
+    seed: int,
+    alpha: float,
+    distribution: str,
+    lr: float = 0.0,
+    grad: float | torch.Tensor | None = None,
+    weight_decay: float = 0.0,
+    seed2: int | None = None,
+    alpha2: float = 0.0,
+    rounding_seed: int | None = None,
+    block: int | None = None,
+) -> None:
+    """The fused pass in one launch; arguments as ``zokern._reference.zo_pass_`` (inputs validated by zokern.ops).
+
+    ``block`` overrides the tile size (a multiple of 128 and a power of two); z does not depend on it.
+    """
+    if not tensors:
+        return
+    device, dtype = tensors[0].device, tensors[0].dtype
+    block = block or _block_size(device)
+    table = _work_table(tensors, bases, block)
+    on_device = isinstance(grad, torch.Tensor)
+    grad_tensor = grad.to(device=device, dtype=torch.float32) if on_device else table  # unused when a float
+    aligned = all(b % 8 == 0 and t.data_ptr() % 16 == 0 for t, b in zip(tensors, bases))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _zo_pass_kernel[(table.shape[0],)](
+            table,
+            seed,
+            alpha,
+            0 if seed2 is None else seed2,
+            alpha2,
+            lr,
+            grad_tensor,
+            0.0 if grad is None or on_device else float(grad),
+            weight_decay,
+            0 if rounding_seed is None else rounding_seed,
+            DTYPE=_TL_DTYPES[dtype],
+            RADEMACHER=DISTRIBUTIONS[distribution] == DOMAIN_RADEMACHER,
+            UPDATE=grad is not None,
+            GRAD_ON_DEVICE=on_device,
+            SECOND=seed2 is not None,
+            STOCHASTIC=rounding_seed is not None and dtype != torch.float32,
+            ALIGNED=aligned,
+            BLOCK=block,
+        )
+
+
+def philox_block_words(
+    seed: int, domain: int, first_block: int, n_blocks: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Words of Philox(seed, counter=(n mod 2^32, n div 2^32, domain, 0)) for n in [first_block, +n_blocks).
+
+    Returns an int64 tensor of shape (n_blocks, 4) holding uint32 values.
+    """
+    out = torch.empty((n_blocks, 4), dtype=torch.int64, device=device)
+    if n_blocks:
+        block = 1024
+        _philox_words_kernel[(triton.cdiv(n_blocks, block),)](out, n_blocks, seed, first_block, domain, BLOCK=block)
+    return out

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# zokern's two entry points, usable on a fresh machine:
+#   bash run.sh demo [ARGS]   install what is missing, then run `zokern demo` (the main job)
+#   bash run.sh test [ARGS]   install what is missing, then run the test suite (pytest ARGS)
+# An installed torch is never replaced (a GPU user keeps their CUDA build); set PYTHON to pick the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+has_module() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
+
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+ensure_torch() {
+  if ! has_module torch; then
+    echo "run.sh: torch is not installed; installing it (pip's default build for this platform)"
+    pip_install torch
+  fi
+}
+
+# Rebuild the editable install when the C++/CUDA sources or the build script change.
+ensure_zokern() {
+  local stamp_file=build/.zokern-build-stamp stamp
+  stamp=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha1sum | cut -d' ' -f1)
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && has_module zokern; then
+    return
+  fi
+  has_module ninja || pip_install ninja
+  has_module setuptools || pip_install setuptools wheel
+  echo "run.sh: building zokern (C++ extension; CUDA kernels too when torch has CUDA and nvcc is found)"
+  # --no-build-isolation builds against the installed torch instead of downloading another into a build env.
+  pip_install --no-build-isolation -e .
+  mkdir -p build && echo "$stamp" > "$stamp_file"
+}
+
+ensure_test_tools() {
+  has_module pytest || pip_install pytest
+  has_module xdist || pip_install pytest-xdist
+  has_module scipy || pip_install scipy
+  if ! has_module triton && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+    echo "run.sh: installing triton (its kernels are tested on the CPU through TRITON_INTERPRET=1)"
+    pip_install triton
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  demo)
+    ensure_torch
+    ensure_zokern
+    exec "$PY" -m zokern demo "$@"
+    ;;
+  test)
+    ensure_torch
+    ensure_zokern
+    ensure_test_tools
+    "$PY" -m zokern info
+    exec "$PY" -m pytest -n 2 tests "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh demo [ARGS] | bash run.sh test [PYTEST ARGS]" >&2
+    exit 2
+    ;;
+esac

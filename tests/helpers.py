@@ -1,0 +1,65 @@
+"""Shared test helpers: random inputs, tolerances relative to the reference, readable ids."""
+
+from __future__ import annotations
+
+import torch
+
+import zokern
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Max |z_backend - z_exact| allowed for Gaussian z (docs/stream.md, section 3: 2^-17 (1 + |z|), |z| <= 4.86).
+Z_ATOL = 2.0**-17 * 5.86
+
+
+def backends_for(device: str = DEVICE) -> list[str]:
+    """The backends that can run on ``device`` in this install (triton on the CPU only when interpreted)."""
+    names = []
+    for name in zokern.available_backends():
+        if name == "torch" or name == device or (name == "triton" and (device == "cuda" or _interpreted())):
+            names.append(name)
+    return names
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def random_params(sizes, dtype, device: str = DEVICE, seed: int = 0) -> list[torch.Tensor]:
+    """Weights like a model's (rms ~0.02 around small offsets), never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        t = torch.randn(n, generator=g, dtype=torch.float64) * 0.02 + torch.rand(n, generator=g, dtype=torch.float64)
+        out.append(t.to(dtype).to(device))
+    return out
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of x's dtype at |x| (the distance to the next value away from zero), as float64."""
+    mag = x.detach().double().abs().clamp_min(torch.finfo(x.dtype).smallest_normal)
+    return torch.exp2(torch.floor(torch.log2(mag)) - MANTISSA_BITS[x.dtype])
+
+
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, alpha_scale: float = 1.0) -> None:
+    """out and ref come from the same input through two backends whose z differ by at most Z_ATOL.
+
+    float32: within alpha_scale * Z_ATOL plus 4 ulps. 16-bit: that float32 difference can move a value across a
+    rounding boundary, so each element may differ by one ulp of its dtype, and such elements must be rare.
+    """
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    diff = (out.double() - ref.double()).abs().cpu()
+    if out.dtype == torch.float32:
+        tol = alpha_scale * Z_ATOL + 4 * ulp(ref).cpu()
+        bad = diff > tol
+        assert not bad.any(), f"{int(bad.sum())} elements off; max diff {diff.max():.3g}"
+        return
+    step = torch.maximum(ulp(ref), ulp(out)).cpu()
+    assert (diff <= step * (1 + 1e-9) + alpha_scale * Z_ATOL).all(), f"max diff {diff.max():.3g} exceeds one ulp"
+    assert (diff > 0).double().mean() < 0.02, f"{(diff > 0).double().mean():.3%} of elements differ by one ulp"

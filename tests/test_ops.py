@@ -1,0 +1,312 @@
+"""The public ops: multi-tensor offsets, composition into a MeZO step, device-side g, dispatch, bad input."""
+
+import math
+
+import pytest
+import torch
+from helpers import DEVICE
+from helpers import DTYPES
+from helpers import Z_ATOL
+from helpers import assert_matches_reference
+from helpers import backends_for
+from helpers import random_params
+
+import zokern
+from zokern import _reference
+
+BACKENDS = backends_for()
+SIZES = (0, 1, 7, 129, 300)  # empty, single, odd, straddling the 8- and 128-element Philox groups
+EPS = 1e-3
+
+
+def _copy(ts):
+    return [t.clone() for t in ts]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_list_equals_each_tensor_at_its_offset(backend, distribution):
+    params = random_params(SIZES, torch.float32)
+    together, apart = _copy(params), _copy(params)
+    zokern.perturb_(together, 11, EPS, offset=5, distribution=distribution, backend=backend)
+    start = 5
+    for t in apart:
+        zokern.perturb_([t], 11, EPS, offset=start, distribution=distribution, backend=backend)
+        start += t.numel()
+    for a, b in zip(together, apart):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perturb_adds_alpha_times_the_stream(backend):
+    params = random_params(SIZES, torch.float32)
+    out = _copy(params)
+    zokern.perturb_(out, 3, 0.5, offset=100, backend=backend)
+    z = zokern.gaussian(3, 100, sum(SIZES), backend="torch", device=DEVICE)
+    expected = torch.cat([p.double() for p in params]) + 0.5 * _reference.stream(3, 100, sum(SIZES), "gaussian")
+    got = torch.cat([t.double() for t in out]).cpu()
+    assert (got - expected).abs().max() <= 0.5 * Z_ATOL + 1e-6
+    assert z.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mezo_step_in_three_passes_matches_reference(backend, dtype):
+    params = random_params((257, 64), dtype)
+    ours, ref = _copy(params), _copy(params)
+    seed, lr, g, wd = 99, 0.1, 0.75, 0.01
+    for ts, be in ((ours, backend), (ref, "torch")):
+        zokern.perturb_(ts, seed, EPS, backend=be)
+        zokern.perturb_(ts, seed, -2 * EPS, backend=be)
+        zokern.restore_update_(ts, seed, EPS, lr, g, weight_decay=wd, backend=be)
+    for o, r in zip(ours, ref):
+        assert_matches_reference(o, r, alpha_scale=3 * EPS + lr * g)
+    if dtype == torch.float32:  # the step itself: theta - lr (g z + wd theta)
+        theta = torch.cat([p.double() for p in params]).cpu()
+        z = _reference.stream(seed, 0, theta.numel(), "gaussian")
+        got = torch.cat([o.double() for o in ours]).cpu()
+        assert (got - (theta - lr * (g * z + wd * theta))).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_grad_updates_like_a_float(backend):
+    params = random_params((50, 9), torch.float32)
+    a, b = _copy(params), _copy(params)
+    zokern.restore_update_(a, 5, EPS, 0.2, 0.3, backend=backend)
+    flag = zokern.restore_update_(b, 5, EPS, 0.2, torch.tensor(0.3, device=DEVICE), backend=backend)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert flag is not None and not bool(flag)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_nonfinite_device_grad_restores_without_update_and_sets_flag(backend, bad):
+    params = random_params((40, 200), torch.float32)
+    restored, updated = _copy(params), _copy(params)
+    zokern.perturb_(restored, 8, EPS, backend=backend)  # restore-only: the result of perturb(+eps)
+    found = torch.zeros((), device=DEVICE)
+    flag = zokern.restore_update_(
+        updated,
+        8,
+        EPS,
+        0.5,
+        torch.tensor(bad, device=DEVICE),
+        weight_decay=0.1,
+        found_nonfinite=found,
+        backend=backend,
+    )
+    for x, y in zip(restored, updated):
+        assert torch.equal(x, y)
+    assert bool(flag) and float(found) == 1.0
+    flag_bool = torch.zeros((), dtype=torch.bool, device=DEVICE)
+    zokern.restore_update_(updated, 8, 0.0, 0.5, torch.tensor(1.0, device=DEVICE), found_nonfinite=flag_bool)
+    assert not bool(flag_bool)  # a finite g never clears or sets it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_seed_pass_equals_two_perturbations(backend):
+    params = random_params((77, 130), torch.float32)
+    fused, split = _copy(params), _copy(params)
+    zokern.two_seed_(fused, 1, 0.25, 2, -0.5, offset=3, backend=backend)
+    zokern.perturb_(split, 1, 0.25, offset=3, backend=backend)
+    zokern.perturb_(split, 2, -0.5, offset=3, backend=backend)
+    for x, y in zip(fused, split):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_restore_update_fuses_next_perturbation(backend):
+    params = random_params((90,), torch.float32)
+    fused, split = _copy(params), _copy(params)
+    zokern.restore_update_(fused, 4, EPS, 0.1, 0.5, next_seed=5, next_alpha=EPS, backend=backend)
+    zokern.restore_update_(split, 4, EPS, 0.1, 0.5, backend=backend)
+    zokern.perturb_(split, 5, EPS, backend=backend)
+    torch.testing.assert_close(fused[0], split[0], atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_functions_are_pure_and_typed(backend):
+    a = zokern.gaussian(7, 2**40 + 3, 33, backend=backend, device=DEVICE)
+    b = zokern.gaussian(7, 2**40, 40, backend=backend, device=DEVICE)[3:36]
+    assert torch.equal(a, b)
+    r = zokern.rademacher(7, 5, 300, dtype=torch.bfloat16, backend=backend, device=DEVICE)
+    assert r.dtype == torch.bfloat16 and set(r.float().unique().tolist()) == {-1.0, 1.0}
+    assert zokern.gaussian(7, 0, 0, backend=backend).numel() == 0
+
+
+def test_stochastic_rounding_defaults_to_a_fresh_seed_each_pass():
+    x = torch.full((4000,), 1.0 + 2**-9, dtype=torch.float32)  # halfway between two bf16 neighbours
+    a, b = x.to(torch.bfloat16), x.to(torch.bfloat16)
+    zokern.perturb_(a, 1, 2**-9, rounding="stochastic")
+    zokern.perturb_(b, 1, 2**-9, rounding="stochastic")
+    assert not torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def test_available_backends_and_status():
+    status = zokern.backend_status()
+    assert set(status) == {"cuda", "triton", "cpu", "torch"}
+    assert status["torch"] == "available"
+    assert zokern.available_backends() == [n for n, s in status.items() if s == "available"]
+    for name, state in status.items():
+        assert state == "available" or len(state) > 10, name  # an unavailable backend says why
+
+
+def test_unavailable_backend_is_a_clear_error():
+    unavailable = [n for n, s in zokern.backend_status().items() if s != "available"]
+    if not unavailable:
+        pytest.skip("every backend is available here")
+    t = random_params((10,), torch.float32)
+    before = _copy(t)
+    with pytest.raises(RuntimeError, match=f"backend '{unavailable[0]}' is unavailable"):
+        zokern.perturb_(t, 1, EPS, backend=unavailable[0])
+    assert torch.equal(t[0], before[0])
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("ZOKERN_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="environment variable ZOKERN_BACKEND"):
+        zokern.perturb_(random_params((3,), torch.float32), 1, EPS)
+    monkeypatch.setenv("ZOKERN_BACKEND", "torch")
+    t = random_params((9,), torch.float32)
+    u = _copy(t)
+    zokern.perturb_(t, 1, EPS)
+    zokern.perturb_(u, 1, EPS, backend="torch")
+    assert torch.equal(t[0], u[0])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _good():
+    return random_params((5, 6), torch.float32)
+
+
+BAD_CALLS = [
+    ("int tensor", lambda ts: zokern.perturb_(ts + [torch.arange(3)], 1, EPS), TypeError, r"tensors\[2\].*int64"),
+    (
+        "float64",
+        lambda ts: zokern.perturb_(ts + [torch.rand(3, dtype=torch.float64)], 1, EPS),
+        TypeError,
+        r"tensors\[2\].*float64",
+    ),
+    ("not a tensor", lambda ts: zokern.perturb_(ts + [[1.0]], 1, EPS), TypeError, r"tensors\[2\] is a list"),
+    (
+        "two devices",
+        lambda ts: zokern.perturb_(ts + [torch.empty(2, device="meta")], 1, EPS),
+        ValueError,
+        r"tensors\[2\] is on meta",
+    ),
+    (
+        "non-contiguous",
+        lambda ts: zokern.perturb_(ts + [torch.rand(4, 3).t()], 1, EPS),
+        ValueError,
+        r"tensors\[2\].*not contiguous",
+    ),
+    ("same tensor twice", lambda ts: zokern.perturb_(ts + [ts[0]], 1, EPS), ValueError, r"overlap"),
+    ("overlapping views", lambda ts: zokern.perturb_([ts[1][:4], ts[1][2:]], 1, EPS), ValueError, r"overlap"),
+    ("negative seed", lambda ts: zokern.perturb_(ts, -1, EPS), ValueError, r"seed must be in \[0, 2\^63\)"),
+    ("seed 2^63", lambda ts: zokern.perturb_(ts, 2**63, EPS), ValueError, r"seed"),
+    ("float seed", lambda ts: zokern.perturb_(ts, 1.5, EPS), TypeError, r"seed must be an integer"),
+    ("bool seed", lambda ts: zokern.perturb_(ts, True, EPS), TypeError, r"seed"),
+    ("negative offset", lambda ts: zokern.perturb_(ts, 1, EPS, offset=-4), ValueError, r"offset"),
+    ("offset past 2^63", lambda ts: zokern.perturb_(ts, 1, EPS, offset=2**63 - 5), ValueError, r"exceeds"),
+    ("nan alpha", lambda ts: zokern.perturb_(ts, 1, math.nan), ValueError, r"alpha must be finite"),
+    ("inf alpha", lambda ts: zokern.perturb_(ts, 1, math.inf), ValueError, r"alpha must be finite"),
+    ("tensor alpha", lambda ts: zokern.perturb_(ts, 1, torch.tensor(1.0)), TypeError, r"alpha.*only grad"),
+    ("nan lr", lambda ts: zokern.restore_update_(ts, 1, EPS, math.nan, 1.0), ValueError, r"lr must be finite"),
+    ("inf grad", lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, math.inf), ValueError, r"grad must be finite"),
+    (
+        "cpu nan grad tensor",
+        lambda ts: (
+            zokern.restore_update_(ts, 1, EPS, 0.1, torch.tensor(math.nan))
+            if DEVICE != "cpu"
+            else zokern.restore_update_(ts, 1, EPS, 0.1, math.nan)
+        ),
+        ValueError,
+        r"grad must be finite",
+    ),
+    (
+        "grad of two elements",
+        lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, torch.ones(2, device=DEVICE)),
+        ValueError,
+        r"one element",
+    ),
+    (
+        "int grad tensor",
+        lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, torch.tensor(1, device=DEVICE)),
+        ValueError,
+        r"floating",
+    ),
+    (
+        "nan weight decay",
+        lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, 1.0, weight_decay=math.nan),
+        ValueError,
+        r"weight_decay",
+    ),
+    ("bad next seed", lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, 1.0, next_seed=-2), ValueError, r"next_seed"),
+    (
+        "bad flag",
+        lambda ts: zokern.restore_update_(
+            ts, 1, EPS, 0.1, torch.tensor(1.0, device=DEVICE), found_nonfinite=torch.zeros(3, device=DEVICE)
+        ),
+        ValueError,
+        r"found_nonfinite",
+    ),
+    ("nan b", lambda ts: zokern.two_seed_(ts, 1, EPS, 2, math.nan), ValueError, r"b must be finite"),
+    ("bad seed2", lambda ts: zokern.two_seed_(ts, 1, EPS, 2**64, EPS), ValueError, r"seed2"),
+    (
+        "distribution",
+        lambda ts: zokern.perturb_(ts, 1, EPS, distribution="uniform"),
+        ValueError,
+        r"distribution must be one of",
+    ),
+    ("rounding", lambda ts: zokern.perturb_(ts, 1, EPS, rounding="up"), ValueError, r"rounding must be one of"),
+    ("rounding seed without SR", lambda ts: zokern.perturb_(ts, 1, EPS, rounding_seed=3), ValueError, r"rounding_seed"),
+    (
+        "bad rounding seed",
+        lambda ts: zokern.perturb_(ts, 1, EPS, rounding="stochastic", rounding_seed=-3),
+        ValueError,
+        r"rounding_seed",
+    ),
+    (
+        "unknown backend",
+        lambda ts: zokern.perturb_(ts, 1, EPS, backend="gpu"),
+        ValueError,
+        r"unknown zokern backend 'gpu'",
+    ),
+    (
+        "backend of another device",
+        lambda ts: zokern.perturb_(ts, 1, EPS, backend="cuda" if DEVICE == "cpu" else "cpu"),
+        (RuntimeError, ValueError),
+        r"backend 'c(uda|pu)' (is unavailable|cannot run)",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_before_touching_tensors(call, exc, match):
+    tensors = _good()
+    before = _copy(tensors)
+    with pytest.raises(exc, match=match):
+        call(tensors)
+    for t, b in zip(tensors, before):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(seed=-1, start=0, count=3), ValueError, "seed"),
+        (dict(seed=1, start=-1, count=3), ValueError, "start"),
+        (dict(seed=1, start=0, count=-3), ValueError, "count"),
+        (dict(seed=1, start=2**63 - 2, count=3), ValueError, "exceeds"),
+        (dict(seed=1, start=0, count=3, dtype=torch.int32), TypeError, "dtype"),
+    ],
+)
+def test_stream_functions_reject_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        zokern.gaussian(**kwargs)

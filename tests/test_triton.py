@@ -1,0 +1,82 @@
+"""The Triton backend's own concerns: tiling must not change z, and the kernels compile for a GPU.
+
+Correctness against the reference is in test_backends.py (Triton runs there under its interpreter on a CPU). The
+interpreter does not compile anything, so the compile tests below build the kernels for an H100 (sm_90) with
+Triton's own compiler and assembler, which needs no GPU: a kernel that only the interpreter accepts fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DEVICE
+from helpers import backends_for
+from helpers import random_params
+
+pytest.importorskip("triton")
+
+from zokern import _reference  # noqa: E402
+from zokern.kernels import zo_pass  # noqa: E402
+
+requires_triton_backend = pytest.mark.skipif(
+    "triton" not in backends_for(), reason="Triton needs a GPU or TRITON_INTERPRET=1 (set by conftest on a CPU)"
+)
+
+
+@requires_triton_backend
+@pytest.mark.parametrize("distribution", ("gaussian", "rademacher"))
+def test_tile_size_does_not_change_the_result(distribution):
+    tensors = random_params((5, 130, 1000, 3000), torch.bfloat16, DEVICE, seed=2)
+    bases = [2**33 + 3 + k for k in (0, 5, 135, 1135)]
+    kwargs = dict(seed=8, alpha=1e-2, distribution=distribution, lr=0.1, grad=0.5, seed2=9, alpha2=1e-3)
+    results = []
+    for block in (128, 1024, 8192):
+        out = [t.clone() for t in tensors]
+        zo_pass.zo_pass_(out, bases, rounding_seed=4, block=block, **kwargs)
+        results.append(torch.cat(out))
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@requires_triton_backend
+def test_tables_are_reused_and_follow_the_offsets():
+    t = random_params((3000,), torch.float32, DEVICE, seed=4)[0]
+    ref = t.clone()
+    block = zo_pass._block_size(t.device)
+    for base in (0, 0, 77):  # the same tensor twice, then at another offset
+        zo_pass.zo_pass_([t], [base], seed=1, alpha=0.5, distribution="rademacher")
+        _reference.zo_pass_([ref], [base], seed=1, alpha=0.5, distribution="rademacher")
+        if base == 0:
+            table = zo_pass._work_table([t], [0], block)
+    assert zo_pass._work_table([t], [0], block) is table  # cached, not rebuilt
+    assert torch.equal(t, ref)  # Rademacher z is exact, so is every pass
+
+
+@pytest.fixture(scope="module")
+def h100_ptx_facts():
+    # The interpreter replaces @triton.jit functions at import, so the compiler runs in a process without it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_ptx.py")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_pass_compiles_for_h100_with_vector_memory_access(h100_ptx_facts):
+    passes = {name: facts for name, facts in h100_ptx_facts.items() if name.startswith("zo_pass")}
+    assert len(passes) == 3 * 2 * 3  # dtype x distribution x (aligned with no flags, aligned all flags, unaligned)
+    for name, facts in passes.items():
+        if "aligned" in name and "unaligned" not in name:
+            # Interior tiles of aligned tensors move 16 bytes per access: the pass is meant to be memory-bound.
+            assert facts["vector_load"] and facts["vector_store"], name
+        assert facts["stores"], name
+        assert not facts["local_memory"], f"{name} uses local memory (register spills or a library slow path)"
+
+
+def test_philox_kernel_compiles_for_h100(h100_ptx_facts):
+    assert h100_ptx_facts["philox_words"]["mul_hi_u32"]  # 32x32->64 products as mul.hi, not 64-bit emulation

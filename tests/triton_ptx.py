@@ -1,0 +1,76 @@
+"""Compile zokern's Triton kernels for an H100 (sm_90) without a GPU and print facts about their PTX as JSON.
+
+Run by tests/test_triton.py in a process without TRITON_INTERPRET (which would replace the kernels by Python).
+"""
+
+import json
+import re
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from zokern.kernels import zo_pass
+
+H100 = GPUTarget("cuda", 90, 32)
+PASS_SIGNATURE = {
+    "table_ptr": "*i64",
+    "seed": "i64",
+    "alpha": "fp32",
+    "seed2": "i64",
+    "alpha2": "fp32",
+    "lr": "fp32",
+    "grad_ptr": "*fp32",
+    "grad_value": "fp32",
+    "weight_decay": "fp32",
+    "rounding_seed": "i64",
+}
+FLAGS = ("UPDATE", "GRAD_ON_DEVICE", "SECOND", "STOCHASTIC")
+
+
+def compile_ptx(fn, signature, constexprs) -> str:
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=H100).asm["ptx"]
+
+
+def facts(ptx: str) -> dict:
+    return {
+        "vector_load": "ld.global.v4.b32" in ptx,
+        "vector_store": "st.global.v4.b32" in ptx,
+        "stores": "st.global" in ptx,
+        "mul_hi_u32": "mul.hi.u32" in ptx,
+        "local_memory": bool(re.search(r"\.local\b", ptx)),
+    }
+
+
+def main() -> None:
+    out = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        for distribution in ("gaussian", "rademacher"):
+            for variant, flags, aligned in (
+                ("aligned", False, True),
+                ("aligned_all_flags", True, True),
+                ("unaligned", True, False),
+            ):
+                constexprs = dict(
+                    DTYPE=getattr(tl, dtype),
+                    RADEMACHER=distribution == "rademacher",
+                    ALIGNED=aligned,
+                    BLOCK=zo_pass.GPU_BLOCK,
+                    **{name: flags for name in FLAGS},
+                )
+                constexprs["STOCHASTIC"] = flags and dtype != "float32"
+                ptx = compile_ptx(zo_pass._zo_pass_kernel, PASS_SIGNATURE, constexprs)
+                out[f"zo_pass_{dtype}_{distribution}_{variant}"] = facts(ptx)
+    ptx = compile_ptx(
+        zo_pass._philox_words_kernel,
+        {"out_ptr": "*i64", "n_blocks": "i32", "seed": "i64", "first_block": "i64"},
+        dict(DOMAIN=1, BLOCK=1024),
+    )
+    out["philox_words"] = facts(ptx)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from zokern.cli import main
+
+raise SystemExit(main())

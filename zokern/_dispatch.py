@@ -1,0 +1,105 @@
+"""Backend registry: which implementations of the fused pass this install can run, and which one a call gets.
+
+Every backend is a module exposing ``zo_pass_(tensors, bases, *, seed, alpha, distribution, lr, grad,
+weight_decay, seed2, alpha2, rounding_seed)`` over tensors of one device and dtype, and
+``philox_block_words(seed, domain, first_block, n_blocks, device)``; all follow docs/stream.md.
+
+An automatic choice falls back quietly to the next backend; an explicit request (``backend=`` or the
+``ZOKERN_BACKEND`` environment variable) must succeed or raise, naming why it cannot run and what can.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+ENV_VAR = "ZOKERN_BACKEND"
+
+# Automatic preference per device type. On CUDA the C++ kernels come first because they need no JIT warm-up;
+# which of cuda/triton is faster is measured by benchmarks/kernels_gpu.py (see benchmarks/RESULTS.md).
+_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def backend_status() -> dict[str, str]:
+    """Each backend's name mapped to "available" or the reason it cannot run in this install."""
+    from zokern import _native
+
+    status = {"torch": "available"}
+    status["cpu"] = "available" if _native.cpu_available() else f"C++ extension not loaded: {_native.LOAD_ERROR}"
+    if not _native.cpu_available():
+        status["cuda"] = status["cpu"]
+    elif not torch.cuda.is_available():
+        status["cuda"] = "no CUDA device visible to torch"
+    elif not _native.cuda_available():
+        status["cuda"] = "the extension was built without CUDA kernels (torch without CUDA, or nvcc not found)"
+    else:
+        status["cuda"] = "available"
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = "triton is not installed (pip install triton)"
+    elif not (torch.cuda.is_available() or _triton_interpreted()):
+        status["triton"] = "no CUDA device visible to torch (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    else:
+        status["triton"] = "available"
+    return {name: status[name] for name in BACKENDS}
+
+
+def available_backends() -> list[str]:
+    """Names of the backends this install can run, fastest first."""
+    return [name for name, state in backend_status().items() if state == "available"]
+
+
+def _module(name: str) -> ModuleType:
+    if name == "torch":
+        return importlib.import_module("zokern._reference")
+    if name == "triton":
+        return importlib.import_module("zokern.kernels.zo_pass")
+    return importlib.import_module("zokern._native")
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "torch":
+        return True
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and _triton_interpreted())
+    return device.type == name
+
+
+def requested_backend(backend: str | None) -> str | None:
+    """The explicitly requested backend name (argument, else environment), validated; None for automatic."""
+    name = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if name is None:
+        return None
+    if name not in BACKENDS:
+        source = "backend" if backend is not None else f"environment variable {ENV_VAR}"
+        raise ValueError(f"unknown zokern backend {name!r} (from {source}); choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def select_backend(device: torch.device, backend: str | None = None) -> ModuleType:
+    """The backend module for tensors on ``device``: the requested one, or the fastest available."""
+    name = requested_backend(backend)
+    status = backend_status()
+    if name is not None:
+        if status[name] != "available":
+            raise RuntimeError(
+                f"zokern backend {name!r} is unavailable: {status[name]}. Available: {', '.join(available_backends())}"
+            )
+        if not _runs_on(name, device):
+            raise ValueError(f"zokern backend {name!r} cannot run on tensors on {device}")
+        return _module(name)
+    for candidate in _PREFERENCE.get(device.type, ("torch",)):
+        if status[candidate] == "available" and _runs_on(candidate, device):
+            try:
+                return _module(candidate)
+            except ImportError:  # an automatic choice falls back; an explicit one above must succeed
+                continue
+    return _module("torch")

@@ -1,0 +1,180 @@
+"""The perturbation stream and the fused pass in plain torch: the executable form of docs/stream.md.
+
+This module is the oracle every other backend is tested against, and the ``torch`` backend that runs wherever
+nothing faster is available. It favours obviously-right over fast: Philox words are computed in int64 (each
+32-bit word held in the low half), the Gaussian transform in float64, and large tensors are processed in chunks
+so that the fallback never allocates more than a few MiB of temporaries, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+STREAM_VERSION = 1
+
+# Philox4x32 constants (Salmon et al. 2011; Random123).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+# Counter word 2 separates the streams drawn from one seed.
+DOMAIN_GAUSSIAN = 0
+DOMAIN_RADEMACHER = 1
+DOMAIN_ROUNDING = 2
+
+# log2 of the number of elements one Philox call feeds, per stream.
+ELEMENTS_PER_CALL_LOG2 = {DOMAIN_GAUSSIAN: 3, DOMAIN_RADEMACHER: 7, DOMAIN_ROUNDING: 3}
+
+DISTRIBUTIONS = {"gaussian": DOMAIN_GAUSSIAN, "rademacher": DOMAIN_RADEMACHER}
+
+_MASK32 = 0xFFFFFFFF
+# Elements per chunk of the torch backend: bounds its temporaries at a few MiB.
+_CHUNK = 1 << 20
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # a < 2^32 and m < 2^32, so the product fits in 64 bits; int64 arithmetic wraps, which keeps all 64 bits.
+    p = a * m
+    return (p >> 32) & _MASK32, p & _MASK32
+
+
+def philox4x32(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 on int64 tensors holding uint32 words; the key is (seed mod 2^32, seed div 2^32)."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_block_words(
+    seed: int, domain: int, first_block: int, n_blocks: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Words of Philox(seed, counter=(n mod 2^32, n div 2^32, domain, 0)) for n in [first_block, +n_blocks).
+
+    Returns an int64 tensor of shape (n_blocks, 4) holding uint32 values.
+    """
+    n = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
+    c0, c1 = n & _MASK32, n >> 32
+    c2 = torch.full_like(n, domain)
+    c3 = torch.zeros_like(n)
+    return torch.stack(philox4x32(c0, c1, c2, c3, seed), dim=1)
+
+
+def _block_span(start: int, count: int, log2_per_call: int) -> tuple[int, int, int]:
+    first = start >> log2_per_call
+    last = (start + count - 1) >> log2_per_call
+    return first, last - first + 1, start - (first << log2_per_call)
+
+
+def gaussian_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Box-Muller on 16-bit uniforms: (n, 4) words -> (n, 8) float64 normals (docs/stream.md, section 3)."""
+    lo = (words & 0xFFFF).to(torch.float64)
+    hi = (words >> 16).to(torch.float64)
+    r = torch.sqrt(-2.0 * torch.log((lo + 0.5) / 65536.0))
+    theta = (hi - 32767.5) * (math.pi / 32768.0)
+    return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=2).reshape(words.shape[0], 8)
+
+
+def rademacher_from_words(words: torch.Tensor) -> torch.Tensor:
+    """128 signs per call: (n, 4) words -> (n, 128) float64 in {+1, -1} (docs/stream.md, section 4)."""
+    bits = (words.unsqueeze(2) >> torch.arange(32, device=words.device)) & 1
+    return (1 - 2 * bits).reshape(words.shape[0], 128).to(torch.float64)
+
+
+def stream(
+    seed: int, start: int, count: int, distribution: str, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """z_i for i in [start, start + count), float64 (the exact value, up to float64 rounding)."""
+    domain = DISTRIBUTIONS[distribution]
+    if count == 0:
+        return torch.empty(0, dtype=torch.float64, device=device)
+    log2 = ELEMENTS_PER_CALL_LOG2[domain]
+    first, n_blocks, skip = _block_span(start, count, log2)
+    words = philox_block_words(seed, domain, first, n_blocks, device)
+    z = gaussian_from_words(words) if domain == DOMAIN_GAUSSIAN else rademacher_from_words(words)
+    return z.reshape(-1)[skip : skip + count]
+
+
+def rounding_bits(seed: int, start: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16-bit stochastic-rounding integers s_i for i in [start, start + count), as int64."""
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    first, n_blocks, skip = _block_span(start, count, ELEMENTS_PER_CALL_LOG2[DOMAIN_ROUNDING])
+    words = philox_block_words(seed, DOMAIN_ROUNDING, first, n_blocks, device)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1)
+    return halves[skip : skip + count]
+
+
+def round_stochastic(x: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 x to a 16-bit dtype: away from zero with probability q (docs/stream.md, section 5)."""
+    nearest = x.to(dtype)
+    as_int = nearest.view(torch.int16).to(torch.int32) & 0xFFFF
+    # Sign-magnitude: subtracting 1 from the bit pattern moves one step toward zero, adding 1 one step away.
+    overshot = (nearest.to(torch.float32).abs() > x.abs()).to(torch.int32)
+    toward = as_int - overshot
+    away = toward + 1
+    as_16 = lambda b: torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16).view(dtype)  # noqa: E731
+    t_lo, t_hi = as_16(toward), as_16(away)
+    mag_lo = t_lo.to(torch.float32).abs()
+    q = (x.abs() - mag_lo) / (t_hi.to(torch.float32).abs() - mag_lo)
+    rounded = torch.where(bits.to(torch.float32) < q * 65536.0, t_hi, t_lo)
+    in_range = torch.isfinite(x) & (x.abs() <= torch.finfo(dtype).max)
+    return torch.where(in_range, rounded, nearest)
+
+
+def zo_pass_(
+    tensors: Sequence[torch.Tensor],
+    bases: Sequence[int],
+    *,
+    seed: int,
+    alpha: float,
+    distribution: str,
+    lr: float = 0.0,
+    grad: float | torch.Tensor | None = None,
+    weight_decay: float = 0.0,
+    seed2: int | None = None,
+    alpha2: float = 0.0,
+    rounding_seed: int | None = None,
+) -> None:
+    """The fused pass of docs/stream.md, section 5, in plain torch (inputs already validated by zokern.ops).
+
+    ``grad=None`` means no update; ``seed2=None`` no second seed; ``rounding_seed=None`` round to nearest.
+    """
+    f32 = torch.float32
+    a, b, eta, wd = (torch.tensor(v, dtype=torch.float64).to(f32).item() for v in (alpha, alpha2, lr, weight_decay))
+    with torch.no_grad():
+        for t, base in zip(tensors, bases):
+            flat = t.view(-1)
+            g = None
+            if grad is not None:
+                g = (
+                    grad.to(device=t.device, dtype=f32)
+                    if isinstance(grad, torch.Tensor)
+                    else torch.tensor(grad, dtype=f32, device=t.device)
+                )
+            for lo in range(0, flat.numel(), _CHUNK):
+                part = flat[lo : lo + _CHUNK]
+                i0, n = base + lo, part.numel()
+                z1 = stream(seed, i0, n, distribution, t.device).to(f32)
+                x = part.to(f32) + a * z1
+                if g is not None:
+                    updated = x - eta * (g * z1 + wd * x)
+                    x = torch.where(torch.isfinite(g), updated, x)
+                if seed2 is not None:
+                    x = x + b * stream(seed2, i0, n, distribution, t.device).to(f32)
+                if rounding_seed is not None and t.dtype in (torch.bfloat16, torch.float16):
+                    part.copy_(round_stochastic(x, rounding_bits(rounding_seed, i0, n, t.device), t.dtype))
+                else:
+                    part.copy_(x)

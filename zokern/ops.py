@@ -1,0 +1,335 @@
+"""Public functional API: the perturbation stream and the fused in-place passes over lists of tensors.
+
+Every function validates all of its arguments before touching any tensor, so bad input raises a ValueError or
+TypeError that names the argument and leaves the tensors as they were. The math of each pass is the one fused pass
+of docs/stream.md, section 5: z is regenerated from (seed, global element index), never stored.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from collections.abc import Iterable
+
+import torch
+
+from zokern import _reference
+from zokern._dispatch import select_backend
+
+INDEX_LIMIT = 1 << 63
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROUNDINGS = ("nearest", "stochastic")
+
+Tensors = torch.Tensor | Iterable[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def _check_index(name: str, value: object) -> int:
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python integer, got {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not 0 <= value < INDEX_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2^63), got {value}")
+    return value
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (pass a Python float; only grad may be a device tensor)" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_tensors(tensors: Tensors) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    try:
+        tensors = list(tensors)
+    except TypeError:
+        raise TypeError(f"tensors must be a tensor or an iterable of tensors, got {type(tensors).__name__}") from None
+    for k, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{k}] is a {type(t).__name__}, expected a torch.Tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"tensors[{k}] has dtype {t.dtype}; zokern updates float32, bfloat16 and float16 tensors")
+        if t.device != tensors[0].device:
+            raise ValueError(
+                f"tensors[{k}] is on {t.device} but tensors[0] is on {tensors[0].device}; one call "
+                "takes tensors of one device"
+            )
+        if not t.is_contiguous():
+            raise ValueError(
+                f"tensors[{k}] (shape {tuple(t.shape)}) is not contiguous; the stream is indexed by "
+                "row-major element order, so pass contiguous tensors"
+            )
+    _check_no_overlap(tensors)
+    return tensors
+
+
+def _check_no_overlap(tensors: list[torch.Tensor]) -> None:
+    """An element updated twice in one pass would silently receive two perturbations."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k) for k, t in enumerate(tensors) if t.numel()
+    )
+    for (_, end, k1), (start, _, k2) in zip(spans, spans[1:]):
+        if start < end:
+            first, second = sorted((k1, k2))
+            raise ValueError(f"tensors[{first}] and tensors[{second}] overlap in memory; each element must appear once")
+
+
+def _bases(tensors: list[torch.Tensor], offset: int) -> list[int]:
+    offset = _check_index("offset", offset)
+    bases, total = [], offset
+    for t in tensors:
+        bases.append(total)
+        total += t.numel()
+    if total > INDEX_LIMIT:
+        raise ValueError(f"offset + total numel = {total} exceeds the stream's index range [0, 2^63)")
+    return bases
+
+
+def _check_grad(grad: object, device: torch.device) -> float | torch.Tensor:
+    if not isinstance(grad, torch.Tensor):
+        return _check_real("grad", grad)
+    if not grad.is_floating_point() or grad.numel() != 1:
+        raise ValueError(
+            f"grad tensor must be a floating tensor with one element, got dtype {grad.dtype}, shape {tuple(grad.shape)}"
+        )
+    if grad.device != device:
+        if grad.device.type == "cpu":
+            return _check_real("grad", grad.item())
+        raise ValueError(f"grad is on {grad.device} but the tensors are on {device}")
+    return grad.reshape(()).float()
+
+
+def _resolve_rounding(rounding: str, rounding_seed: int | None) -> int | None:
+    """The stochastic-rounding seed of a pass, or None for round-to-nearest."""
+    if _check_choice("rounding", rounding, ROUNDINGS) == "nearest":
+        if rounding_seed is not None:
+            raise ValueError("rounding_seed is only used with rounding='stochastic'")
+        return None
+    if rounding_seed is None:
+        # Drawn from torch's global generator: reproducible under torch.manual_seed, fresh bits every pass.
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return _check_index("rounding_seed", rounding_seed)
+
+
+# ------------------------------------------------------------------------------------------------------- passes
+
+
+def _run_pass(tensors: list[torch.Tensor], bases: list[int], backend: str | None, **kwargs) -> None:
+    live = [(t, b) for t, b in zip(tensors, bases) if t.numel()]
+    if not live:
+        return
+    impl = select_backend(live[0][0].device, backend)
+    by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
+    for t, b in live:
+        group = by_dtype.setdefault(t.dtype, ([], []))
+        group[0].append(t)
+        group[1].append(b)
+    with torch.no_grad():
+        for group_tensors, group_bases in by_dtype.values():
+            impl.zo_pass_(group_tensors, group_bases, **kwargs)
+
+
+def perturb_(
+    tensors: Tensors,
+    seed: int,
+    alpha: float,
+    *,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    rounding: str = "nearest",
+    rounding_seed: int | None = None,
+    backend: str | None = None,
+) -> None:
+    r"""In place, :math:`t \leftarrow t + \alpha z(\text{seed})` on every tensor, in one pass.
+
+    Tensor k takes the stream slice starting at ``offset`` + (sum of numel of the tensors before it); see
+    docs/stream.md. Computes in float32 and writes in each tensor's dtype (float32, bfloat16, float16).
+
+    Args:
+        tensors: a tensor or an iterable of contiguous tensors on one device.
+        seed: the stream's seed, in [0, 2^63).
+        alpha: the coefficient (for MeZO: ``eps`` to perturb, ``-2 * eps`` to flip).
+        offset: global index of the first element of ``tensors[0]``.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        rounding: ``"nearest"`` or ``"stochastic"`` (unbiased, for 16-bit tensors; float32 ignores it).
+        rounding_seed: seed of the stochastic-rounding bits, a stream separate from z. Default: drawn from
+            torch's global generator.
+        backend: force ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``; default: the fastest available
+            (the ``ZOKERN_BACKEND`` environment variable also forces one).
+    """
+    tensors = _check_tensors(tensors)
+    kwargs = dict(
+        seed=_check_index("seed", seed),
+        alpha=_check_real("alpha", alpha),
+        distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
+    )
+    bases = _bases(tensors, offset)
+    kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
+    _run_pass(tensors, bases, backend, **kwargs)
+
+
+def restore_update_(
+    tensors: Tensors,
+    seed: int,
+    alpha: float,
+    lr: float,
+    grad: float | torch.Tensor,
+    *,
+    weight_decay: float = 0.0,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    next_seed: int | None = None,
+    next_alpha: float = 0.0,
+    rounding: str = "nearest",
+    rounding_seed: int | None = None,
+    found_nonfinite: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | None:
+    r"""Restore and update in one pass: :math:`\theta = t + \alpha z`, then
+    :math:`t \leftarrow \theta - \eta\,(g z + \lambda \theta)`, optionally :math:`+ \beta z(\text{next\_seed})`.
+
+    A MeZO step is then three passes: ``perturb_(+eps)``, ``perturb_(-2 eps)``, ``restore_update_(alpha=+eps)``;
+    with ``next_seed``/``next_alpha`` the last pass also starts the next step's perturbation.
+
+    Args:
+        lr: the learning rate :math:`\eta`.
+        grad: the projected gradient g: a Python float, or a one-element tensor on the tensors' device, read
+            inside the kernel without a host sync. A non-finite device g makes the pass restore without updating
+            (weight decay included).
+        weight_decay: decoupled weight decay :math:`\lambda`, applied to the restored value.
+        next_seed, next_alpha: fuse the next step's ``perturb_(next_seed, next_alpha)`` into this pass.
+        found_nonfinite: optional flag tensor on the device (bool or floating, one element), set to true/1 when
+            the device g is non-finite, never cleared; read it when convenient.
+        Other arguments as for :func:`perturb_`.
+
+    Returns:
+        A one-element bool tensor on the device, true iff a device g was non-finite (None for a float g, which
+        must be finite).
+    """
+    tensors = _check_tensors(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    kwargs = dict(
+        seed=_check_index("seed", seed),
+        alpha=_check_real("alpha", alpha),
+        lr=_check_real("lr", lr),
+        grad=_check_grad(grad, device),
+        weight_decay=_check_real("weight_decay", weight_decay),
+        distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
+        alpha2=_check_real("next_alpha", next_alpha),
+        seed2=None if next_seed is None else _check_index("next_seed", next_seed),
+    )
+    if found_nonfinite is not None and (found_nonfinite.numel() != 1 or found_nonfinite.device != device):
+        raise ValueError(f"found_nonfinite must be a one-element tensor on {device}")
+    bases = _bases(tensors, offset)
+    kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
+    _run_pass(tensors, bases, backend, **kwargs)
+    if not isinstance(kwargs["grad"], torch.Tensor):
+        return None
+    flag = ~torch.isfinite(kwargs["grad"])
+    if found_nonfinite is not None:
+        if found_nonfinite.dtype == torch.bool:
+            found_nonfinite.logical_or_(flag)
+        else:
+            found_nonfinite.copy_(torch.maximum(found_nonfinite, flag.to(found_nonfinite.dtype)))
+    return flag
+
+
+def two_seed_(
+    tensors: Tensors,
+    seed1: int,
+    a: float,
+    seed2: int,
+    b: float,
+    *,
+    offset: int = 0,
+    distribution: str = "gaussian",
+    rounding: str = "nearest",
+    rounding_seed: int | None = None,
+    backend: str | None = None,
+) -> None:
+    r"""In place, :math:`t \leftarrow t + a\,z(\text{seed1}) + b\,z(\text{seed2})` in one pass, so the end of one
+    step and the start of the next share a pass. Arguments as for :func:`perturb_`."""
+    tensors = _check_tensors(tensors)
+    kwargs = dict(
+        seed=_check_index("seed1", seed1),
+        alpha=_check_real("a", a),
+        seed2=_check_index("seed2", seed2),
+        alpha2=_check_real("b", b),
+        distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
+    )
+    bases = _bases(tensors, offset)
+    kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
+    _run_pass(tensors, bases, backend, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------- stream
+
+
+def _stream(
+    distribution: str,
+    seed: int,
+    start: int,
+    count: int,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+    backend: str | None,
+) -> torch.Tensor:
+    seed = _check_index("seed", seed)
+    start = _check_index("start", start)
+    count = _check_index("count", count)
+    if start + count > INDEX_LIMIT:
+        raise ValueError(f"start + count = {start + count} exceeds the stream's index range [0, 2^63)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
+    # 0 + 1 * z is exactly z in float32: a pass over zeros returns the stream itself.
+    z = torch.zeros(count, dtype=torch.float32, device=device)
+    _run_pass([z], [start], backend, seed=seed, alpha=1.0, distribution=distribution, rounding_seed=None)
+    return z.to(dtype)
+
+
+def gaussian(
+    seed: int,
+    start: int,
+    count: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The standard-Gaussian stream z_i for i in [start, start + count): a pure function of (seed, i).
+
+    Generated in float32 by the selected backend (docs/stream.md, section 3), then cast to ``dtype``.
+    """
+    return _stream("gaussian", seed, start, count, device, dtype, backend)
+
+
+def rademacher(
+    seed: int,
+    start: int,
+    count: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The Rademacher (+1/-1) stream z_i for i in [start, start + count): a pure function of (seed, i)."""
+    return _stream("rademacher", seed, start, count, device, dtype, backend)
