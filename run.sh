@@ -37,6 +37,10 @@ ensure_test_tools() {
   has_module pytest || pip_install pytest
   has_module xdist || pip_install pytest-xdist
   has_module scipy || pip_install scipy
+  # The optimizers' integration tests: a model built from a transformers config, the Trainer, a PEFT LoRA model.
+  has_module transformers || pip_install transformers
+  has_module accelerate || pip_install accelerate
+  has_module peft || pip_install peft
   if ! has_module triton && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
     echo "run.sh: installing triton (its kernels are tested on the CPU through TRITON_INTERPRET=1)"
     pip_install triton

@@ -13,9 +13,10 @@ optional: if it cannot be built, the install still succeeds, says why, and zoker
 import os
 import sys
 
+from setuptools import find_packages
 from setuptools import setup
 
-PACKAGES = ["zokern", "zokern.kernels"]
+PACKAGES = ["zokern", *(f"zokern.{name}" for name in find_packages("zokern")), "zokern.kernels"]
 # The Triton sources live in kernels/ but install as zokern.kernels: PyPI already has a top-level `kernels`.
 PACKAGE_DIR = {"zokern": "zokern", "zokern.kernels": "kernels"}
 

@@ -63,3 +63,21 @@ def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, alpha_scale: 
     step = torch.maximum(ulp(ref), ulp(out)).cpu()
     assert (diff <= step * (1 + 1e-9) + alpha_scale * Z_ATOL).all(), f"max diff {diff.max():.3g} exceeds one ulp"
     assert (diff > 0).double().mean() < 0.02, f"{(diff > 0).double().mean():.3%} of elements differ by one ulp"
+
+
+def tiny_opt(dtype: torch.dtype = torch.float32, dropout: float = 0.0):
+    """An OPT causal LM built from a config (random weights, seeded): 64 tokens, 2 layers of width 32."""
+    import transformers
+
+    config = transformers.OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        dropout=dropout,
+    )
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(config).to(dtype)

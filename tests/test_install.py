@@ -36,3 +36,33 @@ def test_triton_sources_install_inside_the_zokern_namespace():
     owners = importlib.metadata.packages_distributions()
     assert "zokern" in owners.get("zokern", [])
     assert "zokern" not in owners.get("kernels", [])
+
+
+def test_wheel_ships_every_subpackage_and_no_top_level_kernels(tmp_path):
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", "build", "*.so", "__pycache__", "*.egg-info"))
+    env = dict(os.environ, ZOKERN_SKIP_BUILD="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("zokern-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in (
+        "zokern/ops.py",
+        "zokern/optim/base.py",
+        "zokern/integrations/transformers.py",
+        "zokern/kernels/zo_pass.py",
+    ):
+        assert module in names, module
+    assert not any(name.startswith("kernels/") for name in names)

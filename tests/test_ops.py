@@ -38,6 +38,18 @@ def test_list_equals_each_tensor_at_its_offset(backend, distribution):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_offsets_place_each_tensor_anywhere_in_the_stream(backend):
+    # An optimizer's trainable tensors with frozen ones between them: each at its own offset, in one call.
+    params = random_params(SIZES, torch.float32)
+    offsets = [2**40 + 7, 3, 1000, 2**33, 129]
+    together = _copy(params)
+    zokern.restore_update_(together, 11, EPS, 0.1, 0.5, offsets=offsets, backend=backend)
+    for t, offset in zip(params, offsets):
+        zokern.restore_update_([t], 11, EPS, 0.1, 0.5, offset=offset, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(together, params))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_perturb_adds_alpha_times_the_stream(backend):
     params = random_params(SIZES, torch.float32)
     out = _copy(params)
@@ -214,6 +226,10 @@ BAD_CALLS = [
     ("bool seed", lambda ts: zokern.perturb_(ts, True, EPS), TypeError, r"seed"),
     ("negative offset", lambda ts: zokern.perturb_(ts, 1, EPS, offset=-4), ValueError, r"offset"),
     ("offset past 2^63", lambda ts: zokern.perturb_(ts, 1, EPS, offset=2**63 - 5), ValueError, r"exceeds"),
+    ("offset and offsets", lambda ts: zokern.perturb_(ts, 1, EPS, offset=3, offsets=[0, 9]), ValueError, r"not both"),
+    ("offsets too short", lambda ts: zokern.perturb_(ts, 1, EPS, offsets=[0]), ValueError, r"1 entries for 2"),
+    ("negative offsets", lambda ts: zokern.perturb_(ts, 1, EPS, offsets=[0, -1]), ValueError, r"offsets\[1\]"),
+    ("offsets past 2^63", lambda ts: zokern.perturb_(ts, 1, EPS, offsets=[0, 2**63 - 2]), ValueError, r"exceeds"),
     ("nan alpha", lambda ts: zokern.perturb_(ts, 1, math.nan), ValueError, r"alpha must be finite"),
     ("inf alpha", lambda ts: zokern.perturb_(ts, 1, math.inf), ValueError, r"alpha must be finite"),
     ("tensor alpha", lambda ts: zokern.perturb_(ts, 1, torch.tensor(1.0)), TypeError, r"alpha.*only grad"),

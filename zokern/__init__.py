@@ -13,6 +13,7 @@ from zokern.ops import perturb_
 from zokern.ops import rademacher
 from zokern.ops import restore_update_
 from zokern.ops import two_seed_
+from zokern.optim import replay
 
 __all__ = [
     "STREAM_VERSION",
@@ -22,6 +23,7 @@ __all__ = [
     "gaussian",
     "perturb_",
     "rademacher",
+    "replay",
     "restore_update_",
     "two_seed_",
 ]

@@ -93,7 +93,18 @@ def _check_no_overlap(tensors: list[torch.Tensor]) -> None:
             raise ValueError(f"tensors[{first}] and tensors[{second}] overlap in memory; each element must appear once")
 
 
-def _bases(tensors: list[torch.Tensor], offset: int) -> list[int]:
+def _bases(tensors: list[torch.Tensor], offset: int, offsets: Iterable[int] | None = None) -> list[int]:
+    """Global index of each tensor's first element: consecutive from ``offset``, or given one by one."""
+    if offsets is not None:
+        if offset != 0:
+            raise ValueError("pass either offset (tensors laid end to end) or offsets (one per tensor), not both")
+        bases = [_check_index(f"offsets[{k}]", b) for k, b in enumerate(offsets)]
+        if len(bases) != len(tensors):
+            raise ValueError(f"offsets has {len(bases)} entries for {len(tensors)} tensors")
+        for k, (t, b) in enumerate(zip(tensors, bases)):
+            if b + t.numel() > INDEX_LIMIT:
+                raise ValueError(f"offsets[{k}] + numel = {b + t.numel()} exceeds the stream's index range [0, 2^63)")
+        return bases
     offset = _check_index("offset", offset)
     bases, total = [], offset
     for t in tensors:
@@ -154,6 +165,7 @@ def perturb_(
     alpha: float,
     *,
     offset: int = 0,
+    offsets: Iterable[int] | None = None,
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_seed: int | None = None,
@@ -169,6 +181,8 @@ def perturb_(
         seed: the stream's seed, in [0, 2^63).
         alpha: the coefficient (for MeZO: ``eps`` to perturb, ``-2 * eps`` to flip).
         offset: global index of the first element of ``tensors[0]``.
+        offsets: instead of ``offset``, the global index of each tensor's first element (for tensors that are not
+            consecutive in the stream, e.g. the trainable parameters of an optimizer between frozen ones).
         distribution: ``"gaussian"`` or ``"rademacher"``.
         rounding: ``"nearest"`` or ``"stochastic"`` (unbiased, for 16-bit tensors; float32 ignores it).
         rounding_seed: seed of the stochastic-rounding bits, a stream separate from z. Default: drawn from
@@ -182,7 +196,7 @@ def perturb_(
         alpha=_check_real("alpha", alpha),
         distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
     )
-    bases = _bases(tensors, offset)
+    bases = _bases(tensors, offset, offsets)
     kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
     _run_pass(tensors, bases, backend, **kwargs)
 
@@ -196,6 +210,7 @@ def restore_update_(
     *,
     weight_decay: float = 0.0,
     offset: int = 0,
+    offsets: Iterable[int] | None = None,
     distribution: str = "gaussian",
     next_seed: int | None = None,
     next_alpha: float = 0.0,
@@ -239,7 +254,7 @@ def restore_update_(
     )
     if found_nonfinite is not None and (found_nonfinite.numel() != 1 or found_nonfinite.device != device):
         raise ValueError(f"found_nonfinite must be a one-element tensor on {device}")
-    bases = _bases(tensors, offset)
+    bases = _bases(tensors, offset, offsets)
     kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
     _run_pass(tensors, bases, backend, **kwargs)
     if not isinstance(kwargs["grad"], torch.Tensor):
@@ -261,6 +276,7 @@ def two_seed_(
     b: float,
     *,
     offset: int = 0,
+    offsets: Iterable[int] | None = None,
     distribution: str = "gaussian",
     rounding: str = "nearest",
     rounding_seed: int | None = None,
@@ -276,7 +292,7 @@ def two_seed_(
         alpha2=_check_real("b", b),
         distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
     )
-    bases = _bases(tensors, offset)
+    bases = _bases(tensors, offset, offsets)
     kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
     _run_pass(tensors, bases, backend, **kwargs)
 

@@ -1,0 +1,90 @@
+"""Data parallelism: two CPU processes (gloo), each on half the batch, equal one process on the whole batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dp_worker import STEPS
+from dp_worker import model_and_batch
+from dp_worker import train
+
+from zokern.optim import FZOO
+from zokern.optim import ZOSGD
+
+WORKER = Path(__file__).with_name("dp_worker.py")
+
+
+def _launch(scenario: str, out: Path, world: int = 2) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(out), str(rank), str(world)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    for rank, process in enumerate(ranks):
+        try:
+            _, stderr = process.communicate(timeout=240)
+        finally:
+            for p in ranks:
+                if p.poll() is None and process.returncode is None:
+                    p.kill()
+        assert process.returncode == 0, f"rank {rank}: {stderr[-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_two_ranks_on_half_batches_equal_one_process_on_the_whole_batch(tmp_path):
+    ranks = _launch("train", tmp_path)
+    for name, cls, kwargs in (("zosgd", ZOSGD, dict(n_probes=2)), ("fzoo", FZOO, dict(n_probes=4))):
+        # No parameter communication: both ranks hold exactly the same parameters.
+        assert ranks[0][name] == ranks[1][name]
+        # One process whose closure averages the two half-batch losses (as the all_reduce does, in float64) takes
+        # bit-identical steps: data parallelism is gradient accumulation under one z, spread over ranks.
+        model, x, y = model_and_batch()
+        halves = ((x[:8], y[:8]), (x[8:], y[8:]))
+
+        def mean_of_halves(model=model, halves=halves):
+            return sum(torch.nn.functional.mse_loss(model(a), b).double() for a, b in halves) / 2
+
+        opt = cls(model.parameters(), lr=1e-2, eps=1e-3, seed=77, **kwargs)
+        for _ in range(STEPS):
+            opt.step(mean_of_halves)
+        assert [r["losses"] for r in opt.trajectory] == ranks[0][name]["losses"]
+        assert ranks[0][name]["params"] == [p.detach().flatten().tolist() for p in model.parameters()]
+
+
+def test_two_ranks_match_the_whole_batch_loss_within_float32_summation_order(tmp_path):
+    # The whole batch in one forward sums the 16 squared errors in another order than two forwards of 8: each loss
+    # may differ by a few float32 ulps, delta <= 4 ulp(L). g = (L+ - L-) / (2 eps) then differs by at most
+    # delta / eps, and each step moves a weight by lr g z with |z| <= 4.86: the bound after STEPS steps.
+    ranks = _launch("train", tmp_path)
+    model, x, y = model_and_batch()
+    opt = train(ZOSGD, x, y, model, n_probes=2)
+    largest = max(max(r["losses"]) for r in opt.trajectory)
+    delta = 4 * torch.finfo(torch.float32).eps * largest
+    assert ranks[0]["zosgd"]["losses"][0] == pytest.approx(opt.trajectory[0]["losses"], abs=delta)
+    bound = STEPS * 1e-2 * (delta / 1e-3) * 4.86
+    for got, p in zip(ranks[0]["zosgd"]["params"], model.parameters()):
+        torch.testing.assert_close(torch.tensor(got), p.detach().flatten(), atol=bound, rtol=0)
+
+
+@pytest.mark.parametrize("scenario", ["desync_seed", "desync_step"])
+def test_desynchronised_ranks_fail_clearly(tmp_path, scenario):
+    ranks = _launch(scenario, tmp_path)
+    for result in ranks:
+        assert "ranks disagree" in result.get("error", ""), result
+
+
+def test_default_seed_comes_from_rank_zero(tmp_path):
+    ranks = _launch("default_seed", tmp_path)
+    assert ranks[0]["seed"] == ranks[1]["seed"]

@@ -1,0 +1,382 @@
+"""zokern.optim: each optimizer's step against a float64 rule rebuilt from the stream, convergence on a quadratic at
+the rate theory gives, torch.optim contracts (groups, schedulers, state_dict), replay, failure handling."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from helpers import tiny_opt
+
+import zokern
+from zokern.optim import FZOO
+from zokern.optim import ZOSGD
+from zokern.optim import ZOAdam
+from zokern.optim import ZOConservative
+from zokern.optim import ZOSignSGD
+from zokern.optim import seeds
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+
+
+def _problem(dtype=torch.float32, seed=0):
+    """Three parameters (the middle one frozen), two groups, and a closure whose loss is a smooth function."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.Parameter((torch.randn(5, 7, generator=g) * 0.5).to(dtype))
+    frozen = torch.nn.Parameter((torch.randn(11, generator=g)).to(dtype), requires_grad=False)
+    b = torch.nn.Parameter((torch.randn(13, generator=g) * 0.5 + 0.3).to(dtype))
+    target_a, target_b = torch.randn(5, 7, generator=g), torch.randn(13, generator=g)
+
+    def loss_of(a_, b_):
+        return ((a_.double() - target_a.double()) ** 2).sum() + (b_.double() - target_b.double()).pow(2).mul(
+            torch.arange(1, 14, dtype=torch.float64)
+        ).sum() / 10
+
+    def closure():
+        return loss_of(a, b).float()
+
+    groups = [{"params": [a, frozen], "lr": 1e-3, "eps": 1e-3}, {"params": [b], "lr": 2e-3, "eps": 3e-3}]
+    return (a, frozen, b), groups, closure, loss_of
+
+
+def _z(seed, offset, like, distribution="gaussian"):
+    fn = zokern.gaussian if distribution == "gaussian" else zokern.rademacher
+    return fn(seed, offset, like.numel(), backend="torch").double().view_as(like)
+
+
+OFFSETS = (0, 35, 46)  # canonical offsets of a, frozen, b: the frozen parameter still takes [35, 46)
+
+
+# ---------------------------------------------------------------------------------------------- the step's rule
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_zosgd_step_is_the_formula(distribution):
+    (a, frozen, b), groups, closure, loss_of = _problem()
+    start = [p.detach().double().clone() for p in (a, frozen, b)]
+    opt = ZOSGD(groups, weight_decay=0.1, distribution=distribution, seed=42)
+    returned = opt.step(closure)
+    rec = opt.trajectory[0]
+    seed = seeds.step_seed(42, 0)
+    assert rec["seed"] == seed and rec["stream_version"] == zokern.STREAM_VERSION
+    z_a, z_b = _z(seed, OFFSETS[0], a, distribution), _z(seed, OFFSETS[2], b, distribution)
+    # The losses were evaluated at theta +- eps z, each group with its own eps.
+    plus = loss_of(start[0] + 1e-3 * z_a, start[2] + 3e-3 * z_b).item()
+    minus = loss_of(start[0] - 1e-3 * z_a, start[2] - 3e-3 * z_b).item()
+    assert rec["losses"] == pytest.approx([plus, minus], rel=1e-5)
+    assert returned.item() == pytest.approx((plus + minus) / 2, rel=1e-5)
+    d = (rec["losses"][0] - rec["losses"][1]) / 2
+    assert rec["projected_grad"] == pytest.approx([d / 1e-3, d / 3e-3])
+    expected_a = start[0] - 1e-3 * (d / 1e-3 * z_a + 0.1 * start[0])
+    expected_b = start[2] - 2e-3 * (d / 3e-3 * z_b + 0.1 * start[2])
+    torch.testing.assert_close(a.double(), expected_a, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b.double(), expected_b, atol=1e-6, rtol=1e-6)
+    assert torch.equal(frozen.double(), start[1])
+
+
+def _expected_sgd_direction(opt, rec, p, offset, group):
+    """(1/q) sum_k d_k / eps z_k for one parameter, from the recorded losses (the rule of ZOSGD's docstring)."""
+    q, losses = opt.n_probes, rec["losses"]
+    probes = [seeds.probe_seed(rec["seed"], k) for k in range(q)]
+    if opt.one_sided:
+        diffs = [losses[1 + k] - losses[0] for k in range(q)]
+    else:
+        diffs = [(losses[2 * k] - losses[2 * k + 1]) / 2 for k in range(q)]
+    return sum(d / group["eps"] * _z(s, offset, p, opt.distribution) for s, d in zip(probes, diffs)) / q
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(n_probes=3), dict(one_sided=True), dict(one_sided=True, n_probes=2), dict(momentum=0.9, n_probes=2)],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_zosgd_options_follow_their_rule(options):
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = ZOSGD(groups, weight_decay=0.05, seed=7, **options)
+    theta = [a.detach().double().clone(), b.detach().double().clone()]
+    momentum = [torch.zeros_like(theta[0]), torch.zeros_like(theta[1])]
+    for _ in range(3):
+        opt.step(closure)
+        rec = opt.trajectory[-1]
+        assert len(rec["losses"]) == (opt.n_probes + 1 if opt.one_sided else 2 * opt.n_probes)
+        for k, (p, offset, group) in enumerate(zip((a, b), (OFFSETS[0], OFFSETS[2]), opt.param_groups)):
+            g_hat = _expected_sgd_direction(opt, rec, p, offset, group)
+            if opt.momentum:
+                momentum[k] = opt.momentum * momentum[k] + g_hat
+                g_hat = momentum[k]
+            theta[k] = theta[k] - group["lr"] * (g_hat + group["weight_decay"] * theta[k])
+        torch.testing.assert_close(a.double(), theta[0], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(b.double(), theta[1], atol=2e-6, rtol=1e-5)
+
+
+def test_sign_variant_moves_every_weight_by_lr():
+    (a, frozen, b), groups, closure, _ = _problem()
+    before = [a.detach().double().clone(), b.detach().double().clone()]
+    opt = ZOSignSGD(groups, seed=3)
+    opt.step(closure)
+    rec = opt.trajectory[0]
+    for p, old, offset, group in zip((a, b), before, (OFFSETS[0], OFFSETS[2]), opt.param_groups):
+        expected = old - group["lr"] * torch.sign(_expected_sgd_direction(opt, rec, p, offset, group))
+        torch.testing.assert_close(p.double(), expected, atol=1e-6, rtol=0)
+
+
+def test_conservative_keeps_only_steps_that_lower_the_loss():
+    (a, frozen, b), groups, closure, loss_of = _problem()
+    for group in groups:
+        group["lr"] = 0.01  # steps large enough that some candidates overshoot and are refused
+    opt = ZOConservative(groups, seed=5)
+    for _ in range(20):
+        before = closure().item()
+        opt.step(closure)
+        rec = opt.trajectory[-1]
+        after = closure().item()
+        assert rec["losses"][0] == pytest.approx(before, rel=1e-6)
+        if rec["accepted"] == "none":
+            assert after == pytest.approx(before, rel=1e-5)
+        else:
+            assert after < before
+    assert {r["accepted"] for r in opt.trajectory} == {"descent", "ascent", "none"}
+
+
+def test_adam_follows_bias_corrected_adamw():
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = ZOAdam(groups, weight_decay=0.01, betas=(0.8, 0.9), adam_eps=1e-6, seed=11, n_probes=2)
+    theta = [a.detach().double().clone(), b.detach().double().clone()]
+    m = [torch.zeros_like(t) for t in theta]
+    v = [torch.zeros_like(t) for t in theta]
+    for t in range(1, 4):
+        opt.step(closure)
+        rec = opt.trajectory[-1]
+        for k, (p, offset, group) in enumerate(zip((a, b), (OFFSETS[0], OFFSETS[2]), opt.param_groups)):
+            g = _expected_sgd_direction(opt, rec, p, offset, group)
+            m[k] = 0.8 * m[k] + 0.2 * g
+            v[k] = 0.9 * v[k] + 0.1 * g * g
+            step = (m[k] / (1 - 0.8**t)) / ((v[k] / (1 - 0.9**t)).sqrt() + 1e-6)
+            theta[k] = theta[k] * (1 - group["lr"] * 0.01) - group["lr"] * step
+            assert opt.state[p]["exp_avg"].dtype == torch.float32 and opt.state[p]["step"] == t
+        torch.testing.assert_close(a.double(), theta[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.double(), theta[1], atol=1e-5, rtol=1e-5)
+
+
+def test_fzoo_normalises_by_the_spread_of_probe_losses():
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = FZOO(groups, n_probes=4, weight_decay=0.02, seed=13)
+    before = [a.detach().double().clone(), b.detach().double().clone()]
+    returned = opt.step(closure)
+    rec = opt.trajectory[0]
+    l0, probe_losses = rec["losses"][0], rec["losses"][1:]
+    assert returned.item() == pytest.approx(l0, rel=1e-6) and len(probe_losses) == 4
+    spread = statistics.stdev(probe_losses)
+    coefs = [(li - l0) / (4 * spread) for li in probe_losses]
+    assert rec["projected_grad"] == pytest.approx(coefs)
+    probes = [seeds.probe_seed(rec["seed"], k) for k in range(4)]
+    for p, old, offset, group in zip((a, b), before, (OFFSETS[0], OFFSETS[2]), opt.param_groups):
+        direction = sum(c * _z(s, offset, p, "rademacher") for s, c in zip(probes, coefs))
+        expected = old - group["lr"] * (direction + 0.02 * old)
+        torch.testing.assert_close(p.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ convergence
+
+
+def test_zosgd_converges_on_a_quadratic_at_the_predicted_rate():
+    # f(theta) = a/2 |theta|^2 in d dimensions. The two-sided difference is exact for a quadratic, so a step is
+    # theta - lr a z z^T theta, and E|theta'|^2 = (1 - 2 lr a + lr^2 a^2 (d + 2)) |theta|^2 exactly (Gaussian
+    # z; the stream's variance is 1 - 5e-6). The best lr = 1/(a (d + 2)) gives rate 1 - 1/(d + 2) per step.
+    d, a, steps, runs = 64, 2.0, 150, 40
+    lr = 1 / (a * (d + 2))
+    rate = 1 - 2 * lr * a + lr**2 * a**2 * (d + 2)
+    ratios = []
+    for run in range(runs):
+        theta = torch.nn.Parameter(torch.randn(d, generator=torch.Generator().manual_seed(run)))
+        start = theta.detach().double().pow(2).sum().item()
+        opt = ZOSGD([theta], lr=lr, eps=1e-2, seed=1000 + run)
+        for _ in range(steps):
+            opt.step(lambda theta=theta: a / 2 * theta.double().pow(2).sum())
+        ratios.append(theta.detach().double().pow(2).sum().item() / start)
+    predicted = rate**steps
+    mean = statistics.fmean(ratios)
+    standard_error = statistics.stdev(ratios) / math.sqrt(runs)
+    assert abs(mean - predicted) < 4 * standard_error, (mean, predicted, standard_error)
+    # The test can tell rules apart: the rate without the variance term (the noiseless limit) is far off.
+    assert abs(mean - (1 - 2 * lr * a) ** steps) > 4 * standard_error
+
+
+def test_a_small_transformer_lowers_its_loss_on_a_fixed_batch():
+    pytest.importorskip("transformers")
+    model = tiny_opt().eval()
+    batch = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def closure():
+        return model(input_ids=batch, labels=batch).loss
+
+    opt = ZOSGD(model.parameters(), lr=3e-3, eps=1e-3, seed=0, n_probes=4)
+    with torch.no_grad():
+        start = closure().item()
+    for _ in range(60):
+        opt.step(closure)
+    with torch.no_grad():
+        end = closure().item()
+    assert end < start - 0.1, (start, end)
+
+
+# -------------------------------------------------------------------------------------- torch.optim contracts
+
+
+def test_param_groups_schedulers_and_zero_grad():
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = ZOSGD(groups, seed=1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(4):
+        opt.zero_grad()
+        opt.step(closure)
+        scheduler.step()
+    assert [r["lr"] for r in opt.trajectory] == [[1e-3, 2e-3]] * 2 + [[5e-4, 1e-3]] * 2
+    assert a.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("cls", [ZOSGD, ZOAdam, ZOSignSGD, FZOO, ZOConservative])
+def test_resuming_from_state_dict_continues_bit_identically(cls):
+    kwargs = dict(momentum=0.5) if cls in (ZOSGD, ZOSignSGD) else {}
+    params, groups, closure, _ = _problem(torch.bfloat16)
+    opt = cls(groups, seed=9, **kwargs)
+    for _ in range(6):
+        opt.step(closure)
+    uninterrupted = [p.detach().clone() for p in params]
+
+    params, groups, closure, _ = _problem(torch.bfloat16)
+    opt = cls(groups, seed=9, **kwargs)
+    for _ in range(3):
+        opt.step(closure)
+    saved = opt.state_dict()
+    weights = [p.detach().clone() for p in params]
+    params, groups, closure, _ = _problem(torch.bfloat16)
+    for p, w in zip(params, weights):
+        p.data.copy_(w)
+    resumed = cls(groups, seed=12345, **kwargs)  # the state dict's seed wins
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        resumed.step(closure)
+    assert all(torch.equal(p, u) for p, u in zip(params, uninterrupted))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (ZOSGD, {}),
+        (ZOSGD, dict(momentum=0.8, n_probes=2, one_sided=True)),
+        (ZOSignSGD, {}),
+        (ZOConservative, {}),
+        (ZOAdam, dict(n_probes=2)),
+        (FZOO, dict(n_probes=3)),
+    ],
+    ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(map(str, x.values())),
+)
+def test_replay_reproduces_the_trained_parameters_bit_identically(cls, kwargs, dtype):
+    params, groups, closure, _ = _problem(dtype)
+    initial = [p.detach().clone() for p in params]
+    opt = cls(groups, seed=21, **kwargs)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    for _ in range(5):
+        opt.step(closure)
+        scheduler.step()
+    # Only the first record carries the setup; the others are a few scalars.
+    assert "setup" in opt.trajectory[0] and all("setup" not in r for r in opt.trajectory[1:])
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, opt.trajectory)
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))
+
+
+# ------------------------------------------------------------------------------------------------ nothing lost
+
+
+def test_a_closure_that_raises_leaves_the_parameters_restored():
+    (a, frozen, b), groups, closure, _ = _problem()
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = ZOSGD(groups, seed=1, n_probes=2)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:  # during the second probe
+            raise KeyError("data loader broke")
+        return closure()
+
+    with pytest.raises(KeyError, match="data loader broke"):
+        opt.step(failing)
+    torch.testing.assert_close(a.detach(), before[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.detach(), before[1], atol=1e-6, rtol=0)
+
+
+def test_nonfinite_loss_skips_the_update_with_a_warning():
+    (a, frozen, b), groups, closure, _ = _problem()
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = ZOSGD(groups, seed=1)
+    calls = []
+
+    def nan_on_minus():
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) == 2 else closure()
+
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.step(nan_on_minus)
+    assert opt.nonfinite_steps == 1 and opt.trajectory[-1]["skipped"]
+    torch.testing.assert_close(a.detach(), before[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.detach(), before[1], atol=1e-6, rtol=0)
+    assert opt.state_dict()["zo"]["nonfinite_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "build,exc,match",
+    [
+        (lambda ps: ZOSGD(ps, lr=-1.0), ValueError, "invalid lr"),
+        (lambda ps: ZOSGD(ps, eps=0.0), ValueError, "invalid eps"),
+        (lambda ps: ZOSGD([{"params": ps, "eps": -1e-3}]), ValueError, "param group 0: invalid eps"),
+        (lambda ps: ZOSGD(ps, momentum=1.0), ValueError, "momentum"),
+        (lambda ps: ZOSGD(ps, n_probes=0), ValueError, "n_probes"),
+        (lambda ps: ZOSGD(ps, distribution="uniform"), ValueError, "distribution"),
+        (lambda ps: ZOSGD(ps, nesterov=True), TypeError, "nesterov"),
+        (lambda ps: ZOAdam(ps, betas=(0.9, 1.0)), ValueError, "betas"),
+        (lambda ps: FZOO(ps, n_probes=1), ValueError, "n_probes"),
+        (lambda ps: ZOConservative(ps, n_probes=2), ValueError, "n_probes"),
+        (lambda ps: ZOSGD(ps, seed=-3), ValueError, "seed"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build([torch.nn.Parameter(torch.ones(3))])
+
+
+def test_bad_closures_are_clear_errors_and_restore():
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 10))
+    before = p.detach().clone()
+    opt = ZOSGD([p], seed=0)
+    with pytest.raises(TypeError, match="needs a closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="scalar loss"):
+        opt.step(lambda: p * 2)
+    with pytest.raises(ValueError, match="scalar loss"):
+        opt.step(lambda: "high")
+    torch.testing.assert_close(p.detach(), before, atol=1e-7, rtol=0)
+
+
+def test_lower_level_pieces_compose_into_a_step():
+    (a, frozen, b), groups, closure, _ = _problem()
+    manual = ZOSGD([{"params": [a, frozen, b]}], lr=1e-3, eps=1e-3, weight_decay=0.1, seed=4)
+    seed = manual.new_seed()
+    with manual.perturbed(seed, +1):
+        plus = closure().item()
+    with manual.perturbed(seed, -1):
+        minus = closure().item()
+    manual.apply_projected_grad(seed, (plus - minus) / 2e-3)
+
+    (a2, frozen2, b2), _, closure2, _ = _problem()
+    fused = ZOSGD([{"params": [a2, frozen2, b2]}], lr=1e-3, eps=1e-3, weight_decay=0.1, seed=4)
+    fused.step(closure2)
+    assert fused.trajectory[0]["losses"] == pytest.approx([plus, minus], rel=1e-6)
+    torch.testing.assert_close(a.detach(), a2.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.detach(), b2.detach(), atol=1e-6, rtol=0)
+    assert not torch.equal(a.detach(), _problem()[0][0].detach())  # it did move

@@ -1,0 +1,149 @@
+"""ZOTrainer: the Hugging Face Trainer with a ZO step per gradient-accumulation window, on a tiny OPT from a config."""
+
+from __future__ import annotations
+
+import copy
+
+import helpers
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from zokern import ops  # noqa: E402
+from zokern.integrations import ZOTrainer  # noqa: E402
+from zokern.optim import ZOSGD  # noqa: E402
+from zokern.optim import seeds  # noqa: E402
+
+SEQ = 12
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences of one length (no padding): every micro-batch mean covers the same token count."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = torch.randint(0, 64, (n, SEQ), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[k], "labels": self.ids[k]}
+
+
+def tiny_opt(dtype=torch.float32):
+    return helpers.tiny_opt(dtype, dropout=0.1)  # dropout on in train mode: ZOTrainer must evaluate in eval mode
+
+
+def arguments(tmp_path, **overrides):
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        max_grad_norm=0.0,
+    )
+    options.update(overrides)
+    return transformers.TrainingArguments(**options)
+
+
+def test_one_z_per_accumulation_window(tmp_path):
+    model = tiny_opt()
+    reference = copy.deepcopy(model).eval()  # the initial weights (tied embeddings stay tied)
+    data = TokenDataset(4)  # one window of 2 micro-batches of 2: the whole dataset, whatever the order
+    trainer = ZOTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=1),
+        train_dataset=data,
+        zo_optimizer_kwargs=dict(eps=1e-3, seed=5),
+    )
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert isinstance(opt, ZOSGD) and len(opt.trajectory) == 1
+    record = opt.trajectory[0]
+
+    # Rebuild L+ by hand: the initial model perturbed once along the step's z, all four sequences in one batch.
+    params = [p for group in opt.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = dict(reference.named_parameters())
+    offset = 0
+    with torch.no_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                ops.perturb_(by_name[names[id(p)]].data, record["seed"], group["eps"], offset=offset)
+                offset += p.numel()
+        whole = reference(input_ids=data.ids, labels=data.ids).loss.item()
+    assert record["seed"] == seeds.step_seed(5, 0) and len(params) == len(list(model.parameters()))
+    assert record["losses"][0] == pytest.approx(whole, rel=1e-5)
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[0] == pytest.approx(record["loss"], rel=1e-5)
+
+
+def test_trains_evaluates_and_resumes_bit_identically(tmp_path):
+    data = TokenDataset(16)
+    uninterrupted = tiny_opt()
+    trainer = ZOTrainer(
+        model=uninterrupted,
+        args=arguments(tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=data,
+        eval_dataset=TokenDataset(4),
+        zo_optimizer_kwargs=dict(seed=1, n_probes=2),
+    )
+    trainer.train()
+    assert len(trainer.zo_optimizer.trajectory) == 4
+    assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+    resumed_model = tiny_opt()
+    resumed = ZOTrainer(
+        model=resumed_model,
+        args=arguments(tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=data,
+        zo_optimizer_kwargs=dict(seed=999, n_probes=2),  # the checkpoint's seed wins
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.zo_optimizer.steps_taken == 4
+    for (name, a), b in zip(uninterrupted.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_model_trains(tmp_path):
+    model = tiny_opt(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(8))
+    trainer.train()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in trainer.zo_optimizer.trajectory)
+
+
+def test_peft_lora_model_trains_only_the_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_opt(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path, learning_rate=1e-2), train_dataset=TokenDataset(8))
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed <= trainable
+
+
+def test_rejects_a_foreign_optimizer(tmp_path):
+    model = tiny_opt()
+    with pytest.raises(ValueError, match="zo_optimizer"):
+        ZOTrainer(
+            model=model,
+            args=arguments(tmp_path),
+            train_dataset=TokenDataset(4),
+            optimizers=(torch.optim.AdamW(model.parameters()), None),
+        )

@@ -1,0 +1,109 @@
+"""``ZOTrainer``: the Hugging Face ``transformers.Trainer`` (5.x) running a zokern ZO optimizer.
+
+The Trainer's loop is kept: data, logging, evaluation, checkpointing, schedulers, callbacks. What changes is the
+step. ``training_step`` collects the micro-batches of one gradient-accumulation window; on its last one it takes one
+ZO step whose closure evaluates all of them at the same perturbation (one z per window) and averages their losses.
+The Trainer's own ``optimizer.step()`` that follows is then a no-op (the optimizer it holds is a thin view of the ZO
+optimizer's groups and state), so learning-rate schedulers, checkpoints and resumption work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from zokern.optim import ZOSGD
+from zokern.optim import ZOOptimizer
+
+
+class _AlreadyStepped(torch.optim.Optimizer):
+    """What the Trainer holds: the ZO optimizer's param groups and state, whose step() does nothing because
+    ZOTrainer.training_step has already taken the step. state_dict and load_state_dict are the ZO optimizer's."""
+
+    def __init__(self, zo: ZOOptimizer) -> None:
+        super().__init__([p for g in zo.param_groups for p in g["params"]], dict(zo.defaults))
+        self.zo = zo
+        self.param_groups = zo.param_groups  # one list: a scheduler changing lr here changes it for the ZO steps
+        self.state = zo.state
+
+    def step(self, closure=None):  # noqa: D102 - see the class docstring
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.zo.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.zo.load_state_dict(state_dict)
+
+
+class ZOTrainer(Trainer):
+    """A ``transformers.Trainer`` whose steps are zeroth-order.
+
+    Args:
+        zo_optimizer: an optimizer from :mod:`zokern.optim` over the model's parameters; or None to build
+            ``zo_optimizer_cls(param_groups, lr=args.learning_rate, **zo_optimizer_kwargs)`` with the Trainer's
+            weight-decay grouping (no decay on biases and norms).
+        zo_optimizer_cls: default :class:`zokern.optim.ZOSGD`.
+        zo_optimizer_kwargs: e.g. ``{"eps": 1e-3, "seed": 0}``.
+        Other arguments as ``transformers.Trainer`` (``optimizers`` must not be given).
+
+    ``args.gradient_accumulation_steps`` = k makes one ZO step per k micro-batches, all evaluated under the same
+    perturbation. The forwards run with the model in eval mode (dropout off): a ZO estimate compares two losses of
+    the same function. The logged training loss is the steps' mean loss, as the optimizer's ``step`` returns it.
+    """
+
+    def __init__(
+        self,
+        *args,
+        zo_optimizer: ZOOptimizer | None = None,
+        zo_optimizer_cls: type[ZOOptimizer] = ZOSGD,
+        zo_optimizer_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
+        if kwargs.get("optimizers", (None, None))[0] is not None:
+            raise ValueError("ZOTrainer builds its optimizer: pass zo_optimizer=..., not optimizers=(...)")
+        if zo_optimizer is not None and not isinstance(zo_optimizer, ZOOptimizer):
+            raise TypeError(f"zo_optimizer must be a zokern.optim optimizer, got {type(zo_optimizer).__name__}")
+        super().__init__(*args, **kwargs)
+        self.zo_optimizer = zo_optimizer
+        self._zo_cls = zo_optimizer_cls
+        self._zo_kwargs = dict(zo_optimizer_kwargs or {})
+        self._window: list[dict[str, Any]] = []
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            if self.zo_optimizer is None:
+                opt_model = self.model if model is None else model
+                decay = set(self.get_decay_parameter_names(opt_model))
+                named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+                groups = [
+                    {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                    {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+                ]
+                groups = [g for g in groups if g["params"]]
+                self.zo_optimizer = self._zo_cls(groups, lr=self.args.learning_rate, **self._zo_kwargs)
+            self.optimizer = _AlreadyStepped(self.zo_optimizer)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        self._window.append(self._prepare_inputs(inputs))
+        if not self.accelerator.sync_gradients:
+            # Not the window's last micro-batch: its loss is counted in the window's mean, returned at the end.
+            return torch.zeros((), device=self.args.device)
+        window, self._window = self._window, []
+        was_training = model.training
+        model.eval()
+        try:
+
+            def closure() -> torch.Tensor:
+                with self.compute_loss_context_manager():
+                    # A copy per call: compute_loss may pop keys (labels) from the dict it is given.
+                    losses = [self.compute_loss(model, dict(batch)).detach().float() for batch in window]
+                return torch.stack(losses).mean()
+
+            loss = self.zo_optimizer.step(closure)
+        finally:
+            model.train(was_training)
+        return loss.to(self.args.device)

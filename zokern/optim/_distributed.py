@@ -1,0 +1,54 @@
+"""Data parallelism without parameter communication: every rank draws the same seeds, evaluates its own micro-batch,
+and the ranks average their losses with one small all_reduce per evaluation round. Parameters then receive the same
+passes on every rank and stay identical, provided every rank starts from the same parameters and seeds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo and the others take CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_across_ranks(values: list[torch.Tensor]) -> list[float]:
+    """The losses of this rank, averaged over all ranks when torch.distributed is initialised, as Python floats."""
+    vector = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
+    if active():
+        vector = vector.to(_comm_device())
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+        vector /= dist.get_world_size()
+    return vector.tolist()
+
+
+def broadcast_seed(seed: int) -> int:
+    """Rank 0's seed, on every rank."""
+    if not active():
+        return seed
+    t = torch.tensor([seed], dtype=torch.int64, device=_comm_device())
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def check_same_seed(seed: int, what: str) -> None:
+    """Raise on every rank if the ranks disagree on ``seed``: a desynchronised rank would silently diverge."""
+    if not active():
+        return
+    t = torch.tensor([seed, -seed], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = int(t[0]), -int(t[1])
+    if high != low:
+        raise RuntimeError(
+            f"zokern: ranks disagree on the {what} (this rank {seed}, range [{low}, {high}] across ranks). Data-"
+            "parallel ZO needs every rank to take the same steps with the same seed: construct the optimizer with "
+            "the same seed everywhere and call step() the same number of times on every rank."
+        )

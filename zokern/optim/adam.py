@@ -1,0 +1,118 @@
+"""ZO-Adam: Adam moments of the ZO-SGD gradient estimate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from zokern.optim.base import ZOOptimizer
+from zokern.optim.base import _check_number
+from zokern.optim.sgd import ZOSGD
+
+
+class ZOAdam(ZOSGD):
+    r"""Adam on the ZO-SGD estimate :math:`\hat g = \frac1q\sum_k (d_k/\epsilon) z_k` (see :class:`ZOSGD`):
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1)\hat g,\quad v \leftarrow \beta_2 v + (1-\beta_2)\hat g^2,\quad
+        \theta \leftarrow \theta - \eta\Big(\frac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \delta}
+        + \lambda\theta\Big),
+
+    bias-corrected, with float32 moments whatever the parameters' dtype, and decoupled weight decay
+    :math:`\lambda` (AdamW's). :math:`t` counts the updates a parameter received (skipped steps do not count).
+    The estimate is materialised one tensor at a time from the stream (the moments need it elementwise).
+
+    Extra memory: 8 bytes per trainable parameter (m and v in float32), plus one float32 tensor the size of the
+    largest trainable parameter, transient.
+
+    Args:
+        lr: :math:`\eta` (default 1e-4: Adam's step is normalised, so it is not MeZO's 1e-6).
+        eps: the perturbation scale :math:`\epsilon` (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)).
+        adam_eps: :math:`\delta` (default 1e-8); named apart from the perturbation's ``eps``.
+        Other arguments as :class:`ZOSGD` (``n_probes``, ``one_sided``, ``distribution``, ``seed``, ...), without
+        ``momentum``. ``step`` returns the loss :class:`ZOSGD` returns.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        n_probes: int = 1,
+        one_sided: bool = False,
+        distribution: str = "gaussian",
+        seed: int | None = None,
+        backend: str | None = None,
+        seed_check_every: int = 100,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            eps,
+            weight_decay,
+            n_probes=n_probes,
+            one_sided=one_sided,
+            distribution=distribution,
+            seed=seed,
+            backend=backend,
+            seed_check_every=seed_check_every,
+        )
+        for group in self.param_groups:
+            group.setdefault("betas", tuple(betas))
+            group.setdefault("adam_eps", adam_eps)
+            self._validate_adam(group)
+        self.defaults.update(betas=tuple(betas), adam_eps=adam_eps)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        ZOOptimizer.add_param_group(self, param_group)
+        if "betas" in self.defaults:  # groups added after construction
+            self._validate_adam(self.param_groups[-1])
+
+    @staticmethod
+    def _validate_adam(group: dict[str, Any]) -> None:
+        betas = group["betas"]
+        if len(betas) != 2 or not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
+            raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
+        _check_number("adam_eps", group["adam_eps"], 0.0, True)
+
+    def options(self) -> dict[str, Any]:
+        options = super().options()
+        del options["momentum"]
+        return options
+
+    def _extra_group_keys(self) -> tuple[str, ...]:
+        return ("betas", "adam_eps")
+
+    def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        probes, diffs, loss, _ = self._estimate(seed, evaluate)
+        self._perturb(probes[-1], self._restore_scale())
+        for group, tensors, offsets in self._groups_layout():
+            beta1, beta2 = group["betas"]
+            terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
+            for p, offset in zip(tensors, offsets):
+                g = self._direction(p, offset, terms)
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denominator = (v / (1 - beta2**t)).sqrt_().add_(group["adam_eps"])
+                x = p.data.float()
+                if group["weight_decay"]:
+                    x.mul_(1 - group["lr"] * group["weight_decay"])
+                x.addcdiv_(m, denominator, value=-group["lr"] / (1 - beta1**t))
+                p.data.copy_(x)
+        grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
+        return dict(projected_grad=grads, loss=loss)

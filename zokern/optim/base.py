@@ -1,0 +1,369 @@
+"""What every zokern ZO optimizer shares: the canonical layout of the stream over the parameters, seeds, fused passes
+per param group, exception-safe loss evaluation, loss averaging across data-parallel ranks, and the trajectory.
+
+A subclass implements ``_run_step(seed, evaluate)``: the sequence of passes and loss evaluations of one step.
+``evaluate()`` returns the next loss as this rank knows it (a tensor, no host sync); ``_gather(values)`` turns a round
+of them into floats, averaged across data-parallel ranks in one all_reduce, and records them. ``step(closure)`` runs
+a step with losses from the closure; ``replay`` runs it with the losses a trajectory recorded (floats, which gather
+as they are), which re-runs exactly the same passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from zokern import ops
+from zokern._reference import STREAM_VERSION
+from zokern.optim import _distributed
+from zokern.optim import seeds as seeds_
+
+Closure = Callable[[], Any]
+
+
+class NonFiniteLoss(Exception):
+    """Raised inside a step when an evaluated loss is NaN or infinite; the step restores and skips its update."""
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class of zokern's zeroth-order optimizers (not used directly).
+
+    Canonical order: param groups in order, parameters within a group in order, elements row-major. Parameter k's
+    first element has global stream index ``sum(numel of the parameters before it)``, whether or not those are
+    trainable: freezing one parameter (``requires_grad=False``) leaves the others' z unchanged. Frozen parameters
+    are never written.
+    """
+
+    def __init__(
+        self,
+        params,
+        defaults: dict[str, Any],
+        *,
+        seed: int | None,
+        distribution: str,
+        backend: str | None,
+        seed_check_every: int,
+    ) -> None:
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
+        if not isinstance(seed_check_every, int) or seed_check_every < 0:
+            raise ValueError(f"seed_check_every must be a non-negative integer, got {seed_check_every!r}")
+        super().__init__(params, defaults)
+        self.distribution = distribution
+        self.backend = backend
+        self.seed_check_every = seed_check_every
+        if seed is None:
+            base_seed = _distributed.broadcast_seed(seeds_.draw_base_seed())
+        else:
+            base_seed = ops._check_index("seed", seed)
+        _distributed.check_same_seed(base_seed, "optimizer seed")
+        self.base_seed = base_seed
+        self.steps_taken = 0
+        self.nonfinite_steps = 0
+        self.trajectory: list[dict[str, Any]] = []
+        self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
+        self._last_setup: dict[str, Any] | None = None
+        self._losses: list[float] = []  # the current step's gathered losses, in evaluation order
+        # Perturbations applied and not yet undone: seed -> the total coefficient of z(seed) in each group.
+        self._displacement: dict[int, list[float]] = {}
+
+    # ------------------------------------------------------------------------------------------ hyperparameters
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param group {len(self.param_groups) - 1}"
+        try:
+            self._validate_group(group)
+        except (TypeError, ValueError) as e:
+            self.param_groups.pop()
+            raise type(e)(f"{where}: {e}") from None
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        for name, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
+            _check_number(name, group[name], low, strict)
+
+    # ------------------------------------------------------------------------------------------------- layout
+
+    def _groups_layout(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
+        """Per param group: the group, its trainable tensors and their global stream offsets."""
+        layout, base, index = [], 0, 0
+        for group in self.param_groups:
+            tensors, offsets = [], []
+            for p in group["params"]:
+                trainable = p.requires_grad if self._trainable_override is None else self._trainable_override[index]
+                if trainable:
+                    tensors.append(p)
+                    offsets.append(base)
+                base += p.numel()
+                index += 1
+            layout.append((group, tensors, offsets))
+        return layout
+
+    def _each_group(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
+        """(group, tensors, offsets) per param group and device: one fused call each."""
+        for group, tensors, offsets in self._groups_layout():
+            by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
+            for t, b in zip(tensors, offsets):
+                entry = by_device.setdefault(t.device, ([], []))
+                entry[0].append(t.data)
+                entry[1].append(b)
+            for ts, bs in by_device.values():
+                yield group, ts, bs
+
+    def _pass_kwargs(self) -> dict[str, Any]:
+        return dict(distribution=self.distribution, backend=self.backend)
+
+    # ------------------------------------------------------------------------------------------------- passes
+
+    def _apply(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
+        """theta += alpha(group) * z(seed) in each group, one pass; tracked so that an exception can undo it."""
+        for group, ts, bs in self._each_group():
+            ops.perturb_(ts, seed, alpha(group), offsets=bs, **self._pass_kwargs())
+        self._track(seed, alpha)
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        """theta += scale * eps * z(seed), with each group's eps."""
+        self._apply(seed, lambda group: scale * group["eps"])
+
+    def _switch(self, seed_from: int, scale_from: float, seed_to: int, scale_to: float) -> None:
+        """theta += eps * (scale_from * z(seed_from) + scale_to * z(seed_to)) in one pass."""
+        for group, ts, bs in self._each_group():
+            eps = group["eps"]
+            ops.two_seed_(ts, seed_from, scale_from * eps, seed_to, scale_to * eps, offsets=bs, **self._pass_kwargs())
+        self._track(seed_from, lambda group: scale_from * group["eps"])
+        self._track(seed_to, lambda group: scale_to * group["eps"])
+
+    def _track(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
+        totals = self._displacement.setdefault(seed, [0.0] * len(self.param_groups))
+        for k, group in enumerate(self.param_groups):
+            totals[k] += alpha(group)
+        if not any(totals):  # eps multiples cancel exactly: +1 - 2 + 1
+            del self._displacement[seed]
+
+    def _undo_displacement(self) -> None:
+        """Restore theta from every perturbation still applied (after a failed evaluation)."""
+        for seed, totals in reversed(list(self._displacement.items())):
+            by_group = {id(group): -total for group, total in zip(self.param_groups, totals)}
+            self._apply(seed, lambda group, by_group=by_group: by_group[id(group)])
+        self._displacement.clear()
+
+    def _restore_update(self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float]) -> None:
+        """One pass: theta = t + scale * eps * z (the restore), then theta -= lr * (c * z + weight_decay * theta),
+        with c = coefficient(group)."""
+        for group, ts, bs in self._each_group():
+            ops.restore_update_(
+                ts,
+                seed,
+                scale * group["eps"],
+                group["lr"],
+                coefficient(group),
+                weight_decay=group["weight_decay"],
+                offsets=bs,
+                **self._pass_kwargs(),
+            )
+        self._track(seed, lambda group: scale * group["eps"])
+
+    def _add_directions(self, terms: list[tuple[int, Callable[[dict[str, Any]], float]]]) -> None:
+        """theta += sum of c_k(group) * z(seed_k), two directions per pass (raw coefficients, not eps multiples)."""
+        for k in range(0, len(terms), 2):
+            pair = terms[k : k + 2]
+            for group, ts, bs in self._each_group():
+                if len(pair) == 2:
+                    (s1, c1), (s2, c2) = pair
+                    ops.two_seed_(ts, s1, c1(group), s2, c2(group), offsets=bs, **self._pass_kwargs())
+                else:
+                    ops.perturb_(ts, pair[0][0], pair[0][1](group), offsets=bs, **self._pass_kwargs())
+
+    def _direction(self, p: torch.Tensor, offset: int, terms: list[tuple[int, float]]) -> torch.Tensor:
+        """sum_k c_k z(seed_k) over p's slice of the stream, materialised in float32 (one tensor at a time)."""
+        stream = ops.gaussian if self.distribution == "gaussian" else ops.rademacher
+        out = None
+        for seed, c in terms:
+            z = stream(seed, offset, p.numel(), device=p.device, backend=self.backend).view_as(p)
+            out = z.mul_(c) if out is None else out.add_(z, alpha=c)
+        return out
+
+    # -------------------------------------------------------------------------------------- public lower level
+
+    def new_seed(self) -> int:
+        """The next step's seed (advances the step counter): for loops that drive the passes themselves."""
+        seed = seeds_.step_seed(self.base_seed, self.steps_taken)
+        if self.seed_check_every and self.steps_taken % self.seed_check_every == 0:
+            _distributed.check_same_seed(seed, f"seed of step {self.steps_taken}")
+        self.steps_taken += 1
+        return seed
+
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float = 1.0) -> Iterator[None]:
+        """Inside the block, every trainable parameter is theta + scale * eps * z(seed); restored on exit, also when
+        the block raises. ``with opt.perturbed(seed, +1): loss_plus = f()``."""
+        _check_number("scale", scale, None, False)
+        self._perturb(seed, scale)
+        try:
+            yield
+        finally:
+            self._perturb(seed, -scale)
+
+    # --------------------------------------------------------------------------------------------------- steps
+
+    def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        """The passes and evaluations of one step; returns the record's method-specific fields (at least
+        ``projected_grad`` and ``loss``, the value ``step`` returns)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One ZO step. ``closure()`` evaluates the loss at the current parameters, without autograd, and returns a
+        scalar (a one-element tensor or a number); it is called several times per step at perturbed parameters.
+        Returns the loss the subclass documents, as a 0-d float32 tensor on the closure's device.
+
+        If the closure raises, the parameters are restored (by the step's own restore pass) and the exception
+        propagates. A non-finite loss skips the update: parameters restored, a RuntimeWarning, and
+        ``nonfinite_steps`` counts it.
+        """
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step needs a closure that evaluates the loss (ZO optimizers call it at "
+                "perturbed parameters). With the Hugging Face Trainer use zokern.integrations.ZOTrainer."
+            )
+        device = [torch.device("cpu")]
+        seed = self.new_seed()
+        fields = self._take_step(seed, lambda: self._evaluate(closure, device))
+        if fields["skipped"]:
+            warnings.warn(
+                f"zokern: non-finite loss at step {self.steps_taken - 1} (losses {self._losses}); parameters "
+                f"restored, update skipped ({self.nonfinite_steps} skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._record(seed, self._losses, fields)
+        return torch.tensor(fields["loss"], dtype=torch.float32, device=device[0])
+
+    def _take_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised)."""
+        self._displacement.clear()
+        self._losses = []
+        try:
+            fields = dict(self._run_step(seed, evaluate), skipped=False)
+        except NonFiniteLoss:
+            self._undo_displacement()
+            self.nonfinite_steps += 1
+            return dict(skipped=True, projected_grad=None, loss=math.nan)
+        except BaseException:
+            self._undo_displacement()
+            raise
+        self._displacement.clear()
+        return fields
+
+    def _evaluate(self, closure: Closure, device: list[torch.device]) -> torch.Tensor:
+        """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
+        loss = closure()
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            device[0] = loss.device
+            return loss.detach().reshape(())
+        if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=torch.float64)
+        raise ValueError(f"the closure must return a scalar loss (tensor or number), got {type(loss).__name__}")
+
+    def _gather(self, values: list) -> list[float]:
+        """One round of evaluated losses as floats: averaged over data-parallel ranks in a single all_reduce (one
+        host sync), recorded in evaluation order; a non-finite one makes the step skip its update."""
+        if all(isinstance(v, float) for v in values):  # replay: the recorded values themselves
+            floats = list(values)
+        else:
+            floats = _distributed.mean_across_ranks(list(values))
+        self._losses.extend(floats)
+        if not all(math.isfinite(v) for v in floats):
+            raise NonFiniteLoss
+        return floats
+
+    def _record(self, seed: int, losses: list[float], fields: dict[str, Any]) -> None:
+        record = dict(
+            step=self.steps_taken - 1,
+            seed=seed,
+            losses=losses,
+            lr=[g["lr"] for g in self.param_groups],
+            eps=[g["eps"] for g in self.param_groups],
+            weight_decay=[g["weight_decay"] for g in self.param_groups],
+            stream_version=STREAM_VERSION,
+        )
+        record.update(fields)
+        # What replay needs beyond the step's scalars, written only when it changes: a few bytes per step.
+        setup = dict(optimizer=type(self).__name__, options=self.options(), **self._layout_signature())
+        if setup != self._last_setup:
+            record["setup"] = setup
+            self._last_setup = setup
+        self.trajectory.append(record)
+
+    def _layout_signature(self) -> dict[str, list]:
+        trainable = [p.requires_grad for g in self.param_groups for p in g["params"]]
+        if self._trainable_override is not None:
+            trainable = list(self._trainable_override)
+        extras = {k: [g[k] for g in self.param_groups] for k in self._extra_group_keys()}
+        return dict(group_sizes=[len(g["params"]) for g in self.param_groups], trainable=trainable, group_extras=extras)
+
+    def _extra_group_keys(self) -> tuple[str, ...]:
+        """Per-group hyperparameters besides lr, eps and weight_decay (recorded for replay)."""
+        return ()
+
+    # ---------------------------------------------------------------------------------------------- checkpoint
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's keyword options besides the per-group hyperparameters (recorded for replay)."""
+        return dict(distribution=self.distribution, backend=self.backend, seed_check_every=self.seed_check_every)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["zo"] = dict(
+            base_seed=self.base_seed,
+            steps_taken=self.steps_taken,
+            nonfinite_steps=self.nonfinite_steps,
+            stream_version=STREAM_VERSION,
+            optimizer=type(self).__name__,
+        )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            raise ValueError("not a zokern optimizer state dict: it has no 'zo' entry")
+        if zo["optimizer"] != type(self).__name__:
+            raise ValueError(f"state dict of a {zo['optimizer']}, loaded into a {type(self).__name__}")
+        if zo["stream_version"] != STREAM_VERSION:
+            raise ValueError(
+                f"state dict written with stream version {zo['stream_version']}; this zokern has {STREAM_VERSION}"
+            )
+        super().load_state_dict(state_dict)
+        # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
+        # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), so put them back as saved.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        self.base_seed = zo["base_seed"]
+        self.steps_taken = zo["steps_taken"]
+        self.nonfinite_steps = zo["nonfinite_steps"]
+
+
+def _check_number(name: str, value: Any, low: float | None, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"invalid {name}: {value} (must be {'>' if strict else '>='} {low})")
+    return value

@@ -1,0 +1,247 @@
+"""ZO-SGD (MeZO) and its sign and conservative variants."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from zokern.optim import seeds as seeds_
+from zokern.optim.base import ZOOptimizer
+from zokern.optim.base import _check_number
+
+
+class ZOSGD(ZOOptimizer):
+    r"""Zeroth-order SGD: MeZO's two-sided SPSA estimate, with the fused passes of the kernel layer.
+
+    One step with probe seeds :math:`s_1..s_q` (``seeds.probe_seed(step seed, k)``) and, per param group,
+    :math:`\epsilon, \eta, \lambda`:
+
+    .. math::
+        d_k = \tfrac12\,(L(\theta + \epsilon z_k) - L(\theta - \epsilon z_k))
+              \quad\text{(one-sided: } L(\theta + \epsilon z_k) - L(\theta)\text{)}, \qquad
+        \hat g = \frac1q \sum_k \frac{d_k}{\epsilon} z_k,
+
+    :math:`\theta \leftarrow \theta - \eta(\hat g + \lambda\theta)` without momentum;
+    :math:`m \leftarrow \mu m + \hat g,\ \theta \leftarrow \theta - \eta(m + \lambda\theta)` with momentum
+    :math:`\mu`. :math:`z_k` is the stream of docs/stream.md at the canonical offsets. With one probe and no momentum
+    a step is three passes: perturb (:math:`+\epsilon`), flip (:math:`-2\epsilon`), restore-and-update.
+    Each group's own :math:`\epsilon` scales its perturbation, and :math:`d_k/\epsilon` uses that same
+    :math:`\epsilon`: an unbiased estimate of each group's gradient.
+
+    ``step(closure)`` returns the mean of :math:`\tfrac12(L_+ + L_-)` over the probes (two-sided) or
+    :math:`L(\theta)` (one-sided): the loss at the parameters before the step, to :math:`O(\epsilon^2)`.
+
+    Gradient accumulation under one z: let the closure evaluate several micro-batches and return their mean loss;
+    every micro-batch then sees the same perturbation, and :math:`L_\pm` are their averages.
+
+    Extra memory: none without momentum (the fused passes regenerate z); 4 bytes per trainable parameter with
+    momentum (a float32 buffer).
+
+    Args:
+        params: parameters or param groups; each group may set ``lr``, ``eps``, ``weight_decay``.
+        lr: learning rate :math:`\eta` (default 1e-6, MeZO's order of magnitude for LLMs).
+        eps: perturbation scale :math:`\epsilon` (default 1e-3).
+        weight_decay: decoupled weight decay :math:`\lambda` (default 0).
+        momentum: :math:`\mu` in [0, 1) (default 0).
+        n_probes: :math:`q`, directions averaged per step (default 1).
+        one_sided: forward differences against :math:`L(\theta)`: :math:`q + 1` forwards instead of :math:`2q`.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        seed: base seed of the run (docs in :mod:`zokern.optim.seeds`); default: drawn from torch's generator.
+        backend: force a kernel backend (see ``zokern.available_backends()``).
+        seed_check_every: under torch.distributed, check every this many steps that all ranks hold the same seed
+            (0: only at construction).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        momentum: float = 0.0,
+        n_probes: int = 1,
+        one_sided: bool = False,
+        distribution: str = "gaussian",
+        seed: int | None = None,
+        backend: str | None = None,
+        seed_check_every: int = 100,
+    ) -> None:
+        _check_number("momentum", momentum, 0.0, False)
+        if momentum >= 1:
+            raise ValueError(f"invalid momentum: {momentum} (must be in [0, 1))")
+        if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+            raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
+        if not isinstance(one_sided, bool):
+            raise TypeError(f"one_sided must be a bool, got {type(one_sided).__name__}")
+        self.momentum = float(momentum)
+        self.n_probes = n_probes
+        self.one_sided = one_sided
+        super().__init__(
+            params,
+            dict(lr=lr, eps=eps, weight_decay=weight_decay),
+            seed=seed,
+            distribution=distribution,
+            backend=backend,
+            seed_check_every=seed_check_every,
+        )
+
+    def options(self) -> dict[str, Any]:
+        return dict(super().options(), momentum=self.momentum, n_probes=self.n_probes, one_sided=self.one_sided)
+
+    def apply_projected_grad(self, seed: int, projected_grad: float) -> None:
+        """theta <- theta - lr * (projected_grad * z(seed) + weight_decay * theta) in every group, one pass: the
+        update of a step whose estimate the caller formed (with :meth:`new_seed` and :meth:`perturbed`). Not
+        recorded in the trajectory: replay covers steps taken with :meth:`step`."""
+        g = _check_number("projected_grad", projected_grad, None, False)
+        self._restore_update(seed, 0.0, lambda group: g)
+
+    # ------------------------------------------------------------------------------------------------ estimate
+
+    def _estimate(self, seed: int, evaluate: Callable[[], Any], leading: tuple = ()) -> tuple:
+        """Evaluate every probe, then gather all losses in one round (``leading`` values first); leaves theta
+        displaced by the last probe (see _restore_scale).
+
+        Returns the probe seeds, d_k, the loss step() reports, and the gathered ``leading`` values.
+        """
+        probes = [seeds_.probe_seed(seed, k) for k in range(self.n_probes)]
+        values = list(leading)
+        if self.one_sided:
+            values.append(evaluate())
+        for k, s in enumerate(probes):
+            if k == 0:
+                self._perturb(s, 1.0)
+            else:
+                self._switch(probes[k - 1], self._restore_scale(), s, 1.0)
+            values.append(evaluate())
+            if not self.one_sided:
+                self._perturb(s, -2.0)
+                values.append(evaluate())
+        floats = self._gather(values)
+        lead, losses = floats[: len(leading)], floats[len(leading) :]
+        if self.one_sided:
+            at_theta = losses[0]
+            diffs = [plus - at_theta for plus in losses[1:]]
+            return probes, diffs, at_theta, lead
+        pairs = list(zip(losses[0::2], losses[1::2]))
+        diffs = [0.5 * (plus - minus) for plus, minus in pairs]
+        loss = sum(0.5 * (plus + minus) for plus, minus in pairs) / len(pairs)
+        return probes, diffs, loss, lead
+
+    def _restore_scale(self) -> float:
+        """What brings theta back from the last probe's evaluation point, in multiples of eps."""
+        return -1.0 if self.one_sided else 1.0
+
+    def _coefficient(self, diff: float) -> Callable[[dict[str, Any]], float]:
+        """The probe's share of the projected gradient in a group: d_k / (q eps)."""
+        return lambda group: diff / (self.n_probes * group["eps"])
+
+    def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        probes, diffs, loss, _ = self._estimate(seed, evaluate)
+        if self.momentum:
+            self._perturb(probes[-1], self._restore_scale())
+            self._momentum_update(probes, diffs)
+        else:
+            # The last probe's restore carries the update and the weight decay; the other probes' updates follow,
+            # two directions per pass, so lambda theta uses the parameters before the step.
+            last = probes[-1], self._coefficient(diffs[-1])
+            self._restore_update(last[0], self._restore_scale(), last[1])
+            self._add_directions(
+                [(s, _scaled(self._coefficient(d), "lr", -1.0)) for s, d in zip(probes[:-1], diffs[:-1])]
+            )
+        grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
+        return dict(projected_grad=grads, loss=loss)
+
+    def _momentum_update(self, probes: list[int], diffs: list[float]) -> None:
+        for group, tensors, offsets in self._groups_layout():
+            terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
+            for p, offset in zip(tensors, offsets):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                buf = state["momentum_buffer"]
+                buf.mul_(self.momentum).add_(self._direction(p, offset, terms))
+                _decay_and_step(p, buf, group["lr"], group["weight_decay"])
+
+
+class ZOSignSGD(ZOSGD):
+    r"""ZO-SignSGD: the ZO-SGD estimate :math:`\hat g`, but the update uses its elementwise sign,
+    :math:`\theta \leftarrow \theta - \eta(\operatorname{sign}(\hat g) + \lambda\theta)` (with momentum:
+    the sign of the momentum buffer). The step size is then independent of the loss scale: use a much smaller
+    ``lr`` than ZO-SGD (it moves every weight by exactly :math:`\eta`).
+
+    Extra memory: one float32 tensor the size of the largest trainable parameter, transient (the estimate is
+    materialised one tensor at a time); plus 4 bytes per trainable parameter with momentum.
+    Arguments and returned loss as :class:`ZOSGD`.
+    """
+
+    def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        probes, diffs, loss, _ = self._estimate(seed, evaluate)
+        self._perturb(probes[-1], self._restore_scale())
+        for group, tensors, offsets in self._groups_layout():
+            terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
+            for p, offset in zip(tensors, offsets):
+                direction = self._direction(p, offset, terms)
+                if self.momentum:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    direction = state["momentum_buffer"].mul_(self.momentum).add_(direction)
+                _decay_and_step(p, torch.sign(direction), group["lr"], group["weight_decay"])
+        grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
+        return dict(projected_grad=grads, loss=loss)
+
+
+class ZOConservative(ZOSGD):
+    r"""ZO-SGD with a conservative update: a step is kept only if it lowers the loss on the step's batch.
+
+    After the two-sided estimate at :math:`\theta` (whose loss :math:`L_0` is evaluated first), the candidate
+    :math:`\theta - \eta\hat g` is evaluated; if its loss is not below :math:`L_0`, the opposite candidate
+    :math:`\theta + \eta\hat g`; if neither is, :math:`\theta` stays. Decoupled weight decay is applied after the
+    choice, :math:`\theta \leftarrow (1 - \eta\lambda)\theta`. Forwards per step: 4 or 5. Only one two-sided probe
+    and no momentum (the rule compares single candidates).
+
+    ``step`` returns :math:`L_0`. Extra memory: none. Arguments as :class:`ZOSGD`.
+    """
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, **kwargs) -> None:
+        for name, default in (("momentum", 0.0), ("n_probes", 1), ("one_sided", False)):
+            if kwargs.get(name, default) != default:
+                raise ValueError(f"ZOConservative supports only {name}={default!r}, got {kwargs[name]!r}")
+        super().__init__(params, lr, eps, weight_decay, **kwargs)
+
+    def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        (probe,), (diff,), _, (loss_at_theta,) = self._estimate(seed, evaluate, leading=(evaluate(),))
+        grads = [diff / g["eps"] for g in self.param_groups]
+        # theta - eps z now; each move below is one pass, tracked so that a failure restores theta.
+        step = self._coefficient(diff)
+        self._apply(probe, lambda g: g["eps"] - g["lr"] * step(g))  # to theta - lr g z
+        accepted = "descent"
+        if not self._gather([evaluate()])[0] < loss_at_theta:
+            self._apply(probe, lambda g: 2 * g["lr"] * step(g))  # to theta + lr g z
+            accepted = "ascent"
+            if not self._gather([evaluate()])[0] < loss_at_theta:
+                self._apply(probe, lambda g: -g["lr"] * step(g))  # back to theta
+                accepted = "none"
+        self._displacement.clear()  # the candidate is now the parameters
+        for group, tensors, _ in self._groups_layout():
+            if group["weight_decay"]:
+                for p in tensors:
+                    p.data.mul_(1 - group["lr"] * group["weight_decay"])
+        return dict(projected_grad=grads, loss=loss_at_theta, accepted=accepted)
+
+
+def _scaled(coefficient: Callable[[dict[str, Any]], float], key: str, sign: float):
+    """c(group) * sign * group[key]: turns a projected-gradient share into an update coefficient."""
+    return lambda group: sign * group[key] * coefficient(group)
+
+
+def _decay_and_step(p: torch.Tensor, direction: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype."""
+    x = p.data.float()
+    if weight_decay:
+        x.mul_(1 - lr * weight_decay)
+    x.add_(direction, alpha=-lr)
+    p.data.copy_(x)
