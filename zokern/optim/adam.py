@@ -25,7 +25,7 @@ class ZOAdam(ZOSGD):
     The estimate is materialised one tensor at a time from the stream (the moments need it elementwise).
 
     Extra memory: 8 bytes per trainable parameter (m and v in float32), plus one float32 tensor the size of the
-    largest trainable parameter, transient.
+    largest trainable parameter, transient (and exact mode's transient copy, see :class:`ZOSGD`).
 
     Args:
         lr: :math:`\eta` (default 1e-4: Adam's step is normalised, so it is not MeZO's 1e-6).
@@ -51,6 +51,8 @@ class ZOAdam(ZOSGD):
         seed: int | None = None,
         backend: str | None = None,
         seed_check_every: int = 100,
+        perturbation: str = "auto",
+        rounding: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -63,6 +65,8 @@ class ZOAdam(ZOSGD):
             seed=seed,
             backend=backend,
             seed_check_every=seed_check_every,
+            perturbation=perturbation,
+            rounding=rounding,
         )
         for group in self.param_groups:
             group.setdefault("betas", tuple(betas))
@@ -113,6 +117,6 @@ class ZOAdam(ZOSGD):
                 if group["weight_decay"]:
                     x.mul_(1 - group["lr"] * group["weight_decay"])
                 x.addcdiv_(m, denominator, value=-group["lr"] / (1 - beta1**t))
-                p.data.copy_(x)
+                self._write(p, offset, x)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)

@@ -20,10 +20,17 @@ from typing import Any
 
 import torch
 
+from zokern import _reference
 from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
+from zokern.optim.exact import ParameterUse
+from zokern.optim.exact import PerturbedView
+
+PERTURBATIONS = ("auto", "exact", "inplace")
+ROUNDINGS = ("auto", "stochastic", "nearest")
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 Closure = Callable[[], Any]
 
@@ -50,7 +57,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         distribution: str,
         backend: str | None,
         seed_check_every: int,
+        perturbation: str = "auto",
+        rounding: str = "auto",
     ) -> None:
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {', '.join(map(repr, PERTURBATIONS))}, got {perturbation!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
         if distribution not in ("gaussian", "rademacher"):
             raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
         if not isinstance(seed_check_every, int) or seed_check_every < 0:
@@ -59,6 +72,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.distribution = distribution
         self.backend = backend
         self.seed_check_every = seed_check_every
+        self.perturbation = perturbation
+        self.rounding = rounding
         if seed is None:
             base_seed = _distributed.broadcast_seed(seeds_.draw_base_seed())
         else:
@@ -71,8 +86,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
         self._losses: list[float] = []  # the current step's gathered losses, in evaluation order
-        # Perturbations applied and not yet undone: seed -> the total coefficient of z(seed) in each group.
+        # Perturbations applied and not yet undone (exact mode: the perturbation the closure sees): seed -> the
+        # total coefficient of z(seed) in each group.
         self._displacement: dict[int, list[float]] = {}
+        self._step_seed = 0
+        self._exact_now = False
+        self._warned_16bit_loss = False
+        self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
 
     # ------------------------------------------------------------------------------------------ hyperparameters
 
@@ -121,12 +141,31 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _pass_kwargs(self) -> dict[str, Any]:
         return dict(distribution=self.distribution, backend=self.backend)
 
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for _, tensors, _ in self._groups_layout() for p in tensors]
+
+    def exact(self) -> bool:
+        """Whether evaluations see theta + alpha z without theta being written (see zokern.optim.exact)."""
+        if self.perturbation == "auto":
+            return any(p.dtype in _SIXTEEN_BIT for p in self._trainable())
+        return self.perturbation == "exact"
+
+    def _update_rounding(self) -> dict[str, Any]:
+        """Rounding of an update pass: stochastic for 16-bit parameters unless rounding='nearest', so that the
+        expected stored update is the intended one; each pass of a step draws its own bits."""
+        if self.rounding == "nearest":
+            return dict(rounding="nearest")
+        self._update_passes += 1
+        return dict(rounding="stochastic", rounding_seed=seeds_.rounding_seed(self._step_seed, self._update_passes))
+
     # ------------------------------------------------------------------------------------------------- passes
 
     def _apply(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
-        """theta += alpha(group) * z(seed) in each group, one pass; tracked so that an exception can undo it."""
-        for group, ts, bs in self._each_group():
-            ops.perturb_(ts, seed, alpha(group), offsets=bs, **self._pass_kwargs())
+        """theta += alpha(group) * z(seed) in each group: one pass in place, only bookkeeping in exact mode; tracked
+        so that an exception can undo it."""
+        if not self._exact_now:
+            for group, ts, bs in self._each_group():
+                ops.perturb_(ts, seed, alpha(group), offsets=bs, **self._pass_kwargs())
         self._track(seed, alpha)
 
     def _perturb(self, seed: int, scale: float) -> None:
@@ -135,9 +174,12 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _switch(self, seed_from: int, scale_from: float, seed_to: int, scale_to: float) -> None:
         """theta += eps * (scale_from * z(seed_from) + scale_to * z(seed_to)) in one pass."""
-        for group, ts, bs in self._each_group():
-            eps = group["eps"]
-            ops.two_seed_(ts, seed_from, scale_from * eps, seed_to, scale_to * eps, offsets=bs, **self._pass_kwargs())
+        if not self._exact_now:
+            for group, ts, bs in self._each_group():
+                eps = group["eps"]
+                ops.two_seed_(
+                    ts, seed_from, scale_from * eps, seed_to, scale_to * eps, offsets=bs, **self._pass_kwargs()
+                )
         self._track(seed_from, lambda group: scale_from * group["eps"])
         self._track(seed_to, lambda group: scale_to * group["eps"])
 
@@ -149,25 +191,40 @@ class ZOOptimizer(torch.optim.Optimizer):
             del self._displacement[seed]
 
     def _undo_displacement(self) -> None:
-        """Restore theta from every perturbation still applied (after a failed evaluation)."""
-        for seed, totals in reversed(list(self._displacement.items())):
-            by_group = {id(group): -total for group, total in zip(self.param_groups, totals)}
-            self._apply(seed, lambda group, by_group=by_group: by_group[id(group)])
+        """Restore theta from every perturbation still applied (after a failed evaluation). In exact mode theta was
+        never written: forgetting the perturbation restores it bit for bit."""
+        if not self._exact_now:
+            for seed, totals in reversed(list(self._displacement.items())):
+                by_group = {id(group): -total for group, total in zip(self.param_groups, totals)}
+                self._apply(seed, lambda group, by_group=by_group: by_group[id(group)])
+        self._displacement.clear()
+
+    def _commit_displacement(self) -> None:
+        """Make the current perturbation the parameters (a candidate accepted as the update)."""
+        if self._exact_now:
+            for seed, totals in list(self._displacement.items()):
+                by_group = {id(group): total for group, total in zip(self.param_groups, totals)}
+                for group, ts, bs in self._each_group():
+                    ops.perturb_(
+                        ts, seed, by_group[id(group)], offsets=bs, **self._pass_kwargs(), **self._update_rounding()
+                    )
         self._displacement.clear()
 
     def _restore_update(self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float]) -> None:
-        """One pass: theta = t + scale * eps * z (the restore), then theta -= lr * (c * z + weight_decay * theta),
-        with c = coefficient(group)."""
+        """One pass: theta = t + scale * eps * z (the restore; nothing to restore in exact mode), then
+        theta -= lr * (c * z + weight_decay * theta), with c = coefficient(group)."""
+        exact = self._exact_now
         for group, ts, bs in self._each_group():
             ops.restore_update_(
                 ts,
                 seed,
-                scale * group["eps"],
+                0.0 if exact else scale * group["eps"],
                 group["lr"],
                 coefficient(group),
                 weight_decay=group["weight_decay"],
                 offsets=bs,
                 **self._pass_kwargs(),
+                **self._update_rounding(),
             )
         self._track(seed, lambda group: scale * group["eps"])
 
@@ -176,11 +233,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         for k in range(0, len(terms), 2):
             pair = terms[k : k + 2]
             for group, ts, bs in self._each_group():
+                rounding = self._update_rounding()
                 if len(pair) == 2:
                     (s1, c1), (s2, c2) = pair
-                    ops.two_seed_(ts, s1, c1(group), s2, c2(group), offsets=bs, **self._pass_kwargs())
+                    ops.two_seed_(ts, s1, c1(group), s2, c2(group), offsets=bs, **self._pass_kwargs(), **rounding)
                 else:
-                    ops.perturb_(ts, pair[0][0], pair[0][1](group), offsets=bs, **self._pass_kwargs())
+                    ops.perturb_(ts, pair[0][0], pair[0][1](group), offsets=bs, **self._pass_kwargs(), **rounding)
+
+    def _write(self, p: torch.Tensor, offset: int, x: torch.Tensor) -> None:
+        """Store the float32 values x into parameter p: stochastically rounded for 16-bit parameters (the bits of
+        the rounding stream at p's offsets, docs/stream.md section 5), unless rounding='nearest'."""
+        if p.dtype in _SIXTEEN_BIT and self.rounding != "nearest":
+            seed = self._update_rounding()["rounding_seed"]
+            bits = _reference.rounding_bits(seed, offset, p.numel(), device=p.device).view_as(p)
+            x = _reference.round_stochastic(x, bits, p.dtype)
+        p.data.copy_(x)
 
     def _direction(self, p: torch.Tensor, offset: int, terms: list[tuple[int, float]]) -> torch.Tensor:
         """sum_k c_k z(seed_k) over p's slice of the stream, materialised in float32 (one tensor at a time)."""
@@ -204,13 +271,35 @@ class ZOOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float = 1.0) -> Iterator[None]:
         """Inside the block, every trainable parameter is theta + scale * eps * z(seed); restored on exit, also when
-        the block raises. ``with opt.perturbed(seed, +1): loss_plus = f()``."""
+        the block raises. ``with opt.perturbed(seed, +1): loss_plus = f()``. In exact mode the parameters are
+        not written: ops inside the block see the perturbed values (see zokern.optim.exact)."""
         _check_number("scale", scale, None, False)
+        self._exact_now = self.exact()
+        self._displacement.clear()
         self._perturb(seed, scale)
         try:
-            yield
+            if self._exact_now:
+                with self._perturbed_view():
+                    yield
+            else:
+                yield
         finally:
-            self._perturb(seed, -scale)
+            self._undo_displacement()
+
+    def _perturbed_view(self) -> PerturbedView:
+        uses = {
+            id(p): ParameterUse(p, offset, index)
+            for index, (_, tensors, offsets) in enumerate(self._groups_layout())
+            for p, offset in zip(tensors, offsets)
+        }
+        return PerturbedView(uses, self._displacement, self._pass_kwargs())
+
+    def _parameter_names(self) -> dict[int, str]:
+        return {
+            id(p): f"param_groups[{g}]['params'][{k}] (shape {tuple(p.shape)})"
+            for g, group in enumerate(self.param_groups)
+            for k, p in enumerate(group["params"])
+        }
 
     # --------------------------------------------------------------------------------------------------- steps
 
@@ -251,6 +340,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised)."""
         self._displacement.clear()
         self._losses = []
+        self._exact_now = self.exact()
+        self._step_seed, self._update_passes = seed, 0
         try:
             fields = dict(self._run_step(seed, evaluate), skipped=False)
         except NonFiniteLoss:
@@ -265,11 +356,26 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _evaluate(self, closure: Closure, device: list[torch.device]) -> torch.Tensor:
         """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
-        loss = closure()
+        if self._exact_now:
+            view = self._perturbed_view()
+            with view:
+                loss = closure()
+            view.check_all_used(self._parameter_names())
+        else:
+            loss = closure()
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
             device[0] = loss.device
+            if loss.dtype in _SIXTEEN_BIT and not self._warned_16bit_loss:
+                self._warned_16bit_loss = True
+                warnings.warn(
+                    f"zokern: the closure returned a {str(loss.dtype).removeprefix('torch.')} loss; L+ - L- is "
+                    "then quantised to its spacing and often rounds to 0. Compute the loss in float32 (e.g. "
+                    "cross-entropy on logits.float()).",
+                    UserWarning,
+                    stacklevel=4,
+                )
             return loss.detach().reshape(())
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             return torch.tensor(float(loss), dtype=torch.float64)
@@ -320,7 +426,13 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def options(self) -> dict[str, Any]:
         """The constructor's keyword options besides the per-group hyperparameters (recorded for replay)."""
-        return dict(distribution=self.distribution, backend=self.backend, seed_check_every=self.seed_check_every)
+        return dict(
+            distribution=self.distribution,
+            backend=self.backend,
+            seed_check_every=self.seed_check_every,
+            perturbation=self.perturbation,
+            rounding=self.rounding,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

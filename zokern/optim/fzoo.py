@@ -24,7 +24,8 @@ class FZOO(ZOOptimizer):
     carries its update and the other updates follow two per pass.
 
     ``step`` returns :math:`L(\theta)`. The trajectory's ``projected_grad`` is the list of
-    :math:`(L_i - L(\theta))/(N\sigma)`, one per probe, shared by every group. Extra memory: none.
+    :math:`(L_i - L(\theta))/(N\sigma)`, one per probe, shared by every group. Extra memory: none (in exact mode, a
+    transient copy: see :class:`ZOSGD`).
 
     Args:
         n_probes: N >= 2 (default 8). ``distribution`` defaults to ``"rademacher"``, as in FZOO; other arguments
@@ -43,6 +44,8 @@ class FZOO(ZOOptimizer):
         seed: int | None = None,
         backend: str | None = None,
         seed_check_every: int = 100,
+        perturbation: str = "auto",
+        rounding: str = "auto",
     ) -> None:
         if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
             raise ValueError(f"n_probes must be an integer >= 2 (the spread needs two losses), got {n_probes!r}")
@@ -54,6 +57,8 @@ class FZOO(ZOOptimizer):
             distribution=distribution,
             backend=backend,
             seed_check_every=seed_check_every,
+            perturbation=perturbation,
+            rounding=rounding,
         )
 
     def options(self) -> dict[str, Any]:

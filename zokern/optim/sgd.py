@@ -37,7 +37,8 @@ class ZOSGD(ZOOptimizer):
     every micro-batch then sees the same perturbation, and :math:`L_\pm` are their averages.
 
     Extra memory: none without momentum (the fused passes regenerate z); 4 bytes per trainable parameter with
-    momentum (a float32 buffer).
+    momentum (a float32 buffer). In exact mode (the default for 16-bit parameters), while the closure runs, a
+    transient perturbed copy of the parameter an op is using (at most the largest parameter, plus small ones).
 
     Args:
         params: parameters or param groups; each group may set ``lr``, ``eps``, ``weight_decay``.
@@ -52,6 +53,12 @@ class ZOSGD(ZOOptimizer):
         backend: force a kernel backend (see ``zokern.available_backends()``).
         seed_check_every: under torch.distributed, check every this many steps that all ranks hold the same seed
             (0: only at construction).
+        perturbation: ``"exact"`` evaluates the closure at theta + eps z without writing theta (a torch function
+            mode hands ops the perturbed values; :mod:`zokern.optim.exact`), so that lr = 0 leaves 16-bit weights
+            bit-identical; ``"inplace"`` is MeZO's scheme, the parameters perturbed and restored in place;
+            ``"auto"`` (default) is exact when a trainable parameter is bf16 or fp16, in place for float32.
+        rounding: how updates are written to 16-bit parameters: ``"stochastic"`` (unbiased: the expected stored
+            update is the intended one), ``"nearest"``, or ``"auto"`` (default: stochastic). float32 ignores it.
     """
 
     def __init__(
@@ -68,6 +75,8 @@ class ZOSGD(ZOOptimizer):
         seed: int | None = None,
         backend: str | None = None,
         seed_check_every: int = 100,
+        perturbation: str = "auto",
+        rounding: str = "auto",
     ) -> None:
         _check_number("momentum", momentum, 0.0, False)
         if momentum >= 1:
@@ -86,6 +95,8 @@ class ZOSGD(ZOOptimizer):
             distribution=distribution,
             backend=backend,
             seed_check_every=seed_check_every,
+            perturbation=perturbation,
+            rounding=rounding,
         )
 
     def options(self) -> dict[str, Any]:
@@ -154,6 +165,14 @@ class ZOSGD(ZOOptimizer):
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)
 
+    def _decay_and_step(self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any]) -> None:
+        """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype."""
+        x = p.data.float()
+        if group["weight_decay"]:
+            x.mul_(1 - group["lr"] * group["weight_decay"])
+        x.add_(direction, alpha=-group["lr"])
+        self._write(p, offset, x)
+
     def _momentum_update(self, probes: list[int], diffs: list[float]) -> None:
         for group, tensors, offsets in self._groups_layout():
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
@@ -163,7 +182,7 @@ class ZOSGD(ZOOptimizer):
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 buf = state["momentum_buffer"]
                 buf.mul_(self.momentum).add_(self._direction(p, offset, terms))
-                _decay_and_step(p, buf, group["lr"], group["weight_decay"])
+                self._decay_and_step(p, offset, buf, group)
 
 
 class ZOSignSGD(ZOSGD):
@@ -189,7 +208,7 @@ class ZOSignSGD(ZOSGD):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                     direction = state["momentum_buffer"].mul_(self.momentum).add_(direction)
-                _decay_and_step(p, torch.sign(direction), group["lr"], group["weight_decay"])
+                self._decay_and_step(p, offset, torch.sign(direction), group)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)
 
@@ -225,23 +244,14 @@ class ZOConservative(ZOSGD):
             if not self._gather([evaluate()])[0] < loss_at_theta:
                 self._apply(probe, lambda g: -g["lr"] * step(g))  # back to theta
                 accepted = "none"
-        self._displacement.clear()  # the candidate is now the parameters
-        for group, tensors, _ in self._groups_layout():
+        self._commit_displacement()  # the accepted candidate becomes the parameters
+        for group, tensors, offsets in self._groups_layout():
             if group["weight_decay"]:
-                for p in tensors:
-                    p.data.mul_(1 - group["lr"] * group["weight_decay"])
+                for p, offset in zip(tensors, offsets):
+                    self._write(p, offset, p.data.float() * (1 - group["lr"] * group["weight_decay"]))
         return dict(projected_grad=grads, loss=loss_at_theta, accepted=accepted)
 
 
 def _scaled(coefficient: Callable[[dict[str, Any]], float], key: str, sign: float):
     """c(group) * sign * group[key]: turns a projected-gradient share into an update coefficient."""
     return lambda group: sign * group[key] * coefficient(group)
-
-
-def _decay_and_step(p: torch.Tensor, direction: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype."""
-    x = p.data.float()
-    if weight_decay:
-        x.mul_(1 - lr * weight_decay)
-    x.add_(direction, alpha=-lr)
-    p.data.copy_(x)

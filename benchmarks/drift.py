@@ -1,0 +1,160 @@
+"""16-bit drift at lr = 0 and step time, per perturbation scheme:
+`python -m benchmarks.drift [--model tiny|opt-125m|opt-1.3b] [--device cpu|cuda] [--steps 1000] [--no-append]`.
+
+An OPT model is built from its config (random weights, tied input/output embeddings) in bf16 and trained with
+lr = 0 on a fixed batch, so any change of a weight is damage done by the perturb/restore cycle. Three schemes, each
+from the same start, in one run:
+- MeZO's published scheme: the global generator reseeded, torch.normal per tensor, out-of-place adds in the
+  parameter's dtype (+eps, -2 eps, +eps), then the update pass;
+- zokern in place (ZOSGD, perturbation="inplace"): the fused passes, perturbing the weights themselves;
+- zokern exact (ZOSGD, perturbation="exact", the default for 16-bit): the weights are never written while the loss
+  is evaluated.
+Reports the fraction of weights changed, the rms drift (absolute, and relative to the weights' rms) and the median
+step time; appends the table to benchmarks/RESULTS.md with device, versions, date and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import zokern
+from zokern.optim import ZOSGD
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+MODELS = {  # hidden, layers, heads, ffn, vocab
+    "tiny": (256, 4, 4, 1024, 4096),
+    "opt-125m": (768, 12, 12, 3072, 50272),
+    "opt-1.3b": (2048, 24, 32, 8192, 50272),
+}
+
+
+def build(name: str, device: str):
+    import transformers
+
+    hidden, layers, heads, ffn, vocab = MODELS[name]
+    config = transformers.OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+
+
+def mezo_step(params: list[torch.Tensor], closure, seed: int, eps: float, lr: float) -> None:
+    """MeZO's published step (its trainer's zo_perturb_parameters / zo_update), re-implemented."""
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * z * eps
+
+    perturb(1)
+    plus = closure()
+    perturb(-2)
+    minus = closure()
+    perturb(1)
+    g = ((plus - minus) / (2 * eps)).item()
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        p.data = p.data - lr * g * z
+
+
+def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: float) -> list[tuple]:
+    rows = []
+    for scheme in ("MeZO published", "zokern in place", "zokern exact"):
+        model = build(model_name, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in params]
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+        ids = ids.to(device)
+
+        @torch.no_grad()
+        def closure(model=model, ids=ids):
+            return model(input_ids=ids, labels=ids).loss
+
+        if scheme == "MeZO published":
+
+            def step(t, params=params, closure=closure):
+                mezo_step(params, closure, t, eps, 0.0)
+
+        else:
+            mode = "inplace" if scheme == "zokern in place" else "exact"
+            opt = ZOSGD(params, lr=0.0, eps=eps, seed=0, perturbation=mode)
+
+            def step(t, opt=opt, closure=closure):
+                opt.step(closure)
+
+        times = []
+        for t in range(steps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            step(t)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - begin)
+        params = [p.detach() for p in params]
+        changed = sum(int((p != s).sum()) for p, s in zip(params, start))
+        total = sum(p.numel() for p in params)
+        drift = math.sqrt(sum(float((p.double() - s.double()).pow(2).sum()) for p, s in zip(params, start)) / total)
+        rms = math.sqrt(sum(float(s.double().pow(2).sum()) for s in start) / total)
+        rows.append((scheme, changed / total, drift, drift / rms, statistics.median(times) * 1e3))
+        print(
+            f"{scheme:18s} changed {changed / total:7.2%}  rms drift {drift:.3e} ({drift / rms:.2%} of rms)  "
+            f"{rows[-1][-1]:.2f} ms/step",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    rows = run(args.model, args.device, args.steps, args.batch, args.seq, args.eps)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    exact_ms, inplace_ms = rows[2][-1], rows[1][-1]
+    command = " ".join(["python -m benchmarks.drift", *sys.argv[1:]])
+    table = (
+        f"\n### 16-bit drift at lr = 0, {datetime.date.today()}\n\n"
+        f"Device {device}, torch {torch.__version__}, transformers {importlib.metadata.version('transformers')}, "
+        f"Python {platform.python_version()}, zokern {zokern.__version__} (stream v{zokern.STREAM_VERSION}), "
+        f"backends {zokern.available_backends()}. Model {args.model} (bf16, tied embeddings, weights rms from "
+        f"OPT's init), batch {args.batch} x {args.seq}, eps {args.eps}, {args.steps} steps at lr = 0. "
+        f"Command: `{command}`.\n\n"
+        "| scheme | weights changed | rms drift | drift / weight rms | ms/step (median) |\n|---|---|---|---|---|\n"
+        + "".join(f"| {s} | {c:.2%} | {d:.3e} | {r:.2%} | {ms:.2f} |\n" for s, c, d, r, ms in rows)
+        + f"\nExact mode step time / in-place step time: {exact_ms / inplace_ms:.3f}.\n"
+    )
+    print(table)
+    if not args.no_append:
+        with RESULTS.open("a") as fh:
+            fh.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Exact perturbation: the closure sees theta + alpha z while theta itself is never written.
+
+In 16-bit, MeZO's in-place cycle (theta + eps z, then -2 eps z, then + eps z) is not an identity: every pass rounds,
+and the weights random-walk away from where they were. Here, while the closure runs, a torch function mode hands
+every op that receives a trainable parameter a fresh tensor holding round(theta + sum_k alpha_k z(seed_k)),
+materialised by the fused kernel just before the op and freed when the op no longer needs it. The parameters only
+change in the update pass, so with lr = 0 they stay bit-identical to their start, and the extra memory is the
+largest parameter an op receives (plus any small ones, such as a bias, received by the same op). A parameter used
+twice in a forward (tied input and output embeddings) is materialised twice from the same theta: the same value.
+
+What a model must satisfy: the closure reaches every trainable parameter through torch operations (modules,
+functional calls, tensor methods, ``.data``), as Python models do. Code that bypasses torch's function overrides
+(a custom C++/CUDA extension handed raw pointers, a torch.compile'd graph) would see the unperturbed value; a
+trainable parameter no op received during an evaluation is reported as an error, naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from zokern import ops
+
+_DATA_GETTER = torch.Tensor.data
+
+
+class ParameterUse:
+    """Where a trainable parameter sits: its stream offset and param group index."""
+
+    __slots__ = ("group", "offset", "param")
+
+    def __init__(self, param: torch.Tensor, offset: int, group: int) -> None:
+        self.param, self.offset, self.group = param, offset, group
+
+
+class PerturbedView(TorchFunctionMode):
+    """Within this mode, ops receive theta + sum over ``displacement`` of alpha[group] z(seed) for each parameter
+    in ``uses``; theta is left untouched. ``used`` collects the ids of the parameters some op received.
+
+    Parameters of at most ``SMALL`` elements (biases, norms) are materialised up front, all in one fused call per
+    group: per-op calls would cost more in launch overhead than they move. Their total is capped at an eighth of the
+    largest parameter, so the extra memory stays within one large parameter.
+    """
+
+    SMALL = 1 << 16
+
+    def __init__(
+        self, uses: dict[int, ParameterUse], displacement: dict[int, list[float]], pass_kwargs: dict[str, Any]
+    ) -> None:
+        super().__init__()
+        self.uses = uses
+        self.displacement = {seed: list(alphas) for seed, alphas in displacement.items()}
+        self.pass_kwargs = pass_kwargs
+        self.used: set[int] = set()
+        self.ready = self._materialise_small()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "__get__" and getattr(func, "__self__", None) is not _DATA_GETTER:
+            # Metadata (shape, dtype, requires_grad, ...) comes from the parameter itself, with no copy.
+            return func(*args, **kwargs)
+        args = self._swap_all(args)
+        if kwargs:
+            kwargs = dict(zip(kwargs, self._swap_all(tuple(kwargs.values()))))
+        return func(*args, **kwargs)
+
+    def _swap_all(self, values: tuple) -> tuple:
+        """The arguments with parameters replaced; lists and tuples of tensors (RNN weights) are searched too."""
+        swapped = None
+        for k, value in enumerate(values):
+            if isinstance(value, torch.Tensor):
+                new = self._swap(value)
+            elif type(value) in (list, tuple) and any(id(x) in self.uses for x in value):
+                new = type(value)(self._swap(x) if isinstance(x, torch.Tensor) else x for x in value)
+            else:
+                continue
+            if new is not value:
+                swapped = swapped or list(values)
+                swapped[k] = new
+        return values if swapped is None else tuple(swapped)
+
+    def _swap(self, x: torch.Tensor) -> torch.Tensor:
+        use = self.uses.get(id(x))
+        if use is None:
+            return x
+        self.used.add(id(x))
+        ready = self.ready.get(id(x))
+        return ready if ready is not None else self.materialise([use])[0]
+
+    def materialise(self, uses: list[ParameterUse]) -> list[torch.Tensor]:
+        """Fresh tensors holding the perturbed values of ``uses`` (parameters of one group, or one parameter)."""
+        outs = [use.param.detach().clone() for use in uses]
+        offsets = [use.offset for use in uses]
+        for seed, alphas in self.displacement.items():
+            ops.perturb_(outs, seed, alphas[uses[0].group], offsets=offsets, **self.pass_kwargs)
+        return outs
+
+    def _materialise_small(self) -> dict[int, torch.Tensor]:
+        largest = max((u.param.numel() for u in self.uses.values()), default=0)
+        budget = largest // 8
+        by_group: dict[tuple, list[ParameterUse]] = {}
+        for use in self.uses.values():
+            n = use.param.numel()
+            if n <= self.SMALL and n <= budget:
+                budget -= n
+                by_group.setdefault((use.group, use.param.device), []).append(use)
+        ready = {}
+        for group_uses in by_group.values():
+            for use, out in zip(group_uses, self.materialise(group_uses)):
+                ready[id(use.param)] = out
+        return ready
+
+    def check_all_used(self, names: dict[int, str]) -> None:
+        missing = [names.get(k, "?") for k in self.uses if k not in self.used]
+        if missing:
+            raise ValueError(
+                f"exact perturbation: the closure never passed {len(missing)} trainable parameter(s) to a torch "
+                f"operation ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so they could not be "
+                "perturbed. Freeze parameters the loss does not use (requires_grad=False), or, for code that reads "
+                "parameters outside torch (C++ extensions, compiled graphs), use perturbation='inplace'."
+            )
