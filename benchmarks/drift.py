@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import zokern
+from zokern.baselines import mezo_published_step
 from zokern.optim import ZOSGD
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -55,27 +56,6 @@ def build(name: str, device: str):
     return transformers.OPTForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
 
 
-def mezo_step(params: list[torch.Tensor], closure, seed: int, eps: float, lr: float) -> None:
-    """MeZO's published step (its trainer's zo_perturb_parameters / zo_update), re-implemented."""
-
-    def perturb(scale: float) -> None:
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-            p.data = p.data + scale * z * eps
-
-    perturb(1)
-    plus = closure()
-    perturb(-2)
-    minus = closure()
-    perturb(1)
-    g = ((plus - minus) / (2 * eps)).item()
-    torch.manual_seed(seed)
-    for p in params:
-        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-        p.data = p.data - lr * g * z
-
-
 def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: float) -> list[tuple]:
     rows = []
     for scheme in ("MeZO published", "zokern in place", "zokern exact"):
@@ -92,7 +72,7 @@ def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: flo
         if scheme == "MeZO published":
 
             def step(t, params=params, closure=closure):
-                mezo_step(params, closure, t, eps, 0.0)
+                mezo_published_step(params, closure, t, eps, 0.0)
 
         else:
             mode = "inplace" if scheme == "zokern in place" else "exact"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import zokern
+from zokern.baselines import mezo_published_step
 from zokern.optim import ZOSGD
 
 
@@ -34,30 +35,6 @@ def _teacher_task(d_in: int, n: int, device: str) -> tuple[torch.Tensor, torch.T
     with torch.no_grad():
         y = teacher(x)
     return x.to(device), y.to(device)
-
-
-def mezo_published_step(
-    params: list[torch.Tensor], loss_fn: Callable[[], torch.Tensor], seed: int, eps: float, lr: float
-) -> float:
-    """MeZO's reference loop: the global generator reseeded per pass, torch.normal per tensor, four passes."""
-
-    def perturb(scale: float) -> None:
-        torch.manual_seed(seed)
-        for p in params:
-            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-            p.data = p.data + scale * z * eps
-
-    perturb(1)
-    loss_plus = loss_fn()
-    perturb(-2)
-    loss_minus = loss_fn()
-    perturb(1)
-    projected_grad = ((loss_plus - loss_minus) / (2 * eps)).item()
-    torch.manual_seed(seed)
-    for p in params:
-        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-        p.data = p.data - lr * projected_grad * z
-    return float((loss_plus + loss_minus) / 2)
 
 
 def _time_steps(step: Callable[[int], float], steps: int) -> float:

@@ -1,0 +1,227 @@
+"""Step time and peak memory of a ZO step against MeZO's published step and AdamW, measured side by side in one run:
+
+    python -m benchmarks.step --model opt-1.3b --batch 16 --seq 256            (GPU)
+    python -m benchmarks.step --model tiny --device cpu --batch 2 --seq 32      (CPU smoke)
+
+The model is built from a `transformers` config with random weights, in bf16 (``--dtype``). Methods, one after the
+other on the same model and batch:
+- two forwards: the closure called twice, without zokern (the floor a ZO step is compared to);
+- MeZO published: its step re-implemented exactly (zokern.baselines);
+- zokern ZOSGD, for each available backend and perturbation mode (in place; exact, the 16-bit default);
+- AdamW: a first-order step (forward, backward, fused or foreach AdamW).
+Reports ms/step (median), tokens/s (batch x seq per step), peak memory (CUDA; "-" on the CPU), and the ratios to
+MeZO's step and to two forwards. Prints a Markdown table, appends it to benchmarks/RESULTS.md and one JSON line per
+method to benchmarks/step_results.jsonl (the data of `python -m benchmarks.plot_step`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import zokern
+from zokern.baselines import mezo_published_step
+from zokern.optim import ZOSGD
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS.md"
+JSONL = HERE / "step_results.jsonl"
+
+# name: (family, hidden, layers, heads, ffn, vocab[, kv heads])
+MODELS = {
+    "tiny": ("opt", 256, 4, 4, 1024, 4096),
+    "opt-125m": ("opt", 768, 12, 12, 3072, 50272),
+    "opt-1.3b": ("opt", 2048, 24, 32, 8192, 50272),
+    "opt-6.7b": ("opt", 4096, 32, 32, 16384, 50272),
+    "opt-13b": ("opt", 5120, 40, 40, 20480, 50272),
+    "opt-30b": ("opt", 7168, 48, 56, 28672, 50272),
+    "llama-1b": ("llama", 2048, 16, 32, 8192, 128256, 8),
+    "llama-7b": ("llama", 4096, 32, 32, 11008, 32000, 32),
+}
+
+
+def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    family, hidden, layers, heads, ffn, vocab, *kv = MODELS[name]
+    if family == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            ffn_dim=ffn,
+            num_attention_heads=heads,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=2048,
+        )
+        cls = transformers.OPTForCausalLM
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv[0],
+            intermediate_size=ffn,
+            max_position_embeddings=4096,
+        )
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(config).to(dtype)
+    return model.eval()
+
+
+class Timer:
+    """Median wall time of a callable over ``steps`` calls after ``warmup``, synchronising CUDA around each."""
+
+    def __init__(self, device: str, steps: int, warmup: int) -> None:
+        self.device, self.steps, self.warmup = device, steps, warmup
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[int], object]) -> tuple[float, float | None]:
+        """(median ms, peak GiB during the timed calls or None on the CPU)."""
+        for t in range(self.warmup):
+            fn(t)
+        self._sync()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for t in range(self.steps):
+            self._sync()
+            begin = time.perf_counter()
+            fn(self.warmup + t)
+            self._sync()
+            times.append((time.perf_counter() - begin) * 1e3)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.startswith("cuda") else None
+        return statistics.median(times), peak
+
+
+def zo_backends(device: str) -> list[str]:
+    kind = torch.device(device).type
+    return [b for b in zokern.available_backends() if b == "torch" or b == kind or (b == "triton" and kind == "cuda")]
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    model = build(args.model, args.device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(args.device)
+
+    def closure():
+        return model(input_ids=ids, labels=ids).loss
+
+    timer = Timer(args.device, args.steps, args.warmup)
+    rows: list[dict] = []
+
+    def record(method: str, fn: Callable[[int], object]) -> None:
+        try:
+            ms, peak = timer(fn)
+        except torch.OutOfMemoryError:
+            rows.append(dict(method=method, ms=None, peak_gib=None, status="out of memory"))
+            torch.cuda.empty_cache()
+            print(f"{method:34s} out of memory", flush=True)
+            return
+        rows.append(dict(method=method, ms=ms, peak_gib=peak, status="ok"))
+        print(f"{method:34s} {ms:9.2f} ms" + (f"  peak {peak:6.2f} GiB" if peak is not None else ""), flush=True)
+
+    with torch.inference_mode():
+        record("two forwards", lambda t: (closure(), closure()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    record("MeZO published", lambda t: mezo_published_step(params, torch.no_grad()(closure), t, 1e-3, 1e-7))
+    backends = zo_backends(args.device) if args.backends is None else args.backends.split(",")
+    for backend in backends:
+        for mode in ("inplace", "exact"):
+            opt = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, backend=backend, perturbation=mode)
+            record(f"zokern ZOSGD {backend} {mode}", lambda t, opt=opt: opt.step(closure))
+            del opt
+    if not args.skip_adamw:
+        model.train()
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-7)
+
+        def first_order(t):
+            loss = closure()
+            loss.backward()
+            adamw.step()
+            adamw.zero_grad(set_to_none=True)
+
+        record("AdamW (first order)", first_order)
+        del adamw
+        model.eval()
+    for row in rows:
+        row.update(model=args.model, params=n_params, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    return rows
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    by_method = {r["method"]: r for r in rows}
+    floor = by_method["two forwards"]["ms"]
+    mezo = by_method["MeZO published"]["ms"]
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    triton = importlib.metadata.version("triton") if "triton" in zokern.available_backends() else "-"
+    command = " ".join(["python -m benchmarks.step", *sys.argv[1:]])
+    out = (
+        f"\n### ZO step, {args.model}, batch {args.batch} x {args.seq}, {args.dtype}, {datetime.date.today()}\n\n"
+        f"Device {device}, torch {torch.__version__}, triton {triton}, transformers "
+        f"{importlib.metadata.version('transformers')}, Python {platform.python_version()}, zokern "
+        f"{zokern.__version__} (stream v{zokern.STREAM_VERSION}). {rows[0]['params'] / 1e6:.1f}M parameters. "
+        f"Median of {args.steps} steps after {args.warmup} warm-up. Command: `{command}`.\n\n"
+        "| method | ms/step | tokens/s | peak GiB | × two forwards | MeZO time / this |\n|---|---|---|---|---|---|\n"
+    )
+    for r in rows:
+        if r["ms"] is None:
+            out += f"| {r['method']} | {r['status']} | - | - | - | - |\n"
+            continue
+        tokens = r["batch"] * r["seq"] / (r["ms"] / 1e3)
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        out += (
+            f"| {r['method']} | {r['ms']:.2f} | {tokens:,.0f} | {peak} | {r['ms'] / floor:.2f} | "
+            f"{mezo / r['ms']:.2f} |\n"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="opt-1.3b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--backends", default=None, help="comma-separated zokern backends (default: all available)")
+    parser.add_argument("--skip-adamw", action="store_true", help="leave out the first-order baseline")
+    parser.add_argument("--no-append", action="store_true", help="print only; write nothing")
+    args = parser.parse_args(argv)
+    rows = measure(args)
+    text = table(rows, args)
+    print(text)
+    if not args.no_append:
+        with RESULTS.open("a") as fh:
+            fh.write(text)
+        with JSONL.open("a") as fh:
+            stamp = dict(date=str(datetime.date.today()), device=args.device)
+            for r in rows:
+                fh.write(json.dumps(dict(r, **stamp)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

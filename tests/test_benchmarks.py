@@ -1,0 +1,56 @@
+"""Smoke runs of the benchmark commands on the CPU: they run, print every method, and plot (numbers are not checked
+here: they belong to benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("transformers")
+
+
+def _run(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    out = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_step_benchmark_compares_every_method_on_a_tiny_model():
+    text = _run(
+        "benchmarks.step", "--model", "tiny", "--device", "cpu", "--batch", "1", "--seq", "8",
+        "--steps", "1", "--warmup", "0", "--backends", "cpu", "--no-append",
+    )  # fmt: skip
+    for method in ("two forwards", "MeZO published", "zokern ZOSGD cpu inplace", "zokern ZOSGD cpu exact", "AdamW"):
+        assert f"| {method}" in text, method
+
+
+def test_drift_benchmark_shows_exact_mode_without_drift():
+    text = _run("benchmarks.drift", "--steps", "3", "--batch", "1", "--seq", "8", "--no-append")
+    exact = next(line for line in text.splitlines() if line.startswith("| zokern exact"))
+    assert "| 0.00% | 0.000e+00 |" in exact
+
+
+def test_plot_of_step_results(tmp_path):
+    rows = [
+        dict(model=m, method=method, ms=ms, peak_gib=gib, params=n, device="cuda", batch=1, seq=8)
+        for m, n in (("a", 1e8), ("b", 1e9))
+        for method, ms, gib in (
+            ("MeZO published", 100.0, 2.0),
+            ("zokern ZOSGD cuda inplace", 30.0, 1.9),
+            ("zokern ZOSGD cuda exact", 32.0, 2.1),
+            ("AdamW (first order)", 60.0, 6.0),
+        )
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "plot.png"
+    _run("benchmarks.plot_step", "--device", "cuda", "--data", str(data), "--out", str(out))
+    assert out.read_bytes().startswith(b"\x89PNG")
