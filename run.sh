@@ -41,6 +41,10 @@ ensure_test_tools() {
   has_module transformers || pip_install transformers
   has_module accelerate || pip_install accelerate
   has_module peft || pip_install peft
+  # Preference optimisation: datasets load the data, VADER judges it, matplotlib plots the benchmarks.
+  has_module datasets || pip_install datasets
+  has_module vaderSentiment || pip_install vaderSentiment
+  has_module matplotlib || pip_install matplotlib
   if ! has_module triton && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
     echo "run.sh: installing triton (its kernels are tested on the CPU through TRITON_INTERPRET=1)"
     pip_install triton

@@ -1,0 +1,180 @@
+"""zokern.preference: the losses against explicit references, and ZOPrO's direction against its float64 formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_opt
+
+from zokern import ops
+from zokern.preference import ZOPrODirection
+from zokern.preference import bradley_terry_loss
+from zokern.preference import dpo_loss
+from zokern.preference import kl_penalised_rewards
+from zokern.preference import ppo_clip_loss
+from zokern.preference import response_logprobs
+from zokern.preference import rloo_advantages
+
+G = torch.Generator().manual_seed(0)
+
+
+def _randn(*shape):
+    return torch.randn(*shape, generator=G, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+
+def test_rloo_advantages_leave_one_out():
+    rewards = _randn(5, 4)
+    got = rloo_advantages(rewards)
+    for p in range(5):
+        for i in range(4):
+            others = [rewards[p, j] for j in range(4) if j != i]
+            assert got[p, i].item() == pytest.approx((rewards[p, i] - sum(others) / 3).item(), abs=1e-12)
+    assert torch.allclose(got.sum(dim=1), torch.zeros(5, dtype=torch.float64), atol=1e-12)  # k R_i - S, summed
+
+
+@pytest.mark.parametrize(
+    "rewards,match",
+    [(torch.ones(4), r"\[prompts, k\]"), (torch.ones(3, 1), "k >= 2"), (torch.tensor([[1.0, math.nan]]), "non-finite")],
+)
+def test_rloo_rejects_bad_rewards(rewards, match):
+    with pytest.raises(ValueError, match=match):
+        rloo_advantages(rewards)
+
+
+def test_kl_penalised_rewards():
+    scores, logp, ref = _randn(6), _randn(6, 5), _randn(6, 5)
+    mask = (torch.rand(6, 5, generator=G) > 0.3).double()
+    got = kl_penalised_rewards(scores, logp, ref, mask, beta=0.05)
+    expected = scores - 0.05 * ((logp - ref) * mask).sum(-1)
+    assert torch.allclose(got.double(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="scores has 1 non-finite"):
+        kl_penalised_rewards(torch.tensor([1.0, math.inf]), logp[:2], ref[:2], mask[:2], 0.1)
+
+
+def test_ppo_clip_loss_matches_its_definition_with_and_without_clipping():
+    logp_old = _randn(8, 4) * 0.1 - 2
+    advantages = _randn(8)
+    for shift in (1e-3, 0.5):  # a ratio inside the clip range, and one far outside it
+        logp_new = logp_old + shift * _randn(8, 4)
+        ratio = torch.exp(logp_new.sum(-1) - logp_old.sum(-1))
+        terms = [max(-a * r, -a * min(max(r, 0.8), 1.2)) for a, r in zip(advantages.tolist(), ratio.tolist())]
+        got = ppo_clip_loss(logp_new, logp_old, advantages, clip=0.2).item()
+        assert got == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_dpo_and_bradley_terry_losses():
+    pc, pr, rc, rr = (_randn(7) for _ in range(4))
+    expected = sum(-math.log(1 / (1 + math.exp(-0.1 * ((a - c) - (b - d))))) for a, b, c, d in zip(pc, pr, rc, rr))
+    assert dpo_loss(pc, pr, rc, rr, beta=0.1).item() == pytest.approx(float(expected) / 7, rel=1e-5)
+    assert bradley_terry_loss(pc, pr).item() == pytest.approx(-F.logsigmoid(pc - pr).mean().item(), rel=1e-5)
+    # At equal log-ratios DPO is log 2, whatever beta.
+    assert dpo_loss(pc, pc, rc, rc, beta=3.0).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_response_logprobs_computes_logits_only_for_the_response():
+    pytest.importorskip("transformers")
+    model = tiny_opt().eval()
+    prompt_len, response_len = 6, 5
+    sequences = torch.randint(1, 64, (3, prompt_len + response_len), generator=G)
+    attention = torch.ones_like(sequences)
+    attention[0, :2] = 0  # a left-padded prompt
+    sequences[0, :2] = 1
+    response_mask = torch.ones(3, response_len)
+    response_mask[1, 3:] = 0  # a response that ended early
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        got = response_logprobs(model, sequences, attention, response_len, response_mask)
+        full = model(input_ids=sequences, attention_mask=attention).logits.float()
+    hook.remove()
+    assert seen[0] == response_len + 1  # the prompt's positions never reach the vocabulary projection
+    expected = torch.log_softmax(full[:, prompt_len - 1 : -1], -1).gather(-1, sequences[:, prompt_len:, None])[..., 0]
+    assert torch.allclose(got, expected * response_mask, atol=1e-5)
+    assert got.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------ ZOPrO direction
+
+SHAPES = [(6, 7), (50,), (3, 4, 5)]
+OFFSETS = [0, 42, 200]
+
+
+def _direction(gamma=0.6, with_mu=(True, True, False), with_vhat=(True, False, True)):
+    mu = [_randn(*s).float() if m else None for s, m in zip(SHAPES, with_mu)]
+    vhat = [_randn(*s).float() * 3 if v else None for s, v in zip(SHAPES, with_vhat)]
+    return ZOPrODirection(mu, vhat, gamma)
+
+
+def _params():
+    return [(_randn(*s) * 0.1).float() for s in SHAPES]
+
+
+def test_direction_reference_is_the_formula():
+    direction = _direction()
+    params = _params()
+    z = direction.reference(7, params, OFFSETS)
+    for k, (shape, offset) in enumerate(zip(SHAPES, OFFSETS)):
+        d = math.prod(shape)
+        n = ops.gaussian(7, offset, d, backend="torch").double()
+        v = direction.vhat[k]
+        if v is not None:
+            v = v.double().reshape(-1)
+            n = n - (v @ n) * v
+        has_mu = direction.mu[k] is not None
+        gamma = direction.gamma if has_mu else 0.0
+        expected = math.sqrt(d) * math.sqrt(1 - gamma**2) * n / n.norm()
+        if has_mu:
+            mu = direction.mu[k].double().reshape(-1)
+            expected = expected + math.sqrt(d) * gamma * mu / mu.norm()
+        assert torch.allclose(z[k].reshape(-1), expected, atol=1e-12)
+
+
+def test_pure_noise_direction_is_orthogonal_to_the_reward_update_with_gaussian_norm():
+    direction = _direction(gamma=0.0, with_mu=(False,) * 3, with_vhat=(True,) * 3)
+    z = direction.reference(3, _params(), OFFSETS)
+    for k, shape in enumerate(SHAPES):
+        # vhat is stored in float32, unit to about 1e-7: the residual along it is of that order times |z|.
+        assert abs((z[k].reshape(-1) @ direction.vhat[k].double().reshape(-1)).item()) < 1e-6
+        assert z[k].norm().item() == pytest.approx(math.sqrt(math.prod(shape)), rel=1e-9)
+
+
+def test_reductions_and_apply_match_the_reference():
+    direction = _direction()
+    params = _params()
+    for (a, nn), p, offset, v in zip(direction.reductions(5, params, OFFSETS), params, OFFSETS, direction.vhat):
+        n = ops.gaussian(5, offset, p.numel()).double()
+        assert nn == pytest.approx(float(n @ n), rel=1e-12)
+        assert a == pytest.approx(0.0 if v is None else float(v.double().reshape(-1) @ n), abs=1e-9)
+    before = [p.clone() for p in params]
+    direction.apply_(params, OFFSETS, 5, alpha=1e-3)
+    for p, b, z in zip(params, before, direction.reference(5, params, OFFSETS)):
+        # Two float32 roundings and the backend's z (within 2^-17 (1 + |z|) of exact) scaled by alpha.
+        assert torch.allclose(p.double(), b.double() + 1e-3 * z, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "build,exc,match",
+    [
+        (lambda: ZOPrODirection([torch.ones(2)], [], 0.5), ValueError, "1 tensors but vhat has 0"),
+        (lambda: ZOPrODirection([torch.ones(2)], [None], 1.5), ValueError, "gamma"),
+        (lambda: ZOPrODirection([torch.tensor([1.0, math.nan])], [None], 0.5), ValueError, r"mu\[0\] has non-finite"),
+        (lambda: ZOPrODirection([torch.arange(3)], [None], 0.5), TypeError, "floating"),
+    ],
+)
+def test_direction_rejects_bad_inputs(build, exc, match):
+    with pytest.raises(exc, match=match):
+        build()
+
+
+def test_direction_checks_shapes_and_dtypes():
+    direction = _direction()
+    with pytest.raises(ValueError, match=r"mu\[0\] has shape"):
+        direction.apply_([torch.zeros(5), *_params()[1:]], OFFSETS, 1, 1e-3)
+    with pytest.raises(TypeError, match="float32"):
+        direction.apply_([p.bfloat16() for p in _params()], OFFSETS, 1, 1e-3)

@@ -1,0 +1,86 @@
+"""The demo's generated data, its loading through `datasets`, the word tokenizer and the judge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("datasets")
+pytest.importorskip("vaderSentiment")
+
+from zokern.preference.data import SentimentJudge  # noqa: E402
+from zokern.preference.data import WordTokenizer  # noqa: E402
+from zokern.preference.data import load_rows  # noqa: E402
+from zokern.preference.data import make_demo_data  # noqa: E402
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generated_data_is_deterministic_and_judged(tmp_path):
+    counts = make_demo_data(tmp_path / "a", seed=3, prompts=60, corpus=200)
+    make_demo_data(tmp_path / "b", seed=3, prompts=60, corpus=200)
+    for name in ("corpus.jsonl", "prompts.jsonl", "preferences.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    prompts = _read(tmp_path / "a" / "prompts.jsonl")
+    assert len(prompts) == counts["prompts"] == 60
+    assert {p["split"] for p in prompts} == {"train", "heldout"}
+    judge = SentimentJudge()
+    pairs = _read(tmp_path / "a" / "preferences.jsonl")
+    assert len(pairs) == counts["preferences"] > 20
+    train_prompts = {p["prompt"] for p in prompts if p["split"] == "train"}
+    for pair in pairs:
+        assert pair["prompt"] in train_prompts
+        assert judge.score(pair["prompt"], pair["chosen"]) > judge.score(pair["prompt"], pair["rejected"])
+
+
+def test_the_judge_is_pluggable(tmp_path):
+    class Longer:
+        def score(self, prompt, response):
+            return float(len(response))
+
+    make_demo_data(tmp_path, seed=1, prompts=30, corpus=10, judge=Longer())
+    for pair in _read(tmp_path / "preferences.jsonl"):
+        assert len(pair["chosen"]) > len(pair["rejected"])
+
+
+def test_load_rows_from_jsonl_parquet_and_saved_datasets(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "the movie was", "chosen": "great .", "rejected": "bad ."}] * 3
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.to_parquet(str(tmp_path / "p.parquet"))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    columns = ("prompt", "chosen", "rejected")
+    for source in (jsonl, tmp_path / "p.parquet", tmp_path / "saved"):
+        assert load_rows(source, columns) == rows
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([{"prompt": "a", "chosen": "b"}], r"missing column\(s\) \['rejected'\]"),
+        ([{"prompt": "  ", "chosen": "b", "rejected": "c"}], "row 0 has an empty or non-text 'prompt'"),
+    ],
+)
+def test_load_rows_rejects_bad_data(tmp_path, rows, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=match):
+        load_rows(path, ("prompt", "chosen", "rejected"))
+    with pytest.raises(ValueError, match="expected a .jsonl"):
+        load_rows(tmp_path / "data.csv", ("prompt",))
+
+
+def test_word_tokenizer_round_trip(tmp_path):
+    tok = WordTokenizer.build(["The movie was GREAT , really great .", "it's late"])
+    ids = tok.encode("the movie was great , really great .")
+    assert tok.decode(ids) == "the movie was great , really great ."
+    assert tok.encode("the zebra")[1] == tok.unk_id
+    assert tok.decode([tok.bos_id, *tok.encode("it's late"), tok.eos_id, *tok.encode("movie")]) == "it's late"
+    tok.save(tmp_path / "tok.json")
+    assert WordTokenizer.load(tmp_path / "tok.json").vocabulary == tok.vocabulary

@@ -1,0 +1,203 @@
+"""The demo's data, generated here (nothing is downloaded), its word-level tokenizer, the judge, and dataset loading.
+
+    python -m zokern.preference.data --out DIR [--seed 0] [--prompts 400]
+
+writes to DIR:
+- ``corpus.jsonl`` (``text``): prompts followed by continuations of every sentiment, to pretrain a small policy;
+- ``prompts.jsonl`` (``prompt``, ``split`` = train | heldout): the prompts of the online loop and of its evaluation;
+- ``preferences.jsonl`` (``prompt``, ``chosen``, ``rejected``): two continuations of a prompt, the one the judge
+  scores higher chosen (TRL's column convention), for the reward model and offline DPO.
+
+The task is "continue the prompt positively"; the judge is VADER's compound sentiment score (the `vaderSentiment`
+package), an external, deterministic scorer. Any object with ``score(prompt, response) -> float`` can replace it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+SUBJECTS = [
+    "the movie", "the book", "my trip to the lake", "the food at the cafe", "the new phone", "our team meeting",
+    "the concert last night", "the weather today", "my first day at work", "the hotel room", "the museum visit",
+    "the train ride", "the garden party", "this morning run", "the online course", "the city tour",
+    "the birthday dinner", "the football match", "the new album", "the job interview",
+]  # fmt: skip
+OPENERS = ["i think", "honestly", "to be fair", "in the end", "overall", "for me", "at first", "later"]
+POSITIVE = ["wonderful", "great", "lovely", "delightful", "amazing", "fun", "excellent", "pleasant", "happy", "good"]
+NEGATIVE = ["awful", "terrible", "boring", "sad", "bad", "horrible", "disappointing", "annoying", "ugly", "poor"]
+NEUTRAL = ["long", "short", "busy", "quiet", "usual", "new", "different", "simple", "early", "late"]
+NOUNS = ["time", "day", "story", "place", "people", "music", "view", "service", "evening", "plan"]
+# Continuations of a prompt that ends in "was" or "felt": they start with the first adjective.
+TEMPLATES = [
+    "{adj} , and the {noun} was {adj2} .",
+    "really {adj} . the {noun} was {adj2} .",
+    "{adj} and {adj2} , {opener} .",
+    "{adj} , a {adj2} {noun} too .",
+    "{adj} . {opener} the {noun} felt {adj2} .",
+]
+
+
+class Judge(Protocol):
+    """Scores a response to a prompt; higher is better."""
+
+    def score(self, prompt: str, response: str) -> float: ...
+
+
+class SentimentJudge:
+    """The demo's judge: VADER's compound sentiment of the response, in [-1, 1] (deterministic)."""
+
+    def __init__(self) -> None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as e:
+            raise ImportError("the sentiment judge needs vaderSentiment: pip install vaderSentiment") from e
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompt: str, response: str) -> float:
+        return float(self._analyzer.polarity_scores(response)["compound"])
+
+
+def _continuation(rng: random.Random, mood: str) -> str:
+    pools = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}
+    mixed = mood == "mixed"
+    first = pools[rng.choice(["positive", "negative"]) if mixed else mood]
+    second = pools[rng.choice(["positive", "negative", "neutral"]) if mixed else mood]
+    return rng.choice(TEMPLATES).format(
+        opener=rng.choice(OPENERS),
+        adj=rng.choice(first),
+        adj2=rng.choice(second),
+        noun=rng.choice(NOUNS),
+    )
+
+
+def make_demo_data(
+    out: Path, seed: int = 0, prompts: int = 400, corpus: int = 6000, judge: Judge | None = None
+) -> dict:
+    """Write the three files (see the module doc) and return their row counts."""
+    rng = random.Random(seed)
+    judge = judge or SentimentJudge()
+    out.mkdir(parents=True, exist_ok=True)
+    prompt_rows = []
+    for k in range(prompts):
+        subject = rng.choice(SUBJECTS)
+        prompt = rng.choice([f"{subject} was", f"{rng.choice(OPENERS)} {subject} was", f"{subject} felt"])
+        prompt_rows.append({"prompt": prompt, "split": "heldout" if k % 5 == 0 else "train"})
+    # The corpus leans neither way: the policy starts neutral on average, so the loop has room to move it.
+    texts = []
+    for _ in range(corpus):
+        row = rng.choice(prompt_rows)
+        mood = rng.choice(["positive", "negative", "neutral", "mixed"])
+        texts.append({"text": f"{row['prompt']} {_continuation(rng, mood)}"})
+    pairs = []
+    for row in prompt_rows:
+        if row["split"] != "train":
+            continue
+        a, b = (_continuation(rng, rng.choice(["positive", "negative", "mixed"])) for _ in range(2))
+        score_a, score_b = judge.score(row["prompt"], a), judge.score(row["prompt"], b)
+        if score_a == score_b:
+            continue  # no preference to learn from
+        chosen, rejected = (a, b) if score_a > score_b else (b, a)
+        pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected})
+    _write_jsonl(out / "corpus.jsonl", texts)
+    _write_jsonl(out / "prompts.jsonl", prompt_rows)
+    _write_jsonl(out / "preferences.jsonl", pairs)
+    return {"corpus": len(texts), "prompts": len(prompt_rows), "preferences": len(pairs)}
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train") -> list[dict]:
+    """Rows of a dataset through the `datasets` library: a JSONL or Parquet file, or a directory saved with
+    ``Dataset.save_to_disk``. Every row must have the ``columns``, as non-empty strings."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    elif path.suffix in (".jsonl", ".json"):
+        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif path.suffix == ".parquet":
+        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        raise ValueError(f"{path}: expected a .jsonl, .json or .parquet file, or a saved dataset directory")
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; it has {dataset.column_names}")
+    rows = [{c: row[c] for c in columns} for row in dataset]
+    for k, row in enumerate(rows):
+        for c in columns:
+            if not isinstance(row[c], str) or not row[c].strip():
+                raise ValueError(f"{path}: row {k} has an empty or non-text {c!r}: {row[c]!r}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+
+
+class WordTokenizer:
+    """A word-level tokenizer built from a corpus: lowercased words and punctuation, plus <pad> <bos> <eos> <unk>."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+    _SPLIT = re.compile(r"[a-z0-9']+|[^\sa-z0-9']")
+
+    def __init__(self, vocabulary: list[str]) -> None:
+        self.vocabulary = list(self.SPECIALS) + [w for w in vocabulary if w not in self.SPECIALS]
+        self.index = {w: k for k, w in enumerate(self.vocabulary)}
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(4)
+
+    @classmethod
+    def build(cls, texts: Iterable[str]) -> WordTokenizer:
+        words = sorted({w for text in texts for w in cls._SPLIT.findall(text.lower())})
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, self.unk_id) for w in self._SPLIT.findall(text.lower())]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        words = []
+        for i in ids:
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.bos_id):
+                words.append(self.vocabulary[i])
+        return " ".join(words)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"vocabulary": self.vocabulary}))
+
+    @classmethod
+    def load(cls, path: Path) -> WordTokenizer:
+        return cls(json.loads(path.read_text())["vocabulary"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", type=int, default=400)
+    parser.add_argument("--corpus", type=int, default=6000)
+    args = parser.parse_args(argv)
+    counts = make_demo_data(args.out, args.seed, args.prompts, args.corpus)
+    print(f"wrote {args.out}: " + ", ".join(f"{n} {name} rows" for name, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+r"""ZOPrO's perturbation direction, regenerated from a seed like every zokern z.
+
+Per trainable tensor p (d_p elements), with mu_p the policy's previous update, vhat_p the unit direction of the reward
+model's latest update mapped onto p (or none), n_p the Gaussian stream at p's offsets, and P_p = I - vhat_p vhat_p^T:
+
+.. math::
+    z_p = \sqrt{d_p}\,\Big(\gamma\,\frac{\mu_p}{\lVert\mu_p\rVert}
+          + \sqrt{1-\gamma^2}\,\frac{P_p n_p}{\lVert P_p n_p\rVert}\Big)
+
+Decisions (the published code leaves them open, see the research notes):
+- **Scale**: each part is scaled to norm sqrt(d_p), the norm of a Gaussian z of that size, so eps and lr keep MeZO's
+  meaning whatever the size of the previous update (the published code matched ||z_p|| to ||mu_p||, which ties the
+  step size to ||mu_p||^2).
+- **No previous update** (mu_p absent or zero: the first iteration of a ZO-only run): z_p is the projected noise
+  alone, sqrt(d_p) P_p n_p / ||P_p n_p||. With no vhat_p either, that is MeZO's direction up to its norm.
+- **Projection**: per tensor, one direction (the reward model's update restricted to p), as published.
+
+Per element, z_i = c_mu mu_i + c_n (n_i - a_p vhat_i) with a_p = vhat_p . n_p and ||P_p n_p||^2 = ||n_p||^2 - a_p^2:
+the two per-tensor reductions (a_p, ||n_p||^2) come from one pass over the stream, and the direction is never
+stored. This module is the plain-torch implementation (the oracle for the fused kernels); it applies the direction
+to float32 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from zokern import ops
+
+_CHUNK = 1 << 20
+
+
+class ZOPrODirection:
+    """The fixed inputs of ZOPrO's direction for one policy iteration: mu, vhat and gamma (see the module doc).
+
+    Args:
+        mu: per trainable tensor, the policy's previous update (or None); copied to float32.
+        vhat: per trainable tensor, the reward model's update direction mapped onto it (or None); normalised here.
+        gamma: weight of the previous update, in [0, 1].
+    """
+
+    def __init__(self, mu: Sequence[torch.Tensor | None], vhat: Sequence[torch.Tensor | None], gamma: float) -> None:
+        if len(mu) != len(vhat):
+            raise ValueError(f"mu has {len(mu)} tensors but vhat has {len(vhat)}")
+        if not (isinstance(gamma, (int, float)) and 0.0 <= gamma <= 1.0):
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        self.gamma = float(gamma)
+        self.mu: list[torch.Tensor | None] = []
+        self.mu_norm: list[float] = []
+        self.vhat: list[torch.Tensor | None] = []
+        for k, (m, v) in enumerate(zip(mu, vhat)):
+            self.mu.append(None if m is None else _finite_float32(f"mu[{k}]", m))
+            self.mu_norm.append(0.0 if m is None else float(self.mu[-1].double().norm()))
+            if v is None:
+                self.vhat.append(None)
+                continue
+            v = _finite_float32(f"vhat[{k}]", v)
+            norm = float(v.double().norm())
+            self.vhat.append(None if norm == 0.0 else (v.double() / norm).float())
+
+    def _check(self, tensors: Sequence[torch.Tensor]) -> None:
+        if len(tensors) != len(self.mu):
+            raise ValueError(f"the direction was built for {len(self.mu)} tensors, got {len(tensors)}")
+        for k, (t, m, v) in enumerate(zip(tensors, self.mu, self.vhat)):
+            for name, ref in (("mu", m), ("vhat", v)):
+                if ref is not None and ref.shape != t.shape:
+                    raise ValueError(f"{name}[{k}] has shape {tuple(ref.shape)} but tensor {k} has {tuple(t.shape)}")
+
+    def reductions(
+        self, seed: int, tensors: Sequence[torch.Tensor], offsets: Sequence[int], backend: str | None = None
+    ) -> list[tuple[float, float]]:
+        """Per tensor, (a_p, ||n_p||^2) = (vhat_p . n_p, n_p . n_p) for the Gaussian stream of ``seed``, accumulated
+        in float64 over chunks of the stream (never a whole tensor of it at once)."""
+        self._check(tensors)
+        out = []
+        for t, offset, v in zip(tensors, offsets, self.vhat):
+            flat_v = None if v is None else v.reshape(-1)
+            a = nn = 0.0
+            for lo in range(0, t.numel(), _CHUNK):
+                count = min(_CHUNK, t.numel() - lo)
+                n = ops.gaussian(seed, offset + lo, count, device=t.device, backend=backend).double()
+                nn += float(n @ n)
+                if flat_v is not None:
+                    a += float(flat_v[lo : lo + count].double() @ n)
+            out.append((a, nn))
+        return out
+
+    def coefficients(self, tensor_index: int, numel: int, a: float, nn: float) -> tuple[float, float]:
+        """(c_mu, c_n) of z_i = c_mu mu_i + c_n (n_i - a vhat_i) for one tensor."""
+        scale = math.sqrt(numel)
+        has_mu = self.mu_norm[tensor_index] > 0.0
+        gamma = self.gamma if has_mu else 0.0
+        c_mu = scale * gamma / self.mu_norm[tensor_index] if has_mu else 0.0
+        projected = math.sqrt(max(nn - a * a, 0.0))
+        c_n = scale * math.sqrt(1.0 - gamma * gamma) / projected if projected > 0.0 else 0.0
+        return c_mu, c_n
+
+    def reference(
+        self, seed: int, tensors: Sequence[torch.Tensor], offsets: Sequence[int], backend: str | None = "torch"
+    ) -> list[torch.Tensor]:
+        """z_p for every tensor, materialised in float64 from the formula (for tests)."""
+        self._check(tensors)
+        out = []
+        for k, (t, offset) in enumerate(zip(tensors, offsets)):
+            n = ops.gaussian(seed, offset, t.numel(), device=t.device, backend=backend).double().view_as(t)
+            part = n if self.vhat[k] is None else n - (self.vhat[k].double() * n).sum() * self.vhat[k].double()
+            z = math.sqrt(1.0 - (self.gamma if self.mu_norm[k] > 0 else 0.0) ** 2) * part / part.norm()
+            if self.mu_norm[k] > 0:
+                z = z + self.gamma * self.mu[k].double() / self.mu_norm[k]
+            out.append(math.sqrt(t.numel()) * z)
+        return out
+
+    @torch.no_grad()
+    def apply_(
+        self,
+        tensors: Sequence[torch.Tensor],
+        offsets: Sequence[int],
+        seed: int,
+        alpha: float,
+        backend: str | None = None,
+    ) -> None:
+        """In place, t_p += alpha z_p on float32 tensors: the mu and vhat terms with torch, the noise term with the
+        fused pass of the stream (two float32 roundings per element)."""
+        self._check(tensors)
+        for k, t in enumerate(tensors):
+            if t.dtype != torch.float32:
+                raise TypeError(f"tensor {k} is {t.dtype}: the ZOPrO direction is applied to float32 parameters")
+        for k, ((a, nn), t, offset) in enumerate(
+            zip(self.reductions(seed, tensors, offsets, backend), tensors, offsets)
+        ):
+            c_mu, c_n = self.coefficients(k, t.numel(), a, nn)
+            if c_mu:
+                t.add_(self.mu[k], alpha=alpha * c_mu)
+            if c_n and self.vhat[k] is not None:
+                t.add_(self.vhat[k], alpha=-alpha * c_n * a)
+            if c_n:
+                ops.perturb_([t], seed, alpha * c_n, offsets=[offset], backend=backend)
+
+
+def _finite_float32(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {type(t).__name__}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} has non-finite values")
+    return t.detach().float().contiguous()
