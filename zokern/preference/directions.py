@@ -48,6 +48,8 @@ class ZOPrODirection:
         if not (isinstance(gamma, (int, float)) and 0.0 <= gamma <= 1.0):
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
         self.gamma = float(gamma)
+        self._cached_key: tuple | None = None
+        self._cached: list[tuple[float, float]] = []
         self.mu: list[torch.Tensor | None] = []
         self.mu_norm: list[float] = []
         self.vhat: list[torch.Tensor | None] = []
@@ -122,22 +124,35 @@ class ZOPrODirection:
         alpha: float,
         backend: str | None = None,
     ) -> None:
-        """In place, t_p += alpha z_p on float32 tensors: the mu and vhat terms with torch, the noise term with the
-        fused pass of the stream (two float32 roundings per element)."""
+        """In place, t_p += alpha z_p on float32 tensors: the mu and vhat terms with torch, the noise term with one
+        fused pass of the stream over all tensors (two float32 roundings per element). The reductions of a seed
+        are remembered, since a ZO step moves along the same z several times."""
         self._check(tensors)
         for k, t in enumerate(tensors):
             if t.dtype != torch.float32:
                 raise TypeError(f"tensor {k} is {t.dtype}: the ZOPrO direction is applied to float32 parameters")
-        for k, ((a, nn), t, offset) in enumerate(
-            zip(self.reductions(seed, tensors, offsets, backend), tensors, offsets)
-        ):
+        key = (seed, tuple(offsets), backend)
+        if self._cached_key != key:
+            self._cached_key, self._cached = key, self.reductions(seed, tensors, offsets, backend)
+        noise_tensors, noise_offsets, noise_alphas = [], [], []
+        for k, ((a, nn), t, offset) in enumerate(zip(self._cached, tensors, offsets)):
             c_mu, c_n = self.coefficients(k, t.numel(), a, nn)
             if c_mu:
                 t.add_(self.mu[k], alpha=alpha * c_mu)
             if c_n and self.vhat[k] is not None:
                 t.add_(self.vhat[k], alpha=-alpha * c_n * a)
             if c_n:
-                ops.perturb_([t], seed, alpha * c_n, offsets=[offset], backend=backend)
+                noise_tensors.append(t)
+                noise_offsets.append(offset)
+                noise_alphas.append(alpha * c_n)
+        # Tensors whose noise coefficient is the same share one fused call (equal-size tensors, same gamma).
+        by_alpha: dict[float, tuple[list, list]] = {}
+        for t, offset, a in zip(noise_tensors, noise_offsets, noise_alphas):
+            entry = by_alpha.setdefault(a, ([], []))
+            entry[0].append(t)
+            entry[1].append(offset)
+        for a, (ts, os) in by_alpha.items():
+            ops.perturb_(ts, seed, a, offsets=os, backend=backend)
 
 
 def _finite_float32(name: str, t: torch.Tensor) -> torch.Tensor:

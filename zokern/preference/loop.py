@@ -1,0 +1,203 @@
+"""The online preference-optimisation loop: ZOPrO, the MeZO direction, and first-order RLOO in one code path.
+
+One policy step: sample k responses to each of P prompts (frozen rollouts), score them with the reward model,
+subtract the sequence-level KL to the frozen reference, take RLOO advantages, and minimise the PPO-clip surrogate on
+those rollouts: with a ZO step (two policy-loss forwards) or a first-order one (one forward and a backward). Methods
+are compared at the same number of policy-loss forwards. After every iteration of ``steps_per_iteration`` steps,
+pairs of the policy's own responses are labelled by the judge and the reward model is refined (first order); ZOPrO's
+next direction is built from the policy's update over the iteration (mu) and the reward model's refinement (vhat,
+matched to the policy's tensors by name), with gamma decaying linearly over the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from zokern.optim import ZOSGD
+from zokern.preference.data import Judge
+from zokern.preference.data import WordTokenizer
+from zokern.preference.directions import ZOPrODirection
+from zokern.preference.losses import kl_penalised_rewards
+from zokern.preference.losses import ppo_clip_loss
+from zokern.preference.losses import response_logprobs
+from zokern.preference.losses import rloo_advantages
+from zokern.preference.models import reward_scores
+from zokern.preference.models import sample
+from zokern.preference.models import train_reward_model
+from zokern.preference.optim import ZOPrO
+
+METHODS = ("zopro", "mezo", "rloo")
+
+
+@dataclass
+class LoopConfig:
+    """The loop's settings. Defaults are the demo's, measured on its tiny policy (docs/preference.md): with the
+    token embeddings (tied with the output layer) as the trainable set, ZOPrO at lr 3e-4 raised the judged reward
+    from 0.15 to 0.71-0.99 in 600 forwards over four seeds, where lr 1e-3 and above collapsed the policy."""
+
+    forwards: int = 600  # policy-loss forwards per method (a ZO step uses 2, a first-order step 1)
+    steps_per_iteration: int = 10  # ZO steps between reward-model refinements (first order: twice as many)
+    prompts_per_step: int = 8
+    k: int = 4
+    response_length: int = 12
+    temperature: float = 1.0
+    beta: float = 0.05  # KL coefficient
+    clip: float = 0.2
+    zo_lr: float = 3e-4
+    zo_eps: float = 1e-3
+    rloo_lr: float = 1e-3
+    gamma0: float = 0.5  # ZOPrO's weight of the previous update, decaying linearly to 0
+    rm_steps: int = 30  # reward-model refinement steps per iteration
+    eval_every: int = 50  # in policy-loss forwards
+    eval_prompts: int = 32
+    trainable: str | None = "embed_tokens"  # regular expression on parameter names; None: every parameter
+    seed: int = 0
+
+
+def judged_reward(policy, tokenizer: WordTokenizer, prompts: list[str], judge: Judge, config: LoopConfig) -> float:
+    """Mean judge score of one sampled response per held-out prompt (fixed sampling seed: comparable over time)."""
+    rollouts = sample(policy, tokenizer, prompts, 1, config.response_length, config.temperature, seed=12345)
+    responses = rollouts.responses(tokenizer)
+    return sum(judge.score(p, r) for p, r in zip(prompts, responses)) / len(prompts)
+
+
+def _policy_objective(policy, reference, reward_model, tokenizer, prompts, config, seed):
+    """Frozen rollouts and their advantages; returns the closure of the PPO-clip surrogate."""
+    rollouts = sample(policy, tokenizer, prompts, config.k, config.response_length, config.temperature, seed=seed)
+    args = (rollouts.sequences, rollouts.attention_mask, rollouts.response_length, rollouts.response_mask)
+    with torch.no_grad():
+        logp_old = response_logprobs(policy, *args)
+        logp_ref = response_logprobs(reference, *args)
+        scores = reward_scores(reward_model, rollouts.sequences, rollouts.attention_mask)
+    rewards = kl_penalised_rewards(scores, logp_old, logp_ref, rollouts.response_mask, config.beta)
+    advantages = rloo_advantages(rewards.view(-1, config.k)).view(-1)
+
+    def closure() -> torch.Tensor:
+        return ppo_clip_loss(response_logprobs(policy, *args), logp_old, advantages, config.clip)
+
+    return closure, rollouts
+
+
+def _judged_pairs(policy, tokenizer, prompts, judge, config, seed) -> list[dict]:
+    """Two responses of the policy per prompt, ordered by the judge (ties dropped)."""
+    rollouts = sample(policy, tokenizer, prompts, 2, config.response_length, config.temperature, seed=seed)
+    responses = rollouts.responses(tokenizer)
+    pairs = []
+    for p, (a, b) in zip(prompts, zip(responses[0::2], responses[1::2])):
+        sa, sb = judge.score(p, a), judge.score(p, b)
+        if sa != sb:
+            pairs.append({"prompt": p, "chosen": a if sa > sb else b, "rejected": b if sa > sb else a})
+    return pairs
+
+
+def _named(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def run(
+    method: str,
+    policy: torch.nn.Module,
+    reward_model: torch.nn.Module,
+    tokenizer: WordTokenizer,
+    train_prompts: list[str],
+    heldout_prompts: list[str],
+    judge: Judge,
+    config: LoopConfig,
+    log: Callable[[dict], None] = lambda record: None,
+) -> list[dict]:
+    """Train ``policy`` (in place) with ``method``; returns the evaluation records (method, step, forwards,
+    seconds, reward) and passes each to ``log`` as it is made. ``policy`` and ``reward_model`` are the starting
+    models; the reference is a frozen copy of the policy."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    reference = copy.deepcopy(policy).eval()
+    reward_model = copy.deepcopy(reward_model)
+    policy.eval()  # dropout off: ZO compares two losses of one function
+    if config.trainable is not None:
+        pattern = re.compile(config.trainable)
+        for name, p in policy.named_parameters():
+            p.requires_grad_(bool(pattern.search(name)))
+    zo = method != "rloo"
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"no policy parameter matches trainable={config.trainable!r}")
+    if method == "zopro":
+        optimizer: Any = ZOPrO(params, lr=config.zo_lr, eps=config.zo_eps, seed=config.seed)
+    elif method == "mezo":
+        optimizer = ZOSGD(params, lr=config.zo_lr, eps=config.zo_eps, seed=config.seed)
+    else:
+        optimizer = torch.optim.Adam(params, lr=config.rloo_lr)
+    forwards_per_step = 2 if zo else 1
+    steps = config.forwards // forwards_per_step
+    steps_per_iteration = config.steps_per_iteration * (1 if zo else 2)
+    iterations = max(1, math.ceil(steps / steps_per_iteration))
+    eval_prompts = heldout_prompts[: config.eval_prompts]
+    g = torch.Generator().manual_seed(config.seed)
+    records: list[dict] = []
+    clock = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        records.append(
+            dict(
+                method=method,
+                step=step,
+                forwards=step * forwards_per_step,
+                seconds=time.perf_counter() - clock,
+                reward=judged_reward(policy, tokenizer, eval_prompts, judge, config),
+            )
+        )
+        log(records[-1])
+
+    evaluate(0)
+    step = 0
+    for iteration in range(iterations):
+        policy_start, rm_start = _named(policy), _named(reward_model)
+        for _ in range(min(steps_per_iteration, steps - step)):
+            rows = torch.randint(0, len(train_prompts), (config.prompts_per_step,), generator=g).tolist()
+            closure, _ = _policy_objective(
+                policy, reference, reward_model, tokenizer, [train_prompts[r] for r in rows], config, seed=step
+            )
+            if zo:
+                optimizer.step(closure)
+            else:
+                policy.zero_grad(set_to_none=True)
+                closure().backward()
+                optimizer.step()
+            step += 1
+            if (step * forwards_per_step) % config.eval_every == 0:
+                evaluate(step)
+        # Refine the reward model on judged pairs of the policy's own responses.
+        rows = torch.randint(0, len(train_prompts), (config.prompts_per_step * 2,), generator=g).tolist()
+        pairs = _judged_pairs(policy, tokenizer, [train_prompts[r] for r in rows], judge, config, seed=10_000 + step)
+        if pairs:
+            train_reward_model(reward_model, tokenizer, pairs, steps=config.rm_steps, batch=len(pairs), seed=step)
+        if method == "zopro":
+            optimizer.set_direction(
+                _zopro_direction(policy, policy_start, reward_model, rm_start, config, iteration, iterations)
+            )
+    if not records or records[-1]["step"] != step:
+        evaluate(step)
+    return records
+
+
+def _zopro_direction(policy, policy_start, reward_model, rm_start, config, iteration, iterations) -> ZOPrODirection:
+    """mu = the policy's update over the iteration; vhat = the reward model's refinement on the tensor of the same
+    name (the score head has none); gamma decays linearly from gamma0 to 0 over the run."""
+    rm_now = dict(reward_model.named_parameters())
+    mu, vhat = [], []
+    for name, p in policy.named_parameters():
+        if not p.requires_grad:
+            continue
+        mu.append(p.detach() - policy_start[name])
+        mapped = rm_now.get(name)
+        vhat.append(None if mapped is None or mapped.shape != p.shape else mapped.detach() - rm_start[name])
+    gamma = config.gamma0 * max(0.0, 1.0 - (iteration + 1) / iterations)
+    return ZOPrODirection(mu, vhat, gamma)

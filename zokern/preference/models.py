@@ -1,0 +1,180 @@
+"""The demo's models: a small causal-LM policy pretrained here on the generated corpus, rollouts from it, and a
+reward model (a sequence scorer on the same architecture) trained with the Bradley-Terry loss.
+
+Sequences are ``[prompt | response]`` with prompts left-padded to a common length (the conventions of
+zokern.preference.losses); the tokenizer is zokern.preference.data.WordTokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zokern.preference.data import WordTokenizer
+from zokern.preference.losses import bradley_terry_loss
+
+
+def policy_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 64):
+    import transformers
+
+    return transformers.OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=4 * hidden,
+        num_attention_heads=heads,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+
+
+def new_policy(tokenizer: WordTokenizer, seed: int = 0, **config) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.OPTForCausalLM(policy_config(len(tokenizer), **config))
+
+
+def new_reward_model(tokenizer: WordTokenizer, seed: int = 0, **config) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = policy_config(len(tokenizer), **config)
+    cfg.num_labels = 1
+    return transformers.OPTForSequenceClassification(cfg)
+
+
+def batch_texts(tokenizer: WordTokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<bos> text <eos>`` per text, left-padded (and truncated from the left) to one length: (ids, mask)."""
+    encoded = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id][-max_length:] for t in texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(texts), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for k, e in enumerate(encoded):
+        ids[k, width - len(e) :] = torch.tensor(e)
+        mask[k, width - len(e) :] = 1
+    return ids, mask
+
+
+def pretrain(
+    policy: torch.nn.Module,
+    tokenizer: WordTokenizer,
+    texts: Sequence[str],
+    steps: int = 300,
+    batch: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    max_length: int = 32,
+) -> list[float]:
+    """Fit the policy to the corpus with AdamW (next-token loss, padding ignored); returns the loss per step."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    policy.train()
+    losses = []
+    for _ in range(steps):
+        rows = torch.randint(0, len(texts), (batch,), generator=g).tolist()
+        ids, mask = batch_texts(tokenizer, [texts[r] for r in rows], max_length)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = policy(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    policy.eval()
+    return losses
+
+
+@dataclass
+class Rollouts:
+    """k responses per prompt: ``sequences`` [P*k, prompt_len + R] (prompt rows repeated k times, consecutive),
+    ``attention_mask`` likewise, ``response_mask`` [P*k, R] (1 up to and including the first <eos>)."""
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    response_length: int
+    k: int
+
+    def responses(self, tokenizer: WordTokenizer) -> list[str]:
+        return [tokenizer.decode(row.tolist()) for row in self.sequences[:, -self.response_length :]]
+
+
+@torch.no_grad()
+def sample(
+    policy: torch.nn.Module,
+    tokenizer: WordTokenizer,
+    prompts: Sequence[str],
+    k: int,
+    response_length: int = 12,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> Rollouts:
+    """k sampled continuations of each prompt (multinomial, no top-k/top-p), ``response_length`` tokens each; the
+    tokens after a response's first <eos> are padding and masked out."""
+    ids, mask = batch_texts(tokenizer, prompts, max_length=policy.config.max_position_embeddings - response_length)
+    ids, mask = ids[:, :-1], mask[:, :-1]  # drop each prompt's <eos>: the response continues it
+    ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    g = torch.Generator(device=ids.device).manual_seed(seed)
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    response = torch.full((len(ids), response_length), tokenizer.pad_id, dtype=torch.long)
+    past, step_ids, step_mask = None, ids, mask
+    for t in range(response_length):
+        out = policy(input_ids=step_ids, attention_mask=step_mask, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        token = torch.multinomial(probs, 1, generator=g).squeeze(1)
+        token = torch.where(done, torch.full_like(token, tokenizer.pad_id), token)
+        response[:, t] = token
+        done |= token == tokenizer.eos_id
+        step_ids = token[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_mask = mask
+    # 1 up to and including the first <eos>, 0 after it.
+    after_eos = (response == tokenizer.eos_id).long().cumsum(1) - (response == tokenizer.eos_id).long()
+    response_mask = (after_eos == 0).float()
+    sequences = torch.cat([ids, response], dim=1)
+    attention = torch.cat([mask[:, : ids.shape[1]], response_mask.long()], dim=1)
+    return Rollouts(sequences, attention, response_mask, response_length, k)
+
+
+def reward_scores(reward_model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reward model's score of each sequence (float32): its head on the last non-padding token."""
+    return reward_model(input_ids=sequences, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def train_reward_model(
+    reward_model: torch.nn.Module,
+    tokenizer: WordTokenizer,
+    pairs: Sequence[dict],
+    steps: int = 200,
+    batch: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    max_length: int = 48,
+) -> list[float]:
+    """First-order Bradley-Terry training on (prompt, chosen, rejected) pairs; returns the loss per step."""
+    if not pairs:
+        raise ValueError("no preference pairs to train the reward model on")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(reward_model.parameters(), lr=lr)
+    reward_model.train()
+    losses = []
+    for _ in range(steps):
+        rows = [pairs[r] for r in torch.randint(0, len(pairs), (batch,), generator=g).tolist()]
+        texts = [f"{r['prompt']} {r['chosen']}" for r in rows] + [f"{r['prompt']} {r['rejected']}" for r in rows]
+        ids, mask = batch_texts(tokenizer, texts, max_length)
+        scores = reward_scores(reward_model, ids, mask)
+        loss = bradley_terry_loss(scores[:batch], scores[batch:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    reward_model.eval()
+    return losses

@@ -1,0 +1,94 @@
+"""``ZOPrO``: ZO-SGD whose perturbation is ZOPrO's structured direction instead of the plain stream."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from zokern.optim import ZOSGD
+from zokern.preference.directions import ZOPrODirection
+
+
+class ZOPrO(ZOSGD):
+    r"""Zeroth-order preference optimisation (Galatolo et al., 2025): two-sided SPSA along
+    z = ZOPrODirection (the policy's previous update mixed with noise orthogonal to the reward model's latest update;
+    :mod:`zokern.preference.directions`), with the rule and returned loss of :class:`zokern.optim.ZOSGD`.
+
+    ``set_direction(direction)`` installs the direction inputs of the current policy iteration (mu, vhat, gamma),
+    built over the optimizer's trainable tensors in canonical order; until then, and with ``direction=None``, z is the
+    projected-free Gaussian direction normalised per tensor (MeZO's, up to its norm).
+
+    Parameters must be float32 and perturbed in place: the direction's mu and vhat terms are applied with torch,
+    its noise term with the fused pass. Weight decay is not supported. Replay needs the direction inputs of every
+    iteration, so ``zokern.replay`` does not cover ZOPrO runs. Extra memory: mu and vhat, 8 bytes per trainable
+    parameter.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, *, seed: int | None = None, **kwargs) -> None:
+        for name in ("weight_decay", "momentum"):
+            if kwargs.get(name, 0.0):
+                raise ValueError(f"ZOPrO does not support {name}")
+        kwargs.setdefault("perturbation", "inplace")
+        if kwargs["perturbation"] != "inplace":
+            raise ValueError("ZOPrO perturbs in place (its direction is not available to the exact mode's view)")
+        if kwargs.get("distribution", "gaussian") != "gaussian":
+            raise ValueError("ZOPrO's noise is Gaussian")
+        super().__init__(params, lr, eps, seed=seed, **kwargs)
+        self.direction: ZOPrODirection | None = None
+        self._per_group = []
+
+    def set_direction(self, direction: ZOPrODirection | None) -> None:
+        if direction is not None:
+            tensors = self._trainable()
+            for t in tensors:
+                if t.dtype.itemsize != 4 or not t.is_floating_point():
+                    raise TypeError(f"ZOPrO needs float32 parameters, got {t.dtype}")
+            direction._check(tensors)
+        self.direction = direction
+        self._per_group: list[ZOPrODirection] = []
+
+    def _group_directions(self) -> list[ZOPrODirection]:
+        """The direction split by param group (kept, so each group's reductions of a seed are computed once)."""
+        if not self._per_group:
+            if self.direction is None:
+                n = len(self._trainable())
+                self.direction = ZOPrODirection([None] * n, [None] * n, 0.0)
+            index = 0
+            for _, tensors, _ in self._groups_layout():
+                self._per_group.append(_Subset(self.direction, index, len(tensors)))
+                index += len(tensors)
+        return self._per_group
+
+    def _move(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
+        """theta_p += alpha(group of p) z_p(seed) for every trainable tensor."""
+        for direction, (group, tensors, offsets) in zip(self._group_directions(), self._groups_layout()):
+            direction.apply_([t.data for t in tensors], offsets, seed, alpha(group), backend=self.backend)
+
+    # The pass primitives of ZOOptimizer, with the structured direction in place of the stream.
+
+    def _apply(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
+        self._move(seed, alpha)
+        self._track(seed, alpha)
+
+    def _switch(self, seed_from: int, scale_from: float, seed_to: int, scale_to: float) -> None:
+        self._apply(seed_from, lambda group: scale_from * group["eps"])
+        self._apply(seed_to, lambda group: scale_to * group["eps"])
+
+    def _restore_update(self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float]) -> None:
+        self._move(seed, lambda group: scale * group["eps"] - group["lr"] * coefficient(group))
+        self._track(seed, lambda group: scale * group["eps"])
+
+    def _add_directions(self, terms: list[tuple[int, Callable[[dict[str, Any]], float]]]) -> None:
+        for seed, coefficient in terms:
+            self._move(seed, coefficient)
+
+
+class _Subset(ZOPrODirection):
+    """The tensors [start, start + count) of a direction (one param group), sharing its tensors."""
+
+    def __init__(self, full: ZOPrODirection, start: int, count: int) -> None:
+        self.gamma = full.gamma
+        self._cached_key, self._cached = None, []
+        self.mu = full.mu[start : start + count]
+        self.mu_norm = full.mu_norm[start : start + count]
+        self.vhat = full.vhat[start : start + count]
