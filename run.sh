@@ -33,18 +33,22 @@ ensure_zokern() {
   mkdir -p build && echo "$stamp" > "$stamp_file"
 }
 
+ensure_demo_tools() {
+  # The preference pipeline: models from transformers configs, data through datasets, a VADER judge, plots.
+  has_module transformers || pip_install transformers
+  has_module datasets || pip_install datasets
+  has_module vaderSentiment || pip_install vaderSentiment
+  has_module matplotlib || pip_install matplotlib
+}
+
 ensure_test_tools() {
   has_module pytest || pip_install pytest
   has_module xdist || pip_install pytest-xdist
   has_module scipy || pip_install scipy
-  # The optimizers' integration tests: a model built from a transformers config, the Trainer, a PEFT LoRA model.
-  has_module transformers || pip_install transformers
+  # The optimizers' integration tests: the Trainer and a PEFT LoRA model (transformers comes with the demo's tools).
   has_module accelerate || pip_install accelerate
   has_module peft || pip_install peft
-  # Preference optimisation: datasets load the data, VADER judges it, matplotlib plots the benchmarks.
-  has_module datasets || pip_install datasets
-  has_module vaderSentiment || pip_install vaderSentiment
-  has_module matplotlib || pip_install matplotlib
+  ensure_demo_tools
   if ! has_module triton && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
     echo "run.sh: installing triton (its kernels are tested on the CPU through TRITON_INTERPRET=1)"
     pip_install triton
@@ -57,6 +61,7 @@ case "$cmd" in
   demo)
     ensure_torch
     ensure_zokern
+    ensure_demo_tools
     exec "$PY" -m zokern demo "$@"
     ;;
   test)

@@ -1,9 +1,13 @@
-"""The command line: `zokern info` reports the backends, `zokern demo` fine-tunes and times the passes."""
+"""The command line: `zokern info` reports the backends, `zokern quickstart` fine-tunes and times the passes, and
+`zokern demo` runs the preference pipeline."""
 
+import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 
 def _run(*args: str) -> str:
@@ -19,8 +23,32 @@ def test_info_lists_every_backend():
         assert re.search(rf"\b{name}\b", text), name
 
 
-def test_demo_lowers_the_loss_and_times_both_loops():
-    text = _run("demo", "--steps", "120")
+def test_quickstart_lowers_the_loss_and_times_both_loops():
+    text = _run("quickstart", "--steps", "120")
     start, end = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", text).groups())
     assert end < 0.8 * start
     assert "MeZO's published loop" in text and "ZOSGD.step" in text
+
+
+def test_demo_runs_the_preference_pipeline(tmp_path):
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("datasets")
+    out = tmp_path / "run"
+    text = _run("demo", "--out", str(out), "--forwards", "8", "--methods", "zopro,mezo,rloo", "--seed", "1")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"zopro", "mezo", "rloo"}
+    assert all({"method", "step", "reward", "seconds", "forwards"} <= set(r) for r in records)
+    assert (out / "reward.png").read_bytes().startswith(b"\x89PNG")
+    assert "judged reward on" in text
+
+
+def test_demo_rejects_unknown_methods(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    out = subprocess.run(
+        [sys.executable, "-m", "zokern", "demo", "--out", str(tmp_path), "--methods", "ppo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--methods takes some of" in out.stderr

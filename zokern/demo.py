@@ -1,4 +1,4 @@
-"""`zokern demo`: a small zeroth-order fine-tune that shows the kernel layer working end to end.
+"""`zokern quickstart`: a small zeroth-order fine-tune that shows the kernel layer working end to end.
 
 A student MLP learns a teacher MLP's function from forward passes only with zokern.optim.ZOSGD (MeZO / two-sided
 SPSA), each step being three fused passes: perturb(+eps), perturb(-2 eps), restore-and-update(+eps). The optimizer's
