@@ -2,6 +2,7 @@
 `zokern demo` runs the preference pipeline."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -52,3 +53,31 @@ def test_demo_rejects_unknown_methods(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "--methods takes some of" in out.stderr
+
+
+def test_dpo_command_trains_on_a_preference_file(tmp_path):
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("datasets")
+    from zokern.preference.data import make_demo_data
+
+    make_demo_data(tmp_path / "data", seed=2, prompts=120, corpus=10)
+    out = tmp_path / "dpo"
+    _run("dpo", "--data", str(tmp_path / "data" / "preferences.jsonl"), "--out", str(out), "--steps", "8")
+    records = [json.loads(line) for line in (out / "dpo_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4, 6, 8]
+    assert records[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_command_names_missing_columns(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n')
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    out = subprocess.run(
+        [sys.executable, "-m", "zokern", "dpo", "--data", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "zokern dpo:" in out.stderr and "missing column(s) ['rejected']" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -2,6 +2,7 @@
 
 - `zokern demo`: the main job, the preference pipeline on the CPU (data, policy, reward model; ZOPrO against the
   MeZO direction and first-order RLOO), with metrics and plots in an output directory;
+- `zokern dpo --data FILE`: offline ZO-DPO on a preference dataset;
 - `zokern quickstart`: a small ZO fine-tune with ZOSGD, and its step timed against MeZO's published loop;
 - `zokern info`: the version, the stream version and the backends this install can run.
 """
@@ -43,6 +44,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dpo(args: argparse.Namespace) -> int:
+    from zokern.preference.pipeline import run_dpo
+
+    try:
+        run_dpo(args.data, args.out, seed=args.seed, steps=args.steps)
+    except (ValueError, FileNotFoundError) as e:  # bad data: say what, without a traceback
+        print(f"zokern dpo: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from zokern import demo
     from zokern.preference import pipeline
@@ -52,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser = commands.add_parser("demo", help="the preference pipeline: ZOPrO vs MeZO direction vs RLOO")
     pipeline.add_arguments(demo_parser)
     demo_parser.set_defaults(run=_demo)
+    dpo = commands.add_parser("dpo", help="offline ZO-DPO on a preference dataset (prompt, chosen, rejected)")
+    pipeline.add_dpo_arguments(dpo)
+    dpo.set_defaults(run=_dpo)
     quick = commands.add_parser("quickstart", help="a small zeroth-order fine-tune with the fused kernels")
     demo.add_arguments(quick)
     quick.set_defaults(run=_quickstart)
