@@ -85,6 +85,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.trajectory: list[dict[str, Any]] = []
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
+        self._step_layout: list | None = None  # the layout of the step in progress
         self._losses: list[float] = []  # the current step's gathered losses, in evaluation order
         # Perturbations applied and not yet undone (exact mode: the perturbation the closure sees): seed -> the
         # total coefficient of z(seed) in each group.
@@ -113,7 +114,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------- layout
 
     def _groups_layout(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
-        """Per param group: the group, its trainable tensors and their global stream offsets."""
+        """Per param group: the group, its trainable tensors and their global stream offsets (fixed during a step,
+        which computes it once for all of its passes and evaluations)."""
+        if self._step_layout is not None:
+            return self._step_layout
         layout, base, index = [], 0, 0
         for group in self.param_groups:
             tensors, offsets = [], []
@@ -340,6 +344,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised)."""
         self._displacement.clear()
         self._losses = []
+        self._step_layout = self._groups_layout()
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
         try:
@@ -351,6 +356,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._undo_displacement()
             raise
+        finally:
+            self._step_layout = None
         self._displacement.clear()
         return fields
 

@@ -91,13 +91,3 @@ def _check_finite(name: str, values: torch.Tensor) -> None:
     if not torch.isfinite(values).all():
         bad = int((~torch.isfinite(values)).sum())
         raise ValueError(f"{name} has {bad} non-finite value(s) (of {values.numel()}); check the judge or reward model")
-
-
-__all__ = [
-    "bradley_terry_loss",
-    "dpo_loss",
-    "kl_penalised_rewards",
-    "ppo_clip_loss",
-    "response_logprobs",
-    "rloo_advantages",
-]
