@@ -28,7 +28,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # 4 KiB per program on a GPU. The interpreter runs programs one by one in Python, so it gets bigger tiles.
 GPU_BLOCK = 2048
 INTERPRETER_BLOCK = 8192
-_ROW = 4  # table columns: address, base, numel, first global index of the tile
 _TABLE_CACHE_SIZE = 64
 _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -175,19 +174,25 @@ def _block_size(device: torch.device) -> int:
     return GPU_BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
 
 
-def _work_table(tensors: Sequence[torch.Tensor], bases: Sequence[int], block: int) -> torch.Tensor:
-    """The tile table on the tensors' device, cached: an optimizer passes the same tensors every step."""
+def _work_table(tensors: Sequence[torch.Tensor], bases: Sequence[int], block: int, *companions) -> torch.Tensor:
+    """The tile table on the tensors' device, cached: an optimizer passes the same tensors every step.
+
+    Row of a tile: the address of its tensor, then of the tensor's companion in each list of ``companions``
+    (optimizer states shaped like it), then the tensor's global base index, its numel and the tile's first index.
+    """
     key = (tensors[0].device, block, tuple((t.data_ptr(), t.numel(), b) for t, b in zip(tensors, bases)))
+    key += tuple(tuple(c.data_ptr() for c in column) for column in companions)
     table = _tables.get(key)
     if table is not None:
         _tables.move_to_end(key)
         return table
     rows = []
-    for t, base in zip(tensors, bases):
+    for k, (t, base) in enumerate(zip(tensors, bases)):
         first = base - base % 128
         n_tiles = -(-(base + t.numel() - first) // block)
         tiles = first + block * torch.arange(n_tiles, dtype=torch.int64)  # base + numel may be 2^63
-        columns = torch.tensor([t.data_ptr(), base, t.numel()], dtype=torch.int64).expand(len(tiles), 3)
+        addresses = [t.data_ptr(), *(column[k].data_ptr() for column in companions)]
+        columns = torch.tensor([*addresses, base, t.numel()], dtype=torch.int64).expand(len(tiles), len(addresses) + 2)
         rows.append(torch.cat((columns, tiles[:, None]), dim=1))
     table = torch.cat(rows).to(tensors[0].device)
     _tables[key] = table

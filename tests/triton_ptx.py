@@ -11,6 +11,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from zokern.kernels import ldsd_pass
 from zokern.kernels import zo_pass
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -27,6 +28,14 @@ PASS_SIGNATURE = {
     "rounding_seed": "i64",
 }
 FLAGS = ("UPDATE", "GRAD_ON_DEVICE", "SECOND", "STOCHASTIC")
+LDSD_SIGNATURE = {
+    "table_ptr": "*i64",
+    "seeds_ptr": "*i64",
+    "coef_ptr": "*fp32",
+    "partial_ptr": "*fp32",
+    **{name: "fp32" for name in ("lr", "weight_decay", "momentum", "beta1", "beta2", "adam_eps")},
+    "rounding_seed": "i64",
+}
 
 
 def compile_ptx(fn, signature, constexprs) -> str:
@@ -69,6 +78,20 @@ def main() -> None:
         dict(DOMAIN=1, BLOCK=1024),
     )
     out["philox_words"] = facts(ptx)
+    for mode, rule, dtype in (("move", "sgd", "bfloat16"), ("norm", "sgd", "float32"), ("final", "sgd", "float32"),
+                              ("final", "momentum", "bfloat16"), ("final", "adam", "float16")):  # fmt: skip
+        constexprs = dict(
+            DTYPE=getattr(tl, dtype),
+            RADEMACHER=False,
+            N_SEEDS=5,
+            MODE=ldsd_pass._MODES[mode],
+            RULE=ldsd_pass._RULES[rule],
+            STOCHASTIC=dtype != "float32",
+            ALIGNED=True,
+            BLOCK=ldsd_pass.GPU_BLOCK,
+        )
+        ptx = compile_ptx(ldsd_pass._ldsd_kernel, LDSD_SIGNATURE, constexprs)
+        out[f"ldsd_{mode}_{rule}_{dtype}"] = facts(ptx)
     print(json.dumps(out, indent=1))
 
 

@@ -57,12 +57,22 @@ def available_backends() -> list[str]:
     return [name for name, state in backend_status().items() if state == "available"]
 
 
-def _module(name: str) -> ModuleType:
-    if name == "torch":
-        return importlib.import_module("zokern._reference")
-    if name == "triton":
-        return importlib.import_module("zokern.kernels.zo_pass")
-    return importlib.import_module("zokern._native")
+# Each backend's modules; an op comes from the first of them that defines it.
+_MODULES = {
+    "torch": ("zokern._reference", "zokern._ldsd_reference"),
+    "triton": ("zokern.kernels.zo_pass", "zokern.kernels.ldsd_pass"),
+    "cpu": ("zokern._native",),
+    "cuda": ("zokern._native",),
+}
+
+
+def _module(name: str, op: str = "zo_pass_") -> ModuleType | None:
+    """The module of backend ``name`` that implements ``op``, or None if the backend has no such op."""
+    for module_name in _MODULES[name]:
+        module = importlib.import_module(module_name)
+        if hasattr(module, op):
+            return module
+    return None
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
@@ -84,8 +94,13 @@ def requested_backend(backend: str | None) -> str | None:
     return name
 
 
-def select_backend(device: torch.device, backend: str | None = None) -> ModuleType:
-    """The backend module for tensors on ``device``: the requested one, or the fastest available."""
+def select_backend(device: torch.device, backend: str | None = None, op: str = "zo_pass_") -> ModuleType:
+    """The backend module for tensors on ``device``: the requested one, or the fastest available.
+
+    ``op`` names the function the caller needs. The fused pass (``zo_pass_``) exists in every backend; passes that
+    only some backends implement (the LDSD passes: triton and torch) come from the requested backend when it has
+    them, else from the fastest available one that does.
+    """
     name = requested_backend(backend)
     status = backend_status()
     if name is not None:
@@ -95,11 +110,15 @@ def select_backend(device: torch.device, backend: str | None = None) -> ModuleTy
             )
         if not _runs_on(name, device):
             raise ValueError(f"zokern backend {name!r} cannot run on tensors on {device}")
-        return _module(name)
+        module = _module(name, op)
+        if module is not None:
+            return module
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
         if status[candidate] == "available" and _runs_on(candidate, device):
             try:
-                return _module(candidate)
+                module = _module(candidate, op)
             except ImportError:  # an automatic choice falls back; an explicit one above must succeed
                 continue
-    return _module("torch")
+            if module is not None:
+                return module
+    return _module("torch", op)

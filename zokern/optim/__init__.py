@@ -7,9 +7,10 @@ its rule, the loss ``step`` returns and its extra memory; :mod:`zokern.optim.see
 from zokern.optim.adam import ZOAdam
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.fzoo import FZOO
+from zokern.optim.ldsd import LDSD
 from zokern.optim.replay import replay
 from zokern.optim.sgd import ZOSGD
 from zokern.optim.sgd import ZOConservative
 from zokern.optim.sgd import ZOSignSGD
 
-__all__ = ["FZOO", "ZOSGD", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSignSGD", "replay"]
+__all__ = ["FZOO", "LDSD", "ZOSGD", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSignSGD", "replay"]

@@ -22,12 +22,18 @@ def _comm_device() -> torch.device:
 
 def mean_across_ranks(values: list[torch.Tensor]) -> list[float]:
     """The losses of this rank, averaged over all ranks when torch.distributed is initialised, as Python floats."""
-    vector = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values])
+    return mean_across_ranks_on_device(values, values[0].device).tolist()
+
+
+def mean_across_ranks_on_device(values: list, device: torch.device) -> torch.Tensor:
+    """The losses (tensors or numbers) as one float64 vector on ``device``, averaged over all ranks when
+    torch.distributed is initialised; no host sync where the communication device is ``device``."""
+    vector = torch.stack([torch.as_tensor(v).detach().reshape(()).to(device, torch.float64) for v in values])
     if active():
-        vector = vector.to(_comm_device())
-        dist.all_reduce(vector, op=dist.ReduceOp.SUM)
-        vector /= dist.get_world_size()
-    return vector.tolist()
+        reduced = vector.to(_comm_device())
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        vector = (reduced / dist.get_world_size()).to(device)
+    return vector
 
 
 def broadcast_seed(seed: int) -> int:

@@ -82,7 +82,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = base_seed
         self.steps_taken = 0
         self.nonfinite_steps = 0
-        self.trajectory: list[dict[str, Any]] = []
+        self._trajectory: list[dict[str, Any]] = []
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
@@ -322,11 +322,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         propagates. A non-finite loss skips the update: parameters restored, a RuntimeWarning, and
         ``nonfinite_steps`` counts it.
         """
-        if closure is None:
-            raise TypeError(
-                f"{type(self).__name__}.step needs a closure that evaluates the loss (ZO optimizers call it at "
-                "perturbed parameters). With the Hugging Face Trainer use zokern.integrations.ZOTrainer."
-            )
+        self._require_closure(closure)
         device = [torch.device("cpu")]
         seed = self.new_seed()
         fields = self._take_step(seed, lambda: self._evaluate(closure, device))
@@ -340,6 +336,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._record(seed, self._losses, fields)
         return torch.tensor(fields["loss"], dtype=torch.float32, device=device[0])
 
+    def _require_closure(self, closure: Closure | None) -> None:
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step needs a closure that evaluates the loss (ZO optimizers call it at "
+                "perturbed parameters). With the Hugging Face Trainer use zokern.integrations.ZOTrainer."
+            )
+
     def _take_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised)."""
         self._displacement.clear()
@@ -348,7 +351,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
         try:
-            fields = dict(self._run_step(seed, evaluate), skipped=False)
+            fields = {"skipped": False, **self._run_step(seed, evaluate)}
         except NonFiniteLoss:
             self._undo_displacement()
             self.nonfinite_steps += 1
@@ -416,7 +419,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         if setup != self._last_setup:
             record["setup"] = setup
             self._last_setup = setup
-        self.trajectory.append(record)
+        self._trajectory.append(record)
+
+    @property
+    def trajectory(self) -> list[dict[str, Any]]:
+        """One record per step taken with :meth:`step`: seed, losses, hyperparameters and the method's fields."""
+        self._settle()
+        return self._trajectory
+
+    @trajectory.setter
+    def trajectory(self, records: list[dict[str, Any]]) -> None:
+        self._trajectory = records
+
+    def _settle(self) -> None:
+        """Turn values a step left on the device into Python numbers (for optimizers that avoid host syncs)."""
 
     def _layout_signature(self) -> dict[str, list]:
         trainable = [p.requires_grad for g in self.param_groups for p in g["params"]]

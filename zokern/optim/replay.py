@@ -13,12 +13,13 @@ from zokern._reference import STREAM_VERSION
 from zokern.optim.adam import ZOAdam
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.fzoo import FZOO
+from zokern.optim.ldsd import LDSD
 from zokern.optim.sgd import ZOSGD
 from zokern.optim.sgd import ZOConservative
 from zokern.optim.sgd import ZOSignSGD
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
-    cls.__name__: cls for cls in (ZOSGD, ZOSignSGD, ZOConservative, ZOAdam, FZOO)
+    cls.__name__: cls for cls in (ZOSGD, ZOSignSGD, ZOConservative, ZOAdam, FZOO, LDSD)
 }
 
 

@@ -1,0 +1,473 @@
+r"""ZO-LDSD: learned direction sampling. Directions are drawn from a Gaussian policy N(mu, sigma^2 I) whose mean mu
+learns, by REINFORCE, to point where the loss falls (arXiv 2602.13659; the research notes in docs/optim.md).
+
+A step never syncs with the host: the candidates' losses stay on the device, their argmin and every loss-dependent
+coefficient are computed there, and the fused passes read those coefficients from device memory.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from zokern import ops
+from zokern._ldsd_reference import STATES_PER_RULE
+from zokern._ldsd_reference import final_layout
+from zokern.optim import _distributed
+from zokern.optim import _ldsd_passes as passes
+from zokern.optim import seeds as seeds_
+from zokern.optim.base import Closure
+from zokern.optim.base import ZOOptimizer
+from zokern.optim.base import _check_number
+from zokern.optim.exact import PerturbedView
+
+PAIRINGS = ("evaluated", "faithful")
+UPDATES = ("sgd", "adam")
+
+
+class LDSD(ZOOptimizer):
+    r"""ZO-LDSD: K candidate directions from a learned Gaussian policy, the best one used for a two-sided step.
+
+    Per step, with candidate seeds :math:`s_1..s_K` (``seeds.probe_seed(step seed, i)``), :math:`\xi_i` their
+    streams and, per param group, :math:`\epsilon, \sigma, \eta, \eta_\mu`:
+
+    .. math::
+        z_i = \mu + \sigma\xi_i,\quad f_i = L(\theta + \epsilon z_i),\quad i^* = \arg\min_i f_i,\quad
+        f_- = L(\theta - \epsilon z_{i^*}),\quad g = \frac{f_{i^*} - f_-}{2\epsilon},\quad \hat g = g\, z_{i^*}
+
+    (K + 1 forwards: :math:`f_{i^*}` is reused as :math:`f_+`). :math:`\theta` moves along :math:`\hat g` by SGD
+    (:math:`\theta \leftarrow \theta - \eta(\hat g + \lambda\theta)`), heavy-ball momentum
+    (:math:`b \leftarrow \beta b + \hat g`) or Adam (``update="adam"``, bias-corrected, as :class:`ZOAdam`).
+    Note :math:`E[\hat g] \approx (\mu\mu^T + \sigma^2 I)\nabla L`: along a learned mu the step is larger than
+    MeZO's, which is the point of the method.
+
+    The mean follows REINFORCE on :math:`J(\mu) = E_z L(\theta + \epsilon z)` with a leave-one-out baseline,
+    each advantage paired with the noise its candidate was evaluated with:
+
+    .. math::
+        c_i = f_i - \frac{1}{K-1}\sum_{j \ne i} f_j,\qquad
+        \mu \leftarrow \Pi\Big(\mu - \frac{\eta_\mu}{K\sigma}\sum_i c_i\,\xi_i\Big),\qquad
+        \Pi(v) = v\,\min\big(1, \rho\,\sigma\sqrt{d}/\lVert v\rVert\big)
+
+    with d the group's number of trainable elements. **Constraint**: to first order :math:`J(\mu) = L(\theta) +
+    \epsilon\langle\nabla L, \mu\rangle` is linear in mu, so unconstrained REINFORCE drives :math:`\lVert\mu\rVert`
+    to infinity; the projection keeps mu in the ball where its norm is at most ``mu_norm`` (:math:`\rho`) times the
+    expected norm of the noise :math:`\sigma\xi`. On that ball the linear objective is minimised by
+    :math:`\mu = -\rho\sigma\sqrt d\,\nabla L/\lVert\nabla L\rVert`, so mu learns the gradient's direction and its
+    norm stays bounded. Since :math:`\nabla_\mu J = \epsilon\nabla L`, :math:`\eta_\mu` is on the scale of
+    :math:`\eta/\epsilon`. mu starts at zero (the first steps are best-of-K MeZO); K = 1 or ``mu_lr=0`` never
+    update it (``mu_lr=0``: best-of-K greedy MeZO).
+
+    ``pairing="faithful"`` reproduces the published code's behaviour: each :math:`c_i` is paired with fresh noise
+    rather than the :math:`\xi_i` it was measured with (the code regenerated it from the winner's stream), so mu
+    random-walks and the method is best-of-K MeZO. For comparison only.
+
+    Passes per step (in place): one to the first candidate, one two-seed pass per further candidate (mu cancels),
+    one to :math:`\theta - \epsilon z_{i^*}`, one reduction for the projection (reads mu) and a final pass that
+    restores theta, updates it and mu, regenerating all K streams in registers. No per-candidate buffers.
+
+    ``step`` returns :math:`\tfrac12(f_{i^*} + f_-)`, the loss at theta to :math:`O(\epsilon^2)`, as a device
+    tensor. Non-finite losses restore theta and skip the update on the device; the warning, ``nonfinite_steps``
+    and the trajectory's floats are settled when read (``opt.trajectory``), not every step.
+
+    State and extra memory per trainable element: ``state[p]["mu"]`` (float32, shaped like p): 4 bytes; plus 4
+    with momentum (``momentum_buffer``) or 8 with Adam (``exp_avg``, ``exp_avg_sq``). In exact mode (16-bit
+    default), a transient perturbed copy of the parameter an op is using, as :class:`ZOSGD`.
+
+    Args:
+        params: parameters or param groups; a group may set ``lr``, ``eps``, ``weight_decay``, ``sigma``,
+            ``mu_lr``, ``betas``, ``adam_eps``.
+        lr: :math:`\eta` (default 1e-6). eps: :math:`\epsilon` (default 1e-3). weight_decay: :math:`\lambda`.
+        k: K candidates per step (default 5).
+        sigma: std of the policy's noise (default 1: with mu = 0, z is MeZO's).
+        mu_lr: :math:`\eta_\mu` (default 1e-3).
+        mu_norm: :math:`\rho`, the bound on :math:`\lVert\mu\rVert/(\sigma\sqrt d)` (default 1).
+        update: ``"sgd"`` (with ``momentum``) or ``"adam"`` (with ``betas``, ``adam_eps``).
+        pairing: ``"evaluated"`` (default, correct) or ``"faithful"`` (the published behaviour).
+        Other arguments as :class:`ZOSGD` (``distribution``, ``seed``, ``backend``, ``perturbation``, ...).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        k: int = 5,
+        sigma: float = 1.0,
+        mu_lr: float = 1e-3,
+        mu_norm: float = 1.0,
+        update: str = "sgd",
+        momentum: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        pairing: str = "evaluated",
+        distribution: str = "gaussian",
+        seed: int | None = None,
+        backend: str | None = None,
+        seed_check_every: int = 100,
+        perturbation: str = "auto",
+        rounding: str = "auto",
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer (candidates per step), got {k!r}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {', '.join(map(repr, UPDATES))}, got {update!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {', '.join(map(repr, PAIRINGS))}, got {pairing!r}")
+        _check_number("mu_norm", mu_norm, 0.0, True)
+        _check_number("momentum", momentum, 0.0, False)
+        if momentum >= 1:
+            raise ValueError(f"invalid momentum: {momentum} (must be in [0, 1))")
+        if momentum and update == "adam":
+            raise ValueError("momentum is for update='sgd'; Adam's first moment is set by betas")
+        self.k, self.update, self.pairing = k, update, pairing
+        self.mu_norm, self.momentum = float(mu_norm), float(momentum)
+        self._rule = "adam" if update == "adam" else ("momentum" if momentum else "sgd")
+        self._unsettled: list[dict[str, Any]] = []
+        self._nonfinite = 0
+        self._position: list[float] | torch.Tensor | None = None  # where theta is displaced to, see _move_to
+        self._candidates: list[int] = []
+        defaults = dict(
+            lr=lr, eps=eps, weight_decay=weight_decay, sigma=sigma, mu_lr=mu_lr, betas=tuple(betas), adam_eps=adam_eps
+        )
+        super().__init__(
+            params,
+            defaults,
+            seed=seed,
+            distribution=distribution,
+            backend=backend,
+            seed_check_every=seed_check_every,
+            perturbation=perturbation,
+            rounding=rounding,
+        )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        _check_number("sigma", group["sigma"], 0.0, True)
+        _check_number("mu_lr", group["mu_lr"], 0.0, False)
+        _check_number("adam_eps", group["adam_eps"], 0.0, True)
+        betas = group["betas"]
+        if len(betas) != 2 or not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
+            raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
+
+    def _extra_group_keys(self) -> tuple[str, ...]:
+        return ("sigma", "mu_lr", "betas", "adam_eps")
+
+    def options(self) -> dict[str, Any]:
+        return dict(
+            super().options(),
+            k=self.k,
+            mu_norm=self.mu_norm,
+            update=self.update,
+            momentum=self.momentum,
+            pairing=self.pairing,
+        )
+
+    # ---------------------------------------------------------------------------------------------------- layout
+
+    def _chunks(self) -> list[tuple[int, dict[str, Any], list[torch.Tensor], list[int]]]:
+        """(group index, group, parameters, offsets) per param group and device: one pass call each."""
+        out = []
+        for index, (group, params, offsets) in enumerate(self._groups_layout()):
+            by_device: dict[torch.device, tuple[list, list]] = {}
+            for p, b in zip(params, offsets):
+                entry = by_device.setdefault(p.device, ([], []))
+                entry[0].append(p)
+                entry[1].append(b)
+            out.extend((index, group, ps, bs) for ps, bs in by_device.values())
+        return out
+
+    def _init_state(self) -> None:
+        for _, params, _ in self._groups_layout():
+            for p in params:
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                for key in (("momentum_buffer",) if self._rule == "momentum" else ()) + (
+                    ("exp_avg", "exp_avg_sq") if self._rule == "adam" else ()
+                ):
+                    if key not in state:
+                        state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                if self._rule == "adam" and "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+
+    def _mus(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.state[p]["mu"] for p in params]
+
+    def _rule_states(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+        keys = {"sgd": (), "momentum": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}[self._rule]
+        assert len(keys) == STATES_PER_RULE[self._rule]
+        return [tuple(self.state[p][key] for key in keys) for p in params]
+
+    # ---------------------------------------------------------------------------------------------- displacement
+
+    def _row(self, position, group: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The coefficients [mu, xi_1..xi_K] of theta's displacement eps (u_0 mu + sigma sum_i u_i xi_i)."""
+        eps, sigma = group["eps"], group["sigma"]
+        if isinstance(position, list):
+            return torch.tensor([eps * position[0], *(eps * sigma * u for u in position[1:])], device=device)
+        scale = torch.full_like(position, eps * sigma)
+        scale[0] = eps
+        return (position * scale).to(device, torch.float32)
+
+    def _move_to(self, position) -> None:
+        """Displace theta to ``position`` = [u_0, u_1..u_K] (a list of floats, or a float64 device tensor): the
+        perturbation eps (u_0 mu + sigma sum_i u_i xi_i). In exact mode only the bookkeeping changes."""
+        previous = self._position
+        self._position = position
+        if self._exact_now:
+            return
+        if isinstance(previous, list) and isinstance(position, list):
+            delta = [a - b for a, b in zip(position, previous)]
+            changed = [i for i, d in enumerate(delta) if d]
+            if 0 not in changed and len(changed) <= 2:  # a candidate switch: mu cancels, one two-seed pass
+                self._two_seed_move(changed, [delta[i] for i in changed])
+                return
+        else:
+            delta = _as_tensor(position, like=previous) - _as_tensor(previous, like=position)
+        for _, group, params, offsets in self._chunks():
+            coef = self._row(delta, group, params[0].device)
+            passes.move_(
+                [p.data for p in params], self._mus(params), offsets, self._candidates, coef, **self._pass_options()
+            )
+
+    def _two_seed_move(self, changed: list[int], deltas: list[float]) -> None:
+        for _, group, params, offsets in self._chunks():
+            scale = group["eps"] * group["sigma"]
+            seeds = [self._candidates[i - 1] for i in changed]
+            data = [p.data for p in params]
+            kwargs = dict(offsets=offsets, distribution=self.distribution, backend=self.backend)
+            if len(changed) == 2:
+                ops.two_seed_(data, seeds[0], scale * deltas[0], seeds[1], scale * deltas[1], **kwargs)
+            else:
+                ops.perturb_(data, seeds[0], scale * deltas[0], **kwargs)
+
+    def _pass_options(self) -> dict[str, Any]:
+        return dict(distribution=self.distribution, backend=self.backend)
+
+    def _undo_displacement(self) -> None:
+        if self._position is not None and not self._exact_now:
+            self._move_to([0.0] * (self.k + 1))
+        self._position = None
+
+    def _perturbed_view(self) -> PerturbedView:
+        uses = {
+            id(p): _Use(p, offset, index, group)
+            for index, group, params, offsets in self._chunks()
+            for p, offset in zip(params, offsets)
+        }
+        return _LDSDView(uses, self)
+
+    def perturbed(self, seed: int, scale: float = 1.0):
+        raise NotImplementedError("LDSD's directions depend on its learned mean: drive it with step(closure)")
+
+    # --------------------------------------------------------------------------------------------------- step
+
+    def _device_losses(self, values: list) -> torch.Tensor:
+        return _distributed.mean_across_ranks_on_device(values, self._step_device())
+
+    def _step_device(self) -> torch.device:
+        return self._chunks()[0][2][0].device
+
+    def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        if not self._chunks():
+            raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
+        k = self.k
+        self._init_state()
+        self._candidates = [seeds_.probe_seed(seed, i) for i in range(k)]
+        paired = self._candidates
+        if self.pairing == "faithful":
+            paired = [seeds_.probe_seed(seed, k + i) for i in range(k)]
+        self._position = [0.0] * (k + 1)
+        values = []
+        for i in range(k):
+            self._move_to([1.0] + [1.0 if j == i else 0.0 for j in range(k)])
+            values.append(evaluate())
+        losses = self._device_losses(values)
+        best = torch.argmin(torch.nan_to_num(losses, nan=math.inf))
+        onehot = (torch.arange(k, device=losses.device) == best).to(torch.float64)
+        self._move_to(torch.cat((losses.new_full((1,), -1.0), -onehot)))
+        f_minus = self._device_losses([evaluate()])[0]
+        f_plus = losses.gather(0, best.view(1))[0]
+        ok = torch.isfinite(losses).all() & torch.isfinite(f_minus)
+        advantages = (k * losses - losses.sum()) / (k - 1) if k > 1 else torch.zeros_like(losses)
+        grads = self._final_pass(onehot, f_plus - f_minus, advantages, paired, ok)
+        return dict(
+            losses=torch.cat((losses, f_minus.view(1))),
+            projected_grad=grads,
+            loss=0.5 * (f_plus + f_minus),
+            best=best,
+            skipped=~ok,
+        )
+
+    def _final_pass(self, onehot, difference, advantages, paired, ok) -> torch.Tensor:
+        k, streams = self.k, list(self._candidates)
+        if self.pairing == "faithful":
+            streams += paired
+        restore = torch.zeros(k + 1, dtype=torch.float64, device=onehot.device)
+        if not self._exact_now:
+            restore = -_as_tensor(self._position, like=onehot)
+        self._position = None
+        sizes = self._group_sizes()
+        grads = []
+        rounding = self._update_rounding()
+        adam_steps = self._advance_adam_steps(ok)
+        for index, group, params, offsets in self._chunks():
+            device = params[0].device
+            eps, sigma = group["eps"], group["sigma"]
+            g = difference / (2 * eps)
+            if len(grads) <= index:
+                grads.append(g)
+            # Rows over [mu, candidates..., (faithful) paired...].
+            pad = [0.0] * (len(streams) - k)
+            p_row = _cat(self._row(restore, group, device), pad, device)
+            d_row = _cat(torch.cat((g.view(1), g * sigma * onehot)).to(device, torch.float32), pad, device)
+            m_row = self._mu_row(index, group, params, offsets, advantages, paired, sizes[index], device)
+            if self.pairing == "faithful":
+                m_row = torch.cat((m_row[:1], torch.zeros(k, device=device), m_row[1:]))
+            c1 = c2 = torch.ones((), dtype=torch.float32, device=device)
+            if self._rule == "adam":
+                t = adam_steps[device]
+                c1, c2 = 1 - group["betas"][0] ** t, 1 - group["betas"][1] ** t
+            coef = torch.cat((p_row, d_row, m_row, torch.stack((ok.to(device, torch.float32), c1, c2))))
+            assert coef.numel() == final_layout(len(streams))["size"]
+            passes.final_(
+                [p.data for p in params],
+                self._mus(params),
+                self._rule_states(params),
+                offsets,
+                streams,
+                coef,
+                backend=self.backend,
+                rounding_seed=rounding.get("rounding_seed"),
+                rule=self._rule,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum=self.momentum,
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                adam_eps=group["adam_eps"],
+                distribution=self.distribution,
+            )
+        return torch.stack(grads)
+
+    def _mu_row(self, index, group, params, offsets, advantages, paired, size, device) -> torch.Tensor:
+        """[scale, scale * e_1..e_K] with e_i = -mu_lr c_i / (K sigma) and scale the projection onto the ball."""
+        mu_lr, sigma = group["mu_lr"], group["sigma"]
+        if mu_lr == 0.0 or self.k == 1:
+            return torch.cat((torch.ones(1, device=device), torch.zeros(self.k, device=device)))
+        raw = torch.cat((advantages.new_ones(1), -mu_lr * advantages / (self.k * sigma))).to(device, torch.float32)
+        squared = sum(
+            passes.squared_norm(self._mus(ps), bs, paired, raw.to(ps[0].device), **self._pass_options()).to(device)
+            for i, _, ps, bs in self._chunks()
+            if i == index
+        )
+        radius = self.mu_norm * sigma * math.sqrt(size)
+        scale = torch.clamp(radius / torch.sqrt(squared), max=1.0).to(torch.float32)
+        return raw * scale
+
+    def _group_sizes(self) -> list[int]:
+        return [sum(p.numel() for p in params) for _, params, _ in self._groups_layout()]
+
+    def _advance_adam_steps(self, ok: torch.Tensor) -> dict[torch.device, torch.Tensor]:
+        """Adam's update count t (skipped steps do not count), per device: one value, shared by all parameters."""
+        if self._rule != "adam":
+            return {}
+        counts = {}
+        for _, _, params, _ in self._chunks():
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(steps, ok.to(params[0].device, torch.float32))
+            counts.setdefault(params[0].device, steps[0])
+        return counts
+
+    # ------------------------------------------------------------------------------------------ lazy settling
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One LDSD step (K + 1 closure calls); returns the loss at theta (see the class doc) as a 0-d float32
+        tensor on the closure's device, without a host sync."""
+        self._require_closure(closure)
+        device = [torch.device("cpu")]
+        seed = self.new_seed()
+        fields = self._take_step(seed, lambda: self._evaluate(closure, device))
+        self._record(seed, fields.pop("losses"), fields)
+        self._unsettled.append(self._trajectory[-1])
+        return fields["loss"].to(device[0], torch.float32)
+
+    def _settle(self) -> None:
+        if not self._unsettled:
+            return
+        records, self._unsettled = self._unsettled, []
+        skipped = []
+        for record in records:
+            for key in ("losses", "projected_grad", "loss", "best", "skipped"):
+                if isinstance(record.get(key), torch.Tensor):
+                    record[key] = record[key].tolist()
+            if record["skipped"]:
+                skipped.append(record["step"])
+        if skipped:
+            self._nonfinite += len(skipped)
+            warnings.warn(
+                f"zokern: non-finite loss at LDSD step(s) {skipped}; parameters restored, updates skipped "
+                f"({self._nonfinite} skipped so far)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def nonfinite_steps(self) -> int:
+        self._settle()
+        return self._nonfinite
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self._nonfinite = value
+
+    def state_dict(self) -> dict[str, Any]:
+        self._settle()
+        return super().state_dict()
+
+
+class _Use:
+    __slots__ = ("group", "offset", "param", "settings")
+
+    def __init__(self, param: torch.Tensor, offset: int, group: int, settings: dict[str, Any]) -> None:
+        self.param, self.offset, self.group, self.settings = param, offset, group, settings
+
+
+class _LDSDView(PerturbedView):
+    """The exact mode's view for LDSD: each parameter an op receives is theta + eps (u_0 mu + sigma sum u_i xi_i),
+    materialised by the LDSD move pass from the optimizer's current position."""
+
+    def __init__(self, uses: dict[int, _Use], optimizer: LDSD) -> None:
+        self.optimizer = optimizer
+        super().__init__(uses, {}, {})
+
+    def materialise(self, uses: list[_Use]) -> list[torch.Tensor]:
+        opt = self.optimizer
+        outs = [use.param.detach().clone() for use in uses]
+        coef = opt._row(opt._position, uses[0].settings, outs[0].device)
+        mus = opt._mus([use.param for use in uses])
+        passes.move_(outs, mus, [use.offset for use in uses], opt._candidates, coef, **opt._pass_options())
+        return outs
+
+
+def _as_tensor(position, like: torch.Tensor | list | None = None) -> torch.Tensor | list[float]:
+    """A position as a float64 tensor when either side already is one (on its device), else the list itself."""
+    if isinstance(position, torch.Tensor):
+        return position
+    if isinstance(like, torch.Tensor):
+        return torch.tensor(position, dtype=torch.float64, device=like.device)
+    return list(position)
+
+
+def _cat(row: torch.Tensor, pad: list[float], device: torch.device) -> torch.Tensor:
+    if not pad:
+        return row
+    return torch.cat((row, torch.tensor(pad, dtype=torch.float32, device=device)))
