@@ -54,3 +54,11 @@ def test_plot_of_step_results(tmp_path):
     out = tmp_path / "plot.png"
     _run("benchmarks.plot_step", "--device", "cuda", "--data", str(data), "--out", str(out))
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_ldsd_overhead_benchmark_times_every_method():
+    text = _run(
+        "benchmarks.ldsd", "--shapes", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--no-append"
+    )
+    for method in ("device copy", "zokern LDSD, K=5", "prediction", "zokern ZO-SGD", "MeZO published step"):
+        assert f"| {method}" in text or f"|   {method}" in text, method

@@ -35,9 +35,9 @@ def test_demo_runs_the_preference_pipeline(tmp_path):
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("datasets")
     out = tmp_path / "run"
-    text = _run("demo", "--out", str(out), "--forwards", "8", "--methods", "zopro,mezo,rloo", "--seed", "1")
+    text = _run("demo", "--out", str(out), "--forwards", "8", "--methods", "zopro,mezo,ldsd", "--seed", "1")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in records} == {"zopro", "mezo", "rloo"}
+    assert {r["method"] for r in records} == {"zopro", "mezo", "ldsd"}
     assert all({"method", "step", "reward", "seconds", "forwards"} <= set(r) for r in records)
     assert (out / "reward.png").read_bytes().startswith(b"\x89PNG")
     assert "judged reward on" in text

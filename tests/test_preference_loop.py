@@ -69,9 +69,9 @@ def test_reward_model_training_lowers_its_loss_and_ranks_pairs(world):
     assert (chosen > rejected).float().mean() > 0.8
 
 
-@pytest.mark.parametrize("method", ["zopro", "mezo", "rloo"])
+@pytest.mark.parametrize("method", ["zopro", "mezo", "rloo", "ldsd"])
 def test_every_method_runs_and_records(world, method):
-    config = LoopConfig(forwards=8, steps_per_iteration=2, eval_every=4, eval_prompts=8, rm_steps=2)
+    config = LoopConfig(forwards=8, steps_per_iteration=2, eval_every=4, eval_prompts=8, rm_steps=2, ldsd_k=3)
     records = run(
         method,
         copy.deepcopy(world["policy"]),

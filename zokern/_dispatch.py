@@ -61,7 +61,7 @@ def available_backends() -> list[str]:
 _MODULES = {
     "torch": ("zokern._reference", "zokern._ldsd_reference"),
     "triton": ("zokern.kernels.zo_pass", "zokern.kernels.ldsd_pass"),
-    "cpu": ("zokern._native",),
+    "cpu": ("zokern._native", "zokern._native_ldsd"),
     "cuda": ("zokern._native",),
 }
 

@@ -447,14 +447,17 @@ class _LDSDView(PerturbedView):
 
     def __init__(self, uses: dict[int, _Use], optimizer: LDSD) -> None:
         self.optimizer = optimizer
+        self.rows: dict[tuple[int, torch.device], torch.Tensor] = {}  # one evaluation, one position: rows reused
         super().__init__(uses, {}, {})
 
     def materialise(self, uses: list[_Use]) -> list[torch.Tensor]:
         opt = self.optimizer
         outs = [use.param.detach().clone() for use in uses]
-        coef = opt._row(opt._position, uses[0].settings, outs[0].device)
+        key = (uses[0].group, outs[0].device)
+        if key not in self.rows:
+            self.rows[key] = opt._row(opt._position, uses[0].settings, outs[0].device)
         mus = opt._mus([use.param for use in uses])
-        passes.move_(outs, mus, [use.offset for use in uses], opt._candidates, coef, **opt._pass_options())
+        passes.move_(outs, mus, [use.offset for use in uses], opt._candidates, self.rows[key], **opt._pass_options())
         return outs
 
 

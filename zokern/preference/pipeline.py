@@ -21,6 +21,7 @@ from zokern.preference.data import SentimentJudge
 from zokern.preference.data import WordTokenizer
 from zokern.preference.data import load_rows
 from zokern.preference.data import make_demo_data
+from zokern.preference.loop import DEFAULT_METHODS
 from zokern.preference.loop import METHODS
 from zokern.preference.loop import LoopConfig
 from zokern.preference.loop import run
@@ -30,7 +31,9 @@ from zokern.preference.models import pretrain
 from zokern.preference.models import train_reward_model
 
 
-def run_pipeline(out: Path, seed: int = 0, forwards: int = 600, methods: tuple[str, ...] = METHODS) -> list[dict]:
+def run_pipeline(
+    out: Path, seed: int = 0, forwards: int = 600, methods: tuple[str, ...] = DEFAULT_METHODS
+) -> list[dict]:
     import datasets
     from tqdm.auto import tqdm
 
@@ -103,7 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--forwards", type=int, default=600, help="policy-loss forwards per method (default 600)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+    )
 
 
 def run_dpo(data: Path, out: Path, seed: int = 0, steps: int = 200) -> list[dict]:

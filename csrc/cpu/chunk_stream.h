@@ -1,0 +1,193 @@
+// The CPU kernels' stream generation, shared by the fused pass (zo_pass.cpp) and the LDSD passes (ldsd_pass.cpp):
+// the global index space is walked in chunks of kChunk indices aligned to kChunk, and each chunk's slice of a stream
+// is generated into a small buffer by structure-of-arrays Philox batches that vectorise.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <zokern/stream.h>
+
+namespace zokern {
+namespace cpu {
+// A task is a chunk of kChunk consecutive global indices aligned to kChunk: a multiple of 128, so each Philox block
+// of every stream lies in one chunk, and the chunk's z, second z and rounding integers (10 KiB) stay in L1.
+constexpr int64_t kChunk = 1024;
+constexpr int64_t kMaxBlocks = kChunk >> kGaussianLog2;  // Philox blocks per chunk, 8-element streams
+constexpr int64_t kGrainChunks = 16;                     // 16 Ki elements per parallel_for task at least
+
+// r depends only on the low 16 bits of a word and (cos, sin) only on the high 16 bits. Tabulating the header's own
+// functions keeps the CPU's z bit-identical to evaluating them, for two L2 lookups per pair instead of three libm
+// calls.
+struct GaussianTables {
+  float radius[1 << 16];
+  float cos_sin[1 << 16][2];
+
+  GaussianTables() {
+    for (uint32_t v = 0; v < (1u << 16); ++v) {
+      radius[v] = gaussian_radius(v);
+      gaussian_sincos(v, &cos_sin[v][1], &cos_sin[v][0]);
+    }
+  }
+};
+
+inline const GaussianTables& gaussian_tables() {
+  static const GaussianTables tables;
+  return tables;
+}
+
+// Inlined into process_chunk, so that they are compiled for each of its target clones.
+#if defined(_MSC_VER)
+#define ZK_INLINE __forceinline
+#else
+#define ZK_INLINE inline __attribute__((always_inline))
+#endif
+
+// Structure of arrays, so that the ten rounds vectorise across blocks.
+struct BlockWords {
+  alignas(64) uint32_t w[4][kMaxBlocks];
+};
+
+ZK_INLINE void philox_blocks(uint64_t seed, uint32_t domain, uint64_t first, int64_t count, BlockWords& out) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  // 32-bit counter arithmetic (with the carry) keeps the loop in 32-bit lanes.
+  const uint32_t n_lo = static_cast<uint32_t>(first), n_hi = static_cast<uint32_t>(first >> 32);
+  for (int32_t b = 0; b < static_cast<int32_t>(count); ++b) {
+    const uint32_t c0 = n_lo + static_cast<uint32_t>(b);
+    const uint32_t c1 = n_hi + (c0 < n_lo ? 1u : 0u);
+    const Philox4 r = philox4x32_10(c0, c1, domain, 0u, k0, k1);
+    out.w[0][b] = r.x[0];
+    out.w[1][b] = r.x[1];
+    out.w[2][b] = r.x[2];
+    out.w[3][b] = r.x[3];
+  }
+}
+
+// The fill_* functions write the elements of the whole Philox blocks that cover global indices [lo, last] into
+// buf[i - chunk_begin]; those blocks lie inside the chunk [chunk_begin, chunk_begin + kChunk).
+
+ZK_INLINE void fill_gaussian(uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, float* buf,
+                          BlockWords& words) {
+  const int64_t first = lo >> kGaussianLog2, count = (last >> kGaussianLog2) - first + 1;
+  philox_blocks(seed, kDomainGaussian, first, count, words);
+  const GaussianTables& tab = gaussian_tables();
+  float* out = buf + ((first << kGaussianLog2) - chunk_begin);
+  for (int64_t b = 0; b < count; ++b) {
+    for (int p = 0; p < 4; ++p) {
+      const uint32_t w = words.w[p][b];
+      const float r = tab.radius[w & 0xFFFFu];
+      const float* cs = tab.cos_sin[w >> 16];
+      out[8 * b + 2 * p] = r * cs[0];
+      out[8 * b + 2 * p + 1] = r * cs[1];
+    }
+  }
+}
+
+ZK_INLINE void fill_rademacher(uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, float* buf,
+                               BlockWords& words) {
+  const int64_t first = lo >> kRademacherLog2, count = (last >> kRademacherLog2) - first + 1;
+  philox_blocks(seed, kDomainRademacher, first, count, words);
+  float* out = buf + ((first << kRademacherLog2) - chunk_begin);
+  for (int64_t b = 0; b < count; ++b) {
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t w = words.w[q][b];
+      float* o = out + 128 * b + 32 * q;
+      for (uint32_t e = 0; e < 32; ++e) o[e] = bits_float(0x3F800000u | (((w >> e) & 1u) << 31));
+    }
+  }
+}
+
+ZK_INLINE void fill_z(int64_t domain, uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, float* buf,
+                   BlockWords& words) {
+  if (domain == kDomainGaussian) {
+    fill_gaussian(seed, chunk_begin, lo, last, buf, words);
+  } else {
+    fill_rademacher(seed, chunk_begin, lo, last, buf, words);
+  }
+}
+
+ZK_INLINE void fill_rounding(uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, uint16_t* buf,
+                             BlockWords& words) {
+  const int64_t first = lo >> kRoundingLog2, count = (last >> kRoundingLog2) - first + 1;
+  philox_blocks(seed, kDomainRounding, first, count, words);
+  uint16_t* out = buf + ((first << kRoundingLog2) - chunk_begin);
+  for (int64_t b = 0; b < count; ++b) {
+    for (int p = 0; p < 4; ++p) {
+      const uint32_t w = words.w[p][b];
+      out[8 * b + 2 * p] = static_cast<uint16_t>(w);
+      out[8 * b + 2 * p + 1] = static_cast<uint16_t>(w >> 16);
+    }
+  }
+}
+
+// x86-64's baseline, SSE2, has no vector 32x32->64-bit multiply that the vectoriser can use for Philox: AVX2 and
+// AVX-512 (x86-64-v4) clones, picked at load time, run the Philox batches 8 or 16 blocks at a time (1.4x and 3.6x
+// the SSE2 throughput on an AMD EPYC). setup.py compiles with -ffp-contract=off, so x86-64-v4's FMA leaves the
+// pass's float operations separately rounded.
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define ZK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__ELF__) && defined(__clang__) && __clang_major__ >= 14
+#define ZK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ZK_CPU_CLONES
+#endif
+
+// One tensor's share of the pass: its chunks are tasks task_begin, task_begin + 1, ... of one flat task list.
+struct Job {
+  void* data;
+  int64_t index;        // position in the call's tensor list
+  int64_t base;
+  int64_t last;         // global index of the last element
+  int64_t first_chunk;  // global chunk number of the first element
+  int64_t task_begin;   // this tensor's first task in the flattened task list
+};
+
+// The jobs of the non-empty tensors; *n_tasks receives the number of chunks, all tensors together.
+inline std::vector<Job> chunk_jobs(at::TensorList tensors, at::IntArrayRef bases, int64_t* n_tasks) {
+  std::vector<Job> jobs;
+  jobs.reserve(tensors.size());
+  *n_tasks = 0;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const int64_t numel = tensors[k].numel();
+    if (numel == 0) continue;
+    const int64_t last = bases[k] + (numel - 1);
+    const int64_t first_chunk = bases[k] / kChunk;
+    jobs.push_back({tensors[k].data_ptr(), static_cast<int64_t>(k), bases[k], last, first_chunk, *n_tasks});
+    *n_tasks += last / kChunk - first_chunk + 1;
+  }
+  return jobs;
+}
+
+// Calls f(job, chunk_begin, task) for every task, spread over threads by at::parallel_for.
+template <class F>
+void parallel_chunks(const std::vector<Job>& jobs, int64_t n_tasks, F&& f) {
+  at::parallel_for(0, n_tasks, kGrainChunks, [&](int64_t begin, int64_t end) {
+    // The last job starting at or before `begin`; empty tensors own no task and are never jobs.
+    size_t k = std::upper_bound(jobs.begin(), jobs.end(), begin,
+                                [](int64_t task, const Job& job) { return task < job.task_begin; }) -
+               jobs.begin() - 1;
+    for (int64_t task = begin; task < end; ++task) {
+      while (k + 1 < jobs.size() && jobs[k + 1].task_begin <= task) ++k;
+      const Job& job = jobs[k];
+      f(job, (job.first_chunk + (task - job.task_begin)) * kChunk, task);
+    }
+  });
+}
+
+// Calls f(std::bool_constant<v>{}): turns a runtime flag into a template argument.
+template <class F>
+void with_flag(bool v, F&& f) {
+  if (v) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+}  // namespace cpu
+}  // namespace zokern
