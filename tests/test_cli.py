@@ -40,6 +40,7 @@ def test_demo_runs_the_preference_pipeline(tmp_path):
     assert {r["method"] for r in records} == {"zopro", "mezo", "ldsd"}
     assert all({"method", "step", "reward", "seconds", "forwards"} <= set(r) for r in records)
     assert (out / "reward.png").read_bytes().startswith(b"\x89PNG")
+    assert "ldsd_interplay.png" in (out / "viz" / "index.html").read_text()  # the run's sketch plots
     assert "judged reward on" in text
 
 

@@ -87,6 +87,24 @@ def test_every_method_runs_and_records(world, method):
     assert records[-1]["seconds"] >= records[0]["seconds"]
 
 
+def test_the_loop_records_sketches_of_both_models_every_iteration(world, tmp_path):
+    from zokern.preference.sketch import SketchRecorder
+    from zokern.preference.viz import interplay
+    from zokern.preference.viz import load
+
+    config = LoopConfig(forwards=60, steps_per_iteration=10, eval_every=60, eval_prompts=4, rm_steps=2)
+    recorder = SketchRecorder(tmp_path / "sketches.jsonl", k=64)
+    policy = copy.deepcopy(world["policy"])
+    args = (world["reward_model"], world["tokenizer"], world["train"], world["heldout"], world["judge"], config)
+    run("zopro", policy, *args, recorder=recorder)
+    models = load(tmp_path)["zopro"]
+    assert [p["iteration"] for p in models["policy"]] == [0, 1, 2, 3]
+    assert [p["gamma"] for p in models["policy"]] == pytest.approx([0.0, 0.0, config.gamma0 * 2 / 3, config.gamma0 / 3])
+    assert models["policy"][0]["names"] == models["reward"][0]["names"] == ["model.decoder.embed_tokens.weight"]
+    rows = interplay(models)
+    assert len(rows) == 3 and all(r["policy_update_norm"] > 0 and r["reward_update_norm"] > 0 for r in rows)
+
+
 def test_zopro_raises_the_judged_reward_beyond_the_seed_spread(world):
     records = run(
         "zopro",

@@ -3,6 +3,7 @@
 - `zokern demo`: the main job, the preference pipeline on the CPU (data, policy, reward model; ZOPrO against the
   MeZO direction and first-order RLOO), with metrics and plots in an output directory;
 - `zokern dpo --data FILE`: offline ZO-DPO on a preference dataset;
+- `zokern viz RUN_DIR`: plots of the policy–reward interplay from the sketches a run recorded;
 - `zokern quickstart`: a small ZO fine-tune with ZOSGD, and its step timed against MeZO's published loop;
 - `zokern info`: the version, the stream version and the backends this install can run.
 """
@@ -58,6 +59,7 @@ def _dpo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from zokern import demo
     from zokern.preference import pipeline
+    from zokern.preference import viz
 
     parser = argparse.ArgumentParser(prog="zokern", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     dpo = commands.add_parser("dpo", help="offline ZO-DPO on a preference dataset (prompt, chosen, rejected)")
     pipeline.add_dpo_arguments(dpo)
     dpo.set_defaults(run=_dpo)
+    viz_parser = commands.add_parser("viz", help="policy-reward interplay plots from a run's sketches")
+    viz.add_arguments(viz_parser)
+    viz_parser.set_defaults(run=viz.run_command)
     quick = commands.add_parser("quickstart", help="a small zeroth-order fine-tune with the fused kernels")
     demo.add_arguments(quick)
     quick.set_defaults(run=_quickstart)

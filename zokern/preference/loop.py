@@ -34,6 +34,7 @@ from zokern.preference.models import reward_scores
 from zokern.preference.models import sample
 from zokern.preference.models import train_reward_model
 from zokern.preference.optim import ZOPrO
+from zokern.preference.sketch import SketchRecorder
 
 METHODS = ("zopro", "mezo", "rloo", "ldsd")
 DEFAULT_METHODS = ("zopro", "mezo", "rloo")  # the demo's comparison; LDSD on request (--methods ...,ldsd)
@@ -116,10 +117,12 @@ def run(
     judge: Judge,
     config: LoopConfig,
     log: Callable[[dict], None] = lambda record: None,
+    recorder: SketchRecorder | None = None,
 ) -> list[dict]:
     """Train ``policy`` (in place) with ``method``; returns the evaluation records (method, step, forwards,
     seconds, reward) and passes each to ``log`` as it is made. ``policy`` and ``reward_model`` are the starting
-    models; the reference is a frozen copy of the policy."""
+    models; the reference is a frozen copy of the policy. With a ``recorder``, the policy's trainable tensors and
+    the reward model's tensors of the same names are sketched at the start and after every iteration."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     reference = copy.deepcopy(policy).eval()
@@ -164,8 +167,20 @@ def run(
         )
         log(records[-1])
 
+    def sketch(iteration: int, gamma: float | None) -> None:
+        if recorder is None:
+            return
+        trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+        shared = [
+            (n, p) for n, p in reward_model.named_parameters() if n in trainable and p.shape == trainable[n].shape
+        ]
+        recorder.record(method, "policy", list(trainable.items()), iteration, step, gamma)
+        recorder.record(method, "reward", shared, iteration, step, gamma)
+
     evaluate(0)
     step = 0
+    gamma = 0.0 if method == "zopro" else None  # ZOPrO's first iteration explores without a previous update
+    sketch(0, gamma)
     for iteration in range(iterations):
         policy_start, rm_start = _named(policy), _named(reward_model)
         for _ in range(min(steps_per_iteration, steps - step)):
@@ -187,10 +202,11 @@ def run(
         pairs = _judged_pairs(policy, tokenizer, [train_prompts[r] for r in rows], judge, config, seed=10_000 + step)
         if pairs:
             train_reward_model(reward_model, tokenizer, pairs, steps=config.rm_steps, batch=len(pairs), seed=step)
+        sketch(iteration + 1, gamma)  # gamma: the weight of the previous update during this iteration
         if method == "zopro":
-            optimizer.set_direction(
-                _zopro_direction(policy, policy_start, reward_model, rm_start, config, iteration, iterations)
-            )
+            direction = _zopro_direction(policy, policy_start, reward_model, rm_start, config, iteration, iterations)
+            optimizer.set_direction(direction)
+            gamma = direction.gamma
     if not records or records[-1]["step"] != step:
         evaluate(step)
     return records

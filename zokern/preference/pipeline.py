@@ -6,7 +6,8 @@
 3. Run ZOPrO, the MeZO direction and first-order RLOO from that same start, for the same number of policy-loss
    forwards, each judged on held-out prompts as it goes.
 4. Write ``metrics.jsonl`` (one record per evaluation: method, step, forwards, seconds, reward) and ``reward.png``
-   (judged reward against policy-loss forwards and against seconds).
+   (judged reward against policy-loss forwards and against seconds), and ``sketches.jsonl`` (count-sketches of the
+   policy and the reward model after every iteration) with its plots in ``viz/`` (see ``zokern viz``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from zokern.preference.models import new_policy
 from zokern.preference.models import new_reward_model
 from zokern.preference.models import pretrain
 from zokern.preference.models import train_reward_model
+from zokern.preference.sketch import SketchRecorder
+from zokern.preference.viz import make_plots
 
 
 def run_pipeline(
@@ -57,6 +60,8 @@ def run_pipeline(
     heldout = [p["prompt"] for p in prompts if p["split"] == "heldout"]
     judge = SentimentJudge()
     config = LoopConfig(forwards=forwards, seed=seed)
+    (out / "sketches.jsonl").unlink(missing_ok=True)
+    recorder = SketchRecorder(out / "sketches.jsonl", k=512, seed=seed)
     records: list[dict] = []
     with (out / "metrics.jsonl").open("w") as metrics:
         for method in methods:
@@ -68,14 +73,19 @@ def run_pipeline(
                 bar.update(record["forwards"] - bar.n)
                 bar.set_postfix(reward=f"{record['reward']:.3f}")
 
-            records += run(method, copy.deepcopy(policy), reward_model, tokenizer, train, heldout, judge, config, log)
+            records += run(
+                method, copy.deepcopy(policy), reward_model, tokenizer, train, heldout, judge, config, log, recorder
+            )
             bar.close()
     plot_rewards(records, out / "reward.png")
+    page = make_plots(out)
     print(f"\njudged reward on {config.eval_prompts} held-out prompts (VADER compound, -1..1):")
     for method in methods:
         mine = [r for r in records if r["method"] == method]
         print(f"  {method:5s} {mine[0]['reward']:+.3f} -> {mine[-1]['reward']:+.3f} in {mine[-1]['seconds']:.1f} s")
-    print(f"wrote {out / 'metrics.jsonl'} and {out / 'reward.png'} ({time.perf_counter() - begin:.0f} s in all)")
+    print(
+        f"wrote {out / 'metrics.jsonl'}, {out / 'reward.png'} and {page} ({time.perf_counter() - begin:.0f} s in all)"
+    )
     return records
 
 

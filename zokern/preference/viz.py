@@ -1,0 +1,222 @@
+"""`zokern viz RUN_DIR`: the policy–reward interplay of a run, from the sketches its loop recorded (sketches.jsonl).
+
+Per method, with P_i and R_i the sketches after iteration i (i = 0: the start), the updates are p_i = P_i - P_{i-1}
+and r_i = R_i - R_{i-1} (S is linear). Statistics per iteration: the angle between p_i and the concurrent r_i,
+the angle between consecutive policy updates p_{i-1}, p_i (persistence), the norms of p_i and r_i, and ZOPrO's gamma.
+Plots (PNG) and an HTML page that shows them are written to RUN_DIR/viz (or --out). Trajectories are drawn in 2-D by
+PCA of the sketches; t-SNE is added when scikit-learn is installed. Angles come from the sketches, so they carry the
+sketch's error: a cosine within a few sqrt(2/k) of the exact one (zokern.preference.sketch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+from zokern.preference.sketch import cosine
+
+
+def load(run_dir: Path) -> dict[str, dict[str, list[dict]]]:
+    """method -> model ("policy", "reward") -> the recorded points in iteration order."""
+    path = Path(run_dir) / "sketches.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the loop with a SketchRecorder (zokern demo writes one)")
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            point = json.loads(line)
+            key = (point["method"], point["model"])
+            point["sketch"] = torch.tensor(point["sketch"], dtype=torch.float64)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {number}: not a sketch record ({e})") from None
+        runs.setdefault(key[0], {}).setdefault(key[1], []).append(point)
+    for models in runs.values():
+        for points in models.values():
+            points.sort(key=lambda p: p["iteration"])
+    return runs
+
+
+def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    c = cosine(a, b)
+    return math.nan if math.isnan(c) else math.degrees(math.acos(max(-1.0, min(1.0, c))))
+
+
+def interplay(models: dict[str, list[dict]]) -> list[dict]:
+    """One row per iteration i >= 1: angles (degrees), update norms (sketched) and gamma."""
+    policy, reward = models.get("policy", []), models.get("reward", [])
+    rows = []
+    for i in range(1, min(len(policy), len(reward))):
+        p = policy[i]["sketch"] - policy[i - 1]["sketch"]
+        r = reward[i]["sketch"] - reward[i - 1]["sketch"]
+        previous = policy[i - 1]["sketch"] - policy[i - 2]["sketch"] if i >= 2 else None
+        rows.append(
+            dict(
+                iteration=i,
+                step=policy[i]["step"],
+                gamma=policy[i]["gamma"],
+                policy_reward_angle=_angle(p, r),
+                persistence_angle=math.nan if previous is None else _angle(previous, p),
+                policy_update_norm=float(p.norm()),
+                reward_update_norm=float(r.norm()),
+            )
+        )
+    return rows
+
+
+def summary(rows: list[dict], k: int) -> dict[str, float]:
+    """Median and spread of the policy–reward angles; the share within 10 degrees of orthogonal; the sketch's own
+    spread of angles around 90 degrees (one standard deviation of the cosine, sqrt(1/k))."""
+    angles = [r["policy_reward_angle"] for r in rows if not math.isnan(r["policy_reward_angle"])]
+    persistence = [r["persistence_angle"] for r in rows if not math.isnan(r["persistence_angle"])]
+    if not angles:
+        return {}
+    return dict(
+        iterations=len(angles),
+        median_angle=statistics.median(angles),
+        min_angle=min(angles),
+        max_angle=max(angles),
+        within_10_of_90=sum(80 <= a <= 100 for a in angles) / len(angles),
+        median_persistence=statistics.median(persistence) if persistence else math.nan,
+        sketch_noise_degrees=math.degrees(math.asin(min(1.0, math.sqrt(1.0 / k)))),
+    )
+
+
+def _pca_2d(sketches: torch.Tensor) -> torch.Tensor:
+    centred = sketches - sketches.mean(0, keepdim=True)
+    if sketches.shape[0] < 2:
+        return torch.zeros(sketches.shape[0], 2, dtype=torch.float64)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    basis = v[:2].T if v.shape[0] >= 2 else torch.cat((v.T, torch.zeros_like(v.T)), dim=1)
+    return centred @ basis
+
+
+def make_plots(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the PNG plots and index.html for every method of the run; returns the page's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "viz"
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for method, models in runs.items():
+        rows = interplay(models)
+        k = models["policy"][0]["k"]
+        images = []
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        for ax, model in zip(axes, ("policy", "reward")):
+            points = models.get(model, [])
+            if points:
+                xy = _pca_2d(torch.stack([p["sketch"] for p in points]))
+                ax.plot(xy[:, 0], xy[:, 1], "-", color="0.7", zorder=1)
+                scatter = ax.scatter(xy[:, 0], xy[:, 1], c=[p["iteration"] for p in points], cmap="viridis", zorder=2)
+                fig.colorbar(scatter, ax=ax, label="iteration")
+            ax.set(title=f"{model} trajectory (PCA of sketches)", xlabel="PC 1", ylabel="PC 2")
+        fig.tight_layout()
+        images.append(_save(fig, out / f"{method}_trajectories.png", plt))
+        images += _tsne(models, out / f"{method}_tsne.png", plt)
+
+        if rows:
+            its = [r["iteration"] for r in rows]
+            fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+            ax = axes[0][0]
+            ax.plot(its, [r["policy_reward_angle"] for r in rows], ".-")
+            ax.axhline(90, color="0.5", lw=0.8)
+            ax.set(title="angle(policy update, reward-model update)", xlabel="iteration", ylabel="degrees")
+            ax = axes[0][1]
+            ax.plot(its, [r["persistence_angle"] for r in rows], ".-", color="C1")
+            ax.axhline(90, color="0.5", lw=0.8)
+            ax.set(title="angle(consecutive policy updates)", xlabel="iteration", ylabel="degrees")
+            ax = axes[1][0]
+            ax.semilogy(its, [r["policy_update_norm"] for r in rows], ".-", label="policy")
+            ax.semilogy(its, [r["reward_update_norm"] for r in rows], ".-", label="reward model (shared tensors)")
+            ax.set(title="update norms (sketched)", xlabel="iteration")
+            ax.legend()
+            ax = axes[1][1]
+            angles = [r["policy_reward_angle"] for r in rows if not math.isnan(r["policy_reward_angle"])]
+            low = max(0, math.floor(min(angles, default=90)) - 5)
+            high = min(180, math.ceil(max(angles, default=90)) + 5)
+            ax.hist(angles, bins=max(1, high - low), range=(low, high), color="C2")  # 1-degree bins
+            ax.axvline(90, color="0.5", lw=0.8)
+            if any(r["gamma"] is not None for r in rows):
+                twin = ax.inset_axes([0.62, 0.6, 0.35, 0.35])
+                twin.plot(its, [r["gamma"] or 0.0 for r in rows], color="C3")
+                twin.set_title("ZOPrO gamma", fontsize=8)
+                twin.tick_params(labelsize=7)
+            ax.set(title="policy–reward angles", xlabel="degrees", ylabel="iterations")
+            fig.tight_layout()
+            images.append(_save(fig, out / f"{method}_interplay.png", plt))
+        sections.append((method, summary(rows, k), images))
+    page = out / "index.html"
+    page.write_text(_html(Path(run_dir), sections))
+    (out / "summary.json").write_text(json.dumps({m: s for m, s, _ in sections}, indent=1))
+    return page
+
+
+def _save(fig, path: Path, plt) -> str:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def _tsne(models, path: Path, plt) -> list[str]:
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        return []
+    points = models.get("policy", [])
+    if len(points) < 5:
+        return []
+    xy = TSNE(n_components=2, perplexity=min(5, len(points) - 1), init="pca", random_state=0).fit_transform(
+        torch.stack([p["sketch"] for p in points]).numpy()
+    )
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    ax.scatter(xy[:, 0], xy[:, 1], c=[p["iteration"] for p in points], cmap="viridis")
+    ax.set(title="policy trajectory (t-SNE of sketches; distances, not angles)")
+    return [_save(fig, path, plt)]
+
+
+def _html(run_dir: Path, sections) -> str:
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>zokern viz</title>",
+        "<style>body{font-family:sans-serif;max-width:1150px;margin:auto}td,th{padding:2px 8px}</style>",
+        f"<h1>Policy–reward interplay: {html.escape(str(run_dir))}</h1>",
+    ]
+    for method, stats, images in sections:
+        parts.append(f"<h2>{html.escape(method)}</h2><table>")
+        parts += [f"<tr><th align=left>{html.escape(k)}</th><td>{v:.3g}</td></tr>" for k, v in stats.items()]
+        parts.append("</table>")
+        parts += [f"<p><img src='{html.escape(name)}' style='max-width:100%'></p>" for name in images]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zokern viz", description=__doc__)
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory holding sketches.jsonl (e.g. zokern demo --out)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/viz)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        page = make_plots(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"zokern viz: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {page}")
+    return 0
