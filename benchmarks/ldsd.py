@@ -6,8 +6,8 @@ elements), float32 as the published LDSD runs: zokern's LDSD (K = 5), zokern's Z
 side by side in one run. The published LDSD implementation measured 504.7 ms (full) and 99.2 ms (LoRA) per step on
 an H100 with the same method (docs/optim.md); those numbers are quoted, not re-measured.
 
-Prediction printed beside LDSD: its passes move (8 K + 36) bytes per float32 element (first candidate 12, K - 1
-switches 8 each, the move to theta - eps z 12, the projection's reduction 4, the final pass 16), timed against a
+Prediction printed beside LDSD: its passes move (8 K + 32) bytes per float32 element (first candidate 12, K - 1
+switches 8 each, the move to theta - eps z with the projection's reduction 12, the final pass 16), timed against a
 device copy of the parameters (8 bytes per element) in the same run.
 """
 
@@ -62,7 +62,9 @@ def _copy_ms(numel: int, device: torch.device, steps: int, warmup: int) -> float
     return timed_ms(lambda: target.copy_(source), device, steps, warmup)
 
 
-def measure(shapes: str, device: torch.device, steps: int, warmup: int) -> list[tuple[str, float, str]]:
+def measure(
+    shapes: str, device: torch.device, steps: int, warmup: int, distribution: str = "gaussian"
+) -> list[tuple[str, float, str]]:
     generator = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in SHAPES[shapes]()]
     numel = sum(p.numel() for p in params)
@@ -70,11 +72,13 @@ def measure(shapes: str, device: torch.device, steps: int, warmup: int) -> list[
     rows = []
     copy_ms = _copy_ms(numel, device, steps, warmup)
     rows.append(("device copy of the parameters (8 B/elem)", copy_ms, "bandwidth reference"))
-    ldsd = LDSD(params, lr=1e-7, eps=1e-3, k=K, mu_lr=1e-3, seed=0)
-    rows.append((f"zokern LDSD, K={K}", timed_ms(lambda: ldsd.step(closure), device, steps, warmup), ""))
-    rows.append((f"  prediction: passes at copy bandwidth, {8 * K + 36} B/elem", copy_ms * (8 * K + 36) / 8, ""))
-    zosgd = ZOSGD(params, lr=1e-7, eps=1e-3, seed=0)
-    rows.append(("zokern ZO-SGD", timed_ms(lambda: zosgd.step(closure), device, steps, warmup), ""))
+    ldsd = LDSD(params, lr=1e-7, eps=1e-3, k=K, mu_lr=1e-3, seed=0, distribution=distribution)
+    rows.append(
+        (f"zokern LDSD, K={K}, {distribution}", timed_ms(lambda: ldsd.step(closure), device, steps, warmup), "")
+    )
+    rows.append((f"  prediction: passes at copy bandwidth, {8 * K + 32} B/elem", copy_ms * (8 * K + 32) / 8, ""))
+    zosgd = ZOSGD(params, lr=1e-7, eps=1e-3, seed=0, distribution=distribution)
+    rows.append((f"zokern ZO-SGD, {distribution}", timed_ms(lambda: zosgd.step(closure), device, steps, warmup), ""))
     counter = iter(range(10**9))
     rows.append(
         (
@@ -94,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--distribution", choices=["gaussian", "rademacher"], default="gaussian")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = measure(args.shapes, device, args.steps, args.warmup)
+    rows = measure(args.shapes, device, args.steps, args.warmup, args.distribution)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     command = " ".join(["python -m benchmarks.ldsd", *(argv if argv is not None else sys.argv[1:])])
     text = (

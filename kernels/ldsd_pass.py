@@ -31,7 +31,7 @@ from zokern.kernels.zo_pass import _work_table
 # Fewer elements per program than the fused pass: a program keeps three running sums and up to four loaded tensors.
 GPU_BLOCK = 1024
 INTERPRETER_BLOCK = 8192
-_MODES = {"move": 0, "norm": 1, "final": 2}
+_MODES = {"move": 0, "norm": 1, "final": 2, "move_norm": 3}
 _RULES = {"sgd": 0, "momentum": 1, "adam": 2}
 
 
@@ -118,12 +118,18 @@ def _ldsd_kernel(
         if MODE == 2:
             acc_d = tl.load(coef_ptr + R) * mu
             acc_m = tl.load(coef_ptr + 2 * R) * mu
+        if MODE == 3:  # the move, and the squared norm of a second row (coefficients after the first)
+            acc_m = tl.load(coef_ptr + R) * mu
         for s in tl.static_range(N_SEEDS):
             xi = _xi(seeds_ptr, s, g0, RADEMACHER, BLOCK)
             acc_p += tl.load(coef_ptr + 1 + s) * xi
             if MODE == 2:
                 acc_d += tl.load(coef_ptr + R + 1 + s) * xi
                 acc_m += tl.load(coef_ptr + 2 * R + 1 + s) * xi
+            if MODE == 3:
+                acc_m += tl.load(coef_ptr + R + 1 + s) * xi
+        if MODE == 3:
+            tl.store(partial_ptr + pid, tl.sum(tl.where(mask, acc_m * acc_m, 0.0), axis=0))
         x = x + acc_p
         if MODE == 2:
             ok = tl.load(coef_ptr + 3 * R) != 0.0
@@ -183,7 +189,8 @@ def _launch(
     addresses = [t.data_ptr() for t in params] + [t.data_ptr() for column in companions for t in column]
     aligned = all(b % 8 == 0 for b in bases) and all(a % 16 == 0 for a in addresses)
     seed_tensor = torch.tensor(list(seeds), dtype=torch.int64, device=device)
-    partial = torch.empty(table.shape[0] if mode == "norm" else 1, dtype=torch.float32, device=device)
+    reduces = mode in ("norm", "move_norm")
+    partial = torch.empty(table.shape[0] if reduces else 1, dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _ldsd_kernel[(table.shape[0],)](
             table,
@@ -201,13 +208,18 @@ def _launch(
             ALIGNED=aligned,
             BLOCK=block,
         )
-    return partial.double().sum() if mode == "norm" else None
+    return partial.double().sum() if reduces else None
 
 
-def ldsd_move_(params, mus, bases, *, seeds, coef, distribution) -> None:
-    """x += coef[0] mu + sum_s coef[1 + s] xi_s; arguments as zokern._ldsd_reference.ldsd_move_."""
-    if params:
-        _launch("move", params, mus, [], bases, seeds, coef, distribution)
+def ldsd_move_(params, mus, bases, *, seeds, coef, distribution, norm_coef=None) -> torch.Tensor | None:
+    """x += coef[0] mu + sum_s coef[1 + s] xi_s, and optionally the squared norm of the ``norm_coef`` row;
+    arguments as zokern._ldsd_reference.ldsd_move_."""
+    if not params:
+        return None if norm_coef is None else torch.zeros((), dtype=torch.float64, device=coef.device)
+    if norm_coef is None:
+        return _launch("move", params, mus, [], bases, seeds, coef, distribution)
+    both = torch.cat((coef.to(torch.float32), norm_coef.to(device=coef.device, dtype=torch.float32)))
+    return _launch("move_norm", params, mus, [], bases, seeds, both, distribution)
 
 
 def ldsd_squared_norm(mus, bases, *, seeds, coef, distribution) -> torch.Tensor:

@@ -69,6 +69,15 @@ def test_move_and_squared_norm_match_the_formula(backend, dtype, distribution, b
     norm = squared_norm(mus, list(bases), list(SEEDS), coef, distribution=distribution, backend=backend)
     exact = sum(float(_combine64(coef, m, x).square().sum()) for m, x in zip(mus, xis))
     assert norm.dtype == torch.float64 and abs(float(norm) - exact) <= 1e-5 * exact
+    # Fused: the move and the norm of a second row over the same streams, in one pass.
+    params, _, _ = _inputs(dtype, 0)
+    second = torch.tensor([1.0, 0.2, -0.1, 0.3], device=DEVICE)
+    fused = move_(params, mus, list(bases), list(SEEDS), coef, distribution=distribution, backend=backend,
+                  norm_coef=second)  # fmt: skip
+    for out, ref in zip(params, expected):
+        _close(out, ref, 0.1)
+    exact = sum(float(_combine64(second, m, x).square().sum()) for m, x in zip(mus, xis))
+    assert abs(float(fused) - exact) <= 1e-5 * exact
 
 
 @pytest.mark.parametrize("backend", backends_for())

@@ -78,7 +78,8 @@ def main() -> None:
         dict(DOMAIN=1, BLOCK=1024),
     )
     out["philox_words"] = facts(ptx)
-    for mode, rule, dtype in (("move", "sgd", "bfloat16"), ("norm", "sgd", "float32"), ("final", "sgd", "float32"),
+    for mode, rule, dtype in (("move", "sgd", "bfloat16"), ("norm", "sgd", "float32"), ("move_norm", "sgd", "float32"),
+                              ("final", "sgd", "float32"),
                               ("final", "momentum", "bfloat16"), ("final", "adam", "float16")):  # fmt: skip
         constexprs = dict(
             DTYPE=getattr(tl, dtype),

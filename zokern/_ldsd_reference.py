@@ -4,7 +4,8 @@ An LDSD pass combines a per-parameter mean :math:`\mu` (float32) with S streams 
 read from a float32 tensor on the parameters' device, so that loss-dependent scalars (the argmin of the candidates'
 losses, the projected gradient) never travel to the host. With :math:`\xi_s` the stream of ``seeds[s]``:
 
-- ``ldsd_move_``: :math:`x \leftarrow x + a_0\mu + \sum_s a_{1+s}\xi_s` (coefficients ``coef`` = a, 1 + S values);
+- ``ldsd_move_``: :math:`x \leftarrow x + a_0\mu + \sum_s a_{1+s}\xi_s` (coefficients ``coef`` = a, 1 + S values),
+  optionally also returning the squared norm below for a second row over the same streams;
 - ``ldsd_squared_norm``: :math:`\sum_i (a_0\mu_i + \sum_s a_{1+s}\xi_{s,i})^2`, a 0-d float64 tensor;
 - ``ldsd_final_``: with ``coef`` = [P (1 + S), D (1 + S), M (1 + S), ok, c1, c2] and each row R read as
   :math:`R(\mu, \xi) = R_0\mu + \sum_s R_{1+s}\xi_s`:
@@ -81,12 +82,19 @@ def ldsd_move_(
     seeds: Sequence[int],
     coef: torch.Tensor,
     distribution: str,
+    norm_coef: torch.Tensor | None = None,
     stream_backend: str | None = "torch",
-) -> None:
+) -> torch.Tensor | None:
+    """x += coef[0] mu + sum_s coef[1 + s] xi_s; with ``norm_coef``, the same pass also returns
+    ``ldsd_squared_norm`` of that row over the same streams (its mu read and streams are shared)."""
+    total = None if norm_coef is None else torch.zeros((), dtype=torch.float64, device=coef.device)
     for k, lo, n, start in _chunks(params, bases):
         part, mu = params[k].view(-1)[lo : lo + n], mus[k].view(-1)[lo : lo + n]
         xis = _streams(seeds, start, n, distribution, part.device, stream_backend)
         part.copy_(part.float() + _combine(coef, mu, xis))
+        if norm_coef is not None:
+            total = total + _combine(norm_coef, mu, xis).double().square().sum()
+    return total
 
 
 @torch.no_grad()

@@ -13,17 +13,21 @@ _RULES = {"sgd": 0, "momentum": 1, "adam": 2}
 if _native.LOAD_ERROR is None:
 
     @torch.library.register_fake("zokern::ldsd_pass_")
-    def _ldsd_pass_fake(*args) -> None:
-        return None
+    def _ldsd_pass_fake(*args) -> float:
+        return 0.0
 
 
-def ldsd_move_(params, mus, bases, *, seeds, coef, distribution) -> None:
-    """x += coef[0] mu + sum_s coef[1 + s] xi_s (zokern._ldsd_reference.ldsd_move_)."""
+def ldsd_move_(params, mus, bases, *, seeds, coef, distribution, norm_coef=None) -> torch.Tensor | None:
+    """x += coef[0] mu + sum_s coef[1 + s] xi_s, and optionally the squared norm of the ``norm_coef`` row
+    (zokern._ldsd_reference.ldsd_move_)."""
+    both = coef if norm_coef is None else torch.cat((coef.float().cpu(), norm_coef.float().cpu()))
+    total = 0.0
     if params:
-        torch.ops.zokern.ldsd_pass_(
-            list(params), list(mus), [], [], list(bases), list(seeds), coef.float().cpu().contiguous(), 0, 0,
-            DISTRIBUTIONS[distribution], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, False,
+        total = torch.ops.zokern.ldsd_pass_(
+            list(params), list(mus), [], [], list(bases), list(seeds), both.float().cpu().contiguous(),
+            0 if norm_coef is None else 3, 0, DISTRIBUTIONS[distribution], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, False,
         )  # fmt: skip
+    return None if norm_coef is None else torch.tensor(total, dtype=torch.float64)
 
 
 def ldsd_squared_norm(mus, bases, *, seeds, coef, distribution) -> torch.Tensor:

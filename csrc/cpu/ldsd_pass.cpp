@@ -1,7 +1,8 @@
 // The LDSD passes on the CPU (their math and coefficient layout: zokern/_ldsd_reference.py):
 //
 //   zokern::ldsd_pass_        mode 0: x += a0 mu + sum_s a_s xi_s; mode 2: the final pass (restore, the theta rule,
-//                             the mu update), for a list of tensors of one dtype
+//                             the mu update); mode 3: mode 0 and the squared norm of a second row over the same
+//                             streams (returned; 0 in the other modes), for a list of tensors of one dtype
 //   zokern::ldsd_squared_norm sum of (a0 mu + sum_s a_s xi_s)^2 over a list of float32 tensors, in float64
 //
 // Per chunk, each seed's stream is generated into one buffer and folded into the running sums of the rows the mode
@@ -24,7 +25,7 @@ namespace {
 
 using namespace cpu;
 
-constexpr int kMove = 0, kFinal = 2;
+constexpr int kMove = 0, kFinal = 2, kMoveNorm = 3;
 constexpr int kSgd = 0, kMomentum = 1, kAdam = 2;
 
 struct LdsdConfig {
@@ -61,15 +62,16 @@ ZK_INLINE void accumulate(const LdsdConfig& cfg, int n_rows, const float* __rest
   }
 }
 
+// Returns the chunk's squared norm of the second row in mode 3 (0 otherwise).
 template <class Format, int kMode, int kRule, bool kStochastic>
-ZK_CPU_CLONES void ldsd_chunk(const Job& job, int64_t chunk_begin, const LdsdConfig& cfg, const LdsdTensors& ts) {
+ZK_CPU_CLONES double ldsd_chunk(const Job& job, int64_t chunk_begin, const LdsdConfig& cfg, const LdsdTensors& ts) {
   alignas(64) float acc[3][kChunk];
   alignas(64) uint16_t bits[kChunk];
   const int64_t lo = std::max(chunk_begin, job.base);
   const int64_t last = std::min(chunk_begin + (kChunk - 1), job.last);
   const int64_t shift = lo - job.base, n = last - lo + 1;
   float* __restrict mu = ts.mu[job.index] + shift;
-  accumulate(cfg, kMode == kFinal ? 3 : 1, mu, chunk_begin, lo, last, acc);
+  accumulate(cfg, kMode == kFinal ? 3 : (kMode == kMoveNorm ? 2 : 1), mu, chunk_begin, lo, last, acc);
   if (kStochastic) {
     BlockWords words;
     fill_rounding(cfg.rounding_seed, chunk_begin, lo, last, bits, words);
@@ -98,30 +100,43 @@ ZK_CPU_CLONES void ldsd_chunk(const Job& job, int64_t chunk_begin, const LdsdCon
     }
     data[j] = kStochastic ? Format::round_stochastic(x, bits[off + j]) : Format::round_nearest(x);
   }
+  double sum = 0.0;
+  if (kMode == kMoveNorm) {
+    for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(acc[1][j]) * acc[1][j];
+  }
+  return sum;
 }
 
+// Chunk norms are summed in task order: the result does not depend on the thread count.
 template <class Format, int kMode, int kRule, bool kStochastic>
-void run_ldsd(const std::vector<Job>& jobs, int64_t n_tasks, const LdsdConfig& cfg, const LdsdTensors& ts) {
+double run_ldsd(const std::vector<Job>& jobs, int64_t n_tasks, const LdsdConfig& cfg, const LdsdTensors& ts) {
   if (cfg.domain == kDomainGaussian) gaussian_tables();
-  parallel_chunks(jobs, n_tasks, [&](const Job& job, int64_t chunk_begin, int64_t) {
-    ldsd_chunk<Format, kMode, kRule, kStochastic>(job, chunk_begin, cfg, ts);
+  std::vector<double> partial(kMode == kMoveNorm ? static_cast<size_t>(n_tasks) : 0, 0.0);
+  parallel_chunks(jobs, n_tasks, [&](const Job& job, int64_t chunk_begin, int64_t task) {
+    const double sum = ldsd_chunk<Format, kMode, kRule, kStochastic>(job, chunk_begin, cfg, ts);
+    if (kMode == kMoveNorm) partial[static_cast<size_t>(task)] = sum;
   });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
 }
 
 template <class Format, int kMode>
-void run_ldsd_for(const std::vector<Job>& jobs, int64_t n_tasks, const LdsdConfig& cfg, const LdsdTensors& ts,
-                  int64_t rule, bool stochastic) {
+double run_ldsd_for(const std::vector<Job>& jobs, int64_t n_tasks, const LdsdConfig& cfg, const LdsdTensors& ts,
+                    int64_t rule, bool stochastic) {
+  double total = 0.0;
   auto with_rule = [&](auto sr) {
     constexpr bool kSr = decltype(sr)::value && !std::is_same_v<Format, Float32Format>;
-    if (kMode == kMove || rule == kSgd) {
-      run_ldsd<Format, kMode, kSgd, kSr>(jobs, n_tasks, cfg, ts);
+    if (kMode != kFinal || rule == kSgd) {
+      total = run_ldsd<Format, kMode, kSgd, kSr>(jobs, n_tasks, cfg, ts);
     } else if (rule == kMomentum) {
-      run_ldsd<Format, kMode, kMomentum, kSr>(jobs, n_tasks, cfg, ts);
+      total = run_ldsd<Format, kMode, kMomentum, kSr>(jobs, n_tasks, cfg, ts);
     } else {
-      run_ldsd<Format, kMode, kAdam, kSr>(jobs, n_tasks, cfg, ts);
+      total = run_ldsd<Format, kMode, kAdam, kSr>(jobs, n_tasks, cfg, ts);
     }
   };
   with_flag(stochastic, with_rule);
+  return total;
 }
 
 std::vector<float*> float_pointers(at::TensorList tensors, at::TensorList like, const char* what) {
@@ -151,16 +166,17 @@ LdsdConfig make_config(at::IntArrayRef seeds, const at::Tensor& coef, int64_t do
   return cfg;
 }
 
-void ldsd_pass_cpu(at::TensorList params, at::TensorList mus, at::TensorList state1, at::TensorList state2,
+double ldsd_pass_cpu(at::TensorList params, at::TensorList mus, at::TensorList state1, at::TensorList state2,
                    at::IntArrayRef bases, at::IntArrayRef seeds, const at::Tensor& coef, int64_t mode, int64_t rule,
                    int64_t domain, double lr, double weight_decay, double momentum, double beta1, double beta2,
                    double adam_eps, int64_t rounding_seed, bool stochastic) {
-  TORCH_CHECK(mode == kMove || mode == kFinal, "ldsd_pass_: mode must be 0 (move) or 2 (final), got ", mode);
+  TORCH_CHECK(mode == kMove || mode == kFinal || mode == kMoveNorm,
+              "ldsd_pass_: mode must be 0 (move), 2 (final) or 3 (move and norm), got ", mode);
   TORCH_CHECK(rule >= kSgd && rule <= kAdam, "ldsd_pass_: rule must be 0, 1 or 2, got ", rule);
   TORCH_CHECK(params.size() == mus.size() && params.size() == bases.size(), "ldsd_pass_: params, mus and bases "
               "differ in length");
   const int64_t row = static_cast<int64_t>(seeds.size()) + 1;
-  LdsdConfig cfg = make_config(seeds, coef, domain, mode == kFinal ? 3 * row + 3 : row);
+  LdsdConfig cfg = make_config(seeds, coef, domain, mode == kFinal ? 3 * row + 3 : (mode == kMoveNorm ? 2 * row : row));
   cfg.lr = static_cast<float>(lr);
   cfg.weight_decay = static_cast<float>(weight_decay);
   cfg.momentum = static_cast<float>(momentum);
@@ -183,13 +199,16 @@ void ldsd_pass_cpu(at::TensorList params, at::TensorList mus, at::TensorList sta
   if (n_states >= 2) ts.state2 = float_pointers(state2, params, "state2");
   int64_t n_tasks = 0;
   const std::vector<Job> jobs = chunk_jobs(params, bases, &n_tasks);
-  if (jobs.empty()) return;
+  if (jobs.empty()) return 0.0;
+  double total = 0.0;
   auto run = [&](auto format) {
     using Format = decltype(format);
     if (mode == kMove) {
-      run_ldsd_for<Format, kMove>(jobs, n_tasks, cfg, ts, rule, false);
+      total = run_ldsd_for<Format, kMove>(jobs, n_tasks, cfg, ts, rule, false);
+    } else if (mode == kMoveNorm) {
+      total = run_ldsd_for<Format, kMoveNorm>(jobs, n_tasks, cfg, ts, rule, false);
     } else {
-      run_ldsd_for<Format, kFinal>(jobs, n_tasks, cfg, ts, rule, stochastic);
+      total = run_ldsd_for<Format, kFinal>(jobs, n_tasks, cfg, ts, rule, stochastic);
     }
   };
   switch (params[0].scalar_type()) {
@@ -205,6 +224,7 @@ void ldsd_pass_cpu(at::TensorList params, at::TensorList mus, at::TensorList sta
     default:
       TORCH_CHECK(false, "ldsd_pass_: params must be float32, bfloat16 or float16, got ", params[0].scalar_type());
   }
+  return total;
 }
 
 double ldsd_squared_norm_cpu(at::TensorList mus, at::IntArrayRef bases, at::IntArrayRef seeds, const at::Tensor& coef,
@@ -239,7 +259,7 @@ TORCH_LIBRARY_FRAGMENT(zokern, m) {
   m.def(
       "ldsd_pass_(Tensor(a!)[] params, Tensor(b!)[] mus, Tensor(c!)[] state1, Tensor(d!)[] state2, int[] bases, "
       "int[] seeds, Tensor coef, int mode, int rule, int domain, float lr, float weight_decay, float momentum, "
-      "float beta1, float beta2, float adam_eps, int rounding_seed, bool stochastic) -> ()");
+      "float beta1, float beta2, float adam_eps, int rounding_seed, bool stochastic) -> float");
   m.def("ldsd_squared_norm(Tensor[] mus, int[] bases, int[] seeds, Tensor coef, int domain) -> float");
 }
 

@@ -30,11 +30,18 @@ def _by_dtype(params: Sequence[torch.Tensor], *columns: Sequence) -> list[tuple[
     return list(groups.values())
 
 
-def move_(params, mus, bases, seeds, coef, *, distribution, backend) -> None:
-    """theta += coef[0] mu + sum_s coef[1 + s] xi_s."""
+def move_(params, mus, bases, seeds, coef, *, distribution, backend, norm_coef=None) -> torch.Tensor | None:
+    """theta += coef[0] mu + sum_s coef[1 + s] xi_s; with ``norm_coef``, also returns the squared norm of that row
+    over all the tensors (as ``squared_norm``), computed in the same pass."""
+    total = None if norm_coef is None else torch.zeros((), dtype=torch.float64, device=coef.device)
     for ps, ms, bs in _by_dtype(params, mus, bases):
         impl, extra = _select(ps[0].device, backend, "ldsd_move_")
-        impl.ldsd_move_(ps, ms, bs, seeds=seeds, coef=coef, distribution=distribution, **extra)
+        part = impl.ldsd_move_(
+            ps, ms, bs, seeds=seeds, coef=coef, distribution=distribution, norm_coef=norm_coef, **extra
+        )
+        if norm_coef is not None:
+            total = total + part.to(total.device)
+    return total
 
 
 def squared_norm(mus, bases, seeds, coef, *, distribution, backend) -> torch.Tensor:
