@@ -89,6 +89,20 @@ def test_the_map_is_linear_and_keyed_by_name_and_index():
         sketch_tensor(a, "w", 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_the_fused_cpu_kernel_matches_the_torch_path(dtype):
+    from zokern import _native
+
+    if not _native.cpu_available():
+        pytest.skip(f"zokern._C is not built: {_native.LOAD_ERROR}")
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 3, 5, 1025, 70_001):
+        t = torch.randn(n, generator=g).to(dtype)
+        fused = sketch_tensor(t, "block.0.weight", 37, seed=3)
+        reference = sketch_tensor(t, "block.0.weight", 37, seed=3, backend="torch")
+        assert torch.allclose(fused, reference, rtol=1e-12, atol=1e-9), n
+
+
 def _write_run(path, iterations=6, k=64):
     """A synthetic run: the reward model moves along a fixed direction, the policy along a rotating one."""
     g = torch.Generator().manual_seed(0)

@@ -12,6 +12,10 @@ an update is the difference of two sketches. For unit vectors u and v, :math:`\l
 estimate of :math:`\langle u, v\rangle` with variance
 :math:`(1 + \langle u, v\rangle^2 - 2\sum_j u_j^2 v_j^2)/k \le 2/k` (Weinberger et al. 2009; Charikar et al. 2002):
 sketched cosines and squared norms are within a few :math:`\sqrt{2/k}` of the exact ones (k = 512: about 0.06).
+
+On the CPU one C++ pass (csrc/cpu/sketch.cpp) generates the words and accumulates the buckets as the data streams by
+(about 5 ns per element on 2 cores); elsewhere the words come in chunks from the fastest backend and torch adds them
+into the buckets.
 """
 
 from __future__ import annotations
@@ -37,15 +41,24 @@ def name_seed(name: str, seed: int = 0) -> int:
 
 
 @torch.no_grad()
-def sketch_tensor(t: torch.Tensor, name: str, k: int, seed: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Add S restricted to ``name``'s elements applied to ``t`` into ``out`` (float64, k values; new if None)."""
-    if not isinstance(k, int) or k < 1:
+def sketch_tensor(
+    t: torch.Tensor, name: str, k: int, seed: int = 0, out: torch.Tensor | None = None, backend: str | None = None
+) -> torch.Tensor:
+    """Add S restricted to ``name``'s elements applied to ``t`` into ``out`` (float64, k values; new if None).
+
+    On the CPU the C++ kernel sketches in one pass (float32/bfloat16/float16 tensors); elsewhere, or with
+    ``backend="torch"``, the stream's words come from the fastest backend in chunks and torch accumulates them
+    (``index_add_``: atomic adds on a GPU)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if out is None:
         out = torch.zeros(k, dtype=torch.float64, device=t.device)
-    flat = t.detach().reshape(-1)
-    words_of = select_backend(t.device).philox_block_words
     key = name_seed(name, seed)
+    flat = t.detach().reshape(-1)
+    if backend != "torch" and _native_sketch(flat):
+        out += torch.ops.zokern.count_sketch([flat.contiguous()], [key], k).to(out.device)
+        return out
+    words_of = select_backend(t.device, backend).philox_block_words
     for first in range(0, -(-flat.numel() // 4), _CHUNK_BLOCKS):
         n_blocks = min(_CHUNK_BLOCKS, -(-flat.numel() // 4) - first)
         words = words_of(key, DOMAIN_SKETCH, first, n_blocks, t.device).reshape(-1)
@@ -54,6 +67,17 @@ def sketch_tensor(t: torch.Tensor, name: str, k: int, seed: int = 0, out: torch.
         signs = 1.0 - 2.0 * (words >> 31).double()
         out.index_add_(0, (words & 0x7FFFFFFF) % k, signs * values)
     return out
+
+
+def _native_sketch(flat: torch.Tensor) -> bool:
+    from zokern import _native
+
+    return (
+        flat.device.type == "cpu"
+        and flat.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and _native.cpu_available()
+        and hasattr(torch.ops.zokern, "count_sketch")
+    )
 
 
 def sketch_named(tensors: Iterable[tuple[str, torch.Tensor]], k: int, seed: int = 0) -> torch.Tensor:
