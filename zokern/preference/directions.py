@@ -16,9 +16,11 @@ Decisions (the published code leaves them open, see the research notes):
 - **Projection**: per tensor, one direction (the reward model's update restricted to p), as published.
 
 Per element, z_i = c_mu mu_i + c_n (n_i - a_p vhat_i) with a_p = vhat_p . n_p and ||P_p n_p||^2 = ||n_p||^2 - a_p^2:
-the two per-tensor reductions (a_p, ||n_p||^2) come from one pass over the stream, and the direction is never
-stored. This module is the plain-torch implementation (the oracle for the fused kernels); it applies the direction
-to float32 parameters.
+the two per-tensor reductions (a_p, ||n_p||^2) come from one fused pass over the stream and vhat, and applying the
+direction is one fused pass that combines the stream with mu and vhat element by element (per-tensor coefficients):
+z is never stored, not even per tensor. Kernels: C++ on the CPU (csrc/cpu/zopro_pass.cpp); elsewhere the plain-torch
+passes of zokern._zopro_reference (chunked, the stream from the device's fused-pass backend). ``reference`` is the
+float64 formula the tests hold them to. The direction is applied to float32 parameters.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from zokern import ops
-
-_CHUNK = 1 << 20
+from zokern._dispatch import select_backend
 
 
 class ZOPrODirection:
@@ -74,20 +75,18 @@ class ZOPrODirection:
     def reductions(
         self, seed: int, tensors: Sequence[torch.Tensor], offsets: Sequence[int], backend: str | None = None
     ) -> list[tuple[float, float]]:
-        """Per tensor, (a_p, ||n_p||^2) = (vhat_p . n_p, n_p . n_p) for the Gaussian stream of ``seed``, accumulated
-        in float64 over chunks of the stream (never a whole tensor of it at once)."""
+        """Per tensor, (a_p, ||n_p||^2) = (vhat_p . n_p, n_p . n_p) for the Gaussian stream of ``seed``: one fused
+        reduction pass over the stream and vhat (float64 sums), never a whole tensor of the stream at once."""
         self._check(tensors)
-        out = []
-        for t, offset, v in zip(tensors, offsets, self.vhat):
-            flat_v = None if v is None else v.reshape(-1)
-            a = nn = 0.0
-            for lo in range(0, t.numel(), _CHUNK):
-                count = min(_CHUNK, t.numel() - lo)
-                n = ops.gaussian(seed, offset + lo, count, device=t.device, backend=backend).double()
-                nn += float(n @ n)
-                if flat_v is not None:
-                    a += float(flat_v[lo : lo + count].double() @ n)
-            out.append((a, nn))
+        out: list[tuple[float, float]] = [(0.0, 0.0)] * len(tensors)
+        for device, indices in _by_device(tensors).items():
+            impl = _impl(device, backend, "zopro_reduce")
+            sums = impl.zopro_reduce(
+                [tensors[i] for i in indices], [self.vhat[i] for i in indices], [offsets[i] for i in indices],
+                seed=seed, **_extra(impl, backend),
+            )  # fmt: skip
+            for i, (a, nn) in zip(indices, sums.tolist()):
+                out[i] = (a, nn)
         return out
 
     def coefficients(self, tensor_index: int, numel: int, a: float, nn: float) -> tuple[float, float]:
@@ -124,9 +123,10 @@ class ZOPrODirection:
         alpha: float,
         backend: str | None = None,
     ) -> None:
-        """In place, t_p += alpha z_p on float32 tensors: the mu and vhat terms with torch, the noise term with one
-        fused pass of the stream over all tensors (two float32 roundings per element). The reductions of a seed
-        are remembered, since a ZO step moves along the same z several times."""
+        """In place, t_p += alpha z_p on float32 tensors, in one fused pass per device: the stream, mu and vhat are
+        combined element by element with per-tensor coefficients (alpha c_mu, -alpha c_n a_p, alpha c_n); z is never
+        materialised. The reductions of a seed are remembered, since a ZO step moves along the same z several
+        times."""
         self._check(tensors)
         for k, t in enumerate(tensors):
             if t.dtype != torch.float32:
@@ -134,25 +134,38 @@ class ZOPrODirection:
         key = (seed, tuple(offsets), backend)
         if self._cached_key != key:
             self._cached_key, self._cached = key, self.reductions(seed, tensors, offsets, backend)
-        noise_tensors, noise_offsets, noise_alphas = [], [], []
-        for k, ((a, nn), t, offset) in enumerate(zip(self._cached, tensors, offsets)):
+        rows = []
+        for k, ((a, nn), t) in enumerate(zip(self._cached, tensors)):
             c_mu, c_n = self.coefficients(k, t.numel(), a, nn)
-            if c_mu:
-                t.add_(self.mu[k], alpha=alpha * c_mu)
-            if c_n and self.vhat[k] is not None:
-                t.add_(self.vhat[k], alpha=-alpha * c_n * a)
-            if c_n:
-                noise_tensors.append(t)
-                noise_offsets.append(offset)
-                noise_alphas.append(alpha * c_n)
-        # Tensors whose noise coefficient is the same share one fused call (equal-size tensors, same gamma).
-        by_alpha: dict[float, tuple[list, list]] = {}
-        for t, offset, a in zip(noise_tensors, noise_offsets, noise_alphas):
-            entry = by_alpha.setdefault(a, ([], []))
-            entry[0].append(t)
-            entry[1].append(offset)
-        for a, (ts, os) in by_alpha.items():
-            ops.perturb_(ts, seed, a, offsets=os, backend=backend)
+            rows.append((alpha * c_mu, -alpha * c_n * a if self.vhat[k] is not None else 0.0, alpha * c_n))
+        for device, indices in _by_device(tensors).items():
+            impl = _impl(device, backend, "zopro_apply_")
+            coef = torch.tensor([rows[i] for i in indices], dtype=torch.float32, device=device)
+            impl.zopro_apply_(
+                [tensors[i] for i in indices],
+                [self.mu[i] if self.mu_norm[i] > 0.0 else None for i in indices],
+                [self.vhat[i] for i in indices],
+                [offsets[i] for i in indices],
+                seed=seed,
+                coef=coef,
+                **_extra(impl, backend),
+            )
+
+
+def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return groups
+
+
+def _impl(device: torch.device, backend: str | None, op: str):
+    return select_backend(device, backend, op=op)
+
+
+def _extra(impl, backend: str | None) -> dict:
+    """The plain-torch fallback draws its stream from the fused pass of the requested (or fastest) backend."""
+    return {"stream_backend": backend} if impl.__name__ == "zokern._zopro_reference" else {}
 
 
 def _finite_float32(name: str, t: torch.Tensor) -> torch.Tensor:
