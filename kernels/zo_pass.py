@@ -174,14 +174,18 @@ def _block_size(device: torch.device) -> int:
     return GPU_BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
 
 
-def _work_table(tensors: Sequence[torch.Tensor], bases: Sequence[int], block: int, *companions) -> torch.Tensor:
+def _work_table(
+    tensors: Sequence[torch.Tensor], bases: Sequence[int], block: int, *companions, with_index: bool = False
+) -> torch.Tensor:
     """The tile table on the tensors' device, cached: an optimizer passes the same tensors every step.
 
     Row of a tile: the address of its tensor, then of the tensor's companion in each list of ``companions``
-    (optimizer states shaped like it), then the tensor's global base index, its numel and the tile's first index.
+    (optimizer states shaped like it; None: address 0), then the tensor's global base index, its numel and the
+    tile's first index, and with ``with_index`` the tensor's position in the list (for per-tensor coefficients).
     """
-    key = (tensors[0].device, block, tuple((t.data_ptr(), t.numel(), b) for t, b in zip(tensors, bases)))
-    key += tuple(tuple(c.data_ptr() for c in column) for column in companions)
+    address = lambda c: 0 if c is None else c.data_ptr()  # noqa: E731
+    key = (tensors[0].device, block, with_index, tuple((t.data_ptr(), t.numel(), b) for t, b in zip(tensors, bases)))
+    key += tuple(tuple(address(c) for c in column) for column in companions)
     table = _tables.get(key)
     if table is not None:
         _tables.move_to_end(key)
@@ -191,9 +195,12 @@ def _work_table(tensors: Sequence[torch.Tensor], bases: Sequence[int], block: in
         first = base - base % 128
         n_tiles = -(-(base + t.numel() - first) // block)
         tiles = first + block * torch.arange(n_tiles, dtype=torch.int64)  # base + numel may be 2^63
-        addresses = [t.data_ptr(), *(column[k].data_ptr() for column in companions)]
+        addresses = [t.data_ptr(), *(address(column[k]) for column in companions)]
         columns = torch.tensor([*addresses, base, t.numel()], dtype=torch.int64).expand(len(tiles), len(addresses) + 2)
-        rows.append(torch.cat((columns, tiles[:, None]), dim=1))
+        parts = [columns, tiles[:, None]]
+        if with_index:
+            parts.append(torch.full((len(tiles), 1), k, dtype=torch.int64))
+        rows.append(torch.cat(parts, dim=1))
     table = torch.cat(rows).to(tensors[0].device)
     _tables[key] = table
     if len(_tables) > _TABLE_CACHE_SIZE:

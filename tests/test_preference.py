@@ -145,9 +145,9 @@ def test_pure_noise_direction_is_orthogonal_to_the_reward_update_with_gaussian_n
         assert z[k].norm().item() == pytest.approx(math.sqrt(math.prod(shape)), rel=1e-9)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in zokern.available_backends()])
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton", "torch") if b in zokern.available_backends()])
 def test_reductions_and_apply_match_the_float64_formula(backend):
-    """The fused passes (C++ on the CPU; the plain-torch fallback) against the float64 reference of z, on tensors
+    """The fused passes (C++, Triton, the plain-torch fallback) against the float64 reference of z, on tensors
     that span several kernel chunks and start at unaligned stream offsets."""
     shapes, offsets = SHAPES + [(70, 41)], OFFSETS + [1001]
     mu = [_randn(*s).float() for s in shapes[:2]] + [None, _randn(*shapes[3]).float()]

@@ -89,3 +89,9 @@ def test_ldsd_kernels_compile_for_h100(h100_ptx_facts):
         assert facts["mul_hi_u32"] and not facts["local_memory"], name
         assert facts["vector_load"], name  # 16-byte accesses in aligned interiors
         assert facts["vector_store"] or name.startswith("ldsd_norm"), name  # the norm stores one sum per tile
+
+
+def test_zopro_kernels_compile_for_h100(h100_ptx_facts):
+    for name in ("zopro_apply", "zopro_reduce"):
+        facts = h100_ptx_facts[name]
+        assert facts["mul_hi_u32"] and facts["stores"] and not facts["local_memory"], name

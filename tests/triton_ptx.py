@@ -13,6 +13,7 @@ from triton.compiler import ASTSource
 
 from zokern.kernels import ldsd_pass
 from zokern.kernels import zo_pass
+from zokern.kernels import zopro_pass
 
 H100 = GPUTarget("cuda", 90, 32)
 PASS_SIGNATURE = {
@@ -93,6 +94,12 @@ def main() -> None:
         )
         ptx = compile_ptx(ldsd_pass._ldsd_kernel, LDSD_SIGNATURE, constexprs)
         out[f"ldsd_{mode}_{rule}_{dtype}"] = facts(ptx)
+    for reduce in (False, True):
+        signature = {"table_ptr": "*i64", "seed": "i64", "coef_ptr": "*fp32", "partial_ptr": "*fp32"}
+        constexprs = dict(DTYPE=tl.float32, REDUCE=reduce, BLOCK=zopro_pass.GPU_BLOCK)
+        out[f"zopro_{'reduce' if reduce else 'apply'}"] = facts(
+            compile_ptx(zopro_pass._zopro_kernel, signature, constexprs)
+        )
     print(json.dumps(out, indent=1))
 
 
