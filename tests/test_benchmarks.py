@@ -62,3 +62,11 @@ def test_ldsd_overhead_benchmark_times_every_method():
     )
     for method in ("device copy", "zokern LDSD, K=5, gaussian", "prediction", "zokern ZO-SGD", "MeZO published step"):
         assert f"| {method}" in text or f"|   {method}" in text, method
+
+
+def test_preference_step_benchmark_times_zo_and_first_order(tmp_path):
+    pytest.importorskip("datasets")
+    text = _run("benchmarks.preference_step", "--size", "tiny", "--device", "cpu", "--steps", "1",
+                "--data", str(tmp_path), "--no-append")  # fmt: skip
+    for step in ("rollouts + scoring", "ZO step (ZOSGD", "ZOPrO step", "first-order RLOO step"):
+        assert f"| {step}" in text, step

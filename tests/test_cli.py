@@ -44,6 +44,61 @@ def test_demo_runs_the_preference_pipeline(tmp_path):
     assert "judged reward on" in text
 
 
+def _local_model(directory):
+    """A small OPT with random weights and a word-level fast tokenizer, saved like a downloaded model."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers import models
+    from tokenizers import pre_tokenizers
+
+    from zokern.preference.data import WordTokenizer
+    from zokern.preference.models import policy_config
+
+    words = WordTokenizer.build(["a happy calm day , the weather was fine and sad ."])
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words.vocabulary)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    transformers.OPTForCausalLM(policy_config(len(words), max_positions=128)).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def test_demo_runs_a_local_hugging_face_model(tmp_path):
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("datasets")
+    _local_model(tmp_path / "model")
+    out = tmp_path / "run"
+    text = _run("demo", "--model", str(tmp_path / "model"), "--out", str(out), "--forwards", "8", "--methods", "mezo")
+    assert f"policy: {tmp_path / 'model'}" in text and "on cpu" in text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"mezo"} and records[-1]["forwards"] == 8
+
+
+def test_hf_tokenizer_adapter_decodes_up_to_the_end_of_sequence(tmp_path):
+    from zokern.preference.local import HFTokenizer
+
+    tok = HFTokenizer(_local_model(tmp_path / "model"))
+    ids = tok.encode("the weather was fine")
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id, *tok.encode("sad")]) == "the weather was fine"
+    assert len(tok) > len(ids) and tok.pad_id != tok.eos_id
+
+
+def test_demo_reports_a_missing_model_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    out = subprocess.run(
+        [sys.executable, "-m", "zokern", "demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "no such directory" in out.stderr
+
+
 def test_demo_rejects_unknown_methods(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
     out = subprocess.run(

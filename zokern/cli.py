@@ -41,7 +41,15 @@ def _demo(args: argparse.Namespace) -> int:
     if unknown or not methods:
         print(f"zokern demo: --methods takes some of {', '.join(METHODS)}, got {args.methods!r}", file=sys.stderr)
         return 2
-    run_pipeline(args.out, seed=args.seed, forwards=args.forwards, methods=methods)
+    import torch
+
+    device = args.device or ("cuda" if args.model is not None and torch.cuda.is_available() else "cpu")
+    try:
+        run_pipeline(args.out, seed=args.seed, forwards=args.forwards, methods=methods, model=args.model,
+                     device=device, trainable=args.trainable or None)  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:  # a bad --model or --trainable: say what, without a traceback
+        print(f"zokern demo: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

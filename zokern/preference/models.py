@@ -51,7 +51,9 @@ def new_reward_model(tokenizer: WordTokenizer, seed: int = 0, **config) -> torch
     return transformers.OPTForSequenceClassification(cfg)
 
 
-def batch_texts(tokenizer: WordTokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_texts(
+    tokenizer: WordTokenizer, texts: Sequence[str], max_length: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``<bos> text <eos>`` per text, left-padded (and truncated from the left) to one length: (ids, mask)."""
     encoded = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id][-max_length:] for t in texts]
     width = max(len(e) for e in encoded)
@@ -60,7 +62,11 @@ def batch_texts(tokenizer: WordTokenizer, texts: Sequence[str], max_length: int)
     for k, e in enumerate(encoded):
         ids[k, width - len(e) :] = torch.tensor(e)
         mask[k, width - len(e) :] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def pretrain(
@@ -80,7 +86,7 @@ def pretrain(
     losses = []
     for _ in range(steps):
         rows = torch.randint(0, len(texts), (batch,), generator=g).tolist()
-        ids, mask = batch_texts(tokenizer, [texts[r] for r in rows], max_length)
+        ids, mask = batch_texts(tokenizer, [texts[r] for r in rows], max_length, model_device(policy))
         labels = ids.masked_fill(mask == 0, -100)
         loss = policy(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -89,6 +95,9 @@ def pretrain(
         losses.append(loss.item())
     policy.eval()
     return losses
+
+
+PROMPT_TOKENS = 256  # prompts are truncated from the left to this many tokens (a local model's context is longer)
 
 
 @dataclass
@@ -118,12 +127,13 @@ def sample(
 ) -> Rollouts:
     """k sampled continuations of each prompt (multinomial, no top-k/top-p), ``response_length`` tokens each; the
     tokens after a response's first <eos> are padding and masked out."""
-    ids, mask = batch_texts(tokenizer, prompts, max_length=policy.config.max_position_embeddings - response_length)
+    max_length = min(policy.config.max_position_embeddings - response_length, PROMPT_TOKENS)
+    ids, mask = batch_texts(tokenizer, prompts, max_length, model_device(policy))
     ids, mask = ids[:, :-1], mask[:, :-1]  # drop each prompt's <eos>: the response continues it
     ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
     g = torch.Generator(device=ids.device).manual_seed(seed)
-    done = torch.zeros(len(ids), dtype=torch.bool)
-    response = torch.full((len(ids), response_length), tokenizer.pad_id, dtype=torch.long)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    response = torch.full((len(ids), response_length), tokenizer.pad_id, dtype=torch.long, device=ids.device)
     past, step_ids, step_mask = None, ids, mask
     for t in range(response_length):
         out = policy(input_ids=step_ids, attention_mask=step_mask, past_key_values=past, use_cache=True)
@@ -169,7 +179,7 @@ def train_reward_model(
     for _ in range(steps):
         rows = [pairs[r] for r in torch.randint(0, len(pairs), (batch,), generator=g).tolist()]
         texts = [f"{r['prompt']} {r['chosen']}" for r in rows] + [f"{r['prompt']} {r['rejected']}" for r in rows]
-        ids, mask = batch_texts(tokenizer, texts, max_length)
+        ids, mask = batch_texts(tokenizer, texts, max_length, model_device(reward_model))
         scores = reward_scores(reward_model, ids, mask)
         loss = bradley_terry_loss(scores[:batch], scores[batch:])
         opt.zero_grad(set_to_none=True)

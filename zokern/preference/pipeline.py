@@ -22,6 +22,7 @@ from zokern.preference.data import SentimentJudge
 from zokern.preference.data import WordTokenizer
 from zokern.preference.data import load_rows
 from zokern.preference.data import make_demo_data
+from zokern.preference.local import load_local
 from zokern.preference.loop import DEFAULT_METHODS
 from zokern.preference.loop import METHODS
 from zokern.preference.loop import LoopConfig
@@ -35,8 +36,16 @@ from zokern.preference.viz import make_plots
 
 
 def run_pipeline(
-    out: Path, seed: int = 0, forwards: int = 600, methods: tuple[str, ...] = DEFAULT_METHODS
+    out: Path,
+    seed: int = 0,
+    forwards: int = 600,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    model: Path | None = None,
+    device: str = "cpu",
+    trainable: str | None = "embed_tokens",
 ) -> list[dict]:
+    """The demo pipeline; with ``model``, a local Hugging Face causal LM (and its tokenizer) replaces the small
+    policy trained here, on ``device``."""
     import datasets
     from tqdm.auto import tqdm
 
@@ -45,21 +54,26 @@ def run_pipeline(
     begin = time.perf_counter()
     counts = make_demo_data(out, seed=seed, prompts=200, corpus=3000)
     print(f"data: {counts} in {out}")
-    texts = [r["text"] for r in load_rows(out / "corpus.jsonl", ("text",))]
-    tokenizer = WordTokenizer.build(texts)
-    tokenizer.save(out / "tokenizer.json")
-    policy = new_policy(tokenizer, seed=seed)
-    losses = pretrain(policy, tokenizer, texts, steps=200, seed=seed)
-    print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     pairs = load_rows(out / "preferences.jsonl", ("prompt", "chosen", "rejected"))
-    reward_model = new_reward_model(tokenizer, seed=seed)
+    if model is None:
+        texts = [r["text"] for r in load_rows(out / "corpus.jsonl", ("text",))]
+        tokenizer = WordTokenizer.build(texts)
+        tokenizer.save(out / "tokenizer.json")
+        policy = new_policy(tokenizer, seed=seed)
+        losses = pretrain(policy, tokenizer, texts, steps=200, seed=seed)
+        print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+        reward_model = new_reward_model(tokenizer, seed=seed)
+    else:
+        policy, reward_model, tokenizer = load_local(model, device)
+        n = sum(p.numel() for p in policy.parameters())
+        print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}")
     losses = train_reward_model(reward_model, tokenizer, pairs, steps=150, seed=seed)
     print(f"reward model trained: Bradley-Terry loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")
     prompts = load_rows(out / "prompts.jsonl", ("prompt", "split"))
     train = [p["prompt"] for p in prompts if p["split"] == "train"]
     heldout = [p["prompt"] for p in prompts if p["split"] == "heldout"]
     judge = SentimentJudge()
-    config = LoopConfig(forwards=forwards, seed=seed)
+    config = LoopConfig(forwards=forwards, seed=seed, trainable=trainable)
     (out / "sketches.jsonl").unlink(missing_ok=True)
     recorder = SketchRecorder(out / "sketches.jsonl", k=512, seed=seed)
     records: list[dict] = []
@@ -120,6 +134,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a local Hugging Face causal LM directory (weights and tokenizer) to use as the policy instead of the "
+        "small one trained here",
+    )
+    parser.add_argument("--device", default=None, help="where the models run (default: cuda with --model if present)")
+    parser.add_argument(
+        "--trainable",
+        default="embed_tokens",
+        help="regular expression on the policy's parameter names to train ('' for all; default embed_tokens)",
     )
 
 

@@ -1,0 +1,147 @@
+"""Time and peak memory of one policy step of the preference loop, ZO against first-order RLOO, at a given size:
+
+    python -m benchmarks.preference_step --size opt-1.3b          (GPU: the issue's 1B-parameter configuration)
+    python -m benchmarks.preference_step --size tiny --device cpu  (CPU smoke)
+
+The policy, its frozen reference and the reward model are OPT models built from the size's config with random
+weights (float32, every parameter trainable) over the demo's word vocabulary; rollouts are k = 4 sampled responses of
+12 tokens to each of 8 demo prompts, scored by the reward model, with RLOO advantages and the KL penalty, exactly as
+zokern.preference.loop prepares them. Timed, after the rollouts: the ZO step (ZOSGD in place: two forwards of the
+PPO-clip surrogate), the ZOPrO step (its structured direction, with mu and vhat set), and the first-order step
+(forward, backward, Adam). Peak memory is CUDA's allocator peak during the step, above the models' weights.
+Prints a Markdown table and appends it to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import zokern
+from zokern.optim import ZOSGD
+from zokern.preference.data import WordTokenizer
+from zokern.preference.data import load_rows
+from zokern.preference.data import make_demo_data
+from zokern.preference.directions import ZOPrODirection
+from zokern.preference.loop import LoopConfig
+from zokern.preference.loop import _policy_objective
+from zokern.preference.optim import ZOPrO
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# name: (hidden, layers, heads)
+SIZES = {"tiny": (64, 2, 4), "opt-125m": (768, 12, 12), "opt-1.3b": (2048, 24, 32)}
+
+
+def build(size: str, vocabulary: int, device: torch.device):
+    import transformers
+
+    hidden, layers, heads = SIZES[size]
+    config = transformers.OPTConfig(
+        vocab_size=vocabulary, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
+        num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=128, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    policy = transformers.OPTForCausalLM(config).to(device).eval()
+    config.num_labels = 1
+    reward_model = transformers.OPTForSequenceClassification(config).to(device).eval()
+    return policy, copy.deepcopy(policy), reward_model
+
+
+def timed(fn, device: torch.device, steps: int) -> tuple[float, float | None]:
+    """(median ms, peak GiB above the memory in use before the step; None on the CPU)."""
+    fn()  # warm-up
+    times, peak = [], None
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        begin = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - base) / 2**30)
+        times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times), peak
+
+
+def _zo_step(params, closure, device, steps):
+    optimizer = ZOSGD(params, lr=1e-7, eps=1e-3, seed=0)
+    return timed(lambda: optimizer.step(closure), device, steps)
+
+
+def _zopro_step(params, closure, device, steps):
+    """ZOPrO with a previous update (mu) and a reward-model direction (vhat) on every tensor: 8 bytes per parameter,
+    freed on return."""
+    optimizer = ZOPrO(params, lr=1e-7, eps=1e-3, seed=0)
+    g = torch.Generator(device=device).manual_seed(1)
+    mu = [torch.randn(p.shape, generator=g, device=device) for p in params]
+    vhat = [torch.randn(p.shape, generator=g, device=device) for p in params]
+    optimizer.set_direction(ZOPrODirection(mu, vhat, 0.5))
+    return timed(lambda: optimizer.step(closure), device, steps)
+
+
+def measure(size: str, device: torch.device, steps: int, data_dir: Path) -> tuple[list[tuple], int]:
+    make_demo_data(data_dir, seed=0, prompts=50, corpus=200)
+    texts = [r["text"] for r in load_rows(data_dir / "corpus.jsonl", ("text",))]
+    prompts = [r["prompt"] for r in load_rows(data_dir / "prompts.jsonl", ("prompt", "split"))][:8]
+    tokenizer = WordTokenizer.build(texts)
+    policy, reference, reward_model = build(size, len(tokenizer), device)
+    n_params = sum(p.numel() for p in policy.parameters())
+    config = LoopConfig(k=4, response_length=12)
+    begin = time.perf_counter()
+    closure, _ = _policy_objective(policy, reference, reward_model, tokenizer, prompts, config, seed=0)
+    rollout_ms = (time.perf_counter() - begin) * 1e3
+    rows = [("rollouts + scoring (once per step, every method)", rollout_ms, None)]
+    params = list(policy.parameters())
+    rows.append(("ZO step (ZOSGD, 2 forwards)", *_zo_step(params, closure, device, steps)))
+    rows.append(("ZOPrO step (structured direction, 2 forwards)", *_zopro_step(params, closure, device, steps)))
+    adam = torch.optim.Adam(params, lr=1e-7)
+
+    def first_order():
+        policy.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            closure().backward()
+        adam.step()
+
+    rows.append(("first-order RLOO step (forward, backward, Adam)", *timed(first_order, device, steps)))
+    return rows, n_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="opt-1.3b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/zokern-preference-step"))
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows, n_params = measure(args.size, device, args.steps, args.data)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    command = " ".join(["python -m benchmarks.preference_step", *(argv if argv is not None else sys.argv[1:])])
+    text = (
+        f"\n### Preference loop policy step, {args.size} ({n_params / 1e6:.0f}M parameters, float32), "
+        f"{datetime.date.today()}\n\nDevice {name}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"zokern {zokern.__version__}. 8 prompts x k = 4 responses of 12 tokens. Median of {args.steps} steps after "
+        f"one warm-up. Command: `{command}`.\n\n| step | ms | peak GiB above the weights |\n|---|---|---|\n"
+        + "".join(f"| {n} | {ms:.1f} | {'-' if gib is None else f'{gib:.2f}'} |\n" for n, ms, gib in rows)
+    )
+    print(text)
+    if not args.no_append:
+        with RESULTS.open("a") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

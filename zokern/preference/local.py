@@ -1,0 +1,63 @@
+"""A local Hugging Face model as the loop's policy and reward model (``zokern demo --model PATH``): nothing is
+downloaded, the directory must hold the model's weights and its tokenizer (``save_pretrained`` output)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the interface the loop uses (zokern.preference.data.WordTokenizer's):
+    ``encode`` without special tokens, ``decode`` up to the first end-of-sequence, and the pad/bos/eos ids (pad and
+    bos fall back to eos, as for GPT-2-style tokenizers that have neither)."""
+
+    def __init__(self, tokenizer) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no end-of-sequence token; the loop needs one to end responses")
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        kept = []
+        for i in ids:
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.bos_id):
+                kept.append(i)
+        return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def load_local(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, HFTokenizer]:
+    """(policy, reward model, tokenizer) from a local directory: the causal LM as the policy (float32, eval mode) and
+    the same weights with a fresh one-output sequence-classification head as the reward model, to be trained on the
+    preference pairs first."""
+    import transformers
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {path}: no such directory (a local save_pretrained directory is expected)")
+    try:
+        tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(path))
+        policy = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        transformers.logging.set_verbosity_error()  # the fresh score head is expected: no warning about it
+        reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--model {path}: cannot load a causal LM and its tokenizer from it ({e})") from None
+    finally:
+        transformers.logging.set_verbosity_warning()
+    reward_model.config.pad_token_id = tokenizer.pad_id
+    policy.config.pad_token_id = tokenizer.pad_id
+    return policy.to(device).eval(), reward_model.to(device).eval(), tokenizer
