@@ -23,11 +23,11 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import zokern
+from benchmarks._results import publish
 from benchmarks.step import MODELS
 from benchmarks.step import build
 from zokern.baselines import mezo_published_step
@@ -35,8 +35,6 @@ from zokern.optim import ZOSGD
 
 # OPT ties its input and output embeddings: the case exact mode must get right.
 OPT_MODELS = [name for name in MODELS if MODELS[name][0] == "opt"]
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: float) -> list[tuple]:
@@ -112,10 +110,7 @@ def main() -> int:
         + "".join(f"| {s} | {c:.2%} | {d:.3e} | {r:.2%} | {ms:.2f} |\n" for s, c, d, r, ms in rows)
         + f"\nExact mode step time / in-place step time: {exact_ms / inplace_ms:.3f}.\n"
     )
-    print(table)
-    if not args.no_append:
-        with RESULTS.open("a") as fh:
-            fh.write(table)
+    publish(table, append=not args.no_append)
     return 0
 
 

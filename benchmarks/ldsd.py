@@ -19,17 +19,16 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import zokern
+from benchmarks._results import publish
 from benchmarks.kernels_gpu import opt_1_3b_shapes
 from zokern.baselines import mezo_published_step
 from zokern.optim import LDSD
 from zokern.optim import ZOSGD
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 K = 5
 PUBLISHED_MS = {"opt-1.3b": 504.7, "opt-1.3b-lora": 99.2}
 
@@ -113,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "| method | ms/step | note |\n|---|---|---|\n"
         + "".join(f"| {n} | {ms:.2f} | {note} |\n" for n, ms, note in rows)
     )
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as fh:
-            fh.write(text)
+    publish(text, append=not args.no_append)
     return 0
 
 

@@ -20,15 +20,14 @@ import sys
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import torch
 
 import zokern
+from benchmarks._results import publish
 from zokern.optim import LDSD
 from zokern.optim import ZOSGD
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 LRS = [10 ** (e / 2) for e in range(-10, 2)]
 MU_LRS = [1.0, 10.0, 100.0, 1000.0]
 MU_NORMS = [0.3, 1.0]
@@ -144,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     text = table(measure(args.workers))
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as fh:
-            fh.write(text)
+    publish(text, append=not args.no_append)
     return 0
 
 

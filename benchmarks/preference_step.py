@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import zokern
+from benchmarks._results import publish
 from zokern.optim import ZOSGD
 from zokern.preference.data import WordTokenizer
 from zokern.preference.data import load_rows
@@ -35,7 +36,6 @@ from zokern.preference.loop import LoopConfig
 from zokern.preference.loop import _policy_objective
 from zokern.preference.optim import ZOPrO
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 # name: (hidden, layers, heads)
 SIZES = {"tiny": (64, 2, 4), "opt-125m": (768, 12, 12), "opt-1.3b": (2048, 24, 32)}
 
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"one warm-up. Command: `{command}`.\n\n| step | ms | peak GiB above the weights |\n|---|---|---|\n"
         + "".join(f"| {n} | {ms:.1f} | {'-' if gib is None else f'{gib:.2f}'} |\n" for n, ms, gib in rows)
     )
-    print(text)
-    if not args.no_append:
-        with RESULTS.open("a") as fh:
-            fh.write(text)
+    publish(text, append=not args.no_append)
     return 0
 
 

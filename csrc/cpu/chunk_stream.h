@@ -189,5 +189,23 @@ void with_flag(bool v, F&& f) {
   }
 }
 
+// Calls f(Format{}) with the storage format of a float32, bfloat16 or float16 tensor; raises for other dtypes.
+template <class F>
+void with_format(at::ScalarType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(Float32Format{});
+      break;
+    case at::kBFloat16:
+      f(BFloat16Format{});
+      break;
+    case at::kHalf:
+      f(Float16Format{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": tensors must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
 }  // namespace cpu
 }  // namespace zokern

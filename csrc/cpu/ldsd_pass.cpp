@@ -211,19 +211,7 @@ double ldsd_pass_cpu(at::TensorList params, at::TensorList mus, at::TensorList s
       total = run_ldsd_for<Format, kFinal>(jobs, n_tasks, cfg, ts, rule, stochastic);
     }
   };
-  switch (params[0].scalar_type()) {
-    case at::kFloat:
-      run(Float32Format{});
-      break;
-    case at::kBFloat16:
-      run(BFloat16Format{});
-      break;
-    case at::kHalf:
-      run(Float16Format{});
-      break;
-    default:
-      TORCH_CHECK(false, "ldsd_pass_: params must be float32, bfloat16 or float16, got ", params[0].scalar_type());
-  }
+  with_format(params[0].scalar_type(), "ldsd_pass_", run);
   return total;
 }
 

@@ -65,17 +65,8 @@ at::Tensor count_sketch_cpu(at::TensorList tensors, at::IntArrayRef keys, int64_
         const Unit& u = units[static_cast<size_t>(i)];
         const at::Tensor& x = tensors[static_cast<size_t>(u.tensor)];
         const uint64_t key = static_cast<uint64_t>(keys[static_cast<size_t>(u.tensor)]);
-        switch (x.scalar_type()) {
-          case at::kFloat:
-            sketch_unit<Float32Format>(x, u, key, k, h);
-            break;
-          case at::kBFloat16:
-            sketch_unit<BFloat16Format>(x, u, key, k, h);
-            break;
-          default:
-            sketch_unit<Float16Format>(x, u, key, k, h);
-            break;
-        }
+        cpu::with_format(x.scalar_type(), "count_sketch",
+                         [&](auto format) { sketch_unit<decltype(format)>(x, u, key, k, h); });
       }
     }
   });

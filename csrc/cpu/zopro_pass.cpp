@@ -125,19 +125,7 @@ void zopro_apply_cpu(at::TensorList tensors, const c10::List<std::optional<at::T
                           c + 3 * job.index);
     });
   };
-  switch (tensors[0].scalar_type()) {
-    case at::kFloat:
-      run(Float32Format{});
-      break;
-    case at::kBFloat16:
-      run(BFloat16Format{});
-      break;
-    case at::kHalf:
-      run(Float16Format{});
-      break;
-    default:
-      TORCH_CHECK(false, "zopro_apply_: tensors must be float32, bfloat16 or float16, got ", tensors[0].scalar_type());
-  }
+  with_format(tensors[0].scalar_type(), "zopro_apply_", run);
 }
 
 }  // namespace
