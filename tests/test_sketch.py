@@ -146,3 +146,32 @@ def test_viz_command_reports_a_missing_or_broken_run(tmp_path, capsys):
     _write_run(tmp_path / "sketches.jsonl")
     assert main(["viz", str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "index.html").exists()
+
+
+def test_viz_adds_a_tsne_view_when_scikit_learn_is_installed(tmp_path, monkeypatch):
+    """The t-SNE path with a stand-in for scikit-learn's TSNE (not a dependency): it receives the policy's sketches
+    and its 2-D output is drawn and linked from the page."""
+    import sys
+    import types
+
+    seen = {}
+
+    class TSNE:
+        def __init__(self, **kwargs):
+            seen["kwargs"] = kwargs
+
+        def fit_transform(self, x):
+            seen["shape"] = x.shape
+            return x[:, :2]
+
+    manifold = types.ModuleType("sklearn.manifold")
+    manifold.TSNE = TSNE
+    monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", manifold)
+    from zokern.preference.viz import make_plots
+
+    _write_run(tmp_path / "sketches.jsonl", iterations=6, k=64)
+    page = make_plots(tmp_path)
+    assert seen["shape"] == (7, 64) and seen["kwargs"]["n_components"] == 2
+    assert (tmp_path / "viz" / "zopro_tsne.png").read_bytes().startswith(b"\x89PNG")
+    assert "zopro_tsne.png" in page.read_text()
