@@ -64,7 +64,7 @@ def _extension_setup() -> dict:
         # at::parallel_for is inline OpenMP in such torch builds: without -fopenmp the CPU kernels run on one thread.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = [f"csrc/cpu/{name}.cpp" for name in ("zo_pass", "ldsd_pass", "zopro_pass", "sketch")]
+    sources = [f"csrc/cpu/{name}.cpp" for name in ("zo_pass", "copy_pass", "ldsd_pass", "zopro_pass", "sketch")]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("ZOKERN_SKIP_CUDA_BUILD")
     if torch.version.cuda is not None and CUDA_HOME is None:
         print("zokern: torch has CUDA but nvcc was not found (set CUDA_HOME); building the CPU kernels only")

@@ -294,3 +294,39 @@ def test_empty_inputs(impl):
     impl.zo_pass_([], [], seed=1, alpha=1.0, distribution="gaussian")
     empty = torch.empty(0, dtype=torch.bfloat16, device=DEVICE)
     impl.zo_pass_([empty, empty.clone()], [5, 5], seed=1, alpha=1.0, distribution="gaussian")
+
+
+@pytest.mark.parametrize("backend", backends_for())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("second", [False, True], ids=["one_seed", "two_seeds"])
+def test_out_of_place_pass_equals_copy_then_in_place_pass(backend, dtype, distribution, second):
+    """``perturb_into_`` reads the sources and writes the outputs once; the values are those of ``clone`` followed by
+    ``perturb_`` on the same backend, bit for bit (same float32 operations), and the sources are left alone."""
+    import zokern
+
+    sources = random_params(SIZES, dtype)
+    before = [s.clone() for s in sources]
+    kwargs = dict(offsets=_bases(sources, OFFSETS[1]), distribution=distribution, backend=backend)
+    extra = dict(next_seed=2**62 + 3, next_alpha=-2e-3) if second else {}
+    out = [torch.empty_like(s) for s in sources]
+    zokern.perturb_into_(out, sources, 42, 1e-3, **kwargs, **extra)
+    expected = [s.clone() for s in sources]
+    if second:
+        zokern.two_seed_(expected, 42, 1e-3, 2**62 + 3, -2e-3, **kwargs)
+    else:
+        zokern.perturb_(expected, 42, 1e-3, **kwargs)
+    for o, e, s, b in zip(out, expected, sources, before):
+        assert torch.equal(o, e) and torch.equal(s, b)
+
+
+def test_out_of_place_pass_rejects_mismatched_or_overlapping_tensors():
+    import zokern
+
+    a, b = torch.randn(10), torch.randn(10)
+    with pytest.raises(ValueError, match=r"out\[0\] .* differs from sources\[0\]"):
+        zokern.perturb_into_([torch.empty(9)], [a], 1, 1e-3)
+    with pytest.raises(ValueError, match="overlap a source"):
+        zokern.perturb_into_([a[:5]], [a[:5]], 1, 1e-3)
+    with pytest.raises(ValueError, match="out has 2 tensors but sources has 1"):
+        zokern.perturb_into_([a, b], [torch.randn(10)], 1, 1e-3)

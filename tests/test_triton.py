@@ -95,3 +95,9 @@ def test_zopro_kernels_compile_for_h100(h100_ptx_facts):
     for name in ("zopro_apply", "zopro_reduce"):
         facts = h100_ptx_facts[name]
         assert facts["mul_hi_u32"] and facts["stores"] and not facts["local_memory"], name
+
+
+def test_out_of_place_pass_compiles_for_h100_with_vector_memory_access(h100_ptx_facts):
+    for dtype in ("float32", "bfloat16"):
+        facts = h100_ptx_facts[f"copy_pass_{dtype}"]
+        assert facts["vector_load"] and facts["vector_store"] and not facts["local_memory"], dtype

@@ -11,6 +11,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from zokern.kernels import copy_pass
 from zokern.kernels import ldsd_pass
 from zokern.kernels import zo_pass
 from zokern.kernels import zopro_pass
@@ -94,6 +95,10 @@ def main() -> None:
         )
         ptx = compile_ptx(ldsd_pass._ldsd_kernel, LDSD_SIGNATURE, constexprs)
         out[f"ldsd_{mode}_{rule}_{dtype}"] = facts(ptx)
+    for dtype in ("float32", "bfloat16"):
+        signature = {"table_ptr": "*i64", "seed": "i64", "alpha": "fp32", "seed2": "i64", "alpha2": "fp32"}
+        constexprs = dict(DTYPE=getattr(tl, dtype), RADEMACHER=False, SECOND=False, ALIGNED=True, BLOCK=2048)
+        out[f"copy_pass_{dtype}"] = facts(compile_ptx(copy_pass._copy_pass_kernel, signature, constexprs))
     for reduce in (False, True):
         signature = {"table_ptr": "*i64", "seed": "i64", "coef_ptr": "*fp32", "partial_ptr": "*fp32"}
         constexprs = dict(DTYPE=tl.float32, REDUCE=reduce, BLOCK=zopro_pass.GPU_BLOCK)

@@ -10,6 +10,7 @@ from zokern._reference import STREAM_VERSION
 from zokern._version import __version__
 from zokern.ops import gaussian
 from zokern.ops import perturb_
+from zokern.ops import perturb_into_
 from zokern.ops import rademacher
 from zokern.ops import restore_update_
 from zokern.ops import two_seed_
@@ -22,6 +23,7 @@ __all__ = [
     "backend_status",
     "gaussian",
     "perturb_",
+    "perturb_into_",
     "rademacher",
     "replay",
     "restore_update_",

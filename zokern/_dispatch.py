@@ -60,8 +60,13 @@ def available_backends() -> list[str]:
 # Each backend's modules; an op comes from the first of them that defines it.
 _MODULES = {
     "torch": ("zokern._reference", "zokern._ldsd_reference", "zokern._zopro_reference"),
-    "triton": ("zokern.kernels.zo_pass", "zokern.kernels.ldsd_pass", "zokern.kernels.zopro_pass"),
-    "cpu": ("zokern._native", "zokern._native_ldsd", "zokern._native_zopro"),
+    "triton": (
+        "zokern.kernels.zo_pass",
+        "zokern.kernels.copy_pass",
+        "zokern.kernels.ldsd_pass",
+        "zokern.kernels.zopro_pass",
+    ),
+    "cpu": ("zokern._native", "zokern._native_copy", "zokern._native_ldsd", "zokern._native_zopro"),
     "cuda": ("zokern._native",),
 }
 
@@ -98,7 +103,7 @@ def select_backend(device: torch.device, backend: str | None = None, op: str = "
     """The backend module for tensors on ``device``: the requested one, or the fastest available.
 
     ``op`` names the function the caller needs. The fused pass (``zo_pass_``) exists in every backend; passes that
-    only some backends implement (the LDSD and ZOPrO passes: triton, cpu and torch) come from the
+    only some backends implement (the out-of-place pass, the LDSD and ZOPrO passes: triton, cpu and torch) come from the
     requested backend when it has them, else from the fastest available one that does.
     """
     name = requested_backend(backend)

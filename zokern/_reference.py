@@ -178,3 +178,30 @@ def zo_pass_(
                     part.copy_(round_stochastic(x, rounding_bits(rounding_seed, i0, n, t.device), t.dtype))
                 else:
                     part.copy_(x)
+
+
+def zo_copy_pass_(
+    out: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    bases: Sequence[int],
+    *,
+    seed: int,
+    alpha: float,
+    distribution: str,
+    seed2: int | None = None,
+    alpha2: float = 0.0,
+) -> None:
+    """``out[k] = sources[k] + alpha z(seed) [+ alpha2 z(seed2)]``, rounded to nearest: the perturbation pass written
+    out of place (inputs validated by zokern.ops)."""
+    f32 = torch.float32
+    a, b = (torch.tensor(v, dtype=torch.float64).to(f32).item() for v in (alpha, alpha2))
+    with torch.no_grad():
+        for t, source, base in zip(out, sources, bases):
+            flat, src = t.view(-1), source.reshape(-1)
+            for lo in range(0, flat.numel(), _CHUNK):
+                part = flat[lo : lo + _CHUNK]
+                i0, n = base + lo, part.numel()
+                x = src[lo : lo + n].to(f32) + a * stream(seed, i0, n, distribution, t.device).to(f32)
+                if seed2 is not None:
+                    x = x + b * stream(seed2, i0, n, distribution, t.device).to(f32)
+                part.copy_(x)

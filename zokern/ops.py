@@ -201,6 +201,60 @@ def perturb_(
     _run_pass(tensors, bases, backend, **kwargs)
 
 
+def perturb_into_(
+    out: Tensors,
+    sources: Tensors,
+    seed: int,
+    alpha: float,
+    *,
+    offset: int = 0,
+    offsets: Iterable[int] | None = None,
+    distribution: str = "gaussian",
+    next_seed: int | None = None,
+    next_alpha: float = 0.0,
+    backend: str | None = None,
+) -> None:
+    r"""Out of place, :math:`\text{out}_k \leftarrow \text{source}_k + \alpha z(\text{seed})` (optionally
+    :math:`+ \beta z(\text{next\_seed})`), rounded to nearest, in one pass: one read of each source and one write
+    of each output, where ``out.copy_(source)`` followed by :func:`perturb_` would take two of each. ``out[k]`` must
+    have ``sources[k]``'s shape and dtype and must not overlap any source. Offsets as :func:`perturb_`.
+    """
+    out = _check_tensors(out)
+    sources = _check_tensors(sources)
+    if len(out) != len(sources):
+        raise ValueError(f"out has {len(out)} tensors but sources has {len(sources)}")
+    for k, (o, src) in enumerate(zip(out, sources)):
+        if o.shape != src.shape or o.dtype != src.dtype or o.device != src.device:
+            raise ValueError(
+                f"out[{k}] ({tuple(o.shape)}, {o.dtype}, {o.device}) differs from sources[{k}] "
+                f"({tuple(src.shape)}, {src.dtype}, {src.device}): shape, dtype and device must match"
+            )
+    try:
+        _check_no_overlap(out + sources)
+    except ValueError:
+        raise ValueError("the outputs overlap a source (or each other): perturb_into_ writes out of place") from None
+    kwargs = dict(
+        seed=_check_index("seed", seed),
+        alpha=_check_real("alpha", alpha),
+        distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
+        alpha2=_check_real("next_alpha", next_alpha),
+        seed2=None if next_seed is None else _check_index("next_seed", next_seed),
+    )
+    bases = _bases(out, offset, offsets)
+    live = [(o, src, b) for o, src, b in zip(out, sources, bases) if o.numel()]
+    if not live:
+        return
+    impl = select_backend(live[0][0].device, backend, op="zo_copy_pass_")
+    by_dtype: dict[torch.dtype, tuple[list, list, list]] = {}
+    for o, src, b in live:
+        group = by_dtype.setdefault(o.dtype, ([], [], []))
+        for column, value in zip(group, (o, src, b)):
+            column.append(value)
+    with torch.no_grad():
+        for outs, srcs, bs in by_dtype.values():
+            impl.zo_copy_pass_(outs, srcs, bs, **kwargs)
+
+
 def restore_update_(
     tensors: Tensors,
     seed: int,

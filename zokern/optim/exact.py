@@ -90,11 +90,18 @@ class PerturbedView(TorchFunctionMode):
         return ready if ready is not None else self.materialise([use])[0]
 
     def materialise(self, uses: list[ParameterUse]) -> list[torch.Tensor]:
-        """Fresh tensors holding the perturbed values of ``uses`` (parameters of one group, or one parameter)."""
-        outs = [use.param.detach().clone() for use in uses]
+        """Fresh tensors holding the perturbed values of ``uses`` (parameters of one group, or one parameter): the
+        first perturbation written out of place from theta (one read, one write), any further one in place."""
+        params = [use.param.detach() for use in uses]
         offsets = [use.offset for use in uses]
-        for seed, alphas in self.displacement.items():
-            ops.perturb_(outs, seed, alphas[uses[0].group], offsets=offsets, **self.pass_kwargs)
+        terms = [(seed, alphas[uses[0].group]) for seed, alphas in self.displacement.items()]
+        if not terms:
+            return [p.clone() for p in params]
+        outs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        (seed, alpha), rest = terms[0], terms[1:]
+        ops.perturb_into_(outs, params, seed, alpha, offsets=offsets, **self.pass_kwargs)
+        for seed, alpha in rest:
+            ops.perturb_(outs, seed, alpha, offsets=offsets, **self.pass_kwargs)
         return outs
 
     def _materialise_small(self) -> dict[int, torch.Tensor]:

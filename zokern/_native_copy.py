@@ -1,0 +1,17 @@
+"""The ``cpu`` backend of the out-of-place perturbation pass: csrc/cpu/copy_pass.cpp (math: zokern._reference).
+CPU only: on a GPU the Triton kernel runs it."""
+
+from __future__ import annotations
+
+from zokern._reference import DISTRIBUTIONS
+
+
+def zo_copy_pass_(out, sources, bases, *, seed, alpha, distribution, seed2=None, alpha2=0.0) -> None:
+    """``out[k] = sources[k] + alpha z(seed) [+ alpha2 z(seed2)]`` in one op call."""
+    import torch
+
+    if out:
+        torch.ops.zokern.zo_copy_pass_(
+            list(out), list(sources), list(bases), seed, alpha, DISTRIBUTIONS[distribution],
+            0 if seed2 is None else seed2, alpha2, seed2 is not None,
+        )  # fmt: skip
