@@ -19,6 +19,7 @@ import triton.language as tl
 from zokern._ldsd_reference import final_layout
 from zokern._reference import DISTRIBUTIONS
 from zokern._reference import DOMAIN_RADEMACHER
+from zokern._transfer import to_device
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import rademacher_tile
 from zokern.kernels.philox import rounding_tile
@@ -188,7 +189,7 @@ def _launch(
     table = _work_table(params, bases, block, *companions)
     addresses = [t.data_ptr() for t in params] + [t.data_ptr() for column in companions for t in column]
     aligned = all(b % 8 == 0 for b in bases) and all(a % 16 == 0 for a in addresses)
-    seed_tensor = torch.tensor(list(seeds), dtype=torch.int64, device=device)
+    seed_tensor = to_device(list(seeds), device, torch.int64)
     reduces = mode in ("norm", "move_norm")
     partial = torch.empty(table.shape[0] if reduces else 1, dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from zokern._reference import DISTRIBUTIONS
 from zokern._reference import DOMAIN_RADEMACHER
+from zokern._transfer import to_device
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import philox_blocks
 from zokern.kernels.philox import rademacher_tile
@@ -201,7 +202,7 @@ def _work_table(
         if with_index:
             parts.append(torch.full((len(tiles), 1), k, dtype=torch.int64))
         rows.append(torch.cat(parts, dim=1))
-    table = torch.cat(rows).to(tensors[0].device)
+    table = to_device(torch.cat(rows), tensors[0].device)
     _tables[key] = table
     if len(_tables) > _TABLE_CACHE_SIZE:
         _tables.popitem(last=False)

@@ -380,3 +380,57 @@ def test_state_holds_mu_and_the_rules_buffers_only():
         assert set(opt.state[x]) == keys
         assert all(opt.state[x][key].shape == x.shape and opt.state[x][key].dtype == torch.float32
                    for key in keys - {"step"})  # fmt: skip
+
+
+def test_a_pass_that_raises_leaves_theta_where_it_was(monkeypatch):
+    """The position is recorded after a move's passes succeed: a failing pass is not undone as if it had run."""
+    from zokern.optim import _ldsd_passes
+
+    a, x0 = _quadratic()
+    x = torch.nn.Parameter(x0.float())
+    opt = LDSD([x], lr=1e-2, k=3, mu_lr=1.0, seed=0)
+    opt.step(lambda: 0.5 * (a.float() * x**2).sum())  # mu is nonzero now: the first move reads it
+    start = x.detach().clone()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(_ldsd_passes, "move_", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step(lambda: 0.5 * (a.float() * x**2).sum())
+    assert torch.equal(x.detach(), start)
+
+
+def test_replay_follows_mid_run_changes_of_sigma_and_mu_lr():
+    a, x0 = _quadratic()
+    x = torch.nn.Parameter(x0.float())
+    opt = LDSD([x], lr=1e-3, k=3, mu_lr=1.0, seed=5)
+    closure = lambda: 0.5 * (a.float() * x**2).sum()  # noqa: E731
+    for step in range(6):
+        if step == 3:
+            opt.param_groups[0].update(sigma=0.5, mu_lr=4.0)
+        opt.step(closure)
+    replayed = replay([x0.float().clone()], opt.trajectory)
+    assert torch.equal(replayed.param_groups[0]["params"][0], x.detach())
+
+
+def test_projected_grad_has_one_entry_per_group_even_with_a_frozen_group():
+    a, x0 = _quadratic()
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    x = torch.nn.Parameter(x0.float())
+    opt = LDSD([{"params": [frozen], "eps": 1e-2}, {"params": [x], "eps": 1e-3}], lr=1e-3, k=3, seed=0)
+    opt.step(lambda: 0.5 * (a.float() * x**2).sum())
+    record = opt.trajectory[0]
+    losses = record["losses"]
+    f_plus, f_minus = losses[record["best"]], losses[-1]
+    assert record["projected_grad"] == pytest.approx([(f_plus - f_minus) / 2e-2, (f_plus - f_minus) / 2e-3])
+
+
+def test_records_settle_as_the_run_goes():
+    a, x0 = _quadratic()
+    x = torch.nn.Parameter(x0.float())
+    opt = LDSD([x], lr=1e-3, k=2, seed=0)
+    for _ in range(5):
+        opt.step(lambda: 0.5 * (a.float() * x**2).sum())
+    assert len(opt._unsettled) == 1  # only the last step's values may still be pending
+    assert all(isinstance(r["losses"], list) for r in opt._trajectory[:-1])

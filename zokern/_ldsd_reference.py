@@ -137,7 +137,7 @@ def ldsd_final_(
 ) -> None:
     at = final_layout(len(seeds))
     ok = coef[at["ok"]] != 0
-    f32 = lambda v: torch.tensor(v, dtype=torch.float32, device=coef.device)  # noqa: E731
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32).item()  # noqa: E731 - the float32 value, on the host
     eta, wd = f32(lr), f32(weight_decay)
     for k, lo, n, start in _chunks(params, bases):
         part, mu = params[k].view(-1)[lo : lo + n], mus[k].view(-1)[lo : lo + n]

@@ -17,6 +17,7 @@ import torch
 from zokern import ops
 from zokern._ldsd_reference import STATES_PER_RULE
 from zokern._ldsd_reference import final_layout
+from zokern._transfer import to_device
 from zokern.optim import _distributed
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
@@ -131,7 +132,7 @@ class LDSD(ZOOptimizer):
         self.k, self.update, self.pairing = k, update, pairing
         self.mu_norm, self.momentum = float(mu_norm), float(momentum)
         self._rule = "adam" if update == "adam" else ("momentum" if momentum else "sgd")
-        self._unsettled: list[dict[str, Any]] = []
+        self._unsettled: list[_Pending] = []
         self._nonfinite = 0
         self._position: list[float] | torch.Tensor | None = None  # where theta is displaced to, see _move_to
         self._candidates: list[int] = []
@@ -213,7 +214,7 @@ class LDSD(ZOOptimizer):
         """The coefficients [mu, xi_1..xi_K] of theta's displacement eps (u_0 mu + sigma sum_i u_i xi_i)."""
         eps, sigma = group["eps"], group["sigma"]
         if isinstance(position, list):
-            return torch.tensor([eps * position[0], *(eps * sigma * u for u in position[1:])], device=device)
+            return to_device([eps * position[0], *(eps * sigma * u for u in position[1:])], device, torch.float32)
         scale = torch.full_like(position, eps * sigma)
         scale[0] = eps
         return (position * scale).to(device, torch.float32)
@@ -225,15 +226,18 @@ class LDSD(ZOOptimizer):
         With ``norm_rows`` (per group index, a row over [mu, candidates]), the pass also returns each group's
         squared norm of that row, sharing the pass's reads of mu and its streams (None in exact mode)."""
         previous = self._position
-        self._position = position
         if self._exact_now:
+            self._position = position
             return None
         if isinstance(previous, list) and isinstance(position, list):
             delta = [a - b for a, b in zip(position, previous)]
             changed = [i for i, d in enumerate(delta) if d]
+            if not changed:
+                return None
             if 0 not in changed and len(changed) <= 2:  # a candidate switch: mu cancels, one two-seed pass
                 self._two_seed_move(changed, [delta[i] for i in changed])
-                return
+                self._position = position  # after the pass: a pass that raises has not moved theta
+                return None
         else:
             delta = _as_tensor(position, like=previous) - _as_tensor(previous, like=position)
         norms: dict[int, torch.Tensor] = {}
@@ -253,6 +257,7 @@ class LDSD(ZOOptimizer):
             )
             if part is not None:
                 norms[index] = norms[index] + part.to(norms[index].device) if index in norms else part
+        self._position = position  # after the passes: a pass that raises has not moved theta
         return norms if norm_rows is not None else None
 
     def _two_seed_move(self, changed: list[int], deltas: list[float]) -> None:
@@ -337,15 +342,12 @@ class LDSD(ZOOptimizer):
             restore = -_as_tensor(self._position, like=onehot)
         self._position = None
         sizes = self._group_sizes()
-        grads = []
+        grads = torch.stack([difference / (2 * group["eps"]) for group in self.param_groups])
         rounding = self._update_rounding()
         adam_steps = self._advance_adam_steps(ok)
         for index, group, params, offsets in self._chunks():
             device = params[0].device
-            eps, sigma = group["eps"], group["sigma"]
-            g = difference / (2 * eps)
-            if len(grads) <= index:
-                grads.append(g)
+            sigma, g = group["sigma"], grads[index]
             # Rows over [mu, candidates..., (faithful) paired...].
             pad = [0.0] * (len(streams) - k)
             p_row = _cat(self._row(restore, group, device), pad, device)
@@ -377,7 +379,7 @@ class LDSD(ZOOptimizer):
                 adam_eps=group["adam_eps"],
                 distribution=self.distribution,
             )
-        return torch.stack(grads)
+        return grads
 
     def _raw_mu_rows(self, advantages: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Per group index, [1, e_1..e_K] with e_i = -mu_lr c_i / (K sigma): mu's REINFORCE step before the
@@ -429,22 +431,20 @@ class LDSD(ZOOptimizer):
         """One LDSD step (K + 1 closure calls); returns the loss at theta (see the class doc) as a 0-d float32
         tensor on the closure's device, without a host sync."""
         self._require_closure(closure)
+        self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         device = [torch.device("cpu")]
         seed = self.new_seed()
         fields = self._take_step(seed, lambda: self._evaluate(closure, device))
         self._record(seed, fields.pop("losses"), fields)
-        self._unsettled.append(self._trajectory[-1])
+        self._unsettled.append(_Pending(self._trajectory[-1]))
         return fields["loss"].to(device[0], torch.float32)
 
-    def _settle(self) -> None:
-        if not self._unsettled:
-            return
-        records, self._unsettled = self._unsettled, []
+    def _settle(self, wait: bool = True) -> None:
+        """Write the device values of pending records as Python numbers, in step order; without ``wait``, only those
+        whose copy to the host has completed (no host sync). Counts and reports the skipped steps."""
         skipped = []
-        for record in records:
-            for key in ("losses", "projected_grad", "loss", "best", "skipped"):
-                if isinstance(record.get(key), torch.Tensor):
-                    record[key] = record[key].tolist()
+        while self._unsettled and (wait or self._unsettled[0].ready()):
+            record = self._unsettled.pop(0).settle()
             if record["skipped"]:
                 skipped.append(record["step"])
         if skipped:
@@ -468,6 +468,32 @@ class LDSD(ZOOptimizer):
     def state_dict(self) -> dict[str, Any]:
         self._settle()
         return super().state_dict()
+
+
+class _Pending:
+    """A trajectory record whose values are still device tensors: copied to the host asynchronously (pinned memory,
+    a CUDA event marks completion) so that the record can be settled later without stalling the device queue."""
+
+    KEYS = ("losses", "projected_grad", "loss", "best", "skipped")
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.host = {k: record[k] for k in self.KEYS if isinstance(record.get(k), torch.Tensor)}
+        self.event = None
+        if any(t.device.type == "cuda" for t in self.host.values()):
+            self.host = {k: t.to("cpu", non_blocking=True) for k, t in self.host.items()}
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def settle(self) -> dict[str, Any]:
+        if self.event is not None:
+            self.event.synchronize()
+        for key, value in self.host.items():
+            self.record[key] = value.tolist()
+        return self.record
 
 
 class _Use:
@@ -502,11 +528,11 @@ def _as_tensor(position, like: torch.Tensor | list | None = None) -> torch.Tenso
     if isinstance(position, torch.Tensor):
         return position
     if isinstance(like, torch.Tensor):
-        return torch.tensor(position, dtype=torch.float64, device=like.device)
+        return to_device(position, like.device, torch.float64)
     return list(position)
 
 
 def _cat(row: torch.Tensor, pad: list[float], device: torch.device) -> torch.Tensor:
     if not pad:
         return row
-    return torch.cat((row, torch.tensor(pad, dtype=torch.float32, device=device)))
+    return torch.cat((row, torch.zeros(len(pad), dtype=torch.float32, device=device)))

@@ -58,18 +58,24 @@ def _build(params: list[torch.Tensor], setup: dict[str, Any], previous: ZOOptimi
     sizes, trainable = setup["group_sizes"], setup["trainable"]
     if sum(sizes) != len(params) or len(trainable) != len(params):
         raise ValueError(f"the trajectory's optimizer had {sum(sizes)} parameters; {len(params)} were given")
-    if previous is not None:  # a change of frozen parameters mid-run keeps the optimizer and its state
+    if previous is not None:  # a mid-run change (frozen parameters, per-group extras) keeps the optimizer and state
         previous._trainable_override = list(trainable)
+        for k, group in enumerate(previous.param_groups):
+            group.update(_group_extras(setup, k))
         return previous
     cls = OPTIMIZERS.get(setup["optimizer"])
     if cls is None:
         raise ValueError(f"unknown optimizer {setup['optimizer']!r} in the trajectory")
     groups, start = [], 0
     for k, size in enumerate(sizes):
-        group = {"params": params[start : start + size]}
-        group.update({key: tuple(v[k]) if key == "betas" else v[k] for key, v in setup["group_extras"].items()})
+        group = {"params": params[start : start + size], **_group_extras(setup, k)}
         groups.append(group)
         start += size
     optimizer = cls(groups, seed=0, **{**setup["options"], "seed_check_every": 0})
     optimizer._trainable_override = list(trainable)
     return optimizer
+
+
+def _group_extras(setup: dict[str, Any], k: int) -> dict[str, Any]:
+    """Group k's hyperparameters besides lr, eps and weight_decay, as the trajectory's setup recorded them."""
+    return {key: tuple(v[k]) if key == "betas" else v[k] for key, v in setup["group_extras"].items()}

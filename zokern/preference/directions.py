@@ -32,6 +32,7 @@ import torch
 
 from zokern import ops
 from zokern._dispatch import select_backend
+from zokern._transfer import to_device
 
 
 class ZOPrODirection:
@@ -71,6 +72,8 @@ class ZOPrODirection:
             for name, ref in (("mu", m), ("vhat", v)):
                 if ref is not None and ref.shape != t.shape:
                     raise ValueError(f"{name}[{k}] has shape {tuple(ref.shape)} but tensor {k} has {tuple(t.shape)}")
+                if ref is not None and ref.device != t.device:
+                    raise ValueError(f"{name}[{k}] is on {ref.device} but tensor {k} is on {t.device}")
 
     def reductions(
         self, seed: int, tensors: Sequence[torch.Tensor], offsets: Sequence[int], backend: str | None = None
@@ -140,7 +143,7 @@ class ZOPrODirection:
             rows.append((alpha * c_mu, -alpha * c_n * a if self.vhat[k] is not None else 0.0, alpha * c_n))
         for device, indices in _by_device(tensors).items():
             impl = _impl(device, backend, "zopro_apply_")
-            coef = torch.tensor([rows[i] for i in indices], dtype=torch.float32, device=device)
+            coef = to_device([rows[i] for i in indices], device, torch.float32)
             impl.zopro_apply_(
                 [tensors[i] for i in indices],
                 [self.mu[i] if self.mu_norm[i] > 0.0 else None for i in indices],
