@@ -74,8 +74,9 @@ class LDSD(ZOOptimizer):
     per-candidate buffers.
 
     ``step`` returns :math:`\tfrac12(f_{i^*} + f_-)`, the loss at theta to :math:`O(\epsilon^2)`, as a device
-    tensor. Non-finite losses restore theta and skip the update on the device; the warning, ``nonfinite_steps``
-    and the trajectory's floats are settled when read (``opt.trajectory``), not every step.
+    tensor. Non-finite losses restore theta and skip the update on the device; a step's record is copied to the host
+    asynchronously and settled at a later step once the copy has landed, or when ``opt.trajectory``,
+    ``nonfinite_steps`` or ``state_dict()`` is read (the non-finite warning comes then).
 
     State and extra memory per trainable element: ``state[p]["mu"]`` (float32, shaped like p): 4 bytes; plus 4
     with momentum (``momentum_buffer``) or 8 with Adam (``exp_avg``, ``exp_avg_sq``). In exact mode (16-bit
