@@ -138,6 +138,28 @@ def test_peft_lora_model_trains_only_the_adapters(tmp_path):
     assert changed <= trainable
 
 
+def test_ldsd_drops_in_with_lora_and_keeps_its_mean_per_adapter(tmp_path):
+    """LDSD in the Trainer (LoRA adapters trainable): each ZO step is K + 1 evaluations of the window's loss, mu lives
+    beside each adapter, and the logged loss is the step's (f* + f-)/2."""
+    peft = pytest.importorskip("peft")
+    from zokern.optim import LDSD
+
+    model = peft.get_peft_model(
+        tiny_opt(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path, learning_rate=1e-2), train_dataset=TokenDataset(8),
+                        zo_optimizer_cls=LDSD, zo_optimizer_kwargs={"k": 3, "mu_lr": 10.0, "seed": 0})  # fmt: skip
+    trainer.train()
+    opt = trainer.zo_optimizer
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert [len(r["losses"]) for r in opt.trajectory] == [3 + 1] * 3
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert all(opt.state[p]["mu"].shape == p.shape for p in adapters)
+    assert any(bool(opt.state[p]["mu"].any()) for p in adapters)
+
+
 def test_rejects_a_foreign_optimizer(tmp_path):
     model = tiny_opt()
     with pytest.raises(ValueError, match="zo_optimizer"):
