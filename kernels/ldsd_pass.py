@@ -22,10 +22,8 @@ from zokern._reference import DOMAIN_RADEMACHER
 from zokern._transfer import to_device
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import rademacher_tile
-from zokern.kernels.philox import rounding_tile
 from zokern.kernels.zo_pass import _TL_DTYPES
-from zokern.kernels.zo_pass import _round_nearest
-from zokern.kernels.zo_pass import _sign_magnitude_round
+from zokern.kernels.zo_pass import _rounded
 from zokern.kernels.zo_pass import _widen
 from zokern.kernels.zo_pass import _work_table
 
@@ -156,16 +154,7 @@ def _ldsd_kernel(
             updated = x - lr * (step + weight_decay * x)
             _store(mu_ptrs, tl.where(ok, acc_m, mu), mask, interior)
             x = tl.where(ok, updated, x)
-        if STOCHASTIC:
-            bits = rounding_tile(rounding_seed, g0, BLOCK)
-            if DTYPE == tl.float16:
-                in_range = tl.abs(x) <= 65504.0  # false for NaN and infinities, which round to nearest
-            else:
-                in_range = tl.abs(x) <= 3.3895313892515355e38
-            out = tl.where(in_range, _sign_magnitude_round(x, bits, DTYPE), _round_nearest(x, DTYPE))
-        else:
-            out = _round_nearest(x, DTYPE)
-        _store(x_ptrs, out, mask, interior)
+        _store(x_ptrs, _rounded(x, rounding_seed, g0, DTYPE, STOCHASTIC, BLOCK), mask, interior)
 
 
 def _launch(

@@ -83,6 +83,21 @@ def _sign_magnitude_round(x, s, DTYPE: tl.constexpr):
         return tl.where(s.to(tl.float32) < q * 65536.0, away, toward)
 
 
+@triton.jit
+def _rounded(x, rounding_seed, g0, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    """The float32 tile x as DTYPE: stochastically rounded with the rounding stream of ``rounding_seed`` at the
+    tile's indices, or rounded to nearest (docs/stream.md, section 5)."""
+    if STOCHASTIC:
+        s = rounding_tile(rounding_seed, g0, BLOCK)
+        if DTYPE == tl.float16:
+            in_range = tl.abs(x) <= 65504.0  # false for NaN and infinities, which round to nearest
+        else:
+            in_range = tl.abs(x) <= 3.3895313892515355e38
+        return tl.where(in_range, _sign_magnitude_round(x, s, DTYPE), _round_nearest(x, DTYPE))
+    else:
+        return _round_nearest(x, DTYPE)
+
+
 @triton.jit(do_not_specialize=["seed", "seed2", "rounding_seed"])
 def _zo_pass_kernel(
     table_ptr,
@@ -143,15 +158,7 @@ def _zo_pass_kernel(
             z2 = gaussian_tile(seed2, g0, BLOCK)
         x = x + alpha2 * z2
 
-    if STOCHASTIC:
-        s = rounding_tile(rounding_seed, g0, BLOCK)
-        if DTYPE == tl.float16:
-            in_range = tl.abs(x) <= 65504.0  # false for NaN and infinities, which round to nearest
-        else:
-            in_range = tl.abs(x) <= 3.3895313892515355e38
-        out = tl.where(in_range, _sign_magnitude_round(x, s, DTYPE), _round_nearest(x, DTYPE))
-    else:
-        out = _round_nearest(x, DTYPE)
+    out = _rounded(x, rounding_seed, g0, DTYPE, STOCHASTIC, BLOCK)
     if interior:
         tl.store(ptrs, out)
     else:

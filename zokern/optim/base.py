@@ -131,16 +131,22 @@ class ZOOptimizer(torch.optim.Optimizer):
             layout.append((group, tensors, offsets))
         return layout
 
-    def _each_group(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
-        """(group, tensors, offsets) per param group and device: one fused call each."""
-        for group, tensors, offsets in self._groups_layout():
+    def _device_chunks(self) -> list[tuple[int, dict[str, Any], list[torch.Tensor], list[int]]]:
+        """(group index, group, trainable parameters, offsets) per param group and device: one fused call each."""
+        out = []
+        for index, (group, params, offsets) in enumerate(self._groups_layout()):
             by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
-            for t, b in zip(tensors, offsets):
-                entry = by_device.setdefault(t.device, ([], []))
-                entry[0].append(t.data)
+            for p, b in zip(params, offsets):
+                entry = by_device.setdefault(p.device, ([], []))
+                entry[0].append(p)
                 entry[1].append(b)
-            for ts, bs in by_device.values():
-                yield group, ts, bs
+            out.extend((index, group, ps, bs) for ps, bs in by_device.values())
+        return out
+
+    def _each_group(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
+        """(group, tensors, offsets) per param group and device, the tensors as ``.data``: one fused call each."""
+        for _, group, params, offsets in self._device_chunks():
+            yield group, [p.data for p in params], offsets
 
     def _pass_kwargs(self) -> dict[str, Any]:
         return dict(distribution=self.distribution, backend=self.backend)

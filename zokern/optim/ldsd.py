@@ -24,6 +24,7 @@ from zokern.optim import seeds as seeds_
 from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
+from zokern.optim.exact import ParameterUse
 from zokern.optim.exact import PerturbedView
 
 PAIRINGS = ("evaluated", "faithful")
@@ -175,18 +176,6 @@ class LDSD(ZOOptimizer):
 
     # ---------------------------------------------------------------------------------------------------- layout
 
-    def _chunks(self) -> list[tuple[int, dict[str, Any], list[torch.Tensor], list[int]]]:
-        """(group index, group, parameters, offsets) per param group and device: one pass call each."""
-        out = []
-        for index, (group, params, offsets) in enumerate(self._groups_layout()):
-            by_device: dict[torch.device, tuple[list, list]] = {}
-            for p, b in zip(params, offsets):
-                entry = by_device.setdefault(p.device, ([], []))
-                entry[0].append(p)
-                entry[1].append(b)
-            out.extend((index, group, ps, bs) for ps, bs in by_device.values())
-        return out
-
     def _init_state(self) -> None:
         for _, params, _ in self._groups_layout():
             for p in params:
@@ -242,7 +231,7 @@ class LDSD(ZOOptimizer):
         else:
             delta = _as_tensor(position, like=previous) - _as_tensor(previous, like=position)
         norms: dict[int, torch.Tensor] = {}
-        for index, group, params, offsets in self._chunks():
+        for index, group, params, offsets in self._device_chunks():
             device = params[0].device
             norm_row = None if norm_rows is None else norm_rows[index].to(device)
             coef = self._row(delta, group, device)
@@ -254,7 +243,7 @@ class LDSD(ZOOptimizer):
                 self._candidates,
                 coef,
                 norm_coef=norm_row,
-                **self._pass_options(),
+                **self._pass_kwargs(),
             )
             if part is not None:
                 norms[index] = norms[index] + part.to(norms[index].device) if index in norms else part
@@ -262,18 +251,15 @@ class LDSD(ZOOptimizer):
         return norms if norm_rows is not None else None
 
     def _two_seed_move(self, changed: list[int], deltas: list[float]) -> None:
-        for _, group, params, offsets in self._chunks():
+        for _, group, params, offsets in self._device_chunks():
             scale = group["eps"] * group["sigma"]
             seeds = [self._candidates[i - 1] for i in changed]
             data = [p.data for p in params]
-            kwargs = dict(offsets=offsets, distribution=self.distribution, backend=self.backend)
+            kwargs = dict(offsets=offsets, **self._pass_kwargs())
             if len(changed) == 2:
                 ops.two_seed_(data, seeds[0], scale * deltas[0], seeds[1], scale * deltas[1], **kwargs)
             else:
                 ops.perturb_(data, seeds[0], scale * deltas[0], **kwargs)
-
-    def _pass_options(self) -> dict[str, Any]:
-        return dict(distribution=self.distribution, backend=self.backend)
 
     def _undo_displacement(self) -> None:
         if self._position is not None and not self._exact_now:
@@ -283,7 +269,7 @@ class LDSD(ZOOptimizer):
     def _perturbed_view(self) -> PerturbedView:
         uses = {
             id(p): _Use(p, offset, index, group)
-            for index, group, params, offsets in self._chunks()
+            for index, group, params, offsets in self._device_chunks()
             for p, offset in zip(params, offsets)
         }
         return _LDSDView(uses, self)
@@ -297,10 +283,10 @@ class LDSD(ZOOptimizer):
         return _distributed.mean_across_ranks_on_device(values, self._step_device())
 
     def _step_device(self) -> torch.device:
-        return self._chunks()[0][2][0].device
+        return self._device_chunks()[0][2][0].device
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
-        if not self._chunks():
+        if not self._device_chunks():
             raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
         k = self.k
         self._init_state()
@@ -346,13 +332,13 @@ class LDSD(ZOOptimizer):
         grads = torch.stack([difference / (2 * group["eps"]) for group in self.param_groups])
         rounding = self._update_rounding()
         adam_steps = self._advance_adam_steps(ok)
-        for index, group, params, offsets in self._chunks():
+        for index, group, params, offsets in self._device_chunks():
             device = params[0].device
             sigma, g = group["sigma"], grads[index]
             # Rows over [mu, candidates..., (faithful) paired...].
-            pad = [0.0] * (len(streams) - k)
-            p_row = _cat(self._row(restore, group, device), pad, device)
-            d_row = _cat(torch.cat((g.view(1), g * sigma * onehot)).to(device, torch.float32), pad, device)
+            unused = len(streams) - k  # the faithful pairing's fresh streams: only mu's row uses them
+            p_row = _pad(self._row(restore, group, device), unused)
+            d_row = _pad(torch.cat((g.view(1), g * sigma * onehot)).to(device, torch.float32), unused)
             m_row = self._mu_row(index, group, raw_mu_rows, norms, paired, sizes[index], device)
             if self.pairing == "faithful":
                 m_row = torch.cat((m_row[:1], torch.zeros(k, device=device), m_row[1:]))
@@ -403,8 +389,8 @@ class LDSD(ZOOptimizer):
             squared = norms[index].to(device)
         else:
             squared = sum(
-                passes.squared_norm(self._mus(ps), bs, paired, raw.to(ps[0].device), **self._pass_options()).to(device)
-                for i, _, ps, bs in self._chunks()
+                passes.squared_norm(self._mus(ps), bs, paired, raw.to(ps[0].device), **self._pass_kwargs()).to(device)
+                for i, _, ps, bs in self._device_chunks()
                 if i == index
             )
         radius = self.mu_norm * group["sigma"] * math.sqrt(size)
@@ -419,7 +405,7 @@ class LDSD(ZOOptimizer):
         if self._rule != "adam":
             return {}
         counts = {}
-        for _, _, params, _ in self._chunks():
+        for _, _, params, _ in self._device_chunks():
             steps = [self.state[p]["step"] for p in params]
             torch._foreach_add_(steps, ok.to(params[0].device, torch.float32))
             counts.setdefault(params[0].device, steps[0])
@@ -497,11 +483,14 @@ class _Pending:
         return self.record
 
 
-class _Use:
-    __slots__ = ("group", "offset", "param", "settings")
+class _Use(ParameterUse):
+    """A parameter's place, with its param group's settings (eps and sigma scale its displacement row)."""
+
+    __slots__ = ("settings",)
 
     def __init__(self, param: torch.Tensor, offset: int, group: int, settings: dict[str, Any]) -> None:
-        self.param, self.offset, self.group, self.settings = param, offset, group, settings
+        super().__init__(param, offset, group)
+        self.settings = settings
 
 
 class _LDSDView(PerturbedView):
@@ -520,7 +509,7 @@ class _LDSDView(PerturbedView):
         if key not in self.rows:
             self.rows[key] = opt._row(opt._position, uses[0].settings, outs[0].device)
         mus = opt._mus([use.param for use in uses])
-        passes.move_(outs, mus, [use.offset for use in uses], opt._candidates, self.rows[key], **opt._pass_options())
+        passes.move_(outs, mus, [use.offset for use in uses], opt._candidates, self.rows[key], **opt._pass_kwargs())
         return outs
 
 
@@ -533,7 +522,6 @@ def _as_tensor(position, like: torch.Tensor | list | None = None) -> torch.Tenso
     return list(position)
 
 
-def _cat(row: torch.Tensor, pad: list[float], device: torch.device) -> torch.Tensor:
-    if not pad:
-        return row
-    return torch.cat((row, torch.zeros(len(pad), dtype=torch.float32, device=device)))
+def _pad(row: torch.Tensor, count: int) -> torch.Tensor:
+    """The row followed by ``count`` zero coefficients (streams it does not use)."""
+    return torch.cat((row, row.new_zeros(count))) if count else row

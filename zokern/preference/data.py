@@ -148,6 +148,17 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
 # ------------------------------------------------------------------------------------------------- tokenizer
 
 
+def text_ids(ids: Iterable[int], eos_id: int, skip: tuple[int, ...]) -> list[int]:
+    """The ids of a response's text: up to its first end-of-sequence, without padding and beginning markers."""
+    kept = []
+    for i in ids:
+        if i == eos_id:
+            break
+        if i not in skip:
+            kept.append(i)
+    return kept
+
+
 class WordTokenizer:
     """A word-level tokenizer built from a corpus: lowercased words and punctuation, plus <pad> <bos> <eos> <unk>."""
 
@@ -171,13 +182,7 @@ class WordTokenizer:
         return [self.index.get(w, self.unk_id) for w in self._SPLIT.findall(text.lower())]
 
     def decode(self, ids: Iterable[int]) -> str:
-        words = []
-        for i in ids:
-            if i == self.eos_id:
-                break
-            if i not in (self.pad_id, self.bos_id):
-                words.append(self.vocabulary[i])
-        return " ".join(words)
+        return " ".join(self.vocabulary[i] for i in text_ids(ids, self.eos_id, (self.pad_id, self.bos_id)))
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"vocabulary": self.vocabulary}))

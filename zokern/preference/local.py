@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from zokern.preference.data import text_ids
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer behind the interface the loop uses (zokern.preference.data.WordTokenizer's):
@@ -29,12 +31,7 @@ class HFTokenizer:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Iterable[int]) -> str:
-        kept = []
-        for i in ids:
-            if i == self.eos_id:
-                break
-            if i not in (self.pad_id, self.bos_id):
-                kept.append(i)
+        kept = text_ids(ids, self.eos_id, (self.pad_id, self.bos_id))
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
