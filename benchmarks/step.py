@@ -7,7 +7,8 @@ The model is built from a `transformers` config with random weights, in bf16 (``
 other on the same model and batch:
 - two forwards: the closure called twice, without zokern (the floor a ZO step is compared to);
 - MeZO published: its step re-implemented exactly (zokern.baselines);
-- zokern ZOSGD, for each available backend and perturbation mode (in place; exact, the 16-bit default);
+- zokern ZOSGD, for each available backend and mode (in place; in place with the cross-step merge, two passes per
+  step; exact, the 16-bit default);
 - AdamW: a first-order step (forward, backward, fused or foreach AdamW).
 Reports ms/step (median), tokens/s (batch x seq per step), peak memory (CUDA; "-" on the CPU), and the ratios to
 MeZO's step and to two forwards. Prints a Markdown table, appends it to benchmarks/RESULTS.md and one JSON line per
@@ -110,6 +111,14 @@ class Timer:
         return statistics.median(times), peak
 
 
+# zokern's modes: in place (three passes per step), in place with the cross-step merge (two), exact (16-bit default).
+ZOSGD_MODES = {
+    "inplace": dict(perturbation="inplace"),
+    "inplace merged": dict(perturbation="inplace", merge_steps=True),
+    "exact": dict(perturbation="exact"),
+}
+
+
 def zo_backends(device: str) -> list[str]:
     kind = torch.device(device).type
     return [b for b in zokern.available_backends() if b == "torch" or b == kind or (b == "triton" and kind == "cuda")]
@@ -145,9 +154,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
     record("MeZO published", lambda t: mezo_published_step(params, torch.no_grad()(closure), t, 1e-3, 1e-7))
     backends = zo_backends(args.device) if args.backends is None else args.backends.split(",")
     for backend in backends:
-        for mode in ("inplace", "exact"):
-            opt = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, backend=backend, perturbation=mode)
+        for mode, options in ZOSGD_MODES.items():
+            opt = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, backend=backend, **options)
             record(f"zokern ZOSGD {backend} {mode}", lambda t, opt=opt: opt.step(closure))
+            opt.materialize()  # a merged run leaves the next perturbation in the weights
             del opt
     if not args.skip_adamw:
         model.train()

@@ -287,26 +287,6 @@ def test_exact_mode_leaves_16bit_weights_bit_identical_at_lr_zero(dtype):
     assert any(bool(opt.state[p]["mu"].any()) for p in model.parameters())  # mu did learn meanwhile
 
 
-def test_a_step_never_reads_a_device_value_on_the_host(monkeypatch):
-    """Every scalar stays a tensor: converting one to a Python value inside step() would be a host sync on a GPU."""
-    a, x0 = _quadratic()
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.nn.Parameter(x0.to(dtype))
-        opt = LDSD([x], lr=1e-3, k=3, update="adam", seed=0)
-        with monkeypatch.context() as patch:
-            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-                patch.setattr(torch.Tensor, name, _forbidden(name))
-            loss = opt.step(lambda x=x, dtype=dtype: 0.5 * (a.to(dtype) * x**2).float().sum())
-        assert math.isfinite(float(loss)) and len(opt.trajectory) == 1
-
-
-def _forbidden(name):
-    def method(self, *args, **kwargs):
-        raise AssertionError(f"Tensor.{name} called during an LDSD step")
-
-    return method
-
-
 def test_a_nonfinite_loss_skips_the_update_on_the_device():
     a, x0 = _quadratic()
     x = torch.nn.Parameter(x0.float())
@@ -314,11 +294,11 @@ def test_a_nonfinite_loss_skips_the_update_on_the_device():
     opt.step(lambda: 0.5 * (a.float() * x**2).sum())
     before = x.detach().clone(), opt.state[x]["mu"].clone(), opt.state[x]["momentum_buffer"].clone()
     calls = iter(range(100))
-    opt.step(lambda: torch.tensor(math.nan) if next(calls) == 1 else 0.5 * (a.float() * x**2).sum())
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss at LDSD step 1;"):
+        opt.step(lambda: torch.tensor(math.nan) if next(calls) == 1 else 0.5 * (a.float() * x**2).sum())
     assert torch.allclose(x.detach(), before[0], atol=1e-6)
     assert torch.equal(opt.state[x]["mu"], before[1]) and torch.equal(opt.state[x]["momentum_buffer"], before[2])
-    with pytest.warns(RuntimeWarning, match=r"non-finite loss at LDSD step\(s\) \[1\]"):
-        assert opt.nonfinite_steps == 1
+    assert opt.nonfinite_steps == 1
     assert opt.trajectory[1]["skipped"] is True and opt.trajectory[0]["skipped"] is False
 
 
@@ -424,13 +404,3 @@ def test_projected_grad_has_one_entry_per_group_even_with_a_frozen_group():
     losses = record["losses"]
     f_plus, f_minus = losses[record["best"]], losses[-1]
     assert record["projected_grad"] == pytest.approx([(f_plus - f_minus) / 2e-2, (f_plus - f_minus) / 2e-3])
-
-
-def test_records_settle_as_the_run_goes():
-    a, x0 = _quadratic()
-    x = torch.nn.Parameter(x0.float())
-    opt = LDSD([x], lr=1e-3, k=2, seed=0)
-    for _ in range(5):
-        opt.step(lambda: 0.5 * (a.float() * x**2).sum())
-    assert len(opt._unsettled) == 1  # only the last step's values may still be pending
-    assert all(isinstance(r["losses"], list) for r in opt._trajectory[:-1])

@@ -114,6 +114,34 @@ def test_trains_evaluates_and_resumes_bit_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_merged_steps_evaluate_and_checkpoint_the_true_parameters(tmp_path):
+    """With merge_steps the parameters hold theta + eps z(next) between steps: the Trainer's evaluation and its
+    checkpoints must still see theta, so a merged run logs and saves what an unmerged one does."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    data, runs = TokenDataset(16), {}
+    for merge in (False, True):
+        model = tiny_opt()
+        args = arguments(
+            tmp_path / str(merge), max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2
+        )
+        kwargs = dict(seed=1, perturbation="inplace", merge_steps=merge)
+        trainer = ZOTrainer(
+            model=model, args=args, train_dataset=data, eval_dataset=TokenDataset(4), zo_optimizer_kwargs=kwargs
+        )
+        trainer.train()
+        trainer.zo_optimizer.materialize()
+        evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+        saved = safetensors.load_file(str(tmp_path / str(merge) / "checkpoint-2" / "model.safetensors"))
+        runs[merge] = dict(model.named_parameters()), evals, saved
+    (plain, plain_evals, plain_saved), (merged, merged_evals, merged_saved) = runs[False], runs[True]
+    assert len(merged_evals) == 2 and merged_evals == pytest.approx(plain_evals, rel=1e-5)
+    assert merged_saved.keys() == plain_saved.keys()
+    for name in plain_saved:
+        torch.testing.assert_close(merged_saved[name], plain_saved[name], atol=1e-5, rtol=0)
+    for name in plain:
+        torch.testing.assert_close(merged[name], plain[name], atol=1e-5, rtol=0)
+
+
 def test_bf16_model_trains(tmp_path):
     model = tiny_opt(torch.bfloat16)
     before = [p.detach().clone() for p in model.parameters()]

@@ -14,6 +14,7 @@ import contextlib
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -25,8 +26,10 @@ from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
+from zokern.optim._pending import PendingRecord
 from zokern.optim.exact import ParameterUse
 from zokern.optim.exact import PerturbedView
+from zokern.optim.lookahead import Lookahead
 
 PERTURBATIONS = ("auto", "exact", "inplace")
 ROUNDINGS = ("auto", "stochastic", "nearest")
@@ -81,8 +84,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         _distributed.check_same_seed(base_seed, "optimizer seed")
         self.base_seed = base_seed
         self.steps_taken = 0
-        self.nonfinite_steps = 0
+        self._nonfinite = 0
         self._trajectory: list[dict[str, Any]] = []
+        self._unsettled: list[PendingRecord] = []  # records whose values are still on the device, in step order
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
@@ -94,6 +98,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._exact_now = False
         self._warned_16bit_loss = False
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
+        self.merge_steps = False  # set by optimizers that fold the next step's perturbation into their last pass
+        self._lookahead = Lookahead()
+        weakref.finalize(self, self._lookahead.materialize)  # an optimizer collected between steps leaves theta
+        self._claimed = False  # whether this step's first perturbation was already applied by the last step
+        self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
 
     # ------------------------------------------------------------------------------------------ hyperparameters
 
@@ -147,6 +156,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         """(group, tensors, offsets) per param group and device, the tensors as ``.data``: one fused call each."""
         for _, group, params, offsets in self._device_chunks():
             yield group, [p.data for p in params], offsets
+
+    def materialize(self) -> None:
+        """Make the parameters hold the true theta: with ``merge_steps``, a step leaves them at theta + eps z(next
+        seed) (see :mod:`zokern.optim.lookahead`, which lists the reads that call this automatically). One pass
+        when a perturbation is pending; nothing otherwise."""
+        self._lookahead.materialize()
 
     def _pass_kwargs(self) -> dict[str, Any]:
         return dict(distribution=self.distribution, backend=self.backend)
@@ -220,23 +235,36 @@ class ZOOptimizer(torch.optim.Optimizer):
                     )
         self._displacement.clear()
 
-    def _restore_update(self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float]) -> None:
+    def _restore_update(
+        self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], Any], lookahead: int | None = None
+    ) -> None:
         """One pass: theta = t + scale * eps * z (the restore; nothing to restore in exact mode), then
-        theta -= lr * (c * z + weight_decay * theta), with c = coefficient(group)."""
+        theta -= lr * (c * z + weight_decay * theta), with c = coefficient(group), a float or a one-element device
+        tensor (non-finite: no update). With ``lookahead``, the same pass adds + eps z(lookahead), the next step's
+        first perturbation (in place only; see zokern.optim.lookahead)."""
         exact = self._exact_now
-        for group, ts, bs in self._each_group():
+        chunks = []
+        for _, group, params, offsets in self._device_chunks():
+            c = coefficient(group)
+            if isinstance(c, torch.Tensor):
+                c = c.to(params[0].device, non_blocking=True)
             ops.restore_update_(
-                ts,
+                [p.data for p in params],
                 seed,
                 0.0 if exact else scale * group["eps"],
                 group["lr"],
-                coefficient(group),
+                c,
                 weight_decay=group["weight_decay"],
-                offsets=bs,
+                offsets=offsets,
+                next_seed=lookahead,
+                next_alpha=0.0 if lookahead is None else group["eps"],
                 **self._pass_kwargs(),
                 **self._update_rounding(),
             )
+            chunks.append((params, offsets, group["eps"]))
         self._track(seed, lambda group: scale * group["eps"])
+        if lookahead is not None:
+            self._lookahead.set(lookahead, chunks, self._pass_kwargs())
 
     def _add_directions(self, terms: list[tuple[int, Callable[[dict[str, Any]], float]]]) -> None:
         """theta += sum of c_k(group) * z(seed_k), two directions per pass (raw coefficients, not eps multiples)."""
@@ -284,6 +312,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         the block raises. ``with opt.perturbed(seed, +1): loss_plus = f()``. In exact mode the parameters are
         not written: ops inside the block see the perturbed values (see zokern.optim.exact)."""
         _check_number("scale", scale, None, False)
+        self.materialize()
         self._exact_now = self.exact()
         self._displacement.clear()
         self._perturb(seed, scale)
@@ -326,21 +355,24 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         If the closure raises, the parameters are restored (by the step's own restore pass) and the exception
         propagates. A non-finite loss skips the update: parameters restored, a RuntimeWarning, and
-        ``nonfinite_steps`` counts it.
+        ``nonfinite_steps`` counts it. A step that keeps its losses on the device reports this once its values
+        reach the host: at the end of the step on the CPU, at a later step on a GPU (or when ``trajectory``,
+        ``nonfinite_steps`` or ``state_dict`` is read).
         """
         self._require_closure(closure)
+        self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         device = [torch.device("cpu")]
         seed = self.new_seed()
-        fields = self._take_step(seed, lambda: self._evaluate(closure, device))
-        if fields["skipped"]:
-            warnings.warn(
-                f"zokern: non-finite loss at step {self.steps_taken - 1} (losses {self._losses}); parameters "
-                f"restored, update skipped ({self.nonfinite_steps} skipped so far)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self._record(seed, self._losses, fields)
-        return torch.tensor(fields["loss"], dtype=torch.float32, device=device[0])
+        next_seed = seeds_.step_seed(self.base_seed, self.steps_taken) if self.merge_steps else None
+        fields = self._take_step(seed, lambda: self._evaluate(closure, device), next_seed)
+        losses = fields.pop("losses", None)
+        self._record(seed, self._losses if losses is None else losses, fields)
+        self._unsettled.append(PendingRecord(self._trajectory[-1]))
+        self._settle(wait=False)
+        loss = fields["loss"]
+        if isinstance(loss, torch.Tensor):
+            return loss.to(device[0], torch.float32)
+        return torch.tensor(loss, dtype=torch.float32, device=device[0])
 
     def _require_closure(self, closure: Closure | None) -> None:
         if closure is None:
@@ -349,18 +381,20 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "perturbed parameters). With the Hugging Face Trainer use zokern.integrations.ZOTrainer."
             )
 
-    def _take_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
-        """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised)."""
+    def _take_step(self, seed: int, evaluate: Callable[[], Any], next_seed: int | None = None) -> dict[str, Any]:
+        """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised).
+        ``next_seed``: the next step's seed, which a merging step folds into its last pass."""
         self._displacement.clear()
         self._losses = []
         self._step_layout = self._groups_layout()
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
+        self._next_seed = next_seed
+        self._claimed = self._claim_lookahead(seed)
         try:
             fields = {"skipped": False, **self._run_step(seed, evaluate)}
         except NonFiniteLoss:
             self._undo_displacement()
-            self.nonfinite_steps += 1
             return dict(skipped=True, projected_grad=None, loss=math.nan)
         except BaseException:
             self._undo_displacement()
@@ -370,6 +404,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._displacement.clear()
         return fields
 
+    def _claim_lookahead(self, seed: int) -> bool:
+        """Whether the last step already applied this step's first perturbation, +eps z(seed) in every group (then
+        tracked as applied); a pending perturbation that is not that one is taken back."""
+        if not self._lookahead.pending:
+            return False
+        if self._exact_now or not self.merge_steps:
+            self._lookahead.materialize()
+            return False
+        expected = [(params, offsets, group["eps"]) for _, group, params, offsets in self._device_chunks()]
+        if not self._lookahead.claim(seed, expected):
+            return False
+        self._track(seed, lambda group: group["eps"])
+        return True
+
     def _evaluate(self, closure: Closure, device: list[torch.device]) -> torch.Tensor:
         """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
         if self._exact_now:
@@ -377,6 +425,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             with view:
                 loss = closure()
             view.check_all_used(self._parameter_names())
+        elif self.merge_steps:
+            with self._lookahead.finding_owners(self._trainable()):
+                loss = closure()
         else:
             loss = closure()
         if isinstance(loss, torch.Tensor):
@@ -437,8 +488,33 @@ class ZOOptimizer(torch.optim.Optimizer):
     def trajectory(self, records: list[dict[str, Any]]) -> None:
         self._trajectory = records
 
-    def _settle(self) -> None:
-        """Turn values a step left on the device into Python numbers (for optimizers that avoid host syncs)."""
+    def _settle(self, wait: bool = True) -> None:
+        """Write the device values of pending records as Python numbers, in step order; without ``wait``, only those
+        whose copy to the host has completed (no host sync). Counts and reports the skipped steps."""
+        skipped = []
+        while self._unsettled and (wait or self._unsettled[0].ready()):
+            record = self._unsettled.pop(0).settle()
+            if record["skipped"]:
+                skipped.append(record["step"])
+        if skipped:
+            self._nonfinite += len(skipped)
+            steps = f"step {skipped[0]}" if len(skipped) == 1 else f"steps {skipped}"
+            warnings.warn(
+                f"zokern: non-finite loss at {type(self).__name__} {steps}; parameters restored, update skipped "
+                f"({self._nonfinite} skipped so far)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps whose update was skipped because a loss was NaN or infinite."""
+        self._settle()
+        return self._nonfinite
+
+    @nonfinite_steps.setter
+    def nonfinite_steps(self, value: int) -> None:
+        self._nonfinite = value
 
     def _layout_signature(self) -> dict[str, list]:
         trainable = [p.requires_grad for g in self.param_groups for p in g["params"]]
@@ -464,6 +540,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        self.materialize()
         state = super().state_dict()
         state["zo"] = dict(
             base_seed=self.base_seed,

@@ -8,7 +8,6 @@ coefficient are computed there, and the fused passes read those coefficients fro
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,6 @@ from zokern._transfer import to_device
 from zokern.optim import _distributed
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
-from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
 from zokern.optim.exact import ParameterUse
@@ -76,8 +74,8 @@ class LDSD(ZOOptimizer):
 
     ``step`` returns :math:`\tfrac12(f_{i^*} + f_-)`, the loss at theta to :math:`O(\epsilon^2)`, as a device
     tensor. Non-finite losses restore theta and skip the update on the device; a step's record is copied to the host
-    asynchronously and settled at a later step once the copy has landed, or when ``opt.trajectory``,
-    ``nonfinite_steps`` or ``state_dict()`` is read (the non-finite warning comes then).
+    asynchronously and settled once the copy has landed (see :meth:`ZOOptimizer.step`; the non-finite warning comes
+    then).
 
     State and extra memory per trainable element: ``state[p]["mu"]`` (float32, shaped like p): 4 bytes; plus 4
     with momentum (``momentum_buffer``) or 8 with Adam (``exp_avg``, ``exp_avg_sq``). In exact mode (16-bit
@@ -134,8 +132,6 @@ class LDSD(ZOOptimizer):
         self.k, self.update, self.pairing = k, update, pairing
         self.mu_norm, self.momentum = float(mu_norm), float(momentum)
         self._rule = "adam" if update == "adam" else ("momentum" if momentum else "sgd")
-        self._unsettled: list[_Pending] = []
-        self._nonfinite = 0
         self._position: list[float] | torch.Tensor | None = None  # where theta is displaced to, see _move_to
         self._candidates: list[int] = []
         defaults = dict(
@@ -410,77 +406,6 @@ class LDSD(ZOOptimizer):
             torch._foreach_add_(steps, ok.to(params[0].device, torch.float32))
             counts.setdefault(params[0].device, steps[0])
         return counts
-
-    # ------------------------------------------------------------------------------------------ lazy settling
-
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One LDSD step (K + 1 closure calls); returns the loss at theta (see the class doc) as a 0-d float32
-        tensor on the closure's device, without a host sync."""
-        self._require_closure(closure)
-        self._settle(wait=False)  # the records of earlier steps whose values have reached the host
-        device = [torch.device("cpu")]
-        seed = self.new_seed()
-        fields = self._take_step(seed, lambda: self._evaluate(closure, device))
-        self._record(seed, fields.pop("losses"), fields)
-        self._unsettled.append(_Pending(self._trajectory[-1]))
-        return fields["loss"].to(device[0], torch.float32)
-
-    def _settle(self, wait: bool = True) -> None:
-        """Write the device values of pending records as Python numbers, in step order; without ``wait``, only those
-        whose copy to the host has completed (no host sync). Counts and reports the skipped steps."""
-        skipped = []
-        while self._unsettled and (wait or self._unsettled[0].ready()):
-            record = self._unsettled.pop(0).settle()
-            if record["skipped"]:
-                skipped.append(record["step"])
-        if skipped:
-            self._nonfinite += len(skipped)
-            warnings.warn(
-                f"zokern: non-finite loss at LDSD step(s) {skipped}; parameters restored, updates skipped "
-                f"({self._nonfinite} skipped so far)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-    @property
-    def nonfinite_steps(self) -> int:
-        self._settle()
-        return self._nonfinite
-
-    @nonfinite_steps.setter
-    def nonfinite_steps(self, value: int) -> None:
-        self._nonfinite = value
-
-    def state_dict(self) -> dict[str, Any]:
-        self._settle()
-        return super().state_dict()
-
-
-class _Pending:
-    """A trajectory record whose values are still device tensors: copied to the host asynchronously (pinned memory,
-    a CUDA event marks completion) so that the record can be settled later without stalling the device queue."""
-
-    KEYS = ("losses", "projected_grad", "loss", "best", "skipped")
-
-    def __init__(self, record: dict[str, Any]) -> None:
-        self.record = record
-        self.host = {k: record[k] for k in self.KEYS if isinstance(record.get(k), torch.Tensor)}
-        self.event = None
-        if any(t.device.type == "cuda" for t in self.host.values()):
-            self.host = {k: t.to("cpu", non_blocking=True) for k, t in self.host.items()}
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
-    def settle(self) -> dict[str, Any]:
-        if self.event is not None:
-            self.event.synchronize()
-        for key, value in self.host.items():
-            self.record[key] = value.tolist()
-        return self.record
 
 
 class _Use(ParameterUse):

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
@@ -77,6 +78,7 @@ class ZOSGD(ZOOptimizer):
         seed_check_every: int = 100,
         perturbation: str = "auto",
         rounding: str = "auto",
+        merge_steps: bool = False,
     ) -> None:
         _check_number("momentum", momentum, 0.0, False)
         if momentum >= 1:
@@ -98,15 +100,50 @@ class ZOSGD(ZOOptimizer):
             perturbation=perturbation,
             rounding=rounding,
         )
+        self.merge_steps = self._check_merge(merge_steps)
+
+    # Whether this class's steps can fold the next step's perturbation into their last pass (merge_steps), and
+    # whether they can keep g on the device; subclasses with other update rules or directions cannot.
+    _MERGES = True
+    _DEVICE_ESTIMATE = True
+
+    def _check_merge(self, merge_steps: bool) -> bool:
+        if not isinstance(merge_steps, bool):
+            raise TypeError(f"merge_steps must be a bool, got {type(merge_steps).__name__}")
+        if not merge_steps:
+            return False
+        name = type(self).__name__
+        if not self._MERGES:
+            raise ValueError(f"{name} does not support merge_steps (its last pass is not ZO-SGD's fused update)")
+        if self.momentum or self.one_sided:
+            raise ValueError(
+                "merge_steps needs the two-sided estimate without momentum (the next perturbation is folded into the "
+                "fused restore-and-update pass)"
+            )
+        if self.exact():
+            raise ValueError(
+                "merge_steps leaves theta + eps z in the parameters between steps, which the exact mode never writes: "
+                "use perturbation='inplace' (16-bit parameters default to the exact mode)"
+            )
+        return True
+
+    def _device_estimate(self) -> bool:
+        """Whether g stays on the device this step: one probe without momentum, so the fused restore-and-update
+        pass reads it there (several probes and momentum apply host-side coefficients)."""
+        return self._DEVICE_ESTIMATE and self.n_probes == 1 and not self.momentum
 
     def options(self) -> dict[str, Any]:
-        return dict(super().options(), momentum=self.momentum, n_probes=self.n_probes, one_sided=self.one_sided)
+        options = dict(super().options(), momentum=self.momentum, n_probes=self.n_probes, one_sided=self.one_sided)
+        if self.merge_steps:
+            options["merge_steps"] = True
+        return options
 
     def apply_projected_grad(self, seed: int, projected_grad: float) -> None:
         """theta <- theta - lr * (projected_grad * z(seed) + weight_decay * theta) in every group, one pass: the
         update of a step whose estimate the caller formed (with :meth:`new_seed` and :meth:`perturbed`). Not
         recorded in the trajectory: replay covers steps taken with :meth:`step`."""
         g = _check_number("projected_grad", projected_grad, None, False)
+        self.materialize()
         self._restore_update(seed, 0.0, lambda group: g)
 
     # ------------------------------------------------------------------------------------------------ estimate
@@ -123,7 +160,8 @@ class ZOSGD(ZOOptimizer):
             values.append(evaluate())
         for k, s in enumerate(probes):
             if k == 0:
-                self._perturb(s, 1.0)
+                if not self._claimed:
+                    self._perturb(s, 1.0)
             else:
                 self._switch(probes[k - 1], self._restore_scale(), s, 1.0)
             values.append(evaluate())
@@ -150,6 +188,11 @@ class ZOSGD(ZOOptimizer):
         return lambda group: diff / (self.n_probes * group["eps"])
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        if self.merge_steps and self._exact_now:
+            raise ValueError("merge_steps needs perturbation='inplace', but this step runs in the exact mode")
+        lookahead = self._next_seed if self.merge_steps else None
+        if self._device_estimate():
+            return self._run_device_step(seed, evaluate, lookahead)
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
         if self.momentum:
             self._perturb(probes[-1], self._restore_scale())
@@ -158,12 +201,33 @@ class ZOSGD(ZOOptimizer):
             # The last probe's restore carries the update and the weight decay; the other probes' updates follow,
             # two directions per pass, so lambda theta uses the parameters before the step.
             last = probes[-1], self._coefficient(diffs[-1])
-            self._restore_update(last[0], self._restore_scale(), last[1])
+            self._restore_update(last[0], self._restore_scale(), last[1], lookahead)
             self._add_directions(
                 [(s, _scaled(self._coefficient(d), "lr", -1.0)) for s, d in zip(probes[:-1], diffs[:-1])]
             )
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
-        return dict(projected_grad=grads, loss=loss)
+        return dict(projected_grad=grads, loss=loss, **_folded(lookahead))
+
+    def _run_device_step(self, seed: int, evaluate: Callable[[], Any], lookahead: int | None) -> dict[str, Any]:
+        """One probe, no host sync: the losses stay on the device, g = d / eps is formed there and read by the fused
+        restore-and-update pass, which restores without updating when g is not finite (a skipped step)."""
+        values = [evaluate()] if self.one_sided else []
+        if not self._claimed:
+            self._perturb(seed, 1.0)
+        values.append(evaluate())
+        if not self.one_sided:
+            self._perturb(seed, -2.0)
+            values.append(evaluate())
+        losses = _distributed.mean_across_ranks_on_device(values, self._device_chunks()[0][2][0].device)
+        if self.one_sided:
+            diff, loss = losses[1] - losses[0], losses[0]
+        else:
+            diff, loss = 0.5 * (losses[0] - losses[1]), 0.5 * (losses[0] + losses[1])
+        # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update.
+        ok = torch.isfinite(losses).all()
+        grads = torch.stack([diff / group["eps"] for group in self.param_groups])
+        self._restore_update(seed, self._restore_scale(), lambda group: diff / group["eps"], lookahead)
+        return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok, **_folded(lookahead))
 
     def _decay_and_step(self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any]) -> None:
         """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype."""
@@ -196,6 +260,8 @@ class ZOSignSGD(ZOSGD):
     Arguments and returned loss as :class:`ZOSGD`.
     """
 
+    _MERGES = False
+
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
         self._perturb(probes[-1], self._restore_scale())
@@ -225,6 +291,8 @@ class ZOConservative(ZOSGD):
     ``step`` returns :math:`L_0`. Extra memory: none. Arguments as :class:`ZOSGD`.
     """
 
+    _MERGES = False
+
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, **kwargs) -> None:
         for name, default in (("momentum", 0.0), ("n_probes", 1), ("one_sided", False)):
             if kwargs.get(name, default) != default:
@@ -250,6 +318,11 @@ class ZOConservative(ZOSGD):
                 for p, offset in zip(tensors, offsets):
                     self._write(p, offset, p.data.float() * (1 - group["lr"] * group["weight_decay"]))
         return dict(projected_grad=grads, loss=loss_at_theta, accepted=accepted)
+
+
+def _folded(lookahead: int | None) -> dict[str, int]:
+    """The record field of a step whose last pass applied the next step's perturbation (replay applies it too)."""
+    return {} if lookahead is None else dict(next_seed=lookahead)
 
 
 def _scaled(coefficient: Callable[[dict[str, Any]], float], key: str, sign: float):

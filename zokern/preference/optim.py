@@ -24,6 +24,9 @@ class ZOPrO(ZOSGD):
     parameter.
     """
 
+    _MERGES = False
+    _DEVICE_ESTIMATE = False  # the structured direction's passes take host coefficients
+
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, *, seed: int | None = None, **kwargs) -> None:
         for name in ("weight_decay", "momentum"):
             if kwargs.get(name, 0.0):
@@ -74,7 +77,9 @@ class ZOPrO(ZOSGD):
         self._apply(seed_from, lambda group: scale_from * group["eps"])
         self._apply(seed_to, lambda group: scale_to * group["eps"])
 
-    def _restore_update(self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float]) -> None:
+    def _restore_update(
+        self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float], lookahead: None = None
+    ) -> None:  # ZOPrO does not merge steps: lookahead is always None
         self._move(seed, lambda group: scale * group["eps"] - group["lr"] * coefficient(group))
         self._track(seed, lambda group: scale * group["eps"])
 

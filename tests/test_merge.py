@@ -1,0 +1,224 @@
+"""The cross-step merge (ZOSGD(merge_steps=True)): two passes per step, the true theta handed out to every read."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import zokern
+from zokern import ops
+from zokern.optim import ZOSGD
+from zokern.optim import ZOConservative
+from zokern.optim import ZOSignSGD
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def _data(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _closure(model, inputs, targets):
+    return lambda: torch.nn.functional.mse_loss(model(inputs), targets)
+
+
+def _run(merge: bool, steps: int, **kwargs):
+    model = _model()
+    inputs, targets = _data()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=merge, **kwargs)
+    for _ in range(steps):
+        opt.step(_closure(model, inputs, targets))
+    return model, opt
+
+
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _assert_close(a, b, atol=2e-6):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+def test_a_merged_run_takes_the_same_steps_as_an_unmerged_one():
+    merged, opt_m = _run(True, 6)
+    plain, opt_p = _run(False, 6)
+    assert opt_m.trajectory[-1]["next_seed"] == zokern.optim.seeds.step_seed(7, 6)
+    opt_m.materialize()
+    _assert_close(_params(merged), _params(plain))
+    for r_m, r_p in zip(opt_m.trajectory, opt_p.trajectory):
+        assert r_m["losses"] == pytest.approx(r_p["losses"], rel=1e-5)
+
+
+def test_between_steps_the_parameters_hold_the_next_perturbation_until_materialized():
+    model, opt = _run(True, 2)
+    held = _params(model)
+    plain, _ = _run(False, 2)
+    offsets = [0]
+    for p in plain.parameters():
+        offsets.append(offsets[-1] + p.numel())
+    next_seed = opt.trajectory[-1]["next_seed"]
+    for h, p, offset in zip(held, plain.parameters(), offsets):
+        z = zokern.gaussian(next_seed, offset, p.numel(), backend="torch").view_as(p)
+        torch.testing.assert_close(h, p.detach() + 1e-2 * z, atol=2e-6, rtol=0)
+    opt.materialize()
+    _assert_close(_params(model), _params(plain))
+    again = _params(model)
+    opt.materialize()  # nothing pending: no pass
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), again))
+
+
+def _count_passes(monkeypatch) -> list[int]:
+    count = [0]
+    run_pass = ops._run_pass
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return run_pass(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_run_pass", counting)
+    return count
+
+
+def test_a_merged_step_is_two_passes(monkeypatch):
+    count = _count_passes(monkeypatch)
+    for merge, expected in ((False, [3, 3, 3]), (True, [3, 2, 2])):
+        x = torch.nn.Parameter(torch.randn(100))
+        opt = ZOSGD([x], seed=0, merge_steps=merge)
+        per_step = []
+        for _ in range(3):
+            count[0] = 0
+            opt.step(lambda x=x: (x.detach() ** 2).sum())
+            per_step.append(count[0])
+        assert per_step == expected, merge
+
+
+def test_a_module_forward_between_steps_sees_the_true_parameters():
+    model, opt = _run(True, 3)
+    plain, _ = _run(False, 3)
+    inputs, _ = _data(5)
+    torch.testing.assert_close(model(inputs), plain(inputs), atol=1e-5, rtol=0)
+    assert not opt._lookahead.pending
+    # and training goes on as if nothing had happened
+    opt.step(_closure(model, *_data()))
+    _, opt_p = _run(False, 4)
+    assert opt.trajectory[-1]["losses"] == pytest.approx(opt_p.trajectory[-1]["losses"], rel=1e-5)
+
+
+def test_checkpoints_hold_the_true_parameters_and_loading_one_is_not_shifted():
+    model, opt = _run(True, 3)
+    plain, _ = _run(False, 3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    _assert_close(list(saved.values()), list(plain.state_dict().values()))
+    opt.step(_closure(model, *_data()))
+    assert opt._lookahead.pending
+    model.load_state_dict(saved)  # back to the checkpoint: the pending perturbation is not applied to it
+    assert all(torch.equal(p.detach(), saved[k]) for k, p in model.named_parameters())
+    assert not opt._lookahead.pending
+
+
+def test_the_optimizer_state_dict_materializes():
+    model, opt = _run(True, 2)
+    plain, _ = _run(False, 2)
+    state = opt.state_dict()
+    _assert_close(_params(model), _params(plain))
+    assert state["zo"]["steps_taken"] == 2
+
+
+def test_replay_of_a_merged_run_is_bit_identical():
+    start = _params(_model())
+    model, opt = _run(True, 4)
+    opt.materialize()
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, opt.trajectory)  # the same merged passes, then the lookahead taken back
+    assert all(torch.equal(r, t) for r, t in zip(replayed, _params(model), strict=True))
+
+
+def test_a_closure_that_raises_leaves_the_true_parameters():
+    model, opt = _run(True, 2)
+    plain, _ = _run(False, 2)
+    inputs, targets = _data()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("data loader broke")
+        return torch.nn.functional.mse_loss(model(inputs), targets)
+
+    with pytest.raises(KeyError, match="data loader broke"):
+        opt.step(failing)
+    assert not opt._lookahead.pending
+    _assert_close(_params(model), _params(plain))
+
+
+def test_a_changed_eps_takes_the_lookahead_back_and_perturbs_anew():
+    runs = []
+    for merge in (True, False):
+        model = _model()
+        inputs, targets = _data()
+        opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=merge)
+        for k in range(4):
+            opt.param_groups[0]["eps"] = 1e-2 * (1 + k)  # a schedule on eps
+            opt.step(_closure(model, inputs, targets))
+        opt.materialize()
+        runs.append((_params(model), opt.trajectory))
+    _assert_close(runs[0][0], runs[1][0])
+    assert runs[0][1][-1]["losses"] == pytest.approx(runs[1][1][-1]["losses"], rel=1e-5)
+
+
+def test_a_skipped_step_keeps_the_lookahead():
+    results = []
+    for merge in (True, False):
+        model = _model()
+        inputs, targets = _data()
+        opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=merge)
+        calls = iter(range(100))
+        closure = _closure(model, inputs, targets)
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            for _ in range(3):
+                opt.step(lambda calls=calls, f=closure: torch.tensor(math.nan) if next(calls) == 3 else f())
+        opt.materialize()
+        results.append(_params(model))
+    _assert_close(*results)
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda ps: ZOSGD(ps, merge_steps=True, momentum=0.9, perturbation="inplace"), "without momentum"),
+        (lambda ps: ZOSGD(ps, merge_steps=True, one_sided=True, perturbation="inplace"), "two-sided"),
+        (lambda ps: ZOSGD(ps, merge_steps=True, perturbation="exact"), "exact mode"),
+        (lambda ps: ZOSGD([torch.nn.Parameter(p.bfloat16()) for p in ps], merge_steps=True), "exact mode"),
+        (lambda ps: ZOSignSGD(ps, merge_steps=True, perturbation="inplace"), "ZOSignSGD does not support"),
+        (lambda ps: ZOConservative(ps, merge_steps=True, perturbation="inplace"), "ZOConservative does not support"),
+    ],
+)
+def test_merge_steps_refuses_what_it_cannot_merge(build, match):
+    params = [torch.nn.Parameter(torch.randn(4))]
+    with pytest.raises(ValueError, match=match):
+        build(params)
+    with pytest.raises(TypeError, match="merge_steps must be a bool"):
+        ZOSGD(params, merge_steps=1)
+
+
+def test_a_collected_optimizer_leaves_the_true_parameters_and_inert_hooks():
+    import gc
+    import weakref
+
+    model, opt = _run(True, 2)
+    plain, _ = _run(False, 2)
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None  # hooks on the modules do not keep the optimizer alive
+    _assert_close(_params(model), _params(plain))  # and its pending perturbation was taken back
+    model.state_dict()
+    model(_data()[0])
+    _assert_close(_params(model), _params(plain))

@@ -1,0 +1,116 @@
+"""The cross-step merge: a step's last pass also applies the next step's first perturbation, +eps z(next seed), so a
+two-sided step costs two passes instead of three. Between such steps the parameters hold theta + eps z(next seed),
+not theta; :class:`Lookahead` keeps track of that perturbation and takes it back whenever anything outside a step may
+read the parameters:
+
+- ``optimizer.materialize()`` and ``optimizer.state_dict()``, and the optimizer's garbage collection;
+- any ``nn.Module`` forward (a global forward pre-hook, installed only while a perturbation is pending), so that an
+  evaluation between steps sees theta;
+- ``state_dict()`` and ``load_state_dict()`` of the modules that own the parameters (hooks registered on them the
+  first time a merging step's closure runs them), so that a checkpoint holds theta and a loaded one is not shifted.
+
+Reads that bypass modules and the optimizer (``p.data``, ``model.parameters()``, ``copy.deepcopy``) see the
+perturbed values: call ``materialize()`` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from zokern import ops
+
+# (parameters, their stream offsets, coefficient of z) per fused call of a step: the layout the perturbation was
+# applied with, which materialize() needs even if the param groups change afterwards.
+Chunks = list[tuple[list[torch.Tensor], list[int], float]]
+
+
+class Lookahead:
+    """The next step's perturbation while it is applied ahead of time, and the hooks that take it back. It holds
+    what taking it back needs (parameters, offsets, seed, pass options) and no reference to the optimizer, so hooks
+    left on modules keep working, and keep nothing else alive, after the optimizer is gone."""
+
+    def __init__(self) -> None:
+        self.seed: int | None = None
+        self._chunks: Chunks = []
+        self._pass_kwargs: dict[str, Any] = {}
+        self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._hooked_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._owners_of: frozenset[int] = frozenset()  # ids of the parameters whose owners are hooked
+
+    @property
+    def pending(self) -> bool:
+        return self.seed is not None
+
+    def set(self, seed: int, chunks: Chunks, pass_kwargs: dict[str, Any]) -> None:
+        """Record that the parameters now hold theta + alpha z(seed) per chunk (written by passes with
+        ``pass_kwargs``: distribution, backend), and watch for reads."""
+        self.seed, self._chunks, self._pass_kwargs = seed, chunks, dict(pass_kwargs)
+        if self._forward_hook is None:
+            self._forward_hook = register_module_forward_pre_hook(self.materialize)
+
+    def claim(self, seed: int, chunks: Chunks) -> bool:
+        """At the start of a step: whether the pending perturbation is exactly ``chunks`` of z(seed), the step's first
+        perturbation, which then needs no pass. Any other pending perturbation is taken back first."""
+        matches = self.pending and self.seed == seed and _same(self._chunks, chunks)
+        if matches:
+            self._clear()
+        else:
+            self.materialize()
+        return matches
+
+    def materialize(self, *_hook_args) -> None:
+        """Take the pending perturbation back (one pass): the parameters hold theta again."""
+        if not self.pending:
+            return
+        seed, chunks, pass_kwargs = self.seed, self._chunks, self._pass_kwargs
+        self._clear()
+        for params, offsets, alpha in chunks:
+            ops.perturb_([p.data for p in params], seed, -alpha, offsets=offsets, **pass_kwargs)
+
+    def _clear(self) -> None:
+        self.seed, self._chunks = None, []
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
+
+    @contextlib.contextmanager
+    def finding_owners(self, params: list[torch.Tensor]) -> Iterator[None]:
+        """While the block runs (a closure call), hook ``state_dict``/``load_state_dict`` of every module whose forward
+        runs and that owns one of ``params``. Once per set of parameters."""
+        ids = frozenset(id(p) for p in params)
+        if ids <= self._owners_of:
+            yield
+            return
+
+        def find(module: torch.nn.Module, _args) -> None:
+            if module in self._hooked_modules:
+                return
+            if any(id(p) in ids for p in module._parameters.values() if p is not None):
+                self._hooked_modules.add(module)
+                module.register_state_dict_pre_hook(self.materialize)
+                module.register_load_state_dict_pre_hook(self.materialize)
+
+        handle = register_module_forward_pre_hook(find)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self._owners_of = self._owners_of | ids
+
+
+def _same(a: Chunks, b: Chunks) -> bool:
+    """The same parameters (by identity), offsets and coefficients."""
+    if len(a) != len(b):
+        return False
+    for (params_a, offsets_a, alpha_a), (params_b, offsets_b, alpha_b) in zip(a, b):
+        if alpha_a != alpha_b or offsets_a != offsets_b or len(params_a) != len(params_b):
+            return False
+        if any(x is not y for x, y in zip(params_a, params_b)):
+            return False
+    return True
