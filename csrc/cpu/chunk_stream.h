@@ -41,7 +41,7 @@ inline const GaussianTables& gaussian_tables() {
   return tables;
 }
 
-// Inlined into process_chunk, so that they are compiled for each of its target clones.
+// Inlined into the passes' chunk functions, so that they are compiled for each of their target clones.
 #if defined(_MSC_VER)
 #define ZK_INLINE __forceinline
 #else
@@ -88,6 +88,9 @@ ZK_INLINE void fill_gaussian(uint64_t seed, int64_t chunk_begin, int64_t lo, int
   }
 }
 
+// The Rademacher value of a word's lowest bit: bit 0 -> +1, bit 1 -> -1.
+ZK_INLINE float sign_float(uint32_t bits) { return bits_float(0x3F800000u | ((bits & 1u) << 31)); }
+
 ZK_INLINE void fill_rademacher(uint64_t seed, int64_t chunk_begin, int64_t lo, int64_t last, float* buf,
                                BlockWords& words) {
   const int64_t first = lo >> kRademacherLog2, count = (last >> kRademacherLog2) - first + 1;
@@ -97,7 +100,7 @@ ZK_INLINE void fill_rademacher(uint64_t seed, int64_t chunk_begin, int64_t lo, i
     for (int q = 0; q < 4; ++q) {
       const uint32_t w = words.w[q][b];
       float* o = out + 128 * b + 32 * q;
-      for (uint32_t e = 0; e < 32; ++e) o[e] = bits_float(0x3F800000u | (((w >> e) & 1u) << 31));
+      for (uint32_t e = 0; e < 32; ++e) o[e] = sign_float(w >> e);
     }
   }
 }

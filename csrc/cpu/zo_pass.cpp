@@ -81,15 +81,15 @@ struct PassConfig {
 };
 
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
-ZK_CPU_CLONES void process_chunk(const Job& job, int64_t chunk_begin, const PassConfig& cfg) {
+ZK_CPU_CLONES void process_chunk_gaussian(const Job& job, int64_t chunk_begin, const PassConfig& cfg) {
   alignas(64) float z1[kChunk];
   alignas(64) float z2[kChunk];
   alignas(64) uint16_t s[kChunk];
   BlockWords words;
   const int64_t lo = std::max(chunk_begin, job.base);
   const int64_t last = std::min(chunk_begin + (kChunk - 1), job.last);
-  fill_z(cfg.domain, cfg.seed, chunk_begin, lo, last, z1, words);
-  if (kSecond) fill_z(cfg.domain, cfg.seed2, chunk_begin, lo, last, z2, words);
+  fill_gaussian(cfg.seed, chunk_begin, lo, last, z1, words);
+  if (kSecond) fill_gaussian(cfg.seed2, chunk_begin, lo, last, z2, words);
   if (kStochastic) fill_rounding(cfg.rounding_seed, chunk_begin, lo, last, s, words);
 
   auto* __restrict data = static_cast<typename Format::Storage*>(job.data) + (lo - job.base);
@@ -103,10 +103,62 @@ ZK_CPU_CLONES void process_chunk(const Job& job, int64_t chunk_begin, const Pass
 }
 
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
+ZK_INLINE void rademacher_element(typename Format::Storage& d, uint32_t bit1, uint32_t bit2, uint16_t s,
+                                  const PassScalars& p) {
+  const float x = pass_element(Format::to_float(d), sign_float(bit1), kSecond ? sign_float(bit2) : 0.0f, p, kUpdate,
+                               kSecond);
+  d = kStochastic ? Format::round_stochastic(x, s) : Format::round_nearest(x);
+}
+
+// The Rademacher pass reads its signs straight from the Philox words: the 32 elements of a word share it, and the
+// loop over them takes bit e for element e, so z never goes through a buffer as the Gaussian one does. Its 16-bit
+// passes are bound by the core, not by memory: this, and prefetching two chunks ahead, took the bf16 perturb pass
+// from 31 % to about 40 % of a copy's bandwidth on 2 cores (benchmarks/RESULTS.md).
+template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
+ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin, const PassConfig& cfg) {
+  alignas(64) uint16_t s[kChunk];
+  BlockWords words1, words2, scratch;
+  const int64_t lo = std::max(chunk_begin, job.base);
+  const int64_t last = std::min(chunk_begin + (kChunk - 1), job.last);
+  const int64_t first_block = lo >> kRademacherLog2;
+  const int64_t n_blocks = (last >> kRademacherLog2) - first_block + 1;
+  philox_blocks(cfg.seed, kDomainRademacher, first_block, n_blocks, words1);
+  if (kSecond) philox_blocks(cfg.seed2, kDomainRademacher, first_block, n_blocks, words2);
+  if (kStochastic) fill_rounding(cfg.rounding_seed, chunk_begin, lo, last, s, scratch);
+
+  auto* __restrict data = static_cast<typename Format::Storage*>(job.data);
+  const PassScalars p = cfg.scalars;
+  constexpr int64_t kPerLine = 64 / sizeof(typename Format::Storage);
+  for (int64_t i = last + 1 + kChunk; i <= std::min(last + 2 * kChunk, job.last); i += kPerLine) {
+    __builtin_prefetch(&data[i - job.base], 1);  // the chunk after next: the hardware prefetcher lags behind
+  }
+  for (int64_t word = lo >> 5; word <= (last >> 5); ++word) {  // 32 elements per word
+    const int64_t b = (word >> 2) - first_block, q = word & 3, w0 = word << 5;
+    const uint32_t w1 = words1.w[q][b], w2 = kSecond ? words2.w[q][b] : 0u;
+    if (w0 >= lo && w0 + 31 <= last) {
+      for (uint32_t e = 0; e < 32; ++e) {
+        rademacher_element<Format, kUpdate, kSecond, kStochastic>(data[w0 + e - job.base], w1 >> e, w2 >> e,
+                                                                  kStochastic ? s[w0 + e - chunk_begin] : 0, p);
+      }
+    } else {  // a tensor's first or last, partial word
+      for (int64_t i = std::max(w0, lo); i <= std::min(w0 + 31, last); ++i) {
+        const uint32_t e = static_cast<uint32_t>(i - w0);
+        rademacher_element<Format, kUpdate, kSecond, kStochastic>(data[i - job.base], w1 >> e, w2 >> e,
+                                                                  kStochastic ? s[i - chunk_begin] : 0, p);
+      }
+    }
+  }
+}
+
+template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
 void run_pass(const std::vector<Job>& jobs, int64_t n_tasks, const PassConfig& cfg) {
   if (cfg.domain == kDomainGaussian) gaussian_tables();  // built on first use, before the threads need it
   parallel_chunks(jobs, n_tasks, [&](const Job& job, int64_t chunk_begin, int64_t) {
-    process_chunk<Format, kUpdate, kSecond, kStochastic>(job, chunk_begin, cfg);
+    if (cfg.domain == kDomainRademacher) {
+      process_chunk_rademacher<Format, kUpdate, kSecond, kStochastic>(job, chunk_begin, cfg);
+    } else {
+      process_chunk_gaussian<Format, kUpdate, kSecond, kStochastic>(job, chunk_begin, cfg);
+    }
   });
 }
 

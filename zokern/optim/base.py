@@ -100,7 +100,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
         self.merge_steps = False  # set by optimizers that fold the next step's perturbation into their last pass
         self._lookahead = Lookahead()
-        weakref.finalize(self, self._lookahead.materialize)  # an optimizer collected between steps leaves theta
+        # An optimizer collected between merged steps leaves theta behind; not at interpreter exit, where the
+        # parameters die with the process and the device may already be gone.
+        weakref.finalize(self, self._lookahead.materialize).atexit = False
         self._claimed = False  # whether this step's first perturbation was already applied by the last step
         self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
 
