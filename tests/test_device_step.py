@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICE
 
+import zokern
 from zokern.optim import LDSD
 from zokern.optim import ZOSGD
 from zokern.optim import _pending
@@ -14,7 +16,8 @@ from zokern.optim import _pending
 
 def _quadratic(d: int = 48, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return torch.logspace(0, 1, d, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    a = torch.logspace(0, 1, d, dtype=torch.float64)
+    return a.to(DEVICE), torch.randn(d, generator=g, dtype=torch.float64).to(DEVICE)
 
 
 def _in_flight(monkeypatch):
@@ -81,9 +84,7 @@ def test_zosgd_keeps_the_formula_on_the_device():
 
 
 def _gaussian(seed, n):
-    import zokern
-
-    return zokern.gaussian(seed, 0, n, backend="torch").double()
+    return zokern.gaussian(seed, 0, n, backend="torch").double().to(DEVICE)
 
 
 @pytest.mark.parametrize("name", ["zosgd-inplace", "ldsd-sgd"])
@@ -119,3 +120,23 @@ def test_a_nonfinite_loss_skips_the_update_without_a_host_sync():
     torch.testing.assert_close(x.detach(), x0.float(), atol=1e-6, rtol=0)  # restored, no update, no decay
     assert math.isnan(float(loss)) or math.isinf(float(loss))
     assert opt.nonfinite_steps == 1 and opt.state_dict()["zo"]["nonfinite_steps"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a device (CPU: the test above)")
+@pytest.mark.parametrize("name", ["zosgd-inplace", "zosgd-merged", "ldsd-sgd"])
+def test_no_cuda_synchronisation_inside_a_step(name):
+    """On the GPU itself: torch's sync debug mode raises on any operation that synchronises with the host."""
+    a, x0 = _quadratic()
+    x = torch.nn.Parameter(x0.float())
+    opt = OPTIMIZERS[name](x)
+    closure = lambda: 0.5 * (a.float() * x**2).sum()  # noqa: E731
+    opt.step(closure)  # first step: lazy state, kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt.materialize()
+    assert len(opt.trajectory) == 4

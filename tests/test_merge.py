@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICE
 
 import zokern
 from zokern import ops
@@ -16,12 +17,12 @@ from zokern.optim import ZOSignSGD
 
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEVICE)
 
 
 def _data(seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+    return torch.randn(8, 6, generator=g).to(DEVICE), torch.randn(8, 3, generator=g).to(DEVICE)
 
 
 def _closure(model, inputs, targets):
@@ -65,7 +66,7 @@ def test_between_steps_the_parameters_hold_the_next_perturbation_until_materiali
         offsets.append(offsets[-1] + p.numel())
     next_seed = opt.trajectory[-1]["next_seed"]
     for h, p, offset in zip(held, plain.parameters(), offsets):
-        z = zokern.gaussian(next_seed, offset, p.numel(), backend="torch").view_as(p)
+        z = zokern.gaussian(next_seed, offset, p.numel(), backend="torch").view_as(p).to(DEVICE)
         torch.testing.assert_close(h, p.detach() + 1e-2 * z, atol=2e-6, rtol=0)
     opt.materialize()
     _assert_close(_params(model), _params(plain))
@@ -89,7 +90,7 @@ def _count_passes(monkeypatch) -> list[int]:
 def test_a_merged_step_is_two_passes(monkeypatch):
     count = _count_passes(monkeypatch)
     for merge, expected in ((False, [3, 3, 3]), (True, [3, 2, 2])):
-        x = torch.nn.Parameter(torch.randn(100))
+        x = torch.nn.Parameter(torch.randn(100, device=DEVICE))
         opt = ZOSGD([x], seed=0, merge_steps=merge)
         per_step = []
         for _ in range(3):
@@ -201,7 +202,7 @@ def test_a_skipped_step_keeps_the_lookahead():
     ],
 )
 def test_merge_steps_refuses_what_it_cannot_merge(build, match):
-    params = [torch.nn.Parameter(torch.randn(4))]
+    params = [torch.nn.Parameter(torch.randn(4, device=DEVICE))]
     with pytest.raises(ValueError, match=match):
         build(params)
     with pytest.raises(TypeError, match="merge_steps must be a bool"):
