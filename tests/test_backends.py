@@ -281,12 +281,14 @@ def test_many_tensors_in_one_call(impl):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))  # Rademacher z is exact: so is the result
 
 
-def test_last_index_of_the_stream(impl):
-    # The final element may sit at global index 2^63 - 1.
-    t = random_params((37,), torch.float32, DEVICE, seed=12)[0]
-    offset = 2**63 - 37
-    got = _run(impl, [t], offset, seed=1, alpha=0.5, distribution="gaussian")[0]
-    ref = _run(_reference, [t], offset, seed=1, alpha=0.5, distribution="gaussian")[0]
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("n", [1, 37, 5000])
+def test_last_index_of_the_stream(impl, distribution, n):
+    # The final element may sit at global index 2^63 - 1 (a partial word, a partial chunk, several chunks).
+    t = random_params((n,), torch.float32, DEVICE, seed=12)[0]
+    offset = 2**63 - n
+    got = _run(impl, [t], offset, seed=1, alpha=0.5, distribution=distribution)[0]
+    ref = _run(_reference, [t], offset, seed=1, alpha=0.5, distribution=distribution)[0]
     _assert_close_to_reference(got, ref, 0.5)
 
 

@@ -140,3 +140,34 @@ def test_no_cuda_synchronisation_inside_a_step(name):
         torch.cuda.set_sync_debug_mode("default")
     opt.materialize()
     assert len(opt.trajectory) == 4
+
+
+@pytest.mark.parametrize("name", ["zosgd-inplace", "ldsd-sgd"])
+@pytest.mark.parametrize("kind", ["float64 tensor", "python float"])
+def test_replay_is_bit_identical_whatever_type_the_losses_have(name, kind):
+    """The recorded losses are float64 numbers; replay must read them as float64, never through float32."""
+    a, x0 = _quadratic()
+    x = torch.nn.Parameter(x0.float())
+    opt = OPTIMIZERS[name](x)
+
+    def closure():
+        loss = 0.5 * (a * x.detach().double() ** 2).sum() + 1e-7  # not a float32 value
+        return loss if kind == "float64 tensor" else float(loss)
+
+    for _ in range(4):
+        opt.step(closure)
+    replayed = x0.float().clone()
+    zokern.replay([replayed], opt.trajectory)
+    assert torch.equal(replayed, x.detach())
+
+
+def test_loading_a_state_dict_counts_earlier_skips_before_it(monkeypatch):
+    a, x0 = _quadratic()
+    x = torch.nn.Parameter(x0.float())
+    opt = ZOSGD([x], lr=1e-3, seed=0, perturbation="inplace")
+    checkpoint = opt.state_dict()
+    _in_flight(monkeypatch)
+    opt.step(lambda: torch.tensor(math.nan))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.load_state_dict(checkpoint)
+    assert opt.nonfinite_steps == 0  # the checkpoint's count, not one more

@@ -185,6 +185,7 @@ def test_a_skipped_step_keeps_the_lookahead():
         with pytest.warns(RuntimeWarning, match="non-finite"):
             for _ in range(3):
                 opt.step(lambda calls=calls, f=closure: torch.tensor(math.nan) if next(calls) == 3 else f())
+                assert opt._lookahead.pending == merge  # the skipped step still applied the next perturbation
         opt.materialize()
         results.append(_params(model))
     _assert_close(*results)
@@ -223,3 +224,80 @@ def test_a_collected_optimizer_leaves_the_true_parameters_and_inert_hooks():
     model.state_dict()
     model(_data()[0])
     _assert_close(_params(model), _params(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_replay_follows_a_run_whose_lookahead_was_taken_back(dtype):
+    """An evaluation between steps takes the perturbation back and the next step perturbs anew: in 16 bits
+    RN(RN(theta + e) - e) is not theta, so replay must do the same (records say whether a step claimed)."""
+    model = _model().to(dtype)
+    start = _params(model)
+    inputs, targets = _data()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=True)
+    closure = lambda: torch.nn.functional.mse_loss(model(inputs.to(dtype)).float(), targets)  # noqa: E731
+    for k in range(5):
+        opt.step(closure)
+        if k in (1, 2):
+            model(inputs.to(dtype))  # an evaluation: takes the lookahead back
+    opt.materialize()
+    assert [r["claimed"] for r in opt.trajectory] == [False, True, False, False, True]
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, opt.trajectory)
+    assert all(torch.equal(r, t) for r, t in zip(replayed, _params(model), strict=True))
+
+
+class _Experts(torch.nn.Module):
+    """Owners a forward does not reveal: a weight used functionally by its parent, an expert not routed to, and
+    parameters held in a ParameterDict (as PEFT's LoRA embeddings hold theirs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Linear(6, 6)
+        self.experts = torch.nn.ModuleList([torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)])
+        self.adapters = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.randn(6, 2) * 0.1)})
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.shared.weight, self.shared.bias)  # self.shared's forward never runs
+        return self.experts[0](h + h @ self.adapters["a"] @ self.adapters["a"].T)  # expert 1 is never routed to
+
+
+def test_checkpoints_cover_owners_whose_forward_never_ran():
+    torch.manual_seed(0)
+    model = _Experts().to(DEVICE)
+    inputs, targets = _data()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=True)
+    for _ in range(2):
+        opt.step(lambda: torch.nn.functional.mse_loss(model(inputs), targets))
+    assert opt._lookahead.pending
+    held = _params(model)
+    saved = {k: v.clone() for k, v in model.experts[1].state_dict().items()}  # a submodule's own checkpoint
+    assert not opt._lookahead.pending
+    true = _params(model)
+    assert not any(torch.equal(h, t) for h, t in zip(held, true))  # every parameter was perturbed, and restored
+    torch.testing.assert_close(saved["weight"], model.experts[1].weight.detach(), atol=0, rtol=0)
+    opt.step(lambda: torch.nn.functional.mse_loss(model(inputs), targets))
+    model.adapters.load_state_dict({"a": true[-1]})  # loading into the ParameterDict takes the lookahead back first
+    assert not opt._lookahead.pending and torch.equal(model.adapters["a"].detach(), true[-1])
+    model.shared.load_state_dict(dict(zip(("weight", "bias"), true[:2])))
+    assert torch.equal(model.shared.weight.detach(), true[0])
+
+
+def test_nothing_trainable_still_evaluates():
+    model = _model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    start = _params(model)
+    opt = ZOSGD(model.parameters(), seed=0, perturbation="inplace", merge_steps=True)
+    loss = opt.step(_closure(model, *_data()))
+    assert math.isfinite(float(loss)) and all(torch.equal(a, b) for a, b in zip(_params(model), start))
+
+
+def test_a_collected_optimizer_removes_its_hooks():
+    import gc
+
+    model, opt = _run(True, 1)
+    counts = [len(m._state_dict_pre_hooks) + len(m._load_state_dict_pre_hooks) for m in model.modules()]
+    assert sum(counts) == 4  # two Linear owners, two hooks each
+    del opt
+    gc.collect()
+    assert all(len(m._state_dict_pre_hooks) + len(m._load_state_dict_pre_hooks) == 0 for m in model.modules())

@@ -128,9 +128,12 @@ ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin,
 
   auto* __restrict data = static_cast<typename Format::Storage*>(job.data);
   const PassScalars p = cfg.scalars;
+  // The chunk after next: the hardware prefetcher lags behind. Distances, not indices, so that nothing overflows
+  // when the tensor ends at the stream's last index, 2^63 - 1.
   constexpr int64_t kPerLine = 64 / sizeof(typename Format::Storage);
-  for (int64_t i = last + 1 + kChunk; i <= std::min(last + 2 * kChunk, job.last); i += kPerLine) {
-    __builtin_prefetch(&data[i - job.base], 1);  // the chunk after next: the hardware prefetcher lags behind
+  const int64_t after_this = job.last - last;
+  for (int64_t k = kChunk + 1; k <= std::min(after_this, 2 * kChunk); k += kPerLine) {
+    __builtin_prefetch(&data[last - job.base + k], 1);
   }
   for (int64_t word = lo >> 5; word <= (last >> 5); ++word) {  // 32 elements per word
     const int64_t b = (word >> 2) - first_block, q = word & 3, w0 = word << 5;
@@ -141,10 +144,10 @@ ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin,
                                                                   kStochastic ? s[w0 + e - chunk_begin] : 0, p);
       }
     } else {  // a tensor's first or last, partial word
-      for (int64_t i = std::max(w0, lo); i <= std::min(w0 + 31, last); ++i) {
-        const uint32_t e = static_cast<uint32_t>(i - w0);
-        rademacher_element<Format, kUpdate, kSecond, kStochastic>(data[i - job.base], w1 >> e, w2 >> e,
-                                                                  kStochastic ? s[i - chunk_begin] : 0, p);
+      const int64_t e_last = std::min<int64_t>(31, last - w0);  // counts within the word: no overflow at 2^63 - 1
+      for (int64_t e = std::max<int64_t>(0, lo - w0); e <= e_last; ++e) {
+        rademacher_element<Format, kUpdate, kSecond, kStochastic>(data[w0 + e - job.base], w1 >> e, w2 >> e,
+                                                                  kStochastic ? s[w0 + e - chunk_begin] : 0, p);
       }
     }
   }

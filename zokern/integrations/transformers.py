@@ -87,6 +87,15 @@ class ZOTrainer(Trainer):
             self.optimizer = _AlreadyStepped(self.zo_optimizer)
         return self.optimizer
 
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; afterwards the model holds its true weights even with ``merge_steps=True`` (whose steps
+        leave the next perturbation in them), for whatever reads them directly next (PEFT's merge_and_unload, say)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.zo_optimizer is not None:
+                self.zo_optimizer.materialize()
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         self._window.append(self._prepare_inputs(inputs))
         if not self.accelerator.sync_gradients:

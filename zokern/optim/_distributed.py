@@ -28,7 +28,8 @@ def mean_across_ranks(values: list[torch.Tensor]) -> list[float]:
 def mean_across_ranks_on_device(values: list, device: torch.device) -> torch.Tensor:
     """The losses (tensors or numbers) as one float64 vector on ``device``, averaged over all ranks when
     torch.distributed is initialised; no host sync where the communication device is ``device``."""
-    vector = torch.stack([torch.as_tensor(v).detach().reshape(()).to(device, torch.float64) for v in values])
+    # float64 from the start: a Python float (replay's recorded losses) must not pass through float32.
+    vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(device) for v in values])
     if active():
         reduced = vector.to(_comm_device())
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)

@@ -102,7 +102,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._lookahead = Lookahead()
         # An optimizer collected between merged steps leaves theta behind; not at interpreter exit, where the
         # parameters die with the process and the device may already be gone.
-        weakref.finalize(self, self._lookahead.materialize).atexit = False
+        weakref.finalize(self, self._lookahead.close).atexit = False
         self._claimed = False  # whether this step's first perturbation was already applied by the last step
         self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
 
@@ -248,8 +248,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         chunks = []
         for _, group, params, offsets in self._device_chunks():
             c = coefficient(group)
-            if isinstance(c, torch.Tensor):
-                c = c.to(params[0].device, non_blocking=True)
+            if isinstance(c, torch.Tensor):  # asynchronous only towards a GPU: a CPU kernel reads it at once
+                c = c.to(params[0].device, non_blocking=params[0].device.type == "cuda")
             ops.restore_update_(
                 [p.data for p in params],
                 seed,
@@ -367,6 +367,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed = self.new_seed()
         next_seed = seeds_.step_seed(self.base_seed, self.steps_taken) if self.merge_steps else None
         fields = self._take_step(seed, lambda: self._evaluate(closure, device), next_seed)
+        if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
+            fields["claimed"] = self._claimed
         losses = fields.pop("losses", None)
         self._record(seed, self._losses if losses is None else losses, fields)
         self._unsettled.append(PendingRecord(self._trajectory[-1]))
@@ -383,16 +385,23 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "perturbed parameters). With the Hugging Face Trainer use zokern.integrations.ZOTrainer."
             )
 
-    def _take_step(self, seed: int, evaluate: Callable[[], Any], next_seed: int | None = None) -> dict[str, Any]:
+    def _take_step(
+        self, seed: int, evaluate: Callable[[], Any], next_seed: int | None = None, may_claim: bool = True
+    ) -> dict[str, Any]:
         """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised).
-        ``next_seed``: the next step's seed, which a merging step folds into its last pass."""
+        ``next_seed``: the next step's seed, which a merging step folds into its last pass; ``may_claim=False``
+        (replay of a step that found its perturbation taken back) takes a pending one back instead of claiming it."""
         self._displacement.clear()
         self._losses = []
         self._step_layout = self._groups_layout()
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
         self._next_seed = next_seed
-        self._claimed = self._claim_lookahead(seed)
+        if may_claim:
+            self._claimed = self._claim_lookahead(seed)
+        else:
+            self._lookahead.materialize()
+            self._claimed = False
         try:
             fields = {"skipped": False, **self._run_step(seed, evaluate)}
         except NonFiniteLoss:
@@ -554,6 +563,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._settle()  # records of steps before the load count before it, not on top of the loaded count
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         if zo is None:

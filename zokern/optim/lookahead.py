@@ -7,10 +7,12 @@ read the parameters:
 - any ``nn.Module`` forward (a global forward pre-hook, installed only while a perturbation is pending), so that an
   evaluation between steps sees theta;
 - ``state_dict()`` and ``load_state_dict()`` of the modules that own the parameters (hooks registered on them the
-  first time a merging step's closure runs them), so that a checkpoint holds theta and a loaded one is not shifted.
+  first time a merging step's closure calls a model that contains them), so that a checkpoint holds theta and a
+  loaded one is not shifted.
 
 Reads that bypass modules and the optimizer (``p.data``, ``model.parameters()``, ``copy.deepcopy``) see the
-perturbed values: call ``materialize()`` first.
+perturbed values, and writes that bypass them (``p.data.copy_(...)``, a clamp) would be shifted by the take-back:
+call ``materialize()`` first.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class Lookahead:
         self._pass_kwargs: dict[str, Any] = {}
         self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
         self._hooked_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-        self._owners_of: frozenset[int] = frozenset()  # ids of the parameters whose owners are hooked
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []  # the owners' hooks, removed by close()
+        self._searched: frozenset[int] = frozenset()  # ids of the parameters whose owners were looked for
 
     @property
     def pending(self) -> bool:
@@ -81,27 +84,39 @@ class Lookahead:
 
     @contextlib.contextmanager
     def finding_owners(self, params: list[torch.Tensor]) -> Iterator[None]:
-        """While the block runs (a closure call), hook ``state_dict``/``load_state_dict`` of every module whose forward
-        runs and that owns one of ``params``. Once per set of parameters."""
-        ids = frozenset(id(p) for p in params)
-        if ids <= self._owners_of:
+        """While the block runs (a closure call), hook ``state_dict``/``load_state_dict`` of every module that owns
+        one of ``params`` and lies under a module whose forward runs: the whole tree of a model called in the
+        closure, so parameters used functionally or by submodules that did not run (an expert not routed to) are
+        covered too. Once per parameter, after a closure that ran a model (parameters that no module owns have no
+        state_dict to hook)."""
+        ids = {id(p) for p in params} - self._searched
+        if not ids:
             yield
             return
+        visited: set[torch.nn.Module] = set()  # named_modules' memo: each module is walked once per closure call
 
-        def find(module: torch.nn.Module, _args) -> None:
-            if module in self._hooked_modules:
-                return
-            if any(id(p) in ids for p in module._parameters.values() if p is not None):
-                self._hooked_modules.add(module)
-                module.register_state_dict_pre_hook(self.materialize)
-                module.register_load_state_dict_pre_hook(self.materialize)
+        def find(root: torch.nn.Module, _args) -> None:
+            for _, module in root.named_modules(memo=visited):
+                owned = {id(p) for p in module._parameters.values() if p is not None} & ids
+                if owned and module not in self._hooked_modules:
+                    self._hooked_modules.add(module)
+                    self._handles.append(module.register_state_dict_pre_hook(self.materialize))
+                    self._handles.append(module.register_load_state_dict_pre_hook(self.materialize))
 
         handle = register_module_forward_pre_hook(find)
         try:
             yield
         finally:
             handle.remove()
-        self._owners_of = self._owners_of | ids
+        if visited:
+            self._searched = self._searched | frozenset(ids)
+
+    def close(self) -> None:
+        """Take the pending perturbation back and remove every hook (the optimizer is gone)."""
+        self.materialize()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def _same(a: Chunks, b: Chunks) -> bool:

@@ -50,7 +50,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
         losses = functools.partial(next, iter(record["losses"]))
-        fields = optimizer._take_step(record["seed"], losses, record.get("next_seed"))
+        fields = optimizer._take_step(record["seed"], losses, record.get("next_seed"), record.get("claimed", True))
         optimizer.nonfinite_steps += bool(fields["skipped"])
         optimizer.steps_taken = record["step"] + 1
     optimizer.materialize()  # a merged run's last step applied the next perturbation: params end at theta

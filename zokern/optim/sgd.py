@@ -218,7 +218,9 @@ class ZOSGD(ZOOptimizer):
         if not self.one_sided:
             self._perturb(seed, -2.0)
             values.append(evaluate())
-        losses = _distributed.mean_across_ranks_on_device(values, self._device_chunks()[0][2][0].device)
+        chunks = self._device_chunks()
+        device = chunks[0][2][0].device if chunks else torch.device("cpu")  # nothing trainable: the losses only
+        losses = _distributed.mean_across_ranks_on_device(values, device)
         if self.one_sided:
             diff, loss = losses[1] - losses[0], losses[0]
         else:
