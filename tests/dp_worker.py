@@ -11,10 +11,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from zokern import replay
 from zokern.optim import FZOO
 from zokern.optim import ZOSGD
 
 STEPS = 5
+# (name, optimizer, options) trained on half batches: ZOSGD with one probe keeps its losses on the device, with two
+# it gathers them on the host; FZOO gathers N + 1 losses at once.
+SCENARIOS = (("zosgd", ZOSGD, dict(n_probes=2)), ("zosgd-device", ZOSGD, {}), ("fzoo", FZOO, dict(n_probes=4)))
 
 
 def model_and_batch():
@@ -46,13 +50,20 @@ def main() -> None:
     shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     result = {}
     if scenario == "train":
-        for name, cls, kwargs in (("zosgd", ZOSGD, dict(n_probes=2)), ("fzoo", FZOO, dict(n_probes=4))):
+        for name, cls, kwargs in SCENARIOS:
             model, _, _ = model_and_batch()
             opt = train(cls, x[shard], y[shard], model, **kwargs)
             result[name] = {
                 "params": [p.detach().flatten().tolist() for p in model.parameters()],
                 "losses": [r["losses"] for r in opt.trajectory],
             }
+    elif scenario == "replay_alone":
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = train(ZOSGD, x[shard], y[shard], model)
+        if rank == 0:  # rank 0 alone rebuilds the weights from the trajectory: replay must not wait for rank 1
+            replayed = [s.clone() for s in start]
+            replay(replayed, opt.trajectory)
+            result["equal"] = all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
     elif scenario == "desync_seed":
         try:
             ZOSGD(model.parameters(), seed=5 + rank)

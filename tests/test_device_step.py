@@ -110,7 +110,7 @@ def test_records_settle_once_their_values_reach_the_host(monkeypatch, name):
     assert not opt._unsettled
 
 
-def test_a_nonfinite_loss_skips_the_update_without_a_host_sync():
+def test_a_nonfinite_loss_skips_the_update_in_the_device_path():
     a, x0 = _quadratic()
     x = torch.nn.Parameter(x0.float())
     opt = ZOSGD([x], lr=1e-2, weight_decay=0.1, seed=0, perturbation="inplace")

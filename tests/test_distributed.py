@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dp_worker import SCENARIOS
 from dp_worker import STEPS
 from dp_worker import model_and_batch
 from dp_worker import train
 
-from zokern.optim import FZOO
 from zokern.optim import ZOSGD
 
 WORKER = Path(__file__).with_name("dp_worker.py")
@@ -45,7 +45,7 @@ def _launch(scenario: str, out: Path, world: int = 2) -> list[dict]:
 
 def test_two_ranks_on_half_batches_equal_one_process_on_the_whole_batch(tmp_path):
     ranks = _launch("train", tmp_path)
-    for name, cls, kwargs in (("zosgd", ZOSGD, dict(n_probes=2)), ("fzoo", FZOO, dict(n_probes=4))):
+    for name, cls, kwargs in SCENARIOS:
         # No parameter communication: both ranks hold exactly the same parameters.
         assert ranks[0][name] == ranks[1][name]
         # One process whose closure averages the two half-batch losses (as the all_reduce does, in float64) takes
@@ -88,3 +88,10 @@ def test_desynchronised_ranks_fail_clearly(tmp_path, scenario):
 def test_default_seed_comes_from_rank_zero(tmp_path):
     ranks = _launch("default_seed", tmp_path)
     assert ranks[0]["seed"] == ranks[1]["seed"]
+
+
+def test_one_rank_replays_alone(tmp_path):
+    """A data-parallel run's trajectory holds the averaged losses: replay needs no other rank (a collective there
+    would wait for ranks that are not replaying, until the timeout)."""
+    ranks = _launch("replay_alone", tmp_path)
+    assert ranks[0]["equal"] is True

@@ -5,12 +5,29 @@ passes on every rank and stay identical, provided every rank starts from the sam
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
+_alone = False  # set by alone(): this process runs without collectives
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process acts alone, with no collective: replay rebuilds weights on any one rank from a
+    trajectory whose losses are already averaged, while the other ranks do something else."""
+    global _alone
+    previous, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = previous
+
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _comm_device() -> torch.device:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from zokern._reference import STREAM_VERSION
+from zokern.optim import _distributed
 from zokern.optim.adam import ZOAdam
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.fzoo import FZOO
@@ -24,6 +25,7 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
 
 
 @torch.no_grad()
+@_distributed.alone()
 def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> ZOOptimizer:
     """Re-run, in place on ``params``, exactly the passes of the recorded steps, with the recorded losses.
 
@@ -31,7 +33,8 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     (groups in order, parameters in order; frozen ones included, they are left alone). On the same backend the
     result is bit-identical to the trained parameters. Every zokern optimizer replays: their steps depend only on
     seeds, hyperparameters and losses, and their states (momentum, Adam moments) are rebuilt along the way.
-    Returns the optimizer that replayed, whose state equals the original's.
+    Returns the optimizer that replayed, whose state equals the original's. Under torch.distributed any one rank may
+    replay alone: the recorded losses are already averaged over the ranks, so replay runs no collective.
     """
     params = list(params)
     if not trajectory:
