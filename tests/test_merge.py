@@ -301,3 +301,19 @@ def test_a_collected_optimizer_removes_its_hooks():
     del opt
     gc.collect()
     assert all(len(m._state_dict_pre_hooks) + len(m._load_state_dict_pre_hooks) == 0 for m in model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:Using `torch.compile\\(module\\)` when there are global hooks")
+def test_a_compiled_model_trains_and_evaluates_merged():
+    """torch.compile traces a module's forward with the global hooks: they must run eagerly, not be traced."""
+    compiled, eager = _model(), _model()
+    inputs, targets = _data()
+    fast = torch.compile(compiled, backend="eager")  # dynamo's tracing is what matters here, not the code it makes
+    opt = ZOSGD(compiled.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=True)
+    ref = ZOSGD(eager.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace")
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.mse_loss(fast(inputs), targets))
+        ref.step(_closure(eager, inputs, targets))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(inputs), eager(inputs), atol=1e-6, rtol=0)  # took the lookahead back
+        assert not opt._lookahead.pending

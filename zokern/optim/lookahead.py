@@ -55,7 +55,7 @@ class Lookahead:
         ``pass_kwargs``: distribution, backend), and watch for reads."""
         self.seed, self._chunks, self._pass_kwargs = seed, chunks, dict(pass_kwargs)
         if self._forward_hook is None:
-            self._forward_hook = register_module_forward_pre_hook(self.materialize)
+            self._forward_hook = register_module_forward_pre_hook(_eager(self.materialize))
 
     def claim(self, seed: int, chunks: Chunks) -> bool:
         """At the start of a step: whether the pending perturbation is exactly ``chunks`` of z(seed), the step's first
@@ -103,7 +103,7 @@ class Lookahead:
                     self._handles.append(module.register_state_dict_pre_hook(self.materialize))
                     self._handles.append(module.register_load_state_dict_pre_hook(self.materialize))
 
-        handle = register_module_forward_pre_hook(find)
+        handle = register_module_forward_pre_hook(_eager(find))
         try:
             yield
         finally:
@@ -117,6 +117,12 @@ class Lookahead:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _eager(hook):
+    """The hook as torch.compile sees it: run eagerly, never traced (it mutates parameters in place, or walks
+    modules, which dynamo cannot follow from inside a compiled module's forward)."""
+    return torch.compiler.disable(hook, recursive=True)
 
 
 def _same(a: Chunks, b: Chunks) -> bool:
