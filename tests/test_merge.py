@@ -29,12 +29,17 @@ def _closure(model, inputs, targets):
     return lambda: torch.nn.functional.mse_loss(model(inputs), targets)
 
 
-def _run(merge: bool, steps: int, **kwargs):
+def _setup(merge: bool):
+    """A fresh model, its in-place ZOSGD (merged or not) and the closure of the training batch."""
     model = _model()
-    inputs, targets = _data()
-    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=merge, **kwargs)
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=merge)
+    return model, opt, _closure(model, *_data())
+
+
+def _run(merge: bool, steps: int):
+    model, opt, closure = _setup(merge)
     for _ in range(steps):
-        opt.step(_closure(model, inputs, targets))
+        opt.step(closure)
     return model, opt
 
 
@@ -162,12 +167,10 @@ def test_a_closure_that_raises_leaves_the_true_parameters():
 def test_a_changed_eps_takes_the_lookahead_back_and_perturbs_anew():
     runs = []
     for merge in (True, False):
-        model = _model()
-        inputs, targets = _data()
-        opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=merge)
+        model, opt, closure = _setup(merge)
         for k in range(4):
             opt.param_groups[0]["eps"] = 1e-2 * (1 + k)  # a schedule on eps
-            opt.step(_closure(model, inputs, targets))
+            opt.step(closure)
         opt.materialize()
         runs.append((_params(model), opt.trajectory))
     _assert_close(runs[0][0], runs[1][0])
@@ -177,11 +180,8 @@ def test_a_changed_eps_takes_the_lookahead_back_and_perturbs_anew():
 def test_a_skipped_step_keeps_the_lookahead():
     results = []
     for merge in (True, False):
-        model = _model()
-        inputs, targets = _data()
-        opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=merge)
+        model, opt, closure = _setup(merge)
         calls = iter(range(100))
-        closure = _closure(model, inputs, targets)
         with pytest.warns(RuntimeWarning, match="non-finite"):
             for _ in range(3):
                 opt.step(lambda calls=calls, f=closure: torch.tensor(math.nan) if next(calls) == 3 else f())

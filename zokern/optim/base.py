@@ -397,11 +397,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
         self._next_seed = next_seed
-        if may_claim:
-            self._claimed = self._claim_lookahead(seed)
-        else:
-            self._lookahead.materialize()
-            self._claimed = False
+        self._claimed = self._claim_lookahead(seed, may_claim)
         try:
             fields = {"skipped": False, **self._run_step(seed, evaluate)}
         except NonFiniteLoss:
@@ -415,12 +411,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._displacement.clear()
         return fields
 
-    def _claim_lookahead(self, seed: int) -> bool:
+    def _claim_lookahead(self, seed: int, may_claim: bool) -> bool:
         """Whether the last step already applied this step's first perturbation, +eps z(seed) in every group (then
-        tracked as applied); a pending perturbation that is not that one is taken back."""
+        tracked as applied); a pending perturbation that is not that one, or that may not be claimed, is taken back."""
         if not self._lookahead.pending:
             return False
-        if self._exact_now or not self.merge_steps:
+        if not may_claim or self._exact_now or not self.merge_steps:
             self._lookahead.materialize()
             return False
         expected = [(params, offsets, group["eps"]) for _, group, params, offsets in self._device_chunks()]

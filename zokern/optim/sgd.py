@@ -228,7 +228,8 @@ class ZOSGD(ZOOptimizer):
         # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update.
         ok = torch.isfinite(losses).all()
         grads = torch.stack([diff / group["eps"] for group in self.param_groups])
-        self._restore_update(seed, self._restore_scale(), lambda group: diff / group["eps"], lookahead)
+        by_group = {id(group): g for group, g in zip(self.param_groups, grads)}
+        self._restore_update(seed, self._restore_scale(), lambda group: by_group[id(group)], lookahead)
         return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok, **_folded(lookahead))
 
     def _decay_and_step(self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any]) -> None:
