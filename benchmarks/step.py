@@ -8,7 +8,7 @@ other on the same model and batch:
 - two forwards: the closure called twice, without zokern (the floor a ZO step is compared to);
 - MeZO published: its step re-implemented exactly (zokern.baselines);
 - zokern ZOSGD, for each available backend and mode (in place; in place with the cross-step merge, two passes per
-  step; exact, the 16-bit default);
+  step; in place replayed from a CUDA graph, on a GPU; exact, the 16-bit default);
 - AdamW: a first-order step (forward, backward, fused or foreach AdamW).
 Reports ms/step (median), tokens/s (batch x seq per step), peak memory (CUDA; "-" on the CPU), and the ratios to
 MeZO's step and to two forwards. Prints a Markdown table, appends it to benchmarks/RESULTS.md and one JSON line per
@@ -33,6 +33,7 @@ import torch
 import zokern
 from zokern.baselines import mezo_published_step
 from zokern.optim import ZOSGD
+from zokern.optim import graph
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "RESULTS.md"
@@ -111,10 +112,12 @@ class Timer:
         return statistics.median(times), peak
 
 
-# zokern's modes: in place (three passes per step), in place with the cross-step merge (two), exact (16-bit default).
+# zokern's modes: in place (three passes per step), in place with the cross-step merge (two), in place replayed from a
+# CUDA graph (GPU only: on the CPU it is the in-place step), exact (16-bit default).
 ZOSGD_MODES = {
     "inplace": dict(perturbation="inplace"),
     "inplace merged": dict(perturbation="inplace", merge_steps=True),
+    "inplace graphed": dict(perturbation="inplace", cuda_graph=True),
     "exact": dict(perturbation="exact"),
 }
 
@@ -155,7 +158,16 @@ def measure(args: argparse.Namespace) -> list[dict]:
     backends = zo_backends(args.device) if args.backends is None else args.backends.split(",")
     for backend in backends:
         for mode, options in ZOSGD_MODES.items():
+            graphed = options.get("cuda_graph", False)
+            if graphed and torch.device(args.device).type != "cuda":
+                continue
             opt = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, backend=backend, **options)
+            try:
+                for _ in range(graph.WARMUP_STEPS + 1 if graphed else 0):  # captured before the timer's warm-up
+                    opt.step(closure)
+            except RuntimeError as e:  # a model whose forward syncs with the host cannot be captured
+                rows.append(dict(method=f"zokern ZOSGD {backend} {mode}", ms=None, peak_gib=None, status=str(e)[:80]))
+                continue
             record(f"zokern ZOSGD {backend} {mode}", lambda t, opt=opt: opt.step(closure))
             opt.materialize()  # a merged run leaves the next perturbation in the weights
             del opt

@@ -98,6 +98,12 @@ def _rounded(x, rounding_seed, g0, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr
         return _round_nearest(x, DTYPE)
 
 
+@triton.jit
+def _float_slot(ptr):
+    """The float32 whose bits an int64 slot holds in its low half."""
+    return tl.load(ptr).to(tl.int32).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["seed", "seed2", "rounding_seed"])
 def _zo_pass_kernel(
     table_ptr,
@@ -110,7 +116,9 @@ def _zo_pass_kernel(
     grad_value,
     weight_decay,
     rounding_seed,
+    scalars_ptr,
     DTYPE: tl.constexpr,
+    SCALARS: tl.constexpr,
     RADEMACHER: tl.constexpr,
     UPDATE: tl.constexpr,
     GRAD_ON_DEVICE: tl.constexpr,
@@ -119,6 +127,14 @@ def _zo_pass_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    if SCALARS:  # a row of zokern._scalars, read at run time: a captured CUDA graph replays the new values
+        seed = tl.load(scalars_ptr)
+        seed2 = tl.load(scalars_ptr + 1)
+        rounding_seed = tl.load(scalars_ptr + 2)
+        alpha = _float_slot(scalars_ptr + 3)
+        alpha2 = _float_slot(scalars_ptr + 4)
+        lr = _float_slot(scalars_ptr + 5)
+        weight_decay = _float_slot(scalars_ptr + 6)
     row = table_ptr + tl.program_id(0).to(tl.int64) * 4
     address = tl.load(row)
     base = tl.load(row + 1)
@@ -229,10 +245,12 @@ def zo_pass_(
     seed2: int | None = None,
     alpha2: float = 0.0,
     rounding_seed: int | None = None,
+    scalars: torch.Tensor | None = None,
     block: int | None = None,
 ) -> None:
     """The fused pass in one launch; arguments as ``zokern._reference.zo_pass_`` (inputs validated by zokern.ops).
 
+    ``scalars``: a row of zokern._scalars on the device; the kernel reads the seeds and coefficients there.
     ``block`` overrides the tile size (a multiple of 128 and a power of two); z does not depend on it.
     """
     if not tensors:
@@ -255,7 +273,9 @@ def zo_pass_(
             0.0 if grad is None or on_device else float(grad),
             weight_decay,
             0 if rounding_seed is None else rounding_seed,
+            table if scalars is None else scalars,  # unused without SCALARS
             DTYPE=_TL_DTYPES[dtype],
+            SCALARS=scalars is not None,
             RADEMACHER=DISTRIBUTIONS[distribution] == DOMAIN_RADEMACHER,
             UPDATE=grad is not None,
             GRAD_ON_DEVICE=on_device,
@@ -264,6 +284,17 @@ def zo_pass_(
             ALIGNED=aligned,
             BLOCK=block,
         )
+
+
+def cached_tables() -> list[torch.Tensor]:
+    """The tile tables in the cache: a CUDA graph that captured passes keeps them alive, since its kernels read them
+    at fixed addresses and the cache may drop them."""
+    return list(_tables.values())
+
+
+def reads_device_scalars(device: torch.device) -> bool:
+    """The kernel reads a pass's scalars from device memory (see zokern._scalars), under the interpreter too."""
+    return True
 
 
 def philox_block_words(

@@ -4,8 +4,9 @@ Importing ``zokern._C`` registers two torch ops (csrc/cpu/zo_pass.cpp defines th
 
 - ``zokern::zo_pass_(Tensor(a!)[] tensors, int[] bases, int seed, float alpha, int domain, float lr,
   float grad_value, Tensor? grad_tensor, bool update, float weight_decay, int seed2, float alpha2, bool second,
-  int rounding_seed, bool stochastic) -> ()``: the fused pass of docs/stream.md, section 5, with CPU kernels, and
-  CUDA kernels when the extension was built with them;
+  int rounding_seed, bool stochastic, Tensor? scalars=None) -> ()``: the fused pass of docs/stream.md, section 5,
+  with CPU kernels, and CUDA kernels when the extension was built with them (only they read ``scalars``, a row of
+  zokern._scalars);
 - ``zokern::philox_words_(Tensor(a!) out, int seed, int domain, int first_block) -> ()``: fills an int64 ``[n, 4]``
   tensor with the words of Philox blocks ``first_block .. first_block + n - 1``. It writes into a tensor rather
   than returning one so that the dispatcher picks the CPU or CUDA kernel from ``out``'s device.
@@ -58,8 +59,10 @@ def zo_pass_(
     seed2: int | None = None,
     alpha2: float = 0.0,
     rounding_seed: int | None = None,
+    scalars: torch.Tensor | None = None,
 ) -> None:
-    """The fused pass (docs/stream.md, section 5) in one op call; same arguments as ``zokern._reference.zo_pass_``."""
+    """The fused pass (docs/stream.md, section 5) in one op call; same arguments as ``zokern._reference.zo_pass_``,
+    and on CUDA ``scalars``, a row of zokern._scalars the kernel reads its seeds and coefficients from."""
     if not tensors:
         return
     grad_value, grad_tensor = 0.0, None
@@ -83,7 +86,13 @@ def zo_pass_(
         seed2 is not None,
         0 if rounding_seed is None else rounding_seed,
         rounding_seed is not None,
+        scalars,
     )
+
+
+def reads_device_scalars(device: torch.device) -> bool:
+    """Only the CUDA kernels read a pass's scalars from device memory; the CPU op takes them as arguments."""
+    return device.type == "cuda"
 
 
 def philox_block_words(

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from zokern import _reference
+from zokern import _scalars
 from zokern._dispatch import select_backend
 
 INDEX_LIMIT = 1 << 63
@@ -144,11 +145,26 @@ def _resolve_rounding(rounding: str, rounding_seed: int | None) -> int | None:
 # ------------------------------------------------------------------------------------------------------- passes
 
 
-def _run_pass(tensors: list[torch.Tensor], bases: list[int], backend: str | None, **kwargs) -> None:
+def _checked_scalars(scalars: object, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    if scalars is None or not tensors:
+        return None
+    return _scalars.check(scalars, tensors[0].device)
+
+
+def _run_pass(
+    tensors: list[torch.Tensor], bases: list[int], backend: str | None, scalars: torch.Tensor | None = None, **kwargs
+) -> None:
     live = [(t, b) for t, b in zip(tensors, bases) if t.numel()]
     if not live:
         return
-    impl = select_backend(live[0][0].device, backend)
+    device = live[0][0].device
+    impl = select_backend(device, backend)
+    if scalars is not None:
+        reads = getattr(impl, "reads_device_scalars", None)
+        if reads is not None and reads(device):
+            kwargs["scalars"] = scalars
+        else:  # a backend that takes its scalars as arguments: read the row now (on the host, free on the CPU)
+            kwargs = _scalars.with_values(kwargs, scalars)
     by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[int]]] = {}
     for t, b in live:
         group = by_dtype.setdefault(t.dtype, ([], []))
@@ -170,6 +186,7 @@ def perturb_(
     rounding: str = "nearest",
     rounding_seed: int | None = None,
     backend: str | None = None,
+    scalars: torch.Tensor | None = None,
 ) -> None:
     r"""In place, :math:`t \leftarrow t + \alpha z(\text{seed})` on every tensor, in one pass.
 
@@ -189,6 +206,9 @@ def perturb_(
             torch's global generator.
         backend: force ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``; default: the fastest available
             (the ``ZOKERN_BACKEND`` environment variable also forces one).
+        scalars: optional, for CUDA graphs: a row of ``zokern._scalars`` on the tensors' device from which the
+            kernel reads seed, alpha and rounding seed when it runs (the arguments then only choose the kernel:
+            distribution, rounding mode), so that a captured pass takes new values when the row is rewritten.
     """
     tensors = _check_tensors(tensors)
     kwargs = dict(
@@ -198,7 +218,7 @@ def perturb_(
     )
     bases = _bases(tensors, offset, offsets)
     kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
-    _run_pass(tensors, bases, backend, **kwargs)
+    _run_pass(tensors, bases, backend, _checked_scalars(scalars, tensors), **kwargs)
 
 
 def perturb_into_(
@@ -272,6 +292,7 @@ def restore_update_(
     rounding_seed: int | None = None,
     found_nonfinite: torch.Tensor | None = None,
     backend: str | None = None,
+    scalars: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     r"""Restore and update in one pass: :math:`\theta = t + \alpha z`, then
     :math:`t \leftarrow \theta - \eta\,(g z + \lambda \theta)`, optionally :math:`+ \beta z(\text{next\_seed})`.
@@ -288,6 +309,7 @@ def restore_update_(
         next_seed, next_alpha: fuse the next step's ``perturb_(next_seed, next_alpha)`` into this pass.
         found_nonfinite: optional flag tensor on the device (bool or floating, one element), set to true/1 when
             the device g is non-finite, never cleared; read it when convenient.
+        scalars: as for :func:`perturb_`; the kernel also reads lr, weight_decay and the next seed and alpha there.
         Other arguments as for :func:`perturb_`.
 
     Returns:
@@ -310,7 +332,7 @@ def restore_update_(
         raise ValueError(f"found_nonfinite must be a one-element tensor on {device}")
     bases = _bases(tensors, offset, offsets)
     kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
-    _run_pass(tensors, bases, backend, **kwargs)
+    _run_pass(tensors, bases, backend, _checked_scalars(scalars, tensors), **kwargs)
     if not isinstance(kwargs["grad"], torch.Tensor):
         return None
     flag = ~torch.isfinite(kwargs["grad"])

@@ -184,8 +184,10 @@ void run_pass_for(const std::vector<Job>& jobs, int64_t n_tasks, const PassConfi
 void zo_pass_cpu(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, double alpha, int64_t domain,
                  double lr, double grad_value, const std::optional<at::Tensor>& grad_tensor, bool update,
                  double weight_decay, int64_t seed2, double alpha2, bool second, int64_t rounding_seed,
-                 bool stochastic) {
+                 bool stochastic, const std::optional<at::Tensor>& scalars) {
   check_pass_inputs(tensors, bases, seed, domain, seed2, rounding_seed, grad_tensor, update, c10::DeviceType::CPU);
+  TORCH_CHECK(!scalars.has_value(), "zo_pass_: only the CUDA kernels read their scalars from a tensor; on the CPU "
+              "pass them as arguments (zokern.ops does)");
   int64_t n_tasks = 0;
   const std::vector<Job> jobs = chunk_jobs(tensors, bases, &n_tasks);
   if (jobs.empty()) return;
@@ -235,7 +237,7 @@ TORCH_LIBRARY(zokern, m) {
   m.def(
       "zo_pass_(Tensor(a!)[] tensors, int[] bases, int seed, float alpha, int domain, float lr, float grad_value, "
       "Tensor? grad_tensor, bool update, float weight_decay, int seed2, float alpha2, bool second, "
-      "int rounding_seed, bool stochastic) -> ()");
+      "int rounding_seed, bool stochastic, Tensor? scalars=None) -> ()");
   m.def("philox_words_(Tensor(a!) out, int seed, int domain, int first_block) -> ()");
 }
 

@@ -37,9 +37,16 @@ gpu::Format format_of(at::ScalarType dtype) {
 void zo_pass_cuda(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, double alpha, int64_t domain,
                   double lr, double grad_value, const std::optional<at::Tensor>& grad_tensor, bool update,
                   double weight_decay, int64_t seed2, double alpha2, bool second, int64_t rounding_seed,
-                  bool stochastic) {
+                  bool stochastic, const std::optional<at::Tensor>& scalars) {
   check_pass_inputs(tensors, bases, seed, domain, seed2, rounding_seed, grad_tensor, update, c10::DeviceType::CUDA);
   if (tensors.empty()) return;
+  if (scalars.has_value()) {
+    TORCH_CHECK(scalars->scalar_type() == at::kLong && scalars->numel() == gpu::kScalarSlots &&
+                    scalars->is_contiguous() && scalars->device() == tensors[0].device(),
+                "zo_pass_: scalars must be a contiguous int64 tensor of ", gpu::kScalarSlots, " elements on ",
+                tensors[0].device(), ", got ", scalars->scalar_type(), " with ", scalars->numel(), " elements on ",
+                scalars->device());
+  }
   std::vector<gpu::TensorSpan> spans;
   spans.reserve(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) {
@@ -57,6 +64,7 @@ void zo_pass_cuda(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, d
   config.weight_decay = static_cast<float>(weight_decay);
   config.grad = static_cast<float>(grad_value);
   config.grad_ptr = update && grad_tensor.has_value() ? grad_tensor->const_data_ptr<float>() : nullptr;
+  config.scalars = scalars.has_value() ? scalars->const_data_ptr<int64_t>() : nullptr;
   config.domain = static_cast<uint32_t>(domain);
   config.update = update;
   config.second = second;

@@ -87,6 +87,19 @@ __device__ __forceinline__ void store_octet(float* p, const float v[8]) {
 
 // ---------------------------------------------------------------------------------------------- the kernels
 
+// The config with its seeds and coefficients read from the device row (zokern._scalars' layout).
+__device__ __forceinline__ PassConfig from_row(PassConfig c) {
+  const int64_t* row = c.scalars;
+  c.seed = static_cast<uint64_t>(row[0]);
+  c.seed2 = static_cast<uint64_t>(row[1]);
+  c.rounding_seed = static_cast<uint64_t>(row[2]);
+  c.alpha = __int_as_float(static_cast<int>(row[3]));
+  c.alpha2 = __int_as_float(static_cast<int>(row[4]));
+  c.lr = __int_as_float(static_cast<int>(row[5]));
+  c.weight_decay = __int_as_float(static_cast<int>(row[6]));
+  return c;
+}
+
 template <uint32_t kDomain>
 __device__ __forceinline__ void z_octet(uint64_t seed, uint64_t octet, float z[8]) {
   if constexpr (kDomain == kDomainGaussian) {
@@ -98,8 +111,9 @@ __device__ __forceinline__ void z_octet(uint64_t seed, uint64_t octet, float z[8
 
 template <class Fmt, uint32_t kDomain, bool kSecond, bool kStochastic>
 __global__ void __launch_bounds__(kThreads)
-    zo_pass_kernel(const __grid_constant__ TileMap map, const PassConfig cfg, int64_t n_tiles) {
+    zo_pass_kernel(const __grid_constant__ TileMap map, const PassConfig config, int64_t n_tiles) {
   using Storage = typename Fmt::Storage;
+  const PassConfig cfg = config.scalars != nullptr ? from_row(config) : config;
   const float g = cfg.grad_ptr != nullptr ? *cfg.grad_ptr : cfg.grad;
   const bool update = cfg.update && is_finite(g);
   const PassScalars p{cfg.alpha, cfg.lr, g, cfg.weight_decay, cfg.alpha2};

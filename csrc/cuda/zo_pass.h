@@ -18,6 +18,9 @@ struct TensorSpan {
   int64_t base;
 };
 
+// A row of zokern._scalars: seed, seed2, rounding_seed, then the float32 bits of alpha, alpha2, lr, weight_decay.
+constexpr int64_t kScalarSlots = 8;
+
 struct PassConfig {
   uint64_t seed;
   uint64_t seed2;
@@ -28,6 +31,8 @@ struct PassConfig {
   float weight_decay;
   float grad;             // used when grad_ptr is null
   const float* grad_ptr;  // device pointer to g, read by the kernel (no host sync); non-finite g: restore only
+  const int64_t* scalars;  // device row of kScalarSlots read in place of the seeds and coefficients above (for
+                           // CUDA graphs, which replay kernel arguments frozen); null: use the fields
   uint32_t domain;        // 0 gaussian, 1 rademacher
   bool update;
   bool second;

@@ -9,8 +9,10 @@ import torch
 
 from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
+from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
+from zokern.optim.graph import StepGraph
 
 
 class ZOSGD(ZOOptimizer):
@@ -60,6 +62,11 @@ class ZOSGD(ZOOptimizer):
             ``"auto"`` (default) is exact when a trainable parameter is bf16 or fp16, in place for float32.
         rounding: how updates are written to 16-bit parameters: ``"stochastic"`` (unbiased: the expected stored
             update is the intended one), ``"nearest"``, or ``"auto"`` (default: stochastic). float32 ignores it.
+        merge_steps: fold the next step's perturbation into each step's last pass (two passes per step instead of
+            three; in place, two-sided, no momentum; :mod:`zokern.optim.lookahead` says when theta is handed out).
+        cuda_graph: after two ordinary steps, capture a whole step (closure included) in a CUDA graph and replay it
+            (in place, one probe, no momentum, one device; :mod:`zokern.optim.graph`). The closure must read its
+            batch from the same tensors every step and must not sync with the host.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class ZOSGD(ZOOptimizer):
         perturbation: str = "auto",
         rounding: str = "auto",
         merge_steps: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         _check_number("momentum", momentum, 0.0, False)
         if momentum >= 1:
@@ -101,11 +109,15 @@ class ZOSGD(ZOOptimizer):
             rounding=rounding,
         )
         self.merge_steps = self._check_merge(merge_steps)
+        self.cuda_graph = self._check_graph(cuda_graph)
+        self._graph = StepGraph(self) if self.cuda_graph else None
+        self._step_closure: Closure | None = None  # the closure of the step() running, which a graph captures
 
     # Whether this class's steps can fold the next step's perturbation into their last pass (merge_steps), and
     # whether they can keep g on the device; subclasses with other update rules or directions cannot.
     _MERGES = True
     _DEVICE_ESTIMATE = True
+    _GRAPHS = True  # whether its steps can be captured whole (cuda_graph): ZO-SGD's own device step
 
     def _check_merge(self, merge_steps: bool) -> bool:
         if not isinstance(merge_steps, bool):
@@ -126,6 +138,33 @@ class ZOSGD(ZOOptimizer):
                 "use perturbation='inplace' (16-bit parameters default to the exact mode)"
             )
         return True
+
+    def _check_graph(self, cuda_graph: bool) -> bool:
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        if not cuda_graph:
+            return False
+        if not self._GRAPHS:
+            raise ValueError(f"{type(self).__name__} does not support cuda_graph (only ZO-SGD's step is captured)")
+        if not self._device_estimate():
+            raise ValueError("cuda_graph needs one probe and no momentum (the step whose g stays on the device)")
+        if self.merge_steps:
+            raise ValueError("cuda_graph and merge_steps cannot be combined yet: choose one")
+        if self.exact():
+            raise ValueError(
+                "cuda_graph needs perturbation='inplace' (16-bit parameters default to the exact mode, whose "
+                "evaluations are not captured)"
+            )
+        return True
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        self._step_closure = closure if self.cuda_graph else None
+        try:
+            return super().step(closure)
+        finally:
+            self._step_closure = None
+
+    step.__doc__ = ZOOptimizer.step.__doc__
 
     def _device_estimate(self) -> bool:
         """Whether g stays on the device this step: one probe without momentum, so the fused restore-and-update
@@ -211,6 +250,8 @@ class ZOSGD(ZOOptimizer):
     def _run_device_step(self, seed: int, evaluate: Callable[[], Any], lookahead: int | None) -> dict[str, Any]:
         """One probe, no host sync: the losses stay on the device, g = d / eps is formed there and read by the fused
         restore-and-update pass, which restores without updating when g is not finite (a skipped step)."""
+        if self._step_closure is not None:
+            return self._graph.run(seed, evaluate, self._step_closure)
         values = [evaluate()] if self.one_sided else []
         if not self._claimed:
             self._perturb(seed, 1.0)
@@ -218,6 +259,14 @@ class ZOSGD(ZOOptimizer):
         if not self.one_sided:
             self._perturb(seed, -2.0)
             values.append(evaluate())
+        fields = self._device_gradient(values)
+        by_group = {id(group): g for group, g in zip(self.param_groups, fields["projected_grad"])}
+        self._restore_update(seed, self._restore_scale(), lambda group: by_group[id(group)], lookahead)
+        return dict(fields, **_folded(lookahead))
+
+    def _device_gradient(self, values: list) -> dict[str, Any]:
+        """From one probe's evaluated losses, on the parameters' device: the record's losses, loss and skipped flag,
+        and g per param group (``projected_grad``), all tensors."""
         chunks = self._device_chunks()
         device = chunks[0][2][0].device if chunks else torch.device("cpu")  # nothing trainable: the losses only
         losses = _distributed.mean_across_ranks_on_device(values, device)
@@ -228,9 +277,7 @@ class ZOSGD(ZOOptimizer):
         # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update.
         ok = torch.isfinite(losses).all()
         grads = torch.stack([diff / group["eps"] for group in self.param_groups])
-        by_group = {id(group): g for group, g in zip(self.param_groups, grads)}
-        self._restore_update(seed, self._restore_scale(), lambda group: by_group[id(group)], lookahead)
-        return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok, **_folded(lookahead))
+        return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok)
 
     def _decay_and_step(self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any]) -> None:
         """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype."""
@@ -264,6 +311,7 @@ class ZOSignSGD(ZOSGD):
     """
 
     _MERGES = False
+    _GRAPHS = False
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
@@ -295,6 +343,7 @@ class ZOConservative(ZOSGD):
     """
 
     _MERGES = False
+    _GRAPHS = False
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, **kwargs) -> None:
         for name, default in (("momentum", 0.0), ("n_probes", 1), ("one_sided", False)):

@@ -25,6 +25,7 @@ class ZOPrO(ZOSGD):
     """
 
     _MERGES = False
+    _GRAPHS = False
     _DEVICE_ESTIMATE = False  # the structured direction's passes take host coefficients
 
     def __init__(self, params, lr: float = 1e-4, eps: float = 1e-3, *, seed: int | None = None, **kwargs) -> None:

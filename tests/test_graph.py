@@ -1,0 +1,248 @@
+"""ZOSGD(cuda_graph=True): a whole step whose kernels read their scalars from device rows, captured and replayed on a
+GPU. On the CPU the same passes run uncaptured every step, which checks everything but the capture itself: the rows
+carry exactly the values the ordinary step passes as arguments, bit for bit, in every backend."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import DEVICE
+from helpers import backends_for
+
+import zokern
+from zokern.optim import ZOSGD
+from zokern.optim import ZOConservative
+from zokern.optim import ZOSignSGD
+from zokern.optim import graph as graph_
+
+
+def _model(dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model[0].bias.requires_grad_(False)  # a frozen tensor between trainable ones: offsets, not consecutive
+    return model.to(DEVICE, dtype)
+
+
+def _data(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 6, generator=g).to(DEVICE), torch.randn(8, 3, generator=g).to(DEVICE)
+
+
+def _closure(model):
+    inputs, targets = _data()
+    return lambda: torch.nn.functional.mse_loss(model(inputs), targets)
+
+
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _run(graph: bool, steps: int = 5, dtype=torch.float32, backend=None, **options):
+    """Train with two param groups (own lr and eps), a weight decay and an lr schedule; the closure is one object."""
+    model = _model(dtype)
+    groups = [
+        dict(params=list(model[0].parameters())),
+        dict(params=list(model[2].parameters()), lr=0.02, eps=3e-3),
+    ]
+    options = dict(lr=0.05, eps=1e-2, weight_decay=0.01, seed=7, perturbation="inplace", **options)
+    opt = ZOSGD(groups, backend=backend, cuda_graph=graph, **options)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    inputs, targets = _data()
+
+    def closure():
+        return torch.nn.functional.mse_loss(model(inputs.to(dtype)).float(), targets)
+
+    for _ in range(steps):
+        opt.step(closure)
+        schedule.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", backends_for())
+@pytest.mark.parametrize(
+    "dtype, options",
+    [
+        (torch.float32, {}),
+        (torch.float32, dict(distribution="rademacher")),
+        (torch.float32, dict(one_sided=True)),
+        (torch.bfloat16, {}),  # stochastic rounding: each update pass's rounding seed comes from its row
+        (torch.float16, dict(rounding="nearest")),
+    ],
+    ids=["fp32", "rademacher", "one-sided", "bf16", "fp16-nearest"],
+)
+def test_graph_steps_equal_ordinary_steps_bit_for_bit(backend, dtype, options):
+    plain, opt_plain = _run(False, dtype=dtype, backend=backend, **options)
+    graphed, opt_graph = _run(True, dtype=dtype, backend=backend, **options)
+    for a, b in zip(_params(plain), _params(graphed), strict=True):
+        assert torch.equal(a, b)
+    assert opt_graph.trajectory == opt_plain.trajectory
+    assert not torch.equal(_params(graphed)[0], _params(_model(dtype))[0])  # training moved the weights
+
+
+def test_a_graph_run_replays_bit_for_bit():
+    model, opt = _run(True)
+    replayed = [p.detach().clone() for p in _model().parameters()]
+    zokern.replay(replayed, opt.trajectory)
+    for a, b in zip(replayed, _params(model), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_new_eps_is_taken_into_account():
+    """eps is held fixed by a capture (g = d / eps is formed inside it): changing it must capture anew."""
+    runs = []
+    for graph in (False, True):
+        model = _model()
+        opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=graph)
+        closure = _closure(model)
+        for eps in (1e-2, 1e-2, 1e-2, 4e-3, 4e-3):
+            opt.param_groups[0]["eps"] = eps
+            opt.step(closure)
+        runs.append((_params(model), opt.trajectory))
+    assert runs[0][1] == runs[1][1]
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_non_finite_loss_skips_the_update():
+    model = _model()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    inputs, targets = _data()
+    scale = torch.ones((), device=DEVICE)  # read by the closure every step: a graph replays the new value
+    closure = lambda: torch.nn.functional.mse_loss(model(inputs), targets) * scale  # noqa: E731
+    opt.step(closure)
+    before = _params(model)
+    scale.fill_(math.inf)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.step(closure)
+        assert opt.nonfinite_steps == 1
+    for a, b in zip(before, _params(model), strict=True):  # restored, up to in-place float32 rounding
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+    scale.fill_(1.0)
+    opt.step(closure)
+    assert not torch.equal(before[0], _params(model)[0])
+
+
+def test_an_exception_in_the_closure_restores_theta():
+    model = _model()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    inputs, targets = _data()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:  # at theta - eps z
+            raise KeyError("boom")
+        return torch.nn.functional.mse_loss(model(inputs), targets)
+
+    before = _params(model)
+    with pytest.raises(KeyError, match="boom"):
+        opt.step(closure)
+    for a, b in zip(before, _params(model), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def test_a_new_closure_every_step_warns_and_stays_correct():
+    plain, opt_plain = _run(False, steps=3)
+    model = _model()
+    groups = [dict(params=list(model[0].parameters())), dict(params=list(model[2].parameters()), lr=0.02, eps=3e-3)]
+    opt = ZOSGD(groups, lr=0.05, eps=1e-2, weight_decay=0.01, seed=7, perturbation="inplace", cuda_graph=True)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    inputs, targets = _data()
+    with pytest.warns(UserWarning, match="another closure object"):
+        for _ in range(3):
+            opt.step(lambda: torch.nn.functional.mse_loss(model(inputs), targets))
+            schedule.step()
+    for a, b in zip(_params(plain), _params(model), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: ZOSGD(p, momentum=0.9, perturbation="inplace", cuda_graph=True), "one probe and no momentum"),
+        (lambda p: ZOSGD(p, n_probes=2, perturbation="inplace", cuda_graph=True), "one probe and no momentum"),
+        (lambda p: ZOSGD(p, perturbation="inplace", merge_steps=True, cuda_graph=True), "cannot be combined"),
+        (lambda p: ZOSGD(p, perturbation="exact", cuda_graph=True), "perturbation='inplace'"),
+        (lambda p: ZOSignSGD(p, perturbation="inplace", cuda_graph=True), "ZOSignSGD does not support"),
+        (lambda p: ZOConservative(p, perturbation="inplace", cuda_graph=True), "ZOConservative does not support"),
+    ],
+)
+def test_unsupported_configurations_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(_model().parameters())
+
+
+def test_cuda_graph_must_be_a_bool():
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        ZOSGD(_model().parameters(), cuda_graph=1)
+
+
+def test_sixteen_bit_parameters_default_to_exact_and_are_refused():
+    with pytest.raises(ValueError, match="perturbation='inplace'"):
+        ZOSGD(_model(torch.bfloat16).parameters(), cuda_graph=True)
+
+
+# ------------------------------------------------------------------------------------------------ on a GPU
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph: needs a GPU")
+
+
+@cuda
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in backends_for("cuda")])
+def test_the_step_is_captured_and_replayed_without_host_syncs(backend):
+    plain, opt_plain = _run(False, steps=6, backend=backend)
+    model = _model()
+    groups = [dict(params=list(model[0].parameters())), dict(params=list(model[2].parameters()), lr=0.02, eps=3e-3)]
+    opt = ZOSGD(
+        groups, lr=0.05, eps=1e-2, weight_decay=0.01, seed=7, perturbation="inplace", backend=backend, cuda_graph=True
+    )
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    inputs, targets = _data()
+    closure = lambda: torch.nn.functional.mse_loss(model(inputs), targets)  # noqa: E731
+    for step in range(6):
+        if step == graph_.WARMUP_STEPS + 1:  # captured at the step before: from now on, replays only
+            assert opt._graph.graph is not None
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(closure)
+            schedule.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(_params(plain), _params(model), strict=True):
+        assert torch.equal(a, b)
+    assert opt.trajectory == opt_plain.trajectory
+
+
+@cuda
+def test_a_new_batch_copied_into_the_static_inputs_is_used():
+    model = _model()
+    opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    inputs, targets = _data()
+    closure = lambda: torch.nn.functional.mse_loss(model(inputs), targets)  # noqa: E731
+    for _ in range(graph_.WARMUP_STEPS + 2):
+        first = float(opt.step(closure))
+    inputs.mul_(3.0)
+    with torch.no_grad():
+        expected = float(torch.nn.functional.mse_loss(model(inputs), targets))
+    assert float(opt.step(closure)) == pytest.approx(expected, rel=1e-4) and expected != pytest.approx(first)
+
+
+@cuda
+def test_a_closure_that_syncs_cannot_be_captured_and_leaves_theta():
+    model = _model()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    inputs, targets = _data()
+    closure = lambda: torch.tensor(torch.nn.functional.mse_loss(model(inputs), targets).item(), device=DEVICE)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(graph_.WARMUP_STEPS):
+            opt.step(closure)
+    before = _params(model)
+    with pytest.raises(RuntimeError, match="could not be captured in a CUDA graph"):
+        opt.step(closure)
+    for a, b in zip(before, _params(model), strict=True):
+        assert torch.equal(a, b)

@@ -1,0 +1,111 @@
+"""Pass scalars read from a tensor (zokern._scalars), what a captured CUDA graph's kernels need: every backend, given
+a row, computes exactly what it computes from the same values passed as arguments, whatever the arguments say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DEVICE
+from helpers import backends_for
+from helpers import random_params
+
+from zokern import _scalars
+from zokern import ops
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SIZES = (1, 129, 3000)
+OFFSETS = (5, 2**40 + 3, 2**40 + 3 + 129)  # tensors not consecutive in the stream
+
+
+@pytest.mark.parametrize("backend", backends_for())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", ("gaussian", "rademacher"))
+def test_perturb_reads_the_row(backend, dtype, distribution):
+    truth = dict(seed=2**62 + 17, alpha=3e-3, rounding_seed=2**35 + 1)
+    expected = random_params(SIZES, dtype)
+    ops.perturb_(
+        expected, truth["seed"], truth["alpha"], offsets=OFFSETS, distribution=distribution,
+        rounding="stochastic", rounding_seed=truth["rounding_seed"], backend=backend,
+    )  # fmt: skip
+    got = random_params(SIZES, dtype)
+    row = torch.tensor(_scalars.pack(**truth), device=DEVICE)
+    ops.perturb_(
+        got, 3, -0.5, offsets=OFFSETS, distribution=distribution, rounding="stochastic", rounding_seed=9,
+        backend=backend, scalars=row,
+    )  # fmt: skip
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g), (backend, dtype)
+    assert not torch.equal(got[2], random_params(SIZES, dtype)[2])  # the pass did move the tensors
+
+
+@pytest.mark.parametrize("backend", backends_for())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_on_device", (False, True))
+def test_restore_update_reads_the_row(backend, dtype, grad_on_device):
+    truth = dict(seed=11, alpha=-2e-3, lr=0.05, weight_decay=0.1, seed2=2**61 + 5, alpha2=1e-3, rounding_seed=77)
+    grad = torch.tensor(0.75, device=DEVICE) if grad_on_device else 0.75
+    expected = random_params(SIZES, dtype, seed=1)
+    ops.restore_update_(
+        expected, truth["seed"], truth["alpha"], truth["lr"], grad, weight_decay=truth["weight_decay"],
+        offsets=OFFSETS, next_seed=truth["seed2"], next_alpha=truth["alpha2"], rounding="stochastic",
+        rounding_seed=truth["rounding_seed"], backend=backend,
+    )  # fmt: skip
+    got = random_params(SIZES, dtype, seed=1)
+    row = torch.tensor(_scalars.pack(**truth), device=DEVICE)
+    ops.restore_update_(
+        got, 1, 0.25, 9.0, grad, weight_decay=0.0, offsets=OFFSETS, next_seed=2, next_alpha=0.0,
+        rounding="stochastic", rounding_seed=3, backend=backend, scalars=row,
+    )  # fmt: skip
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g), (backend, dtype)
+
+
+@pytest.mark.parametrize("backend", backends_for())
+def test_rewriting_the_row_changes_the_next_pass(backend):
+    """The same call, the row rewritten in place between two passes: what a graph replay sees."""
+    row = torch.tensor(_scalars.pack(seed=1, alpha=1e-2), device=DEVICE)
+    got = random_params(SIZES, torch.float32, seed=2)
+    expected = [t.clone() for t in got]
+    for seed, alpha in ((1, 1e-2), (2**50, -3e-2)):
+        row.copy_(torch.tensor(_scalars.pack(seed=seed, alpha=alpha)))
+        ops.perturb_(got, 0, 0.0, offsets=OFFSETS, backend=backend, scalars=row)
+        ops.perturb_(expected, seed, alpha, offsets=OFFSETS, backend=backend)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+def test_pack_round_trips_float32_values():
+    row = _scalars.pack(seed=2**63 - 1, alpha=-1e-3, seed2=5, alpha2=3.5, lr=1e-7, weight_decay=0.0, rounding_seed=2)
+    values = _scalars.unpack(torch.tensor(row))
+    assert values["seed"] == 2**63 - 1 and values["seed2"] == 5 and values["rounding_seed"] == 2
+    for name, value in (("alpha", -1e-3), ("alpha2", 3.5), ("lr", 1e-7), ("weight_decay", 0.0)):
+        assert values[name] == torch.tensor(value, dtype=torch.float32).item()
+    assert all(0 <= slot < 2**63 for slot in row)
+
+
+@pytest.mark.parametrize(
+    "scalars, message",
+    [
+        (torch.zeros(8, dtype=torch.int32), "int64 tensor of shape"),
+        (torch.zeros(7, dtype=torch.int64), "int64 tensor of shape"),
+        (torch.zeros(16, dtype=torch.int64)[::2], "int64 tensor of shape"),
+        ([0] * 8, "must be a tensor"),
+    ],
+)
+def test_a_bad_row_is_refused_before_the_pass(scalars, message):
+    tensors = random_params(SIZES, torch.float32)
+    before = [t.clone() for t in tensors]
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.perturb_(tensors, 1, 1e-3, scalars=scalars)
+    for b, t in zip(before, tensors):
+        assert torch.equal(b, t)
+
+
+def test_the_cpu_op_refuses_a_row():
+    """Only the CUDA kernels read a row; the C++ CPU op is given the values by zokern._native."""
+    pytest.importorskip("zokern._C")
+    t = random_params((16,), torch.float32)[0]
+    with pytest.raises(RuntimeError, match="only the CUDA kernels read"):
+        torch.ops.zokern.zo_pass_(
+            [t], [0], 1, 1e-3, 0, 0.0, 0.0, None, False, 0.0, 0, 0.0, False, 0, False, torch.zeros(8, dtype=torch.int64)
+        )
