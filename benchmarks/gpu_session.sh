@@ -2,8 +2,9 @@
 # Everything a lent GPU should tell us, in two device calls (a session's device time is now 15 minutes in all,
 # machine start included, and one call may run 10): run stage 1 first, stage 2 only if time is left.
 #   bash benchmarks/gpu_session.sh 1   build; device correctness (CUDA and Triton backends, the no-sync ZOSGD and LDSD
-#                                      steps, the cross-step merge, LDSD); pass bandwidth; ZO step vs MeZO and AdamW
-#                                      at OPT-1.3B, batch 16 x 256 (issue 5's main target)
+#                                      steps, the cross-step merge, CUDA-graph steps, LDSD); pass bandwidth; ZO step
+#                                      (each mode, graphed included) vs MeZO and AdamW at OPT-1.3B, batch 16 x 256
+#                                      (issue 5's main target)
 #   bash benchmarks/gpu_session.sh 2   OPT-6.7B at batch 1, 16-bit drift, LDSD overhead (full, LoRA), the preference
 #                                      policy step at 1.3B, ZOPrO's kernels, the step plot
 # Each stage builds zokern against the device's torch first (a fresh machine keeps nothing between sessions) and
@@ -20,7 +21,7 @@ python -m zokern info
 case "$stage" in
   1)
     python -m pytest -q -x -p no:cacheprovider tests/test_backends.py tests/test_ops.py tests/test_stream.py \
-      tests/test_device_step.py tests/test_merge.py tests/test_ldsd.py
+      tests/test_device_step.py tests/test_merge.py tests/test_graph.py tests/test_scalars.py tests/test_ldsd.py
     python -m benchmarks.kernels_gpu
     python -m benchmarks.step --model opt-1.3b --batch 16 --seq 256 --backends cuda,triton
     ;;
