@@ -208,10 +208,11 @@ def test_the_step_is_captured_and_replayed_without_host_syncs(backend):
             assert opt._graph.graph is not None
             torch.cuda.set_sync_debug_mode("error")
         try:
-            opt.step(closure)
+            loss = opt.step(closure)
             schedule.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        assert loss.device == inputs.device  # a replay returns the loss where the closure computes it
     for a, b in zip(_params(plain), _params(model), strict=True):
         assert torch.equal(a, b)
     assert opt.trajectory == opt_plain.trajectory

@@ -28,6 +28,7 @@ PASS_SIGNATURE = {
     "grad_value": "fp32",
     "weight_decay": "fp32",
     "rounding_seed": "i64",
+    "scalars_ptr": "*i64",
 }
 FLAGS = ("UPDATE", "GRAD_ON_DEVICE", "SECOND", "STOCHASTIC")
 LDSD_SIGNATURE = {
@@ -59,13 +60,15 @@ def main() -> None:
     out = {}
     for dtype in ("float32", "bfloat16", "float16"):
         for distribution in ("gaussian", "rademacher"):
-            for variant, flags, aligned in (
-                ("aligned", False, True),
-                ("aligned_all_flags", True, True),
-                ("unaligned", True, False),
+            for variant, flags, aligned, scalars in (
+                ("aligned", False, True, False),
+                ("aligned_all_flags", True, True, False),
+                ("aligned_all_flags_device_scalars", True, True, True),  # as a CUDA graph captures it
+                ("unaligned", True, False, False),
             ):
                 constexprs = dict(
                     DTYPE=getattr(tl, dtype),
+                    SCALARS=scalars,
                     RADEMACHER=distribution == "rademacher",
                     ALIGNED=aligned,
                     BLOCK=zo_pass.GPU_BLOCK,

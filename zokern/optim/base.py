@@ -91,6 +91,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
         self._losses: list[float] = []  # the current step's gathered losses, in evaluation order
+        self._loss_device = torch.device("cpu")  # where step() returns the loss: the closure's device
         # Perturbations applied and not yet undone (exact mode: the perturbation the closure sees): seed -> the
         # total coefficient of z(seed) in each group.
         self._displacement: dict[int, list[float]] = {}
@@ -363,10 +364,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         self._require_closure(closure)
         self._settle(wait=False)  # the records of earlier steps whose values have reached the host
-        device = [torch.device("cpu")]
+        self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
         seed = self.new_seed()
         next_seed = seeds_.step_seed(self.base_seed, self.steps_taken) if self.merge_steps else None
-        fields = self._take_step(seed, lambda: self._evaluate(closure, device), next_seed)
+        fields = self._take_step(seed, lambda: self._evaluate(closure), next_seed)
         if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
             fields["claimed"] = self._claimed
         losses = fields.pop("losses", None)
@@ -375,8 +376,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._settle(wait=False)
         loss = fields["loss"]
         if isinstance(loss, torch.Tensor):
-            return loss.to(device[0], torch.float32)
-        return torch.tensor(loss, dtype=torch.float32, device=device[0])
+            return loss.to(self._loss_device, torch.float32)
+        return torch.tensor(loss, dtype=torch.float32, device=self._loss_device)
 
     def _require_closure(self, closure: Closure | None) -> None:
         if closure is None:
@@ -425,7 +426,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._track(seed, lambda group: group["eps"])
         return True
 
-    def _evaluate(self, closure: Closure, device: list[torch.device]) -> torch.Tensor:
+    def _evaluate(self, closure: Closure) -> torch.Tensor:
         """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
         if self._exact_now:
             view = self._perturbed_view()
@@ -440,7 +441,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
-            device[0] = loss.device
+            self._loss_device = loss.device
             if loss.dtype in _SIXTEEN_BIT and not self._warned_16bit_loss:
                 self._warned_16bit_loss = True
                 warnings.warn(

@@ -46,6 +46,7 @@ class StepGraph:
         self.rows: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, Any] = {}
+        self.loss_device = torch.device("cpu")
         self.keep: list[torch.Tensor] = []  # tables the captured kernels read, kept alive while the graph is
         self.uncaptured = 0
         self.side: torch.cuda.Stream | None = None  # where the uncaptured warm-up steps run, as torch advises
@@ -83,6 +84,7 @@ class StepGraph:
         if self.graph is None:
             self._capture(seed, evaluate, chunks)
         self.graph.replay()
+        opt._loss_device = self.loss_device  # what the closure, not called in a replay, would have set
         return dict(self.outputs)
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -187,7 +189,7 @@ class StepGraph:
                 f"zokern: the step could not be captured in a CUDA graph ({type(e).__name__}: {e}). The closure must "
                 "run without host syncs (.item(), data-dependent shapes, prints of tensors); or use cuda_graph=False"
             ) from e
-        self.graph, self.outputs = graph, outputs
+        self.graph, self.outputs, self.loss_device = graph, outputs, self.opt._loss_device
         triton_pass = sys.modules.get("zokern.kernels.zo_pass")
         if triton_pass is not None:
             self.keep = triton_pass.cached_tables()
