@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import random_params
 
 from zokern import _native
+from zokern import ops
 
 if not _native.cpu_available():
     pytest.skip(f"zokern._C is not built: {_native.LOAD_ERROR}", allow_module_level=True)
@@ -100,3 +105,45 @@ def test_opcheck():
     args = _op_args(tensors, update=True, grad_tensor=torch.tensor(0.5), lr=0.01, stochastic=True, rounding_seed=3)
     torch.library.opcheck(torch.ops.zokern.zo_pass_.default, args)
     torch.library.opcheck(torch.ops.zokern.philox_words_.default, (torch.empty(5, 4, dtype=torch.int64), 3, 1, 9))
+
+
+# Every 16-bit value (NaNs, infinities, subnormals, both zeros) perturbed by Rademacher z: the AVX-512 path taken on
+# CPUs that have it against the plain-torch reference, and against the portable loop (ZOKERN_NO_AVX512=1).
+ALPHAS = (1e-3, -3.0, 1e-40, 6e4, 3e38, 1e-38)  # plain; large; subnormal sums; fp16 overflow; bf16 overflow
+ALL_BITS_SCRIPT = f"""
+import sys, torch
+from zokern import ops
+dtype = getattr(torch, sys.argv[1])
+out = []
+for alpha in {ALPHAS}:
+    for offset in (0, 5):  # 5: partial words at both ends of the tensor
+        t = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+        ops.perturb_(t, 123, alpha, offset=offset, distribution="rademacher", backend="cpu")
+        out.append(t.view(torch.int16))
+torch.save(torch.stack(out), sys.argv[2])
+"""
+
+
+def _all_bits(dtype: torch.dtype, path, env) -> torch.Tensor:
+    subprocess.run([sys.executable, "-c", ALL_BITS_SCRIPT, str(dtype).removeprefix("torch."), str(path)], env=env,
+                   check=True, timeout=300)  # fmt: skip
+    return torch.load(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rademacher_perturb_of_every_16_bit_value(dtype, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_NO_AVX512"}
+    vector = _all_bits(dtype, tmp_path / "vector.pt", env)
+    portable = _all_bits(dtype, tmp_path / "portable.pt", dict(env, ZOKERN_NO_AVX512="1"))
+    assert torch.equal(vector, portable)  # NaNs included: both write the canonical NaN
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    nan = torch.isnan(values)
+    k = 0
+    for alpha in ALPHAS:
+        for offset in (0, 5):
+            expected = values.clone()
+            ops.perturb_(expected, 123, alpha, offset=offset, distribution="rademacher", backend="torch")
+            assert torch.equal(vector[k][~nan], expected.view(torch.int16)[~nan]), (alpha, offset)
+            k += 1
+    canonical = {torch.bfloat16: {0x7FC0}, torch.float16: {0x7E00, -0x200}}[dtype]  # fp16 keeps the NaN's sign
+    assert set(vector[:, nan].unique().tolist()) <= canonical

@@ -10,6 +10,7 @@ An automatic choice falls back quietly to the next backend; an explicit request 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -23,6 +24,12 @@ ENV_VAR = "ZOKERN_BACKEND"
 # Automatic preference per device type. On CUDA the C++ kernels come first because they need no JIT warm-up;
 # which of cuda/triton is faster is measured by benchmarks/kernels_gpu.py (see benchmarks/RESULTS.md).
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    # Cached: the module search stats the file system, which cost each pass about 0.1 ms of host time.
+    return importlib.util.find_spec("triton") is not None
 
 
 def _triton_interpreted() -> bool:
@@ -43,7 +50,7 @@ def backend_status() -> dict[str, str]:
         status["cuda"] = "the extension was built without CUDA kernels (torch without CUDA, or nvcc not found)"
     else:
         status["cuda"] = "available"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         status["triton"] = "triton is not installed (pip install triton)"
     elif not (torch.cuda.is_available() or _triton_interpreted()):
         status["triton"] = "no CUDA device visible to torch (set TRITON_INTERPRET=1 to run Triton on the CPU)"

@@ -23,6 +23,7 @@
 #include <zokern/stream.h>
 
 #include "chunk_stream.h"
+#include "rademacher_avx512.h"
 
 namespace zokern {
 
@@ -110,10 +111,33 @@ ZK_INLINE void rademacher_element(typename Format::Storage& d, uint32_t bit1, ui
   d = kStochastic ? Format::round_stochastic(x, s) : Format::round_nearest(x);
 }
 
+// Whole words of a 16-bit perturb pass (no update, second seed or stochastic rounding) with AVX-512 where the CPU has
+// it (rademacher_avx512.h); false: the caller's portable loop does them.
+template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
+bool perturb_words_avx512(typename Format::Storage* data, int64_t base, int64_t first_word, int64_t end_word,
+                          const BlockWords& words, int64_t first_block, const PassScalars& p) {
+#ifdef ZK_AVX512_RADEMACHER
+  if constexpr (!kUpdate && !kSecond && !kStochastic) {
+    if constexpr (std::is_same_v<Format, BFloat16Format>) {
+      if (!avx512::has_bf16_path()) return false;
+      avx512::perturb_words_bf16(data, base, first_word, end_word, words, first_block, p.alpha);
+      return true;
+    } else if constexpr (std::is_same_v<Format, Float16Format>) {
+      if (!avx512::has_fp16_path()) return false;
+      avx512::perturb_words_fp16(data, base, first_word, end_word, words, first_block, p.alpha);
+      return true;
+    }
+  }
+#endif
+  (void)data, (void)base, (void)first_word, (void)end_word, (void)words, (void)first_block, (void)p;
+  return false;
+}
+
 // The Rademacher pass reads its signs straight from the Philox words: the 32 elements of a word share it, and the
 // loop over them takes bit e for element e, so z never goes through a buffer as the Gaussian one does. Its 16-bit
 // passes are bound by the core, not by memory: this, and prefetching two chunks ahead, took the bf16 perturb pass
-// from 31 % to about 40 % of a copy's bandwidth on 2 cores (benchmarks/RESULTS.md).
+// from 31 % to about 40 % of a copy's bandwidth on 2 cores, and the AVX-512 words to about 60 % in bf16 and fp16
+// (benchmarks/RESULTS.md).
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
 ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin, const PassConfig& cfg) {
   alignas(64) uint16_t s[kChunk];
@@ -135,10 +159,15 @@ ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin,
   for (int64_t k = kChunk + 1; k <= std::min(after_this, 2 * kChunk); k += kPerLine) {
     __builtin_prefetch(&data[last - job.base + k], 1);
   }
+  // Whole words [first_full, end_full); no overflow at the stream's last index.
+  const int64_t first_full = (lo >> 5) + ((lo & 31) != 0), end_full = (last >> 5) + ((last & 31) == 31);
+  const bool vectorised = first_full < end_full && perturb_words_avx512<Format, kUpdate, kSecond, kStochastic>(
+                                                       data, job.base, first_full, end_full, words1, first_block, p);
   for (int64_t word = lo >> 5; word <= (last >> 5); ++word) {  // 32 elements per word
     const int64_t b = (word >> 2) - first_block, q = word & 3, w0 = word << 5;
     const uint32_t w1 = words1.w[q][b], w2 = kSecond ? words2.w[q][b] : 0u;
     if (w0 >= lo && w0 + 31 <= last) {
+      if (vectorised) continue;
       for (uint32_t e = 0; e < 32; ++e) {
         rademacher_element<Format, kUpdate, kSecond, kStochastic>(data[w0 + e - job.base], w1 >> e, w2 >> e,
                                                                   kStochastic ? s[w0 + e - chunk_begin] : 0, p);
