@@ -3,7 +3,9 @@
 1. Correctness on the device: the cuda and triton backends against the torch reference (same stream, same pass),
    every dtype, both distributions, every variant, odd sizes, offsets above 2^31.
 2. Bandwidth: each op on OPT-1.3B's parameter shapes (1.316e9 bf16 elements in 388 tensors) as effective GB/s
-   (bytes read + written once) and as a fraction of a device-to-device copy of the same bytes, timed in the same run.
+   (bytes read + written once) and as a fraction of a device-to-device copy of the same bytes, timed in the same run;
+   the perturb pass also on one flat tensor of the same elements (a flat parameter buffer against the per-dtype
+   multi-tensor launch).
    MeZO's per-tensor `torch.normal` pass is timed beside them as the baseline.
 
 Prints a Markdown table and appends it to benchmarks/RESULTS.md with the device, versions, date and command.
@@ -154,6 +156,14 @@ def bench(backends: list[str], n_elements: int | None) -> list[tuple[str, str, s
             for name, op in ops.items():
                 ms = cuda_time_ms(lambda op=op, be=backend, d=distribution: op(be, d), reps=10)[0]
                 rows.append((name, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
+    if len(params) > 1:  # the same elements as one flat buffer: one launch either way, tile table or none
+        flat = torch.randn(numel, device="cuda", dtype=params[0].dtype) * 0.02
+        for backend in backends:
+            for distribution in ("gaussian", "rademacher"):
+                op = lambda be=backend, d=distribution: zokern.perturb_(flat, 1, 1e-3, distribution=d, backend=be)  # noqa: E731
+                ms = cuda_time_ms(op, reps=10)[0]
+                rows.append(("perturb_, one flat tensor", backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
+        del flat
     ms = cuda_time_ms(lambda: mezo_pass(params, 1, 1e-3), reps=5)[0]
     rows.append(("MeZO torch.normal pass (baseline)", "torch", "gaussian", ms, nbytes / ms / 1e6, copy_ms / ms))
     return rows
