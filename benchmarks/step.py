@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib.metadata
 import json
 import platform
@@ -171,6 +172,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
             record(f"zokern ZOSGD {backend} {mode}", lambda t, opt=opt: opt.step(closure))
             opt.materialize()  # a merged run leaves the next perturbation in the weights
             del opt
+            gc.collect()  # a graphed run's memory pool goes with its optimizer: before the next method's peak
     if not args.skip_adamw:
         model.train()
         adamw = torch.optim.AdamW(model.parameters(), lr=1e-7)

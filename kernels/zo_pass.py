@@ -29,7 +29,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # 4 KiB per program on a GPU. The interpreter runs programs one by one in Python, so it gets bigger tiles.
 GPU_BLOCK = 2048
 INTERPRETER_BLOCK = 8192
-_TABLE_CACHE_SIZE = 64
+_TABLE_CACHE_SIZE = 256
 _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 
@@ -214,6 +214,12 @@ def _work_table(
     if table is not None:
         _tables.move_to_end(key)
         return table
+    if tensors[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Its copy to the device would be recorded, not run: the graph would read an unwritten table.
+        raise RuntimeError(
+            f"zokern: a tile table is missing while a CUDA graph is being captured (more than {_TABLE_CACHE_SIZE} "
+            "fused calls since the warm-up?); run the same passes once uncaptured first"
+        )
     rows = []
     for k, (t, base) in enumerate(zip(tensors, bases)):
         first = base - base % 128

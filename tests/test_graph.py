@@ -175,6 +175,15 @@ def test_unsupported_configurations_are_refused(make, message):
         make(_model().parameters())
 
 
+def test_nothing_trainable_steps_as_the_ordinary_step():
+    model = _model().requires_grad_(False)
+    before = _params(model)
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    loss = opt.step(_closure(model))
+    assert math.isfinite(float(loss)) and opt.trajectory[0]["loss"] == pytest.approx(float(loss))
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(model), strict=True))
+
+
 def test_cuda_graph_must_be_a_bool():
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         ZOSGD(_model().parameters(), cuda_graph=1)
@@ -220,16 +229,19 @@ def test_the_step_is_captured_and_replayed_without_host_syncs(backend):
 
 @cuda
 def test_a_new_batch_copied_into_the_static_inputs_is_used():
-    model = _model()
-    opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
-    inputs, targets = _data()
-    closure = lambda: torch.nn.functional.mse_loss(model(inputs), targets)  # noqa: E731
-    for _ in range(graph_.WARMUP_STEPS + 2):
-        first = float(opt.step(closure))
-    inputs.mul_(3.0)
-    with torch.no_grad():
-        expected = float(torch.nn.functional.mse_loss(model(inputs), targets))
-    assert float(opt.step(closure)) == pytest.approx(expected, rel=1e-4) and expected != pytest.approx(first)
+    """Batches copied into the closure's tensors: the replayed step sees each one, as an uncaptured step does."""
+    losses = []
+    for graph in (True, False):
+        model = _model()
+        opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=graph)
+        inputs, targets = _data()
+        closure = lambda m=model, x=inputs, y=targets: torch.nn.functional.mse_loss(m(x), y)  # noqa: E731
+        run = []
+        for step in range(graph_.WARMUP_STEPS + 4):
+            inputs.copy_(_data(seed=10 + step)[0])
+            run.append(float(opt.step(closure)))
+        losses.append(run)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(set(losses[0])) == len(losses[0])
 
 
 @cuda

@@ -109,3 +109,32 @@ def test_the_cpu_op_refuses_a_row():
         torch.ops.zokern.zo_pass_(
             [t], [0], 1, 1e-3, 0, 0.0, 0.0, None, False, 0.0, 0, 0.0, False, 0, False, torch.zeros(8, dtype=torch.int64)
         )
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(seed=-1, alpha=1.0), "seed in a scalars row"),
+        (dict(seed=2**63, alpha=1.0), "seed in a scalars row"),
+        (dict(seed=1, alpha=1e39), "alpha in a scalars row must be finite in float32"),
+        (dict(seed=1, alpha=1.0, lr=float("nan")), "lr in a scalars row"),
+    ],
+)
+def test_pack_refuses_what_no_pass_takes(values, message):
+    with pytest.raises(ValueError, match=message):
+        _scalars.pack(**values)
+
+
+def test_a_row_read_on_the_host_is_validated_before_the_pass():
+    """The torch and C++ CPU backends read the row on the host: a corrupt one is refused, the tensors untouched."""
+    tensors = random_params(SIZES, torch.float32)
+    before = [t.clone() for t in tensors]
+    row = torch.tensor(_scalars.pack(seed=1, alpha=1e-3))
+    row[0] = -5
+    with pytest.raises(ValueError, match="seed in a scalars row"):
+        ops.perturb_(tensors, 1, 1e-3, backend="torch", scalars=row.to(DEVICE))
+    row[0], row[3] = 1, 0x7F800000  # alpha = inf
+    with pytest.raises(ValueError, match="alpha in a scalars row"):
+        ops.perturb_(tensors, 1, 1e-3, backend="torch", scalars=row.to(DEVICE))
+    for b, t in zip(before, tensors):
+        assert torch.equal(b, t)

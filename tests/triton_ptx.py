@@ -75,7 +75,10 @@ def main() -> None:
                     **{name: flags for name in FLAGS},
                 )
                 constexprs["STOCHASTIC"] = flags and dtype != "float32"
-                ptx = compile_ptx(zo_pass._zo_pass_kernel, PASS_SIGNATURE, constexprs)
+                signature = PASS_SIGNATURE
+                if scalars:  # as the graph launches it: placeholder seeds of 0, which Triton types as i32
+                    signature = dict(signature, seed="i32", seed2="i32", rounding_seed="i32")
+                ptx = compile_ptx(zo_pass._zo_pass_kernel, signature, constexprs)
                 out[f"zo_pass_{dtype}_{distribution}_{variant}"] = facts(ptx)
     ptx = compile_ptx(
         zo_pass._philox_words_kernel,

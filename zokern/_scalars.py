@@ -9,6 +9,8 @@ a kernel argument is rounded to float32 the same way), zero-extended.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SLOTS = 8
@@ -25,10 +27,24 @@ def pack(
     weight_decay: float = 0.0,
     rounding_seed: int | None = None,
 ) -> list[int]:
-    """One row: the slots of a pass with these (validated) scalars; unused seeds are 0."""
+    """One row: the slots of a pass with these scalars; unused seeds are 0."""
+    seeds = [_checked_seed(seed), _checked_seed(seed2 or 0), _checked_seed(rounding_seed or 0)]
     floats = torch.tensor([alpha, alpha2, lr, weight_decay], dtype=torch.float64).to(torch.float32)
+    _check_finite(dict(zip(_FLOAT_SLOTS, floats.tolist())))
     bits = floats.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return [seed, seed2 or 0, rounding_seed or 0, *bits.tolist(), 0]
+    return [*seeds, *bits.tolist(), 0]
+
+
+def _checked_seed(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"a seed in a scalars row must be an integer in [0, 2^63), got {value!r}")
+    return value
+
+
+def _check_finite(floats: dict[str, float]) -> None:
+    for name, value in floats.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name} in a scalars row must be finite in float32, got {value}")
 
 
 def unpack(scalars: torch.Tensor) -> dict[str, float | int]:
@@ -58,6 +74,9 @@ def with_values(kwargs: dict, scalars: torch.Tensor | None) -> dict:
     if scalars is None:
         return kwargs
     values = unpack(scalars)
+    for name in ("seed", "seed2", "rounding_seed"):
+        _checked_seed(values[name])
+    _check_finite({name: values[name] for name in _FLOAT_SLOTS})
     out = dict(kwargs, alpha=values["alpha"], seed=values["seed"])
     if kwargs.get("seed2") is not None:
         out.update(seed2=values["seed2"], alpha2=values["alpha2"])

@@ -26,7 +26,9 @@ namespace zokern {
 namespace cpu {
 namespace avx512 {
 
-#define ZK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c")))
+// Each path compiled for exactly the features its run-time check asks for.
+#define ZK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define ZK_AVX512_FP16 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 
 // ZOKERN_NO_AVX512=1 keeps the portable loop on any CPU: what the tests compare these paths against.
 inline bool disabled_by_environment() {
@@ -47,14 +49,14 @@ inline bool has_fp16_path() {
   return ok;
 }
 
-// alpha where the element's sign bit is 0 (z = +1), -alpha where it is 1.
-ZK_AVX512 inline __m512 signed_alpha(__m512i alpha, uint32_t signs16) {
+// alpha where the element's sign bit is 0 (z = +1), -alpha where it is 1. AVX512F only: both paths inline it.
+__attribute__((target("avx512f"))) inline __m512 signed_alpha(__m512i alpha, uint32_t signs16) {
   return _mm512_castsi512_ps(
       _mm512_mask_xor_epi32(alpha, static_cast<__mmask16>(signs16), alpha, _mm512_set1_epi32(INT32_MIN)));
 }
 
 // BFloat16Format::round_nearest on 16 lanes: for the vectors vcvtneps2bf16 would get wrong.
-ZK_AVX512 inline __m256i bf16_round_integer(__m512i u) {
+ZK_AVX512_BF16 inline __m256i bf16_round_integer(__m512i u) {
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   const __mmask16 nan =
@@ -65,7 +67,7 @@ ZK_AVX512 inline __m256i bf16_round_integer(__m512i u) {
 // Words [first_word, end_word) of the tensor whose element for global index i is at data + i - base; the word's
 // sign bits come from words.w[word & 3][(word >> 2) - first_block], as in process_chunk_rademacher. A word is two
 // vectors of 16; the rare word with a special sum takes the exact fallback for both.
-ZK_AVX512 inline void perturb_words_bf16(uint16_t* data, int64_t base, int64_t first_word, int64_t end_word,
+ZK_AVX512_BF16 inline void perturb_words_bf16(uint16_t* data, int64_t base, int64_t first_word, int64_t end_word,
                                          const BlockWords& words, int64_t first_block, float alpha) {
   const __m512i a = _mm512_set1_epi32(static_cast<int>(float_bits(alpha)));
   constexpr int kSpecial = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, subnormal, signalling NaN
@@ -88,13 +90,13 @@ ZK_AVX512 inline void perturb_words_bf16(uint16_t* data, int64_t base, int64_t f
 }
 
 // NaN lanes of the rounded y as Float16Format::round_nearest writes them: the NaN's sign | 0x7E00.
-ZK_AVX512 inline __m256i fp16_canonical_nans(__m512 y, __m256i rounded) {
+ZK_AVX512_FP16 inline __m256i fp16_canonical_nans(__m512 y, __m256i rounded) {
   const __mmask16 nan = _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
   const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(y), 16), _mm512_set1_epi32(0x8000));
   return _mm256_mask_blend_epi16(nan, rounded, _mm512_cvtepi32_epi16(_mm512_or_si512(sign, _mm512_set1_epi32(0x7E00))));
 }
 
-ZK_AVX512 inline void perturb_words_fp16(uint16_t* data, int64_t base, int64_t first_word, int64_t end_word,
+ZK_AVX512_FP16 inline void perturb_words_fp16(uint16_t* data, int64_t base, int64_t first_word, int64_t end_word,
                                          const BlockWords& words, int64_t first_block, float alpha) {
   const __m512i a = _mm512_set1_epi32(static_cast<int>(float_bits(alpha)));
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -113,7 +115,8 @@ ZK_AVX512 inline void perturb_words_fp16(uint16_t* data, int64_t base, int64_t f
   }
 }
 
-#undef ZK_AVX512
+#undef ZK_AVX512_BF16
+#undef ZK_AVX512_FP16
 
 }  // namespace avx512
 }  // namespace cpu

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,6 @@ import torch
 from zokern import _scalars
 from zokern import ops
 from zokern._dispatch import select_backend
-from zokern._transfer import to_device
 from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
 
@@ -37,10 +37,11 @@ WARMUP_STEPS = 2
 
 
 class StepGraph:
-    """The captured step of one ZOSGD, for one closure and layout."""
+    """The captured step of one ZOSGD, for one closure and layout. Holds the optimizer weakly: the graph's memory
+    pool (the forwards' activations) goes with the optimizer, without waiting for the garbage collector."""
 
     def __init__(self, optimizer) -> None:
-        self.opt = optimizer
+        self._optimizer = weakref.ref(optimizer)
         self.key: tuple | None = None
         self.closure: Callable[[], Any] | None = None  # held so that id(closure) in the key stays unique
         self.rows: torch.Tensor | None = None
@@ -49,13 +50,20 @@ class StepGraph:
         self.loss_device = torch.device("cpu")
         self.keep: list[torch.Tensor] = []  # tables the captured kernels read, kept alive while the graph is
         self.uncaptured = 0
-        self.side: torch.cuda.Stream | None = None  # where the uncaptured warm-up steps run, as torch advises
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}  # warm-up and capture streams, per device
         self._warned_new_closure = False
+
+    @property
+    def opt(self):
+        return self._optimizer()
 
     def run(self, seed: int, evaluate: Callable[[], Any], closure: Callable[[], Any]) -> dict[str, Any]:
         """One step (the record's fields, device tensors): uncaptured during warm-up, then replayed."""
         opt = self.opt
         chunks = opt._device_chunks()
+        if not chunks:  # nothing trainable: the losses only, as the ordinary step
+            self.rows = torch.zeros((0, _scalars.SLOTS), dtype=torch.int64)
+            return self._passes(seed, evaluate, chunks)
         device = self._check(chunks)
         key = self._key(closure, chunks)
         if key != self.key:
@@ -70,22 +78,36 @@ class StepGraph:
                 )
             self.key, self.closure, self.graph, self.keep, self.uncaptured = key, closure, None, [], 0
             self.rows = torch.zeros((len(self._plan(seed, chunks)), _scalars.SLOTS), dtype=torch.int64, device=device)
-        self.rows.copy_(to_device(self._plan(seed, chunks), device, torch.int64), non_blocking=True)
+        host = torch.tensor(self._plan(seed, chunks), dtype=torch.int64)
         if device.type != "cuda":
+            self.rows.copy_(host)
             return self._passes(seed, evaluate, chunks)
-        if self.graph is None and self.uncaptured < WARMUP_STEPS:
-            self.uncaptured += 1
-            self.side = self.side or torch.cuda.Stream(device)
-            self.side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self.side):
-                fields = self._passes(seed, evaluate, chunks)
-            torch.cuda.current_stream(device).wait_stream(self.side)
-            return fields
-        if self.graph is None:
-            self._capture(seed, evaluate, chunks)
-        self.graph.replay()
+        with torch.cuda.device(device):  # streams and the capture on the parameters' GPU, whichever is current
+            # Pinned, so that the copy is asynchronous; the caching host allocator keeps it until the copy has run.
+            self.rows.copy_(host.pin_memory(), non_blocking=True)
+            if self.graph is None and self.uncaptured < WARMUP_STEPS:
+                self.uncaptured += 1
+                return self._warm_up(seed, evaluate, chunks, device)
+            if self.graph is None:
+                self._capture(seed, evaluate, chunks, device)
+            self.graph.replay()
         opt._loss_device = self.loss_device  # what the closure, not called in a replay, would have set
         return dict(self.outputs)
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
+    def _warm_up(self, seed: int, evaluate: Callable[[], Any], chunks: list, device: torch.device) -> dict[str, Any]:
+        """An uncaptured step on a side stream, as torch advises before a capture."""
+        ambient, side = torch.cuda.current_stream(device), self._stream(device)
+        side.wait_stream(ambient)
+        try:
+            with torch.cuda.stream(side):
+                return self._passes(seed, evaluate, chunks)
+        finally:  # also after an exception: the undo passes that follow must come after the step's passes
+            ambient.wait_stream(side)
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -116,13 +138,15 @@ class StepGraph:
 
     def _key(self, closure: Callable[[], Any], chunks: list) -> tuple:
         """What a captured graph holds fixed: the closure, the tensors and offsets of each fused call, each group's
-        eps (g = d / eps is computed inside the graph) and the pass options."""
+        eps (g = d / eps is computed inside the graph), the pass options, and where every parameter of the optimizer
+        lives (the closure reads the frozen ones too: one given new storage must not be read at its old address)."""
         opt = self.opt
         layout = tuple(
             (index, group["eps"], tuple((p.data_ptr(), p.dtype, p.numel()) for p in params), tuple(offsets))
             for index, group, params, offsets in chunks
         )
-        return id(closure), layout, opt.one_sided, opt.rounding, opt.distribution, opt.backend
+        storage = tuple(p.data_ptr() for group in opt.param_groups for p in group["params"])
+        return id(closure), layout, storage, opt.one_sided, opt.rounding, opt.distribution, opt.backend
 
     def _plan(self, seed: int, chunks: list) -> list[list[int]]:
         """The rows of one step, in launch order: +eps per fused call, then (two-sided) -2 eps, then the
@@ -176,20 +200,31 @@ class StepGraph:
         assert next(rows, None) is None  # every row of the plan was read
         return fields
 
-    def _capture(self, seed: int, evaluate: Callable[[], Any], chunks: list) -> None:
-        """Record the step's kernels (none runs: the parameters are untouched whatever happens)."""
+    def _capture(self, seed: int, evaluate: Callable[[], Any], chunks: list, device: torch.device) -> None:
+        """Record the step's kernels. None runs: whatever happens, the parameters are untouched, so the perturbations
+        tracked while recording are forgotten unless the capture succeeds (then the replay applies them)."""
+        opt = self.opt
         graph = torch.cuda.CUDAGraph()
+        captured = False
         try:
-            with torch.cuda.graph(graph):
-                outputs = self._passes(seed, evaluate, chunks)
-        except Exception as e:
-            self.opt._displacement.clear()  # tracked during the capture, never applied
-            self.key = None
+            # The outer stream context puts the ambient stream back even when a failed capture's end raises
+            # before torch.cuda.graph restores it.
+            with torch.cuda.stream(torch.cuda.current_stream(device)):
+                with torch.cuda.graph(graph, stream=self._stream(device), capture_error_mode="thread_local"):
+                    outputs = self._passes(seed, evaluate, chunks)
+            captured = True
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
             raise RuntimeError(
-                f"zokern: the step could not be captured in a CUDA graph ({type(e).__name__}: {e}). The closure must "
-                "run without host syncs (.item(), data-dependent shapes, prints of tensors); or use cuda_graph=False"
+                f"zokern: the step could not be captured in a CUDA graph ({e}). The closure must run without host "
+                "syncs (.item(), data-dependent shapes, prints of tensors); or use cuda_graph=False"
             ) from e
-        self.graph, self.outputs, self.loss_device = graph, outputs, self.opt._loss_device
+        finally:
+            if not captured:
+                opt._displacement.clear()
+                self.key = None
+        self.graph, self.outputs, self.loss_device = graph, outputs, opt._loss_device
         triton_pass = sys.modules.get("zokern.kernels.zo_pass")
         if triton_pass is not None:
             self.keep = triton_pass.cached_tables()
