@@ -259,3 +259,63 @@ def test_a_closure_that_syncs_cannot_be_captured_and_leaves_theta():
         opt.step(closure)
     for a, b in zip(before, _params(model), strict=True):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------- a capture's failure modes
+# CUDA graphs need a GPU; the capture's error handling does not. torch.cuda's graph and stream objects are replaced
+# by stand-ins that record nothing, so that StepGraph._capture runs its bookkeeping on the CPU.
+
+
+class _FakeGraph:
+    def replay(self):
+        raise AssertionError("a failed capture must not be replayed")
+
+
+@pytest.fixture
+def fake_capture(monkeypatch):
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(graph_.StepGraph, "_stream", lambda self, device: None)
+
+
+@pytest.mark.parametrize(
+    "error, raised",
+    [
+        (RuntimeError("operation not permitted when stream is capturing"), RuntimeError),
+        (KeyError("closure bug"), KeyError),
+        (KeyboardInterrupt(), KeyboardInterrupt),
+    ],
+)
+def test_a_failed_capture_forgets_what_it_tracked(fake_capture, error, raised):
+    """Nothing runs during a capture, so a failure must not leave perturbations to undo (they would move theta)."""
+    model = _model()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    step_graph = opt._graph
+    step_graph.key = ("some key",)
+
+    def passes(seed, evaluate, chunks):
+        opt._track(seed, lambda group: group["eps"])  # what the +eps pass records before the closure fails
+        raise error
+
+    step_graph._passes = passes
+    with pytest.raises(raised) as info:
+        step_graph._capture(1, lambda: None, opt._device_chunks(), torch.device("cpu"))
+    assert opt._displacement == {} and step_graph.key is None and step_graph.graph is None
+    if raised is RuntimeError:
+        assert "could not be captured in a CUDA graph" in str(info.value)
+    else:
+        assert info.value is error  # not wrapped: a closure's own error keeps its type
+
+
+def test_a_successful_capture_keeps_the_graph_and_its_outputs(fake_capture):
+    model = _model()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    step_graph = opt._graph
+    outputs = dict(loss=torch.tensor(1.0))
+    step_graph._passes = lambda seed, evaluate, chunks: outputs
+    step_graph._capture(1, lambda: None, opt._device_chunks(), torch.device("cpu"))
+    assert isinstance(step_graph.graph, _FakeGraph) and step_graph.outputs is outputs
