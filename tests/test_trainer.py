@@ -142,6 +142,44 @@ def test_merged_steps_evaluate_and_checkpoint_the_true_parameters(tmp_path):
         torch.testing.assert_close(merged[name], plain[name], atol=1e-5, rtol=0)
 
 
+def test_a_graph_capturing_optimizer_gets_one_closure_over_static_inputs(tmp_path, monkeypatch):
+    """cuda_graph=True: the windows are copied into tensors one closure reads (what a capture replays); the steps
+    equal those of the ordinary closures (on the CPU the graph's passes run uncaptured)."""
+    closures = []
+    step = ZOSGD.step
+    monkeypatch.setattr(ZOSGD, "step", lambda self, closure=None: closures.append(closure) or step(self, closure))
+    models = []
+    for graph in (False, True):
+        model = tiny_opt()
+        trainer = ZOTrainer(
+            model=model,
+            args=arguments(tmp_path / str(graph), max_steps=3),
+            train_dataset=TokenDataset(16),
+            zo_optimizer_kwargs=dict(seed=1, perturbation="inplace", cuda_graph=graph),
+        )
+        trainer.train()
+        models.append(model)
+    assert len({id(c) for c in closures[:3]}) == 3 and len({id(c) for c in closures[3:]}) == 1
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_window_of_other_shapes_gets_new_static_inputs():
+    from zokern.integrations.transformers import _StaticWindow
+
+    def window(n):
+        return [{"input_ids": torch.randint(0, 64, (2, n)), "labels": torch.randint(0, 64, (2, n))}]
+
+    model = torch.nn.Linear(1, 1)
+    first = window(8)
+    static = _StaticWindow(first, model, lambda m, w: lambda: w)
+    assert static.closure() is static.window and static.window[0]["input_ids"] is not first[0]["input_ids"]
+    second = window(8)
+    assert static.fits(second, model) and not static.fits(window(9), model) and not static.fits(second, torch.nn.ReLU())
+    static.load(second)
+    assert torch.equal(static.window[0]["input_ids"], second[0]["input_ids"])
+
+
 def test_bf16_model_trains(tmp_path):
     model = tiny_opt(torch.bfloat16)
     before = [p.detach().clone() for p in model.parameters()]

@@ -52,6 +52,10 @@ class ZOTrainer(Trainer):
     ``args.gradient_accumulation_steps`` = k makes one ZO step per k micro-batches, all evaluated under the same
     perturbation. The forwards run with the model in eval mode (dropout off): a ZO estimate compares two losses of
     the same function. The logged training loss is the steps' mean loss, as the optimizer's ``step`` returns it.
+
+    With ``zo_optimizer_kwargs={"cuda_graph": True, ...}`` each window is copied into static input tensors that one
+    closure reads, so that the step is captured once and replayed; a window of other shapes (pad to a fixed length:
+    ``padding="max_length"``) gets new tensors and a new closure, which is captured anew.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class ZOTrainer(Trainer):
         self._zo_cls = zo_optimizer_cls
         self._zo_kwargs = dict(zo_optimizer_kwargs or {})
         self._window: list[dict[str, Any]] = []
+        self._static: _StaticWindow | None = None  # with a graph-capturing optimizer: the inputs its closure reads
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -105,14 +110,52 @@ class ZOTrainer(Trainer):
         was_training = model.training
         model.eval()
         try:
-
-            def closure() -> torch.Tensor:
-                with self.compute_loss_context_manager():
-                    # A copy per call: compute_loss may pop keys (labels) from the dict it is given.
-                    losses = [self.compute_loss(model, dict(batch)).detach().float() for batch in window]
-                return torch.stack(losses).mean()
-
+            if getattr(self.zo_optimizer, "cuda_graph", False):
+                if self._static is None or not self._static.fits(window, model):
+                    self._static = _StaticWindow(window, model, self._window_closure)
+                self._static.load(window)
+                closure = self._static.closure
+            else:
+                closure = self._window_closure(model, window)
             loss = self.zo_optimizer.step(closure)
         finally:
             model.train(was_training)
         return loss.to(self.args.device)
+
+    def _window_closure(self, model, window: list[dict[str, Any]]):
+        def closure() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                # A copy per call: compute_loss may pop keys (labels) from the dict it is given.
+                losses = [self.compute_loss(model, dict(batch)).detach().float() for batch in window]
+            return torch.stack(losses).mean()
+
+        return closure
+
+
+class _StaticWindow:
+    """Input tensors that stay the same objects from window to window, and the one closure that reads them: what a
+    captured step replays. A window fits when its structure, shapes, dtypes, devices and non-tensor values match."""
+
+    def __init__(self, window: list[dict[str, Any]], model, make_closure) -> None:
+        self.signature = _signature(window)
+        self.model = model
+        self.window = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in window]
+        self.closure = make_closure(model, self.window)
+
+    def fits(self, window: list[dict[str, Any]], model) -> bool:
+        return model is self.model and _signature(window) == self.signature
+
+    def load(self, window: list[dict[str, Any]]) -> None:
+        for static, batch in zip(self.window, window):
+            for key, value in batch.items():
+                if isinstance(value, torch.Tensor):
+                    static[key].copy_(value)
+
+
+def _signature(window: list[dict[str, Any]]) -> tuple:
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device)
+        return ("value", value)
+
+    return tuple(tuple((key, describe(value)) for key, value in batch.items()) for batch in window)
