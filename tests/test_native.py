@@ -107,8 +107,44 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.zokern.philox_words_.default, (torch.empty(5, 4, dtype=torch.int64), 3, 1, 9))
 
 
-# Every 16-bit value (NaNs, infinities, subnormals, both zeros) perturbed by Rademacher z: the AVX-512 path taken on
-# CPUs that have it against the plain-torch reference, and against the portable loop (ZOKERN_NO_AVX512=1).
+# The hand-written AVX-512 paths (taken on CPUs that have the instructions) against the portable loops, which
+# ZOKERN_NO_AVX512=1 selects: the same script in two processes, compared bit for bit.
+
+
+def _script_output(script: str, args: list[str], path, no_avx512: bool) -> torch.Tensor:
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_NO_AVX512"}
+    if no_avx512:
+        env["ZOKERN_NO_AVX512"] = "1"
+    subprocess.run([sys.executable, "-c", script, *args, str(path)], env=env, check=True, timeout=300)
+    return torch.load(path)
+
+
+PASSES_SCRIPT = """
+import sys, torch
+from zokern import ops
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    # Block counters that carry into their high word: Gaussian and rounding blocks hold 8 indices, so 2^35.
+    for offset in (13, 2**35 - 4000, 2**40 + 3):
+        t = (torch.randn(9000, generator=torch.Generator().manual_seed(offset % 97)) * 0.02).to(dtype)
+        ops.perturb_(t, 7, 1e-3, offset=offset, backend="cpu")
+        ops.perturb_(t, 8, -1e-3, offset=offset, rounding="stochastic", rounding_seed=9, backend="cpu")
+        ops.restore_update_(t, 7, -1e-3, 1e-2, 0.5, weight_decay=0.1, offset=offset, next_seed=11,
+                            next_alpha=2e-3, rounding="stochastic", rounding_seed=2**62 + 1, backend="cpu")
+        ops.two_seed_(t, 3, 1e-3, 4, -2e-3, offset=offset, distribution="rademacher", backend="cpu")
+        out.append(t.float())
+torch.save(torch.stack(out), sys.argv[1])
+"""
+
+
+def test_gaussian_and_rounding_streams_equal_the_portable_philox(tmp_path):
+    vector = _script_output(PASSES_SCRIPT, [], tmp_path / "vector.pt", no_avx512=False)
+    portable = _script_output(PASSES_SCRIPT, [], tmp_path / "portable.pt", no_avx512=True)
+    assert torch.equal(vector, portable)
+
+
+# Every 16-bit value (NaNs, infinities, subnormals, both zeros) perturbed by Rademacher z, against the portable loop
+# and the plain-torch reference.
 ALPHAS = (1e-3, -3.0, 1e-40, 6e4, 3e38, 1e-38)  # plain; large; subnormal sums; fp16 overflow; bf16 overflow
 ALL_BITS_SCRIPT = f"""
 import sys, torch
@@ -124,17 +160,11 @@ torch.save(torch.stack(out), sys.argv[2])
 """
 
 
-def _all_bits(dtype: torch.dtype, path, env) -> torch.Tensor:
-    subprocess.run([sys.executable, "-c", ALL_BITS_SCRIPT, str(dtype).removeprefix("torch."), str(path)], env=env,
-                   check=True, timeout=300)  # fmt: skip
-    return torch.load(path)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_rademacher_perturb_of_every_16_bit_value(dtype, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_NO_AVX512"}
-    vector = _all_bits(dtype, tmp_path / "vector.pt", env)
-    portable = _all_bits(dtype, tmp_path / "portable.pt", dict(env, ZOKERN_NO_AVX512="1"))
+    name = [str(dtype).removeprefix("torch.")]
+    vector = _script_output(ALL_BITS_SCRIPT, name, tmp_path / "vector.pt", no_avx512=False)
+    portable = _script_output(ALL_BITS_SCRIPT, name, tmp_path / "portable.pt", no_avx512=True)
     assert torch.equal(vector, portable)  # NaNs included: both write the canonical NaN
     values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     nan = torch.isnan(values)

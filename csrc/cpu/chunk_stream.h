@@ -53,10 +53,79 @@ struct BlockWords {
   alignas(64) uint32_t w[4][kMaxBlocks];
 };
 
+// Hand-written AVX-512 paths (here and in rademacher_avx512.h), picked at run time on CPUs that have the
+// instructions; ZOKERN_NO_AVX512=1 keeps the portable loops on any CPU: what the tests compare them against.
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define ZK_AVX512_PATHS 1
+#include <immintrin.h>
+
+#include <cstdlib>
+
+inline bool avx512_disabled_by_environment() {
+  const char* v = std::getenv("ZOKERN_NO_AVX512");
+  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
+}
+
+inline bool has_avx512_philox() {
+  static const bool ok = !avx512_disabled_by_environment() && __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+// The high and low halves of the 32x32-bit products a * m in 16 lanes: vpmuludq multiplies the even lanes, so the
+// odd ones are shifted down first.
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// philox_blocks 16 blocks at a time: 2.3 x the compiler-vectorised x86-64-v4 loop on 128 blocks (240 vs 559 ns,
+// measured standalone), which the vectoriser spends on 64-bit multiplies and shuffles. Same words (tests compare).
+__attribute__((target("avx512f"))) inline void philox_blocks_avx512(uint32_t k0, uint32_t k1, uint32_t domain,
+                                                                    uint32_t n_lo, uint32_t n_hi, int64_t count,
+                                                                    BlockWords& out) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t b = 0; b < count; b += 16) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(n_lo + static_cast<uint32_t>(b))), lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, _mm512_set1_epi32(static_cast<int>(n_lo)));
+    const __m512i hi_word = _mm512_set1_epi32(static_cast<int>(n_hi));
+    __m512i c1 = _mm512_mask_add_epi32(hi_word, carry, hi_word, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(domain)), c3 = _mm512_setzero_si512();
+    uint32_t key0 = k0, key1 = k1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, hi0, lo0);
+      mulhilo16(c2, m1, hi1, lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(key0)), 0x96);  // three-way xor
+      c1 = lo1;
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(key1)), 0x96);
+      c3 = lo0;
+      key0 += kPhiloxW0;
+      key1 += kPhiloxW1;
+    }
+    const __mmask16 keep = count - b >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (count - b)) - 1);
+    _mm512_mask_storeu_epi32(out.w[0] + b, keep, c0);
+    _mm512_mask_storeu_epi32(out.w[1] + b, keep, c1);
+    _mm512_mask_storeu_epi32(out.w[2] + b, keep, c2);
+    _mm512_mask_storeu_epi32(out.w[3] + b, keep, c3);
+  }
+}
+#endif
+
 ZK_INLINE void philox_blocks(uint64_t seed, uint32_t domain, uint64_t first, int64_t count, BlockWords& out) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   // 32-bit counter arithmetic (with the carry) keeps the loop in 32-bit lanes.
   const uint32_t n_lo = static_cast<uint32_t>(first), n_hi = static_cast<uint32_t>(first >> 32);
+#ifdef ZK_AVX512_PATHS
+  if (count >= 16 && has_avx512_philox()) {  // fewer: one half-empty vector gains nothing (latency-bound rounds)
+    philox_blocks_avx512(k0, k1, domain, n_lo, n_hi, count, out);
+    return;
+  }
+#endif
   for (int32_t b = 0; b < static_cast<int32_t>(count); ++b) {
     const uint32_t c0 = n_lo + static_cast<uint32_t>(b);
     const uint32_t c1 = n_hi + (c0 < n_lo ? 1u : 0u);

@@ -4,7 +4,7 @@
 // Why: the portable loop's 16-bit passes are bound by the core, not by memory (benchmarks/RESULTS.md): widening,
 // z from a sign bit and rounding cost about twenty vector operations per 16 elements in float16. Here a word's 32
 // sign bits are two mask registers that flip alpha's sign, and the conversions are single instructions:
-// vcvtph2ps/vcvtps2ph for float16, vcvtneps2bf16 for bfloat16. They give the portable loop's bits, checked
+// vcvtph2ps/vcvtps2ph for float16, vcvtne2ps2bf16 for bfloat16. They give the portable loop's bits, checked
 // exhaustively (all 2^32 floats, all 2^16 halves; zeros and infinities included) with one exception each, handled
 // here:
 // - vcvtne2ps2bf16 treats subnormal inputs as zero and quiets NaNs keeping their payload: a word holding a subnormal
@@ -14,13 +14,10 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "chunk_stream.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define ZK_AVX512_RADEMACHER 1
-#include <immintrin.h>
+#ifdef ZK_AVX512_PATHS
 
 namespace zokern {
 namespace cpu {
@@ -30,21 +27,15 @@ namespace avx512 {
 #define ZK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define ZK_AVX512_FP16 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 
-// ZOKERN_NO_AVX512=1 keeps the portable loop on any CPU: what the tests compare these paths against.
-inline bool disabled_by_environment() {
-  const char* v = std::getenv("ZOKERN_NO_AVX512");
-  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
-}
-
 inline bool has_bf16_path() {
-  static const bool ok = !disabled_by_environment() && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = !avx512_disabled_by_environment() && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                          __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
 inline bool has_fp16_path() {
-  static const bool ok = !disabled_by_environment() && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = !avx512_disabled_by_environment() && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
   return ok;
 }

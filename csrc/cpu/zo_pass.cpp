@@ -116,7 +116,7 @@ ZK_INLINE void rademacher_element(typename Format::Storage& d, uint32_t bit1, ui
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
 bool perturb_words_avx512(typename Format::Storage* data, int64_t base, int64_t first_word, int64_t end_word,
                           const BlockWords& words, int64_t first_block, const PassScalars& p) {
-#ifdef ZK_AVX512_RADEMACHER
+#ifdef ZK_AVX512_PATHS
   if constexpr (!kUpdate && !kSecond && !kStochastic) {
     if constexpr (std::is_same_v<Format, BFloat16Format>) {
       if (!avx512::has_bf16_path()) return false;
