@@ -104,7 +104,7 @@ def test_a_bad_row_is_refused_before_the_pass(scalars, message):
 def test_the_cpu_op_refuses_a_row():
     """Only the CUDA kernels read a row; the C++ CPU op is given the values by zokern._native."""
     pytest.importorskip("zokern._C")
-    t = random_params((16,), torch.float32)[0]
+    t = random_params((16,), torch.float32, "cpu")[0]
     with pytest.raises(RuntimeError, match="only the CUDA kernels read"):
         torch.ops.zokern.zo_pass_(
             [t], [0], 1, 1e-3, 0, 0.0, 0.0, None, False, 0.0, 0, 0.0, False, 0, False, torch.zeros(8, dtype=torch.int64)
