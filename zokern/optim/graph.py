@@ -8,8 +8,9 @@ instead of hundreds of kernel launches from Python, which matters when a forward
 What changes from step to step reaches the captured kernels through device memory, written before each replay
 (an asynchronous copy, no sync): each pass reads its seed, coefficients, learning rate, weight decay and rounding
 seed from its row of ``zokern._scalars``. The projected gradient is computed on the device inside the graph. A replayed
-step therefore equals the uncaptured step bit for bit, lr schedules included; a change of eps, of the parameters'
-layout or of the closure object captures anew.
+step therefore runs the uncaptured step's passes with the same values, lr schedules included (bit for bit given the
+same losses; the forwards are captured kernels too, which cuBLAS may choose differently inside a capture); a change
+of eps, of the parameters' layout or storage, or of the closure object captures anew.
 
 The closure is replayed as captured: it must read its inputs from the same tensors every step (copy each batch into
 them) and must not sync with the host (no ``.item()``, no data-dependent shapes). On the CPU there is nothing to
