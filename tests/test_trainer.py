@@ -165,19 +165,77 @@ def test_a_graph_capturing_optimizer_gets_one_closure_over_static_inputs(tmp_pat
 
 
 def test_a_window_of_other_shapes_gets_new_static_inputs():
+    from zokern.integrations.transformers import _signature
     from zokern.integrations.transformers import _StaticWindow
 
-    def window(n):
-        return [{"input_ids": torch.randint(0, 64, (2, n)), "labels": torch.randint(0, 64, (2, n))}]
+    def window(n, dtype=torch.int64, **extra):
+        return [{"input_ids": torch.randint(0, 64, (2, n)).to(dtype), "labels": torch.randint(0, 64, (2, n)), **extra}]
 
     model = torch.nn.Linear(1, 1)
     first = window(8)
-    static = _StaticWindow(first, model, lambda m, w: lambda: w)
+    static = _StaticWindow(first, _signature(first), model, lambda m, w: lambda: w)
     assert static.closure() is static.window and static.window[0]["input_ids"] is not first[0]["input_ids"]
     second = window(8)
-    assert static.fits(second, model) and not static.fits(window(9), model) and not static.fits(second, torch.nn.ReLU())
+    assert static.fits(_signature(second), model)
     static.load(second)
     assert torch.equal(static.window[0]["input_ids"], second[0]["input_ids"])
+    assert not static.fits(_signature(second), torch.nn.ReLU())
+    for other in (
+        window(9),  # shape
+        window(8, torch.int32),  # dtype: copy_ would cast silently
+        [{"input_ids": second[0]["input_ids"]}],  # a key missing: its static value would be stale
+        window(8, flag=True),  # a key more
+    ):
+        assert not static.fits(_signature(other), model)
+    assert _signature(window(8, scale=float("nan"))) == _signature(window(8, scale=float("nan")))
+    for unsupported in ([1, 2], torch.eye(2).to_sparse(), {"a": torch.ones(2)}):
+        assert _signature(window(8, extra=unsupported)) is None  # steps run uncaptured, with a warning
+
+
+def test_shapes_that_keep_changing_are_reported(tmp_path):
+    model = tiny_opt()
+    trainer = ZOTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(4))
+    closures = []
+    with pytest.warns(UserWarning, match="keep changing shape"):
+        for n in (8, 9, 10, 11, 12):
+            ids = torch.randint(0, 64, (2, n))
+            closures.append(trainer._static_closure(model, [{"input_ids": ids, "labels": ids}]))
+    assert len({id(c) for c in closures}) == 5
+    ids = torch.randint(0, 64, (2, 12))
+    assert trainer._static_closure(model, [{"input_ids": ids, "labels": ids}]) is closures[-1]
+
+
+@pytest.mark.filterwarnings("ignore:zokern. cuda_graph=True and step")
+def test_batches_that_static_inputs_cannot_hold_train_uncaptured_with_a_warning(tmp_path):
+    class WithAList(TokenDataset):
+        def __getitem__(self, k):
+            return dict(super().__getitem__(k), note=[k])
+
+    def collate(items):
+        return {
+            "input_ids": torch.stack([i["input_ids"] for i in items]),
+            "labels": torch.stack([i["labels"] for i in items]),
+            "note": [i["note"] for i in items],
+        }
+
+    class Model(torch.nn.Module):  # ignores the extra key
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_opt()
+
+        def forward(self, input_ids, labels, note):
+            return self.inner(input_ids=input_ids, labels=labels)
+
+    trainer = ZOTrainer(
+        model=Model(),
+        args=arguments(tmp_path, max_steps=2, remove_unused_columns=False),
+        train_dataset=WithAList(8),
+        data_collator=collate,
+        zo_optimizer_kwargs=dict(seed=1, perturbation="inplace", cuda_graph=True),
+    )
+    with pytest.warns(UserWarning, match="cannot copy this batch into static inputs"):
+        trainer.train()
+    assert len(trainer.zo_optimizer.trajectory) == 2
 
 
 def test_bf16_model_trains(tmp_path):

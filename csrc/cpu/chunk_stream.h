@@ -8,10 +8,18 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
 #include <zokern/stream.h>
+
+// Hand-written AVX-512 paths (here and in rademacher_avx512.h), picked at run time on CPUs that have the
+// instructions; ZOKERN_NO_AVX512=1 keeps the portable loops on any CPU: what the tests compare them against.
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define ZK_AVX512_PATHS 1
+#include <immintrin.h>
+#endif
 
 namespace zokern {
 namespace cpu {
@@ -53,14 +61,7 @@ struct BlockWords {
   alignas(64) uint32_t w[4][kMaxBlocks];
 };
 
-// Hand-written AVX-512 paths (here and in rademacher_avx512.h), picked at run time on CPUs that have the
-// instructions; ZOKERN_NO_AVX512=1 keeps the portable loops on any CPU: what the tests compare them against.
-#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define ZK_AVX512_PATHS 1
-#include <immintrin.h>
-
-#include <cstdlib>
-
+#ifdef ZK_AVX512_PATHS
 inline bool avx512_disabled_by_environment() {
   const char* v = std::getenv("ZOKERN_NO_AVX512");
   return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');

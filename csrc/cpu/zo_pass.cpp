@@ -248,11 +248,16 @@ void philox_words_cpu(const at::Tensor& out, int64_t seed, int64_t domain, int64
   check_philox_inputs(out, seed, domain, first_block);
   TORCH_CHECK(out.device().is_cpu(), "philox_words_: out is on ", out.device(), ", expected cpu");
   int64_t* words = out.mutable_data_ptr<int64_t>();
+  // Through the passes' batch generator (at any first block: its counter carries are tested here).
   at::parallel_for(0, out.size(0), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const Philox4 r = philox_block(static_cast<uint64_t>(seed), static_cast<uint64_t>(first_block + b),
-                                     static_cast<uint32_t>(domain));
-      for (int q = 0; q < 4; ++q) words[4 * b + q] = r.x[q];
+    BlockWords batch;
+    for (int64_t b = begin; b < end; b += kMaxBlocks) {
+      const int64_t count = std::min<int64_t>(kMaxBlocks, end - b);
+      philox_blocks(static_cast<uint64_t>(seed), static_cast<uint32_t>(domain),
+                    static_cast<uint64_t>(first_block + b), count, batch);
+      for (int64_t k = 0; k < count; ++k) {
+        for (int q = 0; q < 4; ++q) words[4 * (b + k) + q] = batch.w[q][k];
+      }
     }
   });
 }

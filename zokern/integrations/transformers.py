@@ -9,6 +9,7 @@ optimizer's groups and state), so learning-rate schedulers, checkpoints and resu
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -76,6 +77,8 @@ class ZOTrainer(Trainer):
         self._zo_kwargs = dict(zo_optimizer_kwargs or {})
         self._window: list[dict[str, Any]] = []
         self._static: _StaticWindow | None = None  # with a graph-capturing optimizer: the inputs its closure reads
+        self._static_rebuilds = 0
+        self._warned: set[str] = set()
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -110,17 +113,43 @@ class ZOTrainer(Trainer):
         was_training = model.training
         model.eval()
         try:
+            closure = None
             if getattr(self.zo_optimizer, "cuda_graph", False):
-                if self._static is None or not self._static.fits(window, model):
-                    self._static = _StaticWindow(window, model, self._window_closure)
-                self._static.load(window)
-                closure = self._static.closure
-            else:
+                closure = self._static_closure(model, window)
+            if closure is None:
                 closure = self._window_closure(model, window)
             loss = self.zo_optimizer.step(closure)
         finally:
             model.train(was_training)
         return loss.to(self.args.device)
+
+    def _static_closure(self, model, window: list[dict[str, Any]]):
+        """The one closure over static inputs holding this window, for a graph-capturing optimizer; None (with a
+        warning, once) for a window that cannot be held so: its steps run uncaptured."""
+        signature = _signature(window)
+        if signature is None:
+            self._warn_once(
+                "zokern: ZOTrainer cannot copy this batch into static inputs (only plain tensors and scalars can be); "
+                "its steps run without the CUDA graph"
+            )
+            return None
+        if self._static is None or not self._static.fits(signature, model):
+            if self._static is not None:
+                self._static_rebuilds += 1
+                if self._static_rebuilds == 3:
+                    self._warn_once(
+                        "zokern: ZOTrainer's batches keep changing shape, so cuda_graph captures nothing (each new "
+                        f"shape starts over); this window: {signature}. Pad to a fixed length (padding='max_length') "
+                        "and drop the last partial batch (dataloader_drop_last=True)"
+                    )
+            self._static = _StaticWindow(window, signature, model, self._window_closure)
+        self._static.load(window)
+        return self._static.closure
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def _window_closure(self, model, window: list[dict[str, Any]]):
         def closure() -> torch.Tensor:
@@ -134,16 +163,16 @@ class ZOTrainer(Trainer):
 
 class _StaticWindow:
     """Input tensors that stay the same objects from window to window, and the one closure that reads them: what a
-    captured step replays. A window fits when its structure, shapes, dtypes, devices and non-tensor values match."""
+    captured step replays. A window fits when its keys, shapes, dtypes, devices and scalar values match."""
 
-    def __init__(self, window: list[dict[str, Any]], model, make_closure) -> None:
-        self.signature = _signature(window)
+    def __init__(self, window: list[dict[str, Any]], signature: tuple, model, make_closure) -> None:
+        self.signature = signature
         self.model = model
         self.window = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in window]
         self.closure = make_closure(model, self.window)
 
-    def fits(self, window: list[dict[str, Any]], model) -> bool:
-        return model is self.model and _signature(window) == self.signature
+    def fits(self, signature: tuple, model) -> bool:
+        return model is self.model and signature == self.signature
 
     def load(self, window: list[dict[str, Any]]) -> None:
         for static, batch in zip(self.window, window):
@@ -152,10 +181,22 @@ class _StaticWindow:
                     static[key].copy_(value)
 
 
-def _signature(window: list[dict[str, Any]]) -> tuple:
-    def describe(value):
-        if isinstance(value, torch.Tensor):
-            return ("tensor", tuple(value.shape), value.dtype, value.device)
-        return ("value", value)
+_SCALARS = (type(None), bool, int, float, str)
 
-    return tuple(tuple((key, describe(value)) for key, value in batch.items()) for batch in window)
+
+def _signature(window: list[dict[str, Any]]) -> tuple | None:
+    """What a static window must match: per batch, each key with its tensor's shape, dtype and device, or its scalar
+    value; None when a value is neither a dense tensor nor a scalar (a list, an array, a sparse tensor), which
+    static inputs cannot hold."""
+    out = []
+    for batch in window:
+        described = []
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                described.append((key, "tensor", tuple(value.shape), value.dtype, value.device))
+            elif isinstance(value, _SCALARS):
+                described.append((key, type(value).__name__, repr(value)))  # repr: a NaN equals itself
+            else:
+                return None
+        out.append(tuple(described))
+    return tuple(out)
