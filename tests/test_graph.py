@@ -321,13 +321,13 @@ def test_a_failed_capture_forgets_what_it_tracked(fake_capture, error, raised):
     step_graph = opt._graph
     step_graph.key = ("some key",)
 
-    def passes(seed, evaluate, chunks):
+    def passes(seed, evaluate):
         opt._track(seed, lambda group: group["eps"])  # what the +eps pass records before the closure fails
         raise error
 
     step_graph._passes = passes
     with pytest.raises(raised) as info:
-        step_graph._capture(1, lambda: None, opt._device_chunks(), torch.device("cpu"))
+        step_graph._capture(1, lambda: None, torch.device("cpu"))
     assert opt._displacement == {} and step_graph.key is None and step_graph.graph is None
     if raised is RuntimeError:
         assert "could not be captured in a CUDA graph" in str(info.value)
@@ -340,6 +340,6 @@ def test_a_successful_capture_keeps_the_graph_and_its_outputs(fake_capture):
     opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
     step_graph = opt._graph
     outputs = dict(loss=torch.tensor(1.0))
-    step_graph._passes = lambda seed, evaluate, chunks: outputs
-    step_graph._capture(1, lambda: None, opt._device_chunks(), torch.device("cpu"))
+    step_graph._passes = lambda seed, evaluate: outputs
+    step_graph._capture(1, lambda: None, torch.device("cpu"))
     assert isinstance(step_graph.graph, _FakeGraph) and step_graph.outputs is outputs

@@ -99,6 +99,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._exact_now = False
         self._warned_16bit_loss = False
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
+        self._rows: Iterator[torch.Tensor] | None = None  # a CUDA graph's scalar rows, one per pass (graph.py)
         self.merge_steps = False  # set by optimizers that fold the next step's perturbation into their last pass
         self._lookahead = Lookahead()
         # An optimizer collected between merged steps leaves theta behind; not at interpreter exit, where the
@@ -193,8 +194,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         so that an exception can undo it."""
         if not self._exact_now:
             for group, ts, bs in self._each_group():
-                ops.perturb_(ts, seed, alpha(group), offsets=bs, **self._pass_kwargs())
+                ops.perturb_(ts, seed, alpha(group), offsets=bs, **self._pass_kwargs(), scalars=self._row())
         self._track(seed, alpha)
+
+    def _row(self) -> torch.Tensor | None:
+        """The device row the next pass reads its scalars from, while a CUDA graph's step runs (graph.py)."""
+        return None if self._rows is None else next(self._rows)
 
     def _perturb(self, seed: int, scale: float) -> None:
         """theta += scale * eps * z(seed), with each group's eps."""
@@ -263,6 +268,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 next_alpha=0.0 if lookahead is None else group["eps"],
                 **self._pass_kwargs(),
                 **self._update_rounding(),
+                scalars=self._row(),
             )
             chunks.append((params, offsets, group["eps"]))
         self._track(seed, lambda group: scale * group["eps"])

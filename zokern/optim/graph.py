@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from zokern import _scalars
-from zokern import ops
 from zokern._dispatch import select_backend
 from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
@@ -64,9 +63,10 @@ class StepGraph:
         chunks = opt._device_chunks()
         if not chunks:  # nothing trainable: the losses only, as the ordinary step
             self.rows = torch.zeros((0, _scalars.SLOTS), dtype=torch.int64)
-            return self._passes(seed, evaluate, chunks)
+            return self._passes(seed, evaluate)
         device = self._check(chunks)
         key = self._key(closure, chunks)
+        host = torch.tensor(self._plan(seed, chunks), dtype=torch.int64)
         if key != self.key:
             if self.key is not None and key[0] != self.key[0] and not self._warned_new_closure:
                 self._warned_new_closure = True
@@ -78,19 +78,18 @@ class StepGraph:
                     stacklevel=4,
                 )
             self.key, self.closure, self.graph, self.keep, self.uncaptured = key, closure, None, [], 0
-            self.rows = torch.zeros((len(self._plan(seed, chunks)), _scalars.SLOTS), dtype=torch.int64, device=device)
-        host = torch.tensor(self._plan(seed, chunks), dtype=torch.int64)
+            self.rows = torch.zeros(host.shape, dtype=torch.int64, device=device)
         if device.type != "cuda":
             self.rows.copy_(host)
-            return self._passes(seed, evaluate, chunks)
+            return self._passes(seed, evaluate)
         with torch.cuda.device(device):  # streams and the capture on the parameters' GPU, whichever is current
             # Pinned, so that the copy is asynchronous; the caching host allocator keeps it until the copy has run.
             self.rows.copy_(host.pin_memory(), non_blocking=True)
             if self.graph is None and self.uncaptured < WARMUP_STEPS:
                 self.uncaptured += 1
-                return self._warm_up(seed, evaluate, chunks, device)
+                return self._warm_up(seed, evaluate, device)
             if self.graph is None:
-                self._capture(seed, evaluate, chunks, device)
+                self._capture(seed, evaluate, device)
             self.graph.replay()
         opt._loss_device = self.loss_device  # what the closure, not called in a replay, would have set
         return dict(self.outputs)
@@ -100,13 +99,13 @@ class StepGraph:
             self.streams[device] = torch.cuda.Stream(device)
         return self.streams[device]
 
-    def _warm_up(self, seed: int, evaluate: Callable[[], Any], chunks: list, device: torch.device) -> dict[str, Any]:
+    def _warm_up(self, seed: int, evaluate: Callable[[], Any], device: torch.device) -> dict[str, Any]:
         """An uncaptured step on a side stream, as torch advises before a capture."""
         ambient, side = torch.cuda.current_stream(device), self._stream(device)
         side.wait_stream(ambient)
         try:
             with torch.cuda.stream(side):
-                return self._passes(seed, evaluate, chunks)
+                return self._passes(seed, evaluate)
         finally:  # also after an exception: the undo passes that follow must come after the step's passes
             ambient.wait_stream(side)
 
@@ -170,38 +169,19 @@ class StepGraph:
             )
         return rows
 
-    def _passes(self, seed: int, evaluate: Callable[[], Any], chunks: list) -> dict[str, Any]:
-        """The step's kernels, each reading its row: what is captured. The perturbations are tracked as the
-        uncaptured step tracks them, so that an exception undoes what ran."""
+    def _passes(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        """The step's kernels, each reading its row: what is captured. The optimizer's own device step, its passes
+        fed the rows in launch order (the order of _plan)."""
         opt = self.opt
-        kwargs = opt._pass_kwargs()
-        rows = iter(self.rows)
-
-        def perturb(scale: float) -> None:
-            for (_, _, params, offsets), row in zip(chunks, rows):
-                ops.perturb_([p.data for p in params], 0, 0.0, offsets=offsets, scalars=row, **kwargs)
-            opt._track(seed, lambda group: scale * group["eps"])
-
-        values = [evaluate()] if opt.one_sided else []
-        perturb(1.0)
-        values.append(evaluate())
-        if not opt.one_sided:
-            perturb(-2.0)
-            values.append(evaluate())
-        fields = opt._device_gradient(values)
-        rounding = dict(rounding="stochastic", rounding_seed=0)  # the row holds the seed
-        if opt.rounding == "nearest":
-            rounding = dict(rounding="nearest")
-        for (index, _, params, offsets), row in zip(chunks, rows):
-            g = fields["projected_grad"][index]
-            ops.restore_update_(
-                [p.data for p in params], 0, 0.0, 0.0, g, offsets=offsets, scalars=row, **kwargs, **rounding
-            )
-        opt._track(seed, lambda group: opt._restore_scale() * group["eps"])
+        rows = opt._rows = iter(self.rows)
+        try:
+            fields = opt._device_step_passes(seed, evaluate, None)
+        finally:
+            opt._rows = None  # before any undo pass after an exception, which must take its scalars as arguments
         assert next(rows, None) is None  # every row of the plan was read
         return fields
 
-    def _capture(self, seed: int, evaluate: Callable[[], Any], chunks: list, device: torch.device) -> None:
+    def _capture(self, seed: int, evaluate: Callable[[], Any], device: torch.device) -> None:
         """Record the step's kernels. None runs: whatever happens, the parameters are untouched, so the perturbations
         tracked while recording are forgotten unless the capture succeeds (then the replay applies them)."""
         opt = self.opt
@@ -212,7 +192,7 @@ class StepGraph:
             # before torch.cuda.graph restores it.
             with torch.cuda.stream(torch.cuda.current_stream(device)):
                 with torch.cuda.graph(graph, stream=self._stream(device), capture_error_mode="thread_local"):
-                    outputs = self._passes(seed, evaluate, chunks)
+                    outputs = self._passes(seed, evaluate)
             captured = True
         except torch.OutOfMemoryError:
             raise

@@ -252,6 +252,10 @@ class ZOSGD(ZOOptimizer):
         restore-and-update pass, which restores without updating when g is not finite (a skipped step)."""
         if self._step_closure is not None:
             return self._graph.run(seed, evaluate, self._step_closure)
+        return self._device_step_passes(seed, evaluate, lookahead)
+
+    def _device_step_passes(self, seed: int, evaluate: Callable[[], Any], lookahead: int | None) -> dict[str, Any]:
+        """The passes and evaluations of a device step: run as they are, or captured by a CUDA graph."""
         values = [evaluate()] if self.one_sided else []
         if not self._claimed:
             self._perturb(seed, 1.0)
