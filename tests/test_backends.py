@@ -1,7 +1,8 @@
 """The compiled backends (C++ ``cpu``, ``cuda``, ``triton``) against the plain-torch reference, on random data.
 
-Each test runs for every compiled backend this install can run on the test device: on a CPU machine, ``cpu`` and
-``triton`` under its interpreter; on a GPU machine, ``cuda`` and compiled ``triton``.
+Each test runs for every compiled backend this install can run on the test device: on a CPU machine, ``cpu``,
+``triton`` under its interpreter, and ``cuda_emulated`` (the CUDA kernels compiled for the host,
+tests/cuda_emulated.py); on a GPU machine, ``cuda`` and compiled ``triton``.
 
 Tolerances, and why:
 - Philox words and Rademacher z: bit-identical (integer arithmetic).
@@ -25,13 +26,14 @@ from helpers import DEVICE
 from helpers import MANTISSA_BITS
 from helpers import Z_ATOL
 from helpers import backends_for
+from helpers import emulated_cuda_backend
 from helpers import random_params
 from helpers import ulp
 
 from zokern import _dispatch
 from zokern import _reference
 
-COMPILED = [name for name in backends_for() if name != "torch"]
+COMPILED = [name for name in backends_for() if name != "torch"] + (["cuda_emulated"] if DEVICE == "cpu" else [])
 # Max |z - z_exact| measured on the CPU backends over 2e6 draws (C++ tabulated transform 1.02e-6, Triton's
 # interpreter 7.9e-7), with margin: a regression guard tighter than the spec's bound. GPU backends use
 # fast-math sincos/log and are held to the spec's bound only.
@@ -57,6 +59,8 @@ VARIANTS = {
 
 @pytest.fixture(params=COMPILED)
 def impl(request):
+    if request.param == "cuda_emulated":
+        return emulated_cuda_backend()
     return _dispatch._module(request.param)
 
 

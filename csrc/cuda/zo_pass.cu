@@ -93,10 +93,10 @@ __device__ __forceinline__ PassConfig from_row(PassConfig c) {
   c.seed = static_cast<uint64_t>(row[0]);
   c.seed2 = static_cast<uint64_t>(row[1]);
   c.rounding_seed = static_cast<uint64_t>(row[2]);
-  c.alpha = __int_as_float(static_cast<int>(row[3]));
-  c.alpha2 = __int_as_float(static_cast<int>(row[4]));
-  c.lr = __int_as_float(static_cast<int>(row[5]));
-  c.weight_decay = __int_as_float(static_cast<int>(row[6]));
+  c.alpha = bits_float(static_cast<uint32_t>(row[3]));
+  c.alpha2 = bits_float(static_cast<uint32_t>(row[4]));
+  c.lr = bits_float(static_cast<uint32_t>(row[5]));
+  c.weight_decay = bits_float(static_cast<uint32_t>(row[6]));
   return c;
 }
 
@@ -186,6 +186,17 @@ __global__ void philox_words_kernel(uint64_t seed, uint32_t domain, uint64_t fir
 
 // ----------------------------------------------------------------------------------------------- launchers
 
+#ifndef ZOKERN_CUDA_EMULATION
+// Every launch goes through here. The tests compile this file with g++ against a stand-in CUDA runtime
+// (tests/cuda_emulation) whose launch_kernel runs each block's threads one after another on the host.
+template <class... Params, class... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), int64_t grid, int threads, cudaStream_t stream,
+                          const Args&... args) {
+  kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
+
 int sm_count() {
   int device = 0, sms = 0;
   cudaGetDevice(&device);
@@ -208,8 +219,7 @@ cudaError_t launch_tiles(const TileMap& map, int64_t n_tiles, const PassConfig& 
     if (device < kMaxDevices) blocks_per_sm[device].store(per_sm, std::memory_order_relaxed);
   }
   const int64_t grid = std::min<int64_t>(n_tiles, static_cast<int64_t>(sm_count()) * per_sm);
-  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(map, cfg, n_tiles);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, kThreads, stream, map, cfg, n_tiles);
 }
 
 template <class Fmt, uint32_t kDomain>
@@ -276,9 +286,7 @@ cudaError_t launch_philox_words(uint64_t seed, uint32_t domain, uint64_t first_b
   if (n_blocks == 0) return cudaSuccess;
   constexpr int kWordThreads = 256;
   const int64_t grid = std::min<int64_t>((n_blocks + kWordThreads - 1) / kWordThreads, int64_t{sm_count()} * 8);
-  philox_words_kernel<<<static_cast<unsigned>(grid), kWordThreads, 0, stream>>>(seed, domain, first_block, n_blocks,
-                                                                                out);
-  return cudaGetLastError();
+  return launch_kernel(philox_words_kernel, grid, kWordThreads, stream, seed, domain, first_block, n_blocks, out);
 }
 
 }  // namespace gpu

@@ -130,32 +130,41 @@ ZK_HD uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
 
 // ------------------------------------------------------------------------------------ Gaussian: 8 per call
 
+ZK_HD float fma_rn(float a, float b, float c) {
 #ifdef __CUDA_ARCH__
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fmaf(a, b, c);
+#endif
+}
+
+#if defined(__CUDA_ARCH__) || defined(ZOKERN_CUDA_EMULATION)
 // ln u for u in [2^-17, 1), accurate relative to ln u: logf's range reduction (u = 2^e m, m in [2/3, 4/3), f = m - 1
 // exact) and ln(1 + f) = f + f^2 P(f), P a degree-6 minimax fit for this use. Over the 65536 possible u its relative
 // error is below 2.6e-7 and r = sqrt(-2 ln u) is within 1.2e-7 of exact. It skips logf's zero, subnormal and
 // infinity handling, none of which can occur here, which saves about a third of the pair's instructions. __logf is
 // no option: MUFU.LG2's error is absolute (2^-21.4 on [0.5, 2]), a 5 % error in r near u = 1, where ln u ~ 7.6e-6.
-__device__ __forceinline__ float log_unit_interval(float u) {
-  const int32_t bits = __float_as_int(u);
+// Device code only; the tests' host build of the CUDA kernels (ZOKERN_CUDA_EMULATION) checks it on every u.
+ZK_HD float log_unit_interval(float u) {
+  const int32_t bits = static_cast<int32_t>(float_bits(u));
   const int32_t e = (bits - 0x3F2AAAAB) & static_cast<int32_t>(0xFF800000u);
-  const float f = __int_as_float(bits - e) - 1.0f;
+  const float f = bits_float(static_cast<uint32_t>(bits - e)) - 1.0f;
   float p = -0x1.38aa1p-3f;
-  p = __fmaf_rn(p, f, 0x1.5bf77cp-3f);
-  p = __fmaf_rn(p, f, -0x1.50b534p-3f);
-  p = __fmaf_rn(p, f, 0x1.95e048p-3f);
-  p = __fmaf_rn(p, f, -0x1.001094p-2f);
-  p = __fmaf_rn(p, f, 0x1.555e4p-2f);
-  p = __fmaf_rn(p, f, -0x1.ffffe6p-2f);
-  const float ln1pf = __fmaf_rn(__fmul_rn(f, p), f, f);
-  return __fmaf_rn(static_cast<float>(e) * 0x1.0p-23f, 0.693147180559945309f, ln1pf);
+  p = fma_rn(p, f, 0x1.5bf77cp-3f);
+  p = fma_rn(p, f, -0x1.50b534p-3f);
+  p = fma_rn(p, f, 0x1.95e048p-3f);
+  p = fma_rn(p, f, -0x1.001094p-2f);
+  p = fma_rn(p, f, 0x1.555e4p-2f);
+  p = fma_rn(p, f, -0x1.ffffe6p-2f);
+  const float ln1pf = fma_rn(mul_rn(f, p), f, f);
+  return fma_rn(static_cast<float>(e) * 0x1.0p-23f, 0.693147180559945309f, ln1pf);
 }
 #endif
 
 // r = sqrt(-2 ln u), u = (lo + 0.5) / 65536, which is exact in float32.
 ZK_HD float gaussian_radius(uint32_t lo16) {
 #ifdef __CUDA_ARCH__
-  const float s = -2.0f * log_unit_interval(__fmaf_rn(static_cast<float>(lo16), 0x1.0p-16f, 0x1.0p-17f));
+  const float s = -2.0f * log_unit_interval(fma_rn(static_cast<float>(lo16), 0x1.0p-16f, 0x1.0p-17f));
   float r;
   // One MUFU instruction, about 1 ulp; s >= 1.5e-5, so flushing subnormals changes nothing and skips their fix-up.
   asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
