@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should tell us, in two device calls (a session's device time is now 15 minutes in all,
 # machine start included, and one call may run 10): run stage 1 first, stage 2 only if time is left.
-#   bash benchmarks/gpu_session.sh 1   build; device correctness (CUDA and Triton backends, the no-sync ZOSGD and LDSD
-#                                      steps, the cross-step merge, CUDA-graph steps, LDSD); pass bandwidth; ZO step
-#                                      (each mode, graphed included) vs MeZO and AdamW at OPT-1.3B, batch 16 x 256
-#                                      (issue 5's main target)
+#   bash benchmarks/gpu_session.sh 1   build; pass bandwidth (bf16, fp32; after checking both backends against the
+#                                      reference); ZO step (each mode, graphed included) vs MeZO and AdamW at OPT-1.3B,
+#                                      batch 16 x 256 (issue 5's main target); then the device tests (CUDA and Triton
+#                                      backends, the no-sync ZOSGD and LDSD steps, merge, CUDA-graph steps, LDSD)
 #   bash benchmarks/gpu_session.sh 2   OPT-6.7B at batch 1, 16-bit drift, LDSD overhead (full, LoRA), the preference
 #                                      policy step at 1.3B, ZOPrO's kernels, the step plot
 # Each stage builds zokern against the device's torch first (a fresh machine keeps nothing between sessions) and
-# appends its tables to benchmarks/RESULTS.md, which it copies to $OUT when the device tool provides it.
+# appends its tables to benchmarks/RESULTS.md, which it copies to $OUT with its log when the device tool provides it.
+# Call it with the device tool's timeout_s at 600: the pieces' limits add up to about that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-1}"
@@ -16,25 +17,48 @@ if [[ ! "$stage" =~ ^[12]$ ]]; then
   echo "usage: bash benchmarks/gpu_session.sh 1|2" >&2
   exit 2
 fi
-MAX_JOBS="${MAX_JOBS:-16}" python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
-python -m zokern info
-case "$stage" in
-  1)
-    python -m pytest -q -x -p no:cacheprovider tests/test_backends.py tests/test_ops.py tests/test_stream.py \
-      tests/test_device_step.py tests/test_merge.py tests/test_graph.py tests/test_scalars.py tests/test_ldsd.py
-    python -m benchmarks.kernels_gpu
-    python -m benchmarks.step --model opt-1.3b --batch 16 --seq 256 --backends cuda,triton
-    ;;
-  2)
-    python -m benchmarks.step --model opt-6.7b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
-    python -m benchmarks.drift --model opt-1.3b --steps 200
-    python -m benchmarks.ldsd --shapes opt-1.3b
-    python -m benchmarks.ldsd --shapes opt-1.3b-lora
-    python -m pytest -q -x -p no:cacheprovider tests/test_preference.py
-    python -m benchmarks.preference_step --size opt-1.3b
-    python -m benchmarks.plot_step --device cuda
-    ;;
-esac
-if [ -n "${OUT:-}" ]; then
-  cp benchmarks/RESULTS.md benchmarks/step_results.jsonl benchmarks/step_vs_size_cuda.png "$OUT"/ 2>/dev/null || true
-fi
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"  # the GPU machine's python3 holds its torch
+log="${OUT:-/tmp}/gpu_session_$stage.log"
+# Each piece under its own time limit, so that a hang in one (a deadlocked capture, say) leaves time for the rest of
+# the call (10 minutes at most); what finished is in RESULTS.md and the log either way.
+run() {
+  local limit="$1"
+  shift
+  echo "== $(date +%T) $* (limit ${limit} s)"
+  timeout --signal=INT --kill-after=10 "$limit" "$@"
+  local status=$?
+  echo "== $(date +%T) exit $status"
+  save
+  return $status
+}
+# After every piece: a call killed at its limit still brings back what was measured.
+save() {
+  if [ -n "${OUT:-}" ]; then
+    cp benchmarks/RESULTS.md benchmarks/step_results.jsonl benchmarks/step_vs_size_cuda.png "$OUT"/ 2>/dev/null || true
+  fi
+}
+{
+  run 240 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+  "$PY" -m zokern info
+  case "$stage" in
+    1)
+      # The measurements first (kernels_gpu checks both backends against the reference before timing them), then
+      # the device tests with what is left; their workers compile Triton kernels in parallel (16 cores).
+      run 120 "$PY" -m benchmarks.kernels_gpu
+      run 180 "$PY" -m benchmarks.step --model opt-1.3b --batch 16 --seq 256 --backends cuda,triton
+      run 150 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_backends.py tests/test_ops.py \
+        tests/test_stream.py tests/test_device_step.py tests/test_merge.py tests/test_graph.py tests/test_scalars.py \
+        tests/test_ldsd.py
+      ;;
+    2)
+      run 150 "$PY" -m benchmarks.step --model opt-6.7b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
+      run 60 "$PY" -m benchmarks.drift --model opt-1.3b --steps 200
+      run 60 "$PY" -m benchmarks.ldsd --shapes opt-1.3b
+      run 30 "$PY" -m benchmarks.ldsd --shapes opt-1.3b-lora
+      run 90 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_preference.py
+      run 90 "$PY" -m benchmarks.preference_step --size opt-1.3b
+      run 30 "$PY" -m benchmarks.plot_step --device cuda
+      ;;
+  esac
+} 2>&1 | tee "$log"

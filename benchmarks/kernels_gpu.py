@@ -1,11 +1,13 @@
-"""GPU check and kernel benchmark: `python -m benchmarks.kernels_gpu [--elements N] [--no-append]`.
+"""GPU check and kernel benchmark:
+
+    python -m benchmarks.kernels_gpu [--elements N] [--dtypes bfloat16,float32] [--no-append]
 
 1. Correctness on the device: the cuda and triton backends against the torch reference (same stream, same pass),
    every dtype, both distributions, every variant, odd sizes, offsets above 2^31.
-2. Bandwidth: each op on OPT-1.3B's parameter shapes (1.316e9 bf16 elements in 388 tensors) as effective GB/s
-   (bytes read + written once) and as a fraction of a device-to-device copy of the same bytes, timed in the same run;
-   the perturb pass also on one flat tensor of the same elements (a flat parameter buffer against the per-dtype
-   multi-tensor launch).
+2. Bandwidth: each op on OPT-1.3B's parameter shapes (1.316e9 elements in 388 tensors; bf16, then fp32) as
+   effective GB/s (bytes read + written once) and as a fraction of a device-to-device copy of the same bytes, timed
+   in the same run; the perturb pass also on one flat tensor of the same elements (a flat parameter buffer against
+   the per-dtype multi-tensor launch).
    MeZO's per-tensor `torch.normal` pass is timed beside them as the baseline.
 
 Prints a Markdown table and appends it to benchmarks/RESULTS.md with the device, versions, date and command.
@@ -18,12 +20,14 @@ import datetime
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import zokern
+from zokern import _dispatch
 from zokern import _reference
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -42,34 +46,38 @@ def opt_1_3b_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
-def cuda_time_ms(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> tuple[float, float, float]:
-    """Median, p20 and p80 of ``reps`` timed calls, each bracketed by CUDA events."""
+def time_ms(fn: Callable[[], object], device: str, reps: int = 20, warmup: int = 3) -> float:
+    """Median of ``reps`` timed calls: each bracketed by CUDA events on a GPU, by the wall clock on the CPU (the CPU
+    smoke run of this script; the CPU backends' own benchmarks are benchmarks/cpu)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return statistics.median(times), times[int(0.2 * (reps - 1))], times[int(0.8 * (reps - 1))]
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
 
 
-def copy_time_ms(numel: int, dtype: torch.dtype) -> float:
+def copy_time_ms(numel: int, dtype: torch.dtype, device: str) -> float:
     """Median time of a device-to-device copy of ``numel`` elements: the bandwidth floor of an in-place pass."""
-    src = torch.empty(numel, device="cuda", dtype=dtype)
+    src = torch.empty(numel, device=device, dtype=dtype)
     dst = torch.empty_like(src)
-    return cuda_time_ms(lambda: dst.copy_(src))[0]
+    return time_ms(lambda: dst.copy_(src), device)
 
 
 # ------------------------------------------------------------------------------------------------- correctness
 
 
-def check_backend(backend: str) -> list[str]:
+def check_backend(backend: str, device: str) -> list[str]:
     """Run every variant on small tensors through ``backend`` and the torch reference; return failures."""
     failures = []
     sizes = (1, 7, 129, 1000, 4097, 70_000)
@@ -77,7 +85,7 @@ def check_backend(backend: str) -> list[str]:
         for distribution in ("gaussian", "rademacher"):
             for variant in ("perturb", "update", "update_tensor_g", "nonfinite_g", "two_seed", "stochastic"):
                 g = torch.Generator().manual_seed(1)
-                base = [(torch.randn(n, generator=g) * 0.02 + 0.5).to(dtype).cuda() for n in sizes]
+                base = [(torch.randn(n, generator=g) * 0.02 + 0.5).to(dtype).to(device) for n in sizes]
                 ours, ref = [t.clone() for t in base], [t.clone() for t in base]
                 offset = 2**31 + 5 if variant != "update" else 2**40 + 3
                 for ts, be in ((ours, backend), (ref, "torch")):
@@ -87,9 +95,9 @@ def check_backend(backend: str) -> list[str]:
                     elif variant == "update":
                         zokern.restore_update_(ts, 3, 1e-3, 0.1, 0.7, weight_decay=0.01, **kw)
                     elif variant == "update_tensor_g":
-                        zokern.restore_update_(ts, 3, 1e-3, 0.1, torch.tensor(0.7, device="cuda"), **kw)
+                        zokern.restore_update_(ts, 3, 1e-3, 0.1, torch.tensor(0.7, device=device), **kw)
                     elif variant == "nonfinite_g":
-                        zokern.restore_update_(ts, 3, 1e-3, 0.1, torch.tensor(float("nan"), device="cuda"), **kw)
+                        zokern.restore_update_(ts, 3, 1e-3, 0.1, torch.tensor(float("nan"), device=device), **kw)
                     elif variant == "two_seed":
                         zokern.two_seed_(ts, 3, 1e-3, 4, -2e-3, **kw)
                     else:
@@ -105,11 +113,10 @@ def check_backend(backend: str) -> list[str]:
                             f"{int(bad.sum())} elements beyond one ulp, max diff {diff.max().item():.3g}"
                         )
     for domain in (0, 1, 2):
-        impl = {"cuda": "zokern._native", "triton": "zokern.kernels.zo_pass"}[backend]
-        words = __import__(impl, fromlist=["x"]).philox_block_words(2**63 - 1, domain, 2**40 - 7, 4099, "cuda")
+        words = _dispatch._module(backend).philox_block_words(2**63 - 1, domain, 2**40 - 7, 4099, device)
         if not torch.equal(words.cpu(), _reference.philox_block_words(2**63 - 1, domain, 2**40 - 7, 4099)):
             failures.append(f"{backend}: Philox words differ from the reference (domain {domain})")
-    z = zokern.gaussian(5, 2**33, 1 << 22, device="cuda", backend=backend).double().cpu()
+    z = zokern.gaussian(5, 2**33, 1 << 22, device=device, backend=backend).double().cpu()
     err = (z - _reference.stream(5, 2**33, 1 << 22, "gaussian")).abs().max().item()
     print(f"  {backend}: max |z - exact| over 4.2e6 Gaussians = {err:.3g}")
     if err > 2.0**-17 * 5.86:
@@ -128,16 +135,19 @@ def mezo_pass(params: list[torch.Tensor], seed: int, scale: float) -> None:
         p.data = p.data + scale * z
 
 
-def bench(backends: list[str], n_elements: int | None) -> list[tuple[str, str, str, float, float, float]]:
+def bench(
+    backends: list[str], n_elements: int | None, dtype: torch.dtype, device: str
+) -> list[tuple[str, str, str, str, float, float, float]]:
     shapes = opt_1_3b_shapes()
-    params = [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in shapes]
     if n_elements is not None:  # a smaller run for quick checks: one flat tensor
-        params = [torch.randn(n_elements, device="cuda", dtype=torch.bfloat16) * 0.02]
+        shapes = [(n_elements,)]
+    params = [torch.randn(s, device=device, dtype=dtype) * 0.02 for s in shapes]
     numel = sum(p.numel() for p in params)
     nbytes = 2 * numel * params[0].element_size()  # read once, write once
-    copy_ms = copy_time_ms(numel, params[0].dtype)
-    rows = [("device copy", "-", "-", copy_ms, nbytes / copy_ms / 1e6, 1.0)]
-    g_dev = torch.tensor(0.3, device="cuda")
+    copy_ms = copy_time_ms(numel, dtype, device)
+    kind = str(dtype).removeprefix("torch.")
+    rows = [("device copy", kind, "-", "-", copy_ms, nbytes / copy_ms / 1e6, 1.0)]
+    g_dev = torch.tensor(0.3, device=device)
     ops: dict[str, Callable[[str, str], None]] = {
         "perturb_": lambda be, d: zokern.perturb_(params, 1, 1e-3, distribution=d, backend=be),
         "restore_update_ (device g)": lambda be, d: zokern.restore_update_(
@@ -147,56 +157,73 @@ def bench(backends: list[str], n_elements: int | None) -> list[tuple[str, str, s
             params, 1, 1e-3, 0.0, g_dev, next_seed=2, next_alpha=1e-3, distribution=d, backend=be
         ),
         "two_seed_": lambda be, d: zokern.two_seed_(params, 1, 1e-3, 2, -1e-3, distribution=d, backend=be),
-        "perturb_ stochastic rounding": lambda be, d: zokern.perturb_(
-            params, 1, 1e-3, distribution=d, rounding="stochastic", rounding_seed=5, backend=be
-        ),
     }
+    if dtype != torch.float32:  # float32 has no stochastic rounding: the same pass as perturb_
+        ops["perturb_ stochastic rounding"] = lambda be, d: zokern.perturb_(
+            params, 1, 1e-3, distribution=d, rounding="stochastic", rounding_seed=5, backend=be
+        )
     for backend in backends:
         for distribution in ("gaussian", "rademacher"):
             for name, op in ops.items():
-                ms = cuda_time_ms(lambda op=op, be=backend, d=distribution: op(be, d), reps=10)[0]
-                rows.append((name, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
+                ms = time_ms(lambda op=op, be=backend, d=distribution: op(be, d), device, reps=10)
+                rows.append((name, kind, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
     if len(params) > 1:  # the same elements as one flat buffer: one launch either way, tile table or none
-        flat = torch.randn(numel, device="cuda", dtype=params[0].dtype) * 0.02
+        flat = torch.randn(numel, device=device, dtype=dtype) * 0.02
         for backend in backends:
             for distribution in ("gaussian", "rademacher"):
                 op = lambda be=backend, d=distribution: zokern.perturb_(flat, 1, 1e-3, distribution=d, backend=be)  # noqa: E731
-                ms = cuda_time_ms(op, reps=10)[0]
-                rows.append(("perturb_, one flat tensor", backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
+                ms = time_ms(op, device, reps=10)
+                rows.append(
+                    ("perturb_, one flat tensor", kind, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms)
+                )
         del flat
-    ms = cuda_time_ms(lambda: mezo_pass(params, 1, 1e-3), reps=5)[0]
-    rows.append(("MeZO torch.normal pass (baseline)", "torch", "gaussian", ms, nbytes / ms / 1e6, copy_ms / ms))
+    ms = time_ms(lambda: mezo_pass(params, 1, 1e-3), device, reps=5)
+    rows.append(("MeZO torch.normal pass (baseline)", kind, "torch", "gaussian", ms, nbytes / ms / 1e6, copy_ms / ms))
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of the script with the C++ backend"
+    )
     parser.add_argument("--elements", type=int, default=None, help="time one flat tensor of N elements instead")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated parameter dtypes to time")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("benchmarks.kernels_gpu needs a CUDA device", file=sys.stderr)
+    args = parser.parse_args(argv)
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks.kernels_gpu needs a CUDA device (--device cpu for a smoke run)", file=sys.stderr)
         return 2
-    backends = [b for b in ("cuda", "triton") if b in zokern.available_backends()]
+    compiled = ("cuda", "triton") if args.device == "cuda" else ("cpu",)
+    backends = [b for b in compiled if b in zokern.available_backends()]
     print(f"backends on this device: {backends}; status: {zokern.backend_status()}")
-    failures = [f for b in backends for f in check_backend(b)]
+    failures = [f for b in backends for f in check_backend(b, args.device)]
     for f in failures:
         print("FAIL", f)
-    rows = bench(backends, args.elements)
+    rows = []
+    for dtype in dtypes:
+        rows += bench(backends, args.elements, dtype, args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     import importlib.metadata as md
+
+    command = " ".join(["python -m benchmarks.kernels_gpu", *(sys.argv[1:] if argv is None else argv)])
 
     triton_version = md.version("triton") if "triton" in backends else "-"
     header = (
         f"\n### Kernel bandwidth, {datetime.date.today()}\n\n"
-        f"Device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton_version}, "
+        f"Device {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+        f"triton {triton_version}, "
         f"CUDA {torch.version.cuda}, Python {platform.python_version()}, zokern {zokern.__version__} "
-        f"(stream v{zokern.STREAM_VERSION}). Command: `python -m benchmarks.kernels_gpu"
-        f"{'' if args.elements is None else f' --elements {args.elements}'}`. Elements: "
-        f"{'OPT-1.3B shapes, 1.316e9 bf16 in 388 tensors' if args.elements is None else args.elements}. "
+        f"(stream v{zokern.STREAM_VERSION}). Command: `{command}`. "
+        f"Elements: {'OPT-1.3B shapes, 1.316e9 in 388 tensors' if args.elements is None else args.elements}. "
         f"Correctness on device: {'all passed' if not failures else f'{len(failures)} FAILURES'}.\n\n"
-        "| op | backend | z | ms (median) | GB/s | fraction of copy |\n|---|---|---|---|---|---|\n"
+        "| op | dtype | backend | z | ms (median) | GB/s | fraction of copy |\n|---|---|---|---|---|---|---|\n"
     )
-    table = header + "".join(f"| {o} | {b} | {d} | {ms:.3f} | {gbs:.0f} | {f:.1%} |\n" for o, b, d, ms, gbs, f in rows)
+    table = header + "".join(
+        f"| {o} | {t} | {b} | {d} | {ms:.3f} | {gbs:.0f} | {f:.1%} |\n" for o, t, b, d, ms, gbs, f in rows
+    )
     print(table)
     if not args.no_append:
         with RESULTS.open("a") as fh:

@@ -80,9 +80,16 @@ def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
         )
         cls = transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    with torch.device(device):
-        model = cls(config).to(dtype)
-    return model.eval()
+    # Parameters are created in ``dtype`` on the device: built in float32 first, a 13B model would need 78 GB on the
+    # way (float32 weights plus their copy), more than an 80 GB GPU holds.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.to(dtype).eval()  # buffers created as float32 on purpose (rotary frequencies) too, as before
 
 
 class Timer:

@@ -33,6 +33,24 @@ def test_step_benchmark_compares_every_method_on_a_tiny_model():
         assert f"| {method} |" in text, method
 
 
+def test_kernel_benchmark_checks_and_times_every_op(monkeypatch, capsys):
+    """The GPU script's CPU smoke run (C++ backend), in process on small shapes: correctness check, every op per dtype
+    and distribution, the flat-buffer rows and MeZO's pass."""
+    from benchmarks import kernels_gpu
+
+    monkeypatch.setattr(kernels_gpu, "opt_1_3b_shapes", lambda: [(64, 32), (32,), (100, 7)])
+    assert kernels_gpu.main(["--device", "cpu", "--no-append"]) == 0
+    text = capsys.readouterr().out
+    assert "Correctness on device: all passed" in text
+    ops = ("perturb_", "restore_update_ (device g)", "restore_update_ + next perturbation", "two_seed_")
+    for dtype in ("bfloat16", "float32"):
+        for op in (*ops, "perturb_, one flat tensor"):
+            for z in ("gaussian", "rademacher"):
+                assert f"| {op} | {dtype} | cpu | {z} |" in text, (op, dtype, z)
+        assert f"| MeZO torch.normal pass (baseline) | {dtype} | torch | gaussian |" in text
+    assert "| perturb_ stochastic rounding | bfloat16 | cpu | gaussian |" in text
+
+
 def test_drift_benchmark_shows_exact_mode_without_drift():
     text = _run("benchmarks.drift", "--steps", "3", "--batch", "1", "--seq", "8", "--no-append")
     exact = next(line for line in text.splitlines() if line.startswith("| zokern exact"))
