@@ -39,8 +39,11 @@ save() {
   fi
 }
 {
-  run 240 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+  # A build error must stop the stage with its message, not leave zokern running without its extension.
+  run 240 env MAX_JOBS="${MAX_JOBS:-16}" ZOKERN_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+    "$PY" -m pip install --no-build-isolation --no-deps -e . || exit 1
   "$PY" -m zokern info
+  "$PY" -c "import sys, zokern; sys.exit('cuda' not in zokern.available_backends())" || exit 1
   case "$stage" in
     1)
       # The measurements first (kernels_gpu checks both backends against the reference before timing them), then

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from zokern._reference import DISTRIBUTIONS
 from zokern._reference import DOMAIN_RADEMACHER
+from zokern.kernels import options
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import rademacher_tile
 from zokern.kernels.zo_pass import _TL_DTYPES
@@ -70,5 +71,5 @@ def zo_copy_pass_(out, sources, bases, *, seed, alpha, distribution, seed2=None,
         _copy_pass_kernel[(table.shape[0],)](
             table, seed, alpha, 0 if seed2 is None else seed2, alpha2, DTYPE=_TL_DTYPES[dtype],
             RADEMACHER=DISTRIBUTIONS[distribution] == DOMAIN_RADEMACHER, SECOND=seed2 is not None, ALIGNED=aligned,
-            BLOCK=block,
+            BLOCK=block, **options.LAUNCH,
         )  # fmt: skip

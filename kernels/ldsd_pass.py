@@ -20,6 +20,7 @@ from zokern._ldsd_reference import final_layout
 from zokern._reference import DISTRIBUTIONS
 from zokern._reference import DOMAIN_RADEMACHER
 from zokern._transfer import to_device
+from zokern.kernels import options
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import rademacher_tile
 from zokern.kernels.zo_pass import _TL_DTYPES
@@ -148,7 +149,8 @@ def _ldsd_kernel(
                 v_new = beta2 * v + (1.0 - beta2) * acc_d * acc_d
                 c1 = tl.load(coef_ptr + 3 * R + 1)
                 c2 = tl.load(coef_ptr + 3 * R + 2)
-                step = (m_new / c1) / (tl.sqrt(v_new / c2) + adam_eps)
+                # Correctly rounded, as the other backends compute it (compiled, "/" and tl.sqrt are approximate).
+                step = tl.math.div_rn(tl.math.div_rn(m_new, c1), tl.math.sqrt_rn(tl.math.div_rn(v_new, c2)) + adam_eps)
                 _store(m_ptrs, tl.where(ok, m_new, m), mask, interior)
                 _store(v_ptrs, tl.where(ok, v_new, v), mask, interior)
             updated = x - lr * (step + weight_decay * x)
@@ -197,6 +199,7 @@ def _launch(
             STOCHASTIC=rounding_seed is not None and dtype != torch.float32,
             ALIGNED=aligned,
             BLOCK=block,
+            **options.LAUNCH,
         )
     return partial.double().sum() if reduces else None
 

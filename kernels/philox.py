@@ -57,22 +57,21 @@ def _sincos_first_quadrant(phi):
     """(cos phi, sin phi) for phi in (0, pi/2): Taylor polynomials to degree 12 and 11, truncation error < 6e-8.
 
     Library sin/cos would range-reduce arbitrary arguments (on a GPU, a slow path with local memory); theta's
-    range is known, so a polynomial is both cheaper and the same on every platform.
+    range is known, so a polynomial is both cheaper and the same on every platform. Horner steps as explicit fused
+    multiply-adds: the launches turn off the compiler's own contraction (kernels/options.py).
     """
     p2 = phi * phi
-    s = -1.0 / 39916800.0
-    s = s * p2 + 1.0 / 362880.0
-    s = s * p2 - 1.0 / 5040.0
-    s = s * p2 + 1.0 / 120.0
-    s = s * p2 - 1.0 / 6.0
-    s = (s * p2) * phi + phi
-    c = 1.0 / 479001600.0
-    c = c * p2 - 1.0 / 3628800.0
-    c = c * p2 + 1.0 / 40320.0
-    c = c * p2 - 1.0 / 720.0
-    c = c * p2 + 1.0 / 24.0
-    c = c * p2 - 0.5
-    c = c * p2 + 1.0
+    s = tl.fma(p2, -1.0 / 39916800.0, 1.0 / 362880.0)
+    s = tl.fma(s, p2, -1.0 / 5040.0)
+    s = tl.fma(s, p2, 1.0 / 120.0)
+    s = tl.fma(s, p2, -1.0 / 6.0)
+    s = tl.fma(s * p2, phi, phi)
+    c = tl.fma(p2, 1.0 / 479001600.0, -1.0 / 3628800.0)
+    c = tl.fma(c, p2, 1.0 / 40320.0)
+    c = tl.fma(c, p2, -1.0 / 720.0)
+    c = tl.fma(c, p2, 1.0 / 24.0)
+    c = tl.fma(c, p2, -0.5)
+    c = tl.fma(c, p2, 1.0)
     return c, s
 
 

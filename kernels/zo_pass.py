@@ -19,6 +19,7 @@ import triton.language as tl
 from zokern._reference import DISTRIBUTIONS
 from zokern._reference import DOMAIN_RADEMACHER
 from zokern._transfer import to_device
+from zokern.kernels import options
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import philox_blocks
 from zokern.kernels.philox import rademacher_tile
@@ -79,7 +80,9 @@ def _sign_magnitude_round(x, s, DTYPE: tl.constexpr):
         toward = toward_code.to(tl.uint16).to(DTYPE, bitcast=True)
         away = (toward_code + 1).to(tl.uint16).to(DTYPE, bitcast=True)
         low = tl.abs(toward.to(tl.float32))
-        q = (tl.abs(x) - low) / (tl.abs(away.to(tl.float32)) - low)
+        # Correctly rounded division (compiled, "/" is an approximation within 2 ulps): q must be exact, and it is,
+        # as its divisor is a power of two.
+        q = tl.math.div_rn(tl.abs(x) - low, tl.abs(away.to(tl.float32)) - low)
         return tl.where(s.to(tl.float32) < q * 65536.0, away, toward)
 
 
@@ -289,6 +292,7 @@ def zo_pass_(
             STOCHASTIC=rounding_seed is not None and dtype != torch.float32,
             ALIGNED=aligned,
             BLOCK=block,
+            **options.LAUNCH,
         )
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from zokern.kernels import options
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.zo_pass import _TL_DTYPES
 from zokern.kernels.zo_pass import _round_nearest
@@ -65,7 +66,7 @@ def _launch(tensors, mus, vhats, bases, seed, coef, reduce: bool) -> torch.Tenso
     coef = partial if coef is None else coef.to(device=device, dtype=torch.float32).contiguous()
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _zopro_kernel[(table.shape[0],)](table, seed, coef, partial, DTYPE=_TL_DTYPES[dtype], REDUCE=reduce,
-                                         BLOCK=block)  # fmt: skip
+                                         BLOCK=block, **options.LAUNCH)  # fmt: skip
     if not reduce:
         return None
     # Per-tile pairs summed per tensor on the host, in tile order: deterministic, and ZOPrO's coefficients are

@@ -79,6 +79,17 @@ def test_pass_compiles_for_h100_with_vector_memory_access(h100_ptx_facts):
         assert not facts["local_memory"], f"{name} uses local memory (register spills or a library slow path)"
 
 
+def test_pass_arithmetic_is_separately_rounded_as_specified(h100_ptx_facts):
+    """docs/stream.md, section 5: no multiply-add of the pass is fused (kernels/options.py), which the Rademacher
+    variants show alone (the Gaussian transform's polynomials are explicit fused multiply-adds)."""
+    for dtype in ("float32", "bfloat16", "float16"):
+        facts = h100_ptx_facts[f"zo_pass_{dtype}_rademacher_aligned_all_flags"]
+        assert facts["fused_multiply_adds"] == 0, dtype
+        assert facts["separately_rounded_products"] > 0, dtype
+    gaussian = h100_ptx_facts["zo_pass_float32_gaussian_aligned_all_flags"]
+    assert gaussian["fused_multiply_adds"] > 0  # the polynomials' Horner steps
+
+
 def test_philox_kernel_compiles_for_h100(h100_ptx_facts):
     assert h100_ptx_facts["philox_words"]["mul_hi_u32"]  # 32x32->64 products as mul.hi, not 64-bit emulation
 

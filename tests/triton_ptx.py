@@ -13,6 +13,7 @@ from triton.compiler import ASTSource
 
 from zokern.kernels import copy_pass
 from zokern.kernels import ldsd_pass
+from zokern.kernels import options
 from zokern.kernels import zo_pass
 from zokern.kernels import zopro_pass
 
@@ -43,7 +44,8 @@ LDSD_SIGNATURE = {
 
 def compile_ptx(fn, signature, constexprs) -> str:
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=H100).asm["ptx"]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=H100, options=options.LAUNCH).asm["ptx"]  # as zokern launches them
 
 
 def facts(ptx: str) -> dict:
@@ -53,6 +55,8 @@ def facts(ptx: str) -> dict:
         "stores": "st.global" in ptx,
         "mul_hi_u32": "mul.hi.u32" in ptx,
         "local_memory": bool(re.search(r"\.local\b", ptx)),
+        "fused_multiply_adds": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+        "separately_rounded_products": len(re.findall(r"\bmul\.rn\.f32\b", ptx)),
     }
 
 

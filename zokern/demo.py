@@ -37,11 +37,16 @@ def _teacher_task(d_in: int, n: int, device: str) -> tuple[torch.Tensor, torch.T
     return x.to(device), y.to(device)
 
 
-def _time_steps(step: Callable[[int], float], steps: int) -> float:
+def _time_steps(step: Callable[[int], float], steps: int, device: str | None) -> float:
+    """Seconds per step. On a GPU the queue is drained around the timed steps: zokern's steps do not sync with the
+    host, so the wall clock would otherwise time their launches only."""
+    sync = torch.cuda.synchronize if torch.device(device or "cpu").type == "cuda" else lambda: None
     step(0)  # warm-up: JIT compilation, allocator
+    sync()
     start = time.perf_counter()
     for s in range(1, steps + 1):
         step(s)
+    sync()
     return (time.perf_counter() - start) / steps
 
 
@@ -81,8 +86,8 @@ def run(
         return torch.zeros((), device=device)
 
     big_optimizer = ZOSGD(big, lr=lr, eps=eps, seed=0, backend=backend)
-    fused = _time_steps(lambda s: big_optimizer.step(no_forward), 5)
-    published = _time_steps(lambda s: mezo_published_step(big, no_forward, s, eps, lr), 5)
+    fused = _time_steps(lambda s: big_optimizer.step(no_forward), 5, device)
+    published = _time_steps(lambda s: mezo_published_step(big, no_forward, s, eps, lr), 5, device)
     print(
         f"\nPerturbation passes per step, {sum(t.numel() for t in big) / 1e6:.1f}M parameters in {len(big)} tensors "
         f"({device}, forwards excluded):"

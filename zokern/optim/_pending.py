@@ -20,10 +20,12 @@ class PendingRecord:
         self.record = record
         self.host = {k: record[k] for k in KEYS if isinstance(record.get(k), torch.Tensor)}
         self.event = None
-        if any(t.device.type == "cuda" for t in self.host.values()):
+        on_gpu = [t.device for t in self.host.values() if t.device.type == "cuda"]
+        if on_gpu:
             self.host = {k: t.to("cpu", non_blocking=True) for k, t in self.host.items()}
+            # Each copy was queued on its tensor's device's current stream, which need not be the current device's.
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(on_gpu[0]))
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()

@@ -186,12 +186,13 @@ class StepGraph:
         tracked while recording are forgotten unless the capture succeeds (then the replay applies them)."""
         opt = self.opt
         graph = torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()  # named, so that a failed capture can end recording into it
         captured = False
         try:
             # The outer stream context puts the ambient stream back even when a failed capture's end raises
             # before torch.cuda.graph restores it.
             with torch.cuda.stream(torch.cuda.current_stream(device)):
-                with torch.cuda.graph(graph, stream=self._stream(device), capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=pool, stream=self._stream(device), capture_error_mode="thread_local"):
                     outputs = self._passes(seed, evaluate)
             captured = True
         except torch.OutOfMemoryError:
@@ -205,7 +206,25 @@ class StepGraph:
             if not captured:
                 opt._displacement.clear()
                 self.key = None
+                stop_recording_into(pool, device)
         self.graph, self.outputs, self.loss_device = graph, outputs, opt._loss_device
         triton_pass = sys.modules.get("zokern.kernels.zo_pass")
         if triton_pass is not None:
             self.keep = triton_pass.cached_tables()
+
+
+def stop_recording_into(pool: tuple[int, int], device: torch.device) -> None:
+    """After a failed capture: make the caching allocator stop serving allocations from the capture's pool.
+
+    torch before 2.12 (pytorch#180395) skips this when ending an invalidated capture raises, and the allocator then
+    believes a capture is still under way: every later ``torch.cuda.empty_cache()``, and so every later capture,
+    fails an internal assertion, for the rest of the process. Newer torch has done it already, and refuses (ignored).
+    What the failed capture allocated stays reserved until the process ends (pytorch#190308).
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None:
+        return
+    try:
+        end(device.index, pool)
+    except RuntimeError:  # not recording into this pool: torch ended it itself (or this torch has no CUDA)
+        pass

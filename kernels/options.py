@@ -1,0 +1,10 @@
+"""Compile options of every zokern Triton kernel launch (and of the PTX checks in tests/triton_ptx.py).
+
+``enable_fp_fusion=False``: docs/stream.md specifies each pass as separately rounded float32 operations, which is how
+the C++ and CUDA kernels compute it (zokern/stream.h's mul_rn and add_rn). Left on, Triton lets the compiler contract
+``x + a * z`` into one fused multiply-add: one float32 result in about 16 then differs by an ulp from the other
+backends', and a few 16-bit results per million land on the other side of a rounding boundary. Where a fused
+multiply-add is wanted (the sine and cosine polynomials of the Gaussian transform), the kernels write ``tl.fma``.
+"""
+
+LAUNCH = {"enable_fp_fusion": False}
