@@ -3,13 +3,14 @@
 # machine start included, and one call may run 10): run stage 1 first, stage 2 only if time is left.
 #   bash benchmarks/gpu_session.sh 1   build; pass bandwidth (bf16, fp32; after checking both backends against the
 #                                      reference); ZO step (each mode, graphed included) vs MeZO and AdamW at OPT-1.3B,
-#                                      batch 16 x 256 (issue 5's main target); then the device tests (CUDA and Triton
-#                                      backends, the no-sync ZOSGD and LDSD steps, merge, CUDA-graph steps, LDSD)
-#   bash benchmarks/gpu_session.sh 2   OPT-6.7B at batch 1, 16-bit drift, LDSD overhead (full, LoRA), the preference
-#                                      policy step at 1.3B, ZOPrO's kernels, the step plot
+#                                      batch 16 x 256, and vs MeZO at OPT-6.7B, batch 1 (issue 5's main targets); then
+#                                      the device tests of the backends, the no-sync step and the CUDA-graph step
+#   bash benchmarks/gpu_session.sh 2   OPT-13B at batch 1, 16-bit drift, LDSD overhead (full, LoRA), the other device
+#                                      tests (ops, stream, merge, scalars, LDSD, ZOPrO's kernels), the preference
+#                                      policy step at 1.3B, the step plot
 # Each stage builds zokern against the device's torch first (a fresh machine keeps nothing between sessions) and
 # appends its tables to benchmarks/RESULTS.md, which it copies to $OUT with its log when the device tool provides it.
-# Call it with the device tool's timeout_s at 600: the pieces' limits add up to about that.
+# Call it with the device tool's timeout_s at 600; only a slow build leaves the last piece less than its limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-1}"
@@ -47,19 +48,21 @@ save() {
   case "$stage" in
     1)
       # The measurements first (kernels_gpu checks both backends against the reference before timing them), then
-      # the device tests with what is left; their workers compile Triton kernels in parallel (16 cores).
+      # the device tests of the kernels and the captured step with what is left; their workers compile Triton
+      # kernels in parallel (16 cores).
       run 120 "$PY" -m benchmarks.kernels_gpu
-      run 180 "$PY" -m benchmarks.step --model opt-1.3b --batch 16 --seq 256 --backends cuda,triton
-      run 150 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_backends.py tests/test_ops.py \
-        tests/test_stream.py tests/test_device_step.py tests/test_merge.py tests/test_graph.py tests/test_scalars.py \
-        tests/test_ldsd.py
+      run 150 "$PY" -m benchmarks.step --model opt-1.3b --batch 16 --seq 256 --backends cuda,triton
+      run 90 "$PY" -m benchmarks.step --model opt-6.7b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
+      run 120 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_backends.py tests/test_graph.py \
+        tests/test_device_step.py
       ;;
     2)
-      run 150 "$PY" -m benchmarks.step --model opt-6.7b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
+      run 90 "$PY" -m benchmarks.step --model opt-13b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
       run 60 "$PY" -m benchmarks.drift --model opt-1.3b --steps 200
       run 60 "$PY" -m benchmarks.ldsd --shapes opt-1.3b
       run 30 "$PY" -m benchmarks.ldsd --shapes opt-1.3b-lora
-      run 90 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_preference.py
+      run 120 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_ops.py tests/test_stream.py \
+        tests/test_merge.py tests/test_scalars.py tests/test_ldsd.py tests/test_preference.py
       run 90 "$PY" -m benchmarks.preference_step --size opt-1.3b
       run 30 "$PY" -m benchmarks.plot_step --device cuda
       ;;

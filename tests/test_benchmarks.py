@@ -51,6 +51,11 @@ def test_kernel_benchmark_checks_and_times_every_op(monkeypatch, capsys):
     assert "| perturb_ stochastic rounding | bfloat16 | cpu | gaussian |" in text
 
 
+def test_host_overhead_benchmark_runs():
+    text = _run("benchmarks.host_overhead", "--calls", "50")
+    assert text.count("materialise one parameter:") == 3 and "resolved" in text
+
+
 def test_drift_benchmark_shows_exact_mode_without_drift():
     text = _run("benchmarks.drift", "--steps", "3", "--batch", "1", "--seq", "8", "--no-append")
     exact = next(line for line in text.splitlines() if line.startswith("| zokern exact"))

@@ -190,6 +190,20 @@ def test_environment_variable_forces_a_backend(monkeypatch):
     assert torch.equal(t[0], u[0])
 
 
+def test_a_resolved_choice_still_follows_the_environment(monkeypatch):
+    """select_backend caches what it resolved; the environment variables are part of what it is keyed on."""
+    from zokern import _dispatch
+    from zokern import _reference
+
+    cpu = torch.device("cpu")
+    automatic = _dispatch.select_backend(cpu)
+    assert _dispatch.select_backend(cpu) is automatic
+    monkeypatch.setenv("ZOKERN_BACKEND", "torch")
+    assert _dispatch.select_backend(cpu) is _reference
+    monkeypatch.delenv("ZOKERN_BACKEND")
+    assert _dispatch.select_backend(cpu) is automatic
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

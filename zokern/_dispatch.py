@@ -106,6 +106,12 @@ def requested_backend(backend: str | None) -> str | None:
     return name
 
 
+# Resolved choices: a backend's availability is fixed for the life of the process, so only what a caller can change
+# (the argument, the two environment variables) is in the key. Per pass, a resolution cost more host time than
+# launching the pass (exact mode makes one call per large parameter per forward).
+_selected: dict[tuple, ModuleType] = {}
+
+
 def select_backend(device: torch.device, backend: str | None = None, op: str = "zo_pass_") -> ModuleType:
     """The backend module for tensors on ``device``: the requested one, or the fastest available.
 
@@ -113,6 +119,14 @@ def select_backend(device: torch.device, backend: str | None = None, op: str = "
     only some backends implement (the out-of-place pass, the LDSD and ZOPrO passes: triton, cpu and torch) come from the
     requested backend when it has them, else from the fastest available one that does.
     """
+    key = (device.type, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), op)
+    module = _selected.get(key)
+    if module is None:
+        module = _selected[key] = _resolve(device, backend, op)
+    return module
+
+
+def _resolve(device: torch.device, backend: str | None, op: str) -> ModuleType:
     name = requested_backend(backend)
     status = backend_status()
     if name is not None:
