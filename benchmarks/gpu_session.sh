@@ -5,9 +5,9 @@
 #                                      reference); ZO step (each mode, graphed included) vs MeZO and AdamW at OPT-1.3B,
 #                                      batch 16 x 256, and vs MeZO at OPT-6.7B, batch 1 (issue 5's main targets); then
 #                                      the device tests of the backends, the no-sync step and the CUDA-graph step
-#   bash benchmarks/gpu_session.sh 2   OPT-13B at batch 1, 16-bit drift, LDSD overhead (full, LoRA), the other device
-#                                      tests (ops, stream, merge, scalars, LDSD, ZOPrO's kernels), the preference
-#                                      policy step at 1.3B, the step plot
+#   bash benchmarks/gpu_session.sh 2   OPT-13B at batch 1 (and OPT-30B on an H200), LDSD overhead (full, LoRA),
+#                                      16-bit drift, the other device tests (ops, stream, merge, scalars, LDSD, ZOPrO's
+#                                      kernels), the preference policy step at 1.3B, the step plot
 # Each stage builds zokern against the device's torch first (a fresh machine keeps nothing between sessions) and
 # appends its tables to benchmarks/RESULTS.md, which it copies to $OUT with its log when the device tool provides it.
 # Call it with the device tool's timeout_s at 600; only a slow build leaves the last piece less than its limit.
@@ -58,9 +58,13 @@ save() {
       ;;
     2)
       run 90 "$PY" -m benchmarks.step --model opt-13b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
-      run 60 "$PY" -m benchmarks.drift --model opt-1.3b --steps 200
+      if "$PY" -c "import sys, torch; sys.exit(torch.cuda.get_device_properties(0).total_memory < 120e9)"; then
+        # An H200 (141 GB): OPT-30B's 60 GB of bf16 weights take full-parameter ZO steps too.
+        run 120 "$PY" -m benchmarks.step --model opt-30b --batch 1 --seq 256 --backends cuda --skip-adamw
+      fi
       run 60 "$PY" -m benchmarks.ldsd --shapes opt-1.3b
       run 30 "$PY" -m benchmarks.ldsd --shapes opt-1.3b-lora
+      run 60 "$PY" -m benchmarks.drift --model opt-1.3b --steps 200
       run 120 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_ops.py tests/test_stream.py \
         tests/test_merge.py tests/test_scalars.py tests/test_ldsd.py tests/test_preference.py
       run 90 "$PY" -m benchmarks.preference_step --size opt-1.3b
