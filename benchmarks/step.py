@@ -139,10 +139,15 @@ def captured(fn: Callable[[], object]) -> Callable[[int], object]:
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        fn()
-    return lambda t: graph.replay()
+    cuda_graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+    try:
+        # The outer stream context restores the current stream even where a failed capture's end raises first.
+        with torch.cuda.stream(torch.cuda.current_stream()), torch.no_grad(), torch.cuda.graph(cuda_graph, pool=pool):
+            fn()
+    except BaseException:
+        graph.stop_recording_into(pool, torch.device("cuda", torch.cuda.current_device()))  # torch < 2.12
+        raise
+    return lambda t: cuda_graph.replay()
 
 
 def zo_backends(device: str) -> list[str]:

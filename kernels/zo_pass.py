@@ -30,7 +30,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # 4 KiB per program on a GPU. The interpreter runs programs one by one in Python, so it gets bigger tiles.
 GPU_BLOCK = 2048
 INTERPRETER_BLOCK = 8192
-_TABLE_CACHE_SIZE = 256
+# Tables kept: the exact mode asks for one per large parameter per forward, so the cache must hold a large model's
+# (OPT-30B has 290 large parameters; a cyclic walk over more keys than an LRU cache holds misses every time).
+_TABLE_CACHE_SIZE = 2048
 _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
 

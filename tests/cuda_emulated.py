@@ -3,8 +3,8 @@ checked on machines without a GPU.
 
 ``build()`` compiles zo_pass.cu with g++ against a stand-in CUDA runtime (tests/cuda_emulation/include, which says
 what the emulation is faithful to) into a small shared library, once per source version, and loads it with ctypes.
-The module then offers the backend interface of ``zokern._dispatch`` (``zo_pass_`` and ``philox_block_words`` over CPU
-tensors), so the backend tests run on it as on any backend.
+The module then offers the backend interface of ``zokern._dispatch`` (``zo_pass_``, ``zo_copy_pass_`` and
+``philox_block_words`` over CPU tensors), so the backend tests run on it as on any backend.
 
 What this cannot check: the device-only math of zokern/stream.h (the GPU's sqrt, sin and cos instructions; the
 polynomial log is checked, through ``log_unit_interval``), which runs the host's here, and code generation (nvcc
@@ -101,7 +101,9 @@ def build() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_uint32,
     )
-    lib.zk_emu_zo_pass.argtypes = [p, p, p, i64, i32, u64, u64, u64, f32, f32, f32, f32, f32, p, p, u32, i32, i32, i32]
+    # data, sources, numel, base, count, format, seed, seed2, rounding_seed, alpha, alpha2, lr, weight_decay, grad,
+    # grad_ptr, scalars, domain, update, second, stochastic
+    lib.zk_emu_zo_pass.argtypes = [p, p, p, p, i64, i32, u64, u64, u64, *[f32] * 5, p, p, u32, i32, i32, i32]
     lib.zk_emu_zo_pass.restype = i32
     lib.zk_emu_philox_words.argtypes = [u64, u32, u64, i64, p]
     lib.zk_emu_philox_words.restype = i32
@@ -160,16 +162,6 @@ def zo_pass_(
     scalars: torch.Tensor | None = None,
 ) -> None:
     """The ``cuda`` backend's pass, as csrc/cuda/bindings.cpp calls it, on CPU tensors (one dtype, contiguous)."""
-    lib = build()
-    spans = [(t, b) for t, b in zip(tensors, bases) if t.numel() > 0]  # bindings.cpp skips empty tensors too
-    if not spans:
-        return
-    dtype = spans[0][0].dtype
-    assert all(t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" for t, _ in spans)
-    n = len(spans)
-    data = (ctypes.c_void_p * n)(*(t.data_ptr() for t, _ in spans))
-    numel = (ctypes.c_int64 * n)(*(t.numel() for t, _ in spans))
-    base = (ctypes.c_int64 * n)(*(b for _, b in spans))
     grad_value, grad_tensor = 0.0, None
     if isinstance(grad, torch.Tensor):
         grad_tensor = grad.detach().to(dtype=torch.float32).reshape(()).contiguous()
@@ -177,10 +169,36 @@ def zo_pass_(
         grad_value = float(grad)
     if scalars is not None:
         assert scalars.dtype == torch.int64 and scalars.numel() == 8 and scalars.is_contiguous()
-    status = lib.zk_emu_zo_pass(
-        data,
-        numel,
-        base,
+    _launch(
+        tensors, None, bases, seed=seed, alpha=alpha, distribution=distribution, lr=lr, grad_value=grad_value,
+        grad_ptr=None if grad_tensor is None else grad_tensor.data_ptr(), update=grad is not None,
+        weight_decay=weight_decay, seed2=seed2, alpha2=alpha2, rounding_seed=rounding_seed,
+        scalars_ptr=None if scalars is None else scalars.data_ptr(),
+    )  # fmt: skip
+
+
+def zo_copy_pass_(out, sources, bases, *, seed, alpha, distribution, seed2=None, alpha2=0.0) -> None:
+    """The ``cuda`` backend's out-of-place pass (bindings.cpp's zo_copy_pass_cuda): out_k = source_k + alpha z, ..."""
+    assert all(o.shape == s.shape and o.dtype == s.dtype and s.is_contiguous() for o, s in zip(out, sources))
+    _launch(out, sources, bases, seed=seed, alpha=alpha, distribution=distribution, seed2=seed2, alpha2=alpha2)
+
+
+def _launch(
+    tensors, sources, bases, *, seed, alpha, distribution, lr=0.0, grad_value=0.0, grad_ptr=None, update=False,
+    weight_decay=0.0, seed2=None, alpha2=0.0, rounding_seed=None, scalars_ptr=None,
+) -> None:  # fmt: skip
+    sources = list(tensors) if sources is None else list(sources)
+    spans = [(t, s, b) for t, s, b in zip(tensors, sources, bases) if t.numel() > 0]  # bindings.cpp skips empty ones
+    if not spans:
+        return
+    dtype = spans[0][0].dtype
+    assert all(t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" for t, _, _ in spans)
+    n = len(spans)
+    status = build().zk_emu_zo_pass(
+        (ctypes.c_void_p * n)(*(t.data_ptr() for t, _, _ in spans)),
+        (ctypes.c_void_p * n)(*(s.data_ptr() for _, s, _ in spans)),
+        (ctypes.c_int64 * n)(*(t.numel() for t, _, _ in spans)),
+        (ctypes.c_int64 * n)(*(b for _, _, b in spans)),
         n,
         FORMATS[dtype],
         seed & _U64,
@@ -191,10 +209,10 @@ def zo_pass_(
         lr,
         weight_decay,
         grad_value,
-        None if grad_tensor is None else grad_tensor.data_ptr(),
-        None if scalars is None else scalars.data_ptr(),
+        grad_ptr,
+        scalars_ptr,
         DISTRIBUTIONS[distribution],
-        grad is not None,
+        update,
         seed2 is not None,
         rounding_seed is not None,
     )

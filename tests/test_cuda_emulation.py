@@ -18,6 +18,7 @@ from helpers import emulated_cuda_backend
 from helpers import random_params
 
 from zokern import _native
+from zokern import _native_copy
 
 pytestmark = [
     pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the real kernels are tested instead"),
@@ -94,6 +95,41 @@ def test_every_address_alignment_touches_only_the_tensors(emulated, dtype):
         touched[s : s + n] = True
     assert _same_bits(out[~touched], buffer[~touched])
     assert not torch.equal(out[touched], buffer[touched])
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["one_seed", "two_seeds"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_of_place_pass_is_the_cpu_backends_bit_for_bit(emulated, dtype, distribution, second):
+    """The cuda backend's zo_copy_pass_ (the exact mode's theta + alpha z) is the in-place kernel reading each source
+    and writing its output: sources and outputs at every relative alignment, the sources left alone."""
+    emulated.configure(3)
+    per_line = 16 // torch.empty((), dtype=dtype).element_size()
+    pool = random_params((60_000,), dtype, seed=5)[0]
+    before = pool.clone()
+    sizes = (1, 9, 2048 + 3, 517, 4097)
+    sources, start = [], 0
+    for k, n in enumerate(sizes):
+        start += k % per_line + 8
+        sources.append(pool[start : start + n])
+        start += n
+    bases = [2**33 + 1000 * k + k % 8 for k in range(len(sizes))]
+    kwargs = dict(seed=9, alpha=1e-2, distribution=distribution)
+    if second:
+        kwargs.update(seed2=2**50 + 1, alpha2=-3e-3)
+    for shift in range(per_line):  # the outputs' alignment, relative to the sources'
+        buffer = torch.full((sum(sizes) + 16 * len(sizes) + shift,), 7.0, dtype=dtype)
+        outs, untouched, at = [], torch.ones_like(buffer, dtype=torch.bool), shift
+        for n in sizes:
+            outs.append(buffer[at : at + n])
+            untouched[at : at + n] = False
+            at += n + 3
+        emulated.zo_copy_pass_(outs, sources, bases, **kwargs)
+        expected = [torch.empty_like(t) for t in sources]
+        _native_copy.zo_copy_pass_(expected, sources, bases, **kwargs)
+        assert all(_same_bits(a, b) for a, b in zip(outs, expected)), shift
+        assert _same_bits(pool, before)
+        assert (buffer[untouched] == 7.0).all()
 
 
 def test_a_launch_carries_at_most_96_tensors_and_skips_empty_ones(emulated):

@@ -57,6 +57,14 @@ def test_tables_are_reused_and_follow_the_offsets():
     assert torch.equal(t, ref)  # Rademacher z is exact, so is every pass
 
 
+def test_the_tables_of_a_large_models_parameters_stay_cached():
+    """The exact mode materialises each large parameter once per forward, each with its own table: a model with more
+    of them than the cache holds would rebuild every table on every forward."""
+    tensors = [torch.empty(3) for _ in range(400)]
+    first = [zo_pass._work_table([t], [0], 2048) for t in tensors]
+    assert all(zo_pass._work_table([t], [0], 2048) is table for t, table in zip(tensors, first))
+
+
 @pytest.fixture(scope="module")
 def h100_ptx_facts():
     # The interpreter replaces @triton.jit functions at import, so the compiler runs in a process without it.

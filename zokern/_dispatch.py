@@ -74,7 +74,7 @@ _MODULES = {
         "zokern.kernels.zopro_pass",
     ),
     "cpu": ("zokern._native", "zokern._native_copy", "zokern._native_ldsd", "zokern._native_zopro"),
-    "cuda": ("zokern._native",),
+    "cuda": ("zokern._native", "zokern._native_copy"),
 }
 
 
@@ -115,8 +115,8 @@ _selected: dict[tuple, ModuleType] = {}
 def select_backend(device: torch.device, backend: str | None = None, op: str = "zo_pass_") -> ModuleType:
     """The backend module for tensors on ``device``: the requested one, or the fastest available.
 
-    ``op`` names the function the caller needs. The fused pass (``zo_pass_``) exists in every backend; passes that
-    only some backends implement (the out-of-place pass, the LDSD and ZOPrO passes: triton, cpu and torch) come from the
+    ``op`` names the function the caller needs. The fused pass (``zo_pass_``) and the out-of-place pass exist in every
+    backend; passes that only some backends implement (the LDSD and ZOPrO passes: triton, cpu and torch) come from the
     requested backend when it has them, else from the fastest available one that does.
     """
     key = (device.type, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), op)

@@ -1,5 +1,6 @@
-"""The ``cpu`` backend of the out-of-place perturbation pass: csrc/cpu/copy_pass.cpp (math: zokern._reference).
-CPU only: on a GPU the Triton kernel runs it."""
+"""The ``cpu`` and ``cuda`` backends of the out-of-place perturbation pass (math: zokern._reference): the op
+``zokern::zo_copy_pass_``, whose CPU kernel is csrc/cpu/copy_pass.cpp and whose CUDA kernel is the in-place pass of
+csrc/cuda/zo_pass.cu reading each source and writing its output (csrc/cuda/bindings.cpp)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-// CUDA kernels of zokern::zo_pass_ and zokern::philox_words_ (schemas in csrc/cpu/zo_pass.cpp): argument checks,
-// the current device and stream, then the torch-free launchers of zo_pass.cu. Nothing here synchronises: a grad
+// CUDA kernels of zokern::zo_pass_, zokern::zo_copy_pass_ and zokern::philox_words_ (schemas in csrc/cpu/): argument
+// checks, the current device and stream, then the torch-free launchers of zo_pass.cu. Nothing here synchronises: a grad
 // tensor on the device is read by the kernel itself.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,7 +29,7 @@ gpu::Format format_of(at::ScalarType dtype) {
       return gpu::Format::kFloat32;
     case at::kBFloat16:
       return gpu::Format::kBFloat16;
-    default:  // at::kHalf, the only other dtype check_pass_inputs admits
+    default:  // at::kHalf, the only other dtype the ops admit
       return gpu::Format::kFloat16;
   }
 }
@@ -50,7 +50,9 @@ void zo_pass_cuda(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, d
   std::vector<gpu::TensorSpan> spans;
   spans.reserve(tensors.size());
   for (size_t k = 0; k < tensors.size(); ++k) {
-    if (tensors[k].numel() > 0) spans.push_back({tensors[k].data_ptr(), tensors[k].numel(), bases[k]});
+    if (tensors[k].numel() > 0) {
+      spans.push_back({tensors[k].data_ptr(), tensors[k].const_data_ptr(), tensors[k].numel(), bases[k]});
+    }
   }
   if (spans.empty()) return;
 
@@ -76,6 +78,46 @@ void zo_pass_cuda(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, d
                                      c10::cuda::getCurrentCUDAStream()));
 }
 
+// zokern::zo_copy_pass_ (schema in csrc/cpu/copy_pass.cpp): out_k = source_k + alpha z(seed) [+ alpha2 z(seed2)],
+// rounded to nearest, by the in-place kernel reading each source and writing its output.
+void zo_copy_pass_cuda(at::TensorList out, at::TensorList sources, at::IntArrayRef bases, int64_t seed, double alpha,
+                       int64_t domain, int64_t seed2, double alpha2, bool second) {
+  TORCH_CHECK(out.size() == sources.size() && out.size() == bases.size(),
+              "zo_copy_pass_: out, sources and bases differ in length");
+  TORCH_CHECK(domain == 0 || domain == 1, "zo_copy_pass_: domain must be 0 or 1");
+  TORCH_CHECK(seed >= 0 && seed2 >= 0, "zo_copy_pass_: seeds must be in [0, 2^63)");
+  if (out.empty()) return;
+  const at::ScalarType dtype = out[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "zo_copy_pass_: float32, bfloat16 or float16 tensors, got ", dtype);
+  std::vector<gpu::TensorSpan> spans;
+  spans.reserve(out.size());
+  for (size_t k = 0; k < out.size(); ++k) {
+    TORCH_CHECK(out[k].is_cuda() && sources[k].device() == out[k].device() && out[k].device() == out[0].device() &&
+                    out[k].is_contiguous() && sources[k].is_contiguous() &&
+                    out[k].scalar_type() == dtype && sources[k].scalar_type() == dtype &&
+                    sources[k].numel() == out[k].numel(),
+                "zo_copy_pass_: out[", k, "] and sources[", k,
+                "] must be contiguous tensors of one dtype and size on one CUDA device");
+    TORCH_CHECK(bases[k] >= 0 && bases[k] <= INT64_MAX - out[k].numel(), "zo_copy_pass_: bases[", k,
+                "] + numel must lie in [0, 2^63)");
+    if (out[k].numel() > 0) {
+      spans.push_back({out[k].data_ptr(), sources[k].const_data_ptr(), out[k].numel(), bases[k]});
+    }
+  }
+  if (spans.empty()) return;
+  gpu::PassConfig config{};
+  config.seed = static_cast<uint64_t>(seed);
+  config.seed2 = static_cast<uint64_t>(seed2);
+  config.alpha = static_cast<float>(alpha);
+  config.alpha2 = static_cast<float>(alpha2);
+  config.domain = static_cast<uint32_t>(domain);
+  config.second = second;
+  const c10::cuda::CUDAGuard guard(out[0].device());
+  C10_CUDA_CHECK(gpu::launch_zo_pass(spans.data(), static_cast<int64_t>(spans.size()), format_of(dtype), config,
+                                     c10::cuda::getCurrentCUDAStream()));
+}
+
 void philox_words_cuda(const at::Tensor& out, int64_t seed, int64_t domain, int64_t first_block) {
   check_philox_inputs(out, seed, domain, first_block);
   TORCH_CHECK(out.is_cuda(), "philox_words_: out is on ", out.device(), ", expected a CUDA device");
@@ -90,5 +132,6 @@ void philox_words_cuda(const at::Tensor& out, int64_t seed, int64_t domain, int6
 
 TORCH_LIBRARY_IMPL(zokern, CUDA, m) {
   m.impl("zo_pass_", &zokern::zo_pass_cuda);
+  m.impl("zo_copy_pass_", &zokern::zo_copy_pass_cuda);
   m.impl("philox_words_", &zokern::philox_words_cuda);
 }

@@ -6,8 +6,9 @@
 // tensors of one format: it enumerates the tiles that intersect each tensor, and a block finds its tile's tensor in
 // the cumulative tile counts, which live in the kernel parameters (uniform per block, served by the constant
 // cache). A warp's 32 octets are 256 contiguous elements, read and written with 16-byte accesses whenever the
-// octet's address is 16-byte aligned (the tensor's base index and data pointer permit it); octets cut by a
-// tensor's ends, or misaligned, use element accesses.
+// octet's addresses are 16-byte aligned (the tensor's base index and pointers permit it); octets cut by a tensor's
+// ends, or misaligned, use element accesses. Each tensor is read from its source and written to its data, the same
+// memory for an in-place pass: the out-of-place pass (the exact mode's theta + alpha z) is the same kernel.
 //
 // Cost per octet: one Philox call and four Box-Muller pairs for Gaussian z; one Philox call for Rademacher z (the
 // 16 threads of a 128-element group recompute the same call, which costs the warp no more than one call, as for
@@ -29,7 +30,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kTileElems = 8 * kThreads;  // 2048: a multiple of 128, so tiles hold whole Rademacher groups
-// Metadata passed by value: 4 arrays of 8 bytes per tensor, 3 KiB for 96, under the 4 KiB kernel-parameter limit.
+// Metadata passed by value: 5 arrays of 8 bytes per tensor, 3.75 KiB for 96, under the 4 KiB kernel-parameter limit.
 constexpr int kMaxTensors = 96;
 constexpr int kMaxDevices = 64;
 
@@ -38,6 +39,7 @@ struct TileMap {
   int64_t base[kMaxTensors];
   int64_t numel[kMaxTensors];
   void* data[kMaxTensors];
+  const void* source[kMaxTensors];  // data itself for an in-place pass
   int count;
 };
 
@@ -130,18 +132,19 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t j0 = static_cast<int64_t>(octet * 8 - static_cast<uint64_t>(base));
     if (j0 <= -8 || j0 >= numel) continue;
     Storage* data = static_cast<Storage*>(map.data[k]);
-    const bool vector =
-        j0 >= 0 && j0 + 8 <= numel && (reinterpret_cast<uintptr_t>(data + j0) & 15) == 0;
+    const Storage* source = static_cast<const Storage*>(map.source[k]);
+    const bool vector = j0 >= 0 && j0 + 8 <= numel &&
+                        ((reinterpret_cast<uintptr_t>(data + j0) | reinterpret_cast<uintptr_t>(source + j0)) & 15) == 0;
 
     // Loads first: their latency overlaps the generator's arithmetic.
     Storage raw[8];
     if (vector) {
-      load_octet(data + j0, raw);
+      load_octet(source + j0, raw);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int64_t j = j0 + e;
-        raw[e] = j >= 0 && j < numel ? data[j] : Storage{};
+        raw[e] = j >= 0 && j < numel ? source[j] : Storage{};
       }
     }
 
@@ -271,6 +274,7 @@ cudaError_t launch_zo_pass(const TensorSpan* tensors, int64_t count, Format form
     map.base[map.count] = t.base;
     map.numel[map.count] = t.numel;
     map.data[map.count] = t.data;
+    map.source[map.count] = t.source;
     if (++map.count == kMaxTensors) {
       const cudaError_t err = launch_map(map, n_tiles, format, config, stream);
       if (err != cudaSuccess) return err;

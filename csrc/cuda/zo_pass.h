@@ -11,9 +11,11 @@ namespace gpu {
 
 enum class Format : int { kFloat32, kBFloat16, kFloat16 };
 
-// One contiguous tensor: element j has global stream index base + j.
+// One contiguous tensor: element j has global stream index base + j. The pass reads source[j] and writes data[j]:
+// in place, source is data; out of place (the exact mode's theta + alpha z), another tensor of the same dtype and size.
 struct TensorSpan {
   void* data;
+  const void* source;
   int64_t numel;
   int64_t base;
 };

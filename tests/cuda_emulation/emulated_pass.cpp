@@ -19,12 +19,14 @@ const char* report = "";
 
 extern "C" {
 
-int zk_emu_zo_pass(void* const* data, const int64_t* numel, const int64_t* base, int64_t count, int format,
+// sources: null for an in-place pass, else each tensor's source (the out-of-place pass of bindings.cpp).
+int zk_emu_zo_pass(void* const* data, const void* const* sources, const int64_t* numel, const int64_t* base,
+                   int64_t count, int format,
                    uint64_t seed, uint64_t seed2, uint64_t rounding_seed, float alpha, float alpha2, float lr,
                    float weight_decay, float grad, const float* grad_ptr, const int64_t* scalars, uint32_t domain,
                    int update, int second, int stochastic) {
   std::vector<zokern::gpu::TensorSpan> spans;
-  for (int64_t k = 0; k < count; ++k) spans.push_back({data[k], numel[k], base[k]});
+  for (int64_t k = 0; k < count; ++k) spans.push_back({data[k], sources ? sources[k] : data[k], numel[k], base[k]});
   zokern::gpu::PassConfig config{};
   config.seed = seed;
   config.seed2 = seed2;
