@@ -343,6 +343,18 @@ def test_nonfinite_loss_skips_the_update_with_a_warning():
         (lambda ps: FZOO(ps, n_probes=1), ValueError, "n_probes"),
         (lambda ps: ZOConservative(ps, n_probes=2), ValueError, "n_probes"),
         (lambda ps: ZOSGD(ps, seed=-3), ValueError, "seed"),
+        (
+            lambda ps: ZOSGD([*ps, torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]),
+            TypeError,
+            r"params\[1\].*float64",
+        ),
+        (
+            lambda ps: ZOSGD(ps, perturbation="exact").add_param_group(
+                {"params": [torch.ones(2, dtype=torch.float64)]}
+            ),
+            TypeError,
+            r"param group 1: params\[0\] has dtype torch.float64",
+        ),
     ],
 )
 def test_bad_arguments_are_clear_errors(build, exc, match):

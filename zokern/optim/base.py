@@ -123,6 +123,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         for name, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
             _check_number(name, group[name], low, strict)
+        for k, p in enumerate(group["params"]):
+            if p.dtype not in ops.SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"params[{k}] has dtype {p.dtype}; zokern's passes update float32, bfloat16 and float16 parameters"
+                )
 
     # ------------------------------------------------------------------------------------------------- layout
 
