@@ -10,7 +10,7 @@
 #                                      kernels), the preference policy step at 1.3B, the step plot
 # Each stage builds zokern against the device's torch first (a fresh machine keeps nothing between sessions) and
 # appends its tables to benchmarks/RESULTS.md, which it copies to $OUT with its log when the device tool provides it.
-# Call it with the device tool's timeout_s at 600; only a slow build leaves the last piece less than its limit.
+# Call it with the device tool's timeout_s at 600: stage 1's limits add up to that.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-1}"
@@ -41,19 +41,20 @@ save() {
 }
 {
   # A build error must stop the stage with its message, not leave zokern running without its extension.
-  run 240 env MAX_JOBS="${MAX_JOBS:-16}" ZOKERN_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+  run 180 env MAX_JOBS="${MAX_JOBS:-16}" ZOKERN_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     "$PY" -m pip install --no-build-isolation --no-deps -e . || exit 1
   "$PY" -m zokern info
+  "$PY" -c "import setuptools, torch, triton; print('setuptools', setuptools.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
   "$PY" -c "import sys, zokern; sys.exit('cuda' not in zokern.available_backends())" || exit 1
   case "$stage" in
     1)
       # The measurements first (kernels_gpu checks both backends against the reference before timing them), then
       # the device tests of the kernels and the captured step with what is left; their workers compile Triton
       # kernels in parallel (16 cores).
-      run 120 "$PY" -m benchmarks.kernels_gpu
-      run 150 "$PY" -m benchmarks.step --model opt-1.3b --batch 16 --seq 256 --backends cuda,triton
-      run 90 "$PY" -m benchmarks.step --model opt-6.7b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
-      run 120 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_backends.py tests/test_graph.py \
+      run 100 "$PY" -m benchmarks.kernels_gpu
+      run 130 "$PY" -m benchmarks.step --model opt-1.3b --batch 16 --seq 256 --backends cuda,triton
+      run 80 "$PY" -m benchmarks.step --model opt-6.7b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
+      run 110 "$PY" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_backends.py tests/test_graph.py \
         tests/test_device_step.py
       ;;
     2)

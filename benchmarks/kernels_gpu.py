@@ -3,7 +3,7 @@
     python -m benchmarks.kernels_gpu [--elements N] [--dtypes bfloat16,float32] [--no-append]
 
 1. Correctness on the device: the cuda and triton backends against the torch reference (same stream, same pass),
-   every dtype, both distributions, every variant, odd sizes, offsets above 2^31.
+   every dtype, both distributions, every variant (the out-of-place pass included), odd sizes, offsets above 2^31.
 2. Bandwidth: each op on OPT-1.3B's parameter shapes (1.316e9 elements in 388 tensors; bf16, then fp32) as
    effective GB/s (bytes read + written once) and as a fraction of a device-to-device copy of the same bytes, timed
    in the same run; the perturb pass also on one flat tensor of the same elements (a flat parameter buffer against
@@ -83,7 +83,8 @@ def check_backend(backend: str, device: str) -> list[str]:
     sizes = (1, 7, 129, 1000, 4097, 70_000)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for distribution in ("gaussian", "rademacher"):
-            for variant in ("perturb", "update", "update_tensor_g", "nonfinite_g", "two_seed", "stochastic"):
+            variants = ("perturb", "update", "update_tensor_g", "nonfinite_g", "two_seed", "stochastic", "into")
+            for variant in variants:
                 g = torch.Generator().manual_seed(1)
                 base = [(torch.randn(n, generator=g) * 0.02 + 0.5).to(dtype).to(device) for n in sizes]
                 ours, ref = [t.clone() for t in base], [t.clone() for t in base]
@@ -100,6 +101,8 @@ def check_backend(backend: str, device: str) -> list[str]:
                         zokern.restore_update_(ts, 3, 1e-3, 0.1, torch.tensor(float("nan"), device=device), **kw)
                     elif variant == "two_seed":
                         zokern.two_seed_(ts, 3, 1e-3, 4, -2e-3, **kw)
+                    elif variant == "into":  # the out-of-place pass (the exact mode's), from a copy into ts
+                        zokern.perturb_into_(ts, [t.clone() for t in ts], 3, 1e-3, next_seed=4, next_alpha=-2e-3, **kw)
                     else:
                         zokern.perturb_(ts, 3, 1e-3, rounding="stochastic", rounding_seed=11, **kw)
                 for o, r in zip(ours, ref):

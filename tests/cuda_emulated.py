@@ -47,6 +47,7 @@ FLAGS = (
     "-Werror",
     "-DZOKERN_CUDA_EMULATION",
     "-fsanitize=alignment,signed-integer-overflow,shift,bounds,pointer-overflow",
+    "-Wl,-Bsymbolic",  # the hooks bind to this library's own, even where libubsan is loaded into the process
 )
 FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _U64 = (1 << 64) - 1

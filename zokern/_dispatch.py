@@ -80,6 +80,11 @@ _MODULES = {
 
 def _module(name: str, op: str = "zo_pass_") -> ModuleType | None:
     """The module of backend ``name`` that implements ``op``, or None if the backend has no such op."""
+    if name == "cuda":
+        from zokern import _native
+
+        if not _native.cuda_kernel_for(op):
+            return None
     for module_name in _MODULES[name]:
         module = importlib.import_module(module_name)
         if hasattr(module, op):

@@ -39,11 +39,13 @@ def cpu_available() -> bool:
 
 def cuda_available() -> bool:
     """Whether the extension has CUDA kernels and torch sees a CUDA device."""
-    return (
-        LOAD_ERROR is None
-        and torch._C._dispatch_has_kernel_for_dispatch_key("zokern::zo_pass_", "CUDA")
-        and torch.cuda.is_available()
-    )
+    return cuda_kernel_for("zo_pass_") and torch.cuda.is_available()
+
+
+def cuda_kernel_for(op: str) -> bool:
+    """Whether the loaded extension has a CUDA kernel for ``zokern::<op>`` (one built before an op gained its CUDA
+    kernel has not: its callers then fall back to another backend)."""
+    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"zokern::{op}", "CUDA")
 
 
 def zo_pass_(

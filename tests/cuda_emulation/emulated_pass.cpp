@@ -43,7 +43,10 @@ int zk_emu_zo_pass(void* const* data, const void* const* sources, const int64_t*
   config.second = second != 0;
   config.stochastic = stochastic != 0;
   std::jmp_buf jump;
-  if (setjmp(jump) != 0) return kUndefinedBehaviour;
+  if (setjmp(jump) != 0) {
+    abandon = nullptr;  // the frame it pointed into is gone
+    return kUndefinedBehaviour;
+  }
   abandon = &jump;
   const int status =
       zokern::gpu::launch_zo_pass(spans.data(), count, static_cast<zokern::gpu::Format>(format), config, nullptr);
@@ -53,7 +56,10 @@ int zk_emu_zo_pass(void* const* data, const void* const* sources, const int64_t*
 
 int zk_emu_philox_words(uint64_t seed, uint32_t domain, uint64_t first_block, int64_t n_blocks, int64_t* out) {
   std::jmp_buf jump;
-  if (setjmp(jump) != 0) return kUndefinedBehaviour;
+  if (setjmp(jump) != 0) {
+    abandon = nullptr;  // the frame it pointed into is gone
+    return kUndefinedBehaviour;
+  }
   abandon = &jump;
   const int status = zokern::gpu::launch_philox_words(seed, domain, first_block, n_blocks, out, nullptr);
   abandon = nullptr;

@@ -25,6 +25,7 @@ from zokern import ops
 from zokern._dispatch import select_backend
 
 _DATA_GETTER = torch.Tensor.data
+_DTYPES = frozenset(ops.SUPPORTED_DTYPES)  # others (a model cast to float64 after construction) take ops' checks
 
 
 class ParameterUse:
@@ -100,13 +101,13 @@ class PerturbedView(TorchFunctionMode):
             return [p.clone() for p in params]
         outs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
         (seed, alpha), rest = terms[0], terms[1:]
-        if len(params) == 1 and params[0].is_contiguous() and params[0].numel():
+        if len(params) == 1 and params[0].is_contiguous() and params[0].numel() and params[0].dtype in _DTYPES:
             # The per-op call, once per large parameter per forward: straight to the backend, whose arguments the
             # optimizer has validated (zokern.ops' checks cost more host time than the launch).
             impl = select_backend(params[0].device, self.pass_kwargs["backend"], op="zo_copy_pass_")
             with torch.no_grad():
                 impl.zo_copy_pass_(
-                    outs, params, offsets, seed=seed, alpha=alpha, distribution=self.pass_kwargs["distribution"]
+                    outs, params, offsets, seed=seed, alpha=float(alpha), distribution=self.pass_kwargs["distribution"]
                 )
         else:
             ops.perturb_into_(outs, params, seed, alpha, offsets=offsets, **self.pass_kwargs)
