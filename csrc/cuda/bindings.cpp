@@ -34,6 +34,26 @@ gpu::Format format_of(at::ScalarType dtype) {
   }
 }
 
+// The perturbation terms of a pass; the update's fields stay off.
+gpu::PassConfig perturbation_config(int64_t seed, double alpha, int64_t domain, int64_t seed2, double alpha2,
+                                    bool second) {
+  gpu::PassConfig config{};
+  config.seed = static_cast<uint64_t>(seed);
+  config.seed2 = static_cast<uint64_t>(seed2);
+  config.alpha = static_cast<float>(alpha);
+  config.alpha2 = static_cast<float>(alpha2);
+  config.domain = static_cast<uint32_t>(domain);
+  config.second = second;
+  return config;
+}
+
+void launch(const std::vector<gpu::TensorSpan>& spans, const at::Tensor& first, const gpu::PassConfig& config) {
+  if (spans.empty()) return;
+  const c10::cuda::CUDAGuard guard(first.device());
+  C10_CUDA_CHECK(gpu::launch_zo_pass(spans.data(), static_cast<int64_t>(spans.size()), format_of(first.scalar_type()),
+                                     config, c10::cuda::getCurrentCUDAStream()));
+}
+
 void zo_pass_cuda(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, double alpha, int64_t domain,
                   double lr, double grad_value, const std::optional<at::Tensor>& grad_tensor, bool update,
                   double weight_decay, int64_t seed2, double alpha2, bool second, int64_t rounding_seed,
@@ -54,28 +74,16 @@ void zo_pass_cuda(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, d
       spans.push_back({tensors[k].data_ptr(), tensors[k].const_data_ptr(), tensors[k].numel(), bases[k]});
     }
   }
-  if (spans.empty()) return;
-
-  gpu::PassConfig config{};
-  config.seed = static_cast<uint64_t>(seed);
-  config.seed2 = static_cast<uint64_t>(seed2);
+  gpu::PassConfig config = perturbation_config(seed, alpha, domain, seed2, alpha2, second);
   config.rounding_seed = static_cast<uint64_t>(rounding_seed);
-  config.alpha = static_cast<float>(alpha);
-  config.alpha2 = static_cast<float>(alpha2);
   config.lr = static_cast<float>(lr);
   config.weight_decay = static_cast<float>(weight_decay);
   config.grad = static_cast<float>(grad_value);
   config.grad_ptr = update && grad_tensor.has_value() ? grad_tensor->const_data_ptr<float>() : nullptr;
   config.scalars = scalars.has_value() ? scalars->const_data_ptr<int64_t>() : nullptr;
-  config.domain = static_cast<uint32_t>(domain);
   config.update = update;
-  config.second = second;
   config.stochastic = stochastic;
-
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  C10_CUDA_CHECK(gpu::launch_zo_pass(spans.data(), static_cast<int64_t>(spans.size()),
-                                     format_of(tensors[0].scalar_type()), config,
-                                     c10::cuda::getCurrentCUDAStream()));
+  launch(spans, tensors[0], config);
 }
 
 // zokern::zo_copy_pass_ (schema in csrc/cpu/copy_pass.cpp): out_k = source_k + alpha z(seed) [+ alpha2 z(seed2)],
@@ -105,17 +113,7 @@ void zo_copy_pass_cuda(at::TensorList out, at::TensorList sources, at::IntArrayR
       spans.push_back({out[k].data_ptr(), sources[k].const_data_ptr(), out[k].numel(), bases[k]});
     }
   }
-  if (spans.empty()) return;
-  gpu::PassConfig config{};
-  config.seed = static_cast<uint64_t>(seed);
-  config.seed2 = static_cast<uint64_t>(seed2);
-  config.alpha = static_cast<float>(alpha);
-  config.alpha2 = static_cast<float>(alpha2);
-  config.domain = static_cast<uint32_t>(domain);
-  config.second = second;
-  const c10::cuda::CUDAGuard guard(out[0].device());
-  C10_CUDA_CHECK(gpu::launch_zo_pass(spans.data(), static_cast<int64_t>(spans.size()), format_of(dtype), config,
-                                     c10::cuda::getCurrentCUDAStream()));
+  launch(spans, out[0], perturbation_config(seed, alpha, domain, seed2, alpha2, second));
 }
 
 void philox_words_cuda(const at::Tensor& out, int64_t seed, int64_t domain, int64_t first_block) {
