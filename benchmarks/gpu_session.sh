@@ -5,9 +5,9 @@
 #                                      reference); ZO step (each mode, graphed included) vs MeZO and AdamW at OPT-1.3B,
 #                                      batch 16 x 256, and vs MeZO at OPT-6.7B, batch 1 (issue 5's main targets); then
 #                                      the device tests of the backends, the no-sync step and the CUDA-graph step
-#   bash benchmarks/gpu_session.sh 2   OPT-13B at batch 1 (and OPT-30B on an H200), LDSD overhead (full, LoRA),
-#                                      16-bit drift, the other device tests (ops, stream, merge, scalars, LDSD, ZOPrO's
-#                                      kernels), the preference policy step at 1.3B, the step plot
+#   bash benchmarks/gpu_session.sh 2   OPT-13B and Llama-7B at batch 1 (and OPT-30B on an H200), LDSD overhead (full,
+#                                      LoRA), 16-bit drift, the other device tests (ops, stream, merge, scalars, LDSD,
+#                                      ZOPrO's kernels), the preference policy step at 1.3B, the step plot
 # Each stage builds zokern against the device's torch first (a fresh machine keeps nothing between sessions) and
 # appends its tables to benchmarks/RESULTS.md, which it copies to $OUT with its log when the device tool provides it.
 # Call it with the device tool's timeout_s at 600: stage 1's limits add up to that.
@@ -44,7 +44,8 @@ save() {
   run 180 env MAX_JOBS="${MAX_JOBS:-16}" ZOKERN_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     "$PY" -m pip install --no-build-isolation --no-deps -e . || exit 1
   "$PY" -m zokern info
-  "$PY" -c "import setuptools, torch, triton; print('setuptools', setuptools.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
+  "$PY" -c "import setuptools, torch, triton; print('setuptools', setuptools.__version__, 'torch', torch.__version__,
+'triton', triton.__version__)"
   "$PY" -c "import sys, zokern; sys.exit('cuda' not in zokern.available_backends())" || exit 1
   case "$stage" in
     1)
@@ -59,6 +60,7 @@ save() {
       ;;
     2)
       run 90 "$PY" -m benchmarks.step --model opt-13b --batch 1 --seq 256 --backends cuda,triton --skip-adamw
+      run 80 "$PY" -m benchmarks.step --model llama-7b --batch 1 --seq 256 --backends cuda --skip-adamw
       if "$PY" -c "import sys, torch; sys.exit(torch.cuda.get_device_properties(0).total_memory < 120e9)"; then
         # An H200 (141 GB): OPT-30B's 60 GB of bf16 weights take full-parameter ZO steps too.
         run 120 "$PY" -m benchmarks.step --model opt-30b --batch 1 --seq 256 --backends cuda --skip-adamw
