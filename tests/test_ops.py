@@ -204,6 +204,36 @@ def test_a_resolved_choice_still_follows_the_environment(monkeypatch):
     assert _dispatch.select_backend(cpu) is automatic
 
 
+def test_the_cuda_backend_offers_only_ops_with_a_cuda_kernel():
+    """Asked for an op on a GPU, the cuda backend comes first: it must answer None (next backend) for the passes it
+    lacks, whether the extension registers them for the CPU only or not at all, rather than raise."""
+    from zokern import _dispatch
+    from zokern import _native
+
+    for op in ("ldsd_move_", "ldsd_squared_norm", "ldsd_final_", "zopro_reduce", "zopro_apply_", "no_such_pass_"):
+        assert not _native.cuda_kernel_for(op), op
+        assert _dispatch._module("cuda", op) is None, op
+    if _native.cuda_kernel_for("zo_pass_"):  # an extension built with CUDA kernels
+        assert _dispatch._module("cuda", "zo_copy_pass_") is not None
+
+
+OPS = ("zo_pass_", "zo_copy_pass_", "ldsd_move_", "ldsd_squared_norm", "ldsd_final_", "zopro_reduce", "zopro_apply_")
+
+
+@pytest.mark.parametrize("requested", [None, "cuda", "triton"])
+def test_every_pass_resolves_on_a_gpu_machine(monkeypatch, requested):
+    """The resolution a GPU machine makes (every backend available, a CUDA device), run here with the status
+    pretended: each op the package asks for gets a module that has it."""
+    from zokern import _dispatch
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(_dispatch, "backend_status", lambda: dict.fromkeys(_dispatch.BACKENDS, "available"))
+    monkeypatch.setattr(_dispatch, "_selected", {})
+    for op in OPS:
+        module = _dispatch.select_backend(torch.device("cuda", 0), requested, op=op)
+        assert hasattr(module, op), (op, module.__name__)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

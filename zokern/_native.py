@@ -45,7 +45,12 @@ def cuda_available() -> bool:
 def cuda_kernel_for(op: str) -> bool:
     """Whether the loaded extension has a CUDA kernel for ``zokern::<op>`` (one built before an op gained its CUDA
     kernel has not: its callers then fall back to another backend)."""
-    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"zokern::{op}", "CUDA")
+    if LOAD_ERROR is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"zokern::{op}", "CUDA")
+    except RuntimeError:  # no such op at all (the LDSD and ZOPrO passes' Python names): no CUDA kernel either
+        return False
 
 
 def zo_pass_(
