@@ -43,6 +43,7 @@ save() {
   # A build error must stop the stage with its message, not leave zokern running without its extension.
   run 180 env MAX_JOBS="${MAX_JOBS:-16}" ZOKERN_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     "$PY" -m pip install --no-build-isolation --no-deps -e . || exit 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv || true
   "$PY" -m zokern info
   "$PY" -c "import setuptools, torch, triton; print('setuptools', setuptools.__version__, 'torch', torch.__version__,
 'triton', triton.__version__)"
