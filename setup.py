@@ -11,7 +11,11 @@ optional: if it cannot be built, the install still succeeds, says why, and zoker
 """
 
 import os
+import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 from setuptools import find_packages
 from setuptools import setup
@@ -21,14 +25,63 @@ PACKAGES = ["zokern", *(f"zokern.{name}" for name in find_packages("zokern")), "
 PACKAGE_DIR = {"zokern": "zokern", "zokern.kernels": "kernels"}
 
 
+FALLBACK = "zokern will use its torch/triton backends. Set ZOKERN_REQUIRE_BUILD=1 to make this an error."
+
+
+# What differs between the CUDA extension and the CPU-only one (setuptools' Extension attributes).
+CPU_EXTENSION_FIELDS = (
+    "sources",
+    "include_dirs",
+    "define_macros",
+    "libraries",
+    "library_dirs",
+    "runtime_library_dirs",
+    "extra_compile_args",
+    "extra_link_args",
+    "language",
+)
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "") == "1"
+
+
+def cuda_toolkit_behind_wrapper() -> str | None:
+    """The CUDA toolkit that `nvcc` runs, where torch's guess of CUDA_HOME would miss its headers.
+
+    Without CUDA_HOME, torch takes the folder above nvcc's folder on PATH. When that nvcc is a wrapper script (here,
+    /usr/local/bin/nvcc exec-ing /usr/local/cuda-13.0/bin/nvcc), that folder has no cuda_runtime.h and the binding
+    fails to compile; nvcc's dry run names the toolkit it belongs to. None: leave torch's choice alone.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or (Path(nvcc).parent.parent / "include" / "cuda_runtime.h").exists():
+        return None
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
+    if top is None:
+        return None
+    toolkit = Path(top.group(1).strip()).resolve()
+    return str(toolkit) if (toolkit / "include" / "cuda_runtime.h").exists() else None
 
 
 def _extension_setup() -> dict:
     if _flag("ZOKERN_SKIP_BUILD"):
         print("zokern: ZOKERN_SKIP_BUILD=1, building no C++ extension")
         return {}
+    toolkit = cuda_toolkit_behind_wrapper()
+    if toolkit is not None:  # before torch.utils.cpp_extension reads CUDA_HOME, at its import
+        print(f"zokern: nvcc on PATH runs the CUDA toolkit in {toolkit}; building against it (CUDA_HOME)")
+        os.environ["CUDA_HOME"] = toolkit
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
@@ -42,20 +95,6 @@ def _extension_setup() -> dict:
         )
         return {}
 
-    class OptionalBuildExtension(BuildExtension):
-        """A failed compile skips the extension (with the reason) instead of failing the install."""
-
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as e:  # noqa: BLE001 - any compiler failure degrades to the Python backends
-                if _flag("ZOKERN_REQUIRE_BUILD"):
-                    raise
-                print(
-                    f"zokern: WARNING: building {ext.name} failed ({e}); zokern will use its torch/triton "
-                    "backends. Set ZOKERN_REQUIRE_BUILD=1 to make this an error."
-                )
-
     include = [os.path.abspath("csrc/include")]
     # No FMA contraction: the fused pass is specified as separately rounded float32 operations (docs/stream.md).
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
@@ -64,29 +103,53 @@ def _extension_setup() -> dict:
         # at::parallel_for is inline OpenMP in such torch builds: without -fopenmp the CPU kernels run on one thread.
         cxx.append("-fopenmp")
         link.append("-fopenmp")
-    sources = [f"csrc/cpu/{name}.cpp" for name in ("zo_pass", "copy_pass", "ldsd_pass", "zopro_pass", "sketch")]
+    cpu_sources = [f"csrc/cpu/{name}.cpp" for name in ("zo_pass", "copy_pass", "ldsd_pass", "zopro_pass", "sketch")]
+
+    def cpu_extension():
+        return CppExtension(
+            "zokern._C", cpu_sources, include_dirs=include, extra_compile_args={"cxx": list(cxx)}, extra_link_args=link
+        )
+
+    class OptionalBuildExtension(BuildExtension):
+        """A failed CUDA build falls back to the C++ CPU kernels, and a failed CPU build to no extension, each with
+        the reason, instead of failing the install (unless ZOKERN_REQUIRE_BUILD=1)."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()  # also where torch checks nvcc's CUDA version against its own
+                return
+            except Exception as e:  # noqa: BLE001 - any compiler failure degrades to the remaining backends
+                if _flag("ZOKERN_REQUIRE_BUILD"):
+                    raise
+                (ext,) = self.extensions
+                if not any(source.endswith(".cu") for source in ext.sources):
+                    print(f"zokern: WARNING: building {ext.name} failed ({e}); {FALLBACK}")
+                    return
+                print(f"zokern: WARNING: building the CUDA kernels failed ({e}); building the C++ CPU kernels alone")
+                cpu = cpu_extension()  # copied into the Extension object setuptools prepared
+                for attribute in CPU_EXTENSION_FIELDS:
+                    setattr(ext, attribute, getattr(cpu, attribute))
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001
+                print(f"zokern: WARNING: building {ext.name} failed ({e}); {FALLBACK}")
+
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("ZOKERN_SKIP_CUDA_BUILD")
     if torch.version.cuda is not None and CUDA_HOME is None:
         print("zokern: torch has CUDA but nvcc was not found (set CUDA_HOME); building the CPU kernels only")
     if with_cuda:
-        sources += ["csrc/cuda/zo_pass.cu", "csrc/cuda/bindings.cpp"]
         ext = CUDAExtension(
             "zokern._C",
-            sources,
+            [*cpu_sources, "csrc/cuda/zo_pass.cu", "csrc/cuda/bindings.cpp"],
             include_dirs=include,
             define_macros=[("ZOKERN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             extra_link_args=link,
         )
     else:
-        ext = CppExtension(
-            "zokern._C",
-            sources,
-            include_dirs=include,
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=link,
-        )
+        ext = cpu_extension()
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, **_extension_setup())
+if __name__ == "__main__":  # as pip's build backend runs it; tests import the helpers above
+    setup(packages=PACKAGES, package_dir=PACKAGE_DIR, **_extension_setup())

@@ -40,6 +40,13 @@ save() {
   fi
 }
 {
+  # pyproject.toml's SPDX license needs setuptools >= 77.0.3; torch 2.11 caps it below 82. Should the device's be
+  # older, install the wheel carried in .whl/ (run with carry [".whl"]; see .ci/rehearse_device.sh).
+  if ! "$PY" -c "import re, sys, setuptools
+sys.exit(tuple(map(int, re.findall(r'\d+', setuptools.__version__)[:3])) < (77, 0, 3))"; then
+    "$PY" -m pip install -q --no-index --no-deps .whl/setuptools-*.whl || echo "setuptools < 77.0.3 and no wheel in .whl/"
+  fi
+  command -v nvcc && nvcc --version | tail -1
   # A build error must stop the stage with its message, not leave zokern running without its extension.
   run 180 env MAX_JOBS="${MAX_JOBS:-16}" ZOKERN_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
     "$PY" -m pip install --no-build-isolation --no-deps -e . || exit 1

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def test_imports_and_runs_without_the_extension():
     script = textwrap.dedent(
@@ -66,3 +68,121 @@ def test_wheel_ships_every_subpackage_and_no_top_level_kernels(tmp_path):
     ):
         assert module in names, module
     assert not any(name.startswith("kernels/") for name in names)
+
+
+def _setup_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("zokern_setup", Path(__file__).resolve().parents[1] / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the helpers; setup() runs only as __main__
+    return module
+
+
+def _fake_toolkit(root, *, headers=True):
+    """A CUDA toolkit whose nvcc answers a dry run as nvcc 13 does, and a wrapper script elsewhere exec-ing it."""
+    toolkit = root / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    if headers:
+        (toolkit / "include" / "cuda_runtime.h").write_text("// stand-in\n")
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text('#!/bin/sh\necho "#$ _HERE_=${0%/*}"\necho "#$ TOP=${0%/*}/.."\n')  # no PATH needed
+    wrapper = root / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    for script in (nvcc, wrapper):
+        script.chmod(0o755)
+    return toolkit
+
+
+def test_build_finds_the_cuda_toolkit_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    # torch would take CUDA_HOME = the wrapper's grandparent, which has no cuda_runtime.h (seen on our machines).
+    setup = _setup_module()
+    toolkit = _fake_toolkit(tmp_path)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert setup.cuda_toolkit_behind_wrapper() == str(toolkit.resolve())
+    monkeypatch.setenv("PATH", str(toolkit / "bin"))  # torch's own guess finds the headers: left alone
+    assert setup.cuda_toolkit_behind_wrapper() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("CUDA_HOME", "/opt/elsewhere")  # the user's choice wins
+    assert setup.cuda_toolkit_behind_wrapper() is None
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # no nvcc at all
+    assert setup.cuda_toolkit_behind_wrapper() is None
+
+
+def test_build_leaves_cuda_home_alone_when_the_wrapped_toolkit_has_no_headers(tmp_path, monkeypatch):
+    setup = _setup_module()
+    _fake_toolkit(tmp_path, headers=False)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert setup.cuda_toolkit_behind_wrapper() is None
+
+
+def _build_command(setup, monkeypatch, extension, *, cpu_fails=False):
+    """zokern's build_ext command around `extension`, with torch's build replaced by one that fails on CUDA sources
+    (as a broken nvcc or a CUDA version mismatch does), and on any if `cpu_fails`, recording each attempt's sources."""
+    from setuptools import Distribution
+    from torch.utils import cpp_extension
+
+    attempts = []
+
+    def build_extensions(command):
+        (ext,) = command.extensions
+        attempts.append(list(ext.sources))
+        if cpu_fails or any(source.endswith(".cu") for source in ext.sources):
+            raise RuntimeError("Error compiling objects for extension")
+
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extensions", build_extensions)
+    command = setup._extension_setup()["cmdclass"]["build_ext"](Distribution())
+    command.extensions = [extension]
+    return command, attempts
+
+
+def test_a_failed_cuda_build_still_builds_the_cpu_kernels(monkeypatch, capsys):
+    from setuptools import Extension
+    from torch.utils.cpp_extension import CppExtension
+
+    setup = _setup_module()
+    monkeypatch.delenv("ZOKERN_REQUIRE_BUILD", raising=False)
+    monkeypatch.delenv("ZOKERN_SKIP_BUILD", raising=False)
+    cuda = Extension(
+        "zokern._C",
+        ["csrc/cpu/zo_pass.cpp", "csrc/cuda/zo_pass.cu", "csrc/cuda/bindings.cpp"],
+        define_macros=[("ZOKERN_WITH_CUDA", "1")],
+        libraries=["c10", "c10_cuda", "torch", "torch_cpu", "torch_python", "cudart", "torch_cuda"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
+    command, attempts = _build_command(setup, monkeypatch, cuda)
+    command.build_extensions()
+    assert len(attempts) == 2 and "csrc/cuda/zo_pass.cu" in attempts[0]
+    assert all(source.startswith("csrc/cpu/") for source in attempts[1]), attempts[1]
+    (ext,) = command.extensions
+    assert ext is cuda  # the object setuptools prepared, now CPU-only
+    cpu = CppExtension("zokern._C", ["csrc/cpu/zo_pass.cpp"])
+    assert ext.libraries == cpu.libraries and "nvcc" not in ext.extra_compile_args and not ext.define_macros
+    assert "building the CUDA kernels failed" in capsys.readouterr().out
+
+    monkeypatch.setenv("ZOKERN_REQUIRE_BUILD", "1")  # CI and the GPU session: an incomplete build is an error
+    cuda.sources = ["csrc/cuda/zo_pass.cu"]
+    command, attempts = _build_command(setup, monkeypatch, cuda)
+    with pytest.raises(RuntimeError, match="Error compiling"):
+        command.build_extensions()
+    assert len(attempts) == 1
+
+
+def test_a_failed_cpu_build_leaves_an_installable_package(monkeypatch, capsys):
+    from setuptools import Extension
+
+    setup = _setup_module()
+    monkeypatch.delenv("ZOKERN_REQUIRE_BUILD", raising=False)
+    cpu = Extension("zokern._C", ["csrc/cpu/zo_pass.cpp"])
+    command, attempts = _build_command(setup, monkeypatch, cpu, cpu_fails=True)
+    command.build_extensions()
+    assert len(attempts) == 1
+    assert "zokern will use its torch/triton backends" in capsys.readouterr().out
