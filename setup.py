@@ -97,7 +97,9 @@ def _extension_setup() -> dict:
 
     include = [os.path.abspath("csrc/include")]
     # No FMA contraction: the fused pass is specified as separately rounded float32 operations (docs/stream.md).
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    # No -std: torch adds the standard its headers need (C++17 up to torch 2.12, C++20 from 2.13; zokern builds
+    # with either).
+    cxx = ["-O3", "-ffp-contract=off"]
     link = []
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
         # at::parallel_for is inline OpenMP in such torch builds: without -fopenmp the CPU kernels run on one thread.
@@ -143,7 +145,7 @@ def _extension_setup() -> dict:
             [*cpu_sources, "csrc/cuda/zo_pass.cu", "csrc/cuda/bindings.cpp"],
             include_dirs=include,
             define_macros=[("ZOKERN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,
         )
     else:

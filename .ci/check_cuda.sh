@@ -17,15 +17,18 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
-for arch in sm_80 sm_90; do
-  echo "check_cuda: nvcc -arch=$arch csrc/cuda/zo_pass.cu"
-  "$NVCC" -c -std=c++17 -O3 -arch="$arch" -Icsrc/include -Werror all-warnings -Xptxas -warn-spills,-Werror \
+# In the standard torch builds it with: C++17 up to torch 2.12, C++20 from 2.13.
+for arch_std in sm_80:c++17 sm_90:c++17 sm_90:c++20; do
+  arch="${arch_std%%:*}" std="${arch_std##*:}"
+  echo "check_cuda: nvcc -arch=$arch -std=$std csrc/cuda/zo_pass.cu"
+  "$NVCC" -c -std="$std" -O3 -arch="$arch" -Icsrc/include -Werror all-warnings -Xptxas -warn-spills,-Werror \
     csrc/cuda/zo_pass.cu -o "$out/zo_pass_$arch.o"
 done
 
 mapfile -t torch_includes < <(python3 -c "from torch.utils.cpp_extension import include_paths
 print('\n'.join(include_paths()))")
 echo "check_cuda: g++ -fsyntax-only csrc/cuda/bindings.cpp against torch $(python3 -c 'import torch; print(torch.__version__)')"
-g++ -std=c++17 -fsyntax-only -Wall -Werror -DZOKERN_WITH_CUDA "${torch_includes[@]/#/-isystem}" -isystem.ci/cuda_stub \
+std="$(python3 -c "import torch; print('c++20' if torch.__version__ >= '2.13' else 'c++17')")"  # as torch builds it
+g++ -std="$std" -fsyntax-only -Wall -Werror -DZOKERN_WITH_CUDA "${torch_includes[@]/#/-isystem}" -isystem.ci/cuda_stub \
   -isystem"$CUDA_INCLUDE" -Icsrc/include csrc/cuda/bindings.cpp
 echo "check_cuda: all CUDA checks passed"

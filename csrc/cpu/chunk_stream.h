@@ -19,6 +19,12 @@
 #if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define ZK_AVX512_PATHS 1
 #include <immintrin.h>
+// GCC 12's intrinsics seed their "undefined" pass-through vectors from themselves (`__m512i __Y = __Y;`), and -Wall
+// then warns at every inlined shift, multiply or conversion that they may be used uninitialized: a false positive,
+// silenced around the code that calls them.
+#define ZK_QUIET_INTRINSICS_BEGIN \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define ZK_QUIET_INTRINSICS_END _Pragma("GCC diagnostic pop")
 #endif
 
 namespace zokern {
@@ -72,6 +78,8 @@ inline bool has_avx512_philox() {
   return ok;
 }
 
+ZK_QUIET_INTRINSICS_BEGIN
+
 // The high and low halves of the 32x32-bit products a * m in 16 lanes: vpmuludq multiplies the even lanes, so the
 // odd ones are shifted down first.
 __attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
@@ -115,6 +123,7 @@ __attribute__((target("avx512f"))) inline void philox_blocks_avx512(uint32_t k0,
     _mm512_mask_storeu_epi32(out.w[3] + b, keep, c3);
   }
 }
+ZK_QUIET_INTRINSICS_END
 #endif
 
 ZK_INLINE void philox_blocks(uint64_t seed, uint32_t domain, uint64_t first, int64_t count, BlockWords& out) {

@@ -22,6 +22,7 @@
 namespace zokern {
 namespace cpu {
 namespace avx512 {
+ZK_QUIET_INTRINSICS_BEGIN
 
 // Each path compiled for exactly the features its run-time check asks for.
 #define ZK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -106,6 +107,7 @@ ZK_AVX512_FP16 inline void perturb_words_fp16(uint16_t* data, int64_t base, int6
   }
 }
 
+ZK_QUIET_INTRINSICS_END
 #undef ZK_AVX512_BF16
 #undef ZK_AVX512_FP16
 
