@@ -6,6 +6,7 @@
 # here); then the whole test suite runs on the CPU. It also leaves in .whl/ (git-ignored) the setuptools wheel that
 # gpu_session.sh installs should the device's setuptools be older than pyproject.toml needs: carry it with [".whl"].
 #   bash .ci/rehearse_device.sh        # rehearses HEAD; VENV=DIR reuses a venv; about 10 minutes after downloads
+#   TRITON_VARIANTS=all bash .ci/rehearse_device.sh   # also compiles all ~1000 Triton variants (17 min more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-/tmp/zokern-device-venv}"
@@ -39,3 +40,6 @@ assert not missing, f"built without CUDA kernels for {missing}"
 print("CUDA kernels registered for torch", torch.__version__)
 EOF
 "$venv/bin/python" -m pytest -q -n "${JOBS:-2}" -p no:cacheprovider tests
+if [ "${TRITON_VARIANTS:-}" = all ]; then  # every Triton variant the package can launch, compiled for sm_90 (~17 min)
+  "$venv/bin/python" tests/triton_ptx.py --all
+fi

@@ -1,10 +1,16 @@
 """Compile zokern's Triton kernels for an H100 (sm_90) without a GPU and print facts about their PTX as JSON.
 
 Run by tests/test_triton.py in a process without TRITON_INTERPRET (which would replace the kernels by Python).
+`python tests/triton_ptx.py --all` instead compiles every variant the package can launch (about a thousand, 17 min on
+2 cores) and reports failures: a check before a GPU session (.ci/rehearse_device.sh with TRITON_VARIANTS=all).
 """
 
+import itertools
 import json
+import os
 import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 import triton.language as tl
@@ -32,6 +38,8 @@ PASS_SIGNATURE = {
     "scalars_ptr": "*i64",
 }
 FLAGS = ("UPDATE", "GRAD_ON_DEVICE", "SECOND", "STOCHASTIC")
+COPY_SIGNATURE = {"table_ptr": "*i64", "seed": "i64", "alpha": "fp32", "seed2": "i64", "alpha2": "fp32"}
+ZOPRO_SIGNATURE = {"table_ptr": "*i64", "seed": "i64", "coef_ptr": "*fp32", "partial_ptr": "*fp32"}
 LDSD_SIGNATURE = {
     "table_ptr": "*i64",
     "seeds_ptr": "*i64",
@@ -40,6 +48,12 @@ LDSD_SIGNATURE = {
     **{name: "fp32" for name in ("lr", "weight_decay", "momentum", "beta1", "beta2", "adam_eps")},
     "rounding_seed": "i64",
 }
+
+
+def pass_signature(scalars: bool) -> dict:
+    if scalars:  # as the graph launches it: placeholder seeds of 0, which Triton types as i32
+        return dict(PASS_SIGNATURE, seed="i32", seed2="i32", rounding_seed="i32")
+    return PASS_SIGNATURE
 
 
 def compile_ptx(fn, signature, constexprs) -> str:
@@ -79,10 +93,7 @@ def main() -> None:
                     **{name: flags for name in FLAGS},
                 )
                 constexprs["STOCHASTIC"] = flags and dtype != "float32"
-                signature = PASS_SIGNATURE
-                if scalars:  # as the graph launches it: placeholder seeds of 0, which Triton types as i32
-                    signature = dict(signature, seed="i32", seed2="i32", rounding_seed="i32")
-                ptx = compile_ptx(zo_pass._zo_pass_kernel, signature, constexprs)
+                ptx = compile_ptx(zo_pass._zo_pass_kernel, pass_signature(scalars), constexprs)
                 out[f"zo_pass_{dtype}_{distribution}_{variant}"] = facts(ptx)
     ptx = compile_ptx(
         zo_pass._philox_words_kernel,
@@ -106,17 +117,62 @@ def main() -> None:
         ptx = compile_ptx(ldsd_pass._ldsd_kernel, LDSD_SIGNATURE, constexprs)
         out[f"ldsd_{mode}_{rule}_{dtype}"] = facts(ptx)
     for dtype in ("float32", "bfloat16"):
-        signature = {"table_ptr": "*i64", "seed": "i64", "alpha": "fp32", "seed2": "i64", "alpha2": "fp32"}
         constexprs = dict(DTYPE=getattr(tl, dtype), RADEMACHER=False, SECOND=False, ALIGNED=True, BLOCK=2048)
-        out[f"copy_pass_{dtype}"] = facts(compile_ptx(copy_pass._copy_pass_kernel, signature, constexprs))
+        out[f"copy_pass_{dtype}"] = facts(compile_ptx(copy_pass._copy_pass_kernel, COPY_SIGNATURE, constexprs))
     for reduce in (False, True):
-        signature = {"table_ptr": "*i64", "seed": "i64", "coef_ptr": "*fp32", "partial_ptr": "*fp32"}
         constexprs = dict(DTYPE=tl.float32, REDUCE=reduce, BLOCK=zopro_pass.GPU_BLOCK)
         out[f"zopro_{'reduce' if reduce else 'apply'}"] = facts(
-            compile_ptx(zopro_pass._zopro_kernel, signature, constexprs)
+            compile_ptx(zopro_pass._zopro_kernel, ZOPRO_SIGNATURE, constexprs)
         )
     print(json.dumps(out, indent=1))
 
 
+def _variants():
+    """(kernel name, signature, constexprs) of every variant, fp32 without stochastic rounding (never launched)."""
+    dtypes, flags = ("float32", "bfloat16", "float16"), (False, True)
+    for dtype, rademacher, scalars, aligned, *pass_flags in itertools.product(dtypes, *[flags] * 7):
+        constexprs = dict(zip(FLAGS, pass_flags), DTYPE=dtype, SCALARS=scalars, RADEMACHER=rademacher, ALIGNED=aligned)
+        if not (constexprs["STOCHASTIC"] and dtype == "float32"):
+            yield "zo_pass", pass_signature(scalars), dict(constexprs, BLOCK=zo_pass.GPU_BLOCK)
+    ldsd_choices = (dtypes, flags, (1, 2, 5), ldsd_pass._MODES.values(), ldsd_pass._RULES.values(), flags, flags)
+    for dtype, rademacher, n_seeds, mode, rule, stochastic, aligned in itertools.product(*ldsd_choices):
+        if not (stochastic and dtype == "float32"):
+            constexprs = dict(DTYPE=dtype, RADEMACHER=rademacher, N_SEEDS=n_seeds, MODE=mode, RULE=rule)
+            constexprs.update(STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=ldsd_pass.GPU_BLOCK)
+            yield "ldsd", LDSD_SIGNATURE, constexprs
+    for dtype, rademacher, second, aligned in itertools.product(dtypes, flags, flags, flags):
+        constexprs = dict(DTYPE=dtype, RADEMACHER=rademacher, SECOND=second, ALIGNED=aligned, BLOCK=2048)
+        yield "copy_pass", COPY_SIGNATURE, constexprs
+    for dtype, reduce in itertools.product(dtypes, flags):
+        yield "zopro", ZOPRO_SIGNATURE, dict(DTYPE=dtype, REDUCE=reduce, BLOCK=zopro_pass.GPU_BLOCK)
+
+
+KERNELS = {
+    "zo_pass": zo_pass._zo_pass_kernel,
+    "ldsd": ldsd_pass._ldsd_kernel,
+    "copy_pass": copy_pass._copy_pass_kernel,
+    "zopro": zopro_pass._zopro_kernel,
+}
+
+
+def _compile_variant(variant) -> str | None:
+    name, signature, constexprs = variant
+    try:
+        compile_ptx(KERNELS[name], signature, dict(constexprs, DTYPE=getattr(tl, constexprs["DTYPE"])))
+    except Exception as e:  # noqa: BLE001 - every failure is reported with its variant
+        return f"{name} {constexprs}: {type(e).__name__}: {str(e)[:400]}"
+    return None
+
+
+def compile_all() -> int:
+    variants = list(_variants())
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        failures = [f for f in pool.map(_compile_variant, variants, chunksize=4) if f is not None]
+    print("\n".join(failures))
+    compiled = len(variants) - len(failures)
+    print(f"{compiled} of {len(variants)} Triton variants compiled for sm_90 (triton {triton.__version__})")
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(compile_all()) if sys.argv[1:] == ["--all"] else main()
