@@ -319,5 +319,6 @@ def philox_block_words(
     out = torch.empty((n_blocks, 4), dtype=torch.int64, device=device)
     if n_blocks:
         block = 1024
-        _philox_words_kernel[(triton.cdiv(n_blocks, block),)](out, n_blocks, seed, first_block, domain, BLOCK=block)
+        grid = (triton.cdiv(n_blocks, block),)
+        _philox_words_kernel[grid](out, n_blocks, seed, first_block, domain, BLOCK=block, **options.LAUNCH)
     return out

@@ -2,7 +2,8 @@
 
 Correctness against the reference is in test_backends.py (Triton runs there under its interpreter on a CPU). The
 interpreter does not compile anything, so the compile tests below build the kernels for an H100 (sm_90) with
-Triton's own compiler and assembler, which needs no GPU: a kernel that only the interpreter accepts fails here.
+Triton's own compiler and assembler, which needs no GPU: a kernel that only the interpreter accepts fails here; and
+the package's launches run through Triton's compiled launch path with a stand-in H100 driver, compiling each.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from helpers import random_params
 pytest.importorskip("triton")
 
 from zokern import _reference  # noqa: E402
+from zokern.kernels import copy_pass  # noqa: E402
+from zokern.kernels import ldsd_pass  # noqa: E402
 from zokern.kernels import zo_pass  # noqa: E402
+from zokern.kernels import zopro_pass  # noqa: E402
 
 requires_triton_backend = pytest.mark.skipif(
     "triton" not in backends_for(), reason="Triton needs a GPU or TRITON_INTERPRET=1 (set by conftest on a CPU)"
@@ -63,6 +67,18 @@ def test_the_tables_of_a_large_models_parameters_stay_cached():
     tensors = [torch.empty(3) for _ in range(400)]
     first = [zo_pass._work_table([t], [0], 2048) for t in tensors]
     assert all(zo_pass._work_table([t], [0], 2048) is table for t, table in zip(tensors, first))
+
+
+def test_every_kernel_launches_through_the_package_as_compiled_for_an_h100():
+    """The launch path the interpreter skips: argument binding and typing, options, and a compile for each launch's
+    own specialisation, for every op and optimizer that launches Triton (tests/triton_launch.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_launch.py")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    launches = json.loads(out.stdout.splitlines()[-1])
+    modules = (zo_pass, copy_pass, ldsd_pass, zopro_pass)
+    assert set(launches) == {name for m in modules for name in vars(m) if name.endswith("_kernel")}, launches
 
 
 @pytest.fixture(scope="module")
