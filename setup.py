@@ -78,12 +78,14 @@ def _extension_setup() -> dict:
     if _flag("ZOKERN_SKIP_BUILD"):
         print("zokern: ZOKERN_SKIP_BUILD=1, building no C++ extension")
         return {}
-    toolkit = cuda_toolkit_behind_wrapper()
-    if toolkit is not None:  # before torch.utils.cpp_extension reads CUDA_HOME, at its import
-        print(f"zokern: nvcc on PATH runs the CUDA toolkit in {toolkit}; building against it (CUDA_HOME)")
-        os.environ["CUDA_HOME"] = toolkit
     try:
         import torch
+
+        if torch.version.cuda is not None and not _flag("ZOKERN_SKIP_CUDA_BUILD"):
+            toolkit = cuda_toolkit_behind_wrapper()
+            if toolkit is not None:  # before torch.utils.cpp_extension reads CUDA_HOME, at its import
+                print(f"zokern: nvcc on PATH runs the CUDA toolkit in {toolkit}; building against it (CUDA_HOME)")
+                os.environ["CUDA_HOME"] = toolkit
         from torch.utils.cpp_extension import CUDA_HOME
         from torch.utils.cpp_extension import BuildExtension
         from torch.utils.cpp_extension import CppExtension
@@ -109,8 +111,16 @@ def _extension_setup() -> dict:
 
     def cpu_extension():
         return CppExtension(
-            "zokern._C", cpu_sources, include_dirs=include, extra_compile_args={"cxx": list(cxx)}, extra_link_args=link
+            "zokern._C",
+            cpu_sources,
+            include_dirs=list(include),  # torch appends its own paths to the list it is given
+            extra_compile_args={"cxx": list(cxx)},
+            extra_link_args=link,
         )
+
+    def give_up(ext, error: Exception) -> None:
+        print(f"zokern: WARNING: building {ext.name} failed ({error}); {FALLBACK}")
+        ext.optional = True  # else setuptools' editable install fails copying the missing library into the tree
 
     class OptionalBuildExtension(BuildExtension):
         """A failed CUDA build falls back to the C++ CPU kernels, and a failed CPU build to no extension, each with
@@ -125,7 +135,7 @@ def _extension_setup() -> dict:
                     raise
                 (ext,) = self.extensions
                 if not any(source.endswith(".cu") for source in ext.sources):
-                    print(f"zokern: WARNING: building {ext.name} failed ({e}); {FALLBACK}")
+                    give_up(ext, e)
                     return
                 print(f"zokern: WARNING: building the CUDA kernels failed ({e}); building the C++ CPU kernels alone")
                 cpu = cpu_extension()  # copied into the Extension object setuptools prepared
@@ -134,16 +144,19 @@ def _extension_setup() -> dict:
             try:
                 super().build_extensions()
             except Exception as e:  # noqa: BLE001
-                print(f"zokern: WARNING: building {ext.name} failed ({e}); {FALLBACK}")
+                give_up(ext, e)
 
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not _flag("ZOKERN_SKIP_CUDA_BUILD")
     if torch.version.cuda is not None and CUDA_HOME is None:
-        print("zokern: torch has CUDA but nvcc was not found (set CUDA_HOME); building the CPU kernels only")
+        message = "torch has CUDA but nvcc was not found (set CUDA_HOME)"
+        if _flag("ZOKERN_REQUIRE_BUILD"):  # the whole extension was asked for: its CUDA kernels too
+            raise RuntimeError(f"zokern: {message}; ZOKERN_REQUIRE_BUILD=1")
+        print(f"zokern: {message}; building the CPU kernels only")
     if with_cuda:
         ext = CUDAExtension(
             "zokern._C",
             [*cpu_sources, "csrc/cuda/zo_pass.cu", "csrc/cuda/bindings.cpp"],
-            include_dirs=include,
+            include_dirs=list(include),
             define_macros=[("ZOKERN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=link,

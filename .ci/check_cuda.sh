@@ -28,7 +28,7 @@ done
 mapfile -t torch_includes < <(python3 -c "from torch.utils.cpp_extension import include_paths
 print('\n'.join(include_paths()))")
 echo "check_cuda: g++ -fsyntax-only csrc/cuda/bindings.cpp against torch $(python3 -c 'import torch; print(torch.__version__)')"
-std="$(python3 -c "import torch; print('c++20' if torch.__version__ >= '2.13' else 'c++17')")"  # as torch builds it
+std="$(python3 -c "import torch; print('c++20' if torch.__version__ >= (2, 13) else 'c++17')")"  # as torch builds it
 g++ -std="$std" -fsyntax-only -Wall -Werror -DZOKERN_WITH_CUDA "${torch_includes[@]/#/-isystem}" -isystem.ci/cuda_stub \
   -isystem"$CUDA_INCLUDE" -Icsrc/include csrc/cuda/bindings.cpp
 echo "check_cuda: all CUDA checks passed"

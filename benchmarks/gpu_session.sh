@@ -50,11 +50,12 @@ sys.exit(tuple(map(int, re.findall(r'\d+', setuptools.__version__)[:3])) < (77, 
   # A build error must stop the stage with its message, not leave zokern running without its extension.
   build() {
     run 180 env MAX_JOBS="${MAX_JOBS:-16}" ZOKERN_REQUIRE_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-      "$PY" -m pip install --no-build-isolation --no-deps -e .
+      "$PY" -m pip install -v --no-build-isolation --no-deps -e .  # -v: setup.py's "zokern:" lines say what it chose
   }
   build || exit 1
   # Once, in a rehearsal on the CPU (.ci/rehearse_device.sh), a build that succeeded had no CUDA kernels and could
-  # not be made to again: one more build before giving the stage up.
+  # not be made to again (ZOKERN_REQUIRE_BUILD=1 now also fails a build that finds no nvcc): one more build before
+  # giving the stage up.
   if ! "$PY" -c "import sys, zokern._native as n; sys.exit(not n.cuda_kernel_for('zo_pass_'))"; then
     echo "== the extension has no CUDA kernels; building again"
     build || exit 1
