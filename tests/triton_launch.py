@@ -20,6 +20,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 import zokern
+from zokern import _scalars
 from zokern._dispatch import select_backend
 from zokern.kernels import copy_pass
 from zokern.kernels import ldsd_pass
@@ -94,6 +95,10 @@ def ops_launches() -> None:
             zokern.two_seed_(ts, 3, 1e-3, 4, -1e-3, **common)
             out = [torch.empty_like(t) for t in ts]
             zokern.perturb_into_(out, ts, 5, 1e-3, **common)
+            # As a captured CUDA graph launches them: the scalars read from a row on the device (placeholder seeds).
+            row = torch.tensor(_scalars.pack(seed=2**40, alpha=1e-3, seed2=9, alpha2=1e-3, lr=1e-4, rounding_seed=3))
+            zokern.perturb_(ts, 0, 0.0, scalars=row, **common)
+            zokern.restore_update_(ts, 1, 0.0, 0.0, g, next_seed=2, rounding=rounding, scalars=row, **common)
         zokern.gaussian(5, 2**33, 1000, dtype=torch.float32, backend="triton")
     # The raw Philox words (the preference sketch's), counters carrying across 2^32.
     select_backend(torch.device("cpu"), "triton").philox_block_words(2**40 + 1, 0, 2**32 - 3, 8)
@@ -101,7 +106,7 @@ def ops_launches() -> None:
 
 def optimizer_launches() -> None:
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)).to(dtype)
         x = torch.randn(8, 16, dtype=dtype)
 
