@@ -25,9 +25,6 @@ PACKAGES = ["zokern", *(f"zokern.{name}" for name in find_packages("zokern")), "
 PACKAGE_DIR = {"zokern": "zokern", "zokern.kernels": "kernels"}
 
 
-FALLBACK = "zokern will use its torch/triton backends. Set ZOKERN_REQUIRE_BUILD=1 to make this an error."
-
-
 # What differs between the CUDA extension and the CPU-only one (setuptools' Extension attributes).
 CPU_EXTENSION_FIELDS = (
     "sources",
@@ -119,7 +116,10 @@ def _extension_setup() -> dict:
         )
 
     def give_up(ext, error: Exception) -> None:
-        print(f"zokern: WARNING: building {ext.name} failed ({error}); {FALLBACK}")
+        print(
+            f"zokern: WARNING: building {ext.name} failed ({error}); zokern will use its torch/triton backends. "
+            "Set ZOKERN_REQUIRE_BUILD=1 to make this an error."
+        )
         ext.optional = True  # else setuptools' editable install fails copying the missing library into the tree
 
     class OptionalBuildExtension(BuildExtension):

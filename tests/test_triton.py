@@ -69,26 +69,27 @@ def test_the_tables_of_a_large_models_parameters_stay_cached():
     assert all(zo_pass._work_table([t], [0], 2048) is table for t, table in zip(tensors, first))
 
 
+def compiled_in_subprocess(script: str):
+    """The JSON a script beside this file prints. The interpreter replaces @triton.jit functions at import, so the
+    compiler runs in a process without it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    path = Path(__file__).with_name(script)
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
 def test_every_kernel_launches_through_the_package_as_compiled_for_an_h100():
     """The launch path the interpreter skips: argument binding and typing, options, and a compile for each launch's
     own specialisation, for every op and optimizer that launches Triton (tests/triton_launch.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_launch.py")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    launches = json.loads(out.stdout.splitlines()[-1])
+    launches = compiled_in_subprocess("triton_launch.py")
     modules = (zo_pass, copy_pass, ldsd_pass, zopro_pass)
     assert set(launches) == {name for m in modules for name in vars(m) if name.endswith("_kernel")}, launches
 
 
 @pytest.fixture(scope="module")
 def h100_ptx_facts():
-    # The interpreter replaces @triton.jit functions at import, so the compiler runs in a process without it.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_ptx.py")
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout)
+    return compiled_in_subprocess("triton_ptx.py")
 
 
 def test_pass_compiles_for_h100_with_vector_memory_access(h100_ptx_facts):
