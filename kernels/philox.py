@@ -41,7 +41,9 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 @triton.jit
 def philox_blocks(seed, first_block, N_BLOCKS: tl.constexpr, DOMAIN: tl.constexpr):
     """The four output words of Philox(seed, counter=(n lo, n hi, DOMAIN, 0)) for n in [first_block, +N_BLOCKS)."""
-    seed = seed.to(tl.int64)
+    # Through uint64: Triton's interpreter holds a seed in [2**31, 2**32) as a numpy uint32 that a cast to int64
+    # leaves as it is, and shifting that by 32 gives the wrong key word (compiled code was right either way).
+    seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
     n = first_block.to(tl.int64) + tl.arange(0, N_BLOCKS).to(tl.int64)

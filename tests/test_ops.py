@@ -317,6 +317,10 @@ BAD_CALLS = [
         r"found_nonfinite",
     ),
     ("nan b", lambda ts: zokern.two_seed_(ts, 1, EPS, 2, math.nan), ValueError, r"b must be finite"),
+    # Finite in float64 but infinite in the float32 the passes compute in: would write inf, or skip the update.
+    ("alpha over float32", lambda ts: zokern.perturb_(ts, 1, -1e39), ValueError, r"alpha must be finite in float32"),
+    ("grad over float32", lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, 1e39), ValueError, r"grad must be finite"),
+    ("lr over float32", lambda ts: zokern.restore_update_(ts, 1, EPS, 3.5e38, 1.0), ValueError, r"lr must be finite"),
     ("bad seed2", lambda ts: zokern.two_seed_(ts, 1, EPS, 2**64, EPS), ValueError, r"seed2"),
     (
         "distribution",

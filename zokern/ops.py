@@ -7,7 +7,6 @@ of docs/stream.md, section 5: z is regenerated from (seed, global element index)
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from collections.abc import Iterable
@@ -23,6 +22,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
 
 Tensors = torch.Tensor | Iterable[torch.Tensor]
+# The smallest magnitude float32 rounds to infinity (FLT_MAX plus half an ulp): the kernels take scalars in float32.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -45,8 +46,8 @@ def _check_real(name: str, value: object) -> float:
         hint = " (pass a Python float; only grad may be a device tensor)" if isinstance(value, torch.Tensor) else ""
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not abs(value) < FLOAT32_OVERFLOW:
+        raise ValueError(f"{name} must be finite in float32, the passes' precision (|{name}| < 3.4e38), got {value}")
     return value
 
 
