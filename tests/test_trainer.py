@@ -114,6 +114,30 @@ def test_trains_evaluates_and_resumes_bit_identically(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_the_learning_rate_schedule_drives_the_zo_steps(tmp_path):
+    """accelerate reloads the optimizer's state when it wraps it, replacing the ZO optimizer's param groups: the
+    scheduler must still set the lr the ZO steps use, warmup included, and the logged rate must be that one."""
+    trainer = ZOTrainer(
+        model=tiny_opt(),
+        args=arguments(tmp_path, max_steps=6, lr_scheduler_type="linear", warmup_steps=2),
+        train_dataset=TokenDataset(24),
+        zo_optimizer_kwargs=dict(seed=0),
+    )
+    trainer.train()
+    used = [record["lr"][0] for record in trainer.zo_optimizer.trajectory]
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert used == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert logged == pytest.approx(used)
+
+
+def test_first_order_arguments_are_reported_and_no_gradient_norm_is_logged(tmp_path):
+    args = arguments(tmp_path, max_steps=1, optim="adafactor", adam_beta1=0.5, max_grad_norm=0.5)
+    trainer = ZOTrainer(model=tiny_opt(), args=args, train_dataset=TokenDataset(4))
+    with pytest.warns(UserWarning, match=r"first-order .*optim=adafactor, adam_beta1=0.5, max_grad_norm=0.5"):
+        trainer.train()
+    assert all("grad_norm" not in entry for entry in trainer.state.log_history)
+
+
 def test_merged_steps_evaluate_and_checkpoint_the_true_parameters(tmp_path):
     """With merge_steps the parameters hold theta + eps z(next) between steps: the Trainer's evaluation and its
     checkpoints must still see theta, so a merged run logs and saves what an unmerged one does."""

@@ -9,6 +9,7 @@ optimizer's groups and state), so learning-rate schedulers, checkpoints and resu
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -19,6 +20,27 @@ from zokern.optim import ZOSGD
 from zokern.optim import ZOOptimizer
 
 
+class _ReadThrough:
+    """An attribute of the wrapper that is the ZO optimizer's attribute of the same name, once ``zo`` is set (until
+    then, during torch's ``Optimizer.__init__``, the wrapper's own)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, wrapper, owner=None):
+        if wrapper is None:
+            return self
+        zo = wrapper.__dict__.get("zo")
+        return wrapper.__dict__[self.name] if zo is None else getattr(zo, self.name)
+
+    def __set__(self, wrapper, value) -> None:
+        zo = wrapper.__dict__.get("zo")
+        if zo is None:
+            wrapper.__dict__[self.name] = value
+        else:
+            setattr(zo, self.name, value)
+
+
 class _AlreadyStepped(torch.optim.Optimizer):
     """What the Trainer holds: the ZO optimizer's param groups and state, whose step() does nothing because
     ZOTrainer.training_step has already taken the step. state_dict and load_state_dict are the ZO optimizer's."""
@@ -26,8 +48,12 @@ class _AlreadyStepped(torch.optim.Optimizer):
     def __init__(self, zo: ZOOptimizer) -> None:
         super().__init__([p for g in zo.param_groups for p in g["params"]], dict(zo.defaults))
         self.zo = zo
-        self.param_groups = zo.param_groups  # one list: a scheduler changing lr here changes it for the ZO steps
-        self.state = zo.state
+
+    # Read from the ZO optimizer on every access, never held: its load_state_dict (which accelerate calls when it
+    # wraps this optimizer, and a resume calls) replaces these objects, and a scheduler changing lr here must change
+    # it for the ZO steps.
+    param_groups = _ReadThrough("param_groups")
+    state = _ReadThrough("state")
 
     def step(self, closure=None):  # noqa: D102 - see the class docstring
         return None
@@ -53,6 +79,9 @@ class ZOTrainer(Trainer):
     ``args.gradient_accumulation_steps`` = k makes one ZO step per k micro-batches, all evaluated under the same
     perturbation. The forwards run with the model in eval mode (dropout off): a ZO estimate compares two losses of
     the same function. The logged training loss is the steps' mean loss, as the optimizer's ``step`` returns it.
+    ``args``' learning-rate schedule (warmup included) sets the ZO optimizer's lr. Its first-order optimizer
+    arguments (``optim``, ``optim_args``, ``adam_*``, ``max_grad_norm``) have no effect: a warning names any that
+    are set, and no gradient norm is logged.
 
     With ``zo_optimizer_kwargs={"cuda_graph": True, ...}`` each window is copied into static input tensors that one
     closure reads, so that the step is captured once and replayed; a window of other shapes (pad to a fixed length:
@@ -82,6 +111,12 @@ class ZOTrainer(Trainer):
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
+            ignored = _first_order_arguments(self.args)
+            if ignored:
+                self._warn_once(
+                    f"zokern: ZOTrainer ignores the first-order optimizer arguments {', '.join(ignored)}: its step is "
+                    "the ZO optimizer's (pass its options as zo_optimizer_kwargs) and there are no gradients to clip"
+                )
             if self.zo_optimizer is None:
                 opt_model = self.model if model is None else model
                 decay = set(self.get_decay_parameter_names(opt_model))
@@ -103,6 +138,13 @@ class ZOTrainer(Trainer):
         finally:
             if self.zo_optimizer is not None:
                 self.zo_optimizer.materialize()
+
+    # No gradients exist: nothing to clip, and no gradient norm to log (the Trainer's would read 0.0).
+    def _clip_grad_norm(self, model):
+        return None
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         self._window.append(self._prepare_inputs(inputs))
@@ -179,6 +221,20 @@ class _StaticWindow:
             for key, value in batch.items():
                 if isinstance(value, torch.Tensor):
                     static[key].copy_(value)
+
+
+# TrainingArguments that configure the first-order optimizer, and the values of theirs that mean nothing to a ZO
+# step: their defaults, and max_grad_norm 0 (no clipping).
+_FIRST_ORDER_ARGUMENTS = ("optim", "optim_args", "optim_target_modules", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def _first_order_arguments(args) -> list[str]:
+    """``name=value`` for each first-order argument the user set, which a ZO step cannot honour."""
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    changed = [n for n in _FIRST_ORDER_ARGUMENTS if n in defaults and getattr(args, n) != defaults[n]]
+    if args.max_grad_norm not in (0, defaults.get("max_grad_norm")):
+        changed.append("max_grad_norm")
+    return [f"{n}={getattr(getattr(args, n), 'value', getattr(args, n))}" for n in changed]  # value: of an enum
 
 
 _SCALARS = (type(None), bool, int, float, str)
