@@ -241,6 +241,11 @@ def _good():
     return random_params((5, 6), torch.float32)
 
 
+def _inference_tensor():
+    with torch.inference_mode():
+        return torch.rand(3, device=DEVICE)
+
+
 BAD_CALLS = [
     ("int tensor", lambda ts: zokern.perturb_(ts + [torch.arange(3)], 1, EPS), TypeError, r"tensors\[2\].*int64"),
     (
@@ -316,6 +321,43 @@ BAD_CALLS = [
         ValueError,
         r"found_nonfinite",
     ),
+    (
+        "flag not a tensor",
+        lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, torch.tensor(1.0, device=DEVICE), found_nonfinite=False),
+        TypeError,
+        r"found_nonfinite must be a tensor",
+    ),
+    (
+        "int flag",
+        lambda ts: zokern.restore_update_(
+            ts,
+            1,
+            EPS,
+            0.1,
+            torch.tensor(1.0, device=DEVICE),
+            found_nonfinite=torch.zeros((), dtype=torch.int32, device=DEVICE),
+        ),
+        TypeError,
+        r"bool or floating",
+    ),
+    (
+        "next alpha without next seed",
+        lambda ts: zokern.restore_update_(ts, 1, EPS, 0.1, 1.0, next_alpha=EPS),
+        ValueError,
+        r"next_alpha=.* needs next_seed",
+    ),
+    (
+        "copy: next alpha without next seed",
+        lambda ts: zokern.perturb_into_([torch.empty_like(t) for t in ts], ts, 1, EPS, next_alpha=EPS),
+        ValueError,
+        r"needs next_seed",
+    ),
+    (
+        "inference tensor",
+        lambda ts: zokern.perturb_(ts + [_inference_tensor()], 1, EPS),
+        ValueError,
+        r"tensors\[2\] is an inference tensor",
+    ),
     ("nan b", lambda ts: zokern.two_seed_(ts, 1, EPS, 2, math.nan), ValueError, r"b must be finite"),
     # Finite in float64 but infinite in the float32 the passes compute in: would write inf, or skip the update.
     ("alpha over float32", lambda ts: zokern.perturb_(ts, 1, -1e39), ValueError, r"alpha must be finite in float32"),
@@ -359,6 +401,26 @@ def test_bad_input_raises_before_touching_tensors(call, exc, match):
         call(tensors)
     for t, b in zip(tensors, before):
         assert torch.equal(t, b)
+
+
+def test_meta_tensors_are_not_taken_for_overlapping_ones():
+    metas = [torch.empty(3, device="meta"), torch.empty(4, device="meta")]  # both data_ptr 0
+    zokern.perturb_(metas, 1, EPS)
+    zokern.restore_update_(metas, 1, EPS, 0.1, 1.0)
+
+
+def test_a_flag_that_requires_grad_is_set():
+    flag = torch.zeros((), device=DEVICE, requires_grad=True)
+    zokern.restore_update_(_good(), 1, EPS, 0.1, torch.tensor(math.nan, device=DEVICE), found_nonfinite=flag)
+    assert flag.item() == 1.0
+
+
+def test_inference_tensors_are_updated_in_inference_mode():
+    tensor = _inference_tensor()
+    before = tensor.clone()
+    with torch.inference_mode():
+        zokern.perturb_(tensor, 1, EPS)
+    assert not torch.equal(tensor, before)
 
 
 @pytest.mark.parametrize(

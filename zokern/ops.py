@@ -58,7 +58,7 @@ def _check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # type: ignore[return-value]
 
 
-def _check_tensors(tensors: Tensors) -> list[torch.Tensor]:
+def _check_tensors(tensors: Tensors, written: bool = True) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     try:
@@ -80,14 +80,21 @@ def _check_tensors(tensors: Tensors) -> list[torch.Tensor]:
                 f"tensors[{k}] (shape {tuple(t.shape)}) is not contiguous; the stream is indexed by "
                 "row-major element order, so pass contiguous tensors"
             )
+        if written and t.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"tensors[{k}] is an inference tensor (made under torch.inference_mode), which cannot be updated in "
+                "place outside inference mode; clone it, or call inside torch.inference_mode()"
+            )
     _check_no_overlap(tensors)
     return tensors
 
 
 def _check_no_overlap(tensors: list[torch.Tensor]) -> None:
     """An element updated twice in one pass would silently receive two perturbations."""
-    spans = sorted(
-        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k) for k, t in enumerate(tensors) if t.numel()
+    spans = sorted(  # meta tensors have no memory to overlap (every data_ptr is 0)
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k)
+        for k, t in enumerate(tensors)
+        if t.numel() and t.device.type != "meta"
     )
     for (_, end, k1), (start, _, k2) in zip(spans, spans[1:]):
         if start < end:
@@ -115,6 +122,27 @@ def _bases(tensors: list[torch.Tensor], offset: int, offsets: Iterable[int] | No
     if total > INDEX_LIMIT:
         raise ValueError(f"offset + total numel = {total} exceeds the stream's index range [0, 2^63)")
     return bases
+
+
+def _check_next(next_seed: int | None, next_alpha: float) -> dict:
+    """The fused next perturbation's seed2 and alpha2 (none without next_seed)."""
+    alpha2 = _check_real("next_alpha", next_alpha)
+    if next_seed is None:
+        if alpha2 != 0.0:
+            raise ValueError(f"next_alpha={alpha2} needs next_seed, the seed of the perturbation it scales")
+        return dict(seed2=None, alpha2=0.0)
+    return dict(seed2=_check_index("next_seed", next_seed), alpha2=alpha2)
+
+
+def _check_flag(found_nonfinite: object, device: torch.device) -> None:
+    if found_nonfinite is None:
+        return
+    if not isinstance(found_nonfinite, torch.Tensor):
+        raise TypeError(f"found_nonfinite must be a tensor, got {type(found_nonfinite).__name__}")
+    if found_nonfinite.numel() != 1 or found_nonfinite.device != device:
+        raise ValueError(f"found_nonfinite must be a one-element tensor on {device}")
+    if not (found_nonfinite.dtype == torch.bool or found_nonfinite.is_floating_point()):
+        raise TypeError(f"found_nonfinite must be a bool or floating tensor, got {found_nonfinite.dtype}")
 
 
 def _check_grad(grad: object, device: torch.device) -> float | torch.Tensor:
@@ -241,7 +269,7 @@ def perturb_into_(
     have ``sources[k]``'s shape and dtype and must not overlap any source. Offsets as :func:`perturb_`.
     """
     out = _check_tensors(out)
-    sources = _check_tensors(sources)
+    sources = _check_tensors(sources, written=False)
     if len(out) != len(sources):
         raise ValueError(f"out has {len(out)} tensors but sources has {len(sources)}")
     for k, (o, src) in enumerate(zip(out, sources)):
@@ -258,8 +286,7 @@ def perturb_into_(
         seed=_check_index("seed", seed),
         alpha=_check_real("alpha", alpha),
         distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
-        alpha2=_check_real("next_alpha", next_alpha),
-        seed2=None if next_seed is None else _check_index("next_seed", next_seed),
+        **_check_next(next_seed, next_alpha),
     )
     bases = _bases(out, offset, offsets)
     live = [(o, src, b) for o, src, b in zip(out, sources, bases) if o.numel()]
@@ -326,11 +353,9 @@ def restore_update_(
         grad=_check_grad(grad, device),
         weight_decay=_check_real("weight_decay", weight_decay),
         distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
-        alpha2=_check_real("next_alpha", next_alpha),
-        seed2=None if next_seed is None else _check_index("next_seed", next_seed),
+        **_check_next(next_seed, next_alpha),
     )
-    if found_nonfinite is not None and (found_nonfinite.numel() != 1 or found_nonfinite.device != device):
-        raise ValueError(f"found_nonfinite must be a one-element tensor on {device}")
+    _check_flag(found_nonfinite, device)
     bases = _bases(tensors, offset, offsets)
     kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
     _run_pass(tensors, bases, backend, _checked_scalars(scalars, tensors), **kwargs)
@@ -338,10 +363,11 @@ def restore_update_(
         return None
     flag = ~torch.isfinite(kwargs["grad"])
     if found_nonfinite is not None:
-        if found_nonfinite.dtype == torch.bool:
-            found_nonfinite.logical_or_(flag)
-        else:
-            found_nonfinite.copy_(torch.maximum(found_nonfinite, flag.to(found_nonfinite.dtype)))
+        with torch.no_grad():  # a flag that requires grad is still just a flag
+            if found_nonfinite.dtype == torch.bool:
+                found_nonfinite.logical_or_(flag)
+            else:
+                found_nonfinite.copy_(torch.maximum(found_nonfinite, flag.to(found_nonfinite.dtype)))
     return flag
 
 
