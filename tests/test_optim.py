@@ -343,6 +343,7 @@ def test_nonfinite_loss_skips_the_update_with_a_warning():
         (lambda ps: FZOO(ps, n_probes=1), ValueError, "n_probes"),
         (lambda ps: ZOConservative(ps, n_probes=2), ValueError, "n_probes"),
         (lambda ps: ZOSGD(ps, seed=-3), ValueError, "seed"),
+        (lambda ps: ZOSGD(ps, backend="gpu"), ValueError, "unknown zokern backend 'gpu'"),
         (
             lambda ps: ZOSGD([*ps, torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]),
             TypeError,
@@ -360,6 +361,39 @@ def test_nonfinite_loss_skips_the_update_with_a_warning():
 def test_bad_arguments_are_clear_errors(build, exc, match):
     with pytest.raises(exc, match=match):
         build([torch.nn.Parameter(torch.ones(3))])
+
+
+def test_parameters_the_passes_cannot_update_are_rejected_before_any_pass():
+    """Checked at construction and again at each step (a model can change after it): a step that would fail
+    partway, after updating the param groups before the bad parameter, never starts, and draws no seed."""
+    with pytest.raises(ValueError, match=r"param group 1: params\[0\] \(shape \(4, 3\).*not contiguous"):
+        ZOSGD(
+            [{"params": [torch.nn.Parameter(torch.rand(3, 4))]}, {"params": [torch.nn.Parameter(torch.rand(3, 4).t())]}]
+        )
+    frozen_view = torch.nn.Parameter(torch.rand(3, 4).t(), requires_grad=False)
+    ZOSGD([torch.nn.Parameter(torch.rand(3)), frozen_view])  # frozen: never written, so accepted
+
+    good = torch.nn.Parameter(torch.rand(3, 4))
+    later = torch.nn.Parameter(torch.rand(3, 4))
+    opt = ZOSGD([{"params": [good]}, {"params": [later]}], lr=0.1, seed=0)
+    before = [good.detach().clone(), later.detach().clone()]
+    with torch.no_grad():
+        later.data = later.data.t().contiguous().t()  # same values, column-major: as a channels_last conversion does
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\].*not contiguous"):
+        opt.step(lambda: (good.sum() + later.sum()) ** 2)
+    with torch.no_grad():
+        later.data = later.data.double()
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] has dtype torch.float64"):
+        opt.step(lambda: (good.sum() + later.sum()) ** 2)
+    assert opt.steps_taken == 0 and not opt.trajectory
+    assert torch.equal(good, before[0]) and torch.equal(later.float(), before[1])
+
+
+def test_a_backend_unavailable_here_is_refused_at_construction():
+    unavailable = [name for name, status in zokern.backend_status().items() if status != "available"]
+    for name in unavailable:  # on this machine; a CUDA machine without triton still has one
+        with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable"):
+            ZOSGD([torch.nn.Parameter(torch.ones(3))], backend=name)
 
 
 def test_bad_closures_are_clear_errors_and_restore():

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from zokern import _dispatch
 from zokern import _reference
 from zokern import ops
 from zokern._reference import STREAM_VERSION
@@ -71,6 +72,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
         if not isinstance(seed_check_every, int) or seed_check_every < 0:
             raise ValueError(f"seed_check_every must be a non-negative integer, got {seed_check_every!r}")
+        _check_backend(backend)
         super().__init__(params, defaults)
         self.distribution = distribution
         self.backend = backend
@@ -124,10 +126,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         for name, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
             _check_number(name, group[name], low, strict)
         for k, p in enumerate(group["params"]):
-            if p.dtype not in ops.SUPPORTED_DTYPES:
-                raise TypeError(
-                    f"params[{k}] has dtype {p.dtype}; zokern's passes update float32, bfloat16 and float16 parameters"
-                )
+            if p.dtype not in ops.SUPPORTED_DTYPES or (p.requires_grad and not p.is_contiguous()):
+                _reject_parameter(f"params[{k}]", p)
 
     # ------------------------------------------------------------------------------------------------- layout
 
@@ -137,11 +137,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._step_layout is not None:
             return self._step_layout
         layout, base, index = [], 0, 0
-        for group in self.param_groups:
+        for g, group in enumerate(self.param_groups):
             tensors, offsets = [], []
-            for p in group["params"]:
+            for k, p in enumerate(group["params"]):
                 trainable = p.requires_grad if self._trainable_override is None else self._trainable_override[index]
                 if trainable:
+                    if not p.is_contiguous() or p.dtype not in ops.SUPPORTED_DTYPES:
+                        _reject_parameter(f"param_groups[{g}]['params'][{k}]", p)
                     tensors.append(p)
                     offsets.append(base)
                 base += p.numel()
@@ -374,11 +376,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         ``nonfinite_steps`` or ``state_dict`` is read).
         """
         self._require_closure(closure)
+        layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
         self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
         seed = self.new_seed()
         next_seed = seeds_.step_seed(self.base_seed, self.steps_taken) if self.merge_steps else None
-        fields = self._take_step(seed, lambda: self._evaluate(closure), next_seed)
+        fields = self._take_step(seed, lambda: self._evaluate(closure), next_seed, layout=layout)
         if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
             fields["claimed"] = self._claimed
         losses = fields.pop("losses", None)
@@ -398,14 +401,20 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
 
     def _take_step(
-        self, seed: int, evaluate: Callable[[], Any], next_seed: int | None = None, may_claim: bool = True
+        self,
+        seed: int,
+        evaluate: Callable[[], Any],
+        next_seed: int | None = None,
+        may_claim: bool = True,
+        layout: list | None = None,
     ) -> dict[str, Any]:
         """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised).
         ``next_seed``: the next step's seed, which a merging step folds into its last pass; ``may_claim=False``
-        (replay of a step that found its perturbation taken back) takes a pending one back instead of claiming it."""
+        (replay of a step that found its perturbation taken back) takes a pending one back instead of claiming it;
+        ``layout``: the step's ``_groups_layout()``, when the caller has it already."""
         self._displacement.clear()
         self._losses = []
-        self._step_layout = self._groups_layout()
+        self._step_layout = self._groups_layout() if layout is None else layout
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
         self._next_seed = next_seed
@@ -594,6 +603,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
+
+
+def _check_backend(backend: str | None) -> None:
+    """A backend the optimizer is told to use must exist and be available here (its device is checked by the passes)."""
+    name = _dispatch.requested_backend(backend)
+    if name is not None and _dispatch.backend_status()[name] != "available":
+        raise RuntimeError(
+            f"zokern backend {name!r} is unavailable: {_dispatch.backend_status()[name]}. "
+            f"Available: {', '.join(_dispatch.available_backends())}"
+        )
+
+
+def _reject_parameter(name: str, p: torch.Tensor) -> None:
+    """The error for a trainable parameter the passes cannot update, raised before any pass of a step runs."""
+    if p.dtype not in ops.SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {p.dtype}; zokern's passes update float32, bfloat16 and float16 parameters")
+    raise ValueError(
+        f"{name} (shape {tuple(p.shape)}, strides {p.stride()}) is not contiguous: the stream indexes a parameter's "
+        "elements in row-major order. Make it contiguous (a channels_last model: "
+        "model.to(memory_format=torch.contiguous_format); a transposed view: register its .contiguous() copy)"
+    )
 
 
 def _check_number(name: str, value: Any, low: float | None, strict: bool) -> float:
