@@ -81,6 +81,25 @@ def test_exact_evaluation_sees_the_same_values_as_inplace_perturbation(dtype):
     assert losses["exact"] == losses["inplace"]
 
 
+@pytest.mark.parametrize("read", ["T", "mT", "H", "data"])
+def test_exact_mode_perturbs_parameters_read_through_value_properties(read):
+    """A tied output head written ``h @ w.T`` reads w through a property: it must see theta + eps z too."""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    start = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)) * 0.3
+
+    def loss(w):
+        hidden = torch.nn.functional.linear(x, w)
+        return (hidden @ getattr(w, read).mT if read != "data" else hidden @ w.data).pow(2).mean()
+
+    losses = {}
+    for mode in ("exact", "inplace"):
+        w = torch.nn.Parameter(start.clone())
+        opt = ZOSGD([w], lr=0.0, eps=1e-2, seed=1, perturbation=mode)
+        opt.step(lambda w=w: loss(w))
+        losses[mode] = opt.trajectory[0]["losses"]
+    assert losses["exact"] == pytest.approx(losses["inplace"], rel=1e-6)
+
+
 def test_float32_keeps_the_inplace_scheme_bit_for_bit():
     results = []
     for kwargs in ({}, dict(perturbation="inplace", rounding="nearest")):

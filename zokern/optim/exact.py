@@ -9,9 +9,10 @@ largest parameter an op receives (plus any small ones, such as a bias, received 
 twice in a forward (tied input and output embeddings) is materialised twice from the same theta: the same value.
 
 What a model must satisfy: the closure reaches every trainable parameter through torch operations (modules,
-functional calls, tensor methods, ``.data``), as Python models do. Code that bypasses torch's function overrides
-(a custom C++/CUDA extension handed raw pointers, a torch.compile'd graph) would see the unperturbed value; a
-trainable parameter no op received during an evaluation is reported as an error, naming it.
+functional calls, tensor methods, ``.data``, ``.T`` and the other properties made of its values), as Python models
+do. Code that bypasses torch's function overrides (a custom C++/CUDA extension handed raw pointers, a
+torch.compile'd graph) would see the unperturbed value; a trainable parameter no op received during an evaluation
+is reported as an error, naming it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from torch.overrides import TorchFunctionMode
 from zokern import ops
 from zokern._dispatch import select_backend
 
-_DATA_GETTER = torch.Tensor.data
+# Properties whose value is made of the parameter's values (a view or the tensor itself): an op reading the parameter
+# through them must see the perturbed value. Every other property is metadata, read from the parameter with no copy.
+_VALUE_GETTERS = frozenset(
+    id(getattr(torch.Tensor, name)) for name in ("data", "T", "mT", "H", "mH", "real", "imag")
+)
 _DTYPES = frozenset(ops.SUPPORTED_DTYPES)  # others (a model cast to float64 after construction) take ops' checks
 
 
@@ -60,7 +65,7 @@ class PerturbedView(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") == "__get__" and getattr(func, "__self__", None) is not _DATA_GETTER:
+        if getattr(func, "__name__", "") == "__get__" and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:
             # Metadata (shape, dtype, requires_grad, ...) comes from the parameter itself, with no copy.
             return func(*args, **kwargs)
         args = self._swap_all(args)
