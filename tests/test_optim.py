@@ -389,6 +389,16 @@ def test_parameters_the_passes_cannot_update_are_rejected_before_any_pass():
     assert torch.equal(good, before[0]) and torch.equal(later.float(), before[1])
 
 
+def test_a_rejected_param_group_is_not_kept():
+    a, b = torch.nn.Parameter(torch.rand(3)), torch.nn.Parameter(torch.rand(2))
+    opt = ZOAdam([a], lr=0.1, seed=0)
+    with pytest.raises(ValueError, match=r"param group 1: invalid betas"):
+        opt.add_param_group({"params": [b], "betas": (0.9, 1.5)})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b]})  # b may join once the group is right
+    assert opt.param_groups[1]["betas"] == (0.9, 0.999)
+
+
 def test_a_backend_unavailable_here_is_refused_at_construction():
     unavailable = [name for name, status in zokern.backend_status().items() if status != "available"]
     for name in unavailable:  # on this machine; a CUDA machine without triton still has one

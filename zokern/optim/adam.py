@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
 from zokern.optim.sgd import ZOSGD
 
@@ -74,10 +73,10 @@ class ZOAdam(ZOSGD):
             self._validate_adam(group)
         self.defaults.update(betas=tuple(betas), adam_eps=adam_eps)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        ZOOptimizer.add_param_group(self, param_group)
-        if "betas" in self.defaults:  # groups added after construction
-            self._validate_adam(self.param_groups[-1])
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        if "betas" in group:  # from the defaults once the constructor has set them; a rejected group is not kept
+            self._validate_adam(group)
 
     @staticmethod
     def _validate_adam(group: dict[str, Any]) -> None:
