@@ -3,7 +3,9 @@ the rate theory gives, torch.optim contracts (groups, schedulers, state_dict), r
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import statistics
 
 import pytest
@@ -12,6 +14,7 @@ from helpers import tiny_opt
 
 import zokern
 from zokern.optim import FZOO
+from zokern.optim import LDSD
 from zokern.optim import ZOSGD
 from zokern.optim import ZOAdam
 from zokern.optim import ZOConservative
@@ -260,6 +263,32 @@ def test_resuming_from_state_dict_continues_bit_identically(cls):
     for _ in range(3):
         resumed.step(closure)
     assert all(torch.equal(p, u) for p, u in zip(params, uninterrupted))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(ZOSGD, dict(momentum=0.5)), (ZOSGD, dict(merge_steps=True)), (ZOAdam, {}), (FZOO, {}), (LDSD, dict(k=3))],
+    ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(map(str, x.values())),
+)
+def test_a_copied_optimizer_steps_on_as_the_original(cls, kwargs, how):
+    (a, _, b), groups, closure, loss_of = _problem()
+    opt = cls(groups, seed=5, **kwargs)
+    for _ in range(2):
+        opt.step(closure)
+    # The optimizer last: with merge_steps, the parameters are copied while they hold the next perturbation.
+    copied = copy.deepcopy((a, b, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((a, b, opt)))
+    copy_a, copy_b, copy_opt = copied
+    assert copy_opt.param_groups[0]["params"][0] is copy_a
+    for _ in range(2):
+        opt.step(closure)
+        copy_opt.step(lambda: loss_of(copy_a, copy_b).float())
+    assert torch.equal(copy_a, a) and torch.equal(copy_b, b)
+    assert copy_opt.steps_taken == opt.steps_taken == 4
+    alone = copy.deepcopy(opt)  # its own copies of the parameters, taken back when read through the optimizer
+    alone.materialize()
+    opt.materialize()
+    assert all(torch.equal(p, q) for p, q in zip(alone.param_groups[1]["params"], opt.param_groups[1]["params"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -104,11 +104,29 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._rows: Iterator[torch.Tensor] | None = None  # a CUDA graph's scalar rows, one per pass (graph.py)
         self.merge_steps = False  # set by optimizers that fold the next step's perturbation into their last pass
         self._lookahead = Lookahead()
+        self._watch_lookahead()
+        self._claimed = False  # whether this step's first perturbation was already applied by the last step
+        self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
+
+    def _watch_lookahead(self) -> None:
         # An optimizer collected between merged steps leaves theta behind; not at interpreter exit, where the
         # parameters die with the process and the device may already be gone.
         weakref.finalize(self, self._lookahead.close).atexit = False
-        self._claimed = False  # whether this step's first perturbation was already applied by the last step
-        self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
+
+    # What copy.deepcopy and pickle (torch.save of the object) keep: everything a copy needs to go on stepping as
+    # the original would, not only what torch.optim keeps (defaults, state, param_groups); a pending merged
+    # perturbation included (lookahead.py), so a model copied before or after its optimizer agrees with it. Device
+    # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own).
+    _TRANSIENT = ("_unsettled", "_rows")
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._settle()
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._unsettled, self._rows = [], None
+        self._watch_lookahead()
 
     # ------------------------------------------------------------------------------------------ hyperparameters
 

@@ -10,9 +10,10 @@ read the parameters:
   first time a merging step's closure calls a model that contains them), so that a checkpoint holds theta and a
   loaded one is not shifted.
 
-Reads that bypass modules and the optimizer (``p.data``, ``model.parameters()``, ``copy.deepcopy``) see the
-perturbed values, and writes that bypass them (``p.data.copy_(...)``, a clamp) would be shifted by the take-back:
-call ``materialize()`` first.
+Reads that bypass modules and the optimizer (``p.data``, ``model.parameters()``, ``copy.deepcopy`` of a model
+without its optimizer) see the perturbed values, and writes that bypass them (``p.data.copy_(...)``, a clamp) would
+be shifted by the take-back: call ``materialize()`` first. A copy of the optimizer (deepcopy, pickle) carries the
+pending perturbation, so a model copied with it, before or after it, is taken back with it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ class Lookahead:
         self._hooked_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []  # the owners' hooks, removed by close()
         self._searched: frozenset[int] = frozenset()  # ids of the parameters whose owners were looked for
+
+    # A copy (copy.deepcopy, pickle) holds the pending perturbation, whose parameters the copy maps as it maps the
+    # rest (the copied model's, when copied along), and watches for reads anew; hooks stay with the original.
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(seed=self.seed, chunks=self._chunks, pass_kwargs=self._pass_kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+        if state["seed"] is not None:
+            self.set(state["seed"], state["chunks"], state["pass_kwargs"])
 
     @property
     def pending(self) -> bool:

@@ -157,6 +157,12 @@ class ZOSGD(ZOOptimizer):
             )
         return True
 
+    _TRANSIENT = (*ZOOptimizer._TRANSIENT, "_graph")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._graph = StepGraph(self) if self.cuda_graph else None  # a copy captures its own
+
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         self._step_closure = closure if self.cuda_graph else None
         try:
