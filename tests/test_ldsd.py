@@ -404,3 +404,15 @@ def test_projected_grad_has_one_entry_per_group_even_with_a_frozen_group():
     losses = record["losses"]
     f_plus, f_minus = losses[record["best"]], losses[-1]
     assert record["projected_grad"] == pytest.approx([(f_plus - f_minus) / 2e-2, (f_plus - f_minus) / 2e-3])
+
+
+def test_adam_count_is_the_runs_for_a_parameter_that_joins_later():
+    first, later = torch.nn.Parameter(torch.rand(6)), torch.nn.Parameter(torch.rand(4))
+    opt = LDSD([first], lr=1e-3, k=2, update="adam", seed=0)
+    closure = lambda: (first.sum() + later.sum()) ** 2  # noqa: E731
+    for _ in range(3):
+        opt.step(closure)
+    opt.add_param_group({"params": [later]})
+    opt.step(closure)
+    # One bias correction per pass: the joining parameter's count is the run's, and its state says so.
+    assert opt.state[first]["step"].item() == opt.state[later]["step"].item() == 4

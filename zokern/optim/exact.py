@@ -27,9 +27,7 @@ from zokern._dispatch import select_backend
 
 # Properties whose value is made of the parameter's values (a view or the tensor itself): an op reading the parameter
 # through them must see the perturbed value. Every other property is metadata, read from the parameter with no copy.
-_VALUE_GETTERS = frozenset(
-    id(getattr(torch.Tensor, name)) for name in ("data", "T", "mT", "H", "mH", "real", "imag")
-)
+_VALUE_GETTERS = frozenset(id(getattr(torch.Tensor, name)) for name in ("data", "T", "mT", "H", "mH", "real", "imag"))
 _DTYPES = frozenset(ops.SUPPORTED_DTYPES)  # others (a model cast to float64 after construction) take ops' checks
 
 

@@ -41,7 +41,8 @@ class LDSD(ZOOptimizer):
 
     (K + 1 forwards: :math:`f_{i^*}` is reused as :math:`f_+`). :math:`\theta` moves along :math:`\hat g` by SGD
     (:math:`\theta \leftarrow \theta - \eta(\hat g + \lambda\theta)`), heavy-ball momentum
-    (:math:`b \leftarrow \beta b + \hat g`) or Adam (``update="adam"``, bias-corrected, as :class:`ZOAdam`).
+    (:math:`b \leftarrow \beta b + \hat g`) or Adam (``update="adam"``, bias-corrected, as :class:`ZOAdam`,
+    except that t is the run's update count on each device, which a parameter added or unfrozen later takes too).
     Note :math:`E[\hat g] \approx (\mu\mu^T + \sigma^2 I)\nabla L`: along a learned mu the step is larger than
     MeZO's, which is the point of the method.
 
@@ -173,6 +174,7 @@ class LDSD(ZOOptimizer):
     # ---------------------------------------------------------------------------------------------------- layout
 
     def _init_state(self) -> None:
+        counts = self._adam_counts() if self._rule == "adam" else {}
         for _, params, _ in self._groups_layout():
             for p in params:
                 state = self.state[p]
@@ -183,8 +185,9 @@ class LDSD(ZOOptimizer):
                 ):
                     if key not in state:
                         state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                if self._rule == "adam" and "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                if self._rule == "adam" and "step" not in state:  # a parameter joining later: the run's count
+                    count = counts.get(p.device)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if count is None else count
 
     def _mus(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.state[p]["mu"] for p in params]
@@ -397,15 +400,23 @@ class LDSD(ZOOptimizer):
         return [sum(p.numel() for p in params) for _, params, _ in self._groups_layout()]
 
     def _advance_adam_steps(self, ok: torch.Tensor) -> dict[torch.device, torch.Tensor]:
-        """Adam's update count t (skipped steps do not count), per device: one value, shared by all parameters."""
+        """Adam's update count t (skipped steps do not count), per device: one value, shared by all parameters (the
+        final pass takes one bias correction per call), the run's count; see _adam_counts."""
         if self._rule != "adam":
             return {}
-        counts = {}
         for _, _, params, _ in self._device_chunks():
-            steps = [self.state[p]["step"] for p in params]
-            torch._foreach_add_(steps, ok.to(params[0].device, torch.float32))
-            counts.setdefault(params[0].device, steps[0])
-        return counts
+            torch._foreach_add_([self.state[p]["step"] for p in params], ok.to(params[0].device, torch.float32))
+        return self._adam_counts()
+
+    def _adam_counts(self) -> dict[torch.device, torch.Tensor]:
+        """Per device, the largest update count of its trainable parameters (new 0-d tensors): the run's count,
+        which a parameter added or unfrozen later, whose own count is smaller, is bias-corrected with too."""
+        steps: dict[torch.device, list[torch.Tensor]] = {}
+        for _, _, params, _ in self._device_chunks():
+            for p in params:
+                if "step" in self.state[p]:
+                    steps.setdefault(p.device, []).append(self.state[p]["step"])
+        return {device: torch.stack(counts).max() for device, counts in steps.items()}
 
 
 class _Use(ParameterUse):
