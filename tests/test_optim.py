@@ -319,6 +319,54 @@ def test_replay_reproduces_the_trained_parameters_bit_identically(cls, kwargs, d
     assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))
 
 
+def test_replay_follows_param_groups_added_during_the_run():
+    params, groups, closure, _ = _problem()
+    extra = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+    initial = [p.detach().clone() for p in (*params, extra)]
+    opt = ZOSGD(groups[:1], seed=2, momentum=0.5)
+    opt.step(closure)
+    opt.add_param_group(groups[1])
+    opt.step(closure)
+    opt.add_param_group({"params": [extra], "lr": 0.05})
+    for _ in range(2):
+        opt.step(lambda: closure() + extra.pow(3).sum())
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, opt.trajectory)  # the parameters of the groups added later come last, as added
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, (*params, extra)))
+
+
+def _trained_trajectory():
+    params, groups, closure, _ = _problem()
+    initial = [p.detach().clone() for p in params]
+    opt = ZOSGD(groups, seed=3)
+    for _ in range(4):
+        opt.step(closure)
+    return initial, [dict(r) for r in opt.trajectory]
+
+
+@pytest.mark.parametrize(
+    "spoil,given,match",
+    [
+        (lambda t: t[2].update(stream_version=99), None, r"record 2 was written with stream version 99"),
+        (lambda t: t[3].pop("losses"), None, r"record 3 lacks losses"),
+        (lambda t: t.pop(0), None, r"must start at a record with a 'setup'"),
+        (lambda t: t.__setitem__(slice(0, 2), [dict(t[0], step=2), t[3]]), None, r"record 0 is step 2"),
+        (lambda t: None, lambda ps: [ps[2], ps[1], ps[0]], r"params\[0\] has numel 13.*parameter 0 had 35"),
+        (lambda t: None, lambda ps: [ps[0].double(), ps[1], ps[2]], r"params\[0\] has dtype float64.*had float32"),
+        (lambda t: None, lambda ps: ps[:2], r"had 3 parameters.*2 given"),
+    ],
+    ids=["stream version", "missing losses", "no setup", "resumed part alone", "order", "dtype", "count"],
+)
+def test_replay_checks_the_whole_trajectory_before_writing(spoil, given, match):
+    initial, trajectory = _trained_trajectory()
+    spoil(trajectory)
+    params = [t.clone() for t in initial] if given is None else given([t.clone() for t in initial])
+    before = [p.clone() for p in params]
+    with pytest.raises(ValueError, match=match):
+        zokern.replay(params, trajectory)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 # ------------------------------------------------------------------------------------------------ nothing lost
 
 

@@ -520,7 +520,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # What replay needs beyond the step's scalars, written only when it changes: a few bytes per step.
         setup = dict(optimizer=type(self).__name__, options=self.options(), **self._layout_signature())
         if setup != self._last_setup:
-            record["setup"] = setup
+            record["setup"] = dict(setup, dtypes=[str(d).removeprefix("torch.") for d in setup["dtypes"]])
             self._last_setup = setup
         self._trajectory.append(record)
 
@@ -567,7 +567,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._trainable_override is not None:
             trainable = list(self._trainable_override)
         extras = {k: [g[k] for g in self.param_groups] for k in self._extra_group_keys()}
-        return dict(group_sizes=[len(g["params"]) for g in self.param_groups], trainable=trainable, group_extras=extras)
+        params = [p for g in self.param_groups for p in g["params"]]
+        return dict(
+            group_sizes=[len(g["params"]) for g in self.param_groups],
+            trainable=trainable,
+            group_extras=extras,
+            numels=[p.numel() for p in params],  # checked by replay against the parameters it is given
+            dtypes=[p.dtype for p in params],  # names in the record (_record)
+        )
 
     def _extra_group_keys(self) -> tuple[str, ...]:
         """Per-group hyperparameters besides lr, eps and weight_decay (recorded for replay)."""

@@ -30,24 +30,20 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     """Re-run, in place on ``params``, exactly the passes of the recorded steps, with the recorded losses.
 
     ``params`` are the initial values of every parameter of the optimizer's param groups, in its canonical order
-    (groups in order, parameters in order; frozen ones included, they are left alone). On the same backend the
-    result is bit-identical to the trained parameters. Every zokern optimizer replays: their steps depend only on
-    seeds, hyperparameters and losses, and their states (momentum, Adam moments) are rebuilt along the way.
-    Returns the optimizer that replayed, whose state equals the original's. Under torch.distributed any one rank may
-    replay alone: the recorded losses are already averaged over the ranks, so replay runs no collective.
+    (groups in order, parameters in order; frozen ones included, they are left alone; groups added during the run
+    last, as they were added). ``trajectory`` is the run's from its first step (a resumed run's records follow those
+    written before its checkpoint). On the same backend the result is bit-identical to the trained parameters. Every
+    zokern optimizer replays: their steps depend only on seeds, hyperparameters and losses, and their states
+    (momentum, Adam moments) are rebuilt along the way. Returns the optimizer that replayed, whose state equals the
+    original's. Under torch.distributed any one rank may replay alone: the recorded losses are already averaged over
+    the ranks, so replay runs no collective.
+
+    The whole trajectory is checked against ``params`` first: a mismatch raises before any parameter is written.
     """
     params = list(params)
-    if not trajectory:
-        raise ValueError("the trajectory is empty")
-    if "setup" not in trajectory[0]:
-        raise ValueError("the trajectory must start at a record with a 'setup' entry (the first step of a run)")
+    _check(params, trajectory)
     optimizer: ZOOptimizer | None = None
-    for k, record in enumerate(trajectory):
-        if record.get("stream_version") != STREAM_VERSION:
-            raise ValueError(
-                f"record {k} was written with stream version {record.get('stream_version')}; "
-                f"this zokern regenerates version {STREAM_VERSION} only"
-            )
+    for record in trajectory:
         if "setup" in record:
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
@@ -60,24 +56,80 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     return optimizer
 
 
+_RECORD_KEYS = ("step", "seed", "losses", "lr", "eps", "weight_decay", "stream_version")
+
+
+def _check(params: list[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> None:
+    """Everything replay will need, before it writes anything."""
+    if not trajectory:
+        raise ValueError("the trajectory is empty")
+    if "setup" not in trajectory[0]:
+        raise ValueError("the trajectory must start at a record with a 'setup' entry (the first step of a run)")
+    sizes: list[int] = []
+    for k, record in enumerate(trajectory):
+        missing = [key for key in _RECORD_KEYS if key not in record]
+        if missing:
+            raise ValueError(f"record {k} lacks {', '.join(missing)}: not a zokern trajectory record")
+        if record["stream_version"] != STREAM_VERSION:
+            raise ValueError(
+                f"record {k} was written with stream version {record['stream_version']}; "
+                f"this zokern regenerates version {STREAM_VERSION} only"
+            )
+        if record["step"] != k:
+            raise ValueError(
+                f"record {k} is step {record['step']}: replay rebuilds the optimizer's state from a run's first step, "
+                "record after record (a resumed run's trajectory goes after the records written before its checkpoint)"
+            )
+        if "setup" in record:
+            sizes = _check_setup(params, record["setup"], k, sizes)
+        if not len(record["lr"]) == len(record["eps"]) == len(record["weight_decay"]) == len(sizes):
+            raise ValueError(f"record {k} has hyperparameters for {len(record['lr'])} param groups, not {len(sizes)}")
+    used = sum(trajectory[_last_setup(trajectory)]["setup"]["group_sizes"])
+    if used != len(params):
+        raise ValueError(f"the trajectory's optimizer had {used} parameters; {len(params)} were given")
+
+
+def _check_setup(params: list[torch.Tensor], setup: dict[str, Any], k: int, before: list[int]) -> list[int]:
+    """The param groups' sizes from record k on; raises if ``params`` cannot be the parameters they describe."""
+    sizes = list(setup["group_sizes"])
+    if k == 0 and setup["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {setup['optimizer']!r} in the trajectory")
+    if sizes[: len(before)] != before:
+        raise ValueError(f"record {k}: param groups of sizes {before} became {sizes}; only groups can be added")
+    if sum(sizes) > len(params) or len(setup["trainable"]) != sum(sizes):
+        raise ValueError(f"the trajectory's optimizer had {sum(sizes)} parameters at step {k}; {len(params)} given")
+    # Trajectories before these entries were recorded are replayed unchecked.
+    for name, want, have in (
+        ("numel", setup.get("numels"), [p.numel() for p in params[: sum(sizes)]]),
+        ("dtype", setup.get("dtypes"), [str(p.dtype).removeprefix("torch.") for p in params[: sum(sizes)]]),
+    ):
+        if want is not None and want != have:
+            j = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b)
+            raise ValueError(
+                f"params[{j}] has {name} {have[j]}, but the trajectory's parameter {j} had {want[j]} (record {k}): "
+                "pass the initial parameters in the optimizer's canonical order"
+            )
+    return sizes
+
+
+def _last_setup(trajectory: Sequence[dict[str, Any]]) -> int:
+    return max(k for k, record in enumerate(trajectory) if "setup" in record)
+
+
 def _build(params: list[torch.Tensor], setup: dict[str, Any], previous: ZOOptimizer | None) -> ZOOptimizer:
     sizes, trainable = setup["group_sizes"], setup["trainable"]
-    if sum(sizes) != len(params) or len(trainable) != len(params):
-        raise ValueError(f"the trajectory's optimizer had {sum(sizes)} parameters; {len(params)} were given")
-    if previous is not None:  # a mid-run change (frozen parameters, per-group extras) keeps the optimizer and state
-        previous._trainable_override = list(trainable)
-        for k, group in enumerate(previous.param_groups):
-            group.update(_group_extras(setup, k))
-        return previous
-    cls = OPTIMIZERS.get(setup["optimizer"])
-    if cls is None:
-        raise ValueError(f"unknown optimizer {setup['optimizer']!r} in the trajectory")
     groups, start = [], 0
     for k, size in enumerate(sizes):
-        group = {"params": params[start : start + size], **_group_extras(setup, k)}
-        groups.append(group)
+        groups.append({"params": params[start : start + size], **_group_extras(setup, k)})
         start += size
-    optimizer = cls(groups, seed=0, **{**setup["options"], "seed_check_every": 0})
+    if previous is None:
+        optimizer = OPTIMIZERS[setup["optimizer"]](groups, seed=0, **{**setup["options"], "seed_check_every": 0})
+    else:  # a mid-run change (frozen parameters, per-group extras, added groups) keeps the optimizer and state
+        optimizer = previous
+        for group, extras in zip(optimizer.param_groups, groups):
+            group.update({k: v for k, v in extras.items() if k != "params"})
+        for group in groups[len(optimizer.param_groups) :]:
+            optimizer.add_param_group(group)
     optimizer._trainable_override = list(trainable)
     return optimizer
 
