@@ -319,6 +319,42 @@ def test_replay_reproduces_the_trained_parameters_bit_identically(cls, kwargs, d
     assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))
 
 
+@pytest.mark.parametrize(
+    "saved_with,loaded_into,match",
+    [
+        (lambda ps: ZOSGD(ps, momentum=0.9), lambda ps: ZOSGD(ps), r"momentum=0.9; this one has momentum=0.0"),
+        (lambda ps: LDSD(ps, k=3, update="adam"), lambda ps: LDSD(ps, k=7), r"k=3, update='adam'.*k=7, update='sgd'"),
+        (
+            lambda ps: ZOSGD(ps),
+            lambda ps: ZOSGD(ps[::-1]),
+            r"run had 35 elements for param_groups\[0\]\['params'\]\[0\]",
+        ),
+    ],
+    ids=["momentum", "ldsd update", "other parameters"],
+)
+def test_a_state_dict_of_another_run_is_refused_before_loading(saved_with, loaded_into, match):
+    (a, _, b), _, closure, _ = _problem()
+    saved = saved_with([a, b])
+    saved.step(closure)
+    target = loaded_into([a, b])
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(saved.state_dict())
+    assert target.steps_taken == 0 and not target.state
+    relaxed = ZOSGD([a, b], backend="torch", seed_check_every=0)  # where the steps run may change on resume
+    relaxed.load_state_dict(ZOSGD([a, b]).state_dict())
+
+
+def test_a_state_tensor_of_another_shape_is_refused():
+    (a, _, b), _, closure, _ = _problem()
+    saved = ZOSGD([a, b], momentum=0.9)
+    saved.step(closure)
+    state = saved.state_dict()
+    state["zo"].pop("numels")  # as written before numels were saved: the momentum buffers' shapes still tell
+    state["state"][0]["momentum_buffer"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' for param_groups\[0\]\['params'\]\[0\].*shape \(3,\)"):
+        ZOSGD([a, b], momentum=0.9).load_state_dict(state)
+
+
 def test_replay_follows_param_groups_added_during_the_run():
     params, groups, closure, _ = _problem()
     extra = torch.nn.Parameter(torch.linspace(-1, 1, 6))

@@ -601,8 +601,41 @@ class ZOOptimizer(torch.optim.Optimizer):
             nonfinite_steps=self.nonfinite_steps,
             stream_version=STREAM_VERSION,
             optimizer=type(self).__name__,
+            options=self.options(),
+            numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
         )
         return state
+
+    def _check_loadable(self, zo: dict[str, Any], state_dict: dict[str, Any]) -> None:
+        """Before anything is loaded: the saved run's options are this optimizer's, and each saved state tensor has
+        its parameter's shape (torch would load either silently, and the next step fail or diverge)."""
+        saved = zo.get("options")  # absent from state dicts written before options were saved
+        if saved is not None:
+            mine = self.options()
+            differ = sorted(
+                k for k in saved.keys() | mine.keys() if k not in _RESUMABLE_OPTIONS and saved.get(k) != mine.get(k)
+            )
+            if differ:
+                raise ValueError(
+                    f"state dict of a {zo['optimizer']} with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}; "
+                    f"this one has {', '.join(f'{k}={mine.get(k)!r}' for k in differ)}: construct it with the "
+                    "saved run's options to continue that run"
+                )
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            return  # torch's load_state_dict names this mismatch
+        names = self._parameter_names()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, numel in zip(params, zo.get("numels", ())):  # its elements' stream indices depend on every numel
+            if p.numel() != numel:
+                raise ValueError(f"the state dict's run had {numel} elements for {names[id(p)]}: not these parameters")
+        for saved_id, p in zip([i for g in groups for i in g["params"]], params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise ValueError(
+                        f"the state dict's {key!r} for {names[id(p)]} has shape {tuple(value.shape)}: not this "
+                        "optimizer's parameters"
+                    )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # records of steps before the load count before it, not on top of the loaded count
@@ -616,6 +649,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict written with stream version {zo['stream_version']}; this zokern has {STREAM_VERSION}"
             )
+        self._check_loadable(zo, state_dict)
         super().load_state_dict(state_dict)
         # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
         # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), so put them back as saved.
@@ -628,6 +662,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
+
+
+# Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
+_RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
 
 
 def _check_backend(backend: str | None) -> None:
