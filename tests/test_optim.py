@@ -424,18 +424,20 @@ def test_a_closure_that_raises_leaves_the_parameters_restored():
     torch.testing.assert_close(b.detach(), before[1], atol=1e-6, rtol=0)
 
 
-def test_nonfinite_loss_skips_the_update_with_a_warning():
+@pytest.mark.parametrize("bad_call,bad", [(2, math.nan), (1, math.inf)], ids=["nan at minus", "inf at plus"])
+def test_nonfinite_loss_skips_the_update_with_a_warning(bad_call, bad):
     (a, frozen, b), groups, closure, _ = _problem()
     before = [a.detach().clone(), b.detach().clone()]
     opt = ZOSGD(groups, seed=1)
     calls = []
 
-    def nan_on_minus():
+    def nonfinite_once():
         calls.append(1)
-        return torch.tensor(float("nan")) if len(calls) == 2 else closure()
+        return torch.tensor(bad) if len(calls) == bad_call else closure()
 
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
-        opt.step(nan_on_minus)
+        loss = opt.step(nonfinite_once)
+    assert math.isnan(loss.item())  # a skipped step's loss, whatever made it skip
     assert opt.nonfinite_steps == 1 and opt.trajectory[-1]["skipped"]
     torch.testing.assert_close(a.detach(), before[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(b.detach(), before[1], atol=1e-6, rtol=0)
@@ -457,6 +459,12 @@ def test_nonfinite_loss_skips_the_update_with_a_warning():
         (lambda ps: ZOConservative(ps, n_probes=2), ValueError, "n_probes"),
         (lambda ps: ZOSGD(ps, seed=-3), ValueError, "seed"),
         (lambda ps: ZOSGD(ps, backend="gpu"), ValueError, "unknown zokern backend 'gpu'"),
+        (
+            lambda ps: ZOSGD([{"params": ps, "momentum": 0.9}]),
+            ValueError,
+            r"param group 0: momentum is an option of the whole optimizer",
+        ),
+        (lambda ps: LDSD([{"params": ps, "k": 3}]), ValueError, r"k is an option of the whole optimizer"),
         (
             lambda ps: ZOSGD([*ps, torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]),
             TypeError,

@@ -143,6 +143,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         for name, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
             _check_number(name, group[name], low, strict)
+        misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
+        if misplaced:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
+            raise ValueError(
+                f"{', '.join(misplaced)} {'is an option' if len(misplaced) == 1 else 'are options'} of the whole "
+                f"optimizer, not of a param group: pass {'it' if len(misplaced) == 1 else 'them'} to the constructor"
+            )
         for k, p in enumerate(group["params"]):
             if p.dtype not in ops.SUPPORTED_DTYPES or (p.requires_grad and not p.is_contiguous()):
                 _reject_parameter(f"params[{k}]", p)
@@ -663,6 +669,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
 
+
+# Constructor options of zokern's optimizers that hold for all param groups (a group may set only its defaults' keys).
+_WHOLE_RUN_OPTIONS = frozenset(
+    {"momentum", "n_probes", "one_sided", "distribution", "seed", "backend", "perturbation", "rounding", "merge_steps"}
+    | {"cuda_graph", "k", "mu_norm", "update", "pairing", "nesterov", "dampening"}
+)
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})

@@ -287,6 +287,7 @@ class ZOSGD(ZOOptimizer):
         # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update.
         ok = torch.isfinite(losses).all()
         grads = torch.stack([diff / group["eps"] for group in self.param_groups])
+        loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok)
 
     def _decay_and_step(self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any]) -> None:
