@@ -65,22 +65,24 @@ def _check_tensors(tensors: Tensors, written: bool = True) -> list[torch.Tensor]
         tensors = list(tensors)
     except TypeError:
         raise TypeError(f"tensors must be a tensor or an iterable of tensors, got {type(tensors).__name__}") from None
+    # Per call, not per tensor: this loop runs over every parameter on each optimizer pass (host time per step).
+    inference_mode = torch.is_inference_mode_enabled()
+    device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
     for k, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensors[{k}] is a {type(t).__name__}, expected a torch.Tensor")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"tensors[{k}] has dtype {t.dtype}; zokern updates float32, bfloat16 and float16 tensors")
-        if t.device != tensors[0].device:
+        if t.device != device:
             raise ValueError(
-                f"tensors[{k}] is on {t.device} but tensors[0] is on {tensors[0].device}; one call "
-                "takes tensors of one device"
+                f"tensors[{k}] is on {t.device} but tensors[0] is on {device}; one call takes tensors of one device"
             )
         if not t.is_contiguous():
             raise ValueError(
                 f"tensors[{k}] (shape {tuple(t.shape)}) is not contiguous; the stream is indexed by "
                 "row-major element order, so pass contiguous tensors"
             )
-        if written and t.is_inference() and not torch.is_inference_mode_enabled():
+        if written and not inference_mode and t.is_inference():
             raise ValueError(
                 f"tensors[{k}] is an inference tensor (made under torch.inference_mode), which cannot be updated in "
                 "place outside inference mode; clone it, or call inside torch.inference_mode()"
@@ -94,7 +96,7 @@ def _check_no_overlap(tensors: list[torch.Tensor]) -> None:
     spans = sorted(  # meta tensors have no memory to overlap (every data_ptr is 0)
         (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), k)
         for k, t in enumerate(tensors)
-        if t.numel() and t.device.type != "meta"
+        if t.numel() and not t.is_meta
     )
     for (_, end, k1), (start, _, k2) in zip(spans, spans[1:]):
         if start < end:
