@@ -37,9 +37,9 @@ from zokern.optim import ZOSGD
 OPT_MODELS = [name for name in MODELS if MODELS[name][0] == "opt"]
 
 
-def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: float) -> list[tuple]:
-    rows = []
-    for scheme in ("MeZO published", "zokern in place", "zokern exact"):
+def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: float, rows: list[tuple]) -> None:
+    """Append a row per scheme to ``rows`` as it finishes: zokern's exact mode first, the one this table is for."""
+    for scheme in ("zokern exact", "zokern in place", "MeZO published"):
         model = build(model_name, device, torch.bfloat16)
         params = [p for p in model.parameters() if p.requires_grad]
         start = [p.detach().clone() for p in params]
@@ -82,7 +82,6 @@ def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: flo
             f"{rows[-1][-1]:.2f} ms/step",
             flush=True,
         )
-    return rows
 
 
 def main() -> int:
@@ -95,9 +94,21 @@ def main() -> int:
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
-    rows = run(args.model, args.device, args.steps, args.batch, args.seq, args.eps)
+    rows: list[tuple] = []
+    try:
+        run(args.model, args.device, args.steps, args.batch, args.seq, args.eps, rows)
+    finally:  # what was measured is written, also when the run is stopped at a time limit
+        if rows:
+            write(rows, args)
+    return 0
+
+
+def write(rows: list[tuple], args: argparse.Namespace) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    exact_ms, inplace_ms = rows[2][-1], rows[1][-1]
+    ms = {scheme: row[-1] for scheme, *row in rows}
+    ratio = ""
+    if "zokern exact" in ms and "zokern in place" in ms:
+        ratio = f"\nExact mode step time / in-place step time: {ms['zokern exact'] / ms['zokern in place']:.3f}.\n"
     command = " ".join(["python -m benchmarks.drift", *sys.argv[1:]])
     table = (
         f"\n### 16-bit drift at lr = 0, {datetime.date.today()}\n\n"
@@ -107,11 +118,10 @@ def main() -> int:
         f"OPT's init), batch {args.batch} x {args.seq}, eps {args.eps}, {args.steps} steps at lr = 0. "
         f"Command: `{command}`.\n\n"
         "| scheme | weights changed | rms drift | drift / weight rms | ms/step (median) |\n|---|---|---|---|---|\n"
-        + "".join(f"| {s} | {c:.2%} | {d:.3e} | {r:.2%} | {ms:.2f} |\n" for s, c, d, r, ms in rows)
-        + f"\nExact mode step time / in-place step time: {exact_ms / inplace_ms:.3f}.\n"
+        + "".join(f"| {s} | {c:.2%} | {d:.3e} | {r:.2%} | {t:.2f} |\n" for s, c, d, r, t in rows)
+        + ratio
     )
     publish(table, append=not args.no_append)
-    return 0
 
 
 if __name__ == "__main__":

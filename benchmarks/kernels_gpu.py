@@ -2,15 +2,16 @@
 
     python -m benchmarks.kernels_gpu [--elements N] [--dtypes bfloat16,float32] [--no-append]
 
-1. Correctness on the device: the cuda and triton backends against the torch reference (same stream, same pass),
-   every dtype, both distributions, every variant (the out-of-place pass included), odd sizes, offsets above 2^31.
-2. Bandwidth: each op on OPT-1.3B's parameter shapes (1.316e9 elements in 388 tensors; bf16, then fp32) as
+1. Bandwidth: each op on OPT-1.3B's parameter shapes (1.316e9 elements in 388 tensors; bf16, then fp32) as
    effective GB/s (bytes read + written once) and as a fraction of a device-to-device copy of the same bytes, timed
-   in the same run; the perturb pass also on one flat tensor of the same elements (a flat parameter buffer against
-   the per-dtype multi-tensor launch).
-   MeZO's per-tensor `torch.normal` pass is timed beside them as the baseline.
+   in the same run (kernel time: bursts of calls behind a device-side sleep, so the host's work per call is not
+   counted); the perturb pass also on one flat tensor of the same elements (a flat parameter buffer against the
+   per-dtype multi-tensor launch). MeZO's per-tensor `torch.normal` pass is timed beside them as the baseline.
+2. Correctness on the device: the cuda and triton backends against the torch reference (same stream, same pass),
+   every dtype, both distributions, every variant (the out-of-place pass included), odd sizes, offsets above 2^31.
 
-Prints a Markdown table and appends it to benchmarks/RESULTS.md with the device, versions, date and command.
+Prints each measurement as it is made, then a Markdown table, appended to benchmarks/RESULTS.md with the device,
+versions, date and command, also when the run is stopped (a time limit's SIGINT) or fails partway.
 """
 
 from __future__ import annotations
@@ -46,24 +47,30 @@ def opt_1_3b_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
-def time_ms(fn: Callable[[], object], device: str, reps: int = 20, warmup: int = 3) -> float:
-    """Median of ``reps`` timed calls: each bracketed by CUDA events on a GPU, by the wall clock on the CPU (the CPU
-    smoke run of this script; the CPU backends' own benchmarks are benchmarks/cpu)."""
+def time_ms(fn: Callable[[], object], device: str, reps: int = 20, warmup: int = 3, trials: int = 3) -> float:
+    """Time per call of ``fn``: on a GPU, the median over ``trials`` of ``reps`` back-to-back calls between two CUDA
+    events, launched behind a ~2 ms device-side sleep, so that the device never waits for the host (a call's host
+    work, ~0.7 ms for 388 tensors, would otherwise be timed as well: this measures the kernels' bandwidth); on the CPU
+    (this script's smoke run) the median wall time of ``reps`` single calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    if device != "cuda":
+        times = []
+        for _ in range(reps):
             begin = time.perf_counter()
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(4_000_000)  # clock cycles: the host queues the first calls meanwhile
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
 
 
@@ -138,9 +145,8 @@ def mezo_pass(params: list[torch.Tensor], seed: int, scale: float) -> None:
         p.data = p.data + scale * z
 
 
-def bench(
-    backends: list[str], n_elements: int | None, dtype: torch.dtype, device: str
-) -> list[tuple[str, str, str, str, float, float, float]]:
+def bench(backends: list[str], n_elements: int | None, dtype: torch.dtype, device: str, rows: list[tuple]) -> None:
+    """Append a row (op, dtype, backend, z, ms, GB/s, fraction of copy) to ``rows`` per measurement, as it is made."""
     shapes = opt_1_3b_shapes()
     if n_elements is not None:  # a smaller run for quick checks: one flat tensor
         shapes = [(n_elements,)]
@@ -149,7 +155,12 @@ def bench(
     nbytes = 2 * numel * params[0].element_size()  # read once, write once
     copy_ms = copy_time_ms(numel, dtype, device)
     kind = str(dtype).removeprefix("torch.")
-    rows = [("device copy", kind, "-", "-", copy_ms, nbytes / copy_ms / 1e6, 1.0)]
+
+    def add(op: str, backend: str, distribution: str, ms: float) -> None:
+        rows.append((op, kind, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
+        print(f"  {op:38s} {kind:9s} {backend:7s} {distribution:10s} {ms:8.3f} ms {copy_ms / ms:6.1%} of copy")
+
+    add("device copy", "-", "-", copy_ms)
     g_dev = torch.tensor(0.3, device=device)
     ops: dict[str, Callable[[str, str], None]] = {
         "perturb_": lambda be, d: zokern.perturb_(params, 1, 1e-3, distribution=d, backend=be),
@@ -168,21 +179,16 @@ def bench(
     for backend in backends:
         for distribution in ("gaussian", "rademacher"):
             for name, op in ops.items():
-                ms = time_ms(lambda op=op, be=backend, d=distribution: op(be, d), device, reps=10)
-                rows.append((name, kind, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms))
+                add(name, backend, distribution, time_ms(lambda op=op, be=backend, d=distribution: op(be, d), device))
     if len(params) > 1:  # the same elements as one flat buffer: one launch either way, tile table or none
         flat = torch.randn(numel, device=device, dtype=dtype) * 0.02
         for backend in backends:
             for distribution in ("gaussian", "rademacher"):
                 op = lambda be=backend, d=distribution: zokern.perturb_(flat, 1, 1e-3, distribution=d, backend=be)  # noqa: E731
-                ms = time_ms(op, device, reps=10)
-                rows.append(
-                    ("perturb_, one flat tensor", kind, backend, distribution, ms, nbytes / ms / 1e6, copy_ms / ms)
-                )
+                add("perturb_, one flat tensor", backend, distribution, time_ms(op, device))
         del flat
-    ms = time_ms(lambda: mezo_pass(params, 1, 1e-3), device, reps=5)
-    rows.append(("MeZO torch.normal pass (baseline)", kind, "torch", "gaussian", ms, nbytes / ms / 1e6, copy_ms / ms))
-    return rows
+    mezo_ms = time_ms(lambda: mezo_pass(params, 1, 1e-3), device, reps=5)
+    add("MeZO torch.normal pass (baseline)", "torch", "gaussian", mezo_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,19 +207,37 @@ def main(argv: list[str] | None = None) -> int:
     compiled = ("cuda", "triton") if args.device == "cuda" else ("cpu",)
     backends = [b for b in compiled if b in zokern.available_backends()]
     print(f"backends on this device: {backends}; status: {zokern.backend_status()}")
-    failures = [f for b in backends for f in check_backend(b, args.device)]
-    for f in failures:
-        print("FAIL", f)
-    rows = []
-    for dtype in dtypes:
-        rows += bench(backends, args.elements, dtype, args.device)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    # Timings first, then the correctness check (the device tests check the same again): a call stopped at its time
+    # limit still brings back the bandwidth rows, and whatever this run measured is written however it ends.
+    rows: list[tuple] = []
+    failures: list[str] | None = None
+    try:
+        for dtype in dtypes:
+            bench(backends, args.elements, dtype, args.device, rows)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        failures = []
+        for backend in backends:
+            try:
+                failures += check_backend(backend, args.device)
+            except Exception as e:  # its message is the result; the other backend is still checked
+                failures.append(f"{backend}: the check raised {type(e).__name__}: {e}")
+        for f in failures:
+            print("FAIL", f)
+    finally:
+        write(rows, failures, backends, args, argv)
+    return 1 if failures else 0
+
+
+def write(rows: list[tuple], failures: list[str] | None, backends: list[str], args, argv) -> None:
     import importlib.metadata as md
 
     command = " ".join(["python -m benchmarks.kernels_gpu", *(sys.argv[1:] if argv is None else argv)])
-
     triton_version = md.version("triton") if "triton" in backends else "-"
+    if failures is None:
+        correctness = "not reached (the run stopped first)"
+    else:
+        correctness = "all passed" if not failures else f"{len(failures)} FAILURES"
     header = (
         f"\n### Kernel bandwidth, {datetime.date.today()}\n\n"
         f"Device {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}, "
@@ -221,17 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         f"CUDA {torch.version.cuda}, Python {platform.python_version()}, zokern {zokern.__version__} "
         f"(stream v{zokern.STREAM_VERSION}). Command: `{command}`. "
         f"Elements: {'OPT-1.3B shapes, 1.316e9 in 388 tensors' if args.elements is None else args.elements}. "
-        f"Correctness on device: {'all passed' if not failures else f'{len(failures)} FAILURES'}.\n\n"
+        "Time per call: median of 3 bursts of back-to-back calls behind a device-side sleep (kernel time, not the "
+        f"host's). Correctness on device: {correctness}.\n\n"
         "| op | dtype | backend | z | ms (median) | GB/s | fraction of copy |\n|---|---|---|---|---|---|---|\n"
     )
     table = header + "".join(
         f"| {o} | {t} | {b} | {d} | {ms:.3f} | {gbs:.0f} | {f:.1%} |\n" for o, t, b, d, ms, gbs, f in rows
     )
     print(table)
-    if not args.no_append:
+    if not args.no_append and rows:
         with RESULTS.open("a") as fh:
             fh.write(table)
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -62,13 +62,14 @@ def _copy_ms(numel: int, device: torch.device, steps: int, warmup: int) -> float
 
 
 def measure(
-    shapes: str, device: torch.device, steps: int, warmup: int, distribution: str = "gaussian"
-) -> list[tuple[str, float, str]]:
+    shapes: str, device: torch.device, steps: int, warmup: int, distribution: str, out: list[tuple[str, float, str]]
+) -> None:
+    """Append a row (method, ms/step, note) to ``out`` per measurement, as it is made."""
     generator = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in SHAPES[shapes]()]
     numel = sum(p.numel() for p in params)
     closure = lambda: torch.rand((), device=device, generator=generator)  # noqa: E731
-    rows = []
+    rows = _Rows(out, f"{numel / 1e6:.2f}M elements, {len(params)} tensors")
     copy_ms = _copy_ms(numel, device, steps, warmup)
     rows.append(("device copy of the parameters (8 B/elem)", copy_ms, "bandwidth reference"))
     ldsd = LDSD(params, lr=1e-7, eps=1e-3, k=K, mu_lr=1e-3, seed=0, distribution=distribution)
@@ -87,8 +88,18 @@ def measure(
         )
     )
     rows.append(("published LDSD (H100, quoted)", PUBLISHED_MS.get(shapes, float("nan")), "from the research notes"))
-    return [(name, ms, f"{numel / 1e6:.2f}M elements, {len(params)} tensors" if not note else note)
-            for name, ms, note in rows]  # fmt: skip
+
+
+class _Rows:
+    """Rows appended to ``out`` as measured (printed too), an empty note standing for the shapes' description."""
+
+    def __init__(self, out: list[tuple[str, float, str]], shapes_note: str) -> None:
+        self.out, self.shapes_note = out, shapes_note
+
+    def append(self, row: tuple[str, float, str]) -> None:
+        name, ms, note = row
+        self.out.append((name, ms, note or self.shapes_note))
+        print(f"{name:50s} {ms:9.2f} ms", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows = measure(args.shapes, device, args.steps, args.warmup, args.distribution)
+    rows: list[tuple[str, float, str]] = []
+    try:
+        measure(args.shapes, device, args.steps, args.warmup, args.distribution, rows)
+    finally:  # what was measured is written, also when the run is stopped at a time limit
+        if rows:
+            write(rows, args, argv)
+    return 0
+
+
+def write(rows: list[tuple[str, float, str]], args: argparse.Namespace, argv: list[str] | None) -> None:
+    device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     command = " ".join(["python -m benchmarks.ldsd", *(argv if argv is not None else sys.argv[1:])])
     text = (
@@ -113,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(f"| {n} | {ms:.2f} | {note} |\n" for n, ms, note in rows)
     )
     publish(text, append=not args.no_append)
-    return 0
 
 
 if __name__ == "__main__":

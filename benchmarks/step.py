@@ -67,6 +67,7 @@ def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
             num_attention_heads=heads,
             word_embed_proj_dim=hidden,
             max_position_embeddings=2048,
+            dropout=0.0,  # AdamW's step runs in train mode; the ZO methods in eval: the same function for all
         )
         cls = transformers.OPTForCausalLM
     else:
@@ -155,10 +156,18 @@ def zo_backends(device: str) -> list[str]:
     return [b for b in zokern.available_backends() if b == "torch" or b == kind or (b == "triton" and kind == "cuda")]
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Append one row per method to ``rows`` as it is measured (what a run stopped at its limit has measured stays)."""
     dtype = getattr(torch, args.dtype)
     model = build(args.model, args.device, dtype)
-    n_params = sum(p.numel() for p in model.parameters())
+    shape = dict(
+        model=args.model,
+        params=sum(p.numel() for p in model.parameters()),
+        batch=args.batch,
+        seq=args.seq,
+        dtype=args.dtype,
+        largest_param_gib=max(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+    )
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     ids = ids.to(args.device)
 
@@ -166,17 +175,20 @@ def measure(args: argparse.Namespace) -> list[dict]:
         return model(input_ids=ids, labels=ids).loss
 
     timer = Timer(args.device, args.steps, args.warmup)
-    rows: list[dict] = []
+
+    def failed(method: str, status: str) -> None:
+        rows.append(dict(method=method, ms=None, peak_gib=None, status=status, **shape))
+        print(f"{method:34s} {status}", flush=True)
 
     def record(method: str, fn: Callable[[int], object]) -> None:
         try:
             ms, peak = timer(fn)
         except torch.OutOfMemoryError:
-            rows.append(dict(method=method, ms=None, peak_gib=None, status="out of memory"))
             torch.cuda.empty_cache()
-            print(f"{method:34s} out of memory", flush=True)
-            return
-        rows.append(dict(method=method, ms=ms, peak_gib=peak, status="ok"))
+            return failed(method, "out of memory")
+        except Exception as e:  # one method's failure is its row; the others are still measured
+            return failed(method, f"{type(e).__name__}: {e}"[:80])
+        rows.append(dict(method=method, ms=ms, peak_gib=peak, status="ok", **shape))
         print(f"{method:34s} {ms:9.2f} ms" + (f"  peak {peak:6.2f} GiB" if peak is not None else ""), flush=True)
 
     with torch.inference_mode():
@@ -186,8 +198,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
         # is_tracing() sees the capture), so the captured forwards may take another attention kernel than these.
         try:
             replay = captured(lambda: (closure(), closure()))
-        except RuntimeError as e:
-            rows.append(dict(method="two forwards, graphed", ms=None, peak_gib=None, status=str(e)[:80]))
+        except Exception as e:
+            failed("two forwards, graphed", f"{type(e).__name__}: {e}"[:80])
         else:
             record("two forwards, graphed", replay)
             del replay
@@ -200,12 +212,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
             graphed = options.get("cuda_graph", False)
             if graphed and torch.device(args.device).type != "cuda":
                 continue
-            opt = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, backend=backend, **options)
             try:
+                opt = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, backend=backend, **options)
                 for _ in range(graph.WARMUP_STEPS + 1 if graphed else 0):  # captured before the timer's warm-up
                     opt.step(closure)
-            except RuntimeError as e:  # a model whose forward syncs with the host cannot be captured
-                rows.append(dict(method=f"zokern ZOSGD {backend} {mode}", ms=None, peak_gib=None, status=str(e)[:80]))
+            except Exception as e:  # e.g. a model whose forward syncs with the host cannot be captured
+                failed(f"zokern ZOSGD {backend} {mode}", f"{type(e).__name__}: {e}"[:80])
                 continue
             record(f"zokern ZOSGD {backend} {mode}", lambda t, opt=opt: opt.step(closure))
             opt.materialize()  # a merged run leaves the next perturbation in the weights
@@ -224,17 +236,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
         record("AdamW (first order)", first_order)
         del adamw
         model.eval()
-    largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    for row in rows:
-        row.update(model=args.model, params=n_params, batch=args.batch, seq=args.seq, dtype=args.dtype)
-        row.update(largest_param_gib=largest)
-    return rows
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     by_method = {r["method"]: r for r in rows}
-    floor = by_method["two forwards"]["ms"]
-    mezo = by_method["MeZO published"]["ms"]
+    floor = by_method.get("two forwards", {}).get("ms")  # None when it failed or was not reached: no ratios then
+    mezo = by_method.get("MeZO published", {}).get("ms")
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     )
@@ -252,7 +259,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         "| method | ms/step | tokens/s | peak GiB | peak over inference | × two forwards | MeZO time / this |\n"
         "|---|---|---|---|---|---|---|\n"
     )
-    inference_peak = by_method["two forwards"]["peak_gib"]
+    inference_peak = by_method.get("two forwards", {}).get("peak_gib")
     for r in rows:
         if r["ms"] is None:
             out += f"| {r['method']} | {r['status']} | - | - | - | - | - |\n"
@@ -261,12 +268,12 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         peak = over = "-"
         if r["peak_gib"] is not None:
             peak = f"{r['peak_gib']:.2f}"
-            extra = r["peak_gib"] - inference_peak
-            over = f"{extra:+.3f} GiB ({extra / inference_peak:+.1%})"
-        out += (
-            f"| {r['method']} | {r['ms']:.2f} | {tokens:,.0f} | {peak} | {over} | {r['ms'] / floor:.2f} | "
-            f"{mezo / r['ms']:.2f} |\n"
-        )
+            if inference_peak is not None:
+                extra = r["peak_gib"] - inference_peak
+                over = f"{extra:+.3f} GiB ({extra / inference_peak:+.1%})"
+        times_floor = "-" if floor is None else f"{r['ms'] / floor:.2f}"
+        mezo_ratio = "-" if mezo is None else f"{mezo / r['ms']:.2f}"
+        out += f"| {r['method']} | {r['ms']:.2f} | {tokens:,.0f} | {peak} | {over} | {times_floor} | {mezo_ratio} |\n"
     return out
 
 
@@ -283,17 +290,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-adamw", action="store_true", help="leave out the first-order baseline")
     parser.add_argument("--no-append", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
-    rows = measure(args)
+    rows: list[dict] = []
+    try:
+        measure(args, rows)
+    finally:  # also when stopped at a time limit (SIGINT) or by an error: the rows measured so far are written
+        if rows:
+            write(rows, args)
+    return 0
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    if not args.no_append:
+        with JSONL.open("a") as fh:  # first: the data, whatever happens to the table
+            stamp = dict(date=str(datetime.date.today()), device=args.device)
+            for r in rows:
+                fh.write(json.dumps(dict(r, **stamp)) + "\n")
     text = table(rows, args)
     print(text)
     if not args.no_append:
         with RESULTS.open("a") as fh:
             fh.write(text)
-        with JSONL.open("a") as fh:
-            stamp = dict(date=str(datetime.date.today()), device=args.device)
-            for r in rows:
-                fh.write(json.dumps(dict(r, **stamp)) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

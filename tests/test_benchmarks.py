@@ -33,6 +33,31 @@ def test_step_benchmark_compares_every_method_on_a_tiny_model():
         assert f"| {method} |" in text, method
 
 
+def test_step_benchmark_keeps_what_it_measured_when_a_method_fails_or_time_runs_out(monkeypatch, capsys, tmp_path):
+    """A GPU call is stopped at its limit with SIGINT, and one method may fail: the other rows are still written."""
+    from benchmarks import step
+
+    monkeypatch.setattr(step, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(step, "JSONL", tmp_path / "rows.jsonl")
+    real = step.ZOSGD
+
+    def failing_merge(*args, merge_steps=False, **kwargs):
+        if merge_steps:
+            raise RuntimeError("a method's own failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "ZOSGD", failing_merge)
+    monkeypatch.setattr(step.torch.optim, "AdamW", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = ["--model", "tiny", "--device", "cpu", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0"]
+    with pytest.raises(KeyboardInterrupt):  # the time limit, reached at the last method
+        step.main([*argv, "--backends", "cpu"])
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    status = {r["method"]: r["status"] for r in rows}
+    assert status["zokern ZOSGD cpu inplace merged"] == "RuntimeError: a method's own failure"
+    assert status["zokern ZOSGD cpu exact"] == "ok" and "AdamW (first order)" not in status
+    assert "| zokern ZOSGD cpu exact |" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_kernel_benchmark_checks_and_times_every_op(monkeypatch, capsys):
     """The GPU script's CPU smoke run (C++ backend), in process on small shapes: correctness check, every op per dtype
     and distribution, the flat-buffer rows and MeZO's pass."""
@@ -49,6 +74,18 @@ def test_kernel_benchmark_checks_and_times_every_op(monkeypatch, capsys):
                 assert f"| {op} | {dtype} | cpu | {z} |" in text, (op, dtype, z)
         assert f"| MeZO torch.normal pass (baseline) | {dtype} | torch | gaussian |" in text
     assert "| perturb_ stochastic rounding | bfloat16 | cpu | gaussian |" in text
+
+
+def test_kernel_benchmark_writes_what_it_measured_when_stopped(monkeypatch, capsys, tmp_path):
+    from benchmarks import kernels_gpu
+
+    monkeypatch.setattr(kernels_gpu, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(kernels_gpu, "opt_1_3b_shapes", lambda: [(64, 32), (32,)])
+    monkeypatch.setattr(kernels_gpu, "mezo_pass", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # a time limit's SIGINT, at the last row of the first dtype
+        kernels_gpu.main(["--device", "cpu", "--dtypes", "bfloat16"])
+    written = (tmp_path / "RESULTS.md").read_text()
+    assert "Correctness on device: not reached" in written and "| two_seed_ | bfloat16 | cpu | rademacher |" in written
 
 
 def test_host_overhead_benchmark_runs():
