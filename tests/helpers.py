@@ -95,3 +95,48 @@ def tiny_opt(dtype: torch.dtype = torch.float32, dropout: float = 0.0):
     )
     torch.manual_seed(0)
     return transformers.OPTForCausalLM(config).to(dtype)
+
+
+def tiny_gpt2(vocab_size: int, positions: int = 64, classifier: bool = False, seed: int = 0):
+    """A GPT-2 built from a config (random weights, seeded): absolute position embeddings that transformers 5 does not
+    derive from the attention mask. 1 layer of width 32; a one-output sequence classifier with ``classifier``."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=positions, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, num_labels=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.GPT2ForSequenceClassification(config) if classifier else transformers.GPT2LMHeadModel(config)
+    return model.eval()
+
+
+def save_local_model(directory, kind: str = "opt", embedding_rows: int | None = None, tokenizer: bool = True):
+    """A small causal LM with random weights and a word-level fast tokenizer, saved like a downloaded model
+    (``save_pretrained``); ``kind`` "opt" (the demo's policy architecture) or "gpt2"; ``embedding_rows`` (default:
+    the tokenizer's size) to build a model whose vocabulary does not match; ``tokenizer=False`` saves the weights
+    only. Returns the tokenizer (saved or not)."""
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers import models
+    from tokenizers import pre_tokenizers
+
+    from zokern.preference.data import WordTokenizer
+    from zokern.preference.models import policy_config
+
+    words = WordTokenizer.build(["a happy calm day , the weather was fine and sad ."])
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words.vocabulary)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    rows = embedding_rows or len(words)
+    torch.manual_seed(0)
+    if kind == "opt":
+        model = transformers.OPTForCausalLM(policy_config(rows, max_positions=128))
+    else:
+        model = tiny_gpt2(rows, positions=128)
+    model.save_pretrained(directory)
+    if tokenizer:
+        fast.save_pretrained(directory)
+    return fast

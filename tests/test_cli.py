@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def _run(*args: str) -> str:
@@ -46,25 +47,9 @@ def test_demo_runs_the_preference_pipeline(tmp_path):
 
 def _local_model(directory):
     """A small OPT with random weights and a word-level fast tokenizer, saved like a downloaded model."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers import models
-    from tokenizers import pre_tokenizers
+    from helpers import save_local_model
 
-    from zokern.preference.data import WordTokenizer
-    from zokern.preference.models import policy_config
-
-    words = WordTokenizer.build(["a happy calm day , the weather was fine and sad ."])
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words.vocabulary)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    transformers.OPTForCausalLM(policy_config(len(words), max_positions=128)).save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return fast
+    return save_local_model(directory)
 
 
 def test_demo_runs_a_local_hugging_face_model(tmp_path):
@@ -108,7 +93,7 @@ def test_demo_rejects_unknown_methods(tmp_path):
         env=env,
         timeout=120,
     )
-    assert out.returncode == 2 and "--methods takes some of" in out.stderr
+    assert out.returncode == 2 and "argument --methods: expected some of zopro, mezo, rloo, ldsd" in out.stderr
 
 
 def test_dpo_command_trains_on_a_preference_file(tmp_path):
@@ -137,3 +122,222 @@ def test_dpo_command_names_missing_columns(tmp_path):
     )
     assert out.returncode == 2 and "zokern dpo:" in out.stderr and "missing column(s) ['rejected']" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------- bad options and inputs, in process
+
+
+def _main(argv, capsys) -> tuple[int, str]:
+    """zokern.cli.main in this process: (exit status, stderr). argparse's errors exit through SystemExit."""
+    from zokern import cli
+
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every command's work fails the test if it starts: the options must be refused first."""
+    from zokern import demo
+    from zokern.preference import pipeline
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command started its work")
+
+    for module, name in (
+        (pipeline, "run_pipeline"),
+        (pipeline, "run_dpo"),
+        (pipeline, "make_demo_data"),
+        (demo, "run"),
+    ):
+        monkeypatch.setattr(module, name, started)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["demo", "--trainable", "["], "argument --trainable: '[' is not a regular expression"),
+        (["demo", "--device", "nonsense"], "argument --device: 'nonsense' is not a device"),
+        (["demo", "--forwards", "-10"], "argument --forwards: expected a positive integer, got -10"),
+        (["demo", "--forwards", "0"], "argument --forwards: expected a positive integer, got 0"),
+        (["demo", "--methods", "mezo,mezo"], "argument --methods: expected some of zopro, mezo, rloo, ldsd, each once"),
+        (["demo", "--seed", "-1"], "argument --seed: expected a seed in [0, 2^63), got -1"),
+        (["dpo", "--data", "p.jsonl", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["dpo", "--data", "p.jsonl", "--steps", "-5"], "argument --steps: expected a positive integer, got -5"),
+        (["dpo", "--data", "p.jsonl", "--seed", "-1"], "argument --seed: expected a seed in [0, 2^63), got -1"),
+        (["dpo", "--data", "p.jsonl", "--response-tokens", "0"], "argument --response-tokens: expected a positive"),
+        (["quickstart", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+        (["quickstart", "--steps", "-3"], "argument --steps: expected a positive integer, got -3"),
+        (["quickstart", "--lr", "-1"], "argument --lr: expected a finite number >= 0, got -1"),
+        (["quickstart", "--eps", "0"], "argument --eps: expected a finite number > 0, got 0"),
+        (["quickstart", "--eps", "nan"], "argument --eps: expected a finite number > 0, got 'nan'"),
+    ],
+)
+def test_bad_option_values_are_refused_before_any_work(argv, message, capsys, no_work):
+    code, err = _main(argv, capsys)
+    assert code == 2 and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["demo"], ["quickstart"], ["demo", "--model", "some_dir"]])
+def test_an_unusable_device_is_refused_before_any_work(command, capsys, no_work):
+    code, err = _main([*command, "--device", "cuda"], capsys)
+    assert code == 2 and "argument --device: device 'cuda' is not usable here" in err, err
+
+
+@pytest.mark.parametrize("command", [["demo"], ["dpo", "--data", "p.jsonl"], ["viz", "run_dir"]])
+def test_an_out_that_cannot_be_a_directory_is_refused_before_any_work(command, tmp_path, capsys, no_work):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    code, err = _main([*command, "--out", a_file], capsys)
+    assert code == 2 and f"argument --out: {a_file} exists and is not a directory" in err, err
+    code, err = _main([*command, "--out", a_file / "below"], capsys)
+    assert code == 2 and f"cannot be created: {a_file} is not a directory" in err, err
+
+
+def test_a_missing_model_directory_is_reported_before_any_work(tmp_path, capsys, monkeypatch):
+    from zokern.preference import pipeline
+
+    def started(*args, **kwargs):
+        raise AssertionError("the demo generated its data first")
+
+    monkeypatch.setattr(pipeline, "make_demo_data", started)
+    code, err = _main(["demo", "--model", tmp_path / "nowhere", "--out", tmp_path / "run"], capsys)
+    assert code == 2 and err == f"zokern demo: --model {tmp_path / 'nowhere'}: no such directory (a local " \
+        "save_pretrained directory is expected)\n"  # fmt: skip
+
+
+def test_quickstart_refuses_an_unavailable_backend_in_one_line(capsys, no_work):
+    import zokern
+
+    missing = [b for b in ("cuda", "triton", "cpu", "torch") if b not in zokern.available_backends()]
+    if not missing:
+        pytest.skip("every backend is available here")
+    code, err = _main(["quickstart", "--backend", missing[0]], capsys)
+    assert code == 2 and err.startswith(f"zokern quickstart: --backend {missing[0]} is not available here: "), err
+    assert err.count("\n") == 1
+
+
+def test_demo_places_the_small_policy_and_reward_model_on_the_device(tmp_path, monkeypatch):
+    """No GPU needed: the meta device stands for one (the device check is told to accept it)."""
+    from zokern.preference import pipeline
+
+    seen = {}
+
+    def record(name):
+        def stage(model, *args, **kwargs):
+            seen[name] = next(model.parameters()).device.type
+            return [0.0] * 10
+
+        return stage
+
+    def loop(method, policy, reward_model, *args, **kwargs):
+        seen["loop"] = (next(policy.parameters()).device.type, next(reward_model.parameters()).device.type)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(pipeline, "check_device", lambda device: device, raising=False)
+    monkeypatch.setattr(pipeline, "pretrain", record("pretrain"))
+    monkeypatch.setattr(pipeline, "train_reward_model", record("reward model"))
+    monkeypatch.setattr(pipeline, "run", loop)
+    with pytest.raises(ValueError, match="stop here"):
+        pipeline.run_pipeline(tmp_path / "run", forwards=2, methods=("mezo",), device="meta")
+    assert seen == {"pretrain": "meta", "reward model": "meta", "loop": ("meta", "meta")}
+
+
+def _pairs_file(path, n=12):
+    rows = [{"prompt": f"the movie {k} was", "chosen": "great fun .", "rejected": "sad ."} for k in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_failed_dpo_run_keeps_the_previous_metrics(tmp_path, monkeypatch, capsys):
+    from zokern.preference import dpo
+    from zokern.preference import pipeline
+
+    data, out = _pairs_file(tmp_path / "p.jsonl"), tmp_path / "out"
+    out.mkdir()
+    (out / "dpo_metrics.jsonl").write_text('{"step": 0, "dpo_loss": 0.69, "accuracy": 0.0}\n')
+    monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
+
+    def broken(*args, **kwargs):
+        raise ValueError("the reference pass failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(dpo, "reference_logprobs", broken)
+        code, err = _main(["dpo", "--data", data, "--out", out, "--steps", "2"], capsys)
+    assert code == 2 and "zokern dpo: the reference pass failed" in err
+    assert (out / "dpo_metrics.jsonl").read_text() == '{"step": 0, "dpo_loss": 0.69, "accuracy": 0.0}\n'
+    code, err = _main(["dpo", "--data", data, "--out", out, "--steps", "2"], capsys)  # a run that works replaces it
+    assert code == 0, err
+    assert [json.loads(line)["step"] for line in (out / "dpo_metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_failed_demo_run_keeps_the_previous_metrics_and_sketches(tmp_path, monkeypatch, capsys):
+    from zokern.preference import pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("metrics.jsonl", "sketches.jsonl"):
+        (out / name).write_text(f"previous {name}\n")
+
+    def broken(*args, **kwargs):
+        raise ValueError("the loop failed")
+
+    monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
+    monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
+    monkeypatch.setattr(pipeline, "run", broken)
+    code, err = _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo"], capsys)
+    assert code == 2 and "zokern demo: the loop failed" in err
+    for name in ("metrics.jsonl", "sketches.jsonl"):
+        assert (out / name).read_text() == f"previous {name}\n"
+
+
+def test_record_files_replace_a_previous_file_at_their_first_record(tmp_path):
+    import torch
+
+    from zokern.preference.records import RecordFile
+    from zokern.preference.sketch import SketchRecorder
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("old\n")
+    with RecordFile(path) as records:
+        assert path.read_text() == "old\n"
+        records.write({"step": 0})
+        assert path.read_text() == '{"step": 0}\n'  # flushed as written
+        records.write({"step": 1})
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+    sketches = tmp_path / "s.jsonl"
+    sketches.write_text("old\n")
+    recorder = SketchRecorder(sketches, k=4, fresh=True)
+    assert sketches.read_text() == "old\n"
+    for iteration in range(2):
+        recorder.record("mezo", "policy", [("w", torch.ones(3))], iteration, 0)
+    assert [json.loads(line)["iteration"] for line in sketches.read_text().splitlines()] == [0, 1]
+
+
+def _sketch_line(**fields):
+    record = dict(method="mezo", model="policy", iteration=0, step=0, gamma=None, k=4, seed=0, norm=1.0,
+                  names=["w"], sketch=[0.0, 1.0, 0.0, 0.0])  # fmt: skip
+    record.update(fields)
+    return json.dumps({k: v for k, v in record.items() if v != "absent"}) + "\n"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "sketches.jsonl holds no sketch records"),
+        (_sketch_line(model="reward"), "method 'mezo' has no policy sketches (models recorded: ['reward'])"),
+        (
+            _sketch_line() + _sketch_line(iteration="absent"),
+            "sketches.jsonl, line 2: not a sketch record (no 'iteration')",
+        ),
+    ],
+)
+def test_viz_reports_unusable_sketches_in_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "sketches.jsonl").write_text(content)
+    code, err = _main(["viz", tmp_path], capsys)
+    assert code == 2 and err.startswith("zokern viz: ") and message in err, err
+    assert not (tmp_path / "viz" / "index.html").exists()

@@ -84,3 +84,31 @@ def test_word_tokenizer_round_trip(tmp_path):
     assert tok.decode([tok.bos_id, *tok.encode("it's late"), tok.eos_id, *tok.encode("movie")]) == "it's late"
     tok.save(tmp_path / "tok.json")
     assert WordTokenizer.load(tmp_path / "tok.json").vocabulary == tok.vocabulary
+
+
+def _saved_test_split_only(path):
+    import datasets
+
+    rows = [{"prompt": "the movie was", "chosen": "great .", "rejected": "bad ."}]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("empty.jsonl", "", r"empty\.jsonl: the file is empty"),
+        ("blank.jsonl", "\n  \n", r"blank\.jsonl: the file is empty"),
+        ("bad.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{x\n', r"bad\.jsonl, line 2: not valid JSON"),
+        ("empty.parquet", "", r"empty\.parquet: the file is empty"),
+        ("saved", _saved_test_split_only, r"saved: a saved DatasetDict without a 'train' split; it has \['test'\]"),
+    ],
+)
+def test_load_rows_names_the_file_and_the_problem(tmp_path, name, content, match):
+    path = tmp_path / name
+    if callable(content):
+        content(path)
+    else:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_rows(path, ("prompt", "chosen", "rejected"))

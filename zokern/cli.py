@@ -6,6 +6,10 @@
 - `zokern viz RUN_DIR`: plots of the policy–reward interplay from the sketches a run recorded;
 - `zokern quickstart`: a small ZO fine-tune with ZOSGD, and its step timed against MeZO's published loop;
 - `zokern info`: the version, the stream version and the backends this install can run.
+
+Errors: a bad option value (a count that is not positive, a device that is not usable here, an --out that cannot be
+a directory, ...) is argparse's one-line error before any work; bad input found once a command runs (a dataset, a
+model directory) is one line `zokern COMMAND: ...`. Both exit with status 2.
 """
 
 from __future__ import annotations
@@ -26,41 +30,33 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
+    import zokern
     from zokern import demo
 
+    if args.backend is not None and args.backend not in zokern.available_backends():
+        raise ValueError(f"--backend {args.backend} is not available here: {zokern.backend_status()[args.backend]}")
     result = demo.run(steps=args.steps, eps=args.eps, lr=args.lr, backend=args.backend, device=args.device)
-    return 0 if result["end_loss"] < result["start_loss"] else 1
+    if result["end_loss"] >= result["start_loss"]:
+        print("zokern quickstart: the loss did not go down", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from zokern.preference.loop import METHODS
-    from zokern.preference.pipeline import run_pipeline
-
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        print(f"zokern demo: --methods takes some of {', '.join(METHODS)}, got {args.methods!r}", file=sys.stderr)
-        return 2
     import torch
 
+    from zokern.preference.pipeline import run_pipeline
+
     device = args.device or ("cuda" if args.model is not None and torch.cuda.is_available() else "cpu")
-    try:
-        run_pipeline(args.out, seed=args.seed, forwards=args.forwards, methods=methods, model=args.model,
-                     device=device, trainable=args.trainable or None)  # fmt: skip
-    except (FileNotFoundError, ValueError) as e:  # a bad --model or --trainable: say what, without a traceback
-        print(f"zokern demo: {e}", file=sys.stderr)
-        return 2
+    run_pipeline(args.out, seed=args.seed, forwards=args.forwards, methods=args.methods, model=args.model,
+                 device=device, trainable=args.trainable)  # fmt: skip
     return 0
 
 
 def _dpo(args: argparse.Namespace) -> int:
     from zokern.preference.pipeline import run_dpo
 
-    try:
-        run_dpo(args.data, args.out, seed=args.seed, steps=args.steps)
-    except (ValueError, FileNotFoundError) as e:  # bad data: say what, without a traceback
-        print(f"zokern dpo: {e}", file=sys.stderr)
-        return 2
+    run_dpo(args.data, args.out, seed=args.seed, steps=args.steps, response_tokens=args.response_tokens)
     return 0
 
 
@@ -84,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_arguments(quick)
     quick.set_defaults(run=_quickstart)
     commands.add_parser("info", help="version, stream version and the available backends").set_defaults(run=_info)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    args = parser.parse_args(argv)  # a bad option value ends here: argparse's error line, exit status 2
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input found once a command runs (data, model, backend)
+        print(f"zokern {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import zokern
+from zokern import _options as options
 from zokern.baselines import mezo_published_step
 from zokern.optim import ZOSGD
 
@@ -101,13 +102,17 @@ def run(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=600, help="ZO steps of the fine-tune (default 600)")
-    parser.add_argument("--eps", type=float, default=1e-3, help="perturbation scale (default 1e-3)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    parser.add_argument(
+        "--steps", type=options.positive_int, default=600, help="ZO steps of the fine-tune (default 600)"
+    )
+    parser.add_argument("--eps", type=options.positive_float, default=1e-3, help="perturbation scale (default 1e-3)")
+    parser.add_argument("--lr", type=options.non_negative_float, default=2e-3, help="learning rate (default 2e-3)")
     parser.add_argument(
         "--backend",
         choices=["cuda", "triton", "cpu", "torch"],
         default=None,
         help="force a backend (default: the fastest available)",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--device", type=options.device, default=None, help="cpu or cuda (default: cuda when available)"
+    )

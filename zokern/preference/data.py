@@ -121,19 +121,34 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train") -> list[dict]:
     """Rows of a dataset through the `datasets` library: a JSONL or Parquet file, or a directory saved with
-    ``Dataset.save_to_disk``. Every row must have the ``columns``, as non-empty strings."""
+    ``Dataset.save_to_disk`` (a saved DatasetDict: its ``split``). Every row must have the ``columns``, as non-empty
+    strings. A file that is empty or cannot be parsed, or a missing split, is a ValueError naming the file."""
     import datasets
 
     path = Path(source)
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
-        dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    elif path.suffix in (".jsonl", ".json"):
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train")
-    elif path.suffix == ".parquet":
-        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{path}: a saved DatasetDict without a {split!r} split; it has {sorted(loaded)}")
+            loaded = loaded[split]
+        dataset = loaded
+    elif path.suffix in (".jsonl", ".json", ".parquet"):
+        if path.is_file() and _blank(path):
+            raise ValueError(f"{path}: the file is empty (no rows)")
+        builder = "parquet" if path.suffix == ".parquet" else "json"
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse-error log would repeat ours
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise ValueError(_unreadable(path, e)) from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     else:
         raise ValueError(f"{path}: expected a .jsonl, .json or .parquet file, or a saved dataset directory")
+    if len(dataset) == 0:
+        raise ValueError(f"{path}: the dataset has no rows")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; it has {dataset.column_names}")
@@ -143,6 +158,32 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
             if not isinstance(row[c], str) or not row[c].strip():
                 raise ValueError(f"{path}: row {k} has an empty or non-text {c!r}: {row[c]!r}")
     return rows
+
+
+def _blank(path: Path) -> bool:
+    """No byte, or (JSON lines) only whitespace: `datasets` raises StopIteration or an unhelpful error on these. Reads
+    up to the first non-blank line only."""
+    if path.stat().st_size == 0:
+        return True
+    if path.suffix == ".parquet":
+        return False
+    with path.open("rb") as fh:
+        return not any(line.strip() for line in fh)
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with a file `datasets` could not parse: the first line that is not JSON, for JSON lines;
+    otherwise the parser's own message (the cause of datasets' generic DatasetGenerationError)."""
+    if path.suffix == ".jsonl":
+        with path.open() as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"{path}, line {number}: not valid JSON ({e})"
+    cause = error.__cause__ or error
+    return f"{path}: cannot be read as {path.suffix[1:]} ({type(cause).__name__}: {cause})"
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer

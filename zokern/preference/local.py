@@ -44,17 +44,45 @@ def load_local(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {path}: no such directory (a local save_pretrained directory is expected)")
+    unloadable = (OSError, ValueError, KeyError)
     try:
         tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(path))
         policy = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except unloadable as e:
+        raise ValueError(f"--model {path}: cannot load a causal LM and its tokenizer from it ({e})") from None
+    check_tokenizer(path, tokenizer, policy)  # before the second copy of the weights loads
+    try:
         transformers.logging.set_verbosity_error()  # the fresh score head is expected: no warning about it
         reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=torch.float32
         )
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--model {path}: cannot load a causal LM and its tokenizer from it ({e})") from None
+    except unloadable as e:
+        raise ValueError(f"--model {path}: cannot load a sequence classifier from it ({e})") from None
     finally:
         transformers.logging.set_verbosity_warning()
     reward_model.config.pad_token_id = tokenizer.pad_id
     policy.config.pad_token_id = tokenizer.pad_id
     return policy.to(device).eval(), reward_model.to(device).eval(), tokenizer
+
+
+SAMPLE_TEXT = "the movie was great"
+
+
+def check_tokenizer(path: Path, tokenizer: HFTokenizer, policy: torch.nn.Module) -> None:
+    """A directory without tokenizer files still loads one (an empty GPT-2 tokenizer that encodes every text to
+    nothing), and a tokenizer of another model emits ids past the embedding: refuse both here, naming the directory,
+    rather than train on empty responses or fail inside torch's embedding."""
+    ids = tokenizer.encode(SAMPLE_TEXT)
+    if len(tokenizer) <= 1 or not ids:
+        raise ValueError(
+            f"--model {path}: no usable tokenizer ({len(tokenizer)} token(s); {SAMPLE_TEXT!r} encodes to {ids}); "
+            f"the directory must hold the tokenizer's files (tokenizer.save_pretrained)"
+        )
+    vocabulary = tokenizer.tokenizer.get_vocab().values()
+    top = max([*vocabulary, tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id])
+    rows = policy.get_input_embeddings().num_embeddings
+    if top >= rows:
+        raise ValueError(
+            f"--model {path}: the tokenizer's ids reach {top} but the model's input embedding has {rows} rows: "
+            f"the tokenizer does not belong to this model"
+        )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from zokern.preference.models import sample
 from zokern.preference.models import train_reward_model
 from zokern.preference.optim import ZOPrO
 from zokern.preference.sketch import SketchRecorder
+from zokern.preference.trainable import select_trainable
 
 METHODS = ("zopro", "mezo", "rloo", "ldsd")
 DEFAULT_METHODS = ("zopro", "mezo", "rloo")  # the demo's comparison; LDSD on request (--methods ...,ldsd)
@@ -63,7 +63,8 @@ class LoopConfig:
     rm_steps: int = 30  # reward-model refinement steps per iteration
     eval_every: int = 50  # in policy-loss forwards
     eval_prompts: int = 32
-    trainable: str | None = "embed_tokens"  # regular expression on parameter names; None: every parameter
+    # Regular expression on parameter names ('' matches all); None: the input embedding, whatever its name.
+    trainable: str | None = None
     seed: int = 0
 
 
@@ -128,14 +129,8 @@ def run(
     reference = copy.deepcopy(policy).eval()
     reward_model = copy.deepcopy(reward_model)
     policy.eval()  # dropout off: ZO compares two losses of one function
-    if config.trainable is not None:
-        pattern = re.compile(config.trainable)
-        for name, p in policy.named_parameters():
-            p.requires_grad_(bool(pattern.search(name)))
+    params = select_trainable(policy, config.trainable)
     zo = method != "rloo"
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"no policy parameter matches trainable={config.trainable!r}")
     if method == "zopro":
         optimizer: Any = ZOPrO(params, lr=config.zo_lr, eps=config.zo_eps, seed=config.seed)
     elif method == "mezo":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zokern.preference.positions import position_kwargs
+
 
 def response_logprobs(
     model: torch.nn.Module,
@@ -23,13 +25,17 @@ def response_logprobs(
     (a causal LM), in float32, 0 where ``response_mask`` is 0.
 
     The logits at position t predict token t + 1, so the R response tokens need the R logits before them: the model
-    is asked for ``logits_to_keep = R + 1`` and the last is dropped.
+    is asked for ``logits_to_keep = R + 1`` and the last is dropped. Position ids come from the attention mask
+    (zokern.preference.positions): a row's log-probabilities do not depend on the padding its batch gives it.
     """
     if sequences.shape != attention_mask.shape:
         raise ValueError(f"sequences {tuple(sequences.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
     if not 0 < response_length < sequences.shape[1]:
         raise ValueError(f"response_length must be in [1, {sequences.shape[1] - 1}], got {response_length}")
-    logits = model(input_ids=sequences, attention_mask=attention_mask, logits_to_keep=response_length + 1).logits
+    positions = position_kwargs(model, attention_mask)
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, logits_to_keep=response_length + 1, **positions
+    ).logits
     logits = logits[:, :-1].float()
     tokens = sequences[:, -response_length:]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

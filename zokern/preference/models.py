@@ -14,6 +14,8 @@ import torch
 
 from zokern.preference.data import WordTokenizer
 from zokern.preference.losses import bradley_terry_loss
+from zokern.preference.positions import max_positions
+from zokern.preference.positions import position_kwargs
 
 
 def policy_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 64):
@@ -88,6 +90,9 @@ def pretrain(
         rows = torch.randint(0, len(texts), (batch,), generator=g).tolist()
         ids, mask = batch_texts(tokenizer, [texts[r] for r in rows], max_length, model_device(policy))
         labels = ids.masked_fill(mask == 0, -100)
+        # No explicit position ids here: pretraining is for the policies built here (OPT), which derive them from the
+        # mask with padding at -1, and this loss reads one padding output (the one that predicts <bos>): ids clamped
+        # to 0 would change the demo's pretrained policy. Every other forward passes them (positions.py).
         loss = policy(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,7 +132,8 @@ def sample(
 ) -> Rollouts:
     """k sampled continuations of each prompt (multinomial, no top-k/top-p), ``response_length`` tokens each; the
     tokens after a response's first <eos> are padding and masked out."""
-    max_length = min(policy.config.max_position_embeddings - response_length, PROMPT_TOKENS)
+    table = max_positions(policy)  # <bos> + prompt fit before the response (the prompt's <eos> is dropped below)
+    max_length = PROMPT_TOKENS if table is None else min(table - response_length, PROMPT_TOKENS)
     ids, mask = batch_texts(tokenizer, prompts, max_length, model_device(policy))
     ids, mask = ids[:, :-1], mask[:, :-1]  # drop each prompt's <eos>: the response continues it
     ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -136,7 +142,9 @@ def sample(
     response = torch.full((len(ids), response_length), tokenizer.pad_id, dtype=torch.long, device=ids.device)
     past, step_ids, step_mask = None, ids, mask
     for t in range(response_length):
-        out = policy(input_ids=step_ids, attention_mask=step_mask, past_key_values=past, use_cache=True)
+        # The prompts' positions from their masks, then each new token's: mask.sum(-1) - 1, its mask included.
+        positions = position_kwargs(policy, step_mask, new=None if past is None else 1)
+        out = policy(input_ids=step_ids, attention_mask=step_mask, past_key_values=past, use_cache=True, **positions)
         past = out.past_key_values
         probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
         token = torch.multinomial(probs, 1, generator=g).squeeze(1)
@@ -155,8 +163,10 @@ def sample(
 
 
 def reward_scores(reward_model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The reward model's score of each sequence (float32): its head on the last non-padding token."""
-    return reward_model(input_ids=sequences, attention_mask=attention_mask).logits[:, 0].float()
+    """The reward model's score of each sequence (float32): its head on the last non-padding token, with positions
+    from the attention mask (a left-padded row scores as it would alone)."""
+    positions = position_kwargs(reward_model, attention_mask)
+    return reward_model(input_ids=sequences, attention_mask=attention_mask, **positions).logits[:, 0].float()
 
 
 def train_reward_model(

@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
+from zokern import _options as options
+from zokern._options import check_device
+from zokern._options import check_output_dir
+from zokern._options import check_positive_int
+from zokern._options import check_regex
+from zokern._options import check_seed
 from zokern.preference.data import SentimentJudge
 from zokern.preference.data import WordTokenizer
 from zokern.preference.data import load_rows
 from zokern.preference.data import make_demo_data
+from zokern.preference.dpo import RESPONSE_TOKENS
 from zokern.preference.local import load_local
 from zokern.preference.loop import DEFAULT_METHODS
 from zokern.preference.loop import METHODS
@@ -31,7 +37,10 @@ from zokern.preference.models import new_policy
 from zokern.preference.models import new_reward_model
 from zokern.preference.models import pretrain
 from zokern.preference.models import train_reward_model
+from zokern.preference.records import RecordFile
 from zokern.preference.sketch import SketchRecorder
+from zokern.preference.trainable import select_trainable
+from zokern.preference.trainable import trainable_names
 from zokern.preference.viz import make_plots
 
 
@@ -42,13 +51,22 @@ def run_pipeline(
     methods: tuple[str, ...] = DEFAULT_METHODS,
     model: Path | None = None,
     device: str = "cpu",
-    trainable: str | None = "embed_tokens",
+    trainable: str | None = None,
 ) -> list[dict]:
-    """The demo pipeline; with ``model``, a local Hugging Face causal LM (and its tokenizer) replaces the small
-    policy trained here, on ``device``."""
+    """The demo pipeline, on ``device``; with ``model``, a local Hugging Face causal LM (and its tokenizer) replaces
+    the small policy trained here. ``trainable``: a regular expression on the policy's parameter names ('' for all),
+    or None for its input embedding. Options are checked before any work, the trainable selection as soon as the
+    policy exists (before pretraining or reward-model training)."""
     import datasets
     from tqdm.auto import tqdm
 
+    methods = check_methods(methods)
+    forwards, seed = check_positive_int(forwards), check_seed(seed)
+    out, device = check_output_dir(out), check_device(device)
+    if trainable is not None:
+        check_regex(trainable)
+    if model is not None and not Path(model).is_dir():
+        raise FileNotFoundError(f"--model {model}: no such directory (a local save_pretrained directory is expected)")
     datasets.disable_progress_bars()  # the demo's files are small: their loading needs no bars
     out.mkdir(parents=True, exist_ok=True)
     begin = time.perf_counter()
@@ -59,14 +77,16 @@ def run_pipeline(
         texts = [r["text"] for r in load_rows(out / "corpus.jsonl", ("text",))]
         tokenizer = WordTokenizer.build(texts)
         tokenizer.save(out / "tokenizer.json")
-        policy = new_policy(tokenizer, seed=seed)
+        policy = new_policy(tokenizer, seed=seed).to(device)
+        trainable_names(policy, trainable)
         losses = pretrain(policy, tokenizer, texts, steps=200, seed=seed)
         print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
-        reward_model = new_reward_model(tokenizer, seed=seed)
+        reward_model = new_reward_model(tokenizer, seed=seed).to(device)
     else:
         policy, reward_model, tokenizer = load_local(model, device)
+        names = trainable_names(policy, trainable)
         n = sum(p.numel() for p in policy.parameters())
-        print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}")
+        print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}; trainable: {', '.join(names)}")
     losses = train_reward_model(reward_model, tokenizer, pairs, steps=150, seed=seed)
     print(f"reward model trained: Bradley-Terry loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")
     prompts = load_rows(out / "prompts.jsonl", ("prompt", "split"))
@@ -74,16 +94,15 @@ def run_pipeline(
     heldout = [p["prompt"] for p in prompts if p["split"] == "heldout"]
     judge = SentimentJudge()
     config = LoopConfig(forwards=forwards, seed=seed, trainable=trainable)
-    (out / "sketches.jsonl").unlink(missing_ok=True)
-    recorder = SketchRecorder(out / "sketches.jsonl", k=512, seed=seed)
+    # Both files are replaced at the run's first record, not before (zokern.preference.records).
+    recorder = SketchRecorder(out / "sketches.jsonl", k=512, seed=seed, fresh=True)
     records: list[dict] = []
-    with (out / "metrics.jsonl").open("w") as metrics:
+    with RecordFile(out / "metrics.jsonl") as metrics:
         for method in methods:
             bar = tqdm(total=forwards, desc=f"{method:5s}", unit="fwd")
 
             def log(record: dict, bar=bar) -> None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                metrics.write(record)
                 bar.update(record["forwards"] - bar.n)
                 bar.set_postfix(reward=f"{record['reward']:.3f}")
 
@@ -101,6 +120,20 @@ def run_pipeline(
         f"wrote {out / 'metrics.jsonl'}, {out / 'reward.png'} and {page} ({time.perf_counter() - begin:.0f} s in all)"
     )
     return records
+
+
+def check_methods(methods: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The loop's methods, from a tuple or the command line's comma-separated list: known, at least one, no repeats
+    (a repeated method would run twice and mix its sketches under one key)."""
+    if isinstance(methods, str):
+        methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if unknown or not methods or repeated:
+        problem = f"unknown {unknown}" if unknown else f"repeated {repeated}" if repeated else "none given"
+        raise ValueError(f"expected some of {', '.join(METHODS)}, each once; got {','.join(methods)!r} ({problem})")
+    return methods
 
 
 def plot_rewards(records: list[dict], path: Path) -> None:
@@ -126,14 +159,21 @@ def plot_rewards(records: list[dict], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", type=Path, default=Path("zokern-demo"), help="output directory (default ./zokern-demo)"
+        "--out",
+        type=options.output_dir,
+        default=Path("zokern-demo"),
+        help="output directory (default ./zokern-demo); its metrics.jsonl and sketches.jsonl are replaced when the "
+        "run writes its first record",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--forwards", type=int, default=600, help="policy-loss forwards per method (default 600)")
+    parser.add_argument("--seed", type=options.seed, default=0, help="in [0, 2^63) (default 0)")
+    parser.add_argument(
+        "--forwards", type=options.positive_int, default=600, help="policy-loss forwards per method (default 600)"
+    )
     parser.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+        type=options.argtype(check_methods),
+        default=DEFAULT_METHODS,
+        help=f"comma-separated, each once, of {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
     )
     parser.add_argument(
         "--model",
@@ -142,23 +182,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a local Hugging Face causal LM directory (weights and tokenizer) to use as the policy instead of the "
         "small one trained here",
     )
-    parser.add_argument("--device", default=None, help="where the models run (default: cuda with --model if present)")
+    parser.add_argument(
+        "--device",
+        type=options.device,
+        default=None,
+        help="where the policy and reward model run (default: cuda with --model when present, else cpu)",
+    )
     parser.add_argument(
         "--trainable",
-        default="embed_tokens",
-        help="regular expression on the policy's parameter names to train ('' for all; default embed_tokens)",
+        type=options.regex,
+        default=None,
+        help="regular expression on the policy's parameter names to train ('' for all; default: the input "
+        "embedding, whatever its name, e.g. embed_tokens or wte)",
     )
 
 
-def run_dpo(data: Path, out: Path, seed: int = 0, steps: int = 200) -> list[dict]:
+def run_dpo(
+    data: Path, out: Path, seed: int = 0, steps: int = 200, response_tokens: int = RESPONSE_TOKENS
+) -> list[dict]:
     """`zokern dpo`: offline ZO-DPO on a preference dataset (``prompt``/``chosen``/``rejected``; JSONL, Parquet or a
-    saved dataset). A small policy is built for its vocabulary and pretrained on both responses of every pair (so it
-    starts without a preference), then trained with ZO-DPO; the last tenth of the pairs is held out. Writes
-    ``dpo_metrics.jsonl`` (step, dpo_loss, accuracy on the held-out pairs)."""
+    saved dataset). A small policy (64 positions) is built for its vocabulary and pretrained on both responses of
+    every pair (so it starts without a preference), then trained with ZO-DPO; the last tenth of the pairs is held
+    out. Responses take ``response_tokens`` positions (<eos> included), prompts the rest (see dpo.train_zo_dpo).
+    Writes ``dpo_metrics.jsonl`` (step, dpo_loss, accuracy on the held-out pairs), replacing a previous run's at
+    the first record."""
     import datasets
 
+    from zokern.preference.dpo import prompt_budget
     from zokern.preference.dpo import train_zo_dpo
 
+    seed, steps = check_seed(seed), check_positive_int(steps)
+    response_tokens, out = check_positive_int(response_tokens), check_output_dir(out)
     datasets.disable_progress_bars()
     pairs = load_rows(data, ("prompt", "chosen", "rejected"))
     if len(pairs) < 10:
@@ -166,20 +220,20 @@ def run_dpo(data: Path, out: Path, seed: int = 0, steps: int = 200) -> list[dict
     texts = [f"{p['prompt']} {p[side]}" for p in pairs for side in ("chosen", "rejected")]
     tokenizer = WordTokenizer.build(texts)
     policy = new_policy(tokenizer, seed=seed)
+    prompt_budget(policy, response_tokens)  # a response length the policy cannot hold: say so before pretraining
     pretrain(policy, tokenizer, texts, steps=200, seed=seed)
-    for name, p in policy.named_parameters():
-        p.requires_grad_("embed_tokens" in name)
+    select_trainable(policy, None)  # the token embeddings
     held = max(1, len(pairs) // 10)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "dpo_metrics.jsonl").open("w") as metrics:
+    with RecordFile(out / "dpo_metrics.jsonl") as metrics:
 
         def log(record: dict) -> None:
-            metrics.write(json.dumps(record) + "\n")
+            metrics.write(record)
             print(f"step {record['step']:5d}  dpo loss {record['dpo_loss']:.4f}  accuracy {record['accuracy']:.2f}")
 
         records = train_zo_dpo(
             policy, tokenizer, pairs[:-held], pairs[-held:], steps=steps, eval_every=max(1, steps // 4), seed=seed,
-            log=log,
+            log=log, response_length=response_tokens,
         )  # fmt: skip
     print(f"wrote {out / 'dpo_metrics.jsonl'}")
     return records
@@ -189,6 +243,18 @@ def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, required=True, help="preference pairs: .jsonl, .parquet or a saved dataset"
     )
-    parser.add_argument("--out", type=Path, default=Path("zokern-dpo"), help="output directory (default ./zokern-dpo)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=200, help="ZO steps (default 200)")
+    parser.add_argument(
+        "--out",
+        type=options.output_dir,
+        default=Path("zokern-dpo"),
+        help="output directory (default ./zokern-dpo); its dpo_metrics.jsonl is replaced at the run's first record",
+    )
+    parser.add_argument("--seed", type=options.seed, default=0, help="in [0, 2^63) (default 0)")
+    parser.add_argument("--steps", type=options.positive_int, default=200, help="ZO steps (default 200)")
+    parser.add_argument(
+        "--response-tokens",
+        type=options.positive_int,
+        default=RESPONSE_TOKENS,
+        help=f"positions per response, <eos> included (default {RESPONSE_TOKENS}); longer responses are cut and "
+        f"prompts cut from the left to fit the policy's 64 positions, with a warning that counts them",
+    )

@@ -99,12 +99,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 class SketchRecorder:
     """Appends sketches of a run's models to a JSON-lines file as the run goes: one line per recorded point,
     ``{"method", "model", "iteration", "step", "gamma", "k", "seed", "norm", "sketch"}`` (``norm``: the exact
-    norm of the sketched parameters, for reference). k = 512 float64 values: about 10 KB of text per point."""
+    norm of the sketched parameters, for reference). k = 512 float64 values: about 10 KB of text per point. With
+    ``fresh=True`` an existing file is emptied at the first point recorded, not before (zokern.preference.records:
+    a run that fails earlier keeps the previous run's sketches)."""
 
-    def __init__(self, path, k: int = 512, seed: int = 0) -> None:
+    def __init__(self, path, k: int = 512, seed: int = 0, fresh: bool = False) -> None:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.path, self.k, self.seed = path, k, seed
+        self._mode = "w" if fresh else "a"
 
     def record(self, method: str, model: str, named: list[tuple[str, torch.Tensor]], iteration: int, step: int,
                gamma: float | None = None) -> None:  # fmt: skip
@@ -114,5 +117,6 @@ class SketchRecorder:
         norm = math.sqrt(sum(float(t.detach().double().square().sum()) for _, t in named))
         line = dict(method=method, model=model, iteration=iteration, step=step, gamma=gamma, k=self.k,
                     seed=self.seed, norm=norm, names=[n for n, _ in named], sketch=sketch.tolist())  # fmt: skip
-        with open(self.path, "a") as fh:
+        with open(self.path, self._mode) as fh:
             fh.write(json.dumps(line) + "\n")
+        self._mode = "a"

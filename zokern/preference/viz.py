@@ -15,28 +15,42 @@ import html
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
+from zokern import _options as options
+from zokern._options import check_output_dir
 from zokern.preference.sketch import cosine
+
+FIELDS = ("method", "model", "iteration", "step", "gamma", "k", "sketch")  # what the plots read of a record
 
 
 def load(run_dir: Path) -> dict[str, dict[str, list[dict]]]:
-    """method -> model ("policy", "reward") -> the recorded points in iteration order."""
+    """method -> model ("policy", "reward") -> the recorded points in iteration order. ValueError, naming the file
+    and line, for a record without one of FIELDS; for a file with no records; for a method with no policy points."""
     path = Path(run_dir) / "sketches.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the loop with a SketchRecorder (zokern demo writes one)")
     runs: dict[str, dict[str, list[dict]]] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             point = json.loads(line)
-            key = (point["method"], point["model"])
+            missing = [f for f in FIELDS if f not in point]
+            if missing:
+                raise ValueError(f"no {', '.join(map(repr, missing))}")
             point["sketch"] = torch.tensor(point["sketch"], dtype=torch.float64)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}, line {number}: not a sketch record ({e})") from None
-        runs.setdefault(key[0], {}).setdefault(key[1], []).append(point)
-    for models in runs.values():
+        runs.setdefault(point["method"], {}).setdefault(point["model"], []).append(point)
+    if not runs:
+        raise ValueError(f"{path} holds no sketch records (the run recorded none, or failed before its first)")
+    for method, models in runs.items():
+        if not models.get("policy"):
+            raise ValueError(f"{path}: method {method!r} has no policy sketches (models recorded: {sorted(models)})")
         for points in models.values():
             points.sort(key=lambda p: p["iteration"])
     return runs
@@ -200,23 +214,20 @@ def _html(run_dir: Path, sections) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="zokern viz", description=__doc__)
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv))
+    from zokern import cli
+
+    return cli.main(["viz", *(argv if argv is not None else sys.argv[1:])])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory holding sketches.jsonl (e.g. zokern demo --out)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default RUN_DIR/viz)")
+    parser.add_argument("--out", type=options.output_dir, default=None, help="output directory (default RUN_DIR/viz)")
 
 
 def run_command(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        page = make_plots(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"zokern viz: {e}", file=sys.stderr)
-        return 2
+    """The command's work; its ValueError and FileNotFoundError are reported by zokern.cli as one line."""
+    out = Path(args.out) if args.out is not None else Path(args.run_dir) / "viz"
+    check_output_dir(out)
+    page = make_plots(args.run_dir, out)
     print(f"wrote {page}")
     return 0

@@ -1,0 +1,111 @@
+"""Offline ZO-DPO's batches: prompts cut from the left to the policy's positions, responses to their stated length
+(with one warning that counts both), and the reference and evaluation passes in chunks that give the one-forward
+result."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from zokern.preference.data import WordTokenizer  # noqa: E402
+from zokern.preference.dpo import pair_batch  # noqa: E402
+from zokern.preference.dpo import reference_logprobs  # noqa: E402
+from zokern.preference.dpo import sequence_logprobs  # noqa: E402
+from zokern.preference.dpo import train_zo_dpo  # noqa: E402
+from zokern.preference.models import new_policy  # noqa: E402
+
+WORDS = "the movie was great fun and sad , i think book felt lovely awful ."
+TOK = WordTokenizer.build([WORDS])
+
+
+def _policy():
+    """The dpo command's policy architecture (64 positions), small."""
+    return new_policy(TOK, hidden=16, layers=1, heads=2).eval()
+
+
+def _pairs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    words = WORDS.split()
+
+    def text(lo, hi):
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (length,), generator=g))
+
+    return [{"prompt": text(2, 12), "chosen": text(1, 10), "rejected": text(1, 10)} for _ in range(n)]
+
+
+def test_a_long_prompt_is_cut_from_the_left_to_fit_the_positions():
+    """64 positions, 16 for the response, 1 for <bos>: a prompt keeps its last 47 tokens (it crashed past 47)."""
+    policy = _policy()
+    prompt = " ".join(["the movie was great"] * 25)  # 100 tokens
+    kept = " ".join(prompt.split()[-47:])
+    with torch.no_grad():
+        got = sequence_logprobs(policy, TOK, [prompt, "the movie was"], ["great fun .", "sad ."])
+        expected = sequence_logprobs(policy, TOK, [kept, "the movie was"], ["great fun .", "sad ."])
+    assert torch.allclose(got, expected, atol=1e-5)
+    sequences, attention, _ = pair_batch(TOK, [prompt], ["fun"], response_length=16, prompt_tokens=47)
+    assert sequences.shape == (1, 64) and sequences[0, 0] == TOK.bos_id
+    assert sequences[0, 1:48].tolist() == TOK.encode(kept)
+
+
+def test_truncation_is_warned_once_with_counts():
+    pairs = _pairs(12)
+    pairs[0]["prompt"] = " ".join(["the movie was"] * 20)  # 60 tokens > 47
+    pairs[5]["prompt"] = " ".join(["i think"] * 30)
+    pairs[3]["chosen"] = " ".join(["great fun"] * 8)  # 16 tokens + <eos> > 16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_zo_dpo(_policy(), TOK, pairs[:9], pairs[9:], steps=2, batch=4, eval_every=2)
+    messages = [str(w.message) for w in caught if "ZO-DPO truncates" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "2 of 12 prompts" in messages[0] and "1 of 24 responses (to 16 tokens" in messages[0]
+
+
+def test_a_response_length_the_positions_cannot_hold_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"a response of 63 tokens leaves no room for a prompt in the model's 64"):
+        train_zo_dpo(_policy(), TOK, _pairs(4), _pairs(2), steps=1, response_length=63)
+
+
+def _batch_sizes(model):
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)  # fmt: skip
+    return sizes, handle
+
+
+def test_reference_logprobs_in_chunks_match_one_forward():
+    policy, pairs = _policy(), _pairs(70)
+    sizes, handle = _batch_sizes(policy)
+    chunked = reference_logprobs(policy, TOK, pairs)  # the default chunk, 64 pairs
+    assert max(sizes) == 64 and len(sizes) == 4  # (64 + 6 pairs) x (chosen, rejected)
+    sizes.clear()
+    small = reference_logprobs(policy, TOK, pairs, chunk=8)
+    assert max(sizes) == 8
+    sizes.clear()
+    whole = reference_logprobs(policy, TOK, pairs, chunk=len(pairs))
+    handle.remove()
+    assert sizes == [70, 70]
+    assert chunked.shape == (70, 2)
+    assert torch.allclose(chunked, whole, atol=1e-5) and torch.allclose(small, whole, atol=1e-5)
+
+
+def test_training_evaluates_in_chunks_with_the_one_forward_results():
+    pairs = _pairs(40, seed=1)
+    start = _policy()
+    for name, p in start.named_parameters():
+        p.requires_grad_("embed_tokens" in name)
+    policy = copy.deepcopy(start)
+    sizes, handle = _batch_sizes(policy)
+    chunked = train_zo_dpo(policy, TOK, pairs[:30], pairs[30:], steps=2, batch=4, eval_every=1, chunk=3)
+    handle.remove()
+    whole = train_zo_dpo(copy.deepcopy(start), TOK, pairs[:30], pairs[30:], steps=2, batch=4, eval_every=1, chunk=100)
+    assert max(sizes) == 4  # the training step's batch; the reference and evaluation passes took 3 pairs at a time
+    assert sizes.count(3) > 0 and 10 not in sizes and 30 not in sizes
+    for a, b in zip(chunked, whole):
+        assert a["step"] == b["step"] and a["accuracy"] == b["accuracy"]
+        assert a["dpo_loss"] == pytest.approx(b["dpo_loss"], abs=1e-6)

@@ -1,0 +1,134 @@
+"""Checks of the commands' option values, shared by the command line and the functions behind it.
+
+Each ``check_*`` raises a ValueError that names the problem; ``argtype`` turns a check into an argparse ``type=``,
+so a bad value is reported by argparse (one ``zokern CMD: error: argument --X: ...`` line after the usage, exit
+status 2) before a command starts any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+SEED_LIMIT = 2**63  # the optimizers' seeds (and the stream's) are in [0, 2^63)
+
+
+def argtype(check: Callable[[str], T]) -> Callable[[str], T]:
+    """``check`` as an argparse type: its ValueError becomes argparse's error, message kept."""
+
+    def parse(text: str) -> T:
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = check.__name__
+    return parse
+
+
+def _int(text: str | int, what: str) -> int:
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"expected {what}, got {text!r}")
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {what}, got {text!r}") from None
+
+
+def _float(text: str | float, what: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"expected {what}, got {text!r}")
+    return value
+
+
+def check_positive_int(text: str | int) -> int:
+    value = _int(text, "a positive integer")
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {value}")
+    return value
+
+
+def check_seed(text: str | int) -> int:
+    value = _int(text, "an integer seed")
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"expected a seed in [0, 2^63), got {value}")
+    return value
+
+
+def check_non_negative_float(text: str | float) -> float:
+    value = _float(text, "a finite number >= 0")
+    if value < 0:
+        raise ValueError(f"expected a finite number >= 0, got {value:g}")
+    return value
+
+
+def check_positive_float(text: str | float) -> float:
+    value = _float(text, "a finite number > 0")
+    if value <= 0:
+        raise ValueError(f"expected a finite number > 0, got {value:g}")
+    return value
+
+
+def check_regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise ValueError(f"{text!r} is not a regular expression ({e})") from None
+    return text
+
+
+def check_device(text: str) -> str:
+    """A device torch can place a tensor on here: parsed, then tried (a CPU-only torch raises an AssertionError for
+    "cuda", a missing GPU a RuntimeError; both become this ValueError)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{text!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "meta":
+        raise ValueError("'meta' holds no data; the models need a real device (cpu, cuda, ...)")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device {text!r} is not usable here ({reason})") from None
+    return text
+
+
+def check_output_dir(text: str | Path) -> Path:
+    """A directory that exists, or that can be created (its nearest existing ancestor is a writable directory); not
+    created here."""
+    path = Path(text)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{path} is not writable")
+        return path
+    ancestor = next(p for p in path.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise ValueError(f"{path} cannot be created: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} cannot be created: {ancestor} is not writable")
+    return path
+
+
+positive_int = argtype(check_positive_int)
+seed = argtype(check_seed)
+non_negative_float = argtype(check_non_negative_float)
+positive_float = argtype(check_positive_float)
+regex = argtype(check_regex)
+device = argtype(check_device)
+output_dir = argtype(check_output_dir)

@@ -1,0 +1,46 @@
+"""Position ids for the left-padded batches of zokern.preference.
+
+A row's tokens must sit at positions 0, 1, 2, ... whatever padding precedes them, or its log-probabilities and reward
+scores depend on the other rows of its batch. Models with absolute position embeddings do not all derive positions
+from the attention mask (OPT does; GPT-2 in transformers 5 counts from the first column, padding included), so every
+forward on such a batch passes them explicitly: the number of real tokens before each one.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The model's position table size (``config.max_position_embeddings``), None where its config states none."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+@functools.cache
+def _takes_position_ids(model_class: type) -> bool:
+    # ALiBi models (Bloom, MPT) have no position ids: their biases come from the attention mask already.
+    return "position_ids" in inspect.signature(model_class.forward).parameters
+
+
+def position_kwargs(model: torch.nn.Module, attention_mask: torch.Tensor, new: int | None = None) -> dict:
+    """``{"position_ids": ...}`` for a forward of ``model`` on a left-padded batch: (cumsum(mask) - 1) clamped at 0
+    (padding gets position 0; it is masked out). ``attention_mask`` covers every position so far; with a KV cache
+    only the ``new`` last positions are fed, and their ids are those of the last ``new`` columns (for one new token:
+    mask.sum(-1) - 1). Empty for models that take no position ids.
+
+    Raises ValueError, rather than an IndexError deep in the model, when the batch is wider than the model's position
+    table: a row as wide as the mask would need positions past it."""
+    width = attention_mask.shape[-1]
+    limit = max_positions(model)
+    if limit is not None and width > limit:
+        raise ValueError(
+            f"a batch of {width} positions exceeds the model's {limit} (config.max_position_embeddings): "
+            f"truncate the prompts or shorten the responses"
+        )
+    if not _takes_position_ids(type(model)):
+        return {}
+    ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return {"position_ids": ids if new is None else ids[:, -new:]}
