@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -29,7 +30,6 @@ import zokern
 from benchmarks._results import publish
 from zokern.optim import ZOSGD
 from zokern.preference.data import WordTokenizer
-from zokern.preference.data import load_rows
 from zokern.preference.data import make_demo_data
 from zokern.preference.directions import ZOPrODirection
 from zokern.preference.loop import LoopConfig
@@ -50,9 +50,10 @@ def build(size: str, vocabulary: int, device: torch.device):
         bos_token_id=1, eos_token_id=2, dropout=0.0, attention_dropout=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    policy = transformers.OPTForCausalLM(config).to(device).eval()
-    config.num_labels = 1
-    reward_model = transformers.OPTForSequenceClassification(config).to(device).eval()
+    with torch.device(device):  # initialised where they run: 1.3B weights drawn on a CPU take tens of seconds
+        policy = transformers.OPTForCausalLM(config).eval()
+        config.num_labels = 1
+        reward_model = transformers.OPTForSequenceClassification(config).eval()
     return policy, copy.deepcopy(policy), reward_model
 
 
@@ -90,18 +91,32 @@ def _zopro_step(params, closure, device, steps):
     return timed(lambda: optimizer.step(closure), device, steps)
 
 
-def measure(size: str, device: torch.device, steps: int, data_dir: Path) -> tuple[list[tuple], int]:
-    make_demo_data(data_dir, seed=0, prompts=50, corpus=200)
-    texts = [r["text"] for r in load_rows(data_dir / "corpus.jsonl", ("text",))]
-    prompts = [r["prompt"] for r in load_rows(data_dir / "prompts.jsonl", ("prompt", "split"))][:8]
+class _NoJudge:
+    """The preference pairs are not used here: no sentiment scorer (nor its package) is needed."""
+
+    def score(self, prompt: str, response: str) -> float:
+        return 0.0
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def measure(size: str, device: torch.device, steps: int, data_dir: Path, rows: list[tuple]) -> int:
+    """Append a row (step, ms, peak GiB) to ``rows`` per measurement, as it is made; returns the parameter count.
+    Only the demo's texts and prompts are read (plain JSON lines: the GPU machine has no ``datasets``)."""
+    make_demo_data(data_dir, seed=0, prompts=50, corpus=200, judge=_NoJudge())
+    texts = [r["text"] for r in _jsonl(data_dir / "corpus.jsonl")]
+    prompts = [r["prompt"] for r in _jsonl(data_dir / "prompts.jsonl")][:8]
     tokenizer = WordTokenizer.build(texts)
     policy, reference, reward_model = build(size, len(tokenizer), device)
     n_params = sum(p.numel() for p in policy.parameters())
     config = LoopConfig(k=4, response_length=12)
     begin = time.perf_counter()
     closure, _ = _policy_objective(policy, reference, reward_model, tokenizer, prompts, config, seed=0)
-    rollout_ms = (time.perf_counter() - begin) * 1e3
-    rows = [("rollouts + scoring (once per step, every method)", rollout_ms, None)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rows.append(("rollouts + scoring (once per step, every method; first call)", (time.perf_counter() - begin) * 1e3))
     params = list(policy.parameters())
     rows.append(("ZO step (ZOSGD, 2 forwards)", *_zo_step(params, closure, device, steps)))
     rows.append(("ZOPrO step (structured direction, 2 forwards)", *_zopro_step(params, closure, device, steps)))
@@ -114,7 +129,7 @@ def measure(size: str, device: torch.device, steps: int, data_dir: Path) -> tupl
         adam.step()
 
     rows.append(("first-order RLOO step (forward, backward, Adam)", *timed(first_order, device, steps)))
-    return rows, n_params
+    return n_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,18 +141,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    rows, n_params = measure(args.size, device, args.steps, args.data)
+    rows = _Rows()
+    try:
+        rows.n_params = measure(args.size, device, args.steps, args.data, rows)
+    finally:  # what was measured is written, also when the run is stopped at a time limit
+        if rows:
+            write(rows, args, argv)
+    return 0
+
+
+class _Rows(list):
+    """Rows printed as they are appended, a row without a peak (the rollouts) given None."""
+
+    n_params: int | None = None
+
+    def append(self, row: tuple) -> None:
+        name, ms, gib = (*row, None) if len(row) == 2 else row
+        super().append((name, ms, gib))
+        print(f"{name:60s} {ms:10.1f} ms" + ("" if gib is None else f"  peak {gib:.2f} GiB"), flush=True)
+
+
+def write(rows: _Rows, args: argparse.Namespace, argv: list[str] | None) -> None:
+    device = torch.device(args.device)
+    size = "?" if rows.n_params is None else f"{rows.n_params / 1e6:.0f}M"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     command = " ".join(["python -m benchmarks.preference_step", *(argv if argv is not None else sys.argv[1:])])
     text = (
-        f"\n### Preference loop policy step, {args.size} ({n_params / 1e6:.0f}M parameters, float32), "
+        f"\n### Preference loop policy step, {args.size} ({size} parameters, float32), "
         f"{datetime.date.today()}\n\nDevice {name}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"zokern {zokern.__version__}. 8 prompts x k = 4 responses of 12 tokens. Median of {args.steps} steps after "
         f"one warm-up. Command: `{command}`.\n\n| step | ms | peak GiB above the weights |\n|---|---|---|\n"
         + "".join(f"| {n} | {ms:.1f} | {'-' if gib is None else f'{gib:.2f}'} |\n" for n, ms, gib in rows)
     )
     publish(text, append=not args.no_append)
-    return 0
 
 
 if __name__ == "__main__":

@@ -126,7 +126,6 @@ def test_ldsd_overhead_benchmark_times_every_method():
 
 
 def test_preference_step_benchmark_times_zo_and_first_order(tmp_path):
-    pytest.importorskip("datasets")
     text = _run("benchmarks.preference_step", "--size", "tiny", "--device", "cpu", "--steps", "1",
                 "--data", str(tmp_path), "--no-append")  # fmt: skip
     for step in ("rollouts + scoring", "ZO step (ZOSGD", "ZOPrO step", "first-order RLOO step"):

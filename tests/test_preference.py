@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE
 from helpers import backends_for
 from helpers import tiny_opt
 
@@ -145,26 +146,28 @@ def test_pure_noise_direction_is_orthogonal_to_the_reward_update_with_gaussian_n
         assert z[k].norm().item() == pytest.approx(math.sqrt(math.prod(shape)), rel=1e-9)
 
 
-@pytest.mark.parametrize("backend", backends_for("cpu"))  # this test's tensors live on the CPU
+@pytest.mark.parametrize("backend", backends_for(DEVICE))
 def test_reductions_and_apply_match_the_float64_formula(backend):
-    """The fused passes (C++, Triton, the plain-torch fallback) against the float64 reference of z, on tensors
-    that span several kernel chunks and start at unaligned stream offsets."""
+    """The fused passes (C++, Triton, CUDA's fallback, the plain-torch one) on the device against the float64
+    reference of z on the CPU, on tensors that span several kernel chunks and start at unaligned stream offsets."""
     shapes, offsets = SHAPES + [(70, 41)], OFFSETS + [1001]
     mu = [_randn(*s).float() for s in shapes[:2]] + [None, _randn(*shapes[3]).float()]
     vhat = [_randn(*shapes[0]).float() * 3, None] + [_randn(*s).float() for s in shapes[2:]]
-    direction = ZOPrODirection(mu, vhat, 0.6)
-    params = [(_randn(*s) * 0.1).float() for s in shapes]
+    reference = ZOPrODirection(mu, vhat, 0.6)
+    on_device = [None if t is None else t.to(DEVICE) for t in mu], [None if t is None else t.to(DEVICE) for t in vhat]
+    direction = ZOPrODirection(*on_device, 0.6)
+    start = [(_randn(*s) * 0.1).float() for s in shapes]
+    params = [p.to(DEVICE, copy=True) for p in start]
     for (a, nn), p, offset, v in zip(
-        direction.reductions(5, params, offsets, backend), params, offsets, direction.vhat
+        direction.reductions(5, params, offsets, backend), params, offsets, reference.vhat
     ):
         n = ops.gaussian(5, offset, p.numel(), backend="torch").double()
-        assert nn == pytest.approx(float(n @ n), rel=1e-6)  # the backends' z: within 2^-17 (1 + |z|) of exact
-        assert a == pytest.approx(0.0 if v is None else float(v.double().reshape(-1) @ n), abs=1e-3)
-    before = [p.clone() for p in params]
+        assert float(nn) == pytest.approx(float(n @ n), rel=1e-6)  # the backends' z: within 2^-17 (1 + |z|) of exact
+        assert float(a) == pytest.approx(0.0 if v is None else float(v.double().reshape(-1) @ n), abs=1e-3)
     direction.apply_(params, offsets, 5, alpha=0.25, backend=backend)
-    for p, b, z in zip(params, before, direction.reference(5, params, offsets)):
+    for p, b, z in zip(params, start, reference.reference(5, start, offsets)):
         # Three float32 roundings and the backend's z (within 2^-17 (1 + |z|) of exact), scaled by alpha.
-        assert torch.allclose(p.double(), b.double() + 0.25 * z, atol=2e-5, rtol=1e-6)
+        assert torch.allclose(p.cpu().double(), b.double() + 0.25 * z, atol=2e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
