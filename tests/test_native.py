@@ -87,6 +87,17 @@ def test_op_rejects_bad_arguments(overrides, match):
     assert all(torch.equal(t, torch.ones(10)) for t in tensors)
 
 
+def test_every_cpu_op_refuses_bases_past_the_index_range():
+    """zokern.ops checks bases first; the raw ops must too (a wrapped index made the copy pass a silent no-op)."""
+    out, src = [torch.ones(10)], [torch.full((10,), 2.0)]
+    for bases in ([2**63 - 5], [-1]):
+        with pytest.raises(RuntimeError, match=r"leaves the stream's index range"):
+            torch.ops.zokern.zo_copy_pass_(out, src, bases, 1, 0.5, 0, 0, 0.0, False)
+        with pytest.raises(RuntimeError, match=r"leaves the stream's index range"):
+            torch.ops.zokern.zopro_reduce(src, [None], bases, 1)
+        assert torch.equal(out[0], torch.ones(10))
+
+
 @pytest.mark.parametrize(
     "tensors,match",
     [

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -234,9 +235,13 @@ inline std::vector<Job> chunk_jobs(at::TensorList tensors, at::IntArrayRef bases
   std::vector<Job> jobs;
   jobs.reserve(tensors.size());
   *n_tasks = 0;
+  TORCH_CHECK(bases.size() == tensors.size(), "zokern: got ", tensors.size(), " tensors but ", bases.size(), " bases");
   for (size_t k = 0; k < tensors.size(); ++k) {
     const int64_t numel = tensors[k].numel();
     if (numel == 0) continue;
+    // Every CPU op's guard (zo_pass_ checks first with its own message): past 2^63, `last` would wrap.
+    TORCH_CHECK(bases[k] >= 0 && numel - 1 <= std::numeric_limits<int64_t>::max() - bases[k], "zokern: bases[", k,
+                "] = ", bases[k], " with numel ", numel, " leaves the stream's index range [0, 2^63)");
     const int64_t last = bases[k] + (numel - 1);
     const int64_t first_chunk = bases[k] / kChunk;
     jobs.push_back({tensors[k].data_ptr(), static_cast<int64_t>(k), bases[k], last, first_chunk, *n_tasks});
