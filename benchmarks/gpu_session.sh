@@ -55,9 +55,10 @@ sys.exit(tuple(map(int, re.findall(r'\d+', setuptools.__version__)[:3])) < (77, 
       "$PY" -m pip install -v --no-build-isolation --no-deps -e .  # -v: setup.py's "zokern:" lines say what it chose
   }
   # Stage 2 on the machine stage 1 left warm finds the extension built from the same sources: no second build
-  # (30-60 s of the call). The stamp is the sources' hash, written next to the built extension (both ignored by git).
-  stamp="$(find setup.py csrc -type f | sort | xargs cat | sha1sum | cut -c1-16)"
-  if [ "$(cat build/.zokern_sources 2>/dev/null)" = "$stamp" ] &&
+  # (30-60 s of the call). The stamp is run.sh's: the build inputs' hash, kept in build/ (ignored by git).
+  stamp_file=build/.zokern-build-stamp
+  stamp=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha1sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ] &&
     "$PY" -c "import sys, zokern._native as n; sys.exit(not n.cuda_kernel_for('zo_pass_'))" 2>/dev/null; then
     echo "== extension already built from these sources (stage 1 on this machine): no rebuild"
   else
@@ -70,7 +71,7 @@ sys.exit(tuple(map(int, re.findall(r'\d+', setuptools.__version__)[:3])) < (77, 
     echo "== the extension has no CUDA kernels; building again"
     build || exit 1
   fi
-  mkdir -p build && echo "$stamp" > build/.zokern_sources
+  mkdir -p build && echo "$stamp" > "$stamp_file"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv || true
   "$PY" -m zokern info
   "$PY" -c "import setuptools, torch, triton; print('setuptools', setuptools.__version__, 'torch', torch.__version__,
