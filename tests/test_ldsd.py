@@ -295,7 +295,8 @@ def test_a_nonfinite_loss_skips_the_update_on_the_device():
     before = x.detach().clone(), opt.state[x]["mu"].clone(), opt.state[x]["momentum_buffer"].clone()
     calls = iter(range(100))
     with pytest.warns(RuntimeWarning, match=r"non-finite loss at LDSD step 1;"):
-        opt.step(lambda: torch.tensor(math.nan) if next(calls) == 1 else 0.5 * (a.float() * x**2).sum())
+        loss = opt.step(lambda: torch.tensor(math.nan) if next(calls) == 1 else 0.5 * (a.float() * x**2).sum())
+        assert math.isnan(loss.item())  # as its record says (the best candidate and f- were finite)
     assert torch.allclose(x.detach(), before[0], atol=1e-6)
     assert torch.equal(opt.state[x]["mu"], before[1]) and torch.equal(opt.state[x]["momentum_buffer"], before[2])
     assert opt.nonfinite_steps == 1

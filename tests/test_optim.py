@@ -557,3 +557,15 @@ def test_lower_level_pieces_compose_into_a_step():
     torch.testing.assert_close(a.detach(), a2.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(b.detach(), b2.detach(), atol=1e-6, rtol=0)
     assert not torch.equal(a.detach(), _problem()[0][0].detach())  # it did move
+
+    (a3, frozen3, b3), _, closure3, _ = _problem()  # the loss tensors themselves, as docs/optim.md writes it
+    with_tensors = ZOSGD([{"params": [a3, frozen3, b3]}], lr=1e-3, eps=1e-3, weight_decay=0.1, seed=4)
+    seed = with_tensors.new_seed()
+    with with_tensors.perturbed(seed, +1):
+        plus = closure3()
+    with with_tensors.perturbed(seed, -1):
+        minus = closure3()
+    with_tensors.apply_projected_grad(seed, (plus - minus) / 2e-3)
+    torch.testing.assert_close(a3.detach(), a.detach(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="one-element floating tensor"):
+        with_tensors.apply_projected_grad(seed, torch.ones(2))

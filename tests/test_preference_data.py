@@ -94,10 +94,26 @@ def _saved_test_split_only(path):
     return path
 
 
+def _no_rows(save):
+    def write(path):
+        import datasets
+
+        save(datasets.Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}), path)
+
+    return write
+
+
 @pytest.mark.parametrize(
     "name,content,match",
     [
         ("empty.jsonl", "", r"empty\.jsonl: the file is empty"),
+        ("none_saved", _no_rows(lambda d, p: d.save_to_disk(str(p))), r"none_saved: the dataset has no rows"),
+        (
+            "none_dict",
+            _no_rows(lambda d, p: __import__("datasets").DatasetDict({"train": d}).save_to_disk(str(p))),
+            r"none_dict: the dataset has no rows",
+        ),
+        ("none.parquet", _no_rows(lambda d, p: d.to_parquet(str(p))), r"none\.parquet: the dataset has no rows"),
         ("blank.jsonl", "\n  \n", r"blank\.jsonl: the file is empty"),
         ("bad.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{x\n', r"bad\.jsonl, line 2: not valid JSON"),
         ("empty.parquet", "", r"empty\.parquet: the file is empty"),

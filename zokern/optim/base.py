@@ -394,8 +394,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         Returns the loss the subclass documents, as a 0-d float32 tensor on the closure's device.
 
         If the closure raises, the parameters are restored (by the step's own restore pass) and the exception
-        propagates. A non-finite loss skips the update: parameters restored, a RuntimeWarning, and
-        ``nonfinite_steps`` counts it. A step that keeps its losses on the device reports this once its values
+        propagates. A non-finite loss skips the update: parameters restored, the step returns NaN, a RuntimeWarning,
+        and ``nonfinite_steps`` counts it. A step that keeps its losses on the device reports this once its values
         reach the host: at the end of the step on the CPU, at a later step on a GPU (or when ``trajectory``,
         ``nonfinite_steps`` or ``state_dict`` is read).
         """

@@ -68,7 +68,8 @@ class StepGraph:
         key = self._key(closure, chunks)
         host = torch.tensor(self._plan(seed, chunks), dtype=torch.int64)
         if key != self.key:
-            if self.key is not None and key[0] != self.key[0] and not self._warned_new_closure:
+            new_closure = self.key is not None and key[0] != self.key[0]
+            if new_closure and device.type == "cuda" and not self._warned_new_closure:  # the CPU captures nothing
                 self._warned_new_closure = True
                 warnings.warn(
                     "zokern: cuda_graph=True and step() got another closure object than last step; a graph is "

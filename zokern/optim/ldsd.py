@@ -314,7 +314,7 @@ class LDSD(ZOOptimizer):
         return dict(
             losses=torch.cat((losses, f_minus.view(1))),
             projected_grad=grads,
-            loss=0.5 * (f_plus + f_minus),
+            loss=torch.where(ok, 0.5 * (f_plus + f_minus), torch.nan),  # a skipped step's loss is NaN
             best=best,
             skipped=~ok,
         )

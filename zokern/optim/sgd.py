@@ -186,8 +186,17 @@ class ZOSGD(ZOOptimizer):
     def apply_projected_grad(self, seed: int, projected_grad: float) -> None:
         """theta <- theta - lr * (projected_grad * z(seed) + weight_decay * theta) in every group, one pass: the
         update of a step whose estimate the caller formed (with :meth:`new_seed` and :meth:`perturbed`). Not
-        recorded in the trajectory: replay covers steps taken with :meth:`step`."""
-        g = _check_number("projected_grad", projected_grad, None, False)
+        recorded in the trajectory: replay covers steps taken with :meth:`step`. ``projected_grad`` may be a
+        one-element tensor (read on the device, no host sync; a non-finite one leaves theta as it is)."""
+        if isinstance(projected_grad, torch.Tensor):
+            if projected_grad.numel() != 1 or not projected_grad.is_floating_point():
+                raise ValueError(
+                    f"projected_grad must be a number or a one-element floating tensor, got shape "
+                    f"{tuple(projected_grad.shape)} and dtype {projected_grad.dtype}"
+                )
+            g = projected_grad.detach().reshape(()).float()
+        else:
+            g = _check_number("projected_grad", projected_grad, None, False)
         self.materialize()
         self._restore_update(seed, 0.0, lambda group: g)
 

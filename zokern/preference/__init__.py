@@ -1,5 +1,5 @@
-"""Zeroth-order preference optimisation (ZOPrO and its baselines): losses, the structured ZOPrO direction, and (in
-progress) the online loop. See docs/preference.md."""
+"""Zeroth-order preference optimisation (ZOPrO and its baselines): losses, the structured ZOPrO direction, the online
+loop and offline ZO-DPO. See docs/preference.md."""
 
 from zokern.preference.directions import ZOPrODirection
 from zokern.preference.losses import bradley_terry_loss

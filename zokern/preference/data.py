@@ -127,7 +127,10 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
 
     path = Path(source)
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except IndexError:  # what datasets raises for a saved dataset of no rows
+            raise ValueError(f"{path}: the dataset has no rows") from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ValueError(f"{path}: a saved DatasetDict without a {split!r} split; it has {sorted(loaded)}")
@@ -143,6 +146,8 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
         except datasets.exceptions.DatasetGenerationError as e:
             raise ValueError(_unreadable(path, e)) from None
+        except ValueError as e:  # a Parquet file of no rows: 'Instruction "train" corresponds to no data!'
+            raise ValueError(f"{path}: {'the dataset has no rows' if 'no data' in str(e) else e}") from None
         finally:
             datasets.logging.set_verbosity(verbosity)
     else:

@@ -18,8 +18,9 @@ Decisions (the published code leaves them open, see the research notes):
 Per element, z_i = c_mu mu_i + c_n (n_i - a_p vhat_i) with a_p = vhat_p . n_p and ||P_p n_p||^2 = ||n_p||^2 - a_p^2:
 the two per-tensor reductions (a_p, ||n_p||^2) come from one fused pass over the stream and vhat, and applying the
 direction is one fused pass that combines the stream with mu and vhat element by element (per-tensor coefficients):
-z is never stored, not even per tensor. Kernels: C++ on the CPU (csrc/cpu/zopro_pass.cpp); elsewhere the plain-torch
-passes of zokern._zopro_reference (chunked, the stream from the device's fused-pass backend). ``reference`` is the
+z is never stored, not even per tensor. Kernels: C++ on the CPU (csrc/cpu/zopro_pass.cpp), Triton on a GPU
+(kernels/zopro_pass.py), else the plain-torch passes of zokern._zopro_reference (chunked, the stream from the
+device's fused-pass backend). ``reference`` is the
 float64 formula the tests hold them to. The direction is applied to float32 parameters.
 """
 

@@ -18,10 +18,10 @@ class ZOPrO(ZOSGD):
     built over the optimizer's trainable tensors in canonical order; until then, and with ``direction=None``, z is the
     projected-free Gaussian direction normalised per tensor (MeZO's, up to its norm).
 
-    Parameters must be float32 and perturbed in place: the direction's mu and vhat terms are applied with torch,
-    its noise term with the fused pass. Weight decay is not supported. Replay needs the direction inputs of every
-    iteration, so ``zokern.replay`` does not cover ZOPrO runs. Extra memory: mu and vhat, 8 bytes per trainable
-    parameter.
+    Parameters must be float32 and perturbed in place: the direction (mu, vhat and the stream's noise together) is
+    applied by one fused pass per param group (:meth:`ZOPrODirection.apply_`). Weight decay is not supported. Replay
+    needs the direction inputs of every iteration, so ``zokern.replay`` does not cover ZOPrO runs. Extra memory: mu
+    and vhat, 8 bytes per trainable parameter.
     """
 
     _MERGES = False
