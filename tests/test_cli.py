@@ -172,8 +172,13 @@ def no_work(monkeypatch):
         (["quickstart", "--steps", "0"], "argument --steps: expected a positive integer, got 0"),
         (["quickstart", "--steps", "-3"], "argument --steps: expected a positive integer, got -3"),
         (["quickstart", "--lr", "-1"], "argument --lr: expected a finite number >= 0, got -1"),
-        (["quickstart", "--eps", "0"], "argument --eps: expected a finite number > 0, got 0"),
-        (["quickstart", "--eps", "nan"], "argument --eps: expected a finite number > 0, got 'nan'"),
+        (
+            ["quickstart", "--eps", "0"],
+            "argument --eps: expected a finite number > 0 (at least 1.2e-38, float32's smallest normal), got 0",
+        ),
+        (["quickstart", "--eps", "nan"], "argument --eps: expected a finite number > 0"),
+        (["quickstart", "--eps", "1e-50"], "argument --eps: expected a finite number > 0 (at least 1.2e-38"),
+        (["quickstart", "--lr", "1e39"], "argument --lr: expected a finite number >= 0 (below 3.4e38"),
     ],
 )
 def test_bad_option_values_are_refused_before_any_work(argv, message, capsys, no_work):
@@ -196,6 +201,10 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_any_work(command, t
     assert code == 2 and f"argument --out: {a_file} exists and is not a directory" in err, err
     code, err = _main([*command, "--out", a_file / "below"], capsys)
     assert code == 2 and f"cannot be created: {a_file} is not a directory" in err, err
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nothing")
+    code, err = _main([*command, "--out", dangling], capsys)
+    assert code == 2 and f"argument --out: {dangling} is a symbolic link to nothing" in err, err
 
 
 def test_a_missing_model_directory_is_reported_before_any_work(tmp_path, capsys, monkeypatch):
@@ -207,7 +216,10 @@ def test_a_missing_model_directory_is_reported_before_any_work(tmp_path, capsys,
     monkeypatch.setattr(pipeline, "make_demo_data", started)
     code, err = _main(["demo", "--model", tmp_path / "nowhere", "--out", tmp_path / "run"], capsys)
     assert code == 2 and err == f"zokern demo: --model {tmp_path / 'nowhere'}: no such directory (a local " \
-        "save_pretrained directory is expected)\n"  # fmt: skip
+        "save_pretrained directory is expected) (ZOKERN_TRACEBACK=1 shows where it was raised)\n"  # fmt: skip
+    monkeypatch.setenv("ZOKERN_TRACEBACK", "1")  # the one line may hide a bug: then the traceback, not the line
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        _main(["demo", "--model", tmp_path / "nowhere", "--out", tmp_path / "run"], capsys)
 
 
 def test_quickstart_refuses_an_unavailable_backend_in_one_line(capsys, no_work):

@@ -459,6 +459,8 @@ def test_nonfinite_loss_skips_the_update_with_a_warning(bad_call, bad):
         (lambda ps: ZOConservative(ps, n_probes=2), ValueError, "n_probes"),
         (lambda ps: ZOSGD(ps, seed=-3), ValueError, "seed"),
         (lambda ps: ZOSGD(ps, backend="gpu"), ValueError, "unknown zokern backend 'gpu'"),
+        (lambda ps: ZOSGD(ps, eps=1e-50), ValueError, r"invalid eps: 1e-50 \(below float32's smallest normal"),
+        (lambda ps: ZOSGD(ps, lr=1e39), ValueError, r"invalid lr: 1e\+39 \(beyond float32's range"),
         (
             lambda ps: ZOSGD([{"params": ps, "momentum": 0.9}]),
             ValueError,

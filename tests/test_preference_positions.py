@@ -64,6 +64,27 @@ def test_a_rows_greedy_response_does_not_depend_on_its_batch():
     assert batched[0] == alone[0]
 
 
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_each_cached_sampling_step_sees_the_rows_own_positions(name):
+    """Every incremental step's logits, in a left-padded batch, equal those of the row alone and unpadded at the same
+    token (an off-by-one in the new token's position id would not change which greedy token wins above)."""
+    policy = _policies()[name]
+    steps = []
+    hook = policy.register_forward_hook(lambda m, a, kw, out: steps.append(out.logits[:, -1].clone()), with_kwargs=True)
+    length = 6
+    try:
+        rollout = sample(policy, TOK, [SHORT, LONG], k=2, response_length=length, seed=3)
+    finally:
+        hook.remove()
+    prompt_width = rollout.sequences.shape[1] - length
+    for i in range(len(rollout.sequences)):
+        real = rollout.sequences[i, :prompt_width][rollout.attention_mask[i, :prompt_width].bool()]
+        with torch.no_grad():  # alone: the model's own positions 0..n-1, no padding, no cache
+            alone = policy(input_ids=torch.cat([real, rollout.sequences[i, prompt_width:]])[None]).logits[0]
+        for t in range(length):
+            assert torch.allclose(steps[t][i], alone[len(real) - 1 + t], atol=1e-5), (i, t)
+
+
 class _OwnPositions(torch.nn.Module):
     """A model called as before position ids were passed: its forward takes none, so none is given."""
 

@@ -8,7 +8,6 @@ status 2) before a command starts any work.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 from collections.abc import Callable
@@ -18,6 +17,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 SEED_LIMIT = 2**63  # the optimizers' seeds (and the stream's) are in [0, 2^63)
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103  # zokern.ops.FLOAT32_OVERFLOW, without importing torch
+FLOAT32_TINY = 2.0**-126  # the smallest normal float32
 
 
 def argtype(check: Callable[[str], T]) -> Callable[[str], T]:
@@ -47,8 +48,8 @@ def _float(text: str | float, what: str) -> float:
         value = float(text)
     except (TypeError, ValueError):
         raise ValueError(f"expected {what}, got {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"expected {what}, got {text!r}")
+    if not abs(value) < FLOAT32_OVERFLOW:  # the passes compute in float32: a larger value is infinite there
+        raise ValueError(f"expected {what} (below 3.4e38, float32's range), got {text!r}")
     return value
 
 
@@ -75,8 +76,8 @@ def check_non_negative_float(text: str | float) -> float:
 
 def check_positive_float(text: str | float) -> float:
     value = _float(text, "a finite number > 0")
-    if value <= 0:
-        raise ValueError(f"expected a finite number > 0, got {value:g}")
+    if value < FLOAT32_TINY:  # 0, or so small that float32 holds it as 0 or a subnormal: a step would do nothing
+        raise ValueError(f"expected a finite number > 0 (at least 1.2e-38, float32's smallest normal), got {value:g}")
     return value
 
 
@@ -111,6 +112,8 @@ def check_output_dir(text: str | Path) -> Path:
     """A directory that exists, or that can be created (its nearest existing ancestor is a writable directory); not
     created here."""
     path = Path(text)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{path} is a symbolic link to nothing")
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} exists and is not a directory")

@@ -9,12 +9,14 @@
 
 Errors: a bad option value (a count that is not positive, a device that is not usable here, an --out that cannot be
 a directory, ...) is argparse's one-line error before any work; bad input found once a command runs (a dataset, a
-model directory) is one line `zokern COMMAND: ...`. Both exit with status 2.
+model directory) is one line `zokern COMMAND: ...` (`ZOKERN_TRACEBACK=1` shows its traceback instead). Both exit
+with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as e:  # bad input found once a command runs (data, model, backend)
-        print(f"zokern {args.command}: {e}", file=sys.stderr)
+        if os.environ.get("ZOKERN_TRACEBACK") == "1":  # when the one line hides a bug: the whole traceback
+            raise
+        print(f"zokern {args.command}: {e} (ZOKERN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
 
 

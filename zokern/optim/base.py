@@ -142,7 +142,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         for name, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
-            _check_number(name, group[name], low, strict)
+            if not abs(_check_number(name, group[name], low, strict)) < ops.FLOAT32_OVERFLOW:
+                raise ValueError(f"invalid {name}: {group[name]} (beyond float32's range, the passes' precision)")
+        if group["eps"] < 2.0**-126:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
+            raise ValueError(f"invalid eps: {group['eps']} (below float32's smallest normal, 1.2e-38)")
         misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
         if misplaced:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
             raise ValueError(

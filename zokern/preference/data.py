@@ -180,7 +180,7 @@ def _unreadable(path: Path, error: Exception) -> str:
     """What is wrong with a file `datasets` could not parse: the first line that is not JSON, for JSON lines;
     otherwise the parser's own message (the cause of datasets' generic DatasetGenerationError)."""
     if path.suffix == ".jsonl":
-        with path.open() as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:  # a byte that is not UTF-8 fails json.loads below
             for number, line in enumerate(fh, 1):
                 try:
                     if line.strip():

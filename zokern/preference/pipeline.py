@@ -221,10 +221,10 @@ def run_dpo(
     tokenizer = WordTokenizer.build(texts)
     policy = new_policy(tokenizer, seed=seed)
     prompt_budget(policy, response_tokens)  # a response length the policy cannot hold: say so before pretraining
+    out.mkdir(parents=True, exist_ok=True)  # before the work too
     pretrain(policy, tokenizer, texts, steps=200, seed=seed)
     select_trainable(policy, None)  # the token embeddings
     held = max(1, len(pairs) // 10)
-    out.mkdir(parents=True, exist_ok=True)
     with RecordFile(out / "dpo_metrics.jsonl") as metrics:
 
         def log(record: dict) -> None:
