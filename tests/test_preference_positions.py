@@ -45,6 +45,17 @@ def test_a_rows_logprobs_do_not_depend_on_its_batch(name):
     assert torch.allclose(alone, batched, atol=1e-5), (alone.sum().item(), batched.sum().item())
 
 
+def test_a_wrapped_policy_gets_its_models_positions():
+    """A LoRA policy (PEFT) forwards **kwargs to the model it wraps: the positions must still reach it."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    policy = peft.get_peft_model(tiny_gpt2(len(TOK)), lora)
+    with torch.no_grad():
+        alone = response_logprobs(policy, *_rows([SHORT]))[0]
+        batched = response_logprobs(policy, *_rows([SHORT, LONG]))[0]
+    assert torch.allclose(alone, batched, atol=1e-5), (alone.sum().item(), batched.sum().item())
+
+
 @pytest.mark.parametrize("name", ["gpt2", "opt"])
 def test_a_rows_reward_score_does_not_depend_on_its_batch(name):
     scorer = tiny_gpt2(len(TOK), classifier=True) if name == "gpt2" else new_reward_model(TOK, hidden=32).eval()

@@ -25,6 +25,18 @@ def _takes_position_ids(model_class: type) -> bool:
     return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The model a wrapper forwards to (torch.compile's ``_orig_mod``, PEFT's base model): wrappers take ``**kwargs``,
+    so only the model they wrap says whether position ids are taken."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        if inner is None or inner is model:
+            return model
+        model = inner
+
+
 def position_kwargs(model: torch.nn.Module, attention_mask: torch.Tensor, new: int | None = None) -> dict:
     """``{"position_ids": ...}`` for a forward of ``model`` on a left-padded batch: (cumsum(mask) - 1) clamped at 0
     (padding gets position 0; it is masked out). ``attention_mask`` covers every position so far; with a KV cache
@@ -40,7 +52,7 @@ def position_kwargs(model: torch.nn.Module, attention_mask: torch.Tensor, new: i
             f"a batch of {width} positions exceeds the model's {limit} (config.max_position_embeddings): "
             f"truncate the prompts or shorten the responses"
         )
-    if not _takes_position_ids(type(model)):
+    if not _takes_position_ids(type(_innermost(model))):
         return {}
     ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return {"position_ids": ids if new is None else ids[:, -new:]}
