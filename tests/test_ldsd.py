@@ -408,12 +408,13 @@ def test_projected_grad_has_one_entry_per_group_even_with_a_frozen_group():
 
 
 def test_adam_count_is_the_runs_for_a_parameter_that_joins_later():
-    first, later = torch.nn.Parameter(torch.rand(6)), torch.nn.Parameter(torch.rand(4))
+    first, later, also = (torch.nn.Parameter(torch.rand(n)) for n in (6, 4, 3))
     opt = LDSD([first], lr=1e-3, k=2, update="adam", seed=0)
-    closure = lambda: (first.sum() + later.sum()) ** 2  # noqa: E731
+    closure = lambda: (first.sum() + later.sum() + also.sum()) ** 2  # noqa: E731
     for _ in range(3):
         opt.step(closure)
-    opt.add_param_group({"params": [later]})
+    opt.add_param_group({"params": [later, also]})
     opt.step(closure)
-    # One bias correction per pass: the joining parameter's count is the run's, and its state says so.
-    assert opt.state[first]["step"].item() == opt.state[later]["step"].item() == 4
+    opt.step(closure)
+    # One bias correction per pass: the joining parameters' counts are the run's, and their states say so.
+    assert [opt.state[p]["step"].item() for p in (first, later, also)] == [5, 5, 5]

@@ -174,7 +174,7 @@ class LDSD(ZOOptimizer):
     # ---------------------------------------------------------------------------------------------------- layout
 
     def _init_state(self) -> None:
-        counts = self._adam_counts() if self._rule == "adam" else {}
+        counts = None  # the run's Adam counts, computed once a parameter needs them (not every step)
         for _, params, _ in self._groups_layout():
             for p in params:
                 state = self.state[p]
@@ -186,8 +186,12 @@ class LDSD(ZOOptimizer):
                     if key not in state:
                         state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
                 if self._rule == "adam" and "step" not in state:  # a parameter joining later: the run's count
+                    counts = self._adam_counts() if counts is None else counts
                     count = counts.get(p.device)
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if count is None else count
+                    # Each its own tensor: the counts advance in place, one add per parameter.
+                    state["step"] = (
+                        torch.zeros((), dtype=torch.float32, device=p.device) if count is None else count.clone()
+                    )
 
     def _mus(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.state[p]["mu"] for p in params]
