@@ -131,14 +131,22 @@ def select_backend(device: torch.device, backend: str | None = None, op: str = "
     return module
 
 
-def _resolve(device: torch.device, backend: str | None, op: str) -> ModuleType:
+def available_requested_backend(backend: str | None) -> str | None:
+    """``requested_backend``, which must also be available in this install (RuntimeError saying why not)."""
     name = requested_backend(backend)
+    if name is not None:
+        status = backend_status()[name]
+        if status != "available":
+            raise RuntimeError(
+                f"zokern backend {name!r} is unavailable: {status}. Available: {', '.join(available_backends())}"
+            )
+    return name
+
+
+def _resolve(device: torch.device, backend: str | None, op: str) -> ModuleType:
+    name = available_requested_backend(backend)
     status = backend_status()
     if name is not None:
-        if status[name] != "available":
-            raise RuntimeError(
-                f"zokern backend {name!r} is unavailable: {status[name]}. Available: {', '.join(available_backends())}"
-            )
         if not _runs_on(name, device):
             raise ValueError(f"zokern backend {name!r} cannot run on tensors on {device}")
         module = _module(name, op)

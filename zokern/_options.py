@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-T = TypeVar("T")
+from zokern.ops import FLOAT32_OVERFLOW
+from zokern.ops import FLOAT32_TINY
+from zokern.ops import INDEX_LIMIT as SEED_LIMIT  # the optimizers' seeds are the stream's: [0, 2^63)
 
-SEED_LIMIT = 2**63  # the optimizers' seeds (and the stream's) are in [0, 2^63)
-FLOAT32_OVERFLOW = 2.0**128 - 2.0**103  # zokern.ops.FLOAT32_OVERFLOW, without importing torch
-FLOAT32_TINY = 2.0**-126  # the smallest normal float32
+T = TypeVar("T")
 
 
 def argtype(check: Callable[[str], T]) -> Callable[[str], T]:

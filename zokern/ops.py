@@ -24,6 +24,7 @@ ROUNDINGS = ("nearest", "stochastic")
 Tensors = torch.Tensor | Iterable[torch.Tensor]
 # The smallest magnitude float32 rounds to infinity (FLT_MAX plus half an ulp): the kernels take scalars in float32.
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+FLOAT32_TINY = 2.0**-126  # the smallest normal float32: an eps below it perturbs by nothing (or a subnormal)
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -72,7 +72,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
         if not isinstance(seed_check_every, int) or seed_check_every < 0:
             raise ValueError(f"seed_check_every must be a non-negative integer, got {seed_check_every!r}")
-        _check_backend(backend)
+        _dispatch.available_requested_backend(backend)  # its device is checked by the passes
         super().__init__(params, defaults)
         self.distribution = distribution
         self.backend = backend
@@ -144,7 +144,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for name, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
             if not abs(_check_number(name, group[name], low, strict)) < ops.FLOAT32_OVERFLOW:
                 raise ValueError(f"invalid {name}: {group[name]} (beyond float32's range, the passes' precision)")
-        if group["eps"] < 2.0**-126:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
+        if group["eps"] < ops.FLOAT32_TINY:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
             raise ValueError(f"invalid eps: {group['eps']} (below float32's smallest normal, 1.2e-38)")
         misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
         if misplaced:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
@@ -529,7 +529,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # What replay needs beyond the step's scalars, written only when it changes: a few bytes per step.
         setup = dict(optimizer=type(self).__name__, options=self.options(), **self._layout_signature())
         if setup != self._last_setup:
-            record["setup"] = dict(setup, dtypes=[str(d).removeprefix("torch.") for d in setup["dtypes"]])
+            record["setup"] = dict(setup, dtypes=[dtype_name(d) for d in setup["dtypes"]])
             self._last_setup = setup
         self._trajectory.append(record)
 
@@ -673,6 +673,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.nonfinite_steps = zo["nonfinite_steps"]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """As a trajectory records it: "bfloat16", not "torch.bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
 # Constructor options of zokern's optimizers that hold for all param groups (a group may set only its defaults' keys).
 _WHOLE_RUN_OPTIONS = frozenset(
     {"momentum", "n_probes", "one_sided", "distribution", "seed", "backend", "perturbation", "rounding", "merge_steps"}
@@ -681,16 +686,6 @@ _WHOLE_RUN_OPTIONS = frozenset(
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
-
-
-def _check_backend(backend: str | None) -> None:
-    """A backend the optimizer is told to use must exist and be available here (its device is checked by the passes)."""
-    name = _dispatch.requested_backend(backend)
-    if name is not None and _dispatch.backend_status()[name] != "available":
-        raise RuntimeError(
-            f"zokern backend {name!r} is unavailable: {_dispatch.backend_status()[name]}. "
-            f"Available: {', '.join(_dispatch.available_backends())}"
-        )
 
 
 def _reject_parameter(name: str, p: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim.adam import ZOAdam
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.base import dtype_name
 from zokern.optim.fzoo import FZOO
 from zokern.optim.ldsd import LDSD
 from zokern.optim.sgd import ZOSGD
@@ -101,7 +102,7 @@ def _check_setup(params: list[torch.Tensor], setup: dict[str, Any], k: int, befo
     # Trajectories before these entries were recorded are replayed unchecked.
     for name, want, have in (
         ("numel", setup.get("numels"), [p.numel() for p in params[: sum(sizes)]]),
-        ("dtype", setup.get("dtypes"), [str(p.dtype).removeprefix("torch.") for p in params[: sum(sizes)]]),
+        ("dtype", setup.get("dtypes"), [dtype_name(p.dtype) for p in params[: sum(sizes)]]),
     ):
         if want is not None and want != have:
             j = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b)
