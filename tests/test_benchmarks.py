@@ -89,8 +89,9 @@ def test_kernel_benchmark_writes_what_it_measured_when_stopped(monkeypatch, caps
 
 
 def test_host_overhead_benchmark_runs():
-    text = _run("benchmarks.host_overhead", "--calls", "50")
+    text = _run("benchmarks.host_overhead", "--calls", "50", "--steps", "5")
     assert text.count("materialise one parameter:") == 3 and "resolved" in text
+    assert text.count("388 tensors, host time per step: ZOSGD step ") == 3 and "AdamW(foreach=True) step" in text
 
 
 def test_drift_benchmark_shows_exact_mode_without_drift():

@@ -279,6 +279,25 @@ BAD_CALLS = [
     ("offsets too short", lambda ts: zokern.perturb_(ts, 1, EPS, offsets=[0]), ValueError, r"1 entries for 2"),
     ("negative offsets", lambda ts: zokern.perturb_(ts, 1, EPS, offsets=[0, -1]), ValueError, r"offsets\[1\]"),
     ("offsets past 2^63", lambda ts: zokern.perturb_(ts, 1, EPS, offsets=[0, 2**63 - 2]), ValueError, r"exceeds"),
+    ("float offsets", lambda ts: zokern.perturb_(ts, 1, EPS, offsets=[0, 2.0]), TypeError, r"offsets\[1\] must be"),
+    (
+        "overlap across an empty tensor",
+        lambda ts: zokern.perturb_([ts[1][:4], ts[0][:0], ts[1][3:]], 1, EPS),
+        ValueError,
+        r"tensors\[0\] and tensors\[2\] overlap",
+    ),
+    (
+        "prepared set and offsets",
+        lambda ts: zokern.perturb_(zokern.prepare(ts), 1, EPS, offsets=[0, 30]),
+        ValueError,
+        r"carries its stream offsets",
+    ),
+    (
+        "prepared set out of place",
+        lambda ts: zokern.perturb_into_(zokern.prepare(ts), [t.clone() for t in ts], 1, EPS),
+        TypeError,
+        r"not a PreparedTensors",
+    ),
     ("nan alpha", lambda ts: zokern.perturb_(ts, 1, math.nan), ValueError, r"alpha must be finite"),
     ("inf alpha", lambda ts: zokern.perturb_(ts, 1, math.inf), ValueError, r"alpha must be finite"),
     ("tensor alpha", lambda ts: zokern.perturb_(ts, 1, torch.tensor(1.0)), TypeError, r"alpha.*only grad"),
@@ -436,3 +455,84 @@ def test_inference_tensors_are_updated_in_inference_mode():
 def test_stream_functions_reject_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         zokern.gaussian(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- prepared sets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_prepared_set_passes_as_its_tensors_do(backend):
+    # Mixed dtypes, an empty tensor and explicit offsets: the set keeps the offsets and the per-dtype split.
+    params = random_params((5, 0, 129, 300), torch.float32)
+    params[2] = params[2].to(torch.bfloat16)
+    params[3] = params[3].to(torch.float16)
+    offsets = [2**40, 7, 1000, 2**33]
+    prepared, plain = _copy(params), _copy(params)
+    tensors = zokern.prepare(prepared, offsets=offsets)
+    assert len(tensors) == 4 and "4 tensors, 434 elements" in repr(tensors)
+    grad = torch.tensor(0.75, device=DEVICE)
+    for ts, kwargs in ((tensors, {}), (plain, dict(offsets=offsets))):
+        zokern.perturb_(ts, 3, EPS, backend=backend, **kwargs)
+        zokern.two_seed_(ts, 3, -2 * EPS, 4, EPS, backend=backend, **kwargs)
+        zokern.restore_update_(ts, 4, -EPS, 0.1, grad, next_seed=5, next_alpha=EPS, backend=backend, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(prepared, plain))
+    assert not torch.equal(prepared[0], params[0])
+
+
+def _changes():
+    """Ways a prepared parameter stops being the tensor that was validated, each on parameter 1 of three."""
+    return [
+        ("new storage (p.data = ...)", lambda p: setattr(p, "data", p.data.clone())),
+        ("fewer elements, same storage", lambda p: setattr(p, "data", p.data[:3])),
+        ("transposed, same storage", lambda p: setattr(p, "data", p.data.t())),
+        ("a module's .to()", lambda p: setattr(p, "data", p.data.to(torch.bfloat16))),
+    ]
+
+
+@pytest.mark.parametrize("change", [c[1] for c in _changes()], ids=[c[0] for c in _changes()])
+def test_a_prepared_set_refuses_tensors_changed_since(change):
+    params = [torch.nn.Parameter(t) for t in random_params((4, 4), torch.float32)]
+    params.insert(1, torch.nn.Parameter(torch.rand(4, 6, device=DEVICE)))
+    tensors = zokern.prepare(params)
+    change(params[1])
+    before = _copy(params)
+    with pytest.raises(ValueError, match=r"tensors\[1\] changed since zokern.ops.prepare"):
+        with torch.no_grad():
+            zokern.perturb_(tensors, 1, EPS)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))  # refused before any write
+    with torch.no_grad():
+        zokern.perturb_(zokern.prepare([p for p in params if p.is_contiguous()]), 1, EPS)  # prepared again: runs
+
+
+def test_a_prepared_set_follows_the_values_of_its_tensors():
+    # It holds the tensors, not a copy: in-place changes between passes are what the next pass updates.
+    params = random_params((6, 9), torch.float32)
+    tensors = zokern.prepare(params, offset=40)
+    for t in params:
+        t.mul_(2.0)
+    expected = _copy(params)
+    zokern.perturb_(expected, 8, EPS, offset=40)
+    zokern.perturb_(tensors, 8, EPS)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))
+
+
+def test_a_prepared_set_of_inference_tensors_runs_only_in_inference_mode():
+    tensor = _inference_tensor()
+    with torch.inference_mode():
+        tensors = zokern.prepare([tensor])
+    with pytest.raises(ValueError, match="inference tensor"):
+        zokern.perturb_(tensors, 1, EPS)
+    with torch.inference_mode():
+        zokern.perturb_(tensors, 1, EPS)
+
+
+def test_prepare_checks_as_the_passes_do():
+    with pytest.raises(ValueError, match="not contiguous"):
+        zokern.prepare([torch.rand(4, 3).t()])
+    with pytest.raises(ValueError, match="overlap"):
+        zokern.prepare([torch.rand(4)] * 2)
+    with pytest.raises(TypeError, match="already a PreparedTensors"):
+        zokern.prepare(zokern.prepare([torch.rand(4)]))
+    empty = zokern.prepare([])
+    zokern.perturb_(empty, 1, EPS)
+    assert zokern.restore_update_(empty, 1, EPS, 0.1, 1.0) is None

@@ -512,6 +512,28 @@ def test_parameters_the_passes_cannot_update_are_rejected_before_any_pass():
     assert torch.equal(good, before[0]) and torch.equal(later.float(), before[1])
 
 
+def test_a_step_validates_its_parameters_once_for_all_of_its_passes(monkeypatch):
+    from zokern import ops
+
+    (a, _, b), groups, closure, _ = _problem()
+    opt = ZOSGD(groups, seed=0)
+    checks = []
+    check = ops._check_tensors
+    monkeypatch.setattr(ops, "_check_tensors", lambda *args, **kwargs: checks.append(1) or check(*args, **kwargs))
+    passes = []
+    run_pass = ops._run_pass
+    monkeypatch.setattr(ops, "_run_pass", lambda *args, **kwargs: passes.append(1) or run_pass(*args, **kwargs))
+    opt.step(closure)
+    assert len(passes) == 6 and len(checks) == 2  # three passes per param group, one validation per group
+
+    # The next step validates again: a parameter given new storage in between is the one it updates.
+    with torch.no_grad():
+        a.data = a.data.clone()
+    before = a.detach().clone()
+    opt.step(closure)
+    assert not torch.equal(a, before)
+
+
 def test_a_rejected_param_group_is_not_kept():
     a, b = torch.nn.Parameter(torch.rand(3)), torch.nn.Parameter(torch.rand(2))
     opt = ZOAdam([a], lr=0.1, seed=0)

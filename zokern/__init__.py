@@ -11,6 +11,7 @@ from zokern._version import __version__
 from zokern.ops import gaussian
 from zokern.ops import perturb_
 from zokern.ops import perturb_into_
+from zokern.ops import prepare
 from zokern.ops import rademacher
 from zokern.ops import restore_update_
 from zokern.ops import two_seed_
@@ -24,6 +25,7 @@ __all__ = [
     "gaussian",
     "perturb_",
     "perturb_into_",
+    "prepare",
     "rademacher",
     "replay",
     "restore_update_",

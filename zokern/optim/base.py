@@ -92,6 +92,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
+        # Derived from it, built at the step's first use: the per-device chunks, and each one's tensors validated
+        # once for all of the step's passes (ops.prepare).
+        self._step_chunks: list | None = None
+        self._step_prepared: list | None = None
         self._losses: list[float] = []  # the current step's gathered losses, in evaluation order
         self._loss_device = torch.device("cpu")  # where step() returns the loss: the closure's device
         # Perturbations applied and not yet undone (exact mode: the perturbation the closure sees): seed -> the
@@ -117,7 +121,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # the original would, not only what torch.optim keeps (defaults, state, param_groups); a pending merged
     # perturbation included (lookahead.py), so a model copied before or after its optimizer agrees with it. Device
     # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own).
-    _TRANSIENT = ("_unsettled", "_rows")
+    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared")
 
     def __getstate__(self) -> dict[str, Any]:
         self._settle()
@@ -126,6 +130,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._unsettled, self._rows = [], None
+        self._step_chunks = self._step_prepared = None
         self._watch_lookahead()
 
     # ------------------------------------------------------------------------------------------ hyperparameters
@@ -180,6 +185,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _device_chunks(self) -> list[tuple[int, dict[str, Any], list[torch.Tensor], list[int]]]:
         """(group index, group, trainable parameters, offsets) per param group and device: one fused call each."""
+        if self._step_chunks is not None:
+            return self._step_chunks
         out = []
         for index, (group, params, offsets) in enumerate(self._groups_layout()):
             by_device: dict[torch.device, tuple[list[torch.Tensor], list[int]]] = {}
@@ -188,12 +195,22 @@ class ZOOptimizer(torch.optim.Optimizer):
                 entry[0].append(p)
                 entry[1].append(b)
             out.extend((index, group, ps, bs) for ps, bs in by_device.values())
+        if self._step_layout is not None:
+            self._step_chunks = out
         return out
 
-    def _each_group(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
-        """(group, tensors, offsets) per param group and device, the tensors as ``.data``: one fused call each."""
-        for _, group, params, offsets in self._device_chunks():
-            yield group, [p.data for p in params], offsets
+    def _each_group(self) -> list[tuple[dict[str, Any], ops.PreparedTensors]]:
+        """(group, its parameters' ``.data`` as a prepared set) per entry of ``_device_chunks()``: one fused call
+        each, the tensors validated once per step."""
+        if self._step_prepared is not None:
+            return self._step_prepared
+        out = [
+            (group, ops.prepare([p.data for p in params], offsets=offsets))
+            for _, group, params, offsets in self._device_chunks()
+        ]
+        if self._step_layout is not None:
+            self._step_prepared = out
+        return out
 
     def materialize(self) -> None:
         """Make the parameters hold the true theta: with ``merge_steps``, a step leaves them at theta + eps z(next
@@ -227,8 +244,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """theta += alpha(group) * z(seed) in each group: one pass in place, only bookkeeping in exact mode; tracked
         so that an exception can undo it."""
         if not self._exact_now:
-            for group, ts, bs in self._each_group():
-                ops.perturb_(ts, seed, alpha(group), offsets=bs, **self._pass_kwargs(), scalars=self._row())
+            for group, tensors in self._each_group():
+                ops.perturb_(tensors, seed, alpha(group), **self._pass_kwargs(), scalars=self._row())
         self._track(seed, alpha)
 
     def _row(self) -> torch.Tensor | None:
@@ -242,11 +259,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _switch(self, seed_from: int, scale_from: float, seed_to: int, scale_to: float) -> None:
         """theta += eps * (scale_from * z(seed_from) + scale_to * z(seed_to)) in one pass."""
         if not self._exact_now:
-            for group, ts, bs in self._each_group():
+            for group, tensors in self._each_group():
                 eps = group["eps"]
-                ops.two_seed_(
-                    ts, seed_from, scale_from * eps, seed_to, scale_to * eps, offsets=bs, **self._pass_kwargs()
-                )
+                ops.two_seed_(tensors, seed_from, scale_from * eps, seed_to, scale_to * eps, **self._pass_kwargs())
         self._track(seed_from, lambda group: scale_from * group["eps"])
         self._track(seed_to, lambda group: scale_to * group["eps"])
 
@@ -271,10 +286,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._exact_now:
             for seed, totals in list(self._displacement.items()):
                 by_group = {id(group): total for group, total in zip(self.param_groups, totals)}
-                for group, ts, bs in self._each_group():
-                    ops.perturb_(
-                        ts, seed, by_group[id(group)], offsets=bs, **self._pass_kwargs(), **self._update_rounding()
-                    )
+                for group, tensors in self._each_group():
+                    ops.perturb_(tensors, seed, by_group[id(group)], **self._pass_kwargs(), **self._update_rounding())
         self._displacement.clear()
 
     def _restore_update(
@@ -286,18 +299,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         first perturbation (in place only; see zokern.optim.lookahead)."""
         exact = self._exact_now
         chunks = []
-        for _, group, params, offsets in self._device_chunks():
+        for (_, group, params, offsets), (_, tensors) in zip(self._device_chunks(), self._each_group()):
             c = coefficient(group)
             if isinstance(c, torch.Tensor):  # asynchronous only towards a GPU: a CPU kernel reads it at once
                 c = c.to(params[0].device, non_blocking=params[0].device.type == "cuda")
             ops.restore_update_(
-                [p.data for p in params],
+                tensors,
                 seed,
                 0.0 if exact else scale * group["eps"],
                 group["lr"],
                 c,
                 weight_decay=group["weight_decay"],
-                offsets=offsets,
                 next_seed=lookahead,
                 next_alpha=0.0 if lookahead is None else group["eps"],
                 **self._pass_kwargs(),
@@ -313,13 +325,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         """theta += sum of c_k(group) * z(seed_k), two directions per pass (raw coefficients, not eps multiples)."""
         for k in range(0, len(terms), 2):
             pair = terms[k : k + 2]
-            for group, ts, bs in self._each_group():
+            for group, tensors in self._each_group():
                 rounding = self._update_rounding()
                 if len(pair) == 2:
                     (s1, c1), (s2, c2) = pair
-                    ops.two_seed_(ts, s1, c1(group), s2, c2(group), offsets=bs, **self._pass_kwargs(), **rounding)
+                    ops.two_seed_(tensors, s1, c1(group), s2, c2(group), **self._pass_kwargs(), **rounding)
                 else:
-                    ops.perturb_(ts, pair[0][0], pair[0][1](group), offsets=bs, **self._pass_kwargs(), **rounding)
+                    ops.perturb_(tensors, pair[0][0], pair[0][1](group), **self._pass_kwargs(), **rounding)
 
     def _write(self, p: torch.Tensor, offset: int, x: torch.Tensor) -> None:
         """Store the float32 values x into parameter p: stochastically rounded for 16-bit parameters (the bits of
@@ -455,7 +467,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._undo_displacement()
             raise
         finally:
-            self._step_layout = None
+            self._step_layout = self._step_chunks = self._step_prepared = None
         self._displacement.clear()
         return fields
 
