@@ -474,7 +474,7 @@ def test_nonfinite_loss_skips_the_update_with_a_warning(bad_call, bad):
         ),
         (
             lambda ps: ZOSGD(ps, perturbation="exact").add_param_group(
-                {"params": [torch.ones(2, dtype=torch.float64)]}
+                {"params": [torch.ones(2, dtype=torch.float64, requires_grad=True)]}
             ),
             TypeError,
             r"param group 1: params\[0\] has dtype torch.float64",
@@ -532,6 +532,49 @@ def test_a_step_validates_its_parameters_once_for_all_of_its_passes(monkeypatch)
     before = a.detach().clone()
     opt.step(closure)
     assert not torch.equal(a, before)
+
+
+class _PackedLinear(torch.nn.Module):
+    """A QLoRA-style layer: frozen 4-bit weights packed two per uint8 byte with a frozen scale, and a trainable
+    low-rank adapter. ``model.parameters()`` hands the optimizer all four."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.packed = torch.nn.Parameter(torch.randint(0, 256, (8, 4), dtype=torch.uint8, generator=g), False)
+        self.scale = torch.nn.Parameter(torch.tensor(0.05), requires_grad=False)
+        self.lora_a = torch.nn.Parameter(torch.randn(8, 2, generator=g) * 0.3)
+        self.lora_b = torch.nn.Parameter(torch.randn(2, 8, generator=g) * 0.3)
+
+    def forward(self, x):
+        w = torch.stack([self.packed & 15, self.packed >> 4], -1).reshape(8, 8).float() - 7.5
+        return x @ (w * self.scale + self.lora_a @ self.lora_b)
+
+
+@pytest.mark.parametrize("cls", [ZOSGD, ZOAdam, ZOSignSGD, FZOO, ZOConservative, LDSD])
+def test_frozen_parameters_of_any_dtype_are_accepted_and_left_alone(cls):
+    model = _PackedLinear()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(4))
+    initial = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        return model(x).pow(2).mean()
+
+    opt = cls(model.parameters(), lr=1e-2, eps=1e-3, seed=5)
+    for _ in range(4):
+        opt.step(closure)
+    assert torch.equal(model.packed, initial[0]) and torch.equal(model.scale, initial[1])
+    assert not torch.equal(model.lora_a, initial[2])
+    resumed = cls(_PackedLinear().parameters(), lr=1e-2, eps=1e-3)
+    resumed.load_state_dict(opt.state_dict())
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, opt.trajectory)
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
+    model.scale.data = model.scale.data.double()  # frozen: still fine
+    opt.step(closure)
+    model.scale.requires_grad_(True)  # trainable in a dtype the passes cannot write: refused before the step
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] has dtype torch.float64"):
+        opt.step(closure)
 
 
 def test_a_rejected_param_group_is_not_kept():

@@ -158,7 +158,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"optimizer, not of a param group: pass {'it' if len(misplaced) == 1 else 'them'} to the constructor"
             )
         for k, p in enumerate(group["params"]):
-            if p.dtype not in ops.SUPPORTED_DTYPES or (p.requires_grad and not p.is_contiguous()):
+            # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
+            # weights) are never touched; they only hold their place in the stream.
+            if p.requires_grad and (p.dtype not in ops.SUPPORTED_DTYPES or not p.is_contiguous()):
                 _reject_parameter(f"params[{k}]", p)
 
     # ------------------------------------------------------------------------------------------------- layout
