@@ -334,7 +334,8 @@ def test_a_closure_that_raises_leaves_the_parameters_restored(dtype):
         (dict(mu_norm=0.0), "invalid mu_norm"),
         (dict(sigma=-1.0), "invalid sigma"),
         (dict(mu_lr=-1.0), "invalid mu_lr"),
-        (dict(betas=(0.9, 1.0)), "invalid betas"),
+        (dict(betas=(0.9, 1.0), update="adam"), "invalid betas"),
+        (dict(betas=(0.9, 0.99)), "betas and adam_eps are for update=.adam."),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, match):

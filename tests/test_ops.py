@@ -299,6 +299,22 @@ BAD_CALLS = [
         r"not a PreparedTensors",
     ),
     ("nan alpha", lambda ts: zokern.perturb_(ts, 1, math.nan), ValueError, r"alpha must be finite"),
+    ("alpha beyond any float", lambda ts: zokern.perturb_(ts, 1, 10**400), ValueError, r"alpha must be finite"),
+    (
+        "inference flag",
+        lambda ts: zokern.restore_update_(
+            ts, 1, EPS, 0.1, torch.tensor(1.0, device=DEVICE), found_nonfinite=_inference_tensor()[:1]
+        ),
+        ValueError,
+        r"found_nonfinite is an inference tensor",
+    ),
+    ("scalars, no tensors", lambda ts: zokern.perturb_([], 1, EPS, scalars=torch.zeros(3)), ValueError, r"scalars"),
+    (
+        "inference output",
+        lambda ts: zokern.perturb_into_([_inference_tensor()], [ts[0][:3]], 1, EPS),
+        ValueError,
+        r"out\[0\] is an inference tensor",
+    ),
     ("inf alpha", lambda ts: zokern.perturb_(ts, 1, math.inf), ValueError, r"alpha must be finite"),
     ("tensor alpha", lambda ts: zokern.perturb_(ts, 1, torch.tensor(1.0)), TypeError, r"alpha.*only grad"),
     ("nan lr", lambda ts: zokern.restore_update_(ts, 1, EPS, math.nan, 1.0), ValueError, r"lr must be finite"),
@@ -486,6 +502,7 @@ def _changes():
         ("fewer elements, same storage", lambda p: setattr(p, "data", p.data[:3])),
         ("transposed, same storage", lambda p: setattr(p, "data", p.data.t())),
         ("a module's .to()", lambda p: setattr(p, "data", p.data.to(torch.bfloat16))),
+        ("another dtype, same storage", lambda p: setattr(p.requires_grad_(False), "data", p.data.view(torch.int32))),
     ]
 
 
@@ -501,7 +518,8 @@ def test_a_prepared_set_refuses_tensors_changed_since(change):
             zokern.perturb_(tensors, 1, EPS)
     assert all(torch.equal(a, b) for a, b in zip(params, before))  # refused before any write
     with torch.no_grad():
-        zokern.perturb_(zokern.prepare([p for p in params if p.is_contiguous()]), 1, EPS)  # prepared again: runs
+        again = zokern.prepare([p for p in params if p.is_contiguous() and p.is_floating_point()])
+        zokern.perturb_(again, 1, EPS)  # prepared again: runs
 
 
 def test_a_prepared_set_follows_the_values_of_its_tensors():
@@ -536,3 +554,24 @@ def test_prepare_checks_as_the_passes_do():
     empty = zokern.prepare([])
     zokern.perturb_(empty, 1, EPS)
     assert zokern.restore_update_(empty, 1, EPS, 0.1, 1.0) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pass_counts_as_an_in_place_write_for_autograd(backend):
+    # The kernels write through pointers; autograd must still see the write, or backward would use the new values.
+    weight = torch.nn.Parameter(torch.rand(4, device=DEVICE))
+    data = torch.rand(4, device=DEVICE)
+    loss = (weight * data).sum()  # saves data for backward
+    zokern.perturb_([data], 1, EPS, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_one_source_may_feed_several_outputs():
+    source = torch.rand(7, device=DEVICE)
+    outs = [torch.empty(7, device=DEVICE), torch.empty(7, device=DEVICE)]
+    zokern.perturb_into_(outs, [source, source], 3, EPS, offsets=[0, 7])
+    torch.testing.assert_close(outs[0], source + EPS * zokern.gaussian(3, 0, 7, device=DEVICE), atol=1e-7, rtol=0)
+    torch.testing.assert_close(outs[1], source + EPS * zokern.gaussian(3, 7, 7, device=DEVICE), atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="the outputs overlap a source"):
+        zokern.perturb_into_([source[:3]], [source[2:5]], 3, EPS)

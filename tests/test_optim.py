@@ -4,6 +4,7 @@ the rate theory gives, torch.optim contracts (groups, schedulers, state_dict), r
 from __future__ import annotations
 
 import copy
+import json
 import math
 import pickle
 import statistics
@@ -289,6 +290,27 @@ def test_a_copied_optimizer_steps_on_as_the_original(cls, kwargs, how):
     alone.materialize()
     opt.materialize()
     assert all(torch.equal(p, q) for p, q in zip(alone.param_groups[1]["params"], opt.param_groups[1]["params"]))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kwargs", [{}, dict(cuda_graph=True)], ids=["plain", "cuda_graph"])
+def test_a_copy_leaves_the_original_its_scheduler_and_hooks(how, kwargs):
+    # A scheduler wraps the optimizer's step (holding the optimizer) and hooks are the original's: as torch.optim,
+    # a copy (and an unpickled optimizer) has neither, and stepping it never touches the original's parameters.
+    (a, _, b), groups, closure, loss_of = _problem()
+    opt = ZOSGD(groups, seed=5, **kwargs)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    opt.step(closure)
+    scheduler.step()
+    copied = copy.deepcopy((a, b, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((a, b, opt)))
+    copy_a, copy_b, copy_opt = copied
+    before = a.detach().clone(), b.detach().clone()
+    copy_opt.step(lambda: loss_of(copy_a, copy_b).float())
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]) and opt.steps_taken == 1
+    assert not torch.equal(copy_a, before[0]) and copy_opt.steps_taken == 2 and calls == [1]
+    assert copy_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 5e-4  # the scheduled rate, copied
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -577,6 +599,77 @@ def test_frozen_parameters_of_any_dtype_are_accepted_and_left_alone(cls):
         opt.step(closure)
 
 
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (ZOSGD, dict(momentum=0.5)),
+        (ZOSGD, dict(merge_steps=True, perturbation="inplace")),
+        (ZOSGD, dict(n_probes=2)),
+        (ZOSignSGD, {}),
+        (ZOConservative, {}),
+        (ZOAdam, {}),
+        (FZOO, dict(n_probes=3)),
+        (LDSD, dict(k=3)),
+        (LDSD, dict(k=2, update="adam")),
+    ],
+    ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(f"{k}={v}" for k, v in x.items()),
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_step_whose_closure_raised_replays(cls, kwargs, dtype):
+    """A loop that catches a failed step and goes on: the step is recorded as raised, and the trajectory replays bit
+    for bit, the failed step's passes included (in place, taking a perturbation back rounds)."""
+    params, groups, closure, _ = _problem(dtype)
+    initial = [p.detach().clone() for p in params]
+    opt = cls(groups, seed=4, **kwargs)
+    calls = [0]
+
+    def flaky():
+        calls[0] += 1
+        if calls[0] == 6:  # an evaluation after the first, in the second or third step
+            raise RuntimeError("a bad batch")
+        return closure()
+
+    for _ in range(5):
+        before = [p.detach().clone() for p in params]
+        try:
+            opt.step(flaky)
+        except RuntimeError:
+            if opt.merge_steps:  # before held the lookahead, which the failed step took back with its own
+                continue
+            for a, b in zip(params, before):  # exact mode never wrote: bit for bit; in place, within rounding
+                torch.testing.assert_close(a.detach(), b, atol=0 if opt.exact() else 1e-6, rtol=0)
+    assert opt.steps_taken == len(opt.trajectory) == 5
+    raised = [r for r in opt.trajectory if r.get("raised")]
+    assert len(raised) == 1 and len(raised[0]["losses"]) >= 1 and opt.nonfinite_steps == 0
+    replayed = [t.clone() for t in initial]
+    again = zokern.replay(replayed, json.loads(json.dumps(opt.trajectory)))
+    opt.materialize()
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))
+    assert again.steps_taken == 5
+
+
+def test_schedulers_cycle_the_momentum_an_optimizer_uses():
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    def run(cls, cycle, **kwargs):
+        (a, _, b), groups, closure, _ = _problem()
+        opt = cls(groups, lr=1e-3, seed=1, **kwargs)
+        scheduler = OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=cycle, base_momentum=0.5)
+        for _ in range(4):
+            opt.step(closure)
+            scheduler.step()
+        return a.detach().clone()
+
+    for cls, kwargs in ((LDSD, dict(k=2, update="adam")), (ZOAdam, {})):  # betas[0], per group: cycled and used
+        assert not torch.equal(run(cls, True, **kwargs), run(cls, False, **kwargs))
+    for cls, kwargs in ((LDSD, dict(k=2, momentum=0.9)), (ZOSGD, dict(momentum=0.9))):  # whole-run: not cycled
+        with pytest.raises(ValueError, match="momentum"):
+            run(cls, True, **kwargs)
+        run(cls, False, **kwargs)
+    with pytest.raises(ValueError, match="betas and adam_eps are for update='adam'"):
+        LDSD([torch.nn.Parameter(torch.rand(3))], betas=(0.5, 0.9))
+
+
 def test_a_rejected_param_group_is_not_kept():
     a, b = torch.nn.Parameter(torch.rand(3)), torch.nn.Parameter(torch.rand(2))
     opt = ZOAdam([a], lr=0.1, seed=0)
@@ -636,3 +729,22 @@ def test_lower_level_pieces_compose_into_a_step():
     torch.testing.assert_close(a3.detach(), a.detach(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="one-element floating tensor"):
         with_tensors.apply_projected_grad(seed, torch.ones(2))
+
+
+def test_the_exact_mode_under_torch_compile_sees_the_perturbation_of_each_evaluation():
+    # Dynamo traced into the perturbed view and baked one evaluation's perturbation into the graph; the view now runs
+    # eagerly, op by op, so a compiled model's losses equal the eager ones.
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+
+    def losses(compiled: bool) -> list:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(16, 4).bfloat16()
+        forward = torch.compile(layer, backend="eager") if compiled else layer
+        opt = ZOSGD(layer.parameters(), lr=0.0, eps=0.5, seed=0)
+        assert opt.exact()
+        for _ in range(3):
+            opt.step(lambda: forward(x.bfloat16()).float().square().mean())
+        return [r["losses"] for r in opt.trajectory]
+
+    torch._dynamo.reset()
+    assert losses(compiled=True) == losses(compiled=False)

@@ -317,3 +317,41 @@ def test_rejects_a_foreign_optimizer(tmp_path):
             train_dataset=TokenDataset(4),
             optimizers=(torch.optim.AdamW(model.parameters()), None),
         )
+
+
+def test_each_model_from_model_init_gets_its_own_optimizer(tmp_path):
+    # Each train() with model_init (and each hyperparameter trial) builds a new model: the optimizer must be its own,
+    # or the steps would perturb and update the previous model's tensors while the losses came from the new one.
+    trainer = ZOTrainer(
+        model_init=tiny_opt, args=arguments(tmp_path), train_dataset=TokenDataset(8), zo_optimizer_kwargs=dict(seed=0)
+    )
+    for _ in range(2):
+        trainer.train()
+        own = {id(p) for p in trainer.model.parameters()}
+        assert all(id(p) in own for g in trainer.zo_optimizer.param_groups for p in g["params"])
+        # The new model's losses see the perturbation (L+ = L- when the old model's tensors were perturbed).
+        assert all(r["losses"][0] != r["losses"][1] for r in trainer.zo_optimizer.trajectory)
+
+    own = ZOSGD(tiny_opt().parameters())  # an optimizer given by the user cannot follow a new model: refused
+    trainer = ZOTrainer(model_init=tiny_opt, args=arguments(tmp_path), train_dataset=TokenDataset(8), zo_optimizer=own)
+    with pytest.raises(ValueError, match="zo_optimizer holds parameters that are not the model's"):
+        trainer.train()
+
+
+def test_an_interrupted_train_leaves_no_micro_batch_for_the_next(tmp_path):
+    class Interrupt(transformers.TrainerCallback):
+        def on_substep_end(self, args, state, control, **kwargs):  # between a window's two micro-batches
+            raise KeyboardInterrupt
+
+    trainer = ZOTrainer(
+        model=tiny_opt(), args=arguments(tmp_path), train_dataset=TokenDataset(8), callbacks=[Interrupt()]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert len(trainer._window) == 1
+    trainer.remove_callback(Interrupt)
+    sizes = []
+    closure_over = trainer._window_closure
+    trainer._window_closure = lambda model, window: sizes.append(len(window)) or closure_over(model, window)
+    trainer.train()
+    assert sizes == [2, 2, 2]  # each step its window's two micro-batches (the first had a third, left behind)

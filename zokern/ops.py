@@ -8,6 +8,7 @@ of docs/stream.md, section 5: z is regenerated from (seed, global element index)
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from zokern._dispatch import select_backend
 INDEX_LIMIT = 1 << 63
 _NBYTES = operator.attrgetter("nbytes")
 _IS_META = operator.attrgetter("is_meta")
+_DTYPE = operator.attrgetter("dtype")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -49,7 +51,10 @@ def _check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         hint = " (pass a Python float; only grad may be a device tensor)" if isinstance(value, torch.Tensor) else ""
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}{hint}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer or fraction beyond any float
+        value = math.inf
     if not abs(value) < FLOAT32_OVERFLOW:
         raise ValueError(f"{name} must be finite in float32, the passes' precision (|{name}| < 3.4e38), got {value}")
     return value
@@ -62,7 +67,9 @@ def _check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # type: ignore[return-value]
 
 
-def _check_tensors(tensors: Tensors, written: bool = True) -> list[torch.Tensor]:
+def _check_tensors(tensors: Tensors, written: bool = True, name: str = "tensors") -> list[torch.Tensor]:
+    """The tensors as a list, each checked; ``written``: ones a pass writes (distinct memory, no inference tensors
+    outside inference mode); ``name``: the argument, for the messages."""
     if isinstance(tensors, PreparedTensors):  # a prepared set carries offsets this call would not honour
         raise TypeError("this function takes tensors, not a PreparedTensors (only the in-place passes take one)")
     if isinstance(tensors, torch.Tensor):
@@ -70,51 +77,61 @@ def _check_tensors(tensors: Tensors, written: bool = True) -> list[torch.Tensor]
     try:
         tensors = list(tensors)
     except TypeError:
-        raise TypeError(f"tensors must be a tensor or an iterable of tensors, got {type(tensors).__name__}") from None
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}") from None
     # Per call, not per tensor: this loop runs over every parameter on each optimizer pass (host time per step).
     inference_mode = torch.is_inference_mode_enabled()
     device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
     for k, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{k}] is a {type(t).__name__}, expected a torch.Tensor")
+            raise TypeError(f"{name}[{k}] is a {type(t).__name__}, expected a torch.Tensor")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"tensors[{k}] has dtype {t.dtype}; zokern updates float32, bfloat16 and float16 tensors")
+            raise TypeError(f"{name}[{k}] has dtype {t.dtype}; zokern updates float32, bfloat16 and float16 tensors")
         if t.device != device:
             raise ValueError(
-                f"tensors[{k}] is on {t.device} but tensors[0] is on {device}; one call takes tensors of one device"
+                f"{name}[{k}] is on {t.device} but {name}[0] is on {device}; one call takes tensors of one device"
             )
         if not t.is_contiguous():
             raise ValueError(
-                f"tensors[{k}] (shape {tuple(t.shape)}) is not contiguous; the stream is indexed by "
+                f"{name}[{k}] (shape {tuple(t.shape)}) is not contiguous; the stream is indexed by "
                 "row-major element order, so pass contiguous tensors"
             )
         if written and not inference_mode and t.is_inference():
-            _refuse_inference_tensor(k)
-    _check_no_overlap(tensors)
+            _refuse_inference_tensor(k, name)
+    if written:  # read-only tensors may share memory (one source for several outputs)
+        _check_no_overlap(tensors, name)
     return tensors
 
 
-def _refuse_inference_tensor(k: int) -> None:
+def _refuse_inference_tensor(k: int, name: str = "tensors") -> None:
     raise ValueError(
-        f"tensors[{k}] is an inference tensor (made under torch.inference_mode), which cannot be updated in "
+        f"{name}[{k}] is an inference tensor (made under torch.inference_mode), which cannot be updated in "
         "place outside inference mode; clone it, or call inside torch.inference_mode()"
     )
 
 
-def _check_no_overlap(tensors: list[torch.Tensor]) -> None:
-    """An element updated twice in one pass would silently receive two perturbations."""
+def _spans(tensors: list[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """(start, end, index) of each tensor's memory, sorted; empty and meta tensors (no memory) left out."""
     # Attribute by attribute with map, not tensor by tensor: half the host time over hundreds of parameters.
     spans = zip(map(torch.Tensor.data_ptr, tensors), map(_NBYTES, tensors), range(len(tensors)))
-    if any(map(_IS_META, tensors)):  # meta tensors have no memory to overlap (every data_ptr is 0)
+    if any(map(_IS_META, tensors)):  # every data_ptr of a meta tensor is 0
         spans = ((start, size, k) for start, size, k in spans if not tensors[k].is_meta)
-    end, last = 0, -1
-    for start, size, k in sorted(spans):
-        if not size:
-            continue
+    return sorted((start, start + size, k) for start, size, k in spans if size)
+
+
+def _first_overlap(spans: list[tuple[int, int, int]]) -> tuple[int, int] | None:
+    """The indices of two overlapping spans of a sorted list, if any (an overlap implies an adjacent one)."""
+    for (_, end, k1), (start, _, k2) in zip(spans, spans[1:]):
         if start < end:
-            first, second = sorted((last, k))
-            raise ValueError(f"tensors[{first}] and tensors[{second}] overlap in memory; each element must appear once")
-        end, last = start + size, k
+            return k1, k2
+    return None
+
+
+def _check_no_overlap(tensors: list[torch.Tensor], name: str = "tensors") -> None:
+    """An element updated twice in one pass would silently receive two perturbations."""
+    pair = _first_overlap(_spans(tensors))
+    if pair is not None:
+        first, second = sorted(pair)
+        raise ValueError(f"{name}[{first}] and {name}[{second}] overlap in memory; each element must appear once")
 
 
 def _bases(tensors: list[torch.Tensor], offset: int, offsets: Iterable[int] | None = None) -> list[int]:
@@ -166,6 +183,8 @@ def _check_flag(found_nonfinite: object, device: torch.device) -> None:
         raise ValueError(f"found_nonfinite must be a one-element tensor on {device}")
     if not (found_nonfinite.dtype == torch.bool or found_nonfinite.is_floating_point()):
         raise TypeError(f"found_nonfinite must be a bool or floating tensor, got {found_nonfinite.dtype}")
+    if found_nonfinite.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("found_nonfinite is an inference tensor, which cannot be set outside inference mode")
 
 
 def _check_grad(grad: object, device: torch.device) -> float | torch.Tensor:
@@ -198,7 +217,10 @@ def _resolve_rounding(rounding: str, rounding_seed: int | None) -> int | None:
 
 
 def _checked_scalars(scalars: object, prepared: PreparedTensors) -> torch.Tensor | None:
-    if scalars is None or prepared.device is None:
+    if scalars is None:
+        return None
+    if prepared.device is None:  # no tensors, no pass: the row is still checked, against its own device
+        _scalars.check(scalars, getattr(scalars, "device", None))
         return None
     return _scalars.check(scalars, prepared.device)
 
@@ -206,7 +228,7 @@ def _checked_scalars(scalars: object, prepared: PreparedTensors) -> torch.Tensor
 class PreparedTensors:
     """Tensors validated once, with their stream offsets, for many in-place passes: see :func:`prepare`."""
 
-    __slots__ = ("device", "_tensors", "_by_dtype", "_data_ptrs", "_numels", "_inference")
+    __slots__ = ("device", "_tensors", "_by_dtype", "_data_ptrs", "_numels", "_dtypes", "_inference")
 
     def __init__(self, tensors: list[torch.Tensor], bases: list[int]) -> None:
         """``tensors`` as :func:`_check_tensors` returns them, ``bases`` as :func:`_bases` does."""
@@ -214,6 +236,7 @@ class PreparedTensors:
         self._tensors = tensors
         self._data_ptrs = list(map(torch.Tensor.data_ptr, tensors))
         self._numels = list(map(torch.Tensor.numel, tensors))
+        self._dtypes = list(map(_DTYPE, tensors))
         self._inference = any(map(torch.Tensor.is_inference, tensors))
         # Grouped once: each backend call takes tensors of one dtype; empty tensors have nothing to write.
         if len({t.dtype for t in tensors}) == 1 and all(self._numels):  # the usual case, without a loop
@@ -234,18 +257,20 @@ class PreparedTensors:
         return f"PreparedTensors({len(self)} tensors, {sum(self._numels)} elements, device={self.device})"
 
     def check_unchanged(self) -> None:
-        """What the validation established still holds: each tensor keeps its storage, size and layout (a module's
-        ``.to()``/``.half()`` or ``p.data = ...`` gives a parameter new ones). Per tensor three attribute reads,
-        a tenth of the full validation."""
+        """What the validation established still holds: each tensor keeps its storage, size, dtype and layout (a
+        module's ``.to()``/``.half()`` or ``p.data = ...`` gives a parameter new ones, and the allocator may hand the
+        old address back). Per tensor four attribute reads, a fifth of the full validation."""
         if (
             list(map(torch.Tensor.data_ptr, self._tensors)) != self._data_ptrs
             or list(map(torch.Tensor.numel, self._tensors)) != self._numels
+            or list(map(_DTYPE, self._tensors)) != self._dtypes
             or not all(map(torch.Tensor.is_contiguous, self._tensors))
         ):
             k = next(
                 k
                 for k, t in enumerate(self._tensors)
-                if (t.data_ptr(), t.numel()) != (self._data_ptrs[k], self._numels[k]) or not t.is_contiguous()
+                if (t.data_ptr(), t.numel(), t.dtype) != (self._data_ptrs[k], self._numels[k], self._dtypes[k])
+                or not t.is_contiguous()
             )
             raise ValueError(
                 f"tensors[{k}] changed since zokern.ops.prepare (new storage, size or layout, e.g. after p.data = "
@@ -296,6 +321,9 @@ def _run_pass(prepared: PreparedTensors, backend: str | None, scalars: torch.Ten
     with torch.no_grad():
         for group_tensors, group_bases in prepared._by_dtype:
             impl.zo_pass_(group_tensors, group_bases, **kwargs)
+    # The C++ and Triton kernels write through pointers, unseen by autograd: without this, a graph that saved one of
+    # these tensors would backpropagate through the new values without the "modified by an inplace operation" error.
+    torch.autograd.graph.increment_version(prepared._tensors)
 
 
 def perturb_(
@@ -362,8 +390,8 @@ def perturb_into_(
     of each output, where ``out.copy_(source)`` followed by :func:`perturb_` would take two of each. ``out[k]`` must
     have ``sources[k]``'s shape and dtype and must not overlap any source. Offsets as :func:`perturb_`.
     """
-    out = _check_tensors(out)
-    sources = _check_tensors(sources, written=False)
+    out = _check_tensors(out, name="out")
+    sources = _check_tensors(sources, written=False, name="sources")
     if len(out) != len(sources):
         raise ValueError(f"out has {len(out)} tensors but sources has {len(sources)}")
     for k, (o, src) in enumerate(zip(out, sources)):
@@ -372,10 +400,15 @@ def perturb_into_(
                 f"out[{k}] ({tuple(o.shape)}, {o.dtype}, {o.device}) differs from sources[{k}] "
                 f"({tuple(src.shape)}, {src.dtype}, {src.device}): shape, dtype and device must match"
             )
-    try:
-        _check_no_overlap(out + sources)
-    except ValueError:
-        raise ValueError("the outputs overlap a source (or each other): perturb_into_ writes out of place") from None
+    # The outputs are distinct (checked above); sources may share memory, so they count as the union of theirs.
+    read: list[tuple[int, int, int]] = []
+    for start, end, k in _spans(sources):
+        if read and start < read[-1][1]:
+            read[-1] = (read[-1][0], max(end, read[-1][1]), read[-1][2])
+        else:
+            read.append((start, end, k))
+    if _first_overlap(sorted(_spans(out) + read)) is not None:
+        raise ValueError("the outputs overlap a source: perturb_into_ writes out of place")
     kwargs = dict(
         seed=_check_index("seed", seed),
         alpha=_check_real("alpha", alpha),
@@ -395,6 +428,7 @@ def perturb_into_(
     with torch.no_grad():
         for outs, srcs, bs in by_dtype.values():
             impl.zo_copy_pass_(outs, srcs, bs, **kwargs)
+    torch.autograd.graph.increment_version(out)  # as the in-place passes (_run_pass)
 
 
 def restore_update_(

@@ -102,6 +102,7 @@ class ZOTrainer(Trainer):
             raise TypeError(f"zo_optimizer must be a zokern.optim optimizer, got {type(zo_optimizer).__name__}")
         super().__init__(*args, **kwargs)
         self.zo_optimizer = zo_optimizer
+        self._zo_built = False  # whether this trainer built zo_optimizer (and may build it anew for a new model)
         self._zo_cls = zo_optimizer_cls
         self._zo_kwargs = dict(zo_optimizer_kwargs or {})
         self._window: list[dict[str, Any]] = []
@@ -117,8 +118,18 @@ class ZOTrainer(Trainer):
                     f"zokern: ZOTrainer ignores the first-order optimizer arguments {', '.join(ignored)}: its step is "
                     "the ZO optimizer's (pass its options as zo_optimizer_kwargs) and there are no gradients to clip"
                 )
+            opt_model = self.model if model is None else model
+            if self.zo_optimizer is not None and not _holds_only_parameters_of(self.zo_optimizer, opt_model):
+                # model_init built a new model (each train() and hyperparameter trial does): the optimizer would
+                # perturb and update the old one's tensors while the losses came from the new one.
+                if not self._zo_built:
+                    raise ValueError(
+                        "zo_optimizer holds parameters that are not the model's (model_init builds a new model for "
+                        "each train()): pass zo_optimizer_cls and zo_optimizer_kwargs instead, so that ZOTrainer "
+                        "builds the optimizer for each model"
+                    )
+                self.zo_optimizer = None
             if self.zo_optimizer is None:
-                opt_model = self.model if model is None else model
                 decay = set(self.get_decay_parameter_names(opt_model))
                 named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
                 groups = [
@@ -127,12 +138,14 @@ class ZOTrainer(Trainer):
                 ]
                 groups = [g for g in groups if g["params"]]
                 self.zo_optimizer = self._zo_cls(groups, lr=self.args.learning_rate, **self._zo_kwargs)
+                self._zo_built = True
             self.optimizer = _AlreadyStepped(self.zo_optimizer)
         return self.optimizer
 
     def train(self, *args, **kwargs):
         """``Trainer.train``; afterwards the model holds its true weights even with ``merge_steps=True`` (whose steps
         leave the next perturbation in them), for whatever reads them directly next (PEFT's merge_and_unload, say)."""
+        self._window = []  # micro-batches an interrupted train() left behind belong to no step of this one
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -256,3 +269,8 @@ def _signature(window: list[dict[str, Any]]) -> tuple | None:
                 return None
         out.append(tuple(described))
     return tuple(out)
+
+
+def _holds_only_parameters_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> bool:
+    own = {id(p) for p in model.parameters()}
+    return all(id(p) in own for group in optimizer.param_groups for p in group["params"])

@@ -120,15 +120,21 @@ class ZOOptimizer(torch.optim.Optimizer):
     # What copy.deepcopy and pickle (torch.save of the object) keep: everything a copy needs to go on stepping as
     # the original would, not only what torch.optim keeps (defaults, state, param_groups); a pending merged
     # perturbation included (lookahead.py), so a model copied before or after its optimizer agrees with it. Device
-    # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own).
-    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared")
+    # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own). What
+    # belongs to the original object stays with it, as torch.optim does: hooks registered on it, and the wrapper an
+    # LR scheduler puts on its ``step`` (which holds the original: a copy's step would step the original).
+    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "step") + tuple(
+        f"_optimizer_{kind}_hooks"
+        for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post")
+        + ("load_state_dict_pre", "load_state_dict_post")
+    )
 
     def __getstate__(self) -> dict[str, Any]:
         self._settle()
         return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # new, empty hook dicts
         self._unsettled, self._rows = [], None
         self._step_chunks = self._step_prepared = None
         self._watch_lookahead()
@@ -411,10 +417,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         Returns the loss the subclass documents, as a 0-d float32 tensor on the closure's device.
 
         If the closure raises, the parameters are restored (by the step's own restore pass) and the exception
-        propagates. A non-finite loss skips the update: parameters restored, the step returns NaN, a RuntimeWarning,
-        and ``nonfinite_steps`` counts it. A step that keeps its losses on the device reports this once its values
-        reach the host: at the end of the step on the CPU, at a later step on a GPU (or when ``trajectory``,
-        ``nonfinite_steps`` or ``state_dict`` is read).
+        propagates; the step is recorded as raised, so that a loop that catches the exception and goes on keeps a
+        trajectory that replays. A non-finite loss skips the update: parameters restored, the step returns NaN, a
+        RuntimeWarning, and ``nonfinite_steps`` counts it. A step that keeps its losses on the device reports this
+        once its values reach the host: at the end of the step on the CPU, at a later step on a GPU (or when
+        ``trajectory``, ``nonfinite_steps`` or ``state_dict`` is read).
         """
         self._require_closure(closure)
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
@@ -422,7 +429,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
         seed = self.new_seed()
         next_seed = seeds_.step_seed(self.base_seed, self.steps_taken) if self.merge_steps else None
-        fields = self._take_step(seed, lambda: self._evaluate(closure), next_seed, layout=layout)
+        evaluated: list[torch.Tensor] = []
+
+        def evaluate() -> torch.Tensor:
+            evaluated.append(self._evaluate(closure))
+            return evaluated[-1]
+
+        try:
+            fields = self._take_step(seed, evaluate, next_seed, layout=layout)
+        except BaseException:
+            self._record_raised(seed, evaluated)
+            raise
         if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
             fields["claimed"] = self._claimed
         losses = fields.pop("losses", None)
@@ -433,6 +450,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         if isinstance(loss, torch.Tensor):
             return loss.to(self._loss_device, torch.float32)
         return torch.tensor(loss, dtype=torch.float32, device=self._loss_device)
+
+    def _record_raised(self, seed: int, evaluated: list[torch.Tensor]) -> None:
+        """The record of a step whose closure raised: no update, but its passes ran (perturbations and their undo,
+        which rounds in place), and replay redoes them to stay bit-identical. Its losses are the values those passes
+        depended on (LDSD moves to its best candidate): the gathered ones (averaged across ranks), then this rank's
+        of evaluations not gathered yet (a device step's)."""
+        losses = list(self._losses)
+        for value in evaluated[len(losses) :]:
+            try:
+                losses.append(float(value))
+            except Exception:  # the device failed with the closure: nothing more to read
+                losses.append(math.nan)
+        fields = dict(raised=True, skipped=False, projected_grad=None, loss=math.nan)
+        if self.merge_steps:
+            fields["claimed"] = self._claimed
+        self._record(seed, losses, fields)
 
     def _require_closure(self, closure: Closure | None) -> None:
         if closure is None:

@@ -61,6 +61,9 @@ class PerturbedView(TorchFunctionMode):
         self.used: set[int] = set()
         self.ready = self._materialise_small()
 
+    # Never traced by torch.compile: dynamo would bake one evaluation's perturbation into the graph (later
+    # evaluations then saw the wrong one). A compiled model's ops come here one by one, run eagerly.
+    @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") == "__get__" and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:

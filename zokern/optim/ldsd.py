@@ -84,13 +84,14 @@ class LDSD(ZOOptimizer):
 
     Args:
         params: parameters or param groups; a group may set ``lr``, ``eps``, ``weight_decay``, ``sigma``,
-            ``mu_lr``, ``betas``, ``adam_eps``.
+            ``mu_lr``, and with ``update="adam"`` ``betas``, ``adam_eps``.
         lr: :math:`\eta` (default 1e-6). eps: :math:`\epsilon` (default 1e-3). weight_decay: :math:`\lambda`.
         k: K candidates per step (default 5).
         sigma: std of the policy's noise (default 1: with mu = 0, z is MeZO's).
         mu_lr: :math:`\eta_\mu` (default 1e-3).
         mu_norm: :math:`\rho`, the bound on :math:`\lVert\mu\rVert/(\sigma\sqrt d)` (default 1).
-        update: ``"sgd"`` (with ``momentum``) or ``"adam"`` (with ``betas``, ``adam_eps``).
+        update: ``"sgd"`` (with ``momentum``) or ``"adam"`` (with ``betas``, default (0.9, 0.999), and
+            ``adam_eps``, default 1e-8; refused with ``"sgd"``).
         pairing: ``"evaluated"`` (default, correct) or ``"faithful"`` (the published behaviour).
         Other arguments as :class:`ZOSGD` (``distribution``, ``seed``, ``backend``, ``perturbation``, ...).
     """
@@ -108,8 +109,8 @@ class LDSD(ZOOptimizer):
         mu_norm: float = 1.0,
         update: str = "sgd",
         momentum: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
+        betas: tuple[float, float] | None = None,
+        adam_eps: float | None = None,
         pairing: str = "evaluated",
         distribution: str = "gaussian",
         seed: int | None = None,
@@ -130,14 +131,18 @@ class LDSD(ZOOptimizer):
             raise ValueError(f"invalid momentum: {momentum} (must be in [0, 1))")
         if momentum and update == "adam":
             raise ValueError("momentum is for update='sgd'; Adam's first moment is set by betas")
+        if update == "sgd" and (betas is not None or adam_eps is not None):
+            raise ValueError("betas and adam_eps are for update='adam'; update='sgd' takes momentum")
         self.k, self.update, self.pairing = k, update, pairing
         self.mu_norm, self.momentum = float(mu_norm), float(momentum)
         self._rule = "adam" if update == "adam" else ("momentum" if momentum else "sgd")
         self._position: list[float] | torch.Tensor | None = None  # where theta is displaced to, see _move_to
         self._candidates: list[int] = []
-        defaults = dict(
-            lr=lr, eps=eps, weight_decay=weight_decay, sigma=sigma, mu_lr=mu_lr, betas=tuple(betas), adam_eps=adam_eps
-        )
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, sigma=sigma, mu_lr=mu_lr)
+        if update == "adam":  # only then: an LR scheduler cycling momentum (OneCycleLR) cycles betas[0] if present
+            defaults.update(
+                betas=tuple((0.9, 0.999) if betas is None else betas), adam_eps=1e-8 if adam_eps is None else adam_eps
+            )
         super().__init__(
             params,
             defaults,
@@ -153,13 +158,15 @@ class LDSD(ZOOptimizer):
         super()._validate_group(group)
         _check_number("sigma", group["sigma"], 0.0, True)
         _check_number("mu_lr", group["mu_lr"], 0.0, False)
+        if self.update != "adam":
+            return
         _check_number("adam_eps", group["adam_eps"], 0.0, True)
         betas = group["betas"]
         if len(betas) != 2 or not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
             raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
 
     def _extra_group_keys(self) -> tuple[str, ...]:
-        return ("sigma", "mu_lr", "betas", "adam_eps")
+        return ("sigma", "mu_lr", "betas", "adam_eps") if self.update == "adam" else ("sigma", "mu_lr")
 
     def options(self) -> dict[str, Any]:
         return dict(
@@ -364,9 +371,10 @@ class LDSD(ZOOptimizer):
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
                 momentum=self.momentum,
-                beta1=group["betas"][0],
-                beta2=group["betas"][1],
-                adam_eps=group["adam_eps"],
+                # Read by the Adam rule only (the others' groups have no betas: schedulers would cycle them).
+                beta1=group["betas"][0] if self._rule == "adam" else 0.0,
+                beta2=group["betas"][1] if self._rule == "adam" else 0.0,
+                adam_eps=group["adam_eps"] if self._rule == "adam" else 1.0,
                 distribution=self.distribution,
             )
         return grads

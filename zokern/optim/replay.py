@@ -50,14 +50,36 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
         losses = functools.partial(next, iter(record["losses"]))
-        fields = optimizer._take_step(record["seed"], losses, record.get("next_seed"), record.get("claimed", True))
-        optimizer.nonfinite_steps += bool(fields["skipped"])
+        if record.get("raised"):
+            losses = _raising_after(record["losses"])
+        try:
+            fields = optimizer._take_step(record["seed"], losses, record.get("next_seed"), record.get("claimed", True))
+            optimizer.nonfinite_steps += bool(fields["skipped"])
+        except _ClosureRaised:
+            pass  # the step's own undo ran, as when its closure raised
         optimizer.steps_taken = record["step"] + 1
     optimizer.materialize()  # a merged run's last step applied the next perturbation: params end at theta
     return optimizer
 
 
 _RECORD_KEYS = ("step", "seed", "losses", "lr", "eps", "weight_decay", "stream_version")
+
+
+class _ClosureRaised(Exception):
+    """Where a recorded step's closure raised."""
+
+
+def _raising_after(losses: list[float]):
+    """The evaluations of a step whose closure raised: its recorded losses, then the raise."""
+    values = iter(losses)
+
+    def evaluate() -> float:
+        value = next(values, None)
+        if value is None:
+            raise _ClosureRaised
+        return value
+
+    return evaluate
 
 
 def _check(params: list[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> None:
