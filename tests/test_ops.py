@@ -575,3 +575,12 @@ def test_one_source_may_feed_several_outputs():
     torch.testing.assert_close(outs[1], source + EPS * zokern.gaussian(3, 7, 7, device=DEVICE), atol=1e-7, rtol=0)
     with pytest.raises(ValueError, match="the outputs overlap a source"):
         zokern.perturb_into_([source[:3]], [source[2:5]], 3, EPS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grad_read_from_the_written_memory_is_its_value_before_the_pass(backend):
+    buffer = torch.rand(2, 300, device=DEVICE)
+    aliased, separate = buffer.clone(), buffer.clone()
+    zokern.restore_update_([aliased[0], aliased[1]], 5, EPS, 0.1, aliased[0, :1], backend=backend)
+    zokern.restore_update_([separate[0], separate[1]], 5, EPS, 0.1, buffer[0, :1].clone(), backend=backend)
+    assert torch.equal(aliased, separate)

@@ -198,7 +198,9 @@ def _check_grad(grad: object, device: torch.device) -> float | torch.Tensor:
         if grad.device.type == "cpu":
             return _check_real("grad", grad.item())
         raise ValueError(f"grad is on {grad.device} but the tensors are on {device}")
-    return grad.reshape(()).float()
+    # A private copy (one element): a g read from the memory the pass writes (a view into a parameter buffer) would
+    # be read before or after its write depending on the backend.
+    return grad.detach().reshape(()).to(torch.float32, copy=True)
 
 
 def _resolve_rounding(rounding: str, rounding_seed: int | None) -> int | None:
