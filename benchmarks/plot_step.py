@@ -1,7 +1,7 @@
 """Plot step time and peak memory against model size for MeZO, zokern and AdamW, from the rows that
 `python -m benchmarks.step` appended to benchmarks/step_results.jsonl:
 
-    python -m benchmarks.plot_step [--device cuda] [--out benchmarks/step_vs_size.png]
+    python -m benchmarks.plot_step [--device cuda] [--batch 1 --seq 256 --family opt] [--out PNG]
 
 For each model size the newest run counts; zokern's point is its fastest backend and mode (named in the legend's
 notes). Peak memory is plotted where it was measured (CUDA).
@@ -17,12 +17,18 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def load(path: Path, device: str) -> dict[str, dict[str, dict]]:
-    """model -> method -> newest row (by file order), for one device kind."""
+def load(path: Path, device: str, batch: int, seq: int, family: str) -> dict[str, dict[str, dict]]:
+    """model -> method -> newest row (by file order), for one device kind, one batch shape and one model family: a
+    line through sizes measured at other shapes or architectures would not be a scaling curve."""
     latest: dict[str, dict[str, dict]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        if row.get("device", "").split(":")[0] == device and row["ms"] is not None:
+        if (
+            row.get("device", "").split(":")[0] == device
+            and row["ms"] is not None
+            and (row.get("batch"), row.get("seq")) == (batch, seq)
+            and row["model"].startswith(family)
+        ):
             latest.setdefault(row["model"], {})[row["method"]] = row
     return latest
 
@@ -72,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda or cpu rows")
     parser.add_argument("--data", type=Path, default=HERE / "step_results.jsonl")
+    parser.add_argument("--batch", type=int, default=1, help="the rows of this batch size (default 1)")
+    parser.add_argument("--seq", type=int, default=256, help="and this sequence length (default 256)")
+    parser.add_argument("--family", default="opt", help="model names starting with this (default opt)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    latest = load(args.data, args.device)
+    latest = load(args.data, args.device, args.batch, args.seq, args.family)
+    shape = f"{args.family}*, batch {args.batch} x {args.seq}"
     if not latest:
-        print(f"no {args.device} rows in {args.data}: run python -m benchmarks.step first", file=sys.stderr)
+        print(f"no {args.device} rows of {shape} in {args.data}: run python -m benchmarks.step first", file=sys.stderr)
         return 1
     out = args.out or HERE / f"step_vs_size_{args.device}.png"
-    plot(series(latest), out, f"ZO step vs model size ({args.device})")
+    plot(series(latest), out, f"ZO step vs model size ({args.device}, {shape})")
     print(f"wrote {out}")
     return 0
 

@@ -57,30 +57,31 @@ def build(size: str, vocabulary: int, device: torch.device):
     return policy, copy.deepcopy(policy), reward_model
 
 
-def timed(fn, device: torch.device, steps: int) -> tuple[float, float | None]:
-    """(median ms, peak GiB above the memory in use before the step; None on the CPU)."""
+def timed(fn, device: torch.device, steps: int, weights: int) -> tuple[float, float | None]:
+    """(median ms, peak GiB above ``weights`` bytes, the models' memory before any method ran; None on the CPU). Not
+    above the memory in use before the step: that holds the method's own states (Adam's moments, ZOPrO's mu and
+    vhat, last step's gradients), which the comparison is about."""
     fn()  # warm-up
     times, peak = [], None
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         begin = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-            peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - base) / 2**30)
+            peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - weights) / 2**30)
         times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times), peak
 
 
-def _zo_step(params, closure, device, steps):
+def _zo_step(params, closure, device, steps, weights):
     optimizer = ZOSGD(params, lr=1e-7, eps=1e-3, seed=0)
-    return timed(lambda: optimizer.step(closure), device, steps)
+    return timed(lambda: optimizer.step(closure), device, steps, weights)
 
 
-def _zopro_step(params, closure, device, steps):
+def _zopro_step(params, closure, device, steps, weights):
     """ZOPrO with a previous update (mu) and a reward-model direction (vhat) on every tensor: 8 bytes per parameter,
     freed on return."""
     optimizer = ZOPrO(params, lr=1e-7, eps=1e-3, seed=0)
@@ -88,7 +89,7 @@ def _zopro_step(params, closure, device, steps):
     mu = [torch.randn(p.shape, generator=g, device=device) for p in params]
     vhat = [torch.randn(p.shape, generator=g, device=device) for p in params]
     optimizer.set_direction(ZOPrODirection(mu, vhat, 0.5))
-    return timed(lambda: optimizer.step(closure), device, steps)
+    return timed(lambda: optimizer.step(closure), device, steps, weights)
 
 
 class _NoJudge:
@@ -111,6 +112,7 @@ def measure(size: str, device: torch.device, steps: int, data_dir: Path, rows: l
     tokenizer = WordTokenizer.build(texts)
     policy, reference, reward_model = build(size, len(tokenizer), device)
     n_params = sum(p.numel() for p in policy.parameters())
+    weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     config = LoopConfig(k=4, response_length=12)
     begin = time.perf_counter()
     closure, _ = _policy_objective(policy, reference, reward_model, tokenizer, prompts, config, seed=0)
@@ -118,8 +120,10 @@ def measure(size: str, device: torch.device, steps: int, data_dir: Path, rows: l
         torch.cuda.synchronize()
     rows.append(("rollouts + scoring (once per step, every method; first call)", (time.perf_counter() - begin) * 1e3))
     params = list(policy.parameters())
-    rows.append(("ZO step (ZOSGD, 2 forwards)", *_zo_step(params, closure, device, steps)))
-    rows.append(("ZOPrO step (structured direction, 2 forwards)", *_zopro_step(params, closure, device, steps)))
+    rows.append(("ZO step (ZOSGD, 2 forwards)", *_zo_step(params, closure, device, steps, weights)))
+    rows.append(
+        ("ZOPrO step (structured direction, 2 forwards)", *_zopro_step(params, closure, device, steps, weights))
+    )
     adam = torch.optim.Adam(params, lr=1e-7)
 
     def first_order():
@@ -128,7 +132,7 @@ def measure(size: str, device: torch.device, steps: int, data_dir: Path, rows: l
             closure().backward()
         adam.step()
 
-    rows.append(("first-order RLOO step (forward, backward, Adam)", *timed(first_order, device, steps)))
+    rows.append(("first-order RLOO step (forward, backward, Adam)", *timed(first_order, device, steps, weights)))
     return n_params
 
 
@@ -170,7 +174,8 @@ def write(rows: _Rows, args: argparse.Namespace, argv: list[str] | None) -> None
         f"\n### Preference loop policy step, {args.size} ({size} parameters, float32), "
         f"{datetime.date.today()}\n\nDevice {name}, torch {torch.__version__}, Python {platform.python_version()}, "
         f"zokern {zokern.__version__}. 8 prompts x k = 4 responses of 12 tokens. Median of {args.steps} steps after "
-        f"one warm-up. Command: `{command}`.\n\n| step | ms | peak GiB above the weights |\n|---|---|---|\n"
+        f"one warm-up. Command: `{command}`.\n\n"
+        "| step | ms | peak GiB above the three models' weights |\n|---|---|---|\n"
         + "".join(f"| {n} | {ms:.1f} | {'-' if gib is None else f'{gib:.2f}'} |\n" for n, ms, gib in rows)
     )
     publish(text, append=not args.no_append)

@@ -104,13 +104,18 @@ class Timer:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def __call__(self, fn: Callable[[int], object]) -> tuple[float, float | None]:
-        """(median ms, peak GiB during the timed calls or None on the CPU)."""
+    def reset_peak(self) -> None:
+        if self.device.startswith("cuda"):
+            self._sync()
+            torch.cuda.reset_peak_memory_stats()
+
+    def __call__(self, fn: Callable[[int], object], peak_from_now: bool = True) -> tuple[float, float | None]:
+        """(median ms, peak GiB during the timed calls or None on the CPU). ``peak_from_now=False``: the peak since
+        the last reset_peak() (a CUDA graph's activations are allocated while it is captured, not when replayed)."""
         for t in range(self.warmup):
             fn(t)
-        self._sync()
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        if peak_from_now:
+            self.reset_peak()
         times = []
         for t in range(self.steps):
             self._sync()
@@ -171,8 +176,8 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     ids = ids.to(args.device)
 
-    def closure():
-        return model(input_ids=ids, labels=ids).loss
+    def closure():  # no KV cache: a training forward has no use for one, and it would add to every method's peak
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     timer = Timer(args.device, args.steps, args.warmup)
 
@@ -180,9 +185,9 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> None:
         rows.append(dict(method=method, ms=None, peak_gib=None, status=status, **shape))
         print(f"{method:34s} {status}", flush=True)
 
-    def record(method: str, fn: Callable[[int], object]) -> None:
+    def record(method: str, fn: Callable[[int], object], captured_since_reset: bool = False) -> None:
         try:
-            ms, peak = timer(fn)
+            ms, peak = timer(fn, peak_from_now=not captured_since_reset)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return failed(method, "out of memory")
@@ -197,11 +202,12 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> None:
         # The floor of the graphed ZO step: inside a capture, transformers builds an explicit causal mask (its
         # is_tracing() sees the capture), so the captured forwards may take another attention kernel than these.
         try:
+            timer.reset_peak()
             replay = captured(lambda: (closure(), closure()))
         except Exception as e:
             failed("two forwards, graphed", f"{type(e).__name__}: {e}"[:80])
         else:
-            record("two forwards, graphed", replay)
+            record("two forwards, graphed", replay, captured_since_reset=True)
             del replay
             gc.collect()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -213,13 +219,14 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> None:
             if graphed and torch.device(args.device).type != "cuda":
                 continue
             try:
+                timer.reset_peak()
                 opt = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, backend=backend, **options)
                 for _ in range(graph.WARMUP_STEPS + 1 if graphed else 0):  # captured before the timer's warm-up
                     opt.step(closure)
             except Exception as e:  # e.g. a model whose forward syncs with the host cannot be captured
                 failed(f"zokern ZOSGD {backend} {mode}", f"{type(e).__name__}: {e}"[:80])
                 continue
-            record(f"zokern ZOSGD {backend} {mode}", lambda t, opt=opt: opt.step(closure))
+            record(f"zokern ZOSGD {backend} {mode}", lambda t, opt=opt: opt.step(closure), captured_since_reset=graphed)
             opt.materialize()  # a merged run leaves the next perturbation in the weights
             del opt
             gc.collect()  # a graphed run's memory pool goes with its optimizer: before the next method's peak

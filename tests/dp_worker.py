@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from zokern import replay
 from zokern.optim import FZOO
+from zokern.optim import LDSD
 from zokern.optim import ZOSGD
 
 STEPS = 5
@@ -70,10 +71,45 @@ def main() -> None:
         except RuntimeError as e:
             result["error"] = str(e)
     elif scenario == "desync_step":
-        opt = ZOSGD(model.parameters(), seed=5, seed_check_every=1)
-        opt.steps_taken = 3 * rank  # as if one rank had resumed from another checkpoint
+        # As if the ranks had resumed from checkpoints 50 steps apart: whatever seed_check_every says, each loss
+        # reduction checks the step (the first one of each device and host step).
+        for kwargs in ({}, dict(n_probes=2)):
+            opt = ZOSGD(model.parameters(), seed=5, **kwargs)
+            opt.steps_taken = 250 + 50 * rank
+            before = [p.detach().clone() for p in model.parameters()]
+            try:
+                opt.step(lambda: torch.nn.functional.mse_loss(model(x[shard]), y[shard]))
+            except RuntimeError as e:
+                result.setdefault("errors", []).append(str(e))
+            moved = max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before))
+            result.setdefault("moved", []).append(moved)
+    elif scenario == "closure_raises":
+        # Rank 1's closure fails once (a bad batch); each rank's loop catches what its step raises and goes on.
+        for name, cls, kwargs in (*SCENARIOS, ("ldsd", LDSD, dict(k=3))):
+            model, _, _ = model_and_batch()
+            opt = cls(model.parameters(), lr=1e-2, eps=1e-3, seed=77, **kwargs)
+            calls, raised = 0, []
+
+            def closure(model=model):
+                nonlocal calls
+                calls += 1
+                if rank == 1 and calls == 4:
+                    raise KeyError("bad batch")
+                return torch.nn.functional.mse_loss(model(x[shard]), y[shard])
+
+            for _ in range(STEPS):
+                try:
+                    opt.step(closure)
+                except KeyError as e:
+                    raised.append(str(e))
+            result[name] = {
+                "params": [p.detach().flatten().tolist() for p in model.parameters()],
+                "raised": raised,
+                "skipped": [r["step"] for r in opt.trajectory if r["skipped"]],
+            }
+    elif scenario == "desync_check_every":
         try:
-            opt.step(lambda: torch.nn.functional.mse_loss(model(x[shard]), y[shard]))
+            ZOSGD(model.parameters(), seed=5, seed_check_every=1 if rank == 0 else 100)
         except RuntimeError as e:
             result["error"] = str(e)
     elif scenario == "default_seed":

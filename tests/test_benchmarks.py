@@ -101,9 +101,11 @@ def test_drift_benchmark_shows_exact_mode_without_drift():
 
 
 def test_plot_of_step_results(tmp_path):
+    from benchmarks.plot_step import load
+
     rows = [
-        dict(model=m, method=method, ms=ms, peak_gib=gib, params=n, device="cuda", batch=1, seq=8)
-        for m, n in (("a", 1e8), ("b", 1e9))
+        dict(model=m, method=method, ms=ms, peak_gib=gib, params=n, device="cuda", batch=batch, seq=8)
+        for m, n, batch in (("opt-a", 1e8, 1), ("opt-b", 1e9, 1), ("opt-c", 3e9, 16), ("llama-d", 2e9, 1))
         for method, ms, gib in (
             ("MeZO published", 100.0, 2.0),
             ("zokern ZOSGD cuda inplace", 30.0, 1.9),
@@ -113,8 +115,10 @@ def test_plot_of_step_results(tmp_path):
     ]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # One curve is one batch shape and one family: another batch or architecture is not a point on it.
+    assert sorted(load(data, "cuda", batch=1, seq=8, family="opt")) == ["opt-a", "opt-b"]
     out = tmp_path / "plot.png"
-    _run("benchmarks.plot_step", "--device", "cuda", "--data", str(data), "--out", str(out))
+    _run("benchmarks.plot_step", "--device", "cuda", "--data", str(data), "--seq", "8", "--out", str(out))
     assert out.read_bytes().startswith(b"\x89PNG")
 
 

@@ -78,11 +78,29 @@ def test_two_ranks_match_the_whole_batch_loss_within_float32_summation_order(tmp
         torch.testing.assert_close(torch.tensor(got), p.detach().flatten(), atol=bound, rtol=0)
 
 
-@pytest.mark.parametrize("scenario", ["desync_seed", "desync_step"])
+@pytest.mark.parametrize("scenario", ["desync_seed", "desync_check_every"])
 def test_desynchronised_ranks_fail_clearly(tmp_path, scenario):
     ranks = _launch(scenario, tmp_path)
     for result in ranks:
         assert "ranks disagree" in result.get("error", ""), result
+
+
+def test_ranks_at_different_steps_fail_at_their_first_loss_reduction(tmp_path):
+    # Collectives pair by call order: without the step's identity in the reduction, rank 0 would average its losses
+    # with rank 1's of another step (or with a seed check) and take a garbage step.
+    for result in _launch("desync_step", tmp_path):
+        assert len(result["errors"]) == 2 and all("ranks disagree on step" in e for e in result["errors"]), result
+        assert max(result["moved"]) < 1e-6  # restored, no update
+
+
+def test_a_closure_that_raises_on_one_rank_leaves_the_ranks_identical(tmp_path):
+    # Rank 1 goes on with NaN losses, so both ranks run the same passes and skip the same update; rank 1 raises.
+    ranks = _launch("closure_raises", tmp_path)
+    for name in ("zosgd", "zosgd-device", "fzoo", "ldsd"):
+        zero, one = ranks[0][name], ranks[1][name]
+        assert zero["params"] == one["params"], name
+        assert zero["raised"] == [] and one["raised"] == ["'bad batch'"], name
+        assert zero["skipped"] == one["skipped"] and len(zero["skipped"]) == 1, name
 
 
 def test_default_seed_comes_from_rank_zero(tmp_path):

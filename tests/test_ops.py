@@ -10,6 +10,7 @@ from helpers import Z_ATOL
 from helpers import assert_matches_reference
 from helpers import backends_for
 from helpers import random_params
+from torch.testing._internal.two_tensor import TwoTensor
 
 import zokern
 from zokern import _reference
@@ -406,6 +407,12 @@ BAD_CALLS = [
         r"distribution must be one of",
     ),
     ("rounding", lambda ts: zokern.perturb_(ts, 1, EPS, rounding="up"), ValueError, r"rounding must be one of"),
+    (
+        "tensor subclass",
+        lambda ts: zokern.perturb_([ts[0], TwoTensor(ts[1], ts[1].clone())], 1, EPS),
+        TypeError,
+        r"tensors\[1\] is a TwoTensor: zokern's passes read and write a tensor's own memory",
+    ),
     ("rounding seed without SR", lambda ts: zokern.perturb_(ts, 1, EPS, rounding_seed=3), ValueError, r"rounding_seed"),
     (
         "bad rounding seed",

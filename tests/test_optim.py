@@ -4,6 +4,7 @@ the rate theory gives, torch.optim contracts (groups, schedulers, state_dict), r
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import pickle
@@ -366,6 +367,33 @@ def test_a_state_dict_of_another_run_is_refused_before_loading(saved_with, loade
     relaxed.load_state_dict(ZOSGD([a, b]).state_dict())
 
 
+@pytest.mark.parametrize(
+    "key,value,error,match",
+    [
+        ("lr", -1.0, ValueError, r"param group 1: invalid lr: -1.0"),
+        ("eps", 0.0, ValueError, r"param group 1: invalid eps: 0.0"),
+        ("momentum", 0.9, ValueError, r"param group 1: momentum is an option of the whole optimizer"),
+        ("lr", "1e-4", TypeError, r"param group 1: lr must be a real number, got str"),
+    ],
+    ids=["negative lr", "zero eps", "group momentum", "string lr"],
+)
+def test_a_loaded_param_group_is_checked_as_the_constructor_checks_it(key, value, error, match):
+    # Editing a checkpoint's lr is how one changes a resumed run's rate: a value the constructor refuses must not load
+    # (it would step silently wrong, or fail mid-step with the parameters perturbed).
+    (a, frozen, b), groups, closure, _ = _problem()
+    saved = ZOSGD(groups, seed=3)
+    saved.step(closure)
+    state = saved.state_dict()
+    state["param_groups"][1][key] = value
+    target = ZOSGD([{"params": [a, frozen]}, {"params": [b]}], seed=4)
+    before = [p.detach().clone() for p in (a, b)]
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state)
+    assert target.base_seed == 4 and target.param_groups[1]["lr"] == 1e-6 and "momentum" not in target.param_groups[1]
+    target.step(closure)  # still the optimizer it was
+    assert not torch.equal(a, before[0])
+
+
 def test_a_state_tensor_of_another_shape_is_refused():
     (a, _, b), _, closure, _ = _problem()
     saved = ZOSGD([a, b], momentum=0.9)
@@ -375,6 +403,42 @@ def test_a_state_tensor_of_another_shape_is_refused():
     state["state"][0]["momentum_buffer"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"'momentum_buffer' for param_groups\[0\]\['params'\]\[0\].*shape \(3,\)"):
         ZOSGD([a, b], momentum=0.9).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "dtype,resumed_with",
+    [
+        (torch.bfloat16, dict(rounding="nearest")),
+        (torch.bfloat16, dict(perturbation="inplace")),
+        (torch.float32, dict(merge_steps=True)),
+        (torch.float32, dict(backend="torch")),
+    ],
+    ids=["rounding", "perturbation", "merge_steps", "backend"],
+)
+def test_replay_follows_the_options_a_resumed_run_changed(dtype, resumed_with):
+    # docs/optim.md: a run may resume with other backend, perturbation, rounding or merge_steps; the joined records
+    # of both parts must replay to what the resumed part trained.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+    x, y = torch.randn(32, 16).to(dtype), torch.randn(32, 1)
+    params = list(model.parameters())
+    initial = [p.detach().clone() for p in params]
+
+    def closure():
+        return ((model(x).float() - y) ** 2).mean()
+
+    opt = ZOSGD(params, lr=1e-3, eps=1e-2, seed=6)
+    for _ in range(3):
+        opt.step(closure)
+    checkpoint, before = opt.state_dict(), opt.trajectory
+    resumed = ZOSGD(params, lr=1e-3, eps=1e-2, seed=0, **resumed_with)
+    resumed.load_state_dict(checkpoint)
+    for _ in range(3):
+        resumed.step(closure)
+    resumed.materialize()
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, before + resumed.trajectory)
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))
 
 
 def test_replay_follows_param_groups_added_during_the_run():
@@ -399,7 +463,7 @@ def _trained_trajectory():
     opt = ZOSGD(groups, seed=3)
     for _ in range(4):
         opt.step(closure)
-    return initial, [dict(r) for r in opt.trajectory]
+    return initial, copy.deepcopy(opt.trajectory)
 
 
 @pytest.mark.parametrize(
@@ -412,8 +476,32 @@ def _trained_trajectory():
         (lambda t: None, lambda ps: [ps[2], ps[1], ps[0]], r"params\[0\] has numel 13.*parameter 0 had 35"),
         (lambda t: None, lambda ps: [ps[0].double(), ps[1], ps[2]], r"params\[0\] has dtype float64.*had float32"),
         (lambda t: None, lambda ps: ps[:2], r"had 3 parameters.*2 given"),
+        (
+            lambda t: t[3]["losses"].pop(),
+            None,
+            r"record 3 has losses \[[^,]*\]: a completed step of this ZOSGD evaluates 2",
+        ),
+        (lambda t: t[3]["losses"].__setitem__(1, None), None, r"record 3: its losses must be a list of numbers"),
+        (lambda t: t[3]["losses"].__setitem__(1, math.nan), None, r"a completed step .* evaluates 2, all finite"),
+        (lambda t: t[3]["lr"].__setitem__(1, -5.0), None, r"record 3, param group 1: invalid lr: -5.0"),
+        (lambda t: t[3]["eps"].__setitem__(0, 0.0), None, r"record 3, param group 0: invalid eps: 0.0"),
+        (lambda t: t[3].update(setup=dict(t[0]["setup"], optimizer="ZOAdam")), None, r"optimizer became a ZOAdam"),
+        (
+            lambda t: t[3].update(setup=dict(t[0]["setup"], options=dict(t[0]["setup"]["options"], n_probes=2))),
+            None,
+            r"record 3 changes n_probes: no run of one optimizer can",
+        ),
+        (
+            lambda t: t[3].update(setup=dict(t[0]["setup"], options=dict(t[0]["setup"]["options"], rounding="up"))),
+            None,
+            r"record 3's setup: rounding must be one of",
+        ),
     ],
-    ids=["stream version", "missing losses", "no setup", "resumed part alone", "order", "dtype", "count"],
+    ids=[
+        *("stream version", "missing losses", "no setup", "resumed part alone", "order", "dtype", "count"),
+        *("a loss too few", "a loss not a number", "non-finite loss of a completed step", "negative lr", "zero eps"),
+        *("other optimizer", "other n_probes", "unknown rounding"),
+    ],
 )
 def test_replay_checks_the_whole_trajectory_before_writing(spoil, given, match):
     initial, trajectory = _trained_trajectory()
@@ -464,6 +552,56 @@ def test_nonfinite_loss_skips_the_update_with_a_warning(bad_call, bad):
     torch.testing.assert_close(a.detach(), before[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(b.detach(), before[1], atol=1e-6, rtol=0)
     assert opt.state_dict()["zo"]["nonfinite_steps"] == 1
+
+
+def test_a_trainable_tensor_subclass_is_refused_and_a_frozen_one_left_alone():
+    # A DTensor (FSDP2, tensor parallelism) keeps its values in local shards the passes do not see: refused by name
+    # at construction (it failed at the first step, as "overlapping memory" or an error from inside torch).
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    values = torch.randn(6)
+    wrapped = torch.nn.Parameter(TwoTensor(values, values.clone()))
+    plain = torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(TypeError, match=r"params\[1\] is a TwoTensor: zokern's passes read and write a tensor's own"):
+        ZOSGD([plain, wrapped])
+    wrapped.requires_grad_(False)
+    opt = ZOSGD([plain, wrapped], lr=1e-2, seed=0)
+    opt.step(lambda: plain.pow(2).sum())
+    wrapped.requires_grad_(True)  # made trainable after construction: refused before the step's first pass
+    before = plain.detach().clone()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is a TwoTensor"):
+        opt.step(lambda: plain.pow(2).sum())
+    assert torch.equal(plain, before)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (ZOSGD, {}),
+        (ZOSGD, dict(n_probes=2)),
+        (ZOSGD, dict(momentum=0.5)),
+        (ZOSignSGD, {}),
+        (ZOAdam, {}),
+        (LDSD, dict(k=2)),
+        (LDSD, dict(k=2, update="adam")),
+    ],
+    ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(map(str, x.values())),
+)
+def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs):
+    # Finite losses whose g = (L+ - L-) / (2 eps) = 1e40 float32 cannot hold: the momentum and Adam states, computed
+    # in float32, wrote inf and NaN into the parameters, and the device step dropped the update as if it were taken.
+    (a, frozen, b), groups, _, _ = _problem()
+    initial = [p.detach().clone() for p in (a, frozen, b)]
+    opt = cls(groups, seed=1, **kwargs)
+    values = itertools.cycle([1e37, -1e37])
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss at .*projected gradient beyond float32 counts"):
+        loss = opt.step(lambda: torch.tensor(next(values), dtype=torch.float64))
+    assert math.isnan(loss.item()) and opt.nonfinite_steps == 1 and opt.trajectory[-1]["skipped"]
+    for p, start in zip((a, frozen, b), initial):
+        torch.testing.assert_close(p.detach(), start, atol=1e-6, rtol=0)
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, opt.trajectory)
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, (a, frozen, b)))
 
 
 @pytest.mark.parametrize(

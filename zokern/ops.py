@@ -67,6 +67,19 @@ def _check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     return value  # type: ignore[return-value]
 
 
+SUBCLASS_REASON = (
+    "zokern's passes read and write a tensor's own memory, and a tensor subclass (a DTensor of FSDP2 or tensor "
+    "parallelism, say) keeps its values elsewhere. Train replicated parameters (data parallelism: every rank holds "
+    "the whole model), or give the passes each shard's local tensor with its stream offset"
+)
+
+
+def holds_plain_tensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` (a parameter of any class) stores its values as a plain tensor, which the kernels can write."""
+    cls = type(t)  # the common classes first: .data builds a new tensor object (host time on every step)
+    return cls is torch.Tensor or cls is torch.nn.Parameter or type(t.data) is torch.Tensor
+
+
 def _check_tensors(tensors: Tensors, written: bool = True, name: str = "tensors") -> list[torch.Tensor]:
     """The tensors as a list, each checked; ``written``: ones a pass writes (distinct memory, no inference tensors
     outside inference mode); ``name``: the argument, for the messages."""
@@ -84,6 +97,8 @@ def _check_tensors(tensors: Tensors, written: bool = True, name: str = "tensors"
     for k, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{k}] is a {type(t).__name__}, expected a torch.Tensor")
+        if not holds_plain_tensor(t):
+            raise TypeError(f"{name}[{k}] is a {type(t.data).__name__}: {SUBCLASS_REASON}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}[{k}] has dtype {t.dtype}; zokern updates float32, bfloat16 and float16 tensors")
         if t.device != device:

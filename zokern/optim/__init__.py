@@ -4,6 +4,7 @@ Every optimizer takes ``step(closure)``, where the closure evaluates the loss wi
 its rule, the loss ``step`` returns and its extra memory; :mod:`zokern.optim.seeds` for where seeds come from.
 """
 
+from zokern.optim._distributed import RanksDisagree
 from zokern.optim.adam import ZOAdam
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.fzoo import FZOO
@@ -13,4 +14,14 @@ from zokern.optim.sgd import ZOSGD
 from zokern.optim.sgd import ZOConservative
 from zokern.optim.sgd import ZOSignSGD
 
-__all__ = ["FZOO", "LDSD", "ZOSGD", "ZOAdam", "ZOConservative", "ZOOptimizer", "ZOSignSGD", "replay"]
+__all__ = [
+    "FZOO",
+    "LDSD",
+    "ZOSGD",
+    "RanksDisagree",
+    "ZOAdam",
+    "ZOConservative",
+    "ZOOptimizer",
+    "ZOSignSGD",
+    "replay",
+]

@@ -37,21 +37,36 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def mean_across_ranks(values: list[torch.Tensor]) -> list[float]:
-    """The losses of this rank, averaged over all ranks when torch.distributed is initialised, as Python floats."""
-    return mean_across_ranks_on_device(values, values[0].device).tolist()
-
-
-def mean_across_ranks_on_device(values: list, device: torch.device) -> torch.Tensor:
+def mean_across_ranks_on_device(
+    values: list, device: torch.device, identity: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The losses (tensors or numbers) as one float64 vector on ``device``, averaged over all ranks when
-    torch.distributed is initialised; no host sync where the communication device is ``device``."""
+    torch.distributed is initialised; no host sync where the communication device is ``device``.
+
+    ``identity`` (non-negative integers: the step's seed, the round's number) rides along in the same all_reduce:
+    collectives pair by call order alone, so a rank one step ahead, or one that skipped a round, would silently
+    average another step's losses. Returns the vector and, when reduced, a 0-d bool tensor on ``device``: whether
+    every rank gave the same identity (where not, the vector is NaN, so no update follows from it)."""
     # float64 from the start: a Python float (replay's recorded losses) must not pass through float32.
     vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(device) for v in values])
-    if active():
-        reduced = vector.to(_comm_device())
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        vector = (reduced / dist.get_world_size()).to(device)
-    return vector
+    if not active():
+        return vector, None
+    chunks = _chunks(identity)
+    header = torch.tensor(chunks + [c * c for c in chunks], dtype=torch.float64)
+    reduced = torch.cat((vector.to(_comm_device()), header.to(_comm_device())))
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    world = dist.get_world_size()
+    n, m = len(values), len(chunks)
+    sums, squares = reduced[n : n + m], reduced[n + m :]
+    # Equal on every rank iff world * sum(c^2) == sum(c)^2 (Cauchy-Schwarz); exact in float64 for 16-bit chunks.
+    agree = (squares * world == sums * sums).all()
+    vector = torch.where(agree, reduced[:n] / world, torch.nan).to(device)
+    return vector, agree.to(device)
+
+
+def _chunks(identity: tuple[int, ...]) -> list[int]:
+    """Each integer as four 16-bit pieces (enough for the 63-bit seeds)."""
+    return [(value >> shift) & 0xFFFF for value in identity for shift in (0, 16, 32, 48)]
 
 
 def broadcast_seed(seed: int) -> int:
@@ -71,8 +86,24 @@ def check_same_seed(seed: int, what: str) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     high, low = int(t[0]), -int(t[1])
     if high != low:
-        raise RuntimeError(
-            f"zokern: ranks disagree on the {what} (this rank {seed}, range [{low}, {high}] across ranks). Data-"
-            "parallel ZO needs every rank to take the same steps with the same seed: construct the optimizer with "
-            "the same seed everywhere and call step() the same number of times on every rank."
+        raise RanksDisagree(
+            f"zokern: ranks disagree on the {what} (this rank {seed}, range [{low}, {high}] across ranks). {_ADVICE}"
         )
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks are not taking the same step: their parameters would silently diverge."""
+
+
+_ADVICE = (
+    "Data-parallel ZO needs every rank to take the same steps with the same seed: construct the optimizer with the "
+    "same seed and options everywhere, resume every rank from the same checkpoint, and call step() the same number of "
+    "times on every rank."
+)
+
+
+def disagreement(step: int) -> RanksDisagree:
+    return RanksDisagree(
+        f"zokern: ranks disagree on step {step}: they were not all taking it (or not the same evaluation round of it); "
+        f"its update was skipped. {_ADVICE}"
+    )

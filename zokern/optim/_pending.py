@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-KEYS = ("losses", "projected_grad", "loss", "best", "skipped")
+KEYS = ("losses", "projected_grad", "loss", "best", "skipped", "ranks_agree")
 
 
 class PendingRecord:

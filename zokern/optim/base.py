@@ -40,7 +40,8 @@ Closure = Callable[[], Any]
 
 
 class NonFiniteLoss(Exception):
-    """Raised inside a step when an evaluated loss is NaN or infinite; the step restores and skips its update."""
+    """Raised inside a step when an evaluated loss is NaN or infinite, or the projected gradient is beyond float32
+    (the passes' precision, where it would write inf or NaN); the step restores and skips its update."""
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -84,6 +85,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         else:
             base_seed = ops._check_index("seed", seed)
         _distributed.check_same_seed(base_seed, "optimizer seed")
+        # new_seed's periodic check is a collective: every rank must reach it at the same steps.
+        _distributed.check_same_seed(seed_check_every, "seed_check_every")
         self.base_seed = base_seed
         self.steps_taken = 0
         self._nonfinite = 0
@@ -102,6 +105,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         # total coefficient of z(seed) in each group.
         self._displacement: dict[int, list[float]] = {}
         self._step_seed = 0
+        self._round = 0  # loss reductions so far in this step
+        self._agreement: list[torch.Tensor] = []  # their device flags: whether every rank was at the same round
         self._exact_now = False
         self._warned_16bit_loss = False
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
@@ -152,11 +157,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise type(e)(f"{where}: {e}") from None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        for name, low, strict in (("lr", 0.0, False), ("eps", 0.0, True), ("weight_decay", 0.0, False)):
-            if not abs(_check_number(name, group[name], low, strict)) < ops.FLOAT32_OVERFLOW:
-                raise ValueError(f"invalid {name}: {group[name]} (beyond float32's range, the passes' precision)")
-        if group["eps"] < ops.FLOAT32_TINY:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
-            raise ValueError(f"invalid eps: {group['eps']} (below float32's smallest normal, 1.2e-38)")
+        check_step_hyperparameters(group["lr"], group["eps"], group["weight_decay"])
         misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
         if misplaced:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
             raise ValueError(
@@ -166,7 +167,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         for k, p in enumerate(group["params"]):
             # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
             # weights) are never touched; they only hold their place in the stream.
-            if p.requires_grad and (p.dtype not in ops.SUPPORTED_DTYPES or not p.is_contiguous()):
+            if p.requires_grad and (
+                p.dtype not in ops.SUPPORTED_DTYPES or not p.is_contiguous() or not ops.holds_plain_tensor(p)
+            ):
                 _reject_parameter(f"params[{k}]", p)
 
     # ------------------------------------------------------------------------------------------------- layout
@@ -182,7 +185,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             for k, p in enumerate(group["params"]):
                 trainable = p.requires_grad if self._trainable_override is None else self._trainable_override[index]
                 if trainable:
-                    if not p.is_contiguous() or p.dtype not in ops.SUPPORTED_DTYPES:
+                    if not p.is_contiguous() or p.dtype not in ops.SUPPORTED_DTYPES or not ops.holds_plain_tensor(p):
                         _reject_parameter(f"param_groups[{g}]['params'][{k}]", p)
                     tensors.append(p)
                     offsets.append(base)
@@ -362,10 +365,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -------------------------------------------------------------------------------------- public lower level
 
     def new_seed(self) -> int:
-        """The next step's seed (advances the step counter): for loops that drive the passes themselves."""
+        """The next step's seed (advances the step counter): for loops that drive the passes themselves. Under
+        torch.distributed, every ``seed_check_every`` steps the ranks compare it (one collective: such a loop must
+        call this on every rank in step); ``step`` checks every loss reduction instead."""
         seed = seeds_.step_seed(self.base_seed, self.steps_taken)
         if self.seed_check_every and self.steps_taken % self.seed_check_every == 0:
             _distributed.check_same_seed(seed, f"seed of step {self.steps_taken}")
+        return self._advance_seed()
+
+    def _advance_seed(self) -> int:
+        seed = seeds_.step_seed(self.base_seed, self.steps_taken)
         self.steps_taken += 1
         return seed
 
@@ -427,12 +436,26 @@ class ZOOptimizer(torch.optim.Optimizer):
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
         self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
-        seed = self.new_seed()
+        seed = self._advance_seed()  # each loss reduction checks the ranks agree on it (_reduce)
         next_seed = seeds_.step_seed(self.base_seed, self.steps_taken) if self.merge_steps else None
         evaluated: list[torch.Tensor] = []
+        failed: list[Exception] = []
 
         def evaluate() -> torch.Tensor:
-            evaluated.append(self._evaluate(closure))
+            if failed:  # see below: the rest of the step's evaluations are NaN too
+                evaluated.append(torch.tensor(math.nan, dtype=torch.float64))
+                return evaluated[-1]
+            try:
+                evaluated.append(self._evaluate(closure))
+            except Exception as e:
+                # Alone, the step undoes its perturbation and re-raises. Under torch.distributed the other ranks
+                # would wait in this step's loss reduction, and pair it with this rank's next one: this rank goes on
+                # with NaN losses instead, so that every rank runs the same passes, skips the same update and keeps
+                # the same parameters; it raises once the step is done.
+                if not _distributed.active():
+                    raise
+                failed.append(e)
+                return evaluate()
             return evaluated[-1]
 
         try:
@@ -442,9 +465,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise
         if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
             fields["claimed"] = self._claimed
+        if self._agreement:
+            fields["ranks_agree"] = torch.stack(self._agreement).all()
         losses = fields.pop("losses", None)
         self._record(seed, self._losses if losses is None else losses, fields)
         self._unsettled.append(PendingRecord(self._trajectory[-1]))
+        if failed:
+            self._settle()  # this rank's skipped step, reported before its own exception
+            raise failed[0]
         self._settle(wait=False)
         loss = fields["loss"]
         if isinstance(loss, torch.Tensor):
@@ -491,6 +519,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_layout = self._groups_layout() if layout is None else layout
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
+        self._round, self._agreement = 0, []
         self._next_seed = next_seed
         self._claimed = self._claim_lookahead(seed, may_claim)
         try:
@@ -556,11 +585,31 @@ class ZOOptimizer(torch.optim.Optimizer):
         if all(isinstance(v, float) for v in values):  # replay: the recorded values themselves
             floats = list(values)
         else:
-            floats = _distributed.mean_across_ranks(list(values))
+            losses, agree = self._reduce(values, values[0].device)
+            if agree is not None and not bool(agree):  # every rank reads the same sums, so every rank raises
+                raise _distributed.disagreement(self.steps_taken - 1)
+            floats = losses.tolist()
         self._losses.extend(floats)
         if not all(math.isfinite(v) for v in floats):
             raise NonFiniteLoss
         return floats
+
+    def _check_projected(self, diffs: list[float], scale: float = 1.0) -> None:
+        """Skip the step if a projected gradient, scale * d / eps in some group, is not finite in float32, as the fused
+        update pass does on the device: the passes and the states compute in float32."""
+        largest = max(map(abs, diffs), default=0.0) * scale / min(group["eps"] for group in self.param_groups)
+        if not largest < ops.FLOAT32_OVERFLOW:
+            raise NonFiniteLoss
+
+    def _reduce(self, values: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One round of losses averaged over the data-parallel ranks, on ``device``, with whether every rank was at
+        this round of this step (its step seed and round number ride in the same all_reduce); a device flag is kept
+        for the step's record, which reports a disagreement when it reaches the host."""
+        losses, agree = _distributed.mean_across_ranks_on_device(values, device, (self._step_seed, self._round))
+        self._round += 1
+        if agree is not None:
+            self._agreement.append(agree)
+        return losses, agree
 
     def _record(self, seed: int, losses: list[float], fields: dict[str, Any]) -> None:
         record = dict(
@@ -596,6 +645,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         skipped = []
         while self._unsettled and (wait or self._unsettled[0].ready()):
             record = self._unsettled.pop(0).settle()
+            if not record.pop("ranks_agree", True):  # its update was skipped (NaN losses); training cannot go on
+                raise _distributed.disagreement(record["step"])
             if record["skipped"]:
                 skipped.append(record["step"])
         if skipped:
@@ -603,7 +654,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             steps = f"step {skipped[0]}" if len(skipped) == 1 else f"steps {skipped}"
             warnings.warn(
                 f"zokern: non-finite loss at {type(self).__name__} {steps}; parameters restored, update skipped "
-                f"({self._nonfinite} skipped so far)",
+                f"({self._nonfinite} skipped so far; a projected gradient beyond float32 counts as non-finite)",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -635,6 +686,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _extra_group_keys(self) -> tuple[str, ...]:
         """Per-group hyperparameters besides lr, eps and weight_decay (recorded for replay)."""
         return ()
+
+    @classmethod
+    def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
+        """How many losses a completed step with these options evaluates (replay checks each record against it)."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- checkpoint
 
@@ -680,6 +736,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         groups = state_dict["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
             return  # torch's load_state_dict names this mismatch
+        for k, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
+            # What the constructor refuses, loaded, would step silently (a negative lr, eps = 0) or fail mid-step.
+            try:
+                self._validate_group(dict(saved_group, params=group["params"]))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"the state dict's param group {k}: {e}") from None
+            except KeyError as e:
+                raise ValueError(f"the state dict's param group {k} has no {e.args[0]!r}") from None
         names = self._parameter_names()
         params = [p for g in self.param_groups for p in g["params"]]
         for p, numel in zip(params, zo.get("numels", ())):  # its elements' stream indices depend on every numel
@@ -737,6 +801,8 @@ _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "
 
 def _reject_parameter(name: str, p: torch.Tensor) -> None:
     """The error for a trainable parameter the passes cannot update, raised before any pass of a step runs."""
+    if not ops.holds_plain_tensor(p):
+        raise TypeError(f"{name} is a {type(p.data).__name__}: {ops.SUBCLASS_REASON}")
     if p.dtype not in ops.SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {p.dtype}; zokern's passes update float32, bfloat16 and float16 parameters")
     raise ValueError(
@@ -744,6 +810,15 @@ def _reject_parameter(name: str, p: torch.Tensor) -> None:
         "elements in row-major order. Make it contiguous (a channels_last model: "
         "model.to(memory_format=torch.contiguous_format); a transposed view: register its .contiguous() copy)"
     )
+
+
+def check_step_hyperparameters(lr: Any, eps: Any, weight_decay: Any) -> None:
+    """A param group's lr, eps and weight_decay as the passes can apply them (also each record replay re-applies)."""
+    for name, value, strict in (("lr", lr, False), ("eps", eps, True), ("weight_decay", weight_decay, False)):
+        if not abs(_check_number(name, value, 0.0, strict)) < ops.FLOAT32_OVERFLOW:
+            raise ValueError(f"invalid {name}: {value} (beyond float32's range, the passes' precision)")
+    if eps < ops.FLOAT32_TINY:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
+        raise ValueError(f"invalid eps: {eps} (below float32's smallest normal, 1.2e-38)")
 
 
 def _check_number(name: str, value: Any, low: float | None, strict: bool) -> float:

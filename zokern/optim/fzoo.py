@@ -64,6 +64,10 @@ class FZOO(ZOOptimizer):
     def options(self) -> dict[str, Any]:
         return dict(super().options(), n_probes=self.n_probes)
 
+    @classmethod
+    def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
+        return options["n_probes"] + 1
+
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes = [seeds_.probe_seed(seed, k) for k in range(self.n_probes)]
         values = [evaluate()]

@@ -17,7 +17,7 @@ from zokern import ops
 from zokern._ldsd_reference import STATES_PER_RULE
 from zokern._ldsd_reference import final_layout
 from zokern._transfer import to_device
-from zokern.optim import _distributed
+from zokern.ops import FLOAT32_OVERFLOW
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
 from zokern.optim.base import ZOOptimizer
@@ -178,6 +178,10 @@ class LDSD(ZOOptimizer):
             pairing=self.pairing,
         )
 
+    @classmethod
+    def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
+        return options["k"] + 1  # the candidates, then theta - eps z*
+
     # ---------------------------------------------------------------------------------------------------- layout
 
     def _init_state(self) -> None:
@@ -290,7 +294,7 @@ class LDSD(ZOOptimizer):
     # --------------------------------------------------------------------------------------------------- step
 
     def _device_losses(self, values: list) -> torch.Tensor:
-        return _distributed.mean_across_ranks_on_device(values, self._step_device())
+        return self._reduce(values, self._step_device())[0]
 
     def _step_device(self) -> torch.device:
         return self._device_chunks()[0][2][0].device
@@ -320,7 +324,9 @@ class LDSD(ZOOptimizer):
         norms = self._move_to(torch.cat((losses.new_full((1,), -1.0), -onehot)), raw_mu_rows if fuse else None)
         f_minus = self._device_losses([evaluate()])[0]
         f_plus = losses.gather(0, best.view(1))[0]
-        ok = torch.isfinite(losses).all() & torch.isfinite(f_minus)
+        # A non-finite loss, or a projected gradient beyond the float32 the final pass reads it in: no update.
+        largest = (f_plus - f_minus).abs() / (2 * min(group["eps"] for group in self.param_groups))
+        ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < FLOAT32_OVERFLOW)
         grads = self._final_pass(onehot, f_plus - f_minus, raw_mu_rows, norms, paired, ok)
         return dict(
             losses=torch.cat((losses, f_minus.view(1))),

@@ -4,6 +4,8 @@ trajectory, a few bytes per step."""
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +14,9 @@ import torch
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim.adam import ZOAdam
+from zokern.optim.base import _RESUMABLE_OPTIONS
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.base import check_step_hyperparameters
 from zokern.optim.base import dtype_name
 from zokern.optim.fzoo import FZOO
 from zokern.optim.ldsd import LDSD
@@ -89,6 +93,7 @@ def _check(params: list[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> 
     if "setup" not in trajectory[0]:
         raise ValueError("the trajectory must start at a record with a 'setup' entry (the first step of a run)")
     sizes: list[int] = []
+    setup: dict[str, Any] = trajectory[0]["setup"]
     for k, record in enumerate(trajectory):
         missing = [key for key in _RECORD_KEYS if key not in record]
         if missing:
@@ -104,19 +109,64 @@ def _check(params: list[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> 
                 "record after record (a resumed run's trajectory goes after the records written before its checkpoint)"
             )
         if "setup" in record:
-            sizes = _check_setup(params, record["setup"], k, sizes)
+            sizes = _check_setup(params, record["setup"], k, sizes, setup)
+            setup = record["setup"]
         if not len(record["lr"]) == len(record["eps"]) == len(record["weight_decay"]) == len(sizes):
             raise ValueError(f"record {k} has hyperparameters for {len(record['lr'])} param groups, not {len(sizes)}")
+        _check_step(record, k, setup)
     used = sum(trajectory[_last_setup(trajectory)]["setup"]["group_sizes"])
     if used != len(params):
         raise ValueError(f"the trajectory's optimizer had {used} parameters; {len(params)} were given")
 
 
-def _check_setup(params: list[torch.Tensor], setup: dict[str, Any], k: int, before: list[int]) -> list[int]:
-    """The param groups' sizes from record k on; raises if ``params`` cannot be the parameters they describe."""
+def _check_step(record: dict[str, Any], k: int, setup: dict[str, Any]) -> None:
+    """Record k's hyperparameters can be applied and its losses are those its step evaluates (a step that raised or
+    was skipped stopped early)."""
+    for j, values in enumerate(zip(record["lr"], record["eps"], record["weight_decay"])):
+        try:
+            check_step_hyperparameters(*values)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"record {k}, param group {j}: {e}") from None
+    losses = record["losses"]
+    if not isinstance(losses, (list, tuple)) or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in losses
+    ):
+        raise ValueError(f"record {k}: its losses must be a list of numbers, got {losses!r}")
+    expected = OPTIMIZERS[setup["optimizer"]]._losses_per_step(setup["options"], record)
+    finite = all(math.isfinite(v) for v in losses)
+    if record.get("raised"):
+        consistent = len(losses) <= expected
+    elif record.get("skipped"):  # stopped at the round with a non-finite loss (or a g float32 cannot hold)
+        consistent = len(losses) <= expected
+    else:
+        consistent = len(losses) == expected and finite
+    if not consistent:
+        state = "raised" if record.get("raised") else "skipped" if record.get("skipped") else "completed"
+        raise ValueError(
+            f"record {k} has losses {losses}: a {state} step of this {setup['optimizer']} evaluates "
+            f"{'at most ' if state != 'completed' else ''}{expected}"
+            f"{', all finite' if state == 'completed' else ''}"
+        )
+
+
+def _check_setup(
+    params: list[torch.Tensor], setup: dict[str, Any], k: int, before: list[int], previous: dict[str, Any]
+) -> list[int]:
+    """The param groups' sizes from record k on; raises if ``params`` cannot be the parameters they describe, or the
+    setup is not one the run's optimizer could have had (a resumed run may change only _RESUMABLE_OPTIONS)."""
     sizes = list(setup["group_sizes"])
     if k == 0 and setup["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {setup['optimizer']!r} in the trajectory")
+    if setup["optimizer"] != previous["optimizer"]:
+        raise ValueError(f"record {k}: the optimizer became a {setup['optimizer']}, from a {previous['optimizer']}")
+    old, new = previous["options"], setup["options"]
+    changed = sorted(
+        key for key in old.keys() | new.keys() if key not in _RESUMABLE_OPTIONS and old.get(key) != new.get(key)
+    )
+    if changed:
+        raise ValueError(
+            f"record {k} changes {', '.join(changed)}: no run of one optimizer can (a resumed run keeps them)"
+        )
     if sizes[: len(before)] != before:
         raise ValueError(f"record {k}: param groups of sizes {before} became {sizes}; only groups can be added")
     if sum(sizes) > len(params) or len(setup["trainable"]) != sum(sizes):
@@ -132,6 +182,10 @@ def _check_setup(params: list[torch.Tensor], setup: dict[str, Any], k: int, befo
                 f"params[{j}] has {name} {have[j]}, but the trajectory's parameter {j} had {want[j]} (record {k}): "
                 "pass the initial parameters in the optimizer's canonical order"
             )
+    try:  # the options and per-group hyperparameters, as the constructor checks them (it writes nothing)
+        _construct(params, setup)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"record {k}'s setup: {e}") from None
     return sizes
 
 
@@ -139,21 +193,42 @@ def _last_setup(trajectory: Sequence[dict[str, Any]]) -> int:
     return max(k for k, record in enumerate(trajectory) if "setup" in record)
 
 
-def _build(params: list[torch.Tensor], setup: dict[str, Any], previous: ZOOptimizer | None) -> ZOOptimizer:
-    sizes, trainable = setup["group_sizes"], setup["trainable"]
+def _groups(params: list[torch.Tensor], setup: dict[str, Any]) -> list[dict[str, Any]]:
     groups, start = [], 0
-    for k, size in enumerate(sizes):
+    for k, size in enumerate(setup["group_sizes"]):
         groups.append({"params": params[start : start + size], **_group_extras(setup, k)})
         start += size
+    return groups
+
+
+def _construct(params: list[torch.Tensor], setup: dict[str, Any]) -> ZOOptimizer:
+    return OPTIMIZERS[setup["optimizer"]](_groups(params, setup), seed=0, **{**setup["options"], "seed_check_every": 0})
+
+
+def _build(params: list[torch.Tensor], setup: dict[str, Any], previous: ZOOptimizer | None) -> ZOOptimizer:
     if previous is None:
-        optimizer = OPTIMIZERS[setup["optimizer"]](groups, seed=0, **{**setup["options"], "seed_check_every": 0})
-    else:  # a mid-run change (frozen parameters, per-group extras, added groups) keeps the optimizer and state
-        optimizer = previous
-        for group, extras in zip(optimizer.param_groups, groups):
-            group.update({k: v for k, v in extras.items() if k != "params"})
-        for group in groups[len(optimizer.param_groups) :]:
-            optimizer.add_param_group(group)
-    optimizer._trainable_override = list(trainable)
+        optimizer = _construct(params, setup)
+        optimizer._trainable_override = list(setup["trainable"])
+        return optimizer
+    # A mid-run change (frozen parameters, per-group extras, added groups) keeps the optimizer and state.
+    optimizer = previous
+    groups = _groups(params, setup)
+    for group, extras in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in extras.items() if k != "params"})
+    for group in groups[len(optimizer.param_groups) :]:
+        optimizer.add_param_group(group)
+    optimizer._trainable_override = list(setup["trainable"])
+    # A resumed run may compute its steps another way (its checkpoint was loaded into an optimizer constructed with
+    # other _RESUMABLE_OPTIONS); its records follow them. A pending merged perturbation is taken back by the next
+    # step, as the checkpoint took it back.
+    options = setup["options"]
+    optimizer.backend, optimizer.perturbation, optimizer.rounding = (
+        options["backend"],
+        options["perturbation"],
+        options["rounding"],
+    )
+    if isinstance(optimizer, ZOSGD):
+        optimizer.merge_steps = optimizer._check_merge(options.get("merge_steps", False))
     return optimizer
 
 

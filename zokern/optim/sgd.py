@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from zokern.optim import _distributed
+from zokern.ops import FLOAT32_OVERFLOW
 from zokern.optim import seeds as seeds_
 from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
@@ -54,8 +54,9 @@ class ZOSGD(ZOOptimizer):
         distribution: ``"gaussian"`` or ``"rademacher"``.
         seed: base seed of the run (docs in :mod:`zokern.optim.seeds`); default: drawn from torch's generator.
         backend: force a kernel backend (see ``zokern.available_backends()``).
-        seed_check_every: under torch.distributed, check every this many steps that all ranks hold the same seed
-            (0: only at construction).
+        seed_check_every: under torch.distributed, :meth:`new_seed` (for loops that drive the passes themselves)
+            checks every this many calls that all ranks hold the same seed (0: only at construction); ``step``
+            checks it in every loss reduction.
         perturbation: ``"exact"`` evaluates the closure at theta + eps z without writing theta (a torch function
             mode hands ops the perturbed values; :mod:`zokern.optim.exact`), so that lr = 0 leaves 16-bit weights
             bit-identical; ``"inplace"`` is MeZO's scheme, the parameters perturbed and restored in place;
@@ -183,6 +184,11 @@ class ZOSGD(ZOOptimizer):
             options["merge_steps"] = True
         return options
 
+    @classmethod
+    def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
+        probes = options["n_probes"]
+        return probes + 1 if options["one_sided"] else 2 * probes
+
     def apply_projected_grad(self, seed: int, projected_grad: float) -> None:
         """theta <- theta - lr * (projected_grad * z(seed) + weight_decay * theta) in every group, one pass: the
         update of a step whose estimate the caller formed (with :meth:`new_seed` and :meth:`perturbed`). Not
@@ -227,9 +233,11 @@ class ZOSGD(ZOOptimizer):
         if self.one_sided:
             at_theta = losses[0]
             diffs = [plus - at_theta for plus in losses[1:]]
+            self._check_projected(diffs)
             return probes, diffs, at_theta, lead
         pairs = list(zip(losses[0::2], losses[1::2]))
         diffs = [0.5 * (plus - minus) for plus, minus in pairs]
+        self._check_projected(diffs)
         loss = sum(0.5 * (plus + minus) for plus, minus in pairs) / len(pairs)
         return probes, diffs, loss, lead
 
@@ -288,14 +296,15 @@ class ZOSGD(ZOOptimizer):
         and g per param group (``projected_grad``), all tensors."""
         chunks = self._device_chunks()
         device = chunks[0][2][0].device if chunks else torch.device("cpu")  # nothing trainable: the losses only
-        losses = _distributed.mean_across_ranks_on_device(values, device)
+        losses, _ = self._reduce(values, device)
         if self.one_sided:
             diff, loss = losses[1] - losses[0], losses[0]
         else:
             diff, loss = 0.5 * (losses[0] - losses[1]), 0.5 * (losses[0] + losses[1])
-        # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update.
-        ok = torch.isfinite(losses).all()
+        # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update;
+        # nor where g is beyond float32, which the update pass reads it in.
         grads = torch.stack([diff / group["eps"] for group in self.param_groups])
+        ok = torch.isfinite(losses).all() & (grads.abs() < FLOAT32_OVERFLOW).all()
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok)
 
@@ -370,6 +379,10 @@ class ZOConservative(ZOSGD):
             if kwargs.get(name, default) != default:
                 raise ValueError(f"ZOConservative supports only {name}={default!r}, got {kwargs[name]!r}")
         super().__init__(params, lr, eps, weight_decay, **kwargs)
+
+    @classmethod
+    def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
+        return 4 if record.get("accepted") == "descent" else 5  # L0, L+, L-, then one or both candidates
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         (probe,), (diff,), _, (loss_at_theta,) = self._estimate(seed, evaluate, leading=(evaluate(),))
