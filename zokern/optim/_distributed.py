@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from zokern._transfer import to_device
+
 _alone = False  # set by alone(): this process runs without collectives
 
 
@@ -52,8 +54,8 @@ def mean_across_ranks_on_device(
     if not active():
         return vector, None
     chunks = _chunks(identity)
-    header = torch.tensor(chunks + [c * c for c in chunks], dtype=torch.float64)
-    reduced = torch.cat((vector.to(_comm_device()), header.to(_comm_device())))
+    header = to_device(chunks + [c * c for c in chunks], _comm_device(), torch.float64)  # no host sync on a GPU
+    reduced = torch.cat((vector.to(_comm_device()), header))
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     world = dist.get_world_size()
     n, m = len(values), len(chunks)
