@@ -36,7 +36,7 @@ def test_demo_runs_the_preference_pipeline(tmp_path):
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("datasets")
     out = tmp_path / "run"
-    text = _run("demo", "--out", str(out), "--forwards", "8", "--methods", "zopro,mezo,ldsd", "--seed", "1")
+    text = _run("demo", "--out", str(out), "--forwards", "10", "--methods", "zopro,mezo,ldsd", "--seed", "1")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"zopro", "mezo", "ldsd"}
     assert all({"method", "step", "reward", "seconds", "forwards"} <= set(r) for r in records)
@@ -287,13 +287,29 @@ def test_a_failed_dpo_run_keeps_the_previous_metrics(tmp_path, monkeypatch, caps
     assert [json.loads(line)["step"] for line in (out / "dpo_metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
-def test_a_failed_demo_run_keeps_the_previous_metrics_and_sketches(tmp_path, monkeypatch, capsys):
+_PREVIOUS_RUN = (
+    "metrics.jsonl",
+    "sketches.jsonl",
+    "corpus.jsonl",
+    "prompts.jsonl",
+    "preferences.jsonl",
+    "tokenizer.json",
+)
+
+
+def _previous_run(out):
+    (out / "viz").mkdir(parents=True)
+    for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html"):
+        (out / name).write_text(f"previous {name}\n")
+
+
+def test_a_failed_demo_run_keeps_the_previous_results(tmp_path, monkeypatch, capsys):
+    # Failing before its first record (here: in the loop; as well a model that does not load, a trainable pattern
+    # that matches nothing), a run leaves the previous one's records, data and plots as they were.
     from zokern.preference import pipeline
 
     out = tmp_path / "out"
-    out.mkdir()
-    for name in ("metrics.jsonl", "sketches.jsonl"):
-        (out / name).write_text(f"previous {name}\n")
+    _previous_run(out)
 
     def broken(*args, **kwargs):
         raise ValueError("the loop failed")
@@ -301,10 +317,66 @@ def test_a_failed_demo_run_keeps_the_previous_metrics_and_sketches(tmp_path, mon
     monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
     monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
     monkeypatch.setattr(pipeline, "run", broken)
-    code, err = _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo"], capsys)
+    code, err = _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo", "--seed", "5"], capsys)
     assert code == 2 and "zokern demo: the loop failed" in err
-    for name in ("metrics.jsonl", "sketches.jsonl"):
-        assert (out / name).read_text() == f"previous {name}\n"
+    for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html"):
+        assert (out / name).read_text() == f"previous {name}\n", name
+
+
+def test_a_demo_run_replaces_the_previous_results_at_its_first_record(tmp_path, monkeypatch, capsys):
+    # Failing after its first record, a run leaves its own records and data, and no plot of the previous run.
+    from zokern.preference import pipeline
+
+    out = tmp_path / "out"
+    _previous_run(out)
+
+    def one_record_then_broken(method, policy, reward_model, tokenizer, train, heldout, judge, config, log, recorder):
+        log(dict(method=method, step=0, forwards=0, seconds=0.0, reward=0.5))
+        raise ValueError("the loop failed later")
+
+    monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
+    monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
+    monkeypatch.setattr(pipeline, "run", one_record_then_broken)
+    code, err = _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo", "--seed", "5"], capsys)
+    assert code == 2 and "zokern demo: the loop failed later" in err
+    assert json.loads((out / "metrics.jsonl").read_text())["reward"] == 0.5
+    for name in ("corpus.jsonl", "prompts.jsonl", "preferences.jsonl", "tokenizer.json"):
+        assert not (out / name).read_text().startswith("previous"), name
+    assert not (out / "reward.png").exists() and sorted(p.name for p in (out / "viz").iterdir()) == []
+
+
+def test_the_forwards_must_give_every_method_whole_steps(tmp_path, capsys, monkeypatch):
+    from zokern.preference import pipeline
+
+    def started(*args, **kwargs):
+        raise AssertionError("the demo generated its data first")
+
+    monkeypatch.setattr(pipeline, "make_demo_data", started)
+    code, err = _main(["demo", "--out", tmp_path / "run", "--forwards", "7", "--methods", "zopro,ldsd,rloo"], capsys)
+    assert code == 2 and "forwards 7: every method must get the same number of policy-loss forwards" in err, err
+    assert "whole steps of 2 (zopro), 5 (ldsd), 1 (rloo); give a multiple of 10" in err
+
+
+def test_errors_writing_outputs_and_long_messages_are_one_line(tmp_path, capsys, monkeypatch):
+    from zokern.preference import pipeline
+
+    data, out = _pairs_file(tmp_path / "p.jsonl"), tmp_path / "out"
+    (out / "dpo_metrics.jsonl").mkdir(parents=True)  # a directory where the run's metrics file goes
+    monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
+    code, err = _main(["dpo", "--data", data, "--out", out, "--steps", "1"], capsys)
+    assert code == 2 and err.startswith("zokern dpo: ") and "dpo_metrics.jsonl" in err and err.count("\n") == 1, err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "viz").write_text("")  # a file where the demo's plots go: refused before any work
+    monkeypatch.setattr(pipeline, "make_demo_data", lambda *args, **kwargs: pytest.fail("the demo started"))
+    code, err = _main(["demo", "--out", tmp_path / "run"], capsys)
+    assert code == 2 and f"{tmp_path / 'run' / 'viz'} exists and is not a directory" in err, err
+
+    def verbose(*args, **kwargs):
+        raise ValueError("the tokenizer could not be loaded:\n  first reason\n  second reason")
+
+    monkeypatch.setattr(pipeline, "run_dpo", verbose)
+    code, err = _main(["dpo", "--data", data, "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "loaded: first reason second reason" in err, err
 
 
 def test_record_files_replace_a_previous_file_at_their_first_record(tmp_path):
@@ -345,6 +417,10 @@ def _sketch_line(**fields):
         (
             _sketch_line() + _sketch_line(iteration="absent"),
             "sketches.jsonl, line 2: not a sketch record (no 'iteration')",
+        ),
+        (
+            _sketch_line() + _sketch_line(iteration=1, k=8, sketch=[0.5] * 8),
+            "method 'mezo' has sketches of different kinds (k=4 (4 values), seed 0, k=8 (8 values), seed 0)",
         ),
     ],
 )

@@ -117,6 +117,11 @@ def _no_rows(save):
         ("blank.jsonl", "\n  \n", r"blank\.jsonl: the file is empty"),
         ("bad.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{x\n', r"bad\.jsonl, line 2: not valid JSON"),
         ("empty.parquet", "", r"empty\.parquet: the file is empty"),
+        (
+            "latin1.jsonl",
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n',
+            r"latin1\.jsonl, line 2: not UTF-8 text \(byte 0xe9\)",
+        ),
         ("saved", _saved_test_split_only, r"saved: a saved DatasetDict without a 'train' split; it has \['test'\]"),
     ],
 )
@@ -125,6 +130,6 @@ def test_load_rows_names_the_file_and_the_problem(tmp_path, name, content, match
     if callable(content):
         content(path)
     else:
-        path.write_text(content)
+        path.write_text(content, encoding="latin-1" if name.startswith("latin1") else "utf-8")
     with pytest.raises(ValueError, match=match):
         load_rows(path, ("prompt", "chosen", "rejected"))

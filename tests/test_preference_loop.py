@@ -145,6 +145,14 @@ def test_zopro_step_moves_along_its_direction():
         assert torch.allclose(p.detach().double(), x - 1e-2 * g_hat * zz, atol=2e-5)
 
 
+def test_a_budget_below_one_step_is_refused(world):
+    # Nothing would train, and the run's only record (the start) would read as a result.
+    config = LoopConfig(forwards=4, eval_prompts=2, rm_steps=1, ldsd_k=4)
+    w = world
+    with pytest.raises(ValueError, match=r"forwards=4 is less than one ldsd step \(5 policy-loss forwards\)"):
+        run("ldsd", w["policy"], w["reward_model"], w["tokenizer"], w["train"], w["heldout"], w["judge"], config)
+
+
 def test_zopro_rejects_unsupported_settings():
     p = torch.nn.Parameter(torch.ones(4))
     with pytest.raises(ValueError, match="weight_decay"):

@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a bad option value ends here: argparse's error line, exit status 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input found once a command runs (data, model, backend)
+    # Bad input found once a command runs (data, model, backend), and files it cannot write (permissions, a file
+    # where a directory must go, a full disk): one line, whatever the message it wraps (transformers' span several).
+    except (ValueError, OSError) as e:
         if os.environ.get("ZOKERN_TRACEBACK") == "1":  # when the one line hides a bug: the whole traceback
             raise
-        print(f"zokern {args.command}: {e} (ZOKERN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        message = " ".join(str(e).split())
+        print(f"zokern {args.command}: {message} (ZOKERN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from zokern import _options as options
+
 SUBJECTS = [
     "the movie", "the book", "my trip to the lake", "the food at the cafe", "the new phone", "our team meeting",
     "the concert last night", "the weather today", "my first day at work", "the hotel room", "the museum visit",
@@ -139,6 +141,8 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
     elif path.suffix in (".jsonl", ".json", ".parquet"):
         if path.is_file() and _blank(path):
             raise ValueError(f"{path}: the file is empty (no rows)")
+        if path.is_file() and path.suffix != ".parquet":
+            _check_utf8(path)
         builder = "parquet" if path.suffix == ".parquet" else "json"
         verbosity = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse-error log would repeat ours
@@ -174,6 +178,17 @@ def _blank(path: Path) -> bool:
         return False
     with path.open("rb") as fh:
         return not any(line.strip() for line in fh)
+
+
+def _check_utf8(path: Path) -> None:
+    """JSON text must be UTF-8: `datasets` loads other bytes without complaint and fails later, when a row is read,
+    with a message that names neither the file nor the line."""
+    with path.open("rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {line[e.start]:#04x})") from None
 
 
 def _unreadable(path: Path, error: Exception) -> str:
@@ -240,10 +255,10 @@ class WordTokenizer:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", type=int, default=400)
-    parser.add_argument("--corpus", type=int, default=6000)
+    parser.add_argument("--out", type=options.output_dir, required=True)
+    parser.add_argument("--seed", type=options.seed, default=0)
+    parser.add_argument("--prompts", type=options.positive_int, default=400)
+    parser.add_argument("--corpus", type=options.positive_int, default=6000)
     args = parser.parse_args(argv)
     counts = make_demo_data(args.out, args.seed, args.prompts, args.corpus)
     print(f"wrote {args.out}: " + ", ".join(f"{n} {name} rows" for name, n in counts.items()))

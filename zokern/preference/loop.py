@@ -108,6 +108,25 @@ def _named(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def forwards_per_step_of(method: str, config: LoopConfig) -> int:
+    """Policy-loss forwards per step: a ZO step 2, LDSD k + 1, a first-order step 1."""
+    return {"rloo": 1, "ldsd": config.ldsd_k + 1}.get(method, 2)
+
+
+def check_forwards(forwards: int, methods: tuple[str, ...], config: LoopConfig) -> int:
+    """A budget every method spends whole: compared at the same number of policy-loss forwards, each must take a
+    whole number of steps in it."""
+    per_step = {m: forwards_per_step_of(m, config) for m in methods}
+    unit = math.lcm(*per_step.values())
+    if forwards % unit:
+        steps = ", ".join(f"{n} ({m})" for m, n in per_step.items())
+        raise ValueError(
+            f"forwards {forwards}: every method must get the same number of policy-loss forwards, in whole steps of "
+            f"{steps}; give a multiple of {unit}"
+        )
+    return forwards
+
+
 def run(
     method: str,
     policy: torch.nn.Module,
@@ -141,8 +160,12 @@ def run(
         )
     else:
         optimizer = torch.optim.Adam(params, lr=config.rloo_lr)
-    forwards_per_step = {"rloo": 1, "ldsd": config.ldsd_k + 1}.get(method, 2)
+    forwards_per_step = forwards_per_step_of(method, config)
     steps = config.forwards // forwards_per_step
+    if steps == 0:  # nothing would train, and the run's record would read as a result
+        raise ValueError(
+            f"forwards={config.forwards} is less than one {method} step ({forwards_per_step} policy-loss forwards)"
+        )
     steps_per_iteration = max(1, round(2 * config.steps_per_iteration / forwards_per_step))
     iterations = max(1, math.ceil(steps / steps_per_iteration))
     eval_prompts = heldout_prompts[: config.eval_prompts]

@@ -1,6 +1,7 @@
 """`zokern demo`: the whole preference pipeline on the CPU in a few minutes.
 
-1. Generate the demo's data (prompts, a corpus, judged preference pairs) into the output directory.
+1. Generate the demo's data (prompts, a corpus, judged preference pairs); they replace a previous run's in the output
+   directory with the run's first record.
 2. Build the word tokenizer; pretrain a small policy on the corpus (first order); train the reward model on the
    pairs (Bradley-Terry, first order).
 3. Run ZOPrO, the MeZO direction and first-order RLOO from that same start, for the same number of policy-loss
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from zokern.preference.local import load_local
 from zokern.preference.loop import DEFAULT_METHODS
 from zokern.preference.loop import METHODS
 from zokern.preference.loop import LoopConfig
+from zokern.preference.loop import check_forwards
 from zokern.preference.loop import run
 from zokern.preference.models import new_policy
 from zokern.preference.models import new_reward_model
@@ -41,6 +45,7 @@ from zokern.preference.records import RecordFile
 from zokern.preference.sketch import SketchRecorder
 from zokern.preference.trainable import select_trainable
 from zokern.preference.trainable import trainable_names
+from zokern.preference.viz import clear_plots
 from zokern.preference.viz import make_plots
 
 
@@ -62,54 +67,68 @@ def run_pipeline(
 
     methods = check_methods(methods)
     forwards, seed = check_positive_int(forwards), check_seed(seed)
+    config = LoopConfig(forwards=check_forwards(forwards, methods, LoopConfig()), seed=seed, trainable=trainable)
     out, device = check_output_dir(out), check_device(device)
+    check_output_dir(out / "viz")
     if trainable is not None:
         check_regex(trainable)
     if model is not None and not Path(model).is_dir():
         raise FileNotFoundError(f"--model {model}: no such directory (a local save_pretrained directory is expected)")
     datasets.disable_progress_bars()  # the demo's files are small: their loading needs no bars
-    out.mkdir(parents=True, exist_ok=True)
     begin = time.perf_counter()
-    counts = make_demo_data(out, seed=seed, prompts=200, corpus=3000)
-    print(f"data: {counts} in {out}")
-    pairs = load_rows(out / "preferences.jsonl", ("prompt", "chosen", "rejected"))
-    if model is None:
-        texts = [r["text"] for r in load_rows(out / "corpus.jsonl", ("text",))]
-        tokenizer = WordTokenizer.build(texts)
-        tokenizer.save(out / "tokenizer.json")
-        policy = new_policy(tokenizer, seed=seed).to(device)
-        trainable_names(policy, trainable)
-        losses = pretrain(policy, tokenizer, texts, steps=200, seed=seed)
-        print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
-        reward_model = new_reward_model(tokenizer, seed=seed).to(device)
-    else:
-        policy, reward_model, tokenizer = load_local(model, device)
-        names = trainable_names(policy, trainable)
-        n = sum(p.numel() for p in policy.parameters())
-        print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}; trainable: {', '.join(names)}")
-    losses = train_reward_model(reward_model, tokenizer, pairs, steps=150, seed=seed)
-    print(f"reward model trained: Bradley-Terry loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")
-    prompts = load_rows(out / "prompts.jsonl", ("prompt", "split"))
-    train = [p["prompt"] for p in prompts if p["split"] == "train"]
-    heldout = [p["prompt"] for p in prompts if p["split"] == "heldout"]
-    judge = SentimentJudge()
-    config = LoopConfig(forwards=forwards, seed=seed, trainable=trainable)
-    # Both files are replaced at the run's first record, not before (zokern.preference.records).
-    recorder = SketchRecorder(out / "sketches.jsonl", k=512, seed=seed, fresh=True)
-    records: list[dict] = []
-    with RecordFile(out / "metrics.jsonl") as metrics:
-        for method in methods:
-            bar = tqdm(total=forwards, desc=f"{method:5s}", unit="fwd")
+    # The run's files go to a staging directory first, and replace the previous run's in ``out`` with its first
+    # record: a run that fails before (a model that does not load, a trainable pattern that matches nothing) leaves
+    # the previous run's data, metrics and plots as they were, and one that fails after leaves no plot of another run.
+    with tempfile.TemporaryDirectory(prefix="zokern-demo-") as staging_dir:
+        staging = Path(staging_dir)
+        counts = make_demo_data(staging, seed=seed, prompts=200, corpus=3000)
+        print(f"data: {counts}")
+        pairs = load_rows(staging / "preferences.jsonl", ("prompt", "chosen", "rejected"))
+        if model is None:
+            texts = [r["text"] for r in load_rows(staging / "corpus.jsonl", ("text",))]
+            tokenizer = WordTokenizer.build(texts)
+            tokenizer.save(staging / "tokenizer.json")
+            policy = new_policy(tokenizer, seed=seed).to(device)
+            trainable_names(policy, trainable)
+            losses = pretrain(policy, tokenizer, texts, steps=200, seed=seed)
+            print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+            reward_model = new_reward_model(tokenizer, seed=seed).to(device)
+        else:
+            policy, reward_model, tokenizer = load_local(model, device)
+            names = trainable_names(policy, trainable)
+            n = sum(p.numel() for p in policy.parameters())
+            print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}; trainable: {', '.join(names)}")
+        losses = train_reward_model(reward_model, tokenizer, pairs, steps=150, seed=seed)
+        print(f"reward model trained: Bradley-Terry loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")
+        prompts = load_rows(staging / "prompts.jsonl", ("prompt", "split"))
+        train = [p["prompt"] for p in prompts if p["split"] == "train"]
+        heldout = [p["prompt"] for p in prompts if p["split"] == "heldout"]
+        judge = SentimentJudge()
 
-            def log(record: dict, bar=bar) -> None:
-                metrics.write(record)
-                bar.update(record["forwards"] - bar.n)
-                bar.set_postfix(reward=f"{record['reward']:.3f}")
+        def publish() -> None:
+            """At the run's first record: its data replace the previous run's, whose plots go."""
+            out.mkdir(parents=True, exist_ok=True)
+            for path in staging.iterdir():
+                shutil.copyfile(path, out / path.name)
+            (out / "reward.png").unlink(missing_ok=True)
+            clear_plots(out / "viz")
 
-            records += run(
-                method, copy.deepcopy(policy), reward_model, tokenizer, train, heldout, judge, config, log, recorder
-            )
-            bar.close()
+        # The sketches file is replaced at the run's first record too (zokern.preference.records).
+        recorder = SketchRecorder(out / "sketches.jsonl", k=512, seed=seed, fresh=True)
+        records: list[dict] = []
+        with RecordFile(out / "metrics.jsonl", on_first=publish) as metrics:
+            for method in methods:
+                bar = tqdm(total=forwards, desc=f"{method:5s}", unit="fwd")
+
+                def log(record: dict, bar=bar) -> None:
+                    metrics.write(record)
+                    bar.update(record["forwards"] - bar.n)
+                    bar.set_postfix(reward=f"{record['reward']:.3f}")
+
+                records += run(
+                    method, copy.deepcopy(policy), reward_model, tokenizer, train, heldout, judge, config, log, recorder
+                )
+                bar.close()
     plot_rewards(records, out / "reward.png")
     page = make_plots(out)
     print(f"\njudged reward on {config.eval_prompts} held-out prompts (VADER compound, -1..1):")
@@ -162,12 +181,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=options.output_dir,
         default=Path("zokern-demo"),
-        help="output directory (default ./zokern-demo); its metrics.jsonl and sketches.jsonl are replaced when the "
-        "run writes its first record",
+        help="output directory (default ./zokern-demo); a previous run's records, data and plots there are replaced "
+        "when the run writes its first record",
     )
     parser.add_argument("--seed", type=options.seed, default=0, help="in [0, 2^63) (default 0)")
     parser.add_argument(
-        "--forwards", type=options.positive_int, default=600, help="policy-loss forwards per method (default 600)"
+        "--forwards",
+        type=options.positive_int,
+        default=600,
+        help="policy-loss forwards per method, a multiple of each method's step (default 600)",
     )
     parser.add_argument(
         "--methods",

@@ -51,6 +51,14 @@ def load(run_dir: Path) -> dict[str, dict[str, list[dict]]]:
     for method, models in runs.items():
         if not models.get("policy"):
             raise ValueError(f"{path}: method {method!r} has no policy sketches (models recorded: {sorted(models)})")
+        # Sketches compare only under one hashing (size k and seed): a file appended to by runs that differ in them.
+        kinds = {(p["k"], len(p["sketch"]), p.get("seed")) for points in models.values() for p in points}
+        if len(kinds) > 1:
+            described = ", ".join(f"k={k} ({n} values), seed {seed}" for k, n, seed in sorted(kinds, key=str))
+            raise ValueError(
+                f"{path}: method {method!r} has sketches of different kinds ({described}), which do not compare: "
+                "keep one run's records per file"
+            )
         for points in models.values():
             points.sort(key=lambda p: p["iteration"])
     return runs
@@ -110,8 +118,19 @@ def _pca_2d(sketches: torch.Tensor) -> torch.Tensor:
     return centred @ basis
 
 
+PAGE_FILES = ("index.html", "summary.json", "*_trajectories.png", "*_tsne.png", "*_interplay.png")
+
+
+def clear_plots(out: Path) -> None:
+    """Remove the files make_plots writes in ``out``: a page must not show, or link past, plots of another run."""
+    for pattern in PAGE_FILES:
+        for path in Path(out).glob(pattern):
+            path.unlink()
+
+
 def make_plots(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the PNG plots and index.html for every method of the run; returns the page's path."""
+    """Write the PNG plots and index.html for every method of the run (those of an earlier run's other methods
+    removed); returns the page's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +139,7 @@ def make_plots(run_dir: Path, out: Path | None = None) -> Path:
     runs = load(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "viz"
     out.mkdir(parents=True, exist_ok=True)
+    clear_plots(out)
     sections = []
     for method, models in runs.items():
         rows = interplay(models)
