@@ -297,27 +297,27 @@ _PREVIOUS_RUN = (
 )
 
 
-def _previous_run(out):
+def _demo_over_a_previous_run(out, loop, monkeypatch, capsys):
+    """A demo run (with ``loop`` for the preference loop, no pretraining) in ``out``, which holds a previous run."""
+    from zokern.preference import pipeline
+
     (out / "viz").mkdir(parents=True)
     for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html"):
         (out / name).write_text(f"previous {name}\n")
+    monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
+    monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
+    monkeypatch.setattr(pipeline, "run", loop)
+    return _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo", "--seed", "5"], capsys)
 
 
 def test_a_failed_demo_run_keeps_the_previous_results(tmp_path, monkeypatch, capsys):
     # Failing before its first record (here: in the loop; as well a model that does not load, a trainable pattern
     # that matches nothing), a run leaves the previous one's records, data and plots as they were.
-    from zokern.preference import pipeline
-
-    out = tmp_path / "out"
-    _previous_run(out)
-
     def broken(*args, **kwargs):
         raise ValueError("the loop failed")
 
-    monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
-    monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
-    monkeypatch.setattr(pipeline, "run", broken)
-    code, err = _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo", "--seed", "5"], capsys)
+    out = tmp_path / "out"
+    code, err = _demo_over_a_previous_run(out, broken, monkeypatch, capsys)
     assert code == 2 and "zokern demo: the loop failed" in err
     for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html"):
         assert (out / name).read_text() == f"previous {name}\n", name
@@ -325,19 +325,12 @@ def test_a_failed_demo_run_keeps_the_previous_results(tmp_path, monkeypatch, cap
 
 def test_a_demo_run_replaces_the_previous_results_at_its_first_record(tmp_path, monkeypatch, capsys):
     # Failing after its first record, a run leaves its own records and data, and no plot of the previous run.
-    from zokern.preference import pipeline
-
-    out = tmp_path / "out"
-    _previous_run(out)
-
     def one_record_then_broken(method, policy, reward_model, tokenizer, train, heldout, judge, config, log, recorder):
         log(dict(method=method, step=0, forwards=0, seconds=0.0, reward=0.5))
         raise ValueError("the loop failed later")
 
-    monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
-    monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
-    monkeypatch.setattr(pipeline, "run", one_record_then_broken)
-    code, err = _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo", "--seed", "5"], capsys)
+    out = tmp_path / "out"
+    code, err = _demo_over_a_previous_run(out, one_record_then_broken, monkeypatch, capsys)
     assert code == 2 and "zokern demo: the loop failed later" in err
     assert json.loads((out / "metrics.jsonl").read_text())["reward"] == 0.5
     for name in ("corpus.jsonl", "prompts.jsonl", "preferences.jsonl", "tokenizer.json"):
