@@ -107,6 +107,30 @@ def main() -> None:
                 "raised": raised,
                 "skipped": [r["step"] for r in opt.trajectory if r["skipped"]],
             }
+    elif scenario == "desync_replay":
+        # Rank 1 one step ahead after a first step together (resumed from a later checkpoint, say): the step skips
+        # its update on both ranks, counts it and raises; rank 0's trajectory replays alone to its parameters (rank
+        # 1's skips a step number: replay refuses it).
+        for name, cls, kwargs in SCENARIOS:
+            model, _, _ = model_and_batch()
+            start = [p.detach().clone() for p in model.parameters()]
+            opt = cls(model.parameters(), lr=1e-2, eps=1e-3, seed=77, **kwargs)
+            closure = lambda model=model: torch.nn.functional.mse_loss(model(x[shard]), y[shard])  # noqa: E731
+            opt.step(closure)
+            opt.steps_taken += rank
+            try:
+                opt.step(closure)
+                error = ""
+            except RuntimeError as e:
+                error = str(e)
+            replayed = [t.clone() for t in start]
+            if rank == 0:
+                replay(replayed, opt.trajectory)
+            result[name] = {
+                "error": error,
+                "nonfinite": opt.nonfinite_steps,
+                "replays": all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters())),
+            }
     elif scenario == "desync_check_every":
         try:
             ZOSGD(model.parameters(), seed=5, seed_check_every=1 if rank == 0 else 100)

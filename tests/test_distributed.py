@@ -93,6 +93,13 @@ def test_ranks_at_different_steps_fail_at_their_first_loss_reduction(tmp_path):
         assert max(result["moved"]) < 1e-6  # restored, no update
 
 
+def test_a_step_the_ranks_disagree_on_is_skipped_counted_and_replayed(tmp_path):
+    for rank, result in enumerate(_launch("desync_replay", tmp_path)):
+        for name, _, _ in SCENARIOS:  # host reductions (two probes, FZOO) and the device step
+            assert f"ranks disagree on step {1 + rank}" in result[name]["error"], (rank, name)
+            assert result[name]["nonfinite"] == 1 and result[name]["replays"] == (rank == 0), (rank, name, result[name])
+
+
 def test_a_closure_that_raises_on_one_rank_leaves_the_ranks_identical(tmp_path):
     # Rank 1 goes on with NaN losses, so both ranks run the same passes and skip the same update; rank 1 raises.
     ranks = _launch("closure_raises", tmp_path)

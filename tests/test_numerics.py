@@ -154,6 +154,57 @@ def test_lower_level_perturbed_block_in_exact_mode():
     assert torch.equal(p.detach(), before)
 
 
+def test_raw_memory_of_a_parameter_holds_the_perturbed_value_for_the_whole_evaluation():
+    # A Triton launcher or a ctypes kernel given the parameter reads it through data_ptr(): the perturbed copy behind
+    # that address must live on (it was freed at once: two weights read from one freed block, NaN losses).
+    import ctypes
+
+    def read(t):  # what a kernel handed t.data_ptr() reads, after other work has run
+        return torch.frombuffer((ctypes.c_uint16 * t.numel()).from_address(t.data_ptr()), dtype=torch.bfloat16)
+
+    ws = [
+        torch.nn.Parameter((torch.randn(64, generator=torch.Generator().manual_seed(k)) * 0.1).bfloat16())
+        for k in (0, 1)
+    ]
+    before = [w.detach().clone() for w in ws]
+    opt = ZOSGD(ws, eps=1e-2, seed=0)
+    seed = opt.new_seed()
+    with opt.perturbed(seed, +1):
+        addresses = [w.data_ptr() for w in ws]
+        assert addresses == [w.data_ptr() for w in ws]  # one copy per parameter and evaluation
+        seen = [read(w).clone() for w in ws]
+    expected = [b.clone() for b in before]
+    zokern.perturb_(expected, seed, 1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+    assert all(torch.equal(w.detach(), b) for w, b in zip(ws, before))
+
+
+def test_parameters_in_a_namedtuple_are_perturbed():
+    from collections import namedtuple
+
+    pair = namedtuple("pair", "a b")
+    a, b = (torch.nn.Parameter(torch.linspace(-1, 1, 16).bfloat16()) for _ in range(2))
+    opt = ZOSGD([a, b], eps=1e-2, seed=0)
+    seed = opt.new_seed()
+    with opt.perturbed(seed, +1):
+        seen = torch.cat(pair(a, b)).detach().clone()  # torch.cat takes any tuple
+    expected = [a.detach().clone(), b.detach().clone()]
+    zokern.perturb_(expected, seed, 1e-2)
+    assert torch.equal(seen, torch.cat(expected))
+
+
+def test_a_perturbed_block_that_never_uses_a_parameter_is_an_error():
+    # As step(): where an evaluation never reaches a parameter through torch (a scripted module), its loss is L(theta)
+    # and the estimate silently 0.
+    used = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    opt = ZOSGD([used, unused], seed=0)
+    with pytest.raises(ValueError, match=r"never passed 1 trainable parameter.*\['params'\]\[1\]"):
+        with opt.perturbed(opt.new_seed(), +1):
+            used.float().sum()
+    assert torch.equal(used, torch.ones(4, dtype=torch.bfloat16))
+
+
 # -------------------------------------------------------------------------------------- stochastic rounding
 
 

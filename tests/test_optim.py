@@ -574,26 +574,32 @@ def test_a_trainable_tensor_subclass_is_refused_and_a_frozen_one_left_alone():
     assert torch.equal(plain, before)
 
 
+_HUGE_G = [1e37, -1e37]  # g = (L+ - L-) / (2 eps) = 1e40 with eps = 1e-3
+
+
 @pytest.mark.parametrize(
-    "cls,kwargs",
+    "cls,kwargs,losses",
     [
-        (ZOSGD, {}),
-        (ZOSGD, dict(n_probes=2)),
-        (ZOSGD, dict(momentum=0.5)),
-        (ZOSignSGD, {}),
-        (ZOAdam, {}),
-        (LDSD, dict(k=2)),
-        (LDSD, dict(k=2, update="adam")),
+        (ZOSGD, {}, _HUGE_G),
+        (ZOSGD, dict(n_probes=2), _HUGE_G),
+        (ZOSGD, dict(momentum=0.5), _HUGE_G),
+        (ZOSGD, {}, [1e35, -1e35]),  # g = 1e38: float32 holds it, not g z (|z| up to 4.9)
+        (ZOSignSGD, {}, _HUGE_G),
+        (ZOAdam, {}, [1e20, -1e20]),  # g = 1e23: its square, in the second moment, is beyond float32
+        (FZOO, dict(n_probes=2), [-1e28, 1.000000000002, 1.000000000003]),  # a spread tiny beside L_i - L_0
+        (LDSD, dict(k=2), _HUGE_G),
+        (LDSD, dict(k=2, sigma=10.0), [0.0, 1e30, -1e35]),  # g = 5e37, but g sigma = 5e38 moves theta
+        (LDSD, dict(k=2, update="adam"), [1e20, -1e20]),
     ],
-    ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(map(str, x.values())),
+    ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(map(str, x.values() if isinstance(x, dict) else x)),
 )
-def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs):
-    # Finite losses whose g = (L+ - L-) / (2 eps) = 1e40 float32 cannot hold: the momentum and Adam states, computed
-    # in float32, wrote inf and NaN into the parameters, and the device step dropped the update as if it were taken.
+def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losses):
+    # Finite losses whose update float32 cannot hold: the momentum and Adam states, computed in float32, wrote inf
+    # and NaN into the parameters, FZOO raised mid-step, and the device step dropped the update as if it were taken.
     (a, frozen, b), groups, _, _ = _problem()
     initial = [p.detach().clone() for p in (a, frozen, b)]
     opt = cls(groups, seed=1, **kwargs)
-    values = itertools.cycle([1e37, -1e37])
+    values = itertools.cycle(losses)
     with pytest.warns(RuntimeWarning, match=r"non-finite loss at .*projected gradient beyond float32 counts"):
         loss = opt.step(lambda: torch.tensor(next(values), dtype=torch.float64))
     assert math.isnan(loss.item()) and opt.nonfinite_steps == 1 and opt.trajectory[-1]["skipped"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from zokern.ops import FLOAT32_OVERFLOW
 from zokern.optim.base import _check_number
 from zokern.optim.sgd import ZOSGD
 
@@ -72,6 +74,8 @@ class ZOAdam(ZOSGD):
             group.setdefault("adam_eps", adam_eps)
             self._validate_adam(group)
         self.defaults.update(betas=tuple(betas), adam_eps=adam_eps)
+
+    _PROJECTED_LIMIT = math.sqrt(FLOAT32_OVERFLOW) / 8  # the second moment holds (g z)^2 in float32
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

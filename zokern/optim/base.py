@@ -107,6 +107,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_seed = 0
         self._round = 0  # loss reductions so far in this step
         self._agreement: list[torch.Tensor] = []  # their device flags: whether every rank was at the same round
+        self._seen_disagreement = False  # whether a reduction read on the host found the ranks at different rounds
         self._exact_now = False
         self._warned_16bit_loss = False
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
@@ -390,8 +391,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._perturb(seed, scale)
         try:
             if self._exact_now:
-                with self._perturbed_view():
+                view = self._perturbed_view()
+                with view:
                     yield
+                view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+ otherwise
             else:
                 yield
         finally:
@@ -473,7 +476,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if failed:
             self._settle()  # this rank's skipped step, reported before its own exception
             raise failed[0]
-        self._settle(wait=False)
+        self._settle(wait=self._seen_disagreement)  # one the host has read raises now, on every rank
         loss = fields["loss"]
         if isinstance(loss, torch.Tensor):
             return loss.to(self._loss_device, torch.float32)
@@ -519,7 +522,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_layout = self._groups_layout() if layout is None else layout
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
-        self._round, self._agreement = 0, []
+        self._round, self._agreement, self._seen_disagreement = 0, [], False
         self._next_seed = next_seed
         self._claimed = self._claim_lookahead(seed, may_claim)
         try:
@@ -585,20 +588,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         if all(isinstance(v, float) for v in values):  # replay: the recorded values themselves
             floats = list(values)
         else:
+            # Ranks that disagree have NaN losses: the step is skipped (replay does the same from its record), and
+            # its record makes step() raise RanksDisagree on every rank (they all read the same sums).
             losses, agree = self._reduce(values, values[0].device)
-            if agree is not None and not bool(agree):  # every rank reads the same sums, so every rank raises
-                raise _distributed.disagreement(self.steps_taken - 1)
             floats = losses.tolist()
+            self._seen_disagreement |= agree is not None and not bool(agree)  # read on the host already
         self._losses.extend(floats)
         if not all(math.isfinite(v) for v in floats):
             raise NonFiniteLoss
         return floats
 
-    def _check_projected(self, diffs: list[float], scale: float = 1.0) -> None:
-        """Skip the step if a projected gradient, scale * d / eps in some group, is not finite in float32, as the fused
-        update pass does on the device: the passes and the states compute in float32."""
-        largest = max(map(abs, diffs), default=0.0) * scale / min(group["eps"] for group in self.param_groups)
-        if not largest < ops.FLOAT32_OVERFLOW:
+    # The largest projected gradient a step applies: its update (g z, |z| < 5; in the momentum buffer too) must be
+    # finite in float32, where the passes and the states compute. Adam's second moment squares it (ZOAdam: lower).
+    _PROJECTED_LIMIT = ops.FLOAT32_OVERFLOW / 8
+
+    def _check_projected(self, coefficients: list[float], per_eps: bool = True) -> None:
+        """Skip the step (as for a non-finite loss) if a projected gradient, c / eps in some group (``per_eps``) or c,
+        is beyond _PROJECTED_LIMIT: applied, it would write inf or NaN into the parameters or the states."""
+        largest = max(map(abs, coefficients), default=0.0)
+        if per_eps:
+            largest /= min(group["eps"] for group in self.param_groups)
+        if not largest < self._PROJECTED_LIMIT:
             raise NonFiniteLoss
 
     def _reduce(self, values: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -642,13 +652,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _settle(self, wait: bool = True) -> None:
         """Write the device values of pending records as Python numbers, in step order; without ``wait``, only those
         whose copy to the host has completed (no host sync). Counts and reports the skipped steps."""
-        skipped = []
+        skipped, disagreed = [], []
         while self._unsettled and (wait or self._unsettled[0].ready()):
             record = self._unsettled.pop(0).settle()
             if not record.pop("ranks_agree", True):  # its update was skipped (NaN losses); training cannot go on
-                raise _distributed.disagreement(record["step"])
+                disagreed.append(record["step"])
             if record["skipped"]:
                 skipped.append(record["step"])
+        if disagreed:  # counted and warned about above as well: the state agrees with what replay rebuilds
+            self._nonfinite += len(skipped)
+            raise _distributed.disagreement(disagreed[0])
         if skipped:
             self._nonfinite += len(skipped)
             steps = f"step {skipped[0]}" if len(skipped) == 1 else f"steps {skipped}"

@@ -7,6 +7,9 @@ materialised by the fused kernel just before the op and freed when the op no lon
 change in the update pass, so with lr = 0 they stay bit-identical to their start, and the extra memory is the
 largest parameter an op receives (plus any small ones, such as a bias, received by the same op). A parameter used
 twice in a forward (tied input and output embeddings) is materialised twice from the same theta: the same value.
+An op that receives several large parameters at once (an RNN's flat weights, multi-head attention's projections)
+holds all of their copies while it runs. Code that takes a parameter's memory itself (``data_ptr()``, as a Triton
+launcher or a ctypes kernel given the parameter does) gets a copy kept for the rest of the evaluation.
 
 What a model must satisfy: the closure reaches every trainable parameter through torch operations (modules,
 functional calls, tensor methods, ``.data``, ``.T`` and the other properties made of its values), as Python models
@@ -29,6 +32,11 @@ from zokern._dispatch import select_backend
 # through them must see the perturbed value. Every other property is metadata, read from the parameter with no copy.
 _VALUE_GETTERS = frozenset(id(getattr(torch.Tensor, name)) for name in ("data", "T", "mT", "H", "mH", "real", "imag"))
 _DTYPES = frozenset(ops.SUPPORTED_DTYPES)  # others (a model cast to float64 after construction) take ops' checks
+# Methods that hand out a tensor's memory itself (a Triton launcher or a ctypes kernel given the parameter reads it
+# through data_ptr): the perturbed copy they expose must outlive the call, for the whole evaluation.
+_RAW_MEMORY = frozenset(
+    ("data_ptr", "untyped_storage", "storage", "_typed_storage", "__dlpack__", "numpy", "__array__")
+)
 
 
 class ParameterUse:
@@ -60,6 +68,7 @@ class PerturbedView(TorchFunctionMode):
         self.pass_kwargs = pass_kwargs
         self.used: set[int] = set()
         self.ready = self._materialise_small()
+        self.exposed: dict[int, torch.Tensor] = {}  # copies whose memory was handed out (_RAW_MEMORY), kept alive
 
     # Never traced by torch.compile: dynamo would bake one evaluation's perturbation into the graph (later
     # evaluations then saw the wrong one). A compiled model's ops come here one by one, run eagerly.
@@ -69,19 +78,26 @@ class PerturbedView(TorchFunctionMode):
         if getattr(func, "__name__", "") == "__get__" and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:
             # Metadata (shape, dtype, requires_grad, ...) comes from the parameter itself, with no copy.
             return func(*args, **kwargs)
+        if getattr(func, "__name__", "") in _RAW_MEMORY and args and id(args[0]) in self.uses:
+            param = args[0]
+            if id(param) not in self.exposed:
+                self.exposed[id(param)] = self._swap(param)
+            return func(self.exposed[id(param)], *args[1:], **kwargs)
         args = self._swap_all(args)
         if kwargs:
             kwargs = dict(zip(kwargs, self._swap_all(tuple(kwargs.values()))))
         return func(*args, **kwargs)
 
     def _swap_all(self, values: tuple) -> tuple:
-        """The arguments with parameters replaced; lists and tuples of tensors (RNN weights) are searched too."""
+        """The arguments with parameters replaced; lists and tuples of tensors (RNN weights, a namedtuple given to
+        torch.cat) are searched too."""
         swapped = None
         for k, value in enumerate(values):
             if isinstance(value, torch.Tensor):
                 new = self._swap(value)
-            elif type(value) in (list, tuple) and any(id(x) in self.uses for x in value):
-                new = type(value)(self._swap(x) if isinstance(x, torch.Tensor) else x for x in value)
+            elif isinstance(value, (list, tuple)) and any(id(x) in self.uses for x in value):
+                items = [self._swap(x) if isinstance(x, torch.Tensor) else x for x in value]
+                new = type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
             else:
                 continue
             if new is not value:

@@ -83,6 +83,7 @@ class FZOO(ZOOptimizer):
             self._perturb(probes[-1], -1.0)
             return dict(projected_grad=[0.0] * self.n_probes, loss=loss_at_theta, flat=True)
         coefficients = [(value - loss_at_theta) / (self.n_probes * spread) for value in losses]
+        self._check_projected(coefficients, per_eps=False)  # a spread tiny beside L_i - L_0 (lr scales them)
         self._restore_update(probes[-1], -1.0, lambda group: coefficients[-1])
         self._add_directions([(s, lambda group, c=c: -group["lr"] * c) for s, c in zip(probes[:-1], coefficients[:-1])])
         return dict(projected_grad=coefficients, loss=loss_at_theta, flat=False)

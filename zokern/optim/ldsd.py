@@ -324,9 +324,12 @@ class LDSD(ZOOptimizer):
         norms = self._move_to(torch.cat((losses.new_full((1,), -1.0), -onehot)), raw_mu_rows if fuse else None)
         f_minus = self._device_losses([evaluate()])[0]
         f_plus = losses.gather(0, best.view(1))[0]
-        # A non-finite loss, or a projected gradient beyond the float32 the final pass reads it in: no update.
+        # A non-finite loss, or a projected gradient the final pass cannot apply in float32 (it moves theta by
+        # g (mu + sigma xi), the Adam rule squares it): no update.
         largest = (f_plus - f_minus).abs() / (2 * min(group["eps"] for group in self.param_groups))
-        ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < FLOAT32_OVERFLOW)
+        largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups))
+        limit = math.sqrt(FLOAT32_OVERFLOW) / 8 if self._rule == "adam" else FLOAT32_OVERFLOW / 8
+        ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < limit)
         grads = self._final_pass(onehot, f_plus - f_minus, raw_mu_rows, norms, paired, ok)
         return dict(
             losses=torch.cat((losses, f_minus.view(1))),

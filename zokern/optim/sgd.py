@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from zokern.ops import FLOAT32_OVERFLOW
 from zokern.optim import seeds as seeds_
 from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
@@ -302,9 +301,11 @@ class ZOSGD(ZOOptimizer):
         else:
             diff, loss = 0.5 * (losses[0] - losses[1]), 0.5 * (losses[0] + losses[1])
         # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update;
-        # nor where g is beyond float32, which the update pass reads it in.
+        # nor where some group's g z would be beyond float32, which the update pass computes in. The pass restores
+        # without updating where g is not finite: every group's g is NaN then, so that no group updates alone.
         grads = torch.stack([diff / group["eps"] for group in self.param_groups])
-        ok = torch.isfinite(losses).all() & (grads.abs() < FLOAT32_OVERFLOW).all()
+        ok = torch.isfinite(losses).all() & (grads.abs() < self._PROJECTED_LIMIT).all()
+        grads = torch.where(ok, grads, torch.nan)
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok)
 
