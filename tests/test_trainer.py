@@ -355,3 +355,24 @@ def test_an_interrupted_train_leaves_no_micro_batch_for_the_next(tmp_path):
     trainer._window_closure = lambda model, window: sizes.append(len(window)) or closure_over(model, window)
     trainer.train()
     assert sizes == [2, 2, 2]  # each step its window's two micro-batches (the first had a third, left behind)
+
+
+def test_data_parallel_ranks_stay_identical_unwrapped_through_rank_zero_checkpoints(tmp_path):
+    # Rank 0 alone saves, and saving reads the weights, which takes a merged step's perturbation back: every rank
+    # must do so, or rank 0's next step runs other passes (bf16: other rounding) than rank 1's. And no
+    # DistributedDataParallel wrapper: its gradient buckets would be as large as the trainable parameters, unused.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("trainer_dp_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["wrapped"] for r in ranks] == ["LlamaForCausalLM"] * 2
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 6
+    assert ranks[0]["weights"] == ranks[1]["weights"]

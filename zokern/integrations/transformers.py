@@ -110,6 +110,30 @@ class ZOTrainer(Trainer):
         self._static_rebuilds = 0
         self._warned: set[str] = set()
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # Under torch.distributed the ranks average losses, never gradients: a DistributedDataParallel wrapper would
+        # only allocate gradient buckets as large as the trainable parameters. The model is prepared as accelerate
+        # prepares one for evaluation (device placement, mixed precision, torch.compile), not wrapped.
+        prepare_model = self.accelerator.prepare_model
+
+        def prepare_unwrapped(model, device_placement=None, evaluation_mode=False):
+            return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+        self.accelerator.prepare_model = prepare_unwrapped
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        # Rank 0 alone writes a checkpoint, and reading the weights takes a merged step's pending perturbation back,
+        # which writes them: every rank takes it back here, so that all ranks run the same passes.
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.materialize()
+        return super()._save_checkpoint(model, trial, *args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        if self.zo_optimizer is not None:  # as _save_checkpoint: called on every rank, writes on one
+            self.zo_optimizer.materialize()
+        return super().save_model(*args, **kwargs)
+
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             ignored = _first_order_arguments(self.args)
