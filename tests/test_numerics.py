@@ -205,6 +205,18 @@ def test_a_perturbed_block_that_never_uses_a_parameter_is_an_error():
     assert torch.equal(used, torch.ones(4, dtype=torch.bfloat16))
 
 
+def test_two_parameters_over_one_storage_are_refused_before_any_forward():
+    # The exact mode's first pass is the update: its overlap check came after both evaluations, which had seen the
+    # two "tied" parameters perturbed by different parts of the stream.
+    a = torch.nn.Parameter(torch.linspace(-1, 1, 8).bfloat16())
+    b = torch.nn.Parameter(a.data)
+    calls = []
+    opt = ZOSGD([a, b], lr=1e-2, seed=0)
+    with pytest.raises(ValueError, match=r"overlap in memory"):
+        opt.step(lambda: (calls.append(1), (a.float() * b.float()).sum())[1])
+    assert calls == []
+
+
 # -------------------------------------------------------------------------------------- stochastic rounding
 
 

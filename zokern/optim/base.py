@@ -526,6 +526,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._next_seed = next_seed
         self._claimed = self._claim_lookahead(seed, may_claim)
         try:
+            if self._exact_now:  # its first pass is the update: its checks (overlap, layout) before any forward
+                self._each_group()
             fields = {"skipped": False, **self._run_step(seed, evaluate)}
         except NonFiniteLoss:
             self._undo_displacement()
