@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from zokern.ops import FLOAT32_OVERFLOW
 from zokern.optim.base import _check_number
 from zokern.optim.sgd import ZOSGD
 
@@ -75,7 +73,7 @@ class ZOAdam(ZOSGD):
             self._validate_adam(group)
         self.defaults.update(betas=tuple(betas), adam_eps=adam_eps)
 
-    _PROJECTED_LIMIT = math.sqrt(FLOAT32_OVERFLOW) / 8  # the second moment holds (g z)^2 in float32
+    _PROJECTED_LIMIT = ZOSGD._SQUARED_PROJECTED_LIMIT  # the second moment holds (g z)^2 in float32
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

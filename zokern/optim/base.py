@@ -168,9 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for k, p in enumerate(group["params"]):
             # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
             # weights) are never touched; they only hold their place in the stream.
-            if p.requires_grad and (
-                p.dtype not in ops.SUPPORTED_DTYPES or not p.is_contiguous() or not ops.holds_plain_tensor(p)
-            ):
+            if p.requires_grad and not _writable(p):
                 _reject_parameter(f"params[{k}]", p)
 
     # ------------------------------------------------------------------------------------------------- layout
@@ -186,7 +184,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             for k, p in enumerate(group["params"]):
                 trainable = p.requires_grad if self._trainable_override is None else self._trainable_override[index]
                 if trainable:
-                    if not p.is_contiguous() or p.dtype not in ops.SUPPORTED_DTYPES or not ops.holds_plain_tensor(p):
+                    if not _writable(p):
                         _reject_parameter(f"param_groups[{g}]['params'][{k}]", p)
                     tensors.append(p)
                     offsets.append(base)
@@ -445,20 +443,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         failed: list[Exception] = []
 
         def evaluate() -> torch.Tensor:
-            if failed:  # see below: the rest of the step's evaluations are NaN too
-                evaluated.append(torch.tensor(math.nan, dtype=torch.float64))
-                return evaluated[-1]
-            try:
-                evaluated.append(self._evaluate(closure))
-            except Exception as e:
-                # Alone, the step undoes its perturbation and re-raises. Under torch.distributed the other ranks
-                # would wait in this step's loss reduction, and pair it with this rank's next one: this rank goes on
-                # with NaN losses instead, so that every rank runs the same passes, skips the same update and keeps
-                # the same parameters; it raises once the step is done.
-                if not _distributed.active():
-                    raise
-                failed.append(e)
-                return evaluate()
+            if not failed:
+                try:
+                    evaluated.append(self._evaluate(closure))
+                    return evaluated[-1]
+                except Exception as e:
+                    # Alone, the step undoes its perturbation and re-raises. Under torch.distributed the other
+                    # ranks would wait in this step's loss reduction, and pair it with this rank's next one: this
+                    # rank goes on with NaN losses instead (for the rest of the step), so that every rank runs the
+                    # same passes, skips the same update and keeps the same parameters; it raises once the step is
+                    # done.
+                    if not _distributed.active():
+                        raise
+                    failed.append(e)
+            evaluated.append(torch.tensor(math.nan, dtype=torch.float64))
             return evaluated[-1]
 
         try:
@@ -603,6 +601,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # The largest projected gradient a step applies: its update (g z, |z| < 5; in the momentum buffer too) must be
     # finite in float32, where the passes and the states compute. Adam's second moment squares it (ZOAdam: lower).
     _PROJECTED_LIMIT = ops.FLOAT32_OVERFLOW / 8
+    _SQUARED_PROJECTED_LIMIT = math.sqrt(ops.FLOAT32_OVERFLOW) / 8  # for rules that square it (Adam's second moment)
 
     def _check_projected(self, coefficients: list[float], per_eps: bool = True) -> None:
         """Skip the step (as for a non-finite loss) if a projected gradient, c / eps in some group (``per_eps``) or c,
@@ -812,6 +811,11 @@ _WHOLE_RUN_OPTIONS = frozenset(
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
+
+
+def _writable(p: torch.Tensor) -> bool:
+    """Whether the passes can update ``p`` in place (else _reject_parameter says why)."""
+    return p.is_contiguous() and p.dtype in ops.SUPPORTED_DTYPES and ops.holds_plain_tensor(p)
 
 
 def _reject_parameter(name: str, p: torch.Tensor) -> None:

@@ -17,7 +17,6 @@ from zokern import ops
 from zokern._ldsd_reference import STATES_PER_RULE
 from zokern._ldsd_reference import final_layout
 from zokern._transfer import to_device
-from zokern.ops import FLOAT32_OVERFLOW
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
 from zokern.optim.base import ZOOptimizer
@@ -328,7 +327,7 @@ class LDSD(ZOOptimizer):
         # g (mu + sigma xi), the Adam rule squares it): no update.
         largest = (f_plus - f_minus).abs() / (2 * min(group["eps"] for group in self.param_groups))
         largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups))
-        limit = math.sqrt(FLOAT32_OVERFLOW) / 8 if self._rule == "adam" else FLOAT32_OVERFLOW / 8
+        limit = self._SQUARED_PROJECTED_LIMIT if self._rule == "adam" else self._PROJECTED_LIMIT
         ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < limit)
         grads = self._final_pass(onehot, f_plus - f_minus, raw_mu_rows, norms, paired, ok)
         return dict(

@@ -133,13 +133,10 @@ def _check_step(record: dict[str, Any], k: int, setup: dict[str, Any]) -> None:
     ):
         raise ValueError(f"record {k}: its losses must be a list of numbers, got {losses!r}")
     expected = OPTIMIZERS[setup["optimizer"]]._losses_per_step(setup["options"], record)
-    finite = all(math.isfinite(v) for v in losses)
-    if record.get("raised"):
-        consistent = len(losses) <= expected
-    elif record.get("skipped"):  # stopped at the round with a non-finite loss (or a g float32 cannot hold)
+    if record.get("raised") or record.get("skipped"):  # stopped early (a skip: at a round it could not apply)
         consistent = len(losses) <= expected
     else:
-        consistent = len(losses) == expected and finite
+        consistent = len(losses) == expected and all(math.isfinite(v) for v in losses)
     if not consistent:
         state = "raised" if record.get("raised") else "skipped" if record.get("skipped") else "completed"
         raise ValueError(

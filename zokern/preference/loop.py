@@ -113,7 +113,7 @@ def forwards_per_step_of(method: str, config: LoopConfig) -> int:
     return {"rloo": 1, "ldsd": config.ldsd_k + 1}.get(method, 2)
 
 
-def check_forwards(forwards: int, methods: tuple[str, ...], config: LoopConfig) -> int:
+def check_forwards(forwards: int, methods: tuple[str, ...], config: LoopConfig) -> None:
     """A budget every method spends whole: compared at the same number of policy-loss forwards, each must take a
     whole number of steps in it."""
     per_step = {m: forwards_per_step_of(m, config) for m in methods}
@@ -124,7 +124,6 @@ def check_forwards(forwards: int, methods: tuple[str, ...], config: LoopConfig) 
             f"forwards {forwards}: every method must get the same number of policy-loss forwards, in whole steps of "
             f"{steps}; give a multiple of {unit}"
         )
-    return forwards
 
 
 def run(

@@ -67,7 +67,8 @@ def run_pipeline(
 
     methods = check_methods(methods)
     forwards, seed = check_positive_int(forwards), check_seed(seed)
-    config = LoopConfig(forwards=check_forwards(forwards, methods, LoopConfig()), seed=seed, trainable=trainable)
+    config = LoopConfig(forwards=forwards, seed=seed, trainable=trainable)
+    check_forwards(forwards, methods, config)
     out, device = check_output_dir(out), check_device(device)
     check_output_dir(out / "viz")
     if trainable is not None:
@@ -81,28 +82,7 @@ def run_pipeline(
     # the previous run's data, metrics and plots as they were, and one that fails after leaves no plot of another run.
     with tempfile.TemporaryDirectory(prefix="zokern-demo-") as staging_dir:
         staging = Path(staging_dir)
-        counts = make_demo_data(staging, seed=seed, prompts=200, corpus=3000)
-        print(f"data: {counts}")
-        pairs = load_rows(staging / "preferences.jsonl", ("prompt", "chosen", "rejected"))
-        if model is None:
-            texts = [r["text"] for r in load_rows(staging / "corpus.jsonl", ("text",))]
-            tokenizer = WordTokenizer.build(texts)
-            tokenizer.save(staging / "tokenizer.json")
-            policy = new_policy(tokenizer, seed=seed).to(device)
-            trainable_names(policy, trainable)
-            losses = pretrain(policy, tokenizer, texts, steps=200, seed=seed)
-            print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
-            reward_model = new_reward_model(tokenizer, seed=seed).to(device)
-        else:
-            policy, reward_model, tokenizer = load_local(model, device)
-            names = trainable_names(policy, trainable)
-            n = sum(p.numel() for p in policy.parameters())
-            print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}; trainable: {', '.join(names)}")
-        losses = train_reward_model(reward_model, tokenizer, pairs, steps=150, seed=seed)
-        print(f"reward model trained: Bradley-Terry loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")
-        prompts = load_rows(staging / "prompts.jsonl", ("prompt", "split"))
-        train = [p["prompt"] for p in prompts if p["split"] == "train"]
-        heldout = [p["prompt"] for p in prompts if p["split"] == "heldout"]
+        policy, reward_model, tokenizer, train, heldout = _starting_point(staging, model, device, seed, trainable)
         judge = SentimentJudge()
 
         def publish() -> None:
@@ -139,6 +119,34 @@ def run_pipeline(
         f"wrote {out / 'metrics.jsonl'}, {out / 'reward.png'} and {page} ({time.perf_counter() - begin:.0f} s in all)"
     )
     return records
+
+
+def _starting_point(staging: Path, model: Path | None, device: str, seed: int, trainable: str | None):
+    """The demo's data, written to ``staging``; the policy (the small one pretrained here, or ``model``) and the
+    reward model trained on the data's pairs, on ``device``; the train and held-out prompts."""
+    counts = make_demo_data(staging, seed=seed, prompts=200, corpus=3000)
+    print(f"data: {counts}")
+    pairs = load_rows(staging / "preferences.jsonl", ("prompt", "chosen", "rejected"))
+    if model is None:
+        texts = [r["text"] for r in load_rows(staging / "corpus.jsonl", ("text",))]
+        tokenizer = WordTokenizer.build(texts)
+        tokenizer.save(staging / "tokenizer.json")
+        policy = new_policy(tokenizer, seed=seed).to(device)
+        trainable_names(policy, trainable)
+        losses = pretrain(policy, tokenizer, texts, steps=200, seed=seed)
+        print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+        reward_model = new_reward_model(tokenizer, seed=seed).to(device)
+    else:
+        policy, reward_model, tokenizer = load_local(model, device)
+        names = trainable_names(policy, trainable)
+        n = sum(p.numel() for p in policy.parameters())
+        print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}; trainable: {', '.join(names)}")
+    losses = train_reward_model(reward_model, tokenizer, pairs, steps=150, seed=seed)
+    print(f"reward model trained: Bradley-Terry loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f}")
+    prompts = load_rows(staging / "prompts.jsonl", ("prompt", "split"))
+    train = [p["prompt"] for p in prompts if p["split"] == "train"]
+    heldout = [p["prompt"] for p in prompts if p["split"] == "heldout"]
+    return policy, reward_model, tokenizer, train, heldout
 
 
 def check_methods(methods: str | tuple[str, ...]) -> tuple[str, ...]:
