@@ -435,6 +435,20 @@ BAD_CALLS = [
 ]
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: zokern.perturb_([torch.zeros(0)], 1, EPS, backend="gpu"),
+        lambda: zokern.perturb_into_([torch.zeros(0)], [torch.zeros(0)], 1, EPS, backend="gpu"),
+        lambda: zokern.gaussian(1, 0, 0, backend="gpu"),
+    ],
+    ids=["perturb_", "perturb_into_", "gaussian"],
+)
+def test_an_unknown_backend_is_refused_when_there_is_nothing_to_write(call):
+    with pytest.raises(ValueError, match=r"unknown zokern backend 'gpu'"):
+        call()
+
+
 @pytest.mark.parametrize("call,exc,match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises_before_touching_tensors(call, exc, match):
     tensors = _good()

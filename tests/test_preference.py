@@ -190,3 +190,52 @@ def test_direction_checks_shapes_and_dtypes():
         direction.apply_([torch.zeros(5), *_params()[1:]], OFFSETS, 1, 1e-3)
     with pytest.raises(TypeError, match="float32"):
         direction.apply_([p.bfloat16() for p in _params()], OFFSETS, 1, 1e-3)
+
+
+def _bare_direction(n: int) -> ZOPrODirection:
+    """No mu, no vhat: nothing pins the tensors' shapes, so only apply_'s own checks stand between bad input and
+    the kernels."""
+    return ZOPrODirection([None] * n, [None] * n, 0.0)
+
+
+@pytest.mark.parametrize("backend", backends_for(DEVICE))
+@pytest.mark.parametrize(
+    "bad,offsets,exc,match",
+    [
+        ("transposed", [0, 3], ValueError, r"tensors\[1\] .* is not contiguous"),
+        ("overlap", [0, 3], ValueError, r"tensors\[0\] and tensors\[1\] overlap"),
+        ("ok", [0, -8], ValueError, r"offsets\[1\] must be in \[0, 2\^63\)"),
+        ("ok", [0, 2**63], ValueError, r"offsets\[1\] must be in"),
+        ("ok", [0, 1.5], TypeError, r"offsets\[1\] must be an integer"),
+        ("ok", [0, 3, 9], ValueError, "offsets has 3 entries for 2 tensors"),
+    ],
+)
+def test_direction_refuses_bad_tensors_and_offsets_before_writing(backend, bad, offsets, exc, match):
+    first = _randn(3).float().to(DEVICE)
+    if bad == "overlap":
+        memory = _randn(40).float().to(DEVICE)
+        tensors = [memory[:30], memory[10:]]
+    else:
+        second = _randn(5, 4).float().to(DEVICE)
+        tensors = [first, second.t() if bad == "transposed" else second]
+    before = [t.clone() for t in tensors]
+    with pytest.raises(exc, match=match):
+        _bare_direction(2).apply_(tensors, offsets, seed=1, alpha=0.1, backend=backend)
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
+@pytest.mark.parametrize("backend", backends_for(DEVICE))
+def test_direction_tells_autograd_it_wrote(backend):
+    p = torch.nn.Parameter(_randn(20).float().to(DEVICE))
+    loss = (p * p).sum()
+    _bare_direction(1).apply_([p], [0], seed=1, alpha=0.5, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_direction_does_not_reuse_sums_of_tensors_of_another_size():
+    direction = _bare_direction(1)
+    direction.apply_([torch.zeros(10, device=DEVICE)], [0], seed=3, alpha=1.0)
+    big = torch.zeros(10000, device=DEVICE)
+    direction.apply_([big], [0], seed=3, alpha=1.0)
+    assert big.norm().item() == pytest.approx(100.0, rel=1e-5)  # sqrt(d): the pure-noise direction's norm

@@ -17,6 +17,7 @@ import torch
 
 from zokern import _reference
 from zokern import _scalars
+from zokern._dispatch import available_requested_backend
 from zokern._dispatch import select_backend
 
 INDEX_LIMIT = 1 << 63
@@ -326,6 +327,7 @@ def _prepared(tensors: Tensors | PreparedTensors, offset: int, offsets: Iterable
 
 def _run_pass(prepared: PreparedTensors, backend: str | None, scalars: torch.Tensor | None = None, **kwargs) -> None:
     if not prepared._by_dtype:
+        available_requested_backend(backend)  # a bad name is refused whether or not there is work
         return
     device = prepared.device
     impl = select_backend(device, backend)
@@ -435,6 +437,7 @@ def perturb_into_(
     bases = _bases(out, offset, offsets)
     live = [(o, src, b) for o, src, b in zip(out, sources, bases) if o.numel()]
     if not live:
+        available_requested_backend(backend)  # as _run_pass
         return
     impl = select_backend(live[0][0].device, backend, op="zo_copy_pass_")
     by_dtype: dict[torch.dtype, tuple[list, list, list]] = {}

@@ -66,22 +66,34 @@ class ZOPrODirection:
             norm = float(v.double().norm())
             self.vhat.append(None if norm == 0.0 else (v.double() / norm).float())
 
-    def _check(self, tensors: Sequence[torch.Tensor]) -> None:
+    def _check(
+        self, tensors: Sequence[torch.Tensor], offsets: Sequence[int] | None = None, written: bool = False
+    ) -> list[int] | None:
+        """The tensors checked against mu and vhat, and (``written``) as the in-place passes check theirs; returns
+        the offsets (if given) validated as stream indices."""
         if len(tensors) != len(self.mu):
             raise ValueError(f"the direction was built for {len(self.mu)} tensors, got {len(tensors)}")
         for k, (t, m, v) in enumerate(zip(tensors, self.mu, self.vhat)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensor {k} is a {type(t).__name__}, expected a torch.Tensor")
             for name, ref in (("mu", m), ("vhat", v)):
                 if ref is not None and ref.shape != t.shape:
                     raise ValueError(f"{name}[{k}] has shape {tuple(ref.shape)} but tensor {k} has {tuple(t.shape)}")
                 if ref is not None and ref.device != t.device:
                     raise ValueError(f"{name}[{k}] is on {ref.device} but tensor {k} is on {t.device}")
+            if written and t.dtype != torch.float32:
+                raise TypeError(f"tensor {k} is {t.dtype}: the ZOPrO direction is applied to float32 parameters")
+        if written:  # layout, memory overlap, inference tensors: per device, as ops' in-place passes refuse them
+            for indices in _by_device(tensors).values():
+                ops._check_tensors([tensors[i] for i in indices])
+        return None if offsets is None else ops._bases(list(tensors), 0, offsets)
 
     def reductions(
         self, seed: int, tensors: Sequence[torch.Tensor], offsets: Sequence[int], backend: str | None = None
     ) -> list[tuple[float, float]]:
         """Per tensor, (a_p, ||n_p||^2) = (vhat_p . n_p, n_p . n_p) for the Gaussian stream of ``seed``: one fused
         reduction pass over the stream and vhat (float64 sums), never a whole tensor of the stream at once."""
-        self._check(tensors)
+        offsets = self._check(tensors, offsets)
         out: list[tuple[float, float]] = [(0.0, 0.0)] * len(tensors)
         for device, indices in _by_device(tensors).items():
             impl = _impl(device, backend, "zopro_reduce")
@@ -107,7 +119,7 @@ class ZOPrODirection:
         self, seed: int, tensors: Sequence[torch.Tensor], offsets: Sequence[int], backend: str | None = "torch"
     ) -> list[torch.Tensor]:
         """z_p for every tensor, materialised in float64 from the formula (for tests)."""
-        self._check(tensors)
+        offsets = self._check(tensors, offsets)
         out = []
         for k, (t, offset) in enumerate(zip(tensors, offsets)):
             n = ops.gaussian(seed, offset, t.numel(), device=t.device, backend=backend).double().view_as(t)
@@ -131,11 +143,9 @@ class ZOPrODirection:
         combined element by element with per-tensor coefficients (alpha c_mu, -alpha c_n a_p, alpha c_n); z is never
         materialised. The reductions of a seed are remembered, since a ZO step moves along the same z several
         times."""
-        self._check(tensors)
-        for k, t in enumerate(tensors):
-            if t.dtype != torch.float32:
-                raise TypeError(f"tensor {k} is {t.dtype}: the ZOPrO direction is applied to float32 parameters")
-        key = (seed, tuple(offsets), backend)
+        offsets = self._check(tensors, offsets, written=True)
+        # The sums depend on the sizes too where no mu or vhat pins a tensor's shape.
+        key = (seed, tuple(offsets), tuple(t.numel() for t in tensors), backend)
         if self._cached_key != key:
             self._cached_key, self._cached = key, self.reductions(seed, tensors, offsets, backend)
         rows = []
@@ -154,6 +164,8 @@ class ZOPrODirection:
                 coef=coef,
                 **_extra(impl, backend),
             )
+        # The C++ and Triton kernels write through pointers, unseen by autograd (as ops._run_pass).
+        torch.autograd.graph.increment_version(list(tensors))
 
 
 def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
