@@ -633,6 +633,20 @@ def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losse
             r"param group 0: momentum is an option of the whole optimizer",
         ),
         (lambda ps: LDSD([{"params": ps, "k": 3}]), ValueError, r"k is an option of the whole optimizer"),
+        (lambda ps: ZOSGD([{"params": ps, "maximize": True}]), ValueError, r"maximize=True is not supported"),
+        (
+            lambda ps: ZOSGD([{"params": ps, "sigma": 0.5, "amsgrad": True}]),
+            ValueError,
+            r"param group 0: amsgrad, sigma are not options of ZOSGD's param groups",
+        ),
+        (lambda ps: LDSD([{"params": ps, "betas": (0.9, 0.99)}]), ValueError, r"betas is not an option of LDSD"),
+        (lambda ps: FZOO([{"params": ps, "mu_lr": 0.1}]), ValueError, r"mu_lr is not an option of FZOO"),
+        (lambda ps: ZOAdam([{"params": ps, "betas": 0.9}]), ValueError, r"param group 0: invalid betas: 0.9"),
+        (
+            lambda ps: ZOSGD([ps[0], torch.nn.Parameter(torch.ones(2)), ps[0]]),
+            ValueError,
+            r"params\[0\] and params\[2\]",
+        ),
         (
             lambda ps: ZOSGD([*ps, torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]),
             TypeError,
@@ -650,6 +664,118 @@ def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losse
 def test_bad_arguments_are_clear_errors(build, exc, match):
     with pytest.raises(exc, match=match):
         build([torch.nn.Parameter(torch.ones(3))])
+
+
+def test_a_group_with_a_key_this_optimizer_understands_is_accepted():
+    p = torch.nn.Parameter(torch.ones(3))
+    ZOSGD([{"params": [p], "maximize": False, "foreach": None, "name": "bias"}])  # no-op torch keys, user labels
+    ZOAdam([{"params": [p], "betas": (0.8, 0.99)}])
+    LDSD([{"params": [p], "sigma": 0.5, "betas": (0.8, 0.99)}], update="adam")
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="same parameter"):
+        ZOSGD([torch.nn.Parameter(torch.ones(2))]).add_param_group({"params": [p, p]})
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,key,value,exc,match",
+    [
+        (ZOSGD, {}, "lr", -1e-3, ValueError, r"param group 1: invalid lr: -0.001"),
+        (ZOSGD, dict(momentum=0.9), "lr", math.nan, ValueError, r"param group 1: lr must be finite"),
+        (ZOAdam, {}, "eps", 0.0, ValueError, r"param group 1: invalid eps"),
+        (ZOAdam, {}, "betas", (0.9, 1.5), ValueError, r"param group 1: invalid betas"),
+        (FZOO, {}, "weight_decay", -0.1, ValueError, r"param group 1: invalid weight_decay"),
+        (LDSD, {}, "sigma", -1.0, ValueError, r"param group 1: invalid sigma"),
+        (LDSD, dict(update="adam"), "lr", torch.tensor(1e-3), TypeError, r"param group 1: lr must be a real number"),
+    ],
+)
+def test_a_step_checks_hyperparameters_changed_since_construction(cls, kwargs, key, value, exc, match):
+    """A scheduler or the user may set what the constructor would refuse; the step refuses it before any pass, so
+    the parameters, the step count and the optimizer's own state dict stay usable."""
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = cls(groups, seed=0, **kwargs)
+    opt.step(closure)
+    saved_at, before = opt.steps_taken, [p.detach().clone() for p in (a, frozen, b)]
+    opt.param_groups[1][key] = value
+    with pytest.raises(exc, match=match):
+        opt.step(closure)
+    assert opt.steps_taken == saved_at and all(torch.equal(p, q) for p, q in zip((a, frozen, b), before))
+    if hasattr(opt, "apply_projected_grad"):
+        with pytest.raises(exc, match=match):
+            opt.apply_projected_grad(opt.new_seed(), 1.0)
+        with pytest.raises(exc, match=match):
+            with opt.perturbed(opt.new_seed()):
+                pass
+        assert all(torch.equal(p, q) for p, q in zip((a, frozen, b), before))
+
+
+def test_a_scheduler_run_past_its_end_is_refused_at_the_step():
+    w = torch.nn.Parameter(torch.randn(4))
+    start = w.detach().clone()
+    opt = ZOSGD([w], lr=1e-2, seed=0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 2)
+    for _ in range(3):
+        opt.step(lambda: (w**2).sum())
+        schedule.step()
+    with pytest.raises(ValueError, match=r"param group 0: invalid lr: -0.005"):
+        opt.step(lambda: (w**2).sum())
+    replayed = start.clone()
+    zokern.replay([replayed], opt.trajectory)  # every step taken had a valid lr: the trajectory replays
+    assert torch.equal(replayed, w.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(ZOSGD, {}), (ZOSGD, dict(n_probes=2, one_sided=True)), (ZOConservative, {}), (FZOO, {}), (LDSD, dict(k=3))],
+)
+def test_every_evaluation_of_a_step_draws_the_same_random_numbers(cls, kwargs, dtype):
+    """Dropout masks (and any draw in the closure) shared by L+ and L-: with different draws the difference, over
+    eps, would swamp the estimate. The next step draws new ones."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1)).to(dtype)
+    x = torch.randn(32, 6, dtype=dtype)
+    opt = cls(model.parameters(), lr=1e-3, seed=0, **kwargs)
+    draws: list[list[float]] = []
+
+    def closure():
+        draws[-1].append(torch.rand(()).item())
+        return model(x).float().pow(2).mean()
+
+    for _ in range(3):
+        draws.append([])
+        opt.step(closure)
+    assert all(len(step) >= 2 and len(set(step)) == 1 for step in draws)
+    assert len({step[0] for step in draws}) == 3
+
+
+def test_dropout_in_train_mode_leaves_the_estimate_as_in_eval_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(64, 1))
+    x = torch.randn(256, 32)
+    y = x[:, :1].clone()
+    median = {}
+    for train in (True, False):
+        model.train(train)
+        opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-6, seed=0)
+        for _ in range(21):
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        median[train] = statistics.median(abs(r["projected_grad"][0]) for r in opt.trajectory)
+    # Masks drawn afresh per forward made the train-mode estimate about 7000 times larger.
+    assert median[True] < 3 * median[False]
+
+
+def test_a_closure_that_calls_backward_in_exact_mode_is_told_why_it_fails():
+    model = torch.nn.Linear(4, 1).bfloat16()
+    before = model.weight.detach().clone()
+    opt = ZOSGD(model.parameters(), lr=1e-3, seed=0)
+
+    def closure():
+        with torch.enable_grad():
+            loss = model(torch.ones(2, 4, dtype=torch.bfloat16)).float().sum()
+            loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"exact mode .* without calling backward\(\)"):
+        opt.step(closure)
+    assert torch.equal(model.weight, before)
 
 
 def test_parameters_the_passes_cannot_update_are_rejected_before_any_pass():

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from zokern.optim.base import _check_betas
 from zokern.optim.base import _check_number
 from zokern.optim.sgd import ZOSGD
 
@@ -53,6 +54,8 @@ class ZOAdam(ZOSGD):
         perturbation: str = "auto",
         rounding: str = "auto",
     ) -> None:
+        _check_betas(betas)
+        _check_number("adam_eps", adam_eps, 0.0, True)
         super().__init__(
             params,
             lr,
@@ -70,22 +73,17 @@ class ZOAdam(ZOSGD):
         for group in self.param_groups:
             group.setdefault("betas", tuple(betas))
             group.setdefault("adam_eps", adam_eps)
-            self._validate_adam(group)
         self.defaults.update(betas=tuple(betas), adam_eps=adam_eps)
 
     _PROJECTED_LIMIT = ZOSGD._SQUARED_PROJECTED_LIMIT  # the second moment holds (g z)^2 in float32
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        if "betas" in group:  # from the defaults once the constructor has set them; a rejected group is not kept
-            self._validate_adam(group)
-
-    @staticmethod
-    def _validate_adam(group: dict[str, Any]) -> None:
-        betas = group["betas"]
-        if len(betas) != 2 or not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
-            raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
-        _check_number("adam_eps", group["adam_eps"], 0.0, True)
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._check_hyperparameters(group)
+        # Each once present: torch.optim adds the groups before the constructor fills in these defaults.
+        if "betas" in group:
+            _check_betas(group["betas"])
+        if "adam_eps" in group:
+            _check_number("adam_eps", group["adam_eps"], 0.0, True)
 
     def options(self) -> dict[str, Any]:
         options = super().options()

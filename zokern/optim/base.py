@@ -28,6 +28,7 @@ from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
 from zokern.optim._pending import PendingRecord
+from zokern.optim._randomness import SharedRandomness
 from zokern.optim.exact import ParameterUse
 from zokern.optim.exact import PerturbedView
 from zokern.optim.lookahead import Lookahead
@@ -158,18 +159,46 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise type(e)(f"{where}: {e}") from None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_step_hyperparameters(group["lr"], group["eps"], group["weight_decay"])
+        self._check_hyperparameters(group)
         misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
         if misplaced:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
             raise ValueError(
                 f"{', '.join(misplaced)} {'is an option' if len(misplaced) == 1 else 'are options'} of the whole "
                 f"optimizer, not of a param group: pass {'it' if len(misplaced) == 1 else 'them'} to the constructor"
             )
+        understood = {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
+        foreign = sorted(k for k in (group.keys() & _FOREIGN_GROUP_KEYS) - understood if group[k] is not False)
+        if "maximize" in foreign:
+            raise ValueError("maximize=True is not supported: zokern minimises the closure's loss; return its negative")
+        if foreign:  # a group ported from another optimizer, whose settings this one would keep and ignore
+            raise ValueError(
+                f"{', '.join(foreign)} {'is not an option' if len(foreign) == 1 else 'are not options'} of "
+                f"{type(self).__name__}'s param groups (it takes {', '.join(sorted(understood - {'params'}))})"
+            )
+        first_index: dict[int, int] = {}
+        for k, p in enumerate(group["params"]):  # torch.optim only warns; a step would then fail on every call
+            j = first_index.setdefault(id(p), k)
+            if j != k:
+                raise ValueError(f"params[{j}] and params[{k}] are the same parameter; each must appear once")
         for k, p in enumerate(group["params"]):
             # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
             # weights) are never touched; they only hold their place in the stream.
             if p.requires_grad and not _writable(p):
                 _reject_parameter(f"params[{k}]", p)
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        """A group's hyperparameters as the passes apply them (subclasses add theirs)."""
+        check_step_hyperparameters(group["lr"], group["eps"], group["weight_decay"])
+
+    def _check_groups_hyperparameters(self) -> None:
+        """Every group's hyperparameters, before a step or pass uses them: a scheduler or the user may have changed
+        them since the constructor checked (a decay run past its end gives a negative lr, which the step would apply
+        and the optimizer's own state_dict and trajectory would then refuse; a NaN lr would overwrite theta)."""
+        for g, group in enumerate(self.param_groups):
+            try:
+                self._check_hyperparameters(group)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"param group {g}: {e}") from None
 
     # ------------------------------------------------------------------------------------------------- layout
 
@@ -383,6 +412,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         the block raises. ``with opt.perturbed(seed, +1): loss_plus = f()``. In exact mode the parameters are
         not written: ops inside the block see the perturbed values (see zokern.optim.exact)."""
         _check_number("scale", scale, None, False)
+        self._check_groups_hyperparameters()
         self.materialize()
         self._exact_now = self.exact()
         self._displacement.clear()
@@ -434,6 +464,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         ``trajectory``, ``nonfinite_steps`` or ``state_dict`` is read).
         """
         self._require_closure(closure)
+        self._check_groups_hyperparameters()
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
         self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
@@ -441,10 +472,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         next_seed = seeds_.step_seed(self.base_seed, self.steps_taken) if self.merge_steps else None
         evaluated: list[torch.Tensor] = []
         failed: list[Exception] = []
+        randomness: list[SharedRandomness] = []
 
         def evaluate() -> torch.Tensor:
             if not failed:
                 try:
+                    if randomness:  # the same dropout masks (and any draws of the closure) as the step's first
+                        randomness[0].rewind()
+                    else:
+                        randomness.append(SharedRandomness(params[0].device for *_, params, _ in self._device_chunks()))
                     evaluated.append(self._evaluate(closure))
                     return evaluated[-1]
                 except Exception as e:
@@ -556,8 +592,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
         if self._exact_now:
             view = self._perturbed_view()
-            with view:
-                loss = closure()
+            try:
+                with view:
+                    loss = closure()
+            except RuntimeError as e:  # torch.optim's habit of a closure that calls backward()
+                if "does not require grad" not in str(e):
+                    raise
+                raise RuntimeError(
+                    f"{e}. zokern: in exact mode (16-bit parameters) the closure sees perturbed copies without "
+                    "autograd history: return the loss without calling backward(), which a ZO step does not use"
+                ) from e
             view.check_all_used(self._parameter_names())
         elif self.merge_steps:
             with self._lookahead.finding_owners(self._trainable()):
@@ -809,6 +853,10 @@ _WHOLE_RUN_OPTIONS = frozenset(
     | {"cuda_graph", "k", "mu_norm", "update", "pairing", "nesterov", "dampening"}
 )
 
+# Group keys by which another optimizer (torch.optim's or zokern's) changes what a step does; a group of this one
+# that carries them with a meaning it does not have is refused rather than silently trained otherwise.
+_FOREIGN_GROUP_KEYS = frozenset({"maximize", "amsgrad", "sigma", "mu_lr", "betas", "adam_eps"})
+
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
 
@@ -838,6 +886,13 @@ def check_step_hyperparameters(lr: Any, eps: Any, weight_decay: Any) -> None:
             raise ValueError(f"invalid {name}: {value} (beyond float32's range, the passes' precision)")
     if eps < ops.FLOAT32_TINY:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
         raise ValueError(f"invalid eps: {eps} (below float32's smallest normal, 1.2e-38)")
+
+
+def _check_betas(betas: Any) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"invalid betas: {betas!r} (a pair, each in [0, 1))")
+    if not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
+        raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
 
 
 def _check_number(name: str, value: Any, low: float | None, strict: bool) -> float:

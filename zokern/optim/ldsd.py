@@ -20,6 +20,7 @@ from zokern._transfer import to_device
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.base import _check_betas
 from zokern.optim.base import _check_number
 from zokern.optim.exact import ParameterUse
 from zokern.optim.exact import PerturbedView
@@ -153,16 +154,14 @@ class LDSD(ZOOptimizer):
             rounding=rounding,
         )
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._check_hyperparameters(group)
         _check_number("sigma", group["sigma"], 0.0, True)
         _check_number("mu_lr", group["mu_lr"], 0.0, False)
         if self.update != "adam":
             return
         _check_number("adam_eps", group["adam_eps"], 0.0, True)
-        betas = group["betas"]
-        if len(betas) != 2 or not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
-            raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
+        _check_betas(group["betas"])
 
     def _extra_group_keys(self) -> tuple[str, ...]:
         return ("sigma", "mu_lr", "betas", "adam_eps") if self.update == "adam" else ("sigma", "mu_lr")

@@ -202,6 +202,7 @@ class ZOSGD(ZOOptimizer):
             g = projected_grad.detach().reshape(()).float()
         else:
             g = _check_number("projected_grad", projected_grad, None, False)
+        self._check_groups_hyperparameters()
         self.materialize()
         self._restore_update(seed, 0.0, lambda group: g)
 
