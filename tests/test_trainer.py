@@ -87,6 +87,72 @@ def test_one_z_per_accumulation_window(tmp_path):
     assert logged[0] == pytest.approx(record["loss"], rel=1e-5)
 
 
+class MaskedTokenDataset(TokenDataset):
+    """As TokenDataset, with prompt masking: one sequence has no labelled token, one only its second half."""
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        labels = self.ids[k].clone()
+        labels[: {0: 0, 1: SEQ, 2: SEQ // 2}.get(k, 0)] = -100
+        return {"input_ids": self.ids[k], "labels": labels}
+
+
+def _sum_over_window(outputs, labels, num_items_in_batch):
+    logits = outputs.logits[:, :-1].float()
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels[:, 1:].reshape(-1), reduction="sum")
+    return total / num_items_in_batch
+
+
+@pytest.mark.parametrize("loss_func", [None, _sum_over_window], ids=["model loss", "compute_loss_func"])
+def test_the_window_loss_weights_micro_batches_by_their_labelled_tokens(tmp_path, loss_func):
+    """As the Trainer's own steps: each micro-batch's summed loss over the window's item count. A micro-batch with no
+    labelled token (prompt masking at batch size 1) counts for nothing instead of making the step NaN."""
+    model = tiny_opt()
+    reference = copy.deepcopy(model).eval()
+    data = MaskedTokenDataset(4)  # one window of 4 micro-batches of 1: the whole dataset, whatever the order
+    trainer = ZOTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=4),
+        train_dataset=data,
+        compute_loss_func=loss_func,
+        zo_optimizer_kwargs=dict(eps=1e-4, seed=0),
+    )
+    trainer.train()
+    record = trainer.zo_optimizer.trajectory[0]
+    assert not record["skipped"] and trainer.zo_optimizer.nonfinite_steps == 0
+    batch = [data[k] for k in range(4)]
+    with torch.no_grad():  # the token-weighted mean over the whole window, at the starting weights
+        labels = torch.stack([b["labels"] for b in batch])
+        whole = reference(input_ids=torch.stack([b["input_ids"] for b in batch]), labels=labels).loss.item()
+    assert sum(record["losses"]) / 2 == pytest.approx(whole, rel=1e-4)  # (L+ + L-)/2 = L(theta) + O(eps^2)
+
+
+@pytest.mark.parametrize(
+    "options,exc,match",
+    [
+        (dict(zo_optimizer_cls=torch.optim.AdamW), TypeError, "zo_optimizer_cls must be a zokern.optim optimizer"),
+        (dict(zo_optimizer_kwargs={"weight_decay": 0.5}), ValueError, r"TrainingArguments\(weight_decay=...\)"),
+        (dict(zo_optimizer_kwargs={"lr": 0.5}), ValueError, r"TrainingArguments\(learning_rate=...\)"),
+        (dict(optimizer_cls_and_kwargs=(ZOSGD, {"eps": 1e-2})), ValueError, "not optimizer_cls_and_kwargs"),
+    ],
+)
+def test_optimizer_options_the_trainer_would_ignore_are_refused(tmp_path, options, exc, match):
+    with pytest.raises(exc, match=match):
+        ZOTrainer(model=tiny_opt(), args=arguments(tmp_path), train_dataset=TokenDataset(4), **options)
+
+
+def test_a_sixteen_bit_loss_from_compute_loss_is_reported(tmp_path):
+    class SixteenBitLoss(ZOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits  # bf16, and so is the loss
+            return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1))
+
+    trainer = SixteenBitLoss(model=tiny_opt(torch.bfloat16), args=arguments(tmp_path, max_steps=1),
+                             train_dataset=TokenDataset(4))  # fmt: skip
+    with pytest.warns(UserWarning, match="compute_loss returned a bfloat16 loss"):
+        trainer.train()
+
+
 def test_trains_evaluates_and_resumes_bit_identically(tmp_path):
     data = TokenDataset(16)
     uninterrupted = tiny_opt()

@@ -2,7 +2,8 @@
 
 The Trainer's loop is kept: data, logging, evaluation, checkpointing, schedulers, callbacks. What changes is the
 step. ``training_step`` collects the micro-batches of one gradient-accumulation window; on its last one it takes one
-ZO step whose closure evaluates all of them at the same perturbation (one z per window) and averages their losses.
+ZO step whose closure evaluates all of them at the same perturbation (one z per window) and combines their losses as
+the Trainer's own steps would (token-weighted through ``num_items_in_batch`` where the loss takes it).
 The Trainer's own ``optimizer.step()`` that follows is then a no-op (the optimizer it holds is a thin view of the ZO
 optimizer's groups and state), so learning-rate schedulers, checkpoints and resumption work unchanged.
 """
@@ -18,6 +19,7 @@ from transformers import Trainer
 
 from zokern.optim import ZOSGD
 from zokern.optim import ZOOptimizer
+from zokern.optim.base import sixteen_bit_loss_message
 
 
 class _ReadThrough:
@@ -73,12 +75,16 @@ class ZOTrainer(Trainer):
             ``zo_optimizer_cls(param_groups, lr=args.learning_rate, **zo_optimizer_kwargs)`` with the Trainer's
             weight-decay grouping (no decay on biases and norms).
         zo_optimizer_cls: default :class:`zokern.optim.ZOSGD`.
-        zo_optimizer_kwargs: e.g. ``{"eps": 1e-3, "seed": 0}``.
-        Other arguments as ``transformers.Trainer`` (``optimizers`` must not be given).
+        zo_optimizer_kwargs: e.g. ``{"eps": 1e-3, "seed": 0}``; the learning rate and weight decay come from
+            ``args`` (``learning_rate``, ``weight_decay``), as for the Trainer's own optimizer.
+        Other arguments as ``transformers.Trainer`` (``optimizers`` and ``optimizer_cls_and_kwargs`` must not be
+        given).
 
     ``args.gradient_accumulation_steps`` = k makes one ZO step per k micro-batches, all evaluated under the same
-    perturbation. The forwards run with the model in eval mode (dropout off): a ZO estimate compares two losses of
-    the same function. The logged training loss is the steps' mean loss, as the optimizer's ``step`` returns it.
+    perturbation, their losses combined as the Trainer combines them: each divided by the window's item count
+    (``num_items_in_batch``, which a model's loss or ``compute_loss_func`` takes: a micro-batch with few labelled
+    tokens counts for few), else each batch's mean divided by k. The forwards run with the model in eval mode
+    (dropout off), as MeZO's. The logged training loss is the steps' loss, as the optimizer's ``step`` returns it.
     ``args``' learning-rate schedule (warmup included) sets the ZO optimizer's lr. Its first-order optimizer
     arguments (``optim``, ``optim_args``, ``adam_*``, ``max_grad_norm``) have no effect: a warning names any that
     are set, and no gradient norm is logged.
@@ -98,8 +104,18 @@ class ZOTrainer(Trainer):
     ) -> None:
         if kwargs.get("optimizers", (None, None))[0] is not None:
             raise ValueError("ZOTrainer builds its optimizer: pass zo_optimizer=..., not optimizers=(...)")
+        if kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError(
+                "ZOTrainer builds its optimizer: pass zo_optimizer_cls and zo_optimizer_kwargs, not "
+                "optimizer_cls_and_kwargs"
+            )
         if zo_optimizer is not None and not isinstance(zo_optimizer, ZOOptimizer):
             raise TypeError(f"zo_optimizer must be a zokern.optim optimizer, got {type(zo_optimizer).__name__}")
+        if not (isinstance(zo_optimizer_cls, type) and issubclass(zo_optimizer_cls, ZOOptimizer)):
+            raise TypeError(f"zo_optimizer_cls must be a zokern.optim optimizer class, got {zo_optimizer_cls!r}")
+        for key, argument in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
+            if key in (zo_optimizer_kwargs or {}):  # the Trainer's schedule and decay grouping set these
+                raise ValueError(f"set {key} through TrainingArguments({argument}=...), not zo_optimizer_kwargs")
         super().__init__(*args, **kwargs)
         self.zo_optimizer = zo_optimizer
         self._zo_built = False  # whether this trainer built zo_optimizer (and may build it anew for a new model)
@@ -184,7 +200,8 @@ class ZOTrainer(Trainer):
         return None
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        self._window.append(self._prepare_inputs(inputs))
+        # The window's item count travels with each micro-batch, so that static inputs (cuda_graph) hold it too.
+        self._window.append({**self._prepare_inputs(inputs), _NUM_ITEMS: num_items_in_batch})
         if not self.accelerator.sync_gradients:
             # Not the window's last micro-batch: its loss is counted in the window's mean, returned at the end.
             return torch.zeros((), device=self.args.device)
@@ -232,10 +249,20 @@ class ZOTrainer(Trainer):
 
     def _window_closure(self, model, window: list[dict[str, Any]]):
         def closure() -> torch.Tensor:
+            total = None
             with self.compute_loss_context_manager():
-                # A copy per call: compute_loss may pop keys (labels) from the dict it is given.
-                losses = [self.compute_loss(model, dict(batch)).detach().float() for batch in window]
-            return torch.stack(losses).mean()
+                for entry in window:
+                    batch = dict(entry)  # a copy per call: compute_loss may pop keys (labels) from its dict
+                    items = batch.pop(_NUM_ITEMS)
+                    loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
+                    if loss.dtype in (torch.bfloat16, torch.float16):  # summed in float32 below, it would not warn
+                        self._warn_once(sixteen_bit_loss_message("compute_loss", loss.dtype))
+                    loss = loss.float()
+                    # As Trainer.training_step: a loss that took the item count is already the window's share.
+                    if (not self.model_accepts_loss_kwargs or items is None) and self.compute_loss_func is None:
+                        loss = loss / len(window)
+                    total = loss if total is None else total + loss
+            return total
 
         return closure
 
@@ -275,6 +302,9 @@ def _first_order_arguments(args) -> list[str]:
 
 
 _SCALARS = (type(None), bool, int, float, str)
+
+# The key under which a window's micro-batch carries the Trainer's num_items_in_batch (removed before compute_loss).
+_NUM_ITEMS = "zokern.num_items_in_batch"
 
 
 def _signature(window: list[dict[str, Any]]) -> tuple | None:

@@ -614,13 +614,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._loss_device = loss.device
             if loss.dtype in _SIXTEEN_BIT and not self._warned_16bit_loss:
                 self._warned_16bit_loss = True
-                warnings.warn(
-                    f"zokern: the closure returned a {str(loss.dtype).removeprefix('torch.')} loss; L+ - L- is "
-                    "then quantised to its spacing and often rounds to 0. Compute the loss in float32 (e.g. "
-                    "cross-entropy on logits.float()).",
-                    UserWarning,
-                    stacklevel=4,
-                )
+                warnings.warn(sixteen_bit_loss_message("the closure", loss.dtype), UserWarning, stacklevel=4)
             return loss.detach().reshape(())
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             return torch.tensor(float(loss), dtype=torch.float64)
@@ -876,6 +870,13 @@ def _reject_parameter(name: str, p: torch.Tensor) -> None:
         f"{name} (shape {tuple(p.shape)}, strides {p.stride()}) is not contiguous: the stream indexes a parameter's "
         "elements in row-major order. Make it contiguous (a channels_last model: "
         "model.to(memory_format=torch.contiguous_format); a transposed view: register its .contiguous() copy)"
+    )
+
+
+def sixteen_bit_loss_message(source: str, dtype: torch.dtype) -> str:
+    return (
+        f"zokern: {source} returned a {str(dtype).removeprefix('torch.')} loss; L+ - L- is then quantised to its "
+        "spacing and often rounds to 0. Compute the loss in float32 (e.g. cross-entropy on logits.float())."
     )
 
 
