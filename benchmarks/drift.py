@@ -27,6 +27,7 @@ import time
 import torch
 
 import zokern
+from benchmarks import _device
 from benchmarks._results import publish
 from benchmarks.step import MODELS
 from benchmarks.step import build
@@ -64,12 +65,10 @@ def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: flo
 
         times = []
         for t in range(steps):
-            if device == "cuda":
-                torch.cuda.synchronize()
+            _device.synchronize(device)
             begin = time.perf_counter()
             step(t)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            _device.synchronize(device)
             times.append(time.perf_counter() - begin)
         params = [p.detach() for p in params]
         changed = sum(int((p != s).sum()) for p, s in zip(params, start))
@@ -104,7 +103,7 @@ def main() -> int:
 
 
 def write(rows: list[tuple], args: argparse.Namespace) -> None:
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    device = _device.name(args.device)
     ms = {scheme: row[-1] for scheme, *row in rows}
     ratio = ""
     if "zokern exact" in ms and "zokern in place" in ms:

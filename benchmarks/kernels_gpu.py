@@ -137,12 +137,13 @@ def check_backend(backend: str, device: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- timing
 
 
-def mezo_pass(params: list[torch.Tensor], seed: int, scale: float) -> None:
-    """MeZO's published perturbation: reseed the global generator, torch.normal per tensor, out-of-place add."""
+def mezo_pass(params: list[torch.Tensor], seed: int, scaling_factor: float, eps: float) -> None:
+    """MeZO's published perturbation (zo_perturb_parameters): reseed the global generator, then per tensor
+    torch.normal and ``p.data + scaling_factor * z * eps``, out of place (two multiplies and an add)."""
     torch.manual_seed(seed)
     for p in params:
         z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-        p.data = p.data + scale * z
+        p.data = p.data + scaling_factor * z * eps
 
 
 def bench(backends: list[str], n_elements: int | None, dtype: torch.dtype, device: str, rows: list[tuple]) -> None:
@@ -187,7 +188,7 @@ def bench(backends: list[str], n_elements: int | None, dtype: torch.dtype, devic
                 op = lambda be=backend, d=distribution: zokern.perturb_(flat, 1, 1e-3, distribution=d, backend=be)  # noqa: E731
                 add("perturb_, one flat tensor", backend, distribution, time_ms(op, device))
         del flat
-    mezo_ms = time_ms(lambda: mezo_pass(params, 1, 1e-3), device, reps=5)
+    mezo_ms = time_ms(lambda: mezo_pass(params, 1, 1.0, 1e-3), device, reps=5)
     add("MeZO torch.normal pass (baseline)", "torch", "gaussian", mezo_ms)
 
 
@@ -200,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated parameter dtypes to time")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args(argv)
-    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    names = args.dtypes.split(",")
+    unknown = [n for n in names if n not in ("bfloat16", "float16", "float32")]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)}; choose from bfloat16, float16, float32")
+    if args.elements is not None and args.elements < 1:
+        parser.error(f"--elements must be positive, got {args.elements}")
+    dtypes = [getattr(torch, name) for name in names]
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks.kernels_gpu needs a CUDA device (--device cpu for a smoke run)", file=sys.stderr)
         return 2

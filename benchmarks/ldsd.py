@@ -23,6 +23,7 @@ import time
 import torch
 
 import zokern
+from benchmarks import _device
 from benchmarks._results import publish
 from benchmarks.kernels_gpu import opt_1_3b_shapes
 from zokern.baselines import mezo_published_step
@@ -45,12 +46,10 @@ def timed_ms(fn, device: torch.device, steps: int, warmup: int) -> float:
         fn()
     times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _device.synchronize(device)
         begin = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _device.synchronize(device)
         times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
 
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(rows: list[tuple[str, float, str]], args: argparse.Namespace, argv: list[str] | None) -> None:
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = _device.name(device)
     command = " ".join(["python -m benchmarks.ldsd", *(argv if argv is not None else sys.argv[1:])])
     text = (
         f"\n### LDSD optimizer overhead, {args.shapes} shapes, float32, {datetime.date.today()}\n\n"

@@ -1,6 +1,6 @@
 """Forward passes to reach a loss target: LDSD against MeZO (ZO-SGD) and best-of-K greedy (LDSD with mu_lr = 0).
 
-`python -m benchmarks.ldsd_forwards [--budget N] [--no-append]`
+`python -m benchmarks.ldsd_forwards [--workers N] [--no-append]`
 
 Each method gets its best learning rate from one grid (LDSD also its best mu_lr and mu_norm), chosen by the
 forwards it needs on seed 0; the table reports that setting's median over seeds 0-2. Problems: quadratics

@@ -1,9 +1,10 @@
 """Plot step time and peak memory against model size for MeZO, zokern and AdamW, from the rows that
 `python -m benchmarks.step` appended to benchmarks/step_results.jsonl:
 
-    python -m benchmarks.plot_step [--device cuda] [--batch 1 --seq 256 --family opt] [--out PNG]
+    python -m benchmarks.plot_step [--device cuda] [--batch 1 --seq 256 --dtype bfloat16 --family opt] [--out PNG]
 
-For each model size the newest run counts; zokern's point is its fastest backend and mode (named in the legend's
+For each model size the newest run counts, all of its points from that run (a method it skipped or that failed in it
+has no point there rather than an older run's); zokern's point is its fastest backend and mode (named in the legend's
 notes). Peak memory is plotted where it was measured (CUDA).
 """
 
@@ -17,20 +18,38 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def load(path: Path, device: str, batch: int, seq: int, family: str) -> dict[str, dict[str, dict]]:
-    """model -> method -> newest row (by file order), for one device kind, one batch shape and one model family: a
-    line through sizes measured at other shapes or architectures would not be a scaling curve."""
-    latest: dict[str, dict[str, dict]] = {}
+def load(
+    path: Path, device: str, batch: int, seq: int, family: str, dtype: str = "bfloat16"
+) -> dict[str, dict[str, dict]]:
+    """model -> method -> row of the model's newest run (by file order), for one device kind, one batch shape, one
+    dtype and one model family: a line through sizes measured at other shapes, precisions or architectures would not
+    be a scaling curve, nor would a point mixing two runs' methods."""
+    newest: dict[str, tuple[object, dict[str, dict]]] = {}
+    previous = None
     for line in path.read_text().splitlines():
         row = json.loads(line)
+        run = row.get("run") or _legacy_run(row, previous)
+        previous = dict(row, run=run)
         if (
             row.get("device", "").split(":")[0] == device
-            and row["ms"] is not None
-            and (row.get("batch"), row.get("seq")) == (batch, seq)
+            and (row.get("batch"), row.get("seq"), row.get("dtype", dtype)) == (batch, seq, dtype)
             and row["model"].startswith(family)
         ):
-            latest.setdefault(row["model"], {})[row["method"]] = row
-    return latest
+            if newest.get(row["model"], (None,))[0] != run:
+                newest[row["model"]] = (run, {})  # a newer run of this model replaces the older one whole
+            if row["ms"] is not None:
+                newest[row["model"]][1][row["method"]] = row
+    return {model: methods for model, (_, methods) in newest.items() if methods}
+
+
+def _legacy_run(row: dict, previous: dict | None) -> tuple:
+    """A run for rows written before each carried its run's id: one run's rows are consecutive and begin with its
+    "two forwards" row."""
+    if previous is not None and row["method"] != "two forwards":
+        same = ("model", "batch", "seq", "dtype", "date", "device")
+        if all(row.get(k) == previous.get(k) for k in same):
+            return previous["run"]
+    return ("legacy", id(row))
 
 
 def series(latest: dict[str, dict[str, dict]]) -> dict[str, list[tuple[float, float, float | None, str]]]:
@@ -81,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="the rows of this batch size (default 1)")
     parser.add_argument("--seq", type=int, default=256, help="and this sequence length (default 256)")
     parser.add_argument("--family", default="opt", help="model names starting with this (default opt)")
+    parser.add_argument("--dtype", default="bfloat16", help="the rows of this parameter dtype (default bfloat16)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    latest = load(args.data, args.device, args.batch, args.seq, args.family)
-    shape = f"{args.family}*, batch {args.batch} x {args.seq}"
+    latest = load(args.data, args.device, args.batch, args.seq, args.family, args.dtype)
+    shape = f"{args.family}*, batch {args.batch} x {args.seq}, {args.dtype}"
     if not latest:
         print(f"no {args.device} rows of {shape} in {args.data}: run python -m benchmarks.step first", file=sys.stderr)
         return 1

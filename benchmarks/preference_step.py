@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import zokern
+from benchmarks import _device
 from benchmarks._results import publish
 from zokern.optim import ZOSGD
 from zokern.preference.data import WordTokenizer
@@ -64,14 +65,12 @@ def timed(fn, device: torch.device, steps: int, weights: int) -> tuple[float, fl
     fn()  # warm-up
     times, peak = [], None
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        _device.reset_peak(device)
         begin = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = max(peak or 0.0, (torch.cuda.max_memory_allocated() - weights) / 2**30)
+        _device.synchronize(device)
+        if _device.is_cuda(device):
+            peak = max(peak or 0.0, (_device.peak_bytes(device) - weights) / 2**30)
         times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times), peak
 
@@ -116,8 +115,7 @@ def measure(size: str, device: torch.device, steps: int, data_dir: Path, rows: l
     config = LoopConfig(k=4, response_length=12)
     begin = time.perf_counter()
     closure, _ = _policy_objective(policy, reference, reward_model, tokenizer, prompts, config, seed=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _device.synchronize(device)
     rows.append(("rollouts + scoring (once per step, every method; first call)", (time.perf_counter() - begin) * 1e3))
     params = list(policy.parameters())
     rows.append(("ZO step (ZOSGD, 2 forwards)", *_zo_step(params, closure, device, steps, weights)))
@@ -168,7 +166,7 @@ class _Rows(list):
 def write(rows: _Rows, args: argparse.Namespace, argv: list[str] | None) -> None:
     device = torch.device(args.device)
     size = "?" if rows.n_params is None else f"{rows.n_params / 1e6:.0f}M"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = _device.name(device)
     command = " ".join(["python -m benchmarks.preference_step", *(argv if argv is not None else sys.argv[1:])])
     text = (
         f"\n### Preference loop policy step, {args.size} ({size} parameters, float32), "

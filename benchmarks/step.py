@@ -27,12 +27,14 @@ import platform
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import zokern
+from benchmarks import _device
 from zokern.baselines import mezo_published_step
 from zokern.optim import ZOSGD
 from zokern.optim import graph
@@ -54,6 +56,10 @@ MODELS = {
 }
 
 
+# Positions of the configs build() makes (OPT's and Llama's published ones).
+MAX_POSITIONS = {"opt": 2048, "llama": 4096}
+
+
 def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     import transformers
 
@@ -66,7 +72,7 @@ def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
             ffn_dim=ffn,
             num_attention_heads=heads,
             word_embed_proj_dim=hidden,
-            max_position_embeddings=2048,
+            max_position_embeddings=MAX_POSITIONS["opt"],
             dropout=0.0,  # AdamW's step runs in train mode; the ZO methods in eval: the same function for all
         )
         cls = transformers.OPTForCausalLM
@@ -78,7 +84,7 @@ def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
             num_attention_heads=heads,
             num_key_value_heads=kv[0],
             intermediate_size=ffn,
-            max_position_embeddings=4096,
+            max_position_embeddings=MAX_POSITIONS["llama"],
         )
         cls = transformers.LlamaForCausalLM
     torch.manual_seed(0)
@@ -100,14 +106,8 @@ class Timer:
     def __init__(self, device: str, steps: int, warmup: int) -> None:
         self.device, self.steps, self.warmup = device, steps, warmup
 
-    def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     def reset_peak(self) -> None:
-        if self.device.startswith("cuda"):
-            self._sync()
-            torch.cuda.reset_peak_memory_stats()
+        _device.reset_peak(self.device)
 
     def __call__(self, fn: Callable[[int], object], peak_from_now: bool = True) -> tuple[float, float | None]:
         """(median ms, peak GiB during the timed calls or None on the CPU). ``peak_from_now=False``: the peak since
@@ -118,13 +118,13 @@ class Timer:
             self.reset_peak()
         times = []
         for t in range(self.steps):
-            self._sync()
+            _device.synchronize(self.device)
             begin = time.perf_counter()
             fn(self.warmup + t)
-            self._sync()
+            _device.synchronize(self.device)
             times.append((time.perf_counter() - begin) * 1e3)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.startswith("cuda") else None
-        return statistics.median(times), peak
+        peak = _device.peak_bytes(self.device)
+        return statistics.median(times), None if peak is None else peak / 2**30
 
 
 # zokern's modes: in place (three passes per step), in place with the cross-step merge (two), in place replayed from a
@@ -249,9 +249,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     by_method = {r["method"]: r for r in rows}
     floor = by_method.get("two forwards", {}).get("ms")  # None when it failed or was not reached: no ratios then
     mezo = by_method.get("MeZO published", {}).get("ms")
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    device = _device.name(args.device)
     triton = importlib.metadata.version("triton") if "triton" in zokern.available_backends() else "-"
     command = " ".join(["python -m benchmarks.step", *sys.argv[1:]])
     out = (
@@ -297,6 +295,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-adamw", action="store_true", help="leave out the first-order baseline")
     parser.add_argument("--no-append", action="store_true", help="print only; write nothing")
     args = parser.parse_args(argv)
+    positions = MAX_POSITIONS[MODELS[args.model][0]]
+    for name, value, low in (("steps", args.steps, 1), ("warmup", args.warmup, 0), ("batch", args.batch, 1)):
+        if value < low:
+            parser.error(f"--{name} must be at least {low}, got {value}")
+    if not 2 <= args.seq <= positions:  # a next-token loss needs two tokens; a longer one indexes past the positions
+        parser.error(f"--seq must be in [2, {positions}] for {args.model}, got {args.seq}")
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.set_device(args.device)  # the capture's side stream and graph pool are the current device's
+    args.run = uuid.uuid4().hex[:12]  # every row of this run carries it: plot_step plots one run per model
     rows: list[dict] = []
     try:
         measure(args, rows)
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     if not args.no_append:
         with JSONL.open("a") as fh:  # first: the data, whatever happens to the table
-            stamp = dict(date=str(datetime.date.today()), device=args.device)
+            stamp = dict(date=str(datetime.date.today()), device=args.device, run=args.run)
             for r in rows:
                 fh.write(json.dumps(dict(r, **stamp)) + "\n")
     text = table(rows, args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,105 @@ def test_plot_of_step_results(tmp_path):
     out = tmp_path / "plot.png"
     _run("benchmarks.plot_step", "--device", "cuda", "--data", str(data), "--seq", "8", "--out", str(out))
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_each_model_is_plotted_from_its_newest_run_only(tmp_path):
+    """A newer run that skipped a method (or failed it, or ran another dtype) does not borrow the older run's point."""
+    from benchmarks.plot_step import load
+
+    def rows(run, dtype, methods, model="opt-a"):
+        return [
+            dict(
+                run=run,
+                model=model,
+                method=m,
+                ms=ms,
+                peak_gib=None,
+                params=1e8,
+                device="cuda",
+                batch=1,
+                seq=8,
+                dtype=dtype,
+                date="2026-12-01",
+            )  # fmt: skip
+            for m, ms in methods
+        ]
+
+    old = rows("r1", "bfloat16", [("two forwards", 10.0), ("MeZO published", 100.0), ("AdamW (first order)", 60.0)])
+    other_dtype = rows("r2", "float32", [("two forwards", 20.0), ("AdamW (first order)", 90.0)])
+    new = rows("r3", "bfloat16", [("two forwards", 9.0), ("MeZO published", 95.0), ("AdamW (first order)", None)])
+    # Rows written before runs carried an id: consecutive, each run starting with its "two forwards" row.
+    legacy = [
+        {k: v for k, v in r.items() if k != "run"} for r in rows("", "bfloat16", [("two forwards", 5.0)], "opt-b")
+    ]
+    legacy += [
+        {k: v for k, v in r.items() if k != "run"} for r in rows("", "bfloat16", [("MeZO published", 7.0)], "opt-b")
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in old + legacy + other_dtype + new))
+    latest = load(data, "cuda", batch=1, seq=8, family="opt")
+    assert {m: r["ms"] for m, r in latest["opt-a"].items()} == {"two forwards": 9.0, "MeZO published": 95.0}
+    assert {m: r["ms"] for m, r in latest["opt-b"].items()} == {"two forwards": 5.0, "MeZO published": 7.0}
+    assert set(load(data, "cuda", batch=1, seq=8, family="opt", dtype="float32")) == {"opt-a"}
+
+
+@pytest.mark.parametrize(
+    "option,match",
+    [
+        (("--steps", "0"), "--steps must be at least 1"),
+        (("--seq", "1"), r"--seq must be in \[2, 2048\]"),
+        (("--seq", "3000"), r"--seq must be in \[2, 2048\] for tiny, got 3000"),
+        (("--batch", "0"), "--batch must be at least 1"),
+    ],
+)
+def test_step_benchmark_refuses_shapes_it_cannot_measure(option, match, capsys):
+    from benchmarks import step
+
+    with pytest.raises(SystemExit) as exit_:
+        step.main(["--model", "tiny", "--device", "cpu", "--no-append", *option])
+    assert exit_.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("option", [("--dtypes", "bf16"), ("--elements", "0")])
+def test_kernel_benchmark_refuses_bad_options(option, capsys):
+    from benchmarks import kernels_gpu
+
+    with pytest.raises(SystemExit) as exit_:
+        kernels_gpu.main(["--device", "cpu", "--no-append", *option])
+    assert exit_.value.code == 2 and ("bf16" in capsys.readouterr().err or option[0] == "--elements")
+
+
+def test_timer_syncs_and_reads_the_peak_of_its_own_device(monkeypatch):
+    """cuda:1 is timed on cuda:1, not on the current device (0)."""
+    import torch
+
+    from benchmarks.step import Timer
+
+    calls = []
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: calls.append((name, str(device))))
+    monkeypatch.setattr(
+        torch.cuda, "max_memory_allocated", lambda device=None: calls.append(("peak", str(device))) or 0
+    )
+    Timer("cuda:1", steps=1, warmup=0)(lambda t: None)
+    assert calls and all(device == "cuda:1" for _, device in calls)
+
+
+def test_the_mezo_baseline_syncs_before_its_reset_pass(monkeypatch):
+    """MeZO's zo_step reads the projected gradient (.item()) and then resets the parameters: the order a GPU's host
+    pays for (the reset pass's launches come after the sync)."""
+    import torch
+
+    from zokern import baselines
+
+    events = []
+    seed, item = torch.manual_seed, torch.Tensor.item
+    monkeypatch.setattr(torch, "manual_seed", lambda s: events.append("seed") or seed(s))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: events.append("item") or item(t))
+    w = torch.randn(5)
+    baselines.mezo_published_step([w], lambda: (w**2).sum(), seed=1, eps=1e-3, lr=1e-3)
+    assert events == ["seed", "seed", "item", "seed", "seed"]
 
 
 def test_ldsd_overhead_benchmark_times_every_method():

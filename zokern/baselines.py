@@ -33,8 +33,8 @@ def mezo_published_step(
     loss_plus = loss_fn()
     perturb(-2)
     loss_minus = loss_fn()
+    projected_grad = ((loss_plus - loss_minus) / (2 * eps)).item()  # MeZO syncs here, before its reset pass
     perturb(1)
-    projected_grad = ((loss_plus - loss_minus) / (2 * eps)).item()
     torch.manual_seed(seed)
     for p in params:
         z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
