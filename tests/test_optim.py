@@ -394,6 +394,43 @@ def test_a_loaded_param_group_is_checked_as_the_constructor_checks_it(key, value
     assert not torch.equal(a, before[0])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(ZOSGD, dict(momentum=0.9)), (ZOAdam, {}), (LDSD, dict(k=3, momentum=0.9)), (LDSD, dict(k=3, update="adam"))],
+)
+def test_states_saved_in_another_dtype_or_layout_load_as_the_kernels_hold_them(cls, kwargs, backend):
+    """float32 and contiguous whatever the saved tensors were: a float64 copy continues as the original does."""
+    if backend not in zokern.available_backends():
+        pytest.skip(f"{backend} backend not built")
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = cls(groups, seed=0, backend=backend, **kwargs)
+    for _ in range(2):
+        opt.step(closure)
+    saved = copy.deepcopy(opt.state_dict())
+    start = [p.detach().clone() for p in (a, b)]
+    opt.step(closure)
+    expected = [p.detach().clone() for p in (a, b)]
+    for cast in (torch.Tensor.double, lambda t: t.t().contiguous().t() if t.dim() == 2 else t.bfloat16()):
+        with torch.no_grad():
+            a.copy_(start[0])
+            b.copy_(start[1])
+        state = copy.deepcopy(saved)
+        for entry in state["state"].values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+                    entry[key] = cast(value)
+        resumed = cls(groups, seed=0, backend=backend, **kwargs)
+        resumed.load_state_dict(state)
+        assert all(
+            v.dtype == torch.float32 and v.is_contiguous()
+            for s in resumed.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        )  # fmt: skip
+        resumed.step(closure)
+        if cast is torch.Tensor.double:
+            assert all(torch.equal(p, e) for p, e in zip((a, b), expected))
+
+
 def test_a_state_tensor_of_another_shape_is_refused():
     (a, _, b), _, closure, _ = _problem()
     saved = ZOSGD([a, b], momentum=0.9)

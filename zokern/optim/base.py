@@ -824,13 +824,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._check_loadable(zo, state_dict)
         super().load_state_dict(state_dict)
         # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
-        # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), so put them back as saved.
+        # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), contiguous, as its kernels
+        # read them: a state dict whose states were cast (to save space, say) or transposed comes back so.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                    self.state[p][key] = value.to(
+                        device=p.device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
+                    )
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
