@@ -24,6 +24,8 @@ from zokern.kernels import zo_pass
 from zokern.kernels import zopro_pass
 
 H100 = GPUTarget("cuda", 90, 32)
+# As zokern launches the pass, also with device scalars (a CUDA graph's step): the step's seeds, 63-bit and so typed
+# i64 by Triton, ride along as arguments though the kernel then reads the row's.
 PASS_SIGNATURE = {
     "table_ptr": "*i64",
     "seed": "i64",
@@ -48,12 +50,6 @@ LDSD_SIGNATURE = {
     **{name: "fp32" for name in ("lr", "weight_decay", "momentum", "beta1", "beta2", "adam_eps")},
     "rounding_seed": "i64",
 }
-
-
-def pass_signature(scalars: bool) -> dict:
-    if scalars:  # as the graph launches it: placeholder seeds of 0, which Triton types as i32
-        return dict(PASS_SIGNATURE, seed="i32", seed2="i32", rounding_seed="i32")
-    return PASS_SIGNATURE
 
 
 def compile_ptx(fn, signature, constexprs) -> str:
@@ -93,7 +89,7 @@ def main() -> None:
                     **{name: flags for name in FLAGS},
                 )
                 constexprs["STOCHASTIC"] = flags and dtype != "float32"
-                ptx = compile_ptx(zo_pass._zo_pass_kernel, pass_signature(scalars), constexprs)
+                ptx = compile_ptx(zo_pass._zo_pass_kernel, PASS_SIGNATURE, constexprs)
                 out[f"zo_pass_{dtype}_{distribution}_{variant}"] = facts(ptx)
     ptx = compile_ptx(
         zo_pass._philox_words_kernel,
@@ -133,7 +129,7 @@ def _variants():
     for dtype, rademacher, scalars, aligned, *pass_flags in itertools.product(dtypes, *[flags] * 7):
         constexprs = dict(zip(FLAGS, pass_flags), DTYPE=dtype, SCALARS=scalars, RADEMACHER=rademacher, ALIGNED=aligned)
         if not (constexprs["STOCHASTIC"] and dtype == "float32"):
-            yield "zo_pass", pass_signature(scalars), dict(constexprs, BLOCK=zo_pass.GPU_BLOCK)
+            yield "zo_pass", PASS_SIGNATURE, dict(constexprs, BLOCK=zo_pass.GPU_BLOCK)
     ldsd_choices = (dtypes, flags, (1, 2, 5), ldsd_pass._MODES.values(), ldsd_pass._RULES.values(), flags, flags)
     for dtype, rademacher, n_seeds, mode, rule, stochastic, aligned in itertools.product(*ldsd_choices):
         if not (stochastic and dtype == "float32"):
