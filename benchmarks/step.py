@@ -301,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least {low}, got {value}")
     if not 2 <= args.seq <= positions:  # a next-token loss needs two tokens; a longer one indexes past the positions
         parser.error(f"--seq must be in [2, {positions}] for {args.model}, got {args.seq}")
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.set_device(args.device)  # the capture's side stream and graph pool are the current device's
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the capture's side stream and graph pool are the current device's
     args.run = uuid.uuid4().hex[:12]  # every row of this run carries it: plot_step plots one run per model
     rows: list[dict] = []
     try:

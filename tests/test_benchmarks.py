@@ -181,6 +181,20 @@ def test_step_benchmark_refuses_shapes_it_cannot_measure(option, match, capsys):
     assert re.search(match, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("device,selected", [("cuda", None), ("cuda:1", "cuda:1")])
+def test_step_benchmark_makes_an_indexed_cuda_device_current(monkeypatch, device, selected):
+    """Plain "cuda" is the current device (torch.cuda.set_device refuses a device without an index)."""
+    import torch
+
+    from benchmarks import step
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(str(d)))
+    monkeypatch.setattr(step, "measure", lambda args, rows: None)
+    assert step.main(["--model", "tiny", "--device", device, "--no-append"]) == 0
+    assert calls == ([] if selected is None else [selected])
+
+
 @pytest.mark.parametrize("option", [("--dtypes", "bf16"), ("--elements", "0")])
 def test_kernel_benchmark_refuses_bad_options(option, capsys):
     from benchmarks import kernels_gpu

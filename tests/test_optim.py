@@ -431,6 +431,20 @@ def test_states_saved_in_another_dtype_or_layout_load_as_the_kernels_hold_them(c
             assert all(torch.equal(p, e) for p, e in zip((a, b), expected))
 
 
+def test_a_checkpoint_whose_groups_carry_keys_an_older_zokern_wrote_still_loads():
+    """LDSD's SGD groups held Adam's betas and adam_eps until they were made Adam-only: such checkpoints resume."""
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = LDSD(groups, seed=0, k=3)
+    opt.step(closure)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group.update(betas=(0.9, 0.999), adam_eps=1e-8)
+    resumed = LDSD(groups, seed=0, k=3)
+    resumed.load_state_dict(saved)
+    assert all("betas" not in g and "adam_eps" not in g for g in resumed.param_groups)
+    resumed.step(closure)
+
+
 def test_a_state_tensor_of_another_shape_is_refused():
     (a, _, b), _, closure, _ = _problem()
     saved = ZOSGD([a, b], momentum=0.9)

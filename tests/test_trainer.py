@@ -126,6 +126,24 @@ def test_the_window_loss_weights_micro_batches_by_their_labelled_tokens(tmp_path
     assert sum(record["losses"]) / 2 == pytest.approx(whole, rel=1e-4)  # (L+ + L-)/2 = L(theta) + O(eps^2)
 
 
+def test_one_process_on_several_gpus_averages_the_replicas_losses(tmp_path):
+    """nn.DataParallel (args.n_gpu > 1) gathers one loss per GPU: averaged, as Trainer.training_step does."""
+
+    class PerReplicaLoss(ZOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return torch.stack([loss, loss + 1.0])  # as two replicas' gather
+
+    model = tiny_opt().eval()
+    trainer = PerReplicaLoss(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(4))
+    trainer.args._n_gpu = 2
+    batch = {"input_ids": TokenDataset(4).ids[:2], "labels": TokenDataset(4).ids[:2]}
+    window = [{**batch, "zokern.num_items_in_batch": None}]
+    with torch.no_grad():
+        expected = model(**batch).loss.item() + 0.5
+    assert trainer._window_closure(model, window)().item() == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "options,exc,match",
     [

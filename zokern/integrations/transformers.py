@@ -255,6 +255,8 @@ class ZOTrainer(Trainer):
                     batch = dict(entry)  # a copy per call: compute_loss may pop keys (labels) from its dict
                     items = batch.pop(_NUM_ITEMS)
                     loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
+                    if self.args.n_gpu > 1:  # nn.DataParallel (one process, several GPUs) gathers one loss per GPU
+                        loss = loss.mean()
                     if loss.dtype in (torch.bfloat16, torch.float16):  # summed in float32 below, it would not warn
                         self._warn_once(sixteen_bit_loss_message("compute_loss", loss.dtype))
                     loss = loss.float()

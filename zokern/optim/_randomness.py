@@ -21,7 +21,8 @@ class SharedRandomness:
     def __init__(self, devices: Iterable[torch.device]) -> None:
         self._cpu = torch.get_rng_state()
         self._cuda: dict[int, torch.Tensor] = {}
-        # A captured step (cuda_graph=True) replays its forwards' random kernels as captured: nothing to rewind.
+        # Inside a capture (cuda_graph=True) a generator's state cannot be set: its forwards draw fresh offsets each
+        # (docs/optim.md: use eval mode there).
         if torch.cuda.is_initialized() and not torch.cuda.is_current_stream_capturing():
             for device in devices:
                 if device.type == "cuda":

@@ -166,7 +166,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"{', '.join(misplaced)} {'is an option' if len(misplaced) == 1 else 'are options'} of the whole "
                 f"optimizer, not of a param group: pass {'it' if len(misplaced) == 1 else 'them'} to the constructor"
             )
-        understood = {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
+        understood = self._understood_group_keys()
         foreign = sorted(k for k in (group.keys() & _FOREIGN_GROUP_KEYS) - understood if group[k] is not False)
         if "maximize" in foreign:
             raise ValueError("maximize=True is not supported: zokern minimises the closure's loss; return its negative")
@@ -185,6 +185,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             # weights) are never touched; they only hold their place in the stream.
             if p.requires_grad and not _writable(p):
                 _reject_parameter(f"params[{k}]", p)
+
+    def _understood_group_keys(self) -> set[str]:
+        return {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         """A group's hyperparameters as the passes apply them (subclasses add theirs)."""
@@ -821,6 +824,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state dict written with stream version {zo['stream_version']}; this zokern has {STREAM_VERSION}"
             )
+        # A state dict of this optimizer that carries another's group keys was written by an older zokern (LDSD's
+        # SGD groups held Adam's betas and adam_eps): they meant nothing then either.
+        understood = self._understood_group_keys()
+        state_dict["param_groups"] = [
+            {k: v for k, v in g.items() if k not in _ZOKERN_GROUP_KEYS or k in understood}
+            for g in state_dict["param_groups"]
+        ]
         self._check_loadable(zo, state_dict)
         super().load_state_dict(state_dict)
         # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
@@ -852,7 +862,8 @@ _WHOLE_RUN_OPTIONS = frozenset(
 
 # Group keys by which another optimizer (torch.optim's or zokern's) changes what a step does; a group of this one
 # that carries them with a meaning it does not have is refused rather than silently trained otherwise.
-_FOREIGN_GROUP_KEYS = frozenset({"maximize", "amsgrad", "sigma", "mu_lr", "betas", "adam_eps"})
+_ZOKERN_GROUP_KEYS = frozenset({"sigma", "mu_lr", "betas", "adam_eps"})
+_FOREIGN_GROUP_KEYS = _ZOKERN_GROUP_KEYS | {"maximize", "amsgrad"}
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
