@@ -11,6 +11,12 @@ has_module() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.fin
 
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
+# pyproject.toml's license field is an SPDX expression, which setuptools reads from 77 on; a fresh venv has an older
+# one, and --no-build-isolation builds with whatever is installed.
+has_build_setuptools() {
+  "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null
+}
+
 ensure_torch() {
   if ! has_module torch; then
     echo "run.sh: torch is not installed; installing it (pip's default build for this platform)"
@@ -26,7 +32,7 @@ ensure_zokern() {
     return
   fi
   has_module ninja || pip_install ninja
-  has_module setuptools || pip_install setuptools wheel
+  has_build_setuptools || pip_install "setuptools>=77.0.3" wheel
   echo "run.sh: building zokern (C++ extension; CUDA kernels too when torch has CUDA and nvcc is found)"
   # --no-build-isolation builds against the installed torch instead of downloading another into a build env.
   pip_install --no-build-isolation -e .

@@ -84,7 +84,7 @@ def copy_time_ms(numel: int, dtype: torch.dtype, device: str) -> float:
 # ------------------------------------------------------------------------------------------------- correctness
 
 
-def check_backend(backend: str, device: str) -> list[str]:
+def check_backend(backend: str, device: str, z_errors: dict[str, float]) -> list[str]:
     """Run every variant on small tensors through ``backend`` and the torch reference; return failures."""
     failures = []
     sizes = (1, 7, 129, 1000, 4097, 70_000)
@@ -129,6 +129,7 @@ def check_backend(backend: str, device: str) -> list[str]:
     z = zokern.gaussian(5, 2**33, 1 << 22, device=device, backend=backend).double().cpu()
     err = (z - _reference.stream(5, 2**33, 1 << 22, "gaussian")).abs().max().item()
     print(f"  {backend}: max |z - exact| over 4.2e6 Gaussians = {err:.3g}")
+    z_errors[backend] = err
     if err > 2.0**-17 * 5.86:
         failures.append(f"{backend}: Gaussian error {err:.3g} beyond the spec's bound")
     return failures
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     # limit still brings back the bandwidth rows, and whatever this run measured is written however it ends.
     rows: list[tuple] = []
     failures: list[str] | None = None
+    z_errors: dict[str, float] = {}
     try:
         for dtype in dtypes:
             bench(backends, args.elements, dtype, args.device, rows)
@@ -226,17 +228,19 @@ def main(argv: list[str] | None = None) -> int:
         failures = []
         for backend in backends:
             try:
-                failures += check_backend(backend, args.device)
+                failures += check_backend(backend, args.device, z_errors)
             except Exception as e:  # its message is the result; the other backend is still checked
                 failures.append(f"{backend}: the check raised {type(e).__name__}: {e}")
         for f in failures:
             print("FAIL", f)
     finally:
-        write(rows, failures, backends, args, argv)
+        write(rows, failures, z_errors, backends, args, argv)
     return 1 if failures else 0
 
 
-def write(rows: list[tuple], failures: list[str] | None, backends: list[str], args, argv) -> None:
+def write(
+    rows: list[tuple], failures: list[str] | None, z_errors: dict[str, float], backends: list[str], args, argv
+) -> None:
     import importlib.metadata as md
 
     command = " ".join(["python -m benchmarks.kernels_gpu", *(sys.argv[1:] if argv is None else argv)])
@@ -252,8 +256,15 @@ def write(rows: list[tuple], failures: list[str] | None, backends: list[str], ar
         f"CUDA {torch.version.cuda}, Python {platform.python_version()}, zokern {zokern.__version__} "
         f"(stream v{zokern.STREAM_VERSION}). Command: `{command}`. "
         f"Elements: {'OPT-1.3B shapes, 1.316e9 in 388 tensors' if args.elements is None else args.elements}. "
-        "Time per call: median of 3 bursts of back-to-back calls behind a device-side sleep (kernel time, not the "
-        f"host's). Correctness on device: {correctness}.\n\n"
+        + (
+            "Time per call: median of 3 bursts of back-to-back calls behind a device-side sleep (kernel time, not the "
+            "host's). "
+            if args.device == "cuda"
+            else "Time per call: wall time on the CPU. "
+        )
+        + f"Correctness on device: {correctness}."
+        + "".join(f" Worst |z - exact| over 4.2e6 Gaussians, {b}: {e:.2g}." for b, e in z_errors.items())
+        + " (docs/stream.md's bound: 2^-17 (1 + |z|) = 7.6e-6 (1 + |z|).)\n\n"
         "| op | dtype | backend | z | ms (median) | GB/s | fraction of copy |\n|---|---|---|---|---|---|---|\n"
     )
     table = header + "".join(

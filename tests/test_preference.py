@@ -79,6 +79,13 @@ def test_dpo_and_bradley_terry_losses():
     assert dpo_loss(pc, pc, rc, rc, beta=3.0).item() == pytest.approx(math.log(2), rel=1e-6)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_bradley_terry_loss_refuses_non_finite_scores(bad):
+    """An infinite margin would read as a perfect loss, a NaN would corrupt the reward model's first-order step."""
+    with pytest.raises(ValueError, match=r"reward_chosen has 1 non-finite value"):
+        bradley_terry_loss(torch.tensor([0.5, bad]), torch.tensor([0.1, 0.2]))
+
+
 def test_response_logprobs_computes_logits_only_for_the_response():
     pytest.importorskip("transformers")
     model = tiny_opt().eval()

@@ -134,6 +134,17 @@ def test_viz_writes_plots_a_page_and_statistics(tmp_path):
     assert summary["iterations"] == 6 and 0 <= summary["within_10_of_90"] <= 1
 
 
+def test_the_summary_of_a_single_iteration_is_strict_json():
+    import json
+    import math
+
+    from zokern.preference.viz import summary
+
+    stats = summary([dict(policy_reward_angle=88.0, persistence_angle=math.nan)], k=512)
+    assert "median_persistence" not in stats  # no pair of consecutive updates yet
+    json.dumps(stats, allow_nan=False)
+
+
 def test_viz_command_reports_a_missing_or_broken_run(tmp_path, capsys):
     from zokern.cli import main
 

@@ -89,7 +89,11 @@ def dpo_loss(
 
 
 def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
-    """The reward model's loss on preference pairs: -log sigmoid(r_chosen - r_rejected), mean over pairs."""
+    """The reward model's loss on preference pairs: -log sigmoid(r_chosen - r_rejected), mean over pairs. Non-finite
+    scores are refused (a first-order step on them would corrupt the reward model; an infinite margin would read as a
+    perfect loss); the check's host sync is one a first-order loop makes anyway."""
+    _check_finite("reward_chosen", reward_chosen)
+    _check_finite("reward_rejected", reward_rejected)
     return -F.logsigmoid(reward_chosen.float() - reward_rejected.float()).mean()
 
 

@@ -98,15 +98,17 @@ def summary(rows: list[dict], k: int) -> dict[str, float]:
     persistence = [r["persistence_angle"] for r in rows if not math.isnan(r["persistence_angle"])]
     if not angles:
         return {}
-    return dict(
+    out = dict(
         iterations=len(angles),
         median_angle=statistics.median(angles),
         min_angle=min(angles),
         max_angle=max(angles),
         within_10_of_90=sum(80 <= a <= 100 for a in angles) / len(angles),
-        median_persistence=statistics.median(persistence) if persistence else math.nan,
-        sketch_noise_degrees=math.degrees(math.asin(min(1.0, math.sqrt(1.0 / k)))),
     )
+    if persistence:  # none with a single iteration: left out, not NaN (which strict JSON has no word for)
+        out["median_persistence"] = statistics.median(persistence)
+    out["sketch_noise_degrees"] = math.degrees(math.asin(min(1.0, math.sqrt(1.0 / k))))
+    return out
 
 
 def _pca_2d(sketches: torch.Tensor) -> torch.Tensor:
@@ -192,7 +194,7 @@ def make_plots(run_dir: Path, out: Path | None = None) -> Path:
         sections.append((method, summary(rows, k), images))
     page = out / "index.html"
     page.write_text(_html(Path(run_dir), sections))
-    (out / "summary.json").write_text(json.dumps({m: s for m, s, _ in sections}, indent=1))
+    (out / "summary.json").write_text(json.dumps({m: s for m, s, _ in sections}, indent=1, allow_nan=False))
     return page
 
 
