@@ -14,7 +14,8 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 # pyproject.toml's license field is an SPDX expression, which setuptools reads from 77 on; a fresh venv has an older
 # one, and --no-build-isolation builds with whatever is installed.
 has_build_setuptools() {
-  "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null
+  "$PY" -c "import re, setuptools, sys; sys.exit(tuple(map(int, re.findall(r'\d+', setuptools.__version__)[:3])) < (77, 0, 3))" \
+    2>/dev/null
 }
 
 ensure_torch() {

@@ -26,9 +26,9 @@ def load(
     be a scaling curve, nor would a point mixing two runs' methods."""
     newest: dict[str, tuple[object, dict[str, dict]]] = {}
     previous = None
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines()):
         row = json.loads(line)
-        run = row.get("run") or _legacy_run(row, previous)
+        run = row.get("run") or _legacy_run(row, previous, number)
         previous = dict(row, run=run)
         if (
             row.get("device", "").split(":")[0] == device
@@ -42,14 +42,14 @@ def load(
     return {model: methods for model, (_, methods) in newest.items() if methods}
 
 
-def _legacy_run(row: dict, previous: dict | None) -> tuple:
+def _legacy_run(row: dict, previous: dict | None, number: int) -> tuple:
     """A run for rows written before each carried its run's id: one run's rows are consecutive and begin with its
-    "two forwards" row."""
+    "two forwards" row (the run is named by that row's line number)."""
     if previous is not None and row["method"] != "two forwards":
         same = ("model", "batch", "seq", "dtype", "date", "device")
         if all(row.get(k) == previous.get(k) for k in same):
             return previous["run"]
-    return ("legacy", id(row))
+    return ("legacy", number)
 
 
 def series(latest: dict[str, dict[str, dict]]) -> dict[str, list[tuple[float, float, float | None, str]]]:

@@ -163,6 +163,23 @@ def test_each_model_is_plotted_from_its_newest_run_only(tmp_path):
     assert set(load(data, "cuda", batch=1, seq=8, family="opt", dtype="float32")) == {"opt-a"}
 
 
+def test_old_runs_without_ids_stay_apart_when_their_first_row_is_dropped(tmp_path):
+    """Rows from before run ids: each run starts at its "two forwards" row, kept or not (failed: ms None)."""
+    from benchmarks.plot_step import load
+
+    def row(method, ms, date):
+        return dict(model="opt-a", method=method, ms=ms, peak_gib=None, params=1e8, device="cuda", batch=1, seq=8,
+                    dtype="bfloat16", date=date)  # fmt: skip
+
+    rows = [row("two forwards", None, "2026-11-01"), row("zokern ZOSGD cuda inplace", 50.0, "2026-11-01")]
+    rows += [row("two forwards", None, "2026-11-02"), row("MeZO published", 90.0, "2026-11-02")]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert {m: r["ms"] for m, r in load(data, "cuda", batch=1, seq=8, family="opt")["opt-a"].items()} == {
+        "MeZO published": 90.0
+    }
+
+
 @pytest.mark.parametrize(
     "option,match",
     [

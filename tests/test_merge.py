@@ -317,3 +317,52 @@ def test_a_compiled_model_trains_and_evaluates_merged():
         with torch.no_grad():
             torch.testing.assert_close(fast(inputs), eager(inputs), atol=1e-6, rtol=0)  # took the lookahead back
         assert not opt._lookahead.pending
+
+
+class _ScaledBody(torch.nn.Module):
+    """A root that owns a parameter it uses only from outside its forward (the closure calls ``body``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([1.5, 0.5, 2.0]))
+        self.body = _model()
+
+
+def test_a_parameter_loaded_before_the_take_back_keeps_its_loaded_value():
+    """The root's own parameters load before its children's load hooks take the perturbation back: a loaded value
+    (its version counter raised) is left as loaded, not shifted by -eps z."""
+    inputs, targets = _data()
+    model = _ScaledBody().to(DEVICE)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=True)
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.mse_loss(model.body(inputs) * model.scale, targets))
+    model.load_state_dict(start)
+    opt.materialize()
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_a_take_back_that_fails_stays_pending():
+    plain, _ = _run(False, 3)
+    merged, opt = _run(True, 3)  # second: the plain run's forwards would take its perturbation back
+    merged.double()  # a dtype the passes refuse: the module forward's take-back raises
+    with pytest.raises(TypeError, match="float64"):
+        merged(torch.zeros(1, 6, dtype=torch.float64, device=DEVICE))
+    merged.float()
+    merged(torch.zeros(1, 6, device=DEVICE))  # now it can: theta again
+    _assert_close(_params(merged), _params(plain))
+
+
+def test_another_optimizer_over_the_same_parameters_reads_the_true_parameters():
+    """Its closure reads them directly, where no forward hook sees the pending perturbation."""
+    runs = []
+    for merge in (True, False):
+        model, opt, closure = _setup(merge)
+        last = model[2]
+        other = ZOSGD(last.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace")
+        for _ in range(3):
+            opt.step(closure)
+            other.step(lambda last=last: (last.weight**2).sum() + last.bias.sum())
+        opt.materialize()
+        runs.append(_params(model))
+    _assert_close(*runs)

@@ -145,6 +145,21 @@ def test_conservative_keeps_only_steps_that_lower_the_loss():
     assert {r["accepted"] for r in opt.trajectory} == {"descent", "ascent", "none"}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_conservative_step_that_accepts_nothing_leaves_exact_mode_parameters_bit_identical(dtype):
+    """Its three moves cancel in exact arithmetic, not always in floating point: the residual (about 1e-19) must not
+    be written (it turned zeros into -0 and tiny values)."""
+    target = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    target[::2] = 0.0  # half zeros, as a zero-initialised LoRA B
+    w = torch.nn.Parameter(target.to(dtype))  # at the minimum: no candidate lowers the loss
+    start = w.detach().clone()
+    opt = ZOConservative([w], lr=2.2577424552889627e-4, eps=2.8039064169910716e-3, seed=0)
+    for _ in range(3):
+        opt.step(lambda: (w.double() - target.to(dtype).double()).pow(2).sum())
+    assert [r["accepted"] for r in opt.trajectory] == ["none"] * 3
+    assert torch.equal(w.detach().view(torch.int16), start.view(torch.int16))  # signs of zeros included
+
+
 def test_adam_follows_bias_corrected_adamw():
     (a, frozen, b), groups, closure, _ = _problem()
     opt = ZOAdam(groups, weight_decay=0.01, betas=(0.8, 0.9), adam_eps=1e-6, seed=11, n_probes=2)

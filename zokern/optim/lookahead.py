@@ -10,10 +10,19 @@ read the parameters:
   first time a merging step's closure calls a model that contains them), so that a checkpoint holds theta and a
   loaded one is not shifted.
 
+A parameter written in place since the perturbation was applied (``load_state_dict`` of a module that was not
+hooked, ``p.copy_(...)`` under ``no_grad``: writes that raise its version counter) keeps what was written: the
+take-back skips it. A step of another zokern optimizer over some of the same parameters takes this one's
+perturbation back first (its closure may read them directly). A take-back that fails (parameters converted to a
+dtype the passes refuse) stays pending, to be taken back once it can be.
+
 Reads that bypass modules and the optimizer (``p.data``, ``model.parameters()``, ``copy.deepcopy`` of a model
-without its optimizer) see the perturbed values, and writes that bypass them (``p.data.copy_(...)``, a clamp) would
-be shifted by the take-back: call ``materialize()`` first. A copy of the optimizer (deepcopy, pickle) carries the
-pending perturbation, so a model copied with it, before or after it, is taken back with it.
+without its optimizer) see the perturbed values, and writes through ``.data`` (``p.data.copy_(...)``, which no
+version counter sees) would be shifted by the take-back: call ``materialize()`` first. So must a function compiled
+with ``torch.compile`` that calls the model inside, if it was traced while no perturbation was pending: its compiled
+code does not run global module hooks installed later (a compiled model, ``torch.compile(model)``, does). A copy of
+the optimizer (deepcopy, pickle) carries the pending perturbation, so a model copied with it, before or after it, is
+taken back with it.
 """
 
 from __future__ import annotations
@@ -32,6 +41,22 @@ from zokern import ops
 # applied with, which materialize() needs even if the param groups change afterwards.
 Chunks = list[tuple[list[torch.Tensor], list[int], float]]
 
+# The lookaheads with a perturbation pending: a step of any zokern optimizer takes the others' back first.
+_PENDING: weakref.WeakSet[Lookahead] = weakref.WeakSet()
+
+
+def take_back_others(mine: Lookahead, params: list[torch.Tensor]) -> None:
+    """Take back every pending perturbation but ``mine`` that holds one of ``params``: another optimizer's step is
+    about to read them (its closure may do so directly, where no forward hook sees it) and write them. Optimizers
+    over disjoint parameters keep theirs (two merged runs side by side still take two passes a step)."""
+    others = [other for other in _PENDING if other is not mine]
+    if not others:
+        return
+    ids = {id(p) for p in params}
+    for other in others:
+        if any(id(p) in ids for chunk, _, _ in other._chunks for p in chunk):
+            other.materialize()
+
 
 class Lookahead:
     """The next step's perturbation while it is applied ahead of time, and the hooks that take it back. It holds
@@ -41,6 +66,7 @@ class Lookahead:
     def __init__(self) -> None:
         self.seed: int | None = None
         self._chunks: Chunks = []
+        self._versions: list[list[int]] = []  # per chunk, each parameter's version counter once perturbed
         self._pass_kwargs: dict[str, Any] = {}
         self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
         self._hooked_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -64,14 +90,16 @@ class Lookahead:
     def set(self, seed: int, chunks: Chunks, pass_kwargs: dict[str, Any]) -> None:
         """Record that the parameters now hold theta + alpha z(seed) per chunk (written by passes with
         ``pass_kwargs``: distribution, backend), and watch for reads."""
-        self.seed, self._chunks, self._pass_kwargs = seed, chunks, dict(pass_kwargs)
+        self.seed, self._chunks, self._pass_kwargs = seed, list(chunks), dict(pass_kwargs)
+        self._versions = [[p._version for p in params] for params, _, _ in chunks]
+        _PENDING.add(self)
         if self._forward_hook is None:
             self._forward_hook = register_module_forward_pre_hook(_eager(self.materialize))
 
     def claim(self, seed: int, chunks: Chunks) -> bool:
         """At the start of a step: whether the pending perturbation is exactly ``chunks`` of z(seed), the step's first
         perturbation, which then needs no pass. Any other pending perturbation is taken back first."""
-        matches = self.pending and self.seed == seed and _same(self._chunks, chunks)
+        matches = self.pending and self.seed == seed and _same(self._chunks, chunks) and not self._written()
         if matches:
             self._clear()
         else:
@@ -82,13 +110,26 @@ class Lookahead:
         """Take the pending perturbation back (one pass): the parameters hold theta again."""
         if not self.pending:
             return
-        seed, chunks, pass_kwargs = self.seed, self._chunks, self._pass_kwargs
+        # Chunk by chunk, each forgotten once taken back: a pass that raises leaves the rest pending.
+        while self._chunks:
+            (params, offsets, alpha), versions = self._chunks[0], self._versions[0]
+            kept = [(p, o) for p, o, v in zip(params, offsets, versions) if p._version == v]
+            if kept:
+                ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
+                             **self._pass_kwargs)  # fmt: skip
+            del self._chunks[0], self._versions[0]
         self._clear()
-        for params, offsets, alpha in chunks:
-            ops.perturb_([p.data for p in params], seed, -alpha, offsets=offsets, **pass_kwargs)
+
+    def _written(self) -> bool:
+        """Whether a parameter was written in place (its version counter raised) since the perturbation."""
+        return any(
+            p._version != v for (params, _, _), versions in zip(self._chunks, self._versions)
+            for p, v in zip(params, versions)
+        )  # fmt: skip
 
     def _clear(self) -> None:
-        self.seed, self._chunks = None, []
+        self.seed, self._chunks, self._versions = None, [], []
+        _PENDING.discard(self)
         if self._forward_hook is not None:
             self._forward_hook.remove()
             self._forward_hook = None

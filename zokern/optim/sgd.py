@@ -398,6 +398,9 @@ class ZOConservative(ZOSGD):
             accepted = "ascent"
             if not self._gather([evaluate()])[0] < loss_at_theta:
                 self._apply(probe, lambda g: -g["lr"] * step(g))  # back to theta
+                # The three moves cancel in exact arithmetic but their float sum may not (a residual of 1e-19 that
+                # exact mode would write, flipping zeros' signs): theta it is.
+                self._displacement.pop(probe, None)
                 accepted = "none"
         self._commit_displacement()  # the accepted candidate becomes the parameters
         for group, tensors, offsets in self._groups_layout():
