@@ -342,15 +342,28 @@ def test_a_parameter_loaded_before_the_take_back_keeps_its_loaded_value():
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
 
-def test_a_take_back_that_fails_stays_pending():
+def test_a_take_back_that_fails_says_so_once_and_stays_recorded():
     plain, _ = _run(False, 3)
     merged, opt = _run(True, 3)  # second: the plain run's forwards would take its perturbation back
     merged.double()  # a dtype the passes refuse: the module forward's take-back raises
-    with pytest.raises(TypeError, match="float64"):
+    with pytest.raises(TypeError, match=r"merge_steps could not take its pending perturbation back .*float64"):
         merged(torch.zeros(1, 6, dtype=torch.float64, device=DEVICE))
+    torch.nn.Linear(2, 2)(torch.zeros(1, 2))  # other modules' forwards are not held hostage
     merged.float()
-    merged(torch.zeros(1, 6, device=DEVICE))  # now it can: theta again
+    opt.materialize()  # now it can: theta again
     _assert_close(_params(merged), _params(plain))
+
+
+def test_merged_steps_run_on_inference_tensors_in_inference_mode():
+    runs = []
+    for merge in (True, False):
+        with torch.inference_mode():
+            model, opt, closure = _setup(merge)
+            for _ in range(3):
+                opt.step(closure)
+            opt.materialize()
+            runs.append(_params(model))
+    _assert_close(*runs)
 
 
 def test_another_optimizer_over_the_same_parameters_reads_the_true_parameters():

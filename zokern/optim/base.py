@@ -417,7 +417,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         not written: ops inside the block see the perturbed values (see zokern.optim.exact)."""
         _check_number("scale", scale, None, False)
         self._check_groups_hyperparameters()
-        take_back_others(self._lookahead, self._trainable())
+        take_back_others(self._lookahead, self._trainable)
         self.materialize()
         self._exact_now = self.exact()
         self._displacement.clear()
@@ -582,7 +582,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _claim_lookahead(self, seed: int, may_claim: bool) -> bool:
         """Whether the last step already applied this step's first perturbation, +eps z(seed) in every group (then
         tracked as applied); a pending perturbation that is not that one, or that may not be claimed, is taken back."""
-        take_back_others(self._lookahead, self._trainable())
+        take_back_others(self._lookahead, self._trainable)
         if not self._lookahead.pending:
             return False
         if not may_claim or self._exact_now or not self.merge_steps:

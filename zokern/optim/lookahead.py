@@ -10,15 +10,16 @@ read the parameters:
   first time a merging step's closure calls a model that contains them), so that a checkpoint holds theta and a
   loaded one is not shifted.
 
-A parameter written in place since the perturbation was applied (``load_state_dict`` of a module that was not
-hooked, ``p.copy_(...)`` under ``no_grad``: writes that raise its version counter) keeps what was written: the
-take-back skips it. A step of another zokern optimizer over some of the same parameters takes this one's
-perturbation back first (its closure may read them directly). A take-back that fails (parameters converted to a
-dtype the passes refuse) stays pending, to be taken back once it can be.
+A module's ``load_state_dict`` loads its own parameters before its children's hooks run: a parameter loaded so
+(its version counter raised since the perturbation) keeps the loaded value when a load hook takes the perturbation
+back. A step of another zokern optimizer over some of the same parameters takes this one's perturbation back first
+(its closure may read them directly). A take-back that fails (parameters converted to a dtype the passes refuse)
+raises once, saying so, and stays recorded: ``materialize()`` or the optimizer's next step takes it back once the
+parameters can be written again.
 
 Reads that bypass modules and the optimizer (``p.data``, ``model.parameters()``, ``copy.deepcopy`` of a model
-without its optimizer) see the perturbed values, and writes through ``.data`` (``p.data.copy_(...)``, which no
-version counter sees) would be shifted by the take-back: call ``materialize()`` first. So must a function compiled
+without its optimizer) see the perturbed values, and writes that bypass them (``p.data.copy_(...)``, a clamp, rows
+overwritten in place) would be shifted by the take-back: call ``materialize()`` first. So must a function compiled
 with ``torch.compile`` that calls the model inside, if it was traced while no perturbation was pending: its compiled
 code does not run global module hooks installed later (a compiled model, ``torch.compile(model)``, does). A copy of
 the optimizer (deepcopy, pickle) carries the pending perturbation, so a model copied with it, before or after it, is
@@ -28,7 +29,9 @@ taken back with it.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,14 +48,13 @@ Chunks = list[tuple[list[torch.Tensor], list[int], float]]
 _PENDING: weakref.WeakSet[Lookahead] = weakref.WeakSet()
 
 
-def take_back_others(mine: Lookahead, params: list[torch.Tensor]) -> None:
-    """Take back every pending perturbation but ``mine`` that holds one of ``params``: another optimizer's step is
-    about to read them (its closure may do so directly, where no forward hook sees it) and write them. Optimizers
-    over disjoint parameters keep theirs (two merged runs side by side still take two passes a step)."""
+def take_back_others(mine: Lookahead, params: Callable[[], list[torch.Tensor]]) -> None:
+    """Take back every pending perturbation but ``mine`` that holds one of ``params()``: another optimizer's step is
+    about to read them (its closure may do so directly, where no forward hook sees it) and write them."""
     others = [other for other in _PENDING if other is not mine]
     if not others:
         return
-    ids = {id(p) for p in params}
+    ids = {id(p) for p in params()}
     for other in others:
         if any(id(p) in ids for chunk, _, _ in other._chunks for p in chunk):
             other.materialize()
@@ -66,7 +68,7 @@ class Lookahead:
     def __init__(self) -> None:
         self.seed: int | None = None
         self._chunks: Chunks = []
-        self._versions: list[list[int]] = []  # per chunk, each parameter's version counter once perturbed
+        self._versions: list[list[int]] = []  # per chunk, the versions when perturbed (_before_load)
         self._pass_kwargs: dict[str, Any] = {}
         self._forward_hook: torch.utils.hooks.RemovableHandle | None = None
         self._hooked_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
@@ -91,7 +93,7 @@ class Lookahead:
         """Record that the parameters now hold theta + alpha z(seed) per chunk (written by passes with
         ``pass_kwargs``: distribution, backend), and watch for reads."""
         self.seed, self._chunks, self._pass_kwargs = seed, list(chunks), dict(pass_kwargs)
-        self._versions = [[p._version for p in params] for params, _, _ in chunks]
+        self._versions = [_versions(params) for params, _, _ in chunks]
         _PENDING.add(self)
         if self._forward_hook is None:
             self._forward_hook = register_module_forward_pre_hook(_eager(self.materialize))
@@ -99,7 +101,7 @@ class Lookahead:
     def claim(self, seed: int, chunks: Chunks) -> bool:
         """At the start of a step: whether the pending perturbation is exactly ``chunks`` of z(seed), the step's first
         perturbation, which then needs no pass. Any other pending perturbation is taken back first."""
-        matches = self.pending and self.seed == seed and _same(self._chunks, chunks) and not self._written()
+        matches = self.pending and self.seed == seed and _same(self._chunks, chunks)
         if matches:
             self._clear()
         else:
@@ -107,29 +109,42 @@ class Lookahead:
         return matches
 
     def materialize(self, *_hook_args) -> None:
-        """Take the pending perturbation back (one pass): the parameters hold theta again."""
+        """Take the pending perturbation back (one pass per chunk): the parameters hold theta again."""
+        self._take_back(skip_loaded=False)
+
+    def _before_load(self, *_hook_args) -> None:
+        # torch loads a module's own parameters before its children's: one loaded by this very load_state_dict
+        # (its version counter raised) holds the checkpoint's value, not theta + eps z.
+        self._take_back(skip_loaded=True)
+
+    def _take_back(self, skip_loaded: bool) -> None:
         if not self.pending:
             return
-        # Chunk by chunk, each forgotten once taken back: a pass that raises leaves the rest pending.
-        while self._chunks:
-            (params, offsets, alpha), versions = self._chunks[0], self._versions[0]
-            kept = [(p, o) for p, o, v in zip(params, offsets, versions) if p._version == v]
-            if kept:
-                ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
-                             **self._pass_kwargs)  # fmt: skip
-            del self._chunks[0], self._versions[0]
+        try:
+            # Chunk by chunk, each forgotten once taken back: a pass that raises leaves the rest recorded.
+            while self._chunks:
+                (params, offsets, alpha), versions = self._chunks[0], self._versions[0]
+                kept = list(zip(params, offsets))
+                if skip_loaded:
+                    kept = [(p, o) for (p, o), v, now in zip(kept, versions, _versions(params)) if now == v]
+                if kept:
+                    ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
+                                 **self._pass_kwargs)  # fmt: skip
+                del self._chunks[0], self._versions[0]
+        except (TypeError, ValueError) as e:
+            self._unhook()  # every module's forward would raise it again, the model's or not
+            raise type(e)(
+                f"zokern: merge_steps could not take its pending perturbation back ({e}); it stays recorded: call "
+                "the optimizer's materialize() once the parameters can be written again (its next step does)"
+            ) from e
         self._clear()
-
-    def _written(self) -> bool:
-        """Whether a parameter was written in place (its version counter raised) since the perturbation."""
-        return any(
-            p._version != v for (params, _, _), versions in zip(self._chunks, self._versions)
-            for p, v in zip(params, versions)
-        )  # fmt: skip
 
     def _clear(self) -> None:
         self.seed, self._chunks, self._versions = None, [], []
         _PENDING.discard(self)
+        self._unhook()
+
+    def _unhook(self) -> None:
         if self._forward_hook is not None:
             self._forward_hook.remove()
             self._forward_hook = None
@@ -153,7 +168,7 @@ class Lookahead:
                 if owned and module not in self._hooked_modules:
                     self._hooked_modules.add(module)
                     self._handles.append(module.register_state_dict_pre_hook(self.materialize))
-                    self._handles.append(module.register_load_state_dict_pre_hook(self.materialize))
+                    self._handles.append(module.register_load_state_dict_pre_hook(self._before_load))
 
         handle = register_module_forward_pre_hook(_eager(find))
         try:
@@ -165,10 +180,23 @@ class Lookahead:
 
     def close(self) -> None:
         """Take the pending perturbation back and remove every hook (the optimizer is gone)."""
-        self.materialize()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        try:
+            self.materialize()
+        except (TypeError, ValueError) as e:  # nothing is left to retry with: the parameters keep theta + eps z
+            warnings.warn(f"{e} (the optimizer is gone: the parameters keep it)", RuntimeWarning, stacklevel=2)
+        finally:
+            self._clear()
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+
+def _versions(params: list[torch.Tensor]) -> list[int]:
+    """Each parameter's version counter (-1 for an inference tensor, which has none)."""
+    try:
+        return [p._version for p in params]
+    except RuntimeError:
+        return [-1 if p.is_inference() else p._version for p in params]
 
 
 def _eager(hook):
