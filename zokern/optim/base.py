@@ -112,6 +112,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._seen_disagreement = False  # whether a reduction read on the host found the ranks at different rounds
         self._exact_now = False
         self._warned_16bit_loss = False
+        self._checked_values: list[tuple | None] = []  # per group, the hyperparameters the last step found valid
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
         self._rows: Iterator[torch.Tensor] | None = None  # a CUDA graph's scalar rows, one per pass (graph.py)
         self.merge_steps = False  # set by optimizers that fold the next step's perturbation into their last pass
@@ -145,6 +146,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)  # new, empty hook dicts
         self._unsettled, self._rows = [], None
         self._step_chunks = self._step_prepared = None
+        self._checked_values = []
         self._watch_lookahead()
 
     # ------------------------------------------------------------------------------------------ hyperparameters
@@ -198,11 +200,24 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Every group's hyperparameters, before a step or pass uses them: a scheduler or the user may have changed
         them since the constructor checked (a decay run past its end gives a negative lr, which the step would apply
         and the optimizer's own state_dict and trajectory would then refuse; a NaN lr would overwrite theta)."""
+        keys = ("lr", "eps", "weight_decay", *self._extra_group_keys())
+        checked = self._checked_values
+        if len(checked) != len(self.param_groups):
+            checked[:] = [None] * len(self.param_groups)
         for g, group in enumerate(self.param_groups):
+            # Values equal to the last valid ones (types included: a tensor lr is refused) need no new check, which
+            # costs about 1.5 us a group: per-tensor groups would add half a millisecond to every step.
+            values = tuple((type(v), tuple(v) if isinstance(v, list) else v) for v in map(group.get, keys))
+            try:
+                if values == checked[g]:
+                    continue
+            except RuntimeError:  # a multi-element tensor compared: checked (and refused) below
+                pass
             try:
                 self._check_hyperparameters(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"param group {g}: {e}") from None
+            checked[g] = values
 
     # ------------------------------------------------------------------------------------------------- layout
 
