@@ -160,6 +160,28 @@ def test_a_conservative_step_that_accepts_nothing_leaves_exact_mode_parameters_b
     assert torch.equal(w.detach().view(torch.int16), start.view(torch.int16))  # signs of zeros included
 
 
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(ZOSGD, {}), (ZOSGD, dict(momentum=0.9)), (ZOSignSGD, {}), (ZOConservative, dict(weight_decay=0.1)),
+     (ZOAdam, {}), (FZOO, {}), (LDSD, dict(k=3))],
+)  # fmt: skip
+def test_how_16_bit_parameters_are_grouped_does_not_change_the_stored_bits(cls, kwargs):
+    """The rounding seed is the pass's, shared by its groups: a second group with the same hyperparameters draws
+    the same bits as one group would (it drew the next pass's seed)."""
+    results = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)).bfloat16()
+        params = list(model.parameters())
+        groups = [{"params": params[:2]}, {"params": params[2:]}] if split else [{"params": params}]
+        opt = cls(groups, lr=1e-2, eps=1e-2, seed=5, **kwargs)
+        x = torch.randn(8, 16).bfloat16()
+        for _ in range(3):
+            opt.step(lambda model=model, x=x: model(x).float().pow(2).mean())
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_adam_follows_bias_corrected_adamw():
     (a, frozen, b), groups, closure, _ = _problem()
     opt = ZOAdam(groups, weight_decay=0.01, betas=(0.8, 0.9), adam_eps=1e-6, seed=11, n_probes=2)

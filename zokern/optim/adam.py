@@ -96,6 +96,7 @@ class ZOAdam(ZOSGD):
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
         self._perturb(probes[-1], self._restore_scale())
+        rounding = self._update_rounding()  # one update pass over every parameter
         for group, tensors, offsets in self._groups_layout():
             beta1, beta2 = group["betas"]
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
@@ -116,6 +117,6 @@ class ZOAdam(ZOSGD):
                 if group["weight_decay"]:
                     x.mul_(1 - group["lr"] * group["weight_decay"])
                 x.addcdiv_(m, denominator, value=-group["lr"] / (1 - beta1**t))
-                self._write(p, offset, x)
+                self._write(p, offset, x, rounding)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)

@@ -289,8 +289,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.perturbation == "exact"
 
     def _update_rounding(self) -> dict[str, Any]:
-        """Rounding of an update pass: stochastic for 16-bit parameters unless rounding='nearest', so that the
-        expected stored update is the intended one; each pass of a step draws its own bits."""
+        """Rounding of the step's next update pass: stochastic for 16-bit parameters unless rounding='nearest', so
+        that the expected stored update is the intended one. Each pass of a step draws its own bits; all groups,
+        devices and parameters of one pass share its seed (the rounding stream is indexed by global element, so
+        they draw disjoint bits), which keeps the stored values independent of how parameters are grouped. Call it
+        once per pass."""
         if self.rounding == "nearest":
             return dict(rounding="nearest")
         self._update_passes += 1
@@ -344,8 +347,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._exact_now:
             for seed, totals in list(self._displacement.items()):
                 by_group = {id(group): total for group, total in zip(self.param_groups, totals)}
+                rounding = self._update_rounding()
                 for group, tensors in self._each_group():
-                    ops.perturb_(tensors, seed, by_group[id(group)], **self._pass_kwargs(), **self._update_rounding())
+                    ops.perturb_(tensors, seed, by_group[id(group)], **self._pass_kwargs(), **rounding)
         self._displacement.clear()
 
     def _restore_update(
@@ -357,6 +361,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         first perturbation (in place only; see zokern.optim.lookahead)."""
         exact = self._exact_now
         chunks = []
+        rounding = self._update_rounding()
         for (_, group, params, offsets), (_, tensors) in zip(self._device_chunks(), self._each_group()):
             c = coefficient(group)
             if isinstance(c, torch.Tensor):  # asynchronous only towards a GPU: a CPU kernel reads it at once
@@ -371,7 +376,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 next_seed=lookahead,
                 next_alpha=0.0 if lookahead is None else group["eps"],
                 **self._pass_kwargs(),
-                **self._update_rounding(),
+                **rounding,
                 scalars=self._row(),
             )
             chunks.append((params, offsets, group["eps"]))
@@ -383,20 +388,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         """theta += sum of c_k(group) * z(seed_k), two directions per pass (raw coefficients, not eps multiples)."""
         for k in range(0, len(terms), 2):
             pair = terms[k : k + 2]
+            rounding = self._update_rounding()
             for group, tensors in self._each_group():
-                rounding = self._update_rounding()
                 if len(pair) == 2:
                     (s1, c1), (s2, c2) = pair
                     ops.two_seed_(tensors, s1, c1(group), s2, c2(group), **self._pass_kwargs(), **rounding)
                 else:
                     ops.perturb_(tensors, pair[0][0], pair[0][1](group), **self._pass_kwargs(), **rounding)
 
-    def _write(self, p: torch.Tensor, offset: int, x: torch.Tensor) -> None:
+    def _write(self, p: torch.Tensor, offset: int, x: torch.Tensor, rounding: dict[str, Any]) -> None:
         """Store the float32 values x into parameter p: stochastically rounded for 16-bit parameters (the bits of
-        the rounding stream at p's offsets, docs/stream.md section 5), unless rounding='nearest'."""
-        if p.dtype in _SIXTEEN_BIT and self.rounding != "nearest":
-            seed = self._update_rounding()["rounding_seed"]
-            bits = _reference.rounding_bits(seed, offset, p.numel(), device=p.device).view_as(p)
+        the rounding stream at p's offsets, docs/stream.md section 5, with the seed of the pass's ``rounding``),
+        unless rounding='nearest'."""
+        if p.dtype in _SIXTEEN_BIT and rounding["rounding"] == "stochastic":
+            bits = _reference.rounding_bits(rounding["rounding_seed"], offset, p.numel(), device=p.device).view_as(p)
             x = _reference.round_stochastic(x, bits, p.dtype)
         p.data.copy_(x)
 

@@ -152,20 +152,20 @@ class StepGraph:
     def _plan(self, seed: int, chunks: list) -> list[list[int]]:
         """The rows of one step, in launch order: +eps per fused call, then (two-sided) -2 eps, then the
         restore-and-update. The same values the uncaptured step passes as arguments (ZOOptimizer._update_rounding
-        numbers the update passes 1, 2, ... in call order)."""
+        numbers the update passes 1, 2, ...; the restore-and-update is pass 1 for every fused call)."""
         opt = self.opt
         rows = [_scalars.pack(seed=seed, alpha=group["eps"]) for _, group, _, _ in chunks]
         if not opt.one_sided:
             rows += [_scalars.pack(seed=seed, alpha=-2.0 * group["eps"]) for _, group, _, _ in chunks]
         stochastic = opt.rounding != "nearest"
-        for j, (_, group, _, _) in enumerate(chunks):
+        for _, group, _, _ in chunks:
             rows.append(
                 _scalars.pack(
                     seed=seed,
                     alpha=opt._restore_scale() * group["eps"],
                     lr=group["lr"],
                     weight_decay=group["weight_decay"],
-                    rounding_seed=seeds_.rounding_seed(seed, j + 1) if stochastic else None,
+                    rounding_seed=seeds_.rounding_seed(seed, 1) if stochastic else None,
                 )
             )
         return rows

@@ -310,15 +310,19 @@ class ZOSGD(ZOOptimizer):
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok)
 
-    def _decay_and_step(self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any]) -> None:
-        """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype."""
+    def _decay_and_step(
+        self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any], rounding: dict[str, Any]
+    ) -> None:
+        """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype (``rounding``: the
+        update pass's)."""
         x = p.data.float()
         if group["weight_decay"]:
             x.mul_(1 - group["lr"] * group["weight_decay"])
         x.add_(direction, alpha=-group["lr"])
-        self._write(p, offset, x)
+        self._write(p, offset, x, rounding)
 
     def _momentum_update(self, probes: list[int], diffs: list[float]) -> None:
+        rounding = self._update_rounding()
         for group, tensors, offsets in self._groups_layout():
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
             for p, offset in zip(tensors, offsets):
@@ -327,7 +331,7 @@ class ZOSGD(ZOOptimizer):
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 buf = state["momentum_buffer"]
                 buf.mul_(self.momentum).add_(self._direction(p, offset, terms))
-                self._decay_and_step(p, offset, buf, group)
+                self._decay_and_step(p, offset, buf, group, rounding)
 
 
 class ZOSignSGD(ZOSGD):
@@ -347,6 +351,7 @@ class ZOSignSGD(ZOSGD):
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
         self._perturb(probes[-1], self._restore_scale())
+        rounding = self._update_rounding()
         for group, tensors, offsets in self._groups_layout():
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
             for p, offset in zip(tensors, offsets):
@@ -356,7 +361,7 @@ class ZOSignSGD(ZOSGD):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                     direction = state["momentum_buffer"].mul_(self.momentum).add_(direction)
-                self._decay_and_step(p, offset, torch.sign(direction), group)
+                self._decay_and_step(p, offset, torch.sign(direction), group, rounding)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)
 
@@ -403,10 +408,12 @@ class ZOConservative(ZOSGD):
                 self._displacement.pop(probe, None)
                 accepted = "none"
         self._commit_displacement()  # the accepted candidate becomes the parameters
-        for group, tensors, offsets in self._groups_layout():
-            if group["weight_decay"]:
-                for p, offset in zip(tensors, offsets):
-                    self._write(p, offset, p.data.float() * (1 - group["lr"] * group["weight_decay"]))
+        if any(group["weight_decay"] for group in self.param_groups):
+            rounding = self._update_rounding()
+            for group, tensors, offsets in self._groups_layout():
+                if group["weight_decay"]:
+                    for p, offset in zip(tensors, offsets):
+                        self._write(p, offset, p.data.float() * (1 - group["lr"] * group["weight_decay"]), rounding)
         return dict(projected_grad=grads, loss=loss_at_theta, accepted=accepted)
 
 
