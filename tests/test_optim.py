@@ -773,6 +773,10 @@ def test_a_group_with_a_key_this_optimizer_understands_is_accepted():
         (FZOO, {}, "weight_decay", -0.1, ValueError, r"param group 1: invalid weight_decay"),
         (LDSD, {}, "sigma", -1.0, ValueError, r"param group 1: invalid sigma"),
         (LDSD, dict(update="adam"), "lr", torch.tensor(1e-3), TypeError, r"param group 1: lr must be a real number"),
+        # Equal to the last valid value, but of a refused kind: checked again, not taken from the check's cache.
+        (ZOAdam, dict(betas=(0.0, 0.9)), "betas", (False, 0.9), TypeError, r"betas must be a real number, got bool"),
+        (ZOAdam, {}, "betas", (torch.tensor(0.9), 0.999), TypeError, r"betas must be a real number, got Tensor"),
+        (ZOSGD, dict(weight_decay=0.0), "weight_decay", False, TypeError, r"weight_decay must be a real number"),
     ],
 )
 def test_a_step_checks_hyperparameters_changed_since_construction(cls, kwargs, key, value, exc, match):

@@ -207,11 +207,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             # Values equal to the last valid ones (types included: a tensor lr is refused) need no new check, which
             # costs about 1.5 us a group: per-tensor groups would add half a millisecond to every step.
-            values = tuple((type(v), tuple(v) if isinstance(v, list) else v) for v in map(group.get, keys))
+            values = tuple(map(_typed, map(group.get, keys)))
             try:
                 if values == checked[g]:
                     continue
-            except RuntimeError:  # a multi-element tensor compared: checked (and refused) below
+            except (RuntimeError, ValueError):  # a multi-element tensor or array compared: checked (and refused) below
                 pass
             try:
                 self._check_hyperparameters(group)
@@ -908,6 +908,14 @@ def _reject_parameter(name: str, p: torch.Tensor) -> None:
         "elements in row-major order. Make it contiguous (a channels_last model: "
         "model.to(memory_format=torch.contiguous_format); a transposed view: register its .contiguous() copy)"
     )
+
+
+def _typed(value: Any) -> Any:
+    """A hyperparameter as the per-step check's cache compares it: with its type, and its elements' (betas), so that
+    an equal value of a refused kind (False for 0.0, a tensor for a float) is checked again."""
+    if isinstance(value, (tuple, list)):
+        return type(value), tuple(map(_typed, value))
+    return type(value), value
 
 
 def sixteen_bit_loss_message(source: str, dtype: torch.dtype) -> str:

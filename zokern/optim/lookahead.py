@@ -12,10 +12,10 @@ read the parameters:
 
 A module's ``load_state_dict`` loads its own parameters before its children's hooks run: a parameter loaded so
 (its version counter raised since the perturbation) keeps the loaded value when a load hook takes the perturbation
-back. A step of another zokern optimizer over some of the same parameters takes this one's perturbation back first
-(its closure may read them directly). A take-back that fails (parameters converted to a dtype the passes refuse)
-raises once, saying so, and stays recorded: ``materialize()`` or the optimizer's next step takes it back once the
-parameters can be written again.
+back (an inference tensor has no version counter: it is taken back). A step of another zokern optimizer over some
+of the same parameters takes this one's perturbation back first (its closure may read them directly). A take-back
+that fails (parameters converted to a dtype the passes refuse) raises once, saying so, and stays recorded:
+``materialize()`` or the optimizer's next step takes it back once the parameters can be written again.
 
 Reads that bypass modules and the optimizer (``p.data``, ``model.parameters()``, ``copy.deepcopy`` of a model
 without its optimizer) see the perturbed values, and writes that bypass them (``p.data.copy_(...)``, a clamp, rows
@@ -191,12 +191,12 @@ class Lookahead:
             self._handles.clear()
 
 
-def _versions(params: list[torch.Tensor]) -> list[int]:
-    """Each parameter's version counter (-1 for an inference tensor, which has none)."""
+def _versions(params: list[torch.Tensor]) -> list[int | None]:
+    """Each parameter's version counter (None for an inference tensor, which has none)."""
     try:
         return [p._version for p in params]
     except RuntimeError:
-        return [-1 if p.is_inference() else p._version for p in params]
+        return [None if p.is_inference() else p._version for p in params]
 
 
 def _eager(hook):
