@@ -20,9 +20,7 @@ import datetime
 import importlib.metadata
 import math
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -63,19 +61,13 @@ def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: flo
             def step(t, opt=opt, closure=closure):
                 opt.step(closure)
 
-        times = []
-        for t in range(steps):
-            _device.synchronize(device)
-            begin = time.perf_counter()
-            step(t)
-            _device.synchronize(device)
-            times.append(time.perf_counter() - begin)
+        ms, _ = _device.Timer(device, steps, warmup=0)(step)
         params = [p.detach() for p in params]
         changed = sum(int((p != s).sum()) for p, s in zip(params, start))
         total = sum(p.numel() for p in params)
         drift = math.sqrt(sum(float((p.double() - s.double()).pow(2).sum()) for p, s in zip(params, start)) / total)
         rms = math.sqrt(sum(float(s.double().pow(2).sum()) for s in start) / total)
-        rows.append((scheme, changed / total, drift, drift / rms, statistics.median(times) * 1e3))
+        rows.append((scheme, changed / total, drift, drift / rms, ms))
         print(
             f"{scheme:18s} changed {changed / total:7.2%}  rms drift {drift:.3e} ({drift / rms:.2%} of rms)  "
             f"{rows[-1][-1]:.2f} ms/step",

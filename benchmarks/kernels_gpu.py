@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import zokern
+from benchmarks import _device
 from zokern import _dispatch
 from zokern import _reference
 
@@ -251,7 +252,7 @@ def write(
         correctness = "all passed" if not failures else f"{len(failures)} FAILURES"
     header = (
         f"\n### Kernel bandwidth, {datetime.date.today()}\n\n"
-        f"Device {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+        f"Device {_device.name(args.device)}, torch {torch.__version__}, "
         f"triton {triton_version}, "
         f"CUDA {torch.version.cuda}, Python {platform.python_version()}, zokern {zokern.__version__} "
         f"(stream v{zokern.STREAM_VERSION}). Command: `{command}`. "

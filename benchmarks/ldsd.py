@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -42,16 +40,7 @@ SHAPES = {"opt-1.3b": opt_1_3b_shapes, "opt-1.3b-lora": lora_shapes, "tiny": lam
 
 
 def timed_ms(fn, device: torch.device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _device.synchronize(device)
-        begin = time.perf_counter()
-        fn()
-        _device.synchronize(device)
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    return _device.Timer(device, steps, warmup)(lambda t: fn())[0]
 
 
 def _copy_ms(numel: int, device: torch.device, steps: int, warmup: int) -> float:

@@ -24,9 +24,7 @@ import gc
 import importlib.metadata
 import json
 import platform
-import statistics
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 
 import zokern
 from benchmarks import _device
+from benchmarks._device import Timer
 from zokern.baselines import mezo_published_step
 from zokern.optim import ZOSGD
 from zokern.optim import graph
@@ -98,33 +97,6 @@ def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     finally:
         torch.set_default_dtype(default_dtype)
     return model.to(dtype).eval()  # buffers created as float32 on purpose (rotary frequencies) too, as before
-
-
-class Timer:
-    """Median wall time of a callable over ``steps`` calls after ``warmup``, synchronising CUDA around each."""
-
-    def __init__(self, device: str, steps: int, warmup: int) -> None:
-        self.device, self.steps, self.warmup = device, steps, warmup
-
-    def reset_peak(self) -> None:
-        _device.reset_peak(self.device)
-
-    def __call__(self, fn: Callable[[int], object], peak_from_now: bool = True) -> tuple[float, float | None]:
-        """(median ms, peak GiB during the timed calls or None on the CPU). ``peak_from_now=False``: the peak since
-        the last reset_peak() (a CUDA graph's activations are allocated while it is captured, not when replayed)."""
-        for t in range(self.warmup):
-            fn(t)
-        if peak_from_now:
-            self.reset_peak()
-        times = []
-        for t in range(self.steps):
-            _device.synchronize(self.device)
-            begin = time.perf_counter()
-            fn(self.warmup + t)
-            _device.synchronize(self.device)
-            times.append((time.perf_counter() - begin) * 1e3)
-        peak = _device.peak_bytes(self.device)
-        return statistics.median(times), None if peak is None else peak / 2**30
 
 
 # zokern's modes: in place (three passes per step), in place with the cross-step merge (two), in place replayed from a

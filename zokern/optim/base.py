@@ -179,11 +179,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}'s param groups (it takes {', '.join(sorted(understood - {'params'}))})"
             )
         first_index: dict[int, int] = {}
-        for k, p in enumerate(group["params"]):  # torch.optim only warns; a step would then fail on every call
-            j = first_index.setdefault(id(p), k)
-            if j != k:
-                raise ValueError(f"params[{j}] and params[{k}] are the same parameter; each must appear once")
         for k, p in enumerate(group["params"]):
+            j = first_index.setdefault(id(p), k)
+            if j != k:  # torch.optim only warns; a step would then fail on every call
+                raise ValueError(f"params[{j}] and params[{k}] are the same parameter; each must appear once")
             # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
             # weights) are never touched; they only hold their place in the stream.
             if p.requires_grad and not _writable(p):
@@ -420,8 +419,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The next step's seed (advances the step counter): for loops that drive the passes themselves. Under
         torch.distributed, every ``seed_check_every`` steps the ranks compare it (one collective: such a loop must
         call this on every rank in step); ``step`` checks every loss reduction instead."""
-        seed = seeds_.step_seed(self.base_seed, self.steps_taken)
         if self.seed_check_every and self.steps_taken % self.seed_check_every == 0:
+            seed = seeds_.step_seed(self.base_seed, self.steps_taken)
             _distributed.check_same_seed(seed, f"seed of step {self.steps_taken}")
         return self._advance_seed()
 
