@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from zokern.optim.base import _check_betas
 from zokern.optim.base import _check_number
+from zokern.optim.base import new_state
 from zokern.optim.sgd import ZOSGD
 
 
@@ -93,6 +92,9 @@ class ZOAdam(ZOSGD):
     def _extra_group_keys(self) -> tuple[str, ...]:
         return ("betas", "adam_eps")
 
+    def _state_keys(self) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
         self._perturb(probes[-1], self._restore_scale())
@@ -105,8 +107,8 @@ class ZOAdam(ZOSGD):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg"] = new_state(p)
+                    state["exp_avg_sq"] = new_state(p)
                 state["step"] += 1
                 t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]

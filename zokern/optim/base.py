@@ -27,6 +27,7 @@ from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim import seeds as seeds_
+from zokern.optim._interrupts import held_interrupts
 from zokern.optim._pending import PendingRecord
 from zokern.optim._randomness import SharedRandomness
 from zokern.optim.exact import ParameterUse
@@ -54,6 +55,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     trainable: freezing one parameter (``requires_grad=False``) leaves the others' z unchanged. Frozen parameters
     are never written.
     """
+
+    # Whether the passes check that the tensors of one call do not overlap (ops.prepare does; LDSD's do not).
+    _PASSES_CHECK_MEMORY = True
 
     def __init__(
         self,
@@ -120,6 +124,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._watch_lookahead()
         self._claimed = False  # whether this step's first perturbation was already applied by the last step
         self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
+        self._busy = False  # while a step or a perturbed() block runs: a nested one would corrupt its bookkeeping
 
     def _watch_lookahead(self) -> None:
         # An optimizer collected between merged steps leaves theta behind; not at interpreter exit, where the
@@ -147,6 +152,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._unsettled, self._rows = [], None
         self._step_chunks = self._step_prepared = None
         self._checked_values = []
+        self._busy = False
         self._watch_lookahead()
 
     # ------------------------------------------------------------------------------------------ hyperparameters
@@ -226,6 +232,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._step_layout is not None:
             return self._step_layout
         layout, base, index = [], 0, 0
+        inference_mode = torch.is_inference_mode_enabled()
         for g, group in enumerate(self.param_groups):
             tensors, offsets = [], []
             for k, p in enumerate(group["params"]):
@@ -233,12 +240,65 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if trainable:
                     if not _writable(p):
                         _reject_parameter(f"param_groups[{g}]['params'][{k}]", p)
+                    if not inference_mode and p.is_inference():
+                        ops._refuse_inference_tensor(k, f"param_groups[{g}]['params']")
                     tensors.append(p)
                     offsets.append(base)
                 base += p.numel()
                 index += 1
             layout.append((group, tensors, offsets))
+        self._check_distinct_memory(layout)
+        self._check_state_shapes(layout)
         return layout
+
+    def _check_distinct_memory(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:
+        """Trainable parameters of different groups must not share memory either (ops.prepare checks a group's own,
+        LDSD's passes none): the step would perturb and update the shared elements once per group."""
+        if len(layout) < 2 and self._PASSES_CHECK_MEMORY:
+            return
+        by_device: dict[torch.device, list[tuple[int, int, torch.Tensor]]] = {}
+        for g, (group, tensors, _) in enumerate(layout):
+            positions = {id(p): k for k, p in enumerate(group["params"])}
+            for p in tensors:
+                by_device.setdefault(p.device, []).append((g, positions[id(p)], p))
+        for entries in by_device.values():
+            pair = ops._first_overlap(ops._spans([p for *_, p in entries]))
+            if pair is not None:
+                (g1, k1), (g2, k2) = sorted(entries[i][:2] for i in pair)
+                raise ValueError(
+                    f"param_groups[{g1}]['params'][{k1}] and param_groups[{g2}]['params'][{k2}] overlap in memory; "
+                    "each element must be trained once (tie weights by using one Parameter in both places)"
+                )
+
+    def _state_keys(self) -> tuple[str, ...]:
+        """The per-parameter states shaped like their parameter, which a step reads (none by default)."""
+        return ()
+
+    def _check_state_shapes(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:
+        """Each state still fits its parameter, whose ``.data`` may have been replaced since the state was built:
+        reshaped with its elements (same numel) the state follows, row-major like the stream; resized (a grown
+        embedding) the step is refused before any pass, where it would update some parameters and then fail."""
+        keys = self._state_keys()
+        if not keys:
+            return
+        for g, (group, tensors, _) in enumerate(layout):
+            for p in tensors:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key in keys:
+                    value = state.get(key)
+                    if value is None or value.shape == p.shape:
+                        continue
+                    if value.numel() == p.numel():
+                        state[key] = value.view(p.shape)
+                        continue
+                    k = next(k for k, q in enumerate(group["params"]) if q is p)
+                    raise ValueError(
+                        f"param_groups[{g}]['params'][{k}] has shape {tuple(p.shape)} but its optimizer state "
+                        f"{key!r} has shape {tuple(value.shape)}: the parameter was resized after the state was "
+                        f"built. Build a new optimizer, or start this parameter's state afresh (del opt.state[p])"
+                    )
 
     def _device_chunks(self) -> list[tuple[int, dict[str, Any], list[torch.Tensor], list[int]]]:
         """(group index, group, trainable parameters, offsets) per param group and device: one fused call each."""
@@ -303,10 +363,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _apply(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
         """theta += alpha(group) * z(seed) in each group: one pass in place, only bookkeeping in exact mode; tracked
         so that an exception can undo it."""
-        if not self._exact_now:
-            for group, tensors in self._each_group():
-                ops.perturb_(tensors, seed, alpha(group), **self._pass_kwargs(), scalars=self._row())
-        self._track(seed, alpha)
+        with held_interrupts():
+            if not self._exact_now:
+                for group, tensors in self._each_group():
+                    ops.perturb_(tensors, seed, alpha(group), **self._pass_kwargs(), scalars=self._row())
+            self._track(seed, alpha)
 
     def _row(self) -> torch.Tensor | None:
         """The device row the next pass reads its scalars from, while a CUDA graph's step runs (graph.py)."""
@@ -318,12 +379,13 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _switch(self, seed_from: int, scale_from: float, seed_to: int, scale_to: float) -> None:
         """theta += eps * (scale_from * z(seed_from) + scale_to * z(seed_to)) in one pass."""
-        if not self._exact_now:
-            for group, tensors in self._each_group():
-                eps = group["eps"]
-                ops.two_seed_(tensors, seed_from, scale_from * eps, seed_to, scale_to * eps, **self._pass_kwargs())
-        self._track(seed_from, lambda group: scale_from * group["eps"])
-        self._track(seed_to, lambda group: scale_to * group["eps"])
+        with held_interrupts():
+            if not self._exact_now:
+                for group, tensors in self._each_group():
+                    eps = group["eps"]
+                    ops.two_seed_(tensors, seed_from, scale_from * eps, seed_to, scale_to * eps, **self._pass_kwargs())
+            self._track(seed_from, lambda group: scale_from * group["eps"])
+            self._track(seed_to, lambda group: scale_to * group["eps"])
 
     def _track(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
         totals = self._displacement.setdefault(seed, [0.0] * len(self.param_groups))
@@ -361,39 +423,41 @@ class ZOOptimizer(torch.optim.Optimizer):
         exact = self._exact_now
         chunks = []
         rounding = self._update_rounding()
-        for (_, group, params, offsets), (_, tensors) in zip(self._device_chunks(), self._each_group()):
-            c = coefficient(group)
-            if isinstance(c, torch.Tensor):  # asynchronous only towards a GPU: a CPU kernel reads it at once
-                c = c.to(params[0].device, non_blocking=params[0].device.type == "cuda")
-            ops.restore_update_(
-                tensors,
-                seed,
-                0.0 if exact else scale * group["eps"],
-                group["lr"],
-                c,
-                weight_decay=group["weight_decay"],
-                next_seed=lookahead,
-                next_alpha=0.0 if lookahead is None else group["eps"],
-                **self._pass_kwargs(),
-                **rounding,
-                scalars=self._row(),
-            )
-            chunks.append((params, offsets, group["eps"]))
-        self._track(seed, lambda group: scale * group["eps"])
-        if lookahead is not None:
-            self._lookahead.set(lookahead, chunks, self._pass_kwargs())
+        with held_interrupts():
+            for (_, group, params, offsets), (_, tensors) in zip(self._device_chunks(), self._each_group()):
+                c = coefficient(group)
+                if isinstance(c, torch.Tensor):  # asynchronous only towards a GPU: a CPU kernel reads it at once
+                    c = c.to(params[0].device, non_blocking=params[0].device.type == "cuda")
+                ops.restore_update_(
+                    tensors,
+                    seed,
+                    0.0 if exact else scale * group["eps"],
+                    group["lr"],
+                    c,
+                    weight_decay=group["weight_decay"],
+                    next_seed=lookahead,
+                    next_alpha=0.0 if lookahead is None else group["eps"],
+                    **self._pass_kwargs(),
+                    **rounding,
+                    scalars=self._row(),
+                )
+                chunks.append((params, offsets, group["eps"]))
+            self._track(seed, lambda group: scale * group["eps"])
+            if lookahead is not None:
+                self._lookahead.set(lookahead, chunks, self._pass_kwargs())
 
     def _add_directions(self, terms: list[tuple[int, Callable[[dict[str, Any]], float]]]) -> None:
         """theta += sum of c_k(group) * z(seed_k), two directions per pass (raw coefficients, not eps multiples)."""
         for k in range(0, len(terms), 2):
             pair = terms[k : k + 2]
             rounding = self._update_rounding()
-            for group, tensors in self._each_group():
-                if len(pair) == 2:
-                    (s1, c1), (s2, c2) = pair
-                    ops.two_seed_(tensors, s1, c1(group), s2, c2(group), **self._pass_kwargs(), **rounding)
-                else:
-                    ops.perturb_(tensors, pair[0][0], pair[0][1](group), **self._pass_kwargs(), **rounding)
+            with held_interrupts():  # an update: nothing tracked, but a pass over some groups only would be lost
+                for group, tensors in self._each_group():
+                    if len(pair) == 2:
+                        (s1, c1), (s2, c2) = pair
+                        ops.two_seed_(tensors, s1, c1(group), s2, c2(group), **self._pass_kwargs(), **rounding)
+                    else:
+                        ops.perturb_(tensors, pair[0][0], pair[0][1](group), **self._pass_kwargs(), **rounding)
 
     def _write(self, p: torch.Tensor, offset: int, x: torch.Tensor, rounding: dict[str, Any]) -> None:
         """Store the float32 values x into parameter p: stochastically rounded for 16-bit parameters (the bits of
@@ -435,13 +499,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         the block raises. ``with opt.perturbed(seed, +1): loss_plus = f()``. In exact mode the parameters are
         not written: ops inside the block see the perturbed values (see zokern.optim.exact)."""
         _check_number("scale", scale, None, False)
+        self._refuse_nested("perturbed")
         self._check_groups_hyperparameters()
         take_back_others(self._lookahead, self._trainable)
         self.materialize()
         self._exact_now = self.exact()
         self._displacement.clear()
-        self._perturb(seed, scale)
+        self._busy = True
         try:
+            self._perturb(seed, scale)
             if self._exact_now:
                 view = self._perturbed_view()
                 with view:
@@ -450,6 +516,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 yield
         finally:
+            self._busy = False
             self._undo_displacement()
 
     def _perturbed_view(self) -> PerturbedView:
@@ -487,6 +554,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         once its values reach the host: at the end of the step on the CPU, at a later step on a GPU (or when
         ``trajectory``, ``nonfinite_steps`` or ``state_dict`` is read).
         """
+        self._refuse_nested("step")
         self._require_closure(closure)
         self._check_groups_hyperparameters()
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
@@ -556,6 +624,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             fields["claimed"] = self._claimed
         self._record(seed, losses, fields)
 
+    def _refuse_nested(self, what: str) -> None:
+        if self._busy:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} was called while a step or a perturbed() block of the same optimizer "
+                "was running (from its closure?): the closure must only evaluate the loss"
+            )
+
     def _require_closure(self, closure: Closure | None) -> None:
         if closure is None:
             raise TypeError(
@@ -583,6 +658,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._round, self._agreement, self._seen_disagreement = 0, [], False
         self._next_seed = next_seed
         self._claimed = self._claim_lookahead(seed, may_claim)
+        self._busy = True
         try:
             if self._exact_now:  # its first pass is the update: its checks (overlap, layout) before any forward
                 self._each_group()
@@ -594,6 +670,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._undo_displacement()
             raise
         finally:
+            self._busy = False
             self._step_layout = self._step_chunks = self._step_prepared = None
         self._displacement.clear()
         return fields
@@ -615,24 +692,25 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _evaluate(self, closure: Closure) -> torch.Tensor:
         """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
-        if self._exact_now:
-            view = self._perturbed_view()
-            try:
+        view = self._perturbed_view() if self._exact_now else None
+        try:
+            if view is not None:
                 with view:
                     loss = closure()
-            except RuntimeError as e:  # torch.optim's habit of a closure that calls backward()
-                if "does not require grad" not in str(e):
-                    raise
-                raise RuntimeError(
-                    f"{e}. zokern: in exact mode (16-bit parameters) the closure sees perturbed copies without "
-                    "autograd history: return the loss without calling backward(), which a ZO step does not use"
-                ) from e
-            view.check_all_used(self._parameter_names())
-        elif self.merge_steps:
-            with self._lookahead.finding_owners(self._trainable()):
+            elif self.merge_steps:
+                with self._lookahead.finding_owners(self._trainable()):
+                    loss = closure()
+            else:
                 loss = closure()
-        else:
-            loss = closure()
+        except RuntimeError as e:  # torch.optim's habit of a closure that calls backward()
+            if "does not require grad" not in str(e):
+                raise
+            raise RuntimeError(
+                f"{e}. zokern: a ZO step evaluates the closure without autograd (under torch.no_grad; in exact mode "
+                "on perturbed copies): return the loss without calling backward(), which a ZO step does not use"
+            ) from e
+        if view is not None:
+            view.check_all_used(self._parameter_names())
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
@@ -640,7 +718,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             if loss.dtype in _SIXTEEN_BIT and not self._warned_16bit_loss:
                 self._warned_16bit_loss = True
                 warnings.warn(sixteen_bit_loss_message("the closure", loss.dtype), UserWarning, stacklevel=4)
-            return loss.detach().reshape(())
+            # A copy (one scalar, no host sync): a closure may return the same tensor, refilled, at every call.
+            return loss.detach().reshape(()).clone()
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
             return torch.tensor(float(loss), dtype=torch.float64)
         raise ValueError(f"the closure must return a scalar loss (tensor or number), got {type(loss).__name__}")
@@ -863,9 +942,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(
-                        device=p.device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
-                    )
+                    with torch.inference_mode(False):  # as new_state: states the steps can update in any mode
+                        self.state[p][key] = value.to(
+                            device=p.device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
+                        )
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
@@ -907,6 +987,13 @@ def _reject_parameter(name: str, p: torch.Tensor) -> None:
         "elements in row-major order. Make it contiguous (a channels_last model: "
         "model.to(memory_format=torch.contiguous_format); a transposed view: register its .contiguous() copy)"
     )
+
+
+def new_state(p: torch.Tensor) -> torch.Tensor:
+    """A float32 optimizer state shaped like ``p``, zeros: a normal tensor even when the step runs under
+    torch.inference_mode (an inference tensor could not be updated by the steps that run outside it)."""
+    with torch.inference_mode(False):
+        return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 def _typed(value: Any) -> Any:

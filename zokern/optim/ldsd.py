@@ -19,9 +19,11 @@ from zokern._ldsd_reference import final_layout
 from zokern._transfer import to_device
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
+from zokern.optim._interrupts import held_interrupts
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_betas
 from zokern.optim.base import _check_number
+from zokern.optim.base import new_state
 from zokern.optim.exact import ParameterUse
 from zokern.optim.exact import PerturbedView
 
@@ -95,6 +97,8 @@ class LDSD(ZOOptimizer):
         pairing: ``"evaluated"`` (default, correct) or ``"faithful"`` (the published behaviour).
         Other arguments as :class:`ZOSGD` (``distribution``, ``seed``, ``backend``, ``perturbation``, ...).
     """
+
+    _PASSES_CHECK_MEMORY = False  # its passes take the parameters as the optimizer checked them (_groups_layout)
 
     def __init__(
         self,
@@ -182,31 +186,32 @@ class LDSD(ZOOptimizer):
 
     # ---------------------------------------------------------------------------------------------------- layout
 
+    def _state_keys(self) -> tuple[str, ...]:
+        return ("mu", *{"sgd": (), "momentum": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}[self._rule])
+
     def _init_state(self) -> None:
         counts = None  # the run's Adam counts, computed once a parameter needs them (not every step)
         for _, params, _ in self._groups_layout():
             for p in params:
                 state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                for key in (("momentum_buffer",) if self._rule == "momentum" else ()) + (
-                    ("exp_avg", "exp_avg_sq") if self._rule == "adam" else ()
-                ):
+                for key in self._state_keys():
                     if key not in state:
-                        state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                        state[key] = new_state(p)
                 if self._rule == "adam" and "step" not in state:  # a parameter joining later: the run's count
                     counts = self._adam_counts() if counts is None else counts
                     count = counts.get(p.device)
-                    # Each its own tensor: the counts advance in place, one add per parameter.
-                    state["step"] = (
-                        torch.zeros((), dtype=torch.float32, device=p.device) if count is None else count.clone()
-                    )
+                    # Each its own tensor: the counts advance in place, one add per parameter. Normal tensors,
+                    # as new_state's, also when this step runs under torch.inference_mode.
+                    with torch.inference_mode(False):
+                        state["step"] = (
+                            torch.zeros((), dtype=torch.float32, device=p.device) if count is None else count.clone()
+                        )
 
     def _mus(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.state[p]["mu"] for p in params]
 
     def _rule_states(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-        keys = {"sgd": (), "momentum": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}[self._rule]
+        keys = self._state_keys()[1:]
         assert len(keys) == STATES_PER_RULE[self._rule]
         return [tuple(self.state[p][key] for key in keys) for p in params]
 
@@ -237,29 +242,31 @@ class LDSD(ZOOptimizer):
             if not changed:
                 return None
             if 0 not in changed and len(changed) <= 2:  # a candidate switch: mu cancels, one two-seed pass
-                self._two_seed_move(changed, [delta[i] for i in changed])
-                self._position = position  # after the pass: a pass that raises has not moved theta
+                with held_interrupts():
+                    self._two_seed_move(changed, [delta[i] for i in changed])
+                    self._position = position  # after the pass: a pass that raises has not moved theta
                 return None
         else:
             delta = _as_tensor(position, like=previous) - _as_tensor(previous, like=position)
         norms: dict[int, torch.Tensor] = {}
-        for index, group, params, offsets in self._device_chunks():
-            device = params[0].device
-            norm_row = None if norm_rows is None else norm_rows[index].to(device)
-            coef = self._row(delta, group, device)
-            mus = self._mus(params)
-            part = passes.move_(
-                [p.data for p in params],
-                mus,
-                offsets,
-                self._candidates,
-                coef,
-                norm_coef=norm_row,
-                **self._pass_kwargs(),
-            )
-            if part is not None:
-                norms[index] = norms[index] + part.to(norms[index].device) if index in norms else part
-        self._position = position  # after the passes: a pass that raises has not moved theta
+        with held_interrupts():
+            for index, group, params, offsets in self._device_chunks():
+                device = params[0].device
+                norm_row = None if norm_rows is None else norm_rows[index].to(device)
+                coef = self._row(delta, group, device)
+                mus = self._mus(params)
+                part = passes.move_(
+                    [p.data for p in params],
+                    mus,
+                    offsets,
+                    self._candidates,
+                    coef,
+                    norm_coef=norm_row,
+                    **self._pass_kwargs(),
+                )
+                if part is not None:
+                    norms[index] = norms[index] + part.to(norms[index].device) if index in norms else part
+            self._position = position  # after the passes: a pass that raises has not moved theta
         return norms if norm_rows is not None else None
 
     def _two_seed_move(self, changed: list[int], deltas: list[float]) -> None:
@@ -344,11 +351,18 @@ class LDSD(ZOOptimizer):
         restore = torch.zeros(k + 1, dtype=torch.float64, device=onehot.device)
         if not self._exact_now:
             restore = -_as_tensor(self._position, like=onehot)
-        self._position = None
-        sizes = self._group_sizes()
         grads = torch.stack([difference / (2 * group["eps"]) for group in self.param_groups])
-        rounding = self._update_rounding()
-        adam_steps = self._advance_adam_steps(ok)
+        adam_steps = self._adam_counts_after(ok)
+        with held_interrupts():
+            self._final_passes(streams, restore, grads, onehot, raw_mu_rows, norms, paired, ok, adam_steps)
+            # Only now: a final pass that raises has not restored theta, which the step's undo then does.
+            self._position = None
+            self._advance_adam_steps(ok)
+        return grads
+
+    def _final_passes(self, streams, restore, grads, onehot, raw_mu_rows, norms, paired, ok, adam_steps) -> None:
+        """The final pass of each (group, device) chunk (see _final_pass)."""
+        k, sizes, rounding = self.k, self._group_sizes(), self._update_rounding()
         for index, group, params, offsets in self._device_chunks():
             device = params[0].device
             sigma, g = group["sigma"], grads[index]
@@ -384,7 +398,6 @@ class LDSD(ZOOptimizer):
                 adam_eps=group["adam_eps"] if self._rule == "adam" else 1.0,
                 distribution=self.distribution,
             )
-        return grads
 
     def _raw_mu_rows(self, advantages: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Per group index, [1, e_1..e_K] with e_i = -mu_lr c_i / (K sigma): mu's REINFORCE step before the
@@ -418,14 +431,18 @@ class LDSD(ZOOptimizer):
     def _group_sizes(self) -> list[int]:
         return [sum(p.numel() for p in params) for _, params, _ in self._groups_layout()]
 
-    def _advance_adam_steps(self, ok: torch.Tensor) -> dict[torch.device, torch.Tensor]:
-        """Adam's update count t (skipped steps do not count), per device: one value, shared by all parameters (the
-        final pass takes one bias correction per call), the run's count; see _adam_counts."""
+    def _adam_counts_after(self, ok: torch.Tensor) -> dict[torch.device, torch.Tensor]:
+        """Adam's update count t of this step (skipped steps do not count), per device: one value, shared by all
+        parameters (the final pass takes one bias correction per call), the run's count; see _adam_counts. The
+        states advance once the final passes have run (_advance_adam_steps)."""
         if self._rule != "adam":
             return {}
-        for _, _, params, _ in self._device_chunks():
-            torch._foreach_add_([self.state[p]["step"] for p in params], ok.to(params[0].device, torch.float32))
-        return self._adam_counts()
+        return {device: count + ok.to(device, torch.float32) for device, count in self._adam_counts().items()}
+
+    def _advance_adam_steps(self, ok: torch.Tensor) -> None:
+        if self._rule == "adam":
+            for _, _, params, _ in self._device_chunks():
+                torch._foreach_add_([self.state[p]["step"] for p in params], ok.to(params[0].device, torch.float32))
 
     def _adam_counts(self) -> dict[torch.device, torch.Tensor]:
         """Per device, the largest update count of its trainable parameters (new 0-d tensors): the run's count,

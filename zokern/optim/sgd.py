@@ -11,6 +11,7 @@ from zokern.optim import seeds as seeds_
 from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
+from zokern.optim.base import new_state
 from zokern.optim.graph import StepGraph
 
 
@@ -177,6 +178,9 @@ class ZOSGD(ZOOptimizer):
         pass reads it there (several probes and momentum apply host-side coefficients)."""
         return self._DEVICE_ESTIMATE and self.n_probes == 1 and not self.momentum
 
+    def _state_keys(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum else ()
+
     def options(self) -> dict[str, Any]:
         options = dict(super().options(), momentum=self.momentum, n_probes=self.n_probes, one_sided=self.one_sided)
         if self.merge_steps:
@@ -202,6 +206,7 @@ class ZOSGD(ZOOptimizer):
             g = projected_grad.detach().reshape(()).float()
         else:
             g = _check_number("projected_grad", projected_grad, None, False)
+        self._refuse_nested("apply_projected_grad")
         self._check_groups_hyperparameters()
         self.materialize()
         self._restore_update(seed, 0.0, lambda group: g)
@@ -328,7 +333,7 @@ class ZOSGD(ZOOptimizer):
             for p, offset in zip(tensors, offsets):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["momentum_buffer"] = new_state(p)
                 buf = state["momentum_buffer"]
                 buf.mul_(self.momentum).add_(self._direction(p, offset, terms))
                 self._decay_and_step(p, offset, buf, group, rounding)
@@ -359,7 +364,7 @@ class ZOSignSGD(ZOSGD):
                 if self.momentum:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["momentum_buffer"] = new_state(p)
                     direction = state["momentum_buffer"].mul_(self.momentum).add_(direction)
                 self._decay_and_step(p, offset, torch.sign(direction), group, rounding)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]

@@ -1,0 +1,238 @@
+"""What a step refuses before its first pass, or survives, when the user changes things under it: parameters resized
+or reshaped after their state was built, memory shared across groups, steps under torch.inference_mode, a closure
+that refills one loss tensor or steps the optimizer itself, a final pass that fails, Ctrl-C during a pass."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+import zokern
+from zokern.optim import LDSD
+from zokern.optim import ZOSGD
+from zokern.optim import ZOAdam
+from zokern.optim import ZOSignSGD
+
+STATEFUL = [
+    pytest.param(ZOAdam, dict(), id="adam"),
+    pytest.param(ZOSGD, dict(momentum=0.9), id="sgd-momentum"),
+    pytest.param(ZOSignSGD, dict(momentum=0.9, lr=1e-3), id="sign-momentum"),
+    pytest.param(LDSD, dict(k=2, update="adam", backend="torch"), id="ldsd-adam-torch"),
+    pytest.param(LDSD, dict(k=2, momentum=0.9), id="ldsd-momentum-cpu"),
+]
+
+
+def _pair(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.nn.Parameter(torch.randn(4, generator=g))
+    b = torch.nn.Parameter(torch.randn(6, generator=g))
+    return a, b
+
+
+def _loss(a, b):
+    return a.sum() ** 2 + (b.reshape(-1) ** 2 * torch.arange(1, b.numel() + 1)).sum()
+
+
+def _optimizer(cls, params, kwargs):
+    return cls(params, **{"lr": 1e-2, "eps": 1e-3, "seed": 0, **kwargs})
+
+
+@pytest.mark.parametrize("cls, kwargs", STATEFUL)
+def test_a_parameter_resized_after_its_state_was_built_is_refused_before_any_pass(cls, kwargs):
+    a, b = _pair()
+    opt = _optimizer(cls, [a, b], kwargs)
+    opt.step(lambda: _loss(a, b))
+    b.data = torch.randn(9)  # an embedding grown in place
+    a_before, steps, records = a.detach().clone(), opt.steps_taken, len(opt.trajectory)
+    with pytest.raises(ValueError, match=r"params'\]\[1\] has shape \(9,\) but its optimizer state .* resized"):
+        opt.step(lambda: _loss(a, b))
+    assert torch.equal(a.detach(), a_before)  # the parameter before it was not updated
+    assert (opt.steps_taken, len(opt.trajectory)) == (steps, records)  # no seed drawn, nothing recorded
+    del opt.state[b]  # the way out the message names
+    opt.step(lambda: _loss(a, b))
+    assert not torch.equal(a.detach(), a_before)
+
+
+@pytest.mark.parametrize("cls, kwargs", STATEFUL)
+def test_a_parameter_reshaped_in_place_keeps_its_state_in_stream_order(cls, kwargs):
+    a, b = _pair()
+    twin_a, twin_b = _pair()
+    opt, twin = _optimizer(cls, [a, b], kwargs), _optimizer(cls, [twin_a, twin_b], kwargs)
+    for _ in range(2):
+        opt.step(lambda: _loss(a, b))
+        twin.step(lambda: _loss(twin_a, twin_b))
+    b.data = b.data.view(2, 3)  # the same elements, row-major as the stream indexes them
+    for _ in range(2):
+        opt.step(lambda: _loss(a, b))
+        twin.step(lambda: _loss(twin_a, twin_b))
+    assert torch.equal(a.detach(), twin_a.detach())
+    assert torch.equal(b.detach().reshape(-1), twin_b.detach())
+    assert all(v.shape == b.shape for v in opt.state[b].values() if isinstance(v, torch.Tensor) and v.dim())
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(ZOSGD, {}), (ZOAdam, {}), (LDSD, dict(k=1)), (LDSD, dict(k=2))],
+    ids=["sgd", "adam", "ldsd-k1", "ldsd-k2"],
+)
+def test_parameters_that_share_memory_are_refused_across_groups_and_by_ldsd(cls, kwargs):
+    w = torch.nn.Parameter(torch.randn(8))
+    tied = torch.nn.Parameter(w.data[2:6])  # a view of w: its elements would be trained twice
+    layouts = [[{"params": [w]}, {"params": [tied], "weight_decay": 0.0}]]
+    if cls is LDSD:
+        layouts.append([w, tied])
+    for params in layouts:
+        opt = _optimizer(cls, params, kwargs)
+        before, calls = w.detach().clone(), []
+        with pytest.raises(ValueError, match=r"param_groups\[\d\]\['params'\]\[0\] and .* overlap in memory"):
+            opt.step(lambda calls=calls: calls.append(1) or w.sum() ** 2)
+        assert torch.equal(w.detach(), before) and not calls and opt.steps_taken == 0
+
+
+def test_ldsd_refuses_inference_tensors_outside_inference_mode_before_any_evaluation():
+    with torch.inference_mode():
+        layer = torch.nn.Linear(3, 2)
+    before, calls = layer.weight.detach().clone(), []
+    opt = LDSD(layer.parameters(), lr=0.1, eps=1e-2, seed=1, k=1)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\] is an inference tensor"):
+        opt.step(lambda: calls.append(1) or layer(torch.ones(1, 3)).pow(2).sum())
+    assert torch.equal(layer.weight.detach(), before) and not calls and opt.steps_taken == 0
+
+
+@pytest.mark.parametrize("cls, kwargs", STATEFUL + [pytest.param(LDSD, dict(k=2, update="adam"), id="ldsd-adam-cpu")])
+def test_states_built_under_inference_mode_serve_the_steps_outside_it(cls, kwargs):
+    """ZO needs no autograd, so a first step under torch.inference_mode is natural; its states must stay usable."""
+    a, b = _pair()
+    twin_a, twin_b = _pair()
+    opt, twin = _optimizer(cls, [a, b], kwargs), _optimizer(cls, [twin_a, twin_b], kwargs)
+    with torch.inference_mode():
+        opt.step(lambda: _loss(a, b))
+    twin.step(lambda: _loss(twin_a, twin_b))
+    for _ in range(2):
+        opt.step(lambda: _loss(a, b))
+        twin.step(lambda: _loss(twin_a, twin_b))
+    assert torch.equal(a.detach(), twin_a.detach()) and torch.equal(b.detach(), twin_b.detach())
+    assert not any(v.is_inference() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    with torch.inference_mode():  # and a state dict loaded under it too
+        reloaded = _optimizer(cls, [a, b], kwargs)
+        reloaded.load_state_dict(opt.state_dict())
+    reloaded.step(lambda: _loss(a, b))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(ZOSGD, {}), (ZOSGD, dict(n_probes=2)), (ZOAdam, {}), (LDSD, dict(k=3))],
+    ids=["sgd", "sgd-2-probes", "adam", "ldsd"],
+)
+def test_a_closure_that_refills_one_loss_tensor_gives_each_evaluation_its_own_value(cls, kwargs):
+    a, b = _pair()
+    twin_a, twin_b = _pair()
+    buffer = torch.zeros(())
+
+    def refilled():
+        return buffer.copy_(_loss(a, b))
+
+    opt, twin = _optimizer(cls, [a, b], kwargs), _optimizer(cls, [twin_a, twin_b], kwargs)
+    opt.step(refilled)
+    twin.step(lambda: _loss(twin_a, twin_b))
+    assert opt.trajectory[-1]["losses"] == twin.trajectory[-1]["losses"]
+    assert len(set(opt.trajectory[-1]["losses"])) == len(opt.trajectory[-1]["losses"])
+    assert torch.equal(a.detach(), twin_a.detach())
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(ZOSGD, dict(perturbation="exact")), (ZOSGD, {}), (LDSD, dict(k=2))],
+    ids=["exact", "inplace", "ldsd"],
+)
+def test_a_step_called_from_its_own_closure_is_refused_and_theta_restored(cls, kwargs):
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    start = w.detach().clone()
+    opt = _optimizer(cls, [w], {**kwargs, "lr": 0.0})
+
+    def closure():
+        opt.step(lambda: w.pow(2).sum())
+        return w.pow(2).sum()
+
+    with pytest.raises(RuntimeError, match=r"step was called while a step or a perturbed\(\) block"):
+        opt.step(closure)
+    torch.testing.assert_close(w.detach(), start, atol=1e-6, rtol=0)
+    assert [r["step"] for r in opt.trajectory] == [0] and opt.trajectory[0]["raised"]
+    opt.step(lambda: w.pow(2).sum())  # the optimizer goes on
+    assert [r["step"] for r in opt.trajectory] == [0, 1]
+
+
+def test_nested_perturbed_blocks_and_an_update_inside_one_are_refused():
+    w = torch.nn.Parameter(torch.randn(5))
+    start = w.detach().clone()
+    opt = ZOSGD([w], lr=0.1, eps=1e-3, seed=0)
+    seed = opt.new_seed()
+    with opt.perturbed(seed, +1):
+        with pytest.raises(RuntimeError, match=r"perturbed was called while"):
+            with opt.perturbed(seed, -1):
+                pass
+        with pytest.raises(RuntimeError, match=r"apply_projected_grad was called while"):
+            opt.apply_projected_grad(seed, 1.0)
+    torch.testing.assert_close(w.detach(), start, atol=1e-6, rtol=0)
+    opt.apply_projected_grad(seed, 1.0)  # outside the block, as documented
+    assert not torch.equal(w.detach(), start)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_an_ldsd_final_pass_that_fails_leaves_theta_restored_and_adam_counts_unchanged(backend, monkeypatch):
+    a, b = _pair()
+    opt = LDSD([a, b], lr=0.1, eps=1e-2, seed=1, k=2, update="adam", backend=backend)
+    opt.step(lambda: _loss(a, b))
+    theta = [a.detach().clone(), b.detach().clone()]
+    counts = [opt.state[p]["step"].clone() for p in (a, b)]
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(zokern.optim.ldsd.passes, "final_", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        opt.step(lambda: _loss(a, b))
+    torch.testing.assert_close(a.detach(), theta[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.detach(), theta[1], atol=1e-6, rtol=0)
+    assert all(torch.equal(opt.state[p]["step"], c) for p, c in zip((a, b), counts))
+
+
+def _interrupted_during(monkeypatch, module, name, call=1):
+    """Make the ``call``-th call of module.name receive a SIGINT while it runs (as Ctrl-C mid-pass would)."""
+    real, calls = getattr(module, name), []
+
+    def pass_(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        if len(calls) == call:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(module, name, pass_)
+
+
+@pytest.mark.parametrize("name, call", [("perturb_", 1), ("perturb_", 2), ("restore_update_", 1), ("two_seed_", 1)])
+def test_ctrl_c_during_a_pass_over_several_groups_leaves_every_group_restored(name, call, monkeypatch):
+    a, b = _pair()
+    groups = [{"params": [a]}, {"params": [b], "weight_decay": 0.0}]
+    opt = ZOSGD(groups, lr=0.0, eps=1e-2, seed=3, n_probes=2 if name == "two_seed_" else 1)
+    start = [a.detach().clone(), b.detach().clone()]
+    _interrupted_during(monkeypatch, zokern.optim.base.ops, name, call)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: _loss(a, b))
+    for p, s in zip((a, b), start):  # lr = 0: every group back at theta (to rounding), none at theta +- eps z
+        torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the user's handler is back
+
+
+def test_ctrl_c_during_an_ldsd_move_leaves_every_group_restored(monkeypatch):
+    a, b = _pair()
+    opt = LDSD([{"params": [a]}, {"params": [b]}], lr=0.0, mu_lr=0.0, eps=1e-2, seed=1, k=3)
+    start = [a.detach().clone(), b.detach().clone()]
+    _interrupted_during(monkeypatch, zokern.optim.ldsd.passes, "move_", 1)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: _loss(a, b))
+    for p, s in zip((a, b), start):
+        torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
