@@ -1,6 +1,8 @@
 """What a step refuses before its first pass, or survives, when the user changes things under it: parameters resized
 or reshaped after their state was built, memory shared across groups, steps under torch.inference_mode, a closure
-that refills one loss tensor or steps the optimizer itself, a final pass that fails, Ctrl-C during a pass."""
+that refills one loss tensor or steps the optimizer itself, a final pass that fails, Ctrl-C during a pass; and what
+a checkpoint or a replay hands back: damaged state dicts refused before loading, a replayed optimizer that goes on
+as the run."""
 
 from __future__ import annotations
 
@@ -236,3 +238,114 @@ def test_ctrl_c_during_an_ldsd_move_leaves_every_group_restored(monkeypatch):
         opt.step(lambda: _loss(a, b))
     for p, s in zip((a, b), start):
         torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ checkpoints and replays
+
+
+def _run(seed=1234, steps=3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x = torch.randn(8, 4)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-3, momentum=0.9, seed=seed)
+    for _ in range(steps):
+        opt.step(lambda: model(x).pow(2).mean())
+    return model, x, start, opt
+
+
+def test_the_optimizer_replay_returns_goes_on_as_the_run_would():
+    model, x, start, opt = _run()
+    copy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        for p, s in zip(copy.parameters(), start):
+            p.copy_(s)
+    replayed = zokern.replay(list(copy.parameters()), opt.trajectory)
+    assert (replayed.base_seed, replayed.seed_check_every) == (opt.base_seed, opt.seed_check_every)
+    model[2].bias.requires_grad_(False)  # followed by both: the given parameters carry the run's trainable set
+    copy[2].bias.requires_grad_(False)
+    for _ in range(2):
+        opt.step(lambda: model(x).pow(2).mean())
+        replayed.step(lambda: copy(x).pow(2).mean())
+    assert [r["seed"] for r in replayed.trajectory[-2:]] == [r["seed"] for r in opt.trajectory[-2:]]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters()))
+
+
+def test_replaying_a_trajectory_that_lacks_the_base_seed_warns_that_the_optimizer_cannot_go_on():
+    _, _, start, opt = _run()
+    trajectory = [dict(r) for r in opt.trajectory]
+    trajectory[0]["setup"] = {k: v for k, v in trajectory[0]["setup"].items() if k != "base_seed"}
+    with pytest.warns(UserWarning, match="did not record the run's base seed"):
+        zokern.replay([s.clone() for s in start], trajectory)
+
+
+def test_replay_checks_the_parameters_each_setup_trains_before_writing_any():
+    model, x, start, opt = _run(steps=0)
+    model[2].weight.requires_grad_(False)
+    opt.step(lambda: model(x).pow(2).mean())
+    model[2].weight.requires_grad_(True)  # trained from step 1: a new setup
+    opt.step(lambda: model(x).pow(2).mean())
+    given = [s.clone() for s in start]
+    given[2] = given[2].t().contiguous().t()  # the same values, not contiguous
+    before = [g.clone() for g in given]
+    with pytest.raises(ValueError, match=r"record 1's setup: .*not contiguous"):
+        zokern.replay(given, opt.trajectory)
+    assert all(torch.equal(a, b) for a, b in zip(given, before))
+
+
+def _damage_zo(key, value):
+    def damage(sd):
+        if value is None:
+            del sd["zo"][key]
+        else:
+            sd["zo"][key] = value
+
+    return damage
+
+
+def _damage_state(key, value):
+    def damage(sd):
+        sd["state"][1][key] = value
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, error, match",
+    [
+        (_damage_zo("steps_taken", None), ValueError, "lacks 'steps_taken'"),
+        (_damage_zo("base_seed", None), ValueError, "lacks 'base_seed'"),
+        (_damage_zo("base_seed", -5), ValueError, r"base_seed must be in \[0, 2\^63\)"),
+        (_damage_zo("base_seed", 2**70), ValueError, r"base_seed must be in"),
+        (_damage_zo("steps_taken", "3"), TypeError, "steps_taken must be an integer"),
+        (_damage_zo("nonfinite_steps", -1), ValueError, "nonfinite_steps must be in"),
+        (_damage_state("momentum_buffer", torch.tensor(0.0)), ValueError, r"'momentum_buffer' .* tensor of shape \(\)"),
+        (_damage_state("momentum_buffer", 0.5), ValueError, r"'momentum_buffer' .* is a float"),
+    ],
+)
+def test_a_damaged_state_dict_is_refused_before_anything_is_loaded(damage, error, match):
+    _, _, _, source = _run()
+    state = source.state_dict()
+    damage(state)
+    model, x, _, target = _run(seed=7, steps=1)
+    target.param_groups[0]["lr"] = 0.5
+    before = (target.base_seed, target.steps_taken, [b.clone() for b in _buffers(target)], 0.5)
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state)
+    after = (target.base_seed, target.steps_taken, _buffers(target), target.param_groups[0]["lr"])
+    assert before[:2] == after[:2] and before[3] == after[3]
+    assert all(torch.equal(a, b) for a, b in zip(before[2], after[2]))
+
+
+def _buffers(opt):
+    return [opt.state[p]["momentum_buffer"] for p in opt.param_groups[0]["params"]]
+
+
+def test_an_adam_state_that_lacks_a_moment_is_refused():
+    a, b = _pair()
+    opt = ZOAdam([a, b], lr=1e-2, eps=1e-3, seed=0)
+    opt.step(lambda: _loss(a, b))
+    state = opt.state_dict()
+    del state["state"][1]["exp_avg_sq"]
+    with pytest.raises(ValueError, match=r"lacks 'exp_avg_sq'"):
+        ZOAdam([a, b], lr=1e-2, eps=1e-3, seed=0).load_state_dict(state)

@@ -288,8 +288,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                     continue
                 for key in keys:
                     value = state.get(key)
-                    if value is None or value.shape == p.shape:
-                        continue
+                    if value is None or not isinstance(value, torch.Tensor) or value.shape == p.shape:
+                        continue  # (not a tensor: refused by load_state_dict, or put there by hand)
                     if value.numel() == p.numel():
                         state[key] = value.view(p.shape)
                         continue
@@ -776,7 +776,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
         record.update(fields)
         # What replay needs beyond the step's scalars, written only when it changes: a few bytes per step.
-        setup = dict(optimizer=type(self).__name__, options=self.options(), **self._layout_signature())
+        setup = dict(
+            optimizer=type(self).__name__,
+            options=self.options(),
+            base_seed=self.base_seed,  # so that the optimizer replay returns draws the run's next seeds
+            **self._layout_signature(),
+        )
         if setup != self._last_setup:
             record["setup"] = dict(setup, dtypes=[dtype_name(d) for d in setup["dtypes"]])
             self._last_setup = setup
@@ -905,13 +910,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         for p, numel in zip(params, zo.get("numels", ())):  # its elements' stream indices depend on every numel
             if p.numel() != numel:
                 raise ValueError(f"the state dict's run had {numel} elements for {names[id(p)]}: not these parameters")
+        shaped = set(self._state_keys())  # what the passes read as tensors shaped like the parameter
         for saved_id, p in zip([i for g in groups for i in g["params"]], params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
-                    raise ValueError(
-                        f"the state dict's {key!r} for {names[id(p)]} has shape {tuple(value.shape)}: not this "
-                        "optimizer's parameters"
-                    )
+            saved = state_dict["state"].get(saved_id, {})
+            for key, value in saved.items():
+                if key in shaped or (isinstance(value, torch.Tensor) and value.dim()):
+                    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                        what = type(value).__name__
+                        if isinstance(value, torch.Tensor):
+                            what = f"tensor of shape {tuple(value.shape)}"
+                        raise ValueError(
+                            f"the state dict's {key!r} for {names[id(p)]} is a {what}: not a state of this "
+                            "optimizer's parameters"
+                        )
+            missing = sorted(shaped - saved.keys())
+            if saved and missing:
+                raise ValueError(f"the state dict's state for {names[id(p)]} lacks {', '.join(map(repr, missing))}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # records of steps before the load count before it, not on top of the loaded count
@@ -919,6 +933,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         zo = state_dict.pop("zo", None)
         if zo is None:
             raise ValueError("not a zokern optimizer state dict: it has no 'zo' entry")
+        _check_run_entries(zo)
         if zo["optimizer"] != type(self).__name__:
             raise ValueError(f"state dict of a {zo['optimizer']}, loaded into a {type(self).__name__}")
         if zo["stream_version"] != STREAM_VERSION:
@@ -987,6 +1002,18 @@ def _reject_parameter(name: str, p: torch.Tensor) -> None:
         "elements in row-major order. Make it contiguous (a channels_last model: "
         "model.to(memory_format=torch.contiguous_format); a transposed view: register its .contiguous() copy)"
     )
+
+
+def _check_run_entries(zo: dict[str, Any]) -> None:
+    """The run's entries of a state dict, before anything is loaded (a damaged one would leave half of it loaded)."""
+    missing = [k for k in ("optimizer", "stream_version", "base_seed", "steps_taken", "nonfinite_steps") if k not in zo]
+    if missing:
+        raise ValueError(f"the state dict's 'zo' entry lacks {', '.join(map(repr, missing))}: a damaged state dict")
+    for key in ("base_seed", "steps_taken", "nonfinite_steps"):
+        try:
+            ops._check_index(key, zo[key])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"the state dict's {e}") from None
 
 
 def new_state(p: torch.Tensor) -> torch.Tensor:

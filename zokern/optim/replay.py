@@ -6,11 +6,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim.adam import ZOAdam
@@ -40,7 +42,9 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     written before its checkpoint). On the same backend the result is bit-identical to the trained parameters. Every
     zokern optimizer replays: their steps depend only on seeds, hyperparameters and losses, and their states
     (momentum, Adam moments) are rebuilt along the way. Returns the optimizer that replayed, whose state equals the
-    original's. Under torch.distributed any one rank may replay alone: the recorded losses are already averaged over
+    original's: its next step is the one the run would have taken (same seed), and it trains the parameters whose
+    ``requires_grad`` is set when ``params`` carry the run's last trainable set (else that recorded set). Under
+    torch.distributed any one rank may replay alone: the recorded losses are already averaged over
     the ranks, so replay runs no collective.
 
     The whole trajectory is checked against ``params`` first: a mismatch raises before any parameter is written.
@@ -63,7 +67,26 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
             pass  # the step's own undo ran, as when its closure raised
         optimizer.steps_taken = record["step"] + 1
     optimizer.materialize()  # a merged run's last step applied the next perturbation: params end at theta
+    _hand_over(optimizer, params, trajectory[_last_setup(trajectory)]["setup"])
     return optimizer
+
+
+def _hand_over(optimizer: ZOOptimizer, params: list[torch.Tensor], setup: dict[str, Any]) -> None:
+    """Make the replaying optimizer the run's, to go on stepping: its seeds, its collective seed checks, and its
+    trainable set taken from requires_grad again where the given parameters carry the recorded one."""
+    optimizer.seed_check_every = setup["options"].get("seed_check_every", optimizer.seed_check_every)
+    if "base_seed" in setup:
+        optimizer.base_seed = setup["base_seed"]
+    else:
+        warnings.warn(
+            "this trajectory was written by an older zokern, which did not record the run's base seed: the returned "
+            "optimizer holds the replayed parameters' state, but its next steps would draw other seeds than the "
+            "run's. To go on with the run, load its state_dict into an optimizer of these parameters.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if [p.requires_grad for p in params] == list(setup["trainable"]):
+        optimizer._trainable_override = None
 
 
 _RECORD_KEYS = ("step", "seed", "losses", "lr", "eps", "weight_decay", "stream_version")
@@ -179,8 +202,14 @@ def _check_setup(
                 f"params[{j}] has {name} {have[j]}, but the trajectory's parameter {j} had {want[j]} (record {k}): "
                 "pass the initial parameters in the optimizer's canonical order"
             )
-    try:  # the options and per-group hyperparameters, as the constructor checks them (it writes nothing)
-        _construct(params, setup)
+    try:
+        if "base_seed" in setup:
+            ops._check_index("base_seed", setup["base_seed"])
+        # The options and per-group hyperparameters as the constructor checks them, then the parameters this setup
+        # trains as a step checks them (layout, dtype, shared memory): neither writes anything.
+        optimizer = _construct(params, setup)
+        optimizer._trainable_override = list(setup["trainable"])
+        optimizer._groups_layout()
     except (TypeError, ValueError) as e:
         raise ValueError(f"record {k}'s setup: {e}") from None
     return sizes
