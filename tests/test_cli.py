@@ -297,8 +297,9 @@ _PREVIOUS_RUN = (
 )
 
 
-def _demo_over_a_previous_run(out, loop, monkeypatch, capsys):
-    """A demo run (with ``loop`` for the preference loop, no pretraining) in ``out``, which holds a previous run."""
+def _demo_over_a_previous_run(out, loop, monkeypatch, capsys, *options):
+    """A demo run (with ``loop`` for the preference loop, no pretraining; more ``options``) in ``out``, which holds a
+    previous run."""
     from zokern.preference import pipeline
 
     (out / "viz").mkdir(parents=True)
@@ -307,7 +308,7 @@ def _demo_over_a_previous_run(out, loop, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
     monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
     monkeypatch.setattr(pipeline, "run", loop)
-    return _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo", "--seed", "5"], capsys)
+    return _main(["demo", "--out", out, "--forwards", "2", "--methods", "mezo", "--seed", "5", *options], capsys)
 
 
 def test_a_failed_demo_run_keeps_the_previous_results(tmp_path, monkeypatch, capsys):
@@ -336,6 +337,22 @@ def test_a_demo_run_replaces_the_previous_results_at_its_first_record(tmp_path, 
     for name in ("corpus.jsonl", "prompts.jsonl", "preferences.jsonl", "tokenizer.json"):
         assert not (out / name).read_text().startswith("previous"), name
     assert not (out / "reward.png").exists() and sorted(p.name for p in (out / "viz").iterdir()) == []
+
+
+def test_a_local_model_run_leaves_no_tokenizer_of_the_previous_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("vaderSentiment")
+    _local_model(tmp_path / "model")  # its own tokenizer, in its directory: the run writes none to --out
+
+    def one_record(method, policy, reward_model, tokenizer, train, heldout, judge, config, log, recorder):
+        log(dict(method=method, step=0, forwards=0, seconds=0.0, reward=0.5))
+        raise ValueError("stopped after the first record")
+
+    out = tmp_path / "out"
+    code, err = _demo_over_a_previous_run(out, one_record, monkeypatch, capsys, "--model", tmp_path / "model")
+    assert code == 2 and "stopped after the first record" in err, err
+    assert not (out / "tokenizer.json").exists()
+    for name in ("corpus.jsonl", "prompts.jsonl", "preferences.jsonl"):
+        assert not (out / name).read_text().startswith("previous"), name
 
 
 def test_the_forwards_must_give_every_method_whole_steps(tmp_path, capsys, monkeypatch):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,8 @@ from zokern.preference.data import SentimentJudge  # noqa: E402
 from zokern.preference.data import WordTokenizer  # noqa: E402
 from zokern.preference.data import load_rows  # noqa: E402
 from zokern.preference.data import make_demo_data  # noqa: E402
+
+COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def _read(path):
@@ -133,3 +137,32 @@ def test_load_rows_names_the_file_and_the_problem(tmp_path, name, content, match
         path.write_text(content, encoding="latin-1" if name.startswith("latin1") else "utf-8")
     with pytest.raises(ValueError, match=match):
         load_rows(path, ("prompt", "chosen", "rejected"))
+
+
+@pytest.mark.parametrize("name", ["prefs[v2].jsonl", "old*.jsonl", "run?.parquet"])
+def test_load_rows_reads_the_named_file_not_a_glob_pattern(tmp_path, name):
+    pd = pytest.importorskip("pandas")
+
+    def write(file_name, tag):
+        rows = [{"prompt": tag, "chosen": "c", "rejected": "r"}]
+        if file_name.endswith(".parquet"):
+            pd.DataFrame(rows).to_parquet(tmp_path / file_name)
+        else:
+            (tmp_path / file_name).write_text(json.dumps(rows[0]) + "\n")
+
+    suffix = Path(name).suffix
+    write(name, "the named file")
+    for other in ("prefs2", "old_backup", "run1"):  # names the pattern would match
+        write(other + suffix, "another file")
+    assert [r["prompt"] for r in load_rows(tmp_path / name, COLUMNS)] == ["the named file"]
+
+
+def test_load_rows_reads_a_file_replaced_with_the_same_modification_time(tmp_path):
+    """datasets' cache keys a file by name and modification time; cp -p and rsync -a keep the time."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "old", "chosen": "c", "rejected": "r"}) + "\n")
+    stat = path.stat()
+    assert load_rows(path, COLUMNS)[0]["prompt"] == "old"
+    path.write_text(json.dumps({"prompt": "new, and longer", "chosen": "c", "rejected": "r"}) + "\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load_rows(path, COLUMNS)[0]["prompt"] == "new, and longer"

@@ -109,3 +109,57 @@ def test_training_evaluates_in_chunks_with_the_one_forward_results():
     for a, b in zip(chunked, whole):
         assert a["step"] == b["step"] and a["accuracy"] == b["accuracy"]
         assert a["dpo_loss"] == pytest.approx(b["dpo_loss"], abs=1e-6)
+
+
+def test_a_datasets_dataset_of_pairs_trains_as_its_rows_do():
+    datasets = pytest.importorskip("datasets")
+    pairs = _pairs(12)
+    start = _policy()
+    from_rows = train_zo_dpo(copy.deepcopy(start), TOK, pairs[:9], pairs[9:], steps=2, batch=4, eval_every=1)
+    from_dataset = train_zo_dpo(
+        copy.deepcopy(start),
+        TOK,
+        datasets.Dataset.from_list(pairs[:9]),
+        datasets.Dataset.from_list(pairs[9:]),
+        steps=2,
+        batch=4,
+        eval_every=1,
+    )
+    assert from_dataset == from_rows
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(train_pairs=[("a", "b", "c")] * 3), r"train_pairs\[0\] is a tuple, not a pair"),
+        (dict(eval_pairs=[{"prompt": "the", "chosen": "fun"}]), r"eval_pairs\[0\] has an empty, missing .* 'rejected'"),
+        (dict(eval_pairs=[{"prompt": "the", "chosen": "", "rejected": "sad"}]), r"eval_pairs\[0\] .* 'chosen': ''"),
+        (dict(eval_pairs=3), r"eval_pairs must be a sequence of pairs"),
+        (dict(batch=0), r"batch must be an integer >= 1, got 0"),
+        (dict(eval_every=0), r"eval_every must be an integer >= 1, got 0"),
+        (dict(steps=-1), r"steps must be an integer >= 0"),
+        (dict(response_length=-3), r"response_length must be a positive integer, got -3"),
+        (dict(beta=0.0), r"beta: expected a finite number > 0"),
+    ],
+)
+def test_bad_pairs_and_counts_are_refused_before_any_forward(change, message):
+    policy = _policy()
+    sizes, handle = _batch_sizes(policy)
+    arguments = {**dict(train_pairs=_pairs(6), eval_pairs=_pairs(3), steps=1, batch=2, eval_every=1), **change}
+    with pytest.raises(ValueError, match=message):
+        train_zo_dpo(policy, TOK, **arguments)
+    handle.remove()
+    assert sizes == []
+
+
+def test_no_copy_of_the_policy_is_kept_while_training(monkeypatch):
+    """The reference is the starting policy's log-probabilities, computed before the first step: a copy of the
+    model held for the whole run would double its weights' memory."""
+    import zokern.preference.dpo as dpo
+
+    copied = []
+    real = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: copied.append(isinstance(x, torch.nn.Module)) or real(x, *a))
+    pairs = _pairs(12)
+    records = dpo.train_zo_dpo(_policy(), TOK, pairs[:9], pairs[9:], steps=2, batch=4, eval_every=1)
+    assert not any(copied) and records[0]["dpo_loss"] == pytest.approx(0.6931472, abs=1e-6)

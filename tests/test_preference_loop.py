@@ -153,13 +153,63 @@ def test_a_budget_below_one_step_is_refused(world):
         run("ldsd", w["policy"], w["reward_model"], w["tokenizer"], w["train"], w["heldout"], w["judge"], config)
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(k=1), r"LoopConfig.k: expected an integer >= 2 \(RLOO's leave-one-out"),
+        (dict(gamma0=1.5), r"LoopConfig.gamma0: .* in \[0, 1\]; got 1.5"),
+        (dict(eval_every=0), r"LoopConfig.eval_every: expected an integer >= 1, got 0"),
+        (dict(forwards=-4), r"LoopConfig.forwards: expected an integer >= 1, got -4"),
+        (dict(temperature=0.0), r"LoopConfig.temperature: expected a finite number > 0"),
+        (dict(prompts_per_step=0), r"LoopConfig.prompts_per_step"),
+        (dict(eval_prompts=0), r"LoopConfig.eval_prompts"),
+        (dict(zo_lr=float("nan")), r"LoopConfig.zo_lr"),
+        (dict(seed="1"), r"LoopConfig.seed"),
+        (dict(trainable="("), r"LoopConfig.trainable: a regular expression"),
+    ],
+)
+def test_bad_loop_settings_are_refused_by_name_before_any_record(world, settings, message):
+    with pytest.raises(ValueError, match=message):
+        LoopConfig(**settings)
+    config = LoopConfig(forwards=4, eval_prompts=2, rm_steps=1)
+    for name, value in settings.items():  # set after construction: run() checks again, before any work
+        setattr(config, name, value)
+    logged, w = [], world
+    with pytest.raises(ValueError, match=message):
+        run("zopro", w["policy"], w["reward_model"], w["tokenizer"], w["train"], w["heldout"], w["judge"], config,
+            log=logged.append)  # fmt: skip
+    assert logged == []
+
+
+def test_the_reward_model_scores_in_eval_mode_from_the_first_iteration(world, monkeypatch):
+    from zokern.preference import loop
+
+    modes = []
+
+    def scores(model, *args, **kwargs):
+        modes.append(model.training)
+        return reward_scores(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "reward_scores", scores)
+    reward_model = copy.deepcopy(world["reward_model"]).train()  # as a model built from a config starts
+    config = LoopConfig(forwards=8, steps_per_iteration=2, eval_every=8, eval_prompts=2, rm_steps=1, prompts_per_step=2)
+    w = world
+    run("mezo", copy.deepcopy(w["policy"]), reward_model, w["tokenizer"], w["train"], w["heldout"], w["judge"], config)
+    assert len(modes) >= 2 and not any(modes)
+    assert reward_model.training  # the caller's model is left as it was
+
+
 def test_zopro_rejects_unsupported_settings():
     p = torch.nn.Parameter(torch.ones(4))
     with pytest.raises(ValueError, match="weight_decay"):
         ZOPrO([p], weight_decay=0.1)
     with pytest.raises(ValueError, match="in place"):
         ZOPrO([p], perturbation="exact")
-    opt = ZOPrO([torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))])
+    with pytest.raises(TypeError, match="float32"):  # at construction: a loop would have done its work before
+        ZOPrO([torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))])
+    q = torch.nn.Parameter(torch.ones(4))
+    opt = ZOPrO([q])
+    q.data = q.data.bfloat16()  # a model cast after its optimizer was built
     with pytest.raises(TypeError, match="float32"):
         opt.set_direction(ZOPrODirection([None], [None], 0.5))
 

@@ -15,9 +15,11 @@ package), an external, deterministic scorer. Any object with ``score(prompt, res
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import random
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -146,14 +148,24 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
         builder = "parquet" if path.suffix == ".parquet" else "json"
         verbosity = datasets.logging.get_verbosity()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse-error log would repeat ours
+        bars = not datasets.utils.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # one bar per load, now that every load parses the file
         try:
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            # The name as it is, not a glob pattern ('run[1].jsonl' would load run1.jsonl, or nothing); parsed
+            # afresh into memory, not through datasets' cache, which keys a file by its name and modification time
+            # (a file replaced by one that kept its time, as cp -p and rsync -a do, would load the old rows).
+            with tempfile.TemporaryDirectory(prefix="zokern-data-") as cache:
+                dataset = datasets.load_dataset(
+                    builder, data_files=glob.escape(str(path)), split="train", cache_dir=cache, keep_in_memory=True
+                )
         except datasets.exceptions.DatasetGenerationError as e:
             raise ValueError(_unreadable(path, e)) from None
         except ValueError as e:  # a Parquet file of no rows: 'Instruction "train" corresponds to no data!'
             raise ValueError(f"{path}: {'the dataset has no rows' if 'no data' in str(e) else e}") from None
         finally:
             datasets.logging.set_verbosity(verbosity)
+            if bars:
+                datasets.enable_progress_bars()
     else:
         raise ValueError(f"{path}: expected a .jsonl, .json or .parquet file, or a saved dataset directory")
     if len(dataset) == 0:

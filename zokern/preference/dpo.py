@@ -5,13 +5,14 @@ memory.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 
 import torch
 
+from zokern._options import check_positive_float
 from zokern.optim import ZOSGD
 from zokern.optim import ZOOptimizer
 from zokern.preference.data import WordTokenizer
@@ -123,6 +124,23 @@ def reference_logprobs(
     return pair_logprobs(reference, tokenizer, pairs, response_length, chunk)
 
 
+def _checked_pairs(pairs, name: str) -> list[dict]:
+    """The pairs as a list of dicts (a datasets.Dataset slices into columns, not rows), each with text prompt,
+    chosen and rejected."""
+    try:
+        rows = list(pairs)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of pairs (dicts), got {type(pairs).__name__}") from None
+    for k, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{name}[{k}] is a {type(row).__name__}, not a pair (a dict of prompt, chosen, rejected)")
+        for column in ("prompt", "chosen", "rejected"):
+            value = row.get(column)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name}[{k}] has an empty, missing or non-text {column!r}: {value!r}")
+    return rows
+
+
 def warn_truncation(tokenizer, pairs: Sequence[dict], response_length: int, prompt_tokens: int | None) -> None:
     """One warning, with counts, when ``pair_batch`` will cut prompts or responses of ``pairs``."""
     prompts = 0 if prompt_tokens is None else sum(len(tokenizer.encode(p["prompt"])) > prompt_tokens for p in pairs)
@@ -154,8 +172,12 @@ def train_zo_dpo(
     response_length: int = RESPONSE_TOKENS,
     chunk: int = CHUNK,
 ) -> list[dict]:
-    """Train ``policy`` in place with a ZO optimizer on the DPO loss against a frozen copy of itself; returns
-    evaluation records (step, dpo_loss, accuracy) on ``eval_pairs``.
+    """Train ``policy`` in place with a ZO optimizer on the DPO loss against itself as it starts (the reference:
+    its log-probabilities of every pair, computed before the first step; no copy of the model is kept); returns
+    evaluation records (step, dpo_loss, accuracy) on ``eval_pairs``. The pairs are sequences of mappings with text
+    ``prompt``, ``chosen`` and ``rejected`` (a list of dicts, or a ``datasets.Dataset`` with those columns), checked
+    before any work, as are the counts (``steps`` >= 0, ``batch``, ``eval_every``, ``response_length`` positive) and
+    ``beta`` (positive).
 
     Each response takes ``response_length`` positions (<eos> included; longer ones are cut) and each prompt what is
     left of the model's positions (cut from the left): one warning counts the pairs cut. The reference pass and the
@@ -164,13 +186,22 @@ def train_zo_dpo(
     The default optimizer is ZOSGD over the trainable parameters with lr 1e-2, eps 1e-3: on the demo's policy (token
     embeddings trainable) it took the held-out DPO loss from log 2 to 0.608 in 200 steps (accuracy 0.81), where
     lr 1e-3 moved it only to 0.684 and lr 5e-2 was unstable."""
+    train_pairs, eval_pairs = _checked_pairs(train_pairs, "train_pairs"), _checked_pairs(eval_pairs, "eval_pairs")
     if not train_pairs or not eval_pairs:
         raise ValueError("ZO-DPO needs training and evaluation pairs")
+    for name, value, low in (("steps", steps, 0), ("batch", batch, 1), ("eval_every", eval_every, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(response_length, bool) or not isinstance(response_length, int) or response_length < 1:
+        raise ValueError(f"response_length must be a positive integer, got {response_length!r}")
+    try:
+        check_positive_float(beta)
+    except ValueError as e:
+        raise ValueError(f"beta: {e}") from None
     warn_truncation(tokenizer, [*train_pairs, *eval_pairs], response_length, prompt_budget(policy, response_length))
-    reference = copy.deepcopy(policy).eval()
-    policy.eval()
-    train_ref = reference_logprobs(reference, tokenizer, train_pairs, response_length, chunk)
-    eval_ref = reference_logprobs(reference, tokenizer, eval_pairs, response_length, chunk)
+    policy.eval()  # dropout off: the reference pass, and ZO compares two losses of one function
+    train_ref = reference_logprobs(policy, tokenizer, train_pairs, response_length, chunk)
+    eval_ref = reference_logprobs(policy, tokenizer, eval_pairs, response_length, chunk)
     optimizer = optimizer or ZOSGD([p for p in policy.parameters() if p.requires_grad], lr=1e-2, eps=1e-3, seed=seed)
     g = torch.Generator().manual_seed(seed)
     records = [dict(step=0, **evaluate(policy, eval_ref, tokenizer, eval_pairs, beta, response_length, chunk))]

@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 
+from zokern._options import check_non_negative_float
+from zokern._options import check_positive_float
+from zokern._options import check_regex
+from zokern._options import check_seed
 from zokern.optim import LDSD
 from zokern.optim import ZOSGD
 from zokern.preference.data import Judge
@@ -66,6 +70,45 @@ class LoopConfig:
     # Regular expression on parameter names ('' matches all); None: the input embedding, whatever its name.
     trainable: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Each setting in its range, or a ValueError naming it; run() checks again before any work (a field may
+        have been set since)."""
+        counts = ("forwards", "steps_per_iteration", "prompts_per_step", "response_length", "ldsd_k", "eval_every")
+        for name, low in (*((name, 1) for name in counts), ("eval_prompts", 1), ("k", 2), ("rm_steps", 0), ("seed", 0)):
+            _require_int(self, name, low)
+        for name, check in (
+            ("temperature", check_positive_float),
+            ("clip", check_positive_float),
+            ("zo_eps", check_positive_float),
+            ("zo_lr", check_non_negative_float),
+            ("rloo_lr", check_non_negative_float),
+            ("beta", check_non_negative_float),
+            ("ldsd_mu_lr", check_non_negative_float),
+            ("gamma0", check_non_negative_float),
+            ("seed", check_seed),
+        ):
+            try:
+                check(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"LoopConfig.{name}: {e}") from None
+        if self.gamma0 > 1:
+            raise ValueError(f"LoopConfig.gamma0: ZOPrO's weight of the previous update, in [0, 1]; got {self.gamma0}")
+        if self.trainable is not None:
+            try:
+                check_regex(self.trainable)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"LoopConfig.trainable: a regular expression or None ({e})") from None
+
+
+def _require_int(config: LoopConfig, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        why = " (RLOO's leave-one-out baseline needs two samples per prompt)" if name == "k" else ""
+        raise ValueError(f"LoopConfig.{name}: expected an integer >= {low}{why}, got {value!r}")
 
 
 def judged_reward(policy, tokenizer: WordTokenizer, prompts: list[str], judge: Judge, config: LoopConfig) -> float:
@@ -144,8 +187,9 @@ def run(
     the reward model's tensors of the same names are sketched at the start and after every iteration."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    config.check()
     reference = copy.deepcopy(policy).eval()
-    reward_model = copy.deepcopy(reward_model)
+    reward_model = copy.deepcopy(reward_model).eval()  # scores without dropout, as after each refinement
     policy.eval()  # dropout off: ZO compares two losses of one function
     params = select_trainable(policy, config.trainable)
     zo = method != "rloo"

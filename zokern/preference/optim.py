@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from zokern.optim import ZOSGD
 from zokern.preference.directions import ZOPrODirection
 
@@ -38,16 +40,19 @@ class ZOPrO(ZOSGD):
         if kwargs.get("distribution", "gaussian") != "gaussian":
             raise ValueError("ZOPrO's noise is Gaussian")
         super().__init__(params, lr, eps, seed=seed, **kwargs)
+        self._check_float32()  # here, not at the first step: a loop would have done its work before it
         self.direction: ZOPrODirection | None = None
         self._per_group = []
 
+    def _check_float32(self) -> None:
+        for t in self._trainable():
+            if t.dtype != torch.float32:
+                raise TypeError(f"ZOPrO needs float32 parameters, got {t.dtype}")
+
     def set_direction(self, direction: ZOPrODirection | None) -> None:
         if direction is not None:
-            tensors = self._trainable()
-            for t in tensors:
-                if t.dtype.itemsize != 4 or not t.is_floating_point():
-                    raise TypeError(f"ZOPrO needs float32 parameters, got {t.dtype}")
-            direction._check(tensors)
+            self._check_float32()
+            direction._check(self._trainable())
         self.direction = direction
         self._per_group: list[ZOPrODirection] = []
 

@@ -48,6 +48,9 @@ from zokern.preference.trainable import trainable_names
 from zokern.preference.viz import clear_plots
 from zokern.preference.viz import make_plots
 
+# The files a demo run generates in --out besides its records (the tokenizer only for the small policy it trains).
+GENERATED = ("corpus.jsonl", "prompts.jsonl", "preferences.jsonl", "tokenizer.json")
+
 
 def run_pipeline(
     out: Path,
@@ -86,8 +89,11 @@ def run_pipeline(
         judge = SentimentJudge()
 
         def publish() -> None:
-            """At the run's first record: its data replace the previous run's, whose plots go."""
+            """At the run's first record: its data replace the previous run's, whose plots go (and its tokenizer,
+            which a run of a local model does not write)."""
             out.mkdir(parents=True, exist_ok=True)
+            for name in GENERATED:
+                (out / name).unlink(missing_ok=True)
             for path in staging.iterdir():
                 shutil.copyfile(path, out / path.name)
             (out / "reward.png").unlink(missing_ok=True)
