@@ -605,3 +605,18 @@ def test_a_grad_read_from_the_written_memory_is_its_value_before_the_pass(backen
     zokern.restore_update_([aliased[0], aliased[1]], 5, EPS, 0.1, aliased[0, :1], backend=backend)
     zokern.restore_update_([separate[0], separate[1]], 5, EPS, 0.1, buffer[0, :1].clone(), backend=backend)
     assert torch.equal(aliased, separate)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_a_negative_zero_scalar_is_plus_zero_on_every_backend(distribution):
+    """docs/stream.md section 5: -0.0 is taken as +0.0 (Triton's interpreter cannot pass -0.0 to a kernel), so
+    signed zeros come out alike everywhere."""
+    results = []
+    for backend in BACKENDS:
+        t = torch.tensor([-0.0, 0.0] * 8)
+        zokern.perturb_(t, 3, -0.0, distribution=distribution, backend=backend)
+        results.append(t.view(torch.int32))
+        plus = torch.tensor([-0.0, 0.0] * 8)
+        zokern.perturb_(plus, 3, 0.0, distribution=distribution, backend=backend)
+        assert torch.equal(t.view(torch.int32), plus.view(torch.int32)), backend
+    assert all(torch.equal(r, results[0]) for r in results)

@@ -349,3 +349,33 @@ def test_an_adam_state_that_lacks_a_moment_is_refused():
     del state["state"][1]["exp_avg_sq"]
     with pytest.raises(ValueError, match=r"lacks 'exp_avg_sq'"):
         ZOAdam([a, b], lr=1e-2, eps=1e-3, seed=0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("key, value", [("seed", -1), ("seed", 1.5), ("seed", "12"), ("seed", None), ("seed", 2**63)])
+@pytest.mark.parametrize("cls, kwargs", [(ZOSGD, {}), (LDSD, dict(k=2))], ids=["sgd", "ldsd"])
+def test_replay_refuses_a_bad_seed_in_any_record_before_writing(cls, kwargs, key, value):
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = _optimizer(cls, [a, b], kwargs)
+    for _ in range(3):
+        opt.step(lambda: _loss(a, b))
+    trajectory = [dict(r) for r in opt.trajectory]
+    trajectory[2][key] = value
+    given = [s.clone() for s in start]
+    with pytest.raises(ValueError, match=rf"record 2: {key} must be"):
+        zokern.replay(given, trajectory)
+    assert all(torch.equal(g, s) for g, s in zip(given, start))
+
+
+def test_replay_refuses_a_bad_next_seed_of_a_merged_run_before_writing():
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-3, seed=0, perturbation="inplace", merge_steps=True)
+    for _ in range(3):
+        opt.step(lambda: _loss(a, b))
+    trajectory = [dict(r) for r in opt.trajectory]
+    trajectory[2]["next_seed"] = -5
+    given = [s.clone() for s in start]
+    with pytest.raises(ValueError, match=r"record 2: next_seed must be in \[0, 2\^63\)"):
+        zokern.replay(given, trajectory)
+    assert all(torch.equal(g, s) for g, s in zip(given, start))

@@ -58,7 +58,7 @@ def _check_real(name: str, value: object) -> float:
         value = math.inf
     if not abs(value) < FLOAT32_OVERFLOW:
         raise ValueError(f"{name} must be finite in float32, the passes' precision (|{name}| < 3.4e38), got {value}")
-    return value
+    return value + 0.0  # -0.0 becomes +0.0 (docs/stream.md, section 5)
 
 
 def _check_choice(name: str, value: object, choices: Iterable[str]) -> str:

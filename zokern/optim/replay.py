@@ -143,8 +143,14 @@ def _check(params: list[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> 
 
 
 def _check_step(record: dict[str, Any], k: int, setup: dict[str, Any]) -> None:
-    """Record k's hyperparameters can be applied and its losses are those its step evaluates (a step that raised or
-    was skipped stopped early)."""
+    """Record k's seeds and hyperparameters can be applied and its losses are those its step evaluates (a step that
+    raised or was skipped stopped early)."""
+    for key in ("seed", "next_seed"):
+        if record.get(key) is not None or key == "seed":
+            try:
+                ops._check_index(key, record[key])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"record {k}: {e}") from None
     for j, values in enumerate(zip(record["lr"], record["eps"], record["weight_decay"])):
         try:
             check_step_hyperparameters(*values)
