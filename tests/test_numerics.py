@@ -296,3 +296,89 @@ def test_a_16bit_loss_is_warned_about():
     opt = ZOSGD([p], seed=0)
     with pytest.warns(UserWarning, match="bfloat16 loss"):
         opt.step(lambda: (p * 3).sum().to(torch.bfloat16))
+
+
+def _hand_perturbed_loss(model, forward, seed, eps):
+    """The loss of a stock forward of a copy of ``model`` whose parameters hold round(theta + eps z(seed))."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        offset = 0
+        for p in reference.parameters():
+            z = zokern.ops.gaussian(seed, offset, p.numel()).view(p.shape)
+            p.copy_((p.float() + eps * z).to(p.dtype))
+            offset += p.numel()
+        return forward(reference).item()
+
+
+class _TiedRenormedLM(torch.nn.Module):
+    """nn.Embedding's max_norm renormalises looked-up rows of its weight in place; the tied head reads them after."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16, max_norm=1.0)
+        self.head = torch.nn.Linear(16, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return torch.nn.functional.cross_entropy(self.head(self.embed(ids)).float().flatten(0, 1), ids.flatten())
+
+
+class _MaskedInForward(torch.nn.Module):
+    """Writes its weight in the forward, each way a model does: through .data, in place under no_grad, by item."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.weight = torch.nn.Parameter(torch.randn(8, 8, generator=torch.Generator().manual_seed(2)))
+        self.register_buffer("mask", (torch.rand(8, 8, generator=torch.Generator().manual_seed(3)) > 0.5).float())
+
+    def forward(self, x):
+        with torch.no_grad():
+            if self.how == "data":
+                self.weight.data *= self.mask
+            elif self.how == "operator":
+                self.weight *= 0.5  # a Parameter again after: Module.__setattr__ takes it
+            elif self.how == "method":
+                self.weight.clamp_(-0.5, 0.5)
+            else:
+                self.weight[self.mask == 0] = 0
+        return torch.nn.functional.linear(x, self.weight).float().pow(2).mean()
+
+
+@pytest.mark.parametrize("how", ["tied-max-norm", "data", "operator", "method", "item"])
+def test_a_forward_that_writes_a_parameter_sees_its_write_on_the_perturbed_value(how):
+    torch.manual_seed(0)
+    if how == "tied-max-norm":
+        model, batch = _TiedRenormedLM().bfloat16(), torch.randint(0, 50, (2, 6))
+    else:
+        model, batch = _MaskedInForward(how).bfloat16(), torch.randn(4, 8).bfloat16()
+    start = [p.detach().clone() for p in model.parameters()]
+    expected = _hand_perturbed_loss(model, lambda m: m(batch), seed=123, eps=1e-2)
+    opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-2, perturbation="exact")
+    with torch.no_grad(), opt.perturbed(123, 1.0):
+        got = model(batch).item()
+    assert got == expected
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))  # theta itself is never written
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+
+def _scripted_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a @ b).float().pow(2).mean()
+
+
+def test_metadata_calls_are_not_a_use_of_a_parameter():
+    """vmap (torch.func's ensembling) and TorchScript read a parameter's size() in the mode, then take its values
+    outside it: the step would see theta. The parameter must be reported as unused, not taken as perturbed."""
+    w = torch.nn.Parameter(torch.randn(8, 8).bfloat16())
+    scripted = torch.jit.script(_scripted_loss)
+    x = torch.randn(4, 8).bfloat16()
+
+    def closure():
+        assert w.size(0) == 8 and w.dim() == 2 and w.numel() == 64 and w.is_contiguous()
+        return scripted(x, w)
+
+    opt = ZOSGD([w], lr=0.0, eps=1e-2, perturbation="exact")
+    with pytest.raises(ValueError, match="never passed 1 trainable parameter"):
+        opt.step(closure)

@@ -9,7 +9,9 @@ largest parameter an op receives (plus any small ones, such as a bias, received 
 twice in a forward (tied input and output embeddings) is materialised twice from the same theta: the same value.
 An op that receives several large parameters at once (an RNN's flat weights, multi-head attention's projections)
 holds all of their copies while it runs. Code that takes a parameter's memory itself (``data_ptr()``, as a Triton
-launcher or a ctypes kernel given the parameter does) gets a copy kept for the rest of the evaluation.
+launcher or a ctypes kernel given the parameter does) gets a copy kept for the rest of the evaluation; so does a
+forward that writes a parameter in place (nn.Embedding's ``max_norm``, a mask applied with ``weight.data *= mask``):
+the write goes to the perturbed copy, which the rest of the evaluation then sees, never to theta.
 
 What a model must satisfy: the closure reaches every trainable parameter through torch operations (modules,
 functional calls, tensor methods, ``.data``, ``.T`` and the other properties made of its values), as Python models
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from zokern import ops
 from zokern._dispatch import select_backend
@@ -37,6 +40,42 @@ _DTYPES = frozenset(ops.SUPPORTED_DTYPES)  # others (a model cast to float64 aft
 _RAW_MEMORY = frozenset(
     ("data_ptr", "untyped_storage", "storage", "_typed_storage", "__dlpack__", "numpy", "__array__")
 )
+# Methods that read only a tensor's metadata: answered by the parameter itself, with no copy, and not a use of its
+# values (vmap and TorchScript read these of a parameter whose values they then take outside the mode).
+_METADATA = frozenset(
+    ("size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous", "element_size")
+    + ("is_floating_point", "is_complex", "is_signed", "get_device", "__len__", "requires_grad_", "retain_grad")
+)
+# In-place Python operators and item assignment; other writes are methods and functions named with a trailing _.
+_INPLACE_OPERATORS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor")
+) | frozenset(("__ilshift__", "__irshift__", "__setitem__", "__set__"))  # __set__: of .data (value properties)
+
+
+# Functions that write a tensor argument in place besides their own result: (its position, its keyword, and the
+# argument whose presence makes them write it). nn.Embedding's max_norm renormalises the looked-up rows of the weight.
+_WRITES_ARGUMENT = {
+    torch.nn.functional.embedding: (1, "weight", 3, "max_norm"),
+    torch.nn.functional.embedding_bag: (1, "weight", 3, "max_norm"),
+}
+
+
+def _written_argument(func, args: tuple, kwargs: dict) -> tuple[int | str, Any] | None:
+    """(position or keyword, tensor) of the argument ``func`` writes in place, if it is one of _WRITES_ARGUMENT's."""
+    spec = _WRITES_ARGUMENT.get(func)
+    if spec is None:
+        return None
+    position, keyword, when_position, when_keyword = spec
+    when = args[when_position] if len(args) > when_position else kwargs.get(when_keyword)
+    if when is None:
+        return None
+    if len(args) > position:
+        return position, args[position]
+    return (keyword, kwargs[keyword]) if keyword in kwargs else None
+
+
+def _writes_first_argument(name: str) -> bool:
+    return name in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and name not in _METADATA)
 
 
 class ParameterUse:
@@ -68,25 +107,61 @@ class PerturbedView(TorchFunctionMode):
         self.pass_kwargs = pass_kwargs
         self.used: set[int] = set()
         self.ready = self._materialise_small()
-        self.exposed: dict[int, torch.Tensor] = {}  # copies whose memory was handed out (_RAW_MEMORY), kept alive
+        # Copies kept for the rest of the evaluation: whose memory was handed out (_RAW_MEMORY), or that the forward
+        # wrote; later ops receive them (and see the write).
+        self.exposed: dict[int, torch.Tensor] = {}
+        # Copies handed out through a value property (.data, .T, ...): an in-place write to one writes the parameter.
+        self.handed_out = WeakIdKeyDictionary()
 
     # Never traced by torch.compile: dynamo would bake one evaluation's perturbation into the graph (later
     # evaluations then saw the wrong one). A compiled model's ops come here one by one, run eagerly.
     @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") == "__get__" and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:
-            # Metadata (shape, dtype, requires_grad, ...) comes from the parameter itself, with no copy.
+        name = getattr(func, "__name__", "")
+        if name in ("__get__", "__set__") and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:
+            # Metadata (shape, dtype, requires_grad, ...) is the parameter's own, read or set with no copy.
             return func(*args, **kwargs)
-        if getattr(func, "__name__", "") in _RAW_MEMORY and args and id(args[0]) in self.uses:
-            param = args[0]
-            if id(param) not in self.exposed:
-                self.exposed[id(param)] = self._swap(param)
-            return func(self.exposed[id(param)], *args[1:], **kwargs)
-        args = self._swap_all(args)
-        if kwargs:
-            kwargs = dict(zip(kwargs, self._swap_all(tuple(kwargs.values()))))
-        return func(*args, **kwargs)
+        first = args[0] if args else None
+        if name in _METADATA and id(first) in self.uses:
+            return func(*args, **kwargs)
+        if (name in _RAW_MEMORY or _writes_first_argument(name)) and id(first) in self.uses:
+            # The copy this evaluation keeps: its memory is handed out, or it is written (a write returns the
+            # parameter, as an in-place op returns its first argument, so that `module.weight *= 2` stays a Parameter).
+            kept = self._keep(first)
+            out = func(kept, *self._swap_all(args[1:]), **self._swap_kwargs(kwargs))
+            return first if out is kept else out
+        argument = _written_argument(func, args, kwargs)
+        if argument is not None and id(argument[1]) in self.uses:  # the written parameter: its kept copy
+            where, param = argument
+            if isinstance(where, int):
+                args = (*args[:where], self._keep(param), *args[where + 1 :])
+            else:
+                kwargs = dict(kwargs, **{where: self._keep(param)})
+        written = None
+        if isinstance(first, torch.Tensor) and _writes_first_argument(name):
+            written = self.handed_out.get(first)
+        if written is not None:  # a write through .data, .T, ...: its copy becomes the one this evaluation keeps
+            param, copy = written
+            self.exposed[id(param)] = copy
+        out = func(*self._swap_all(args), **self._swap_kwargs(kwargs))
+        if name == "__get__" and isinstance(out, torch.Tensor) and id(first) in self.uses:
+            base = out if out._base is None else out._base
+            self.handed_out[out] = (first, base)
+        return out
+
+    def _swap_kwargs(self, kwargs: dict) -> dict:
+        if not kwargs:
+            return kwargs
+        out = kwargs.get("out")
+        if isinstance(out, torch.Tensor) and id(out) in self.uses:  # written: the kept copy (see above)
+            kwargs = dict(kwargs, out=self._keep(out))
+        return dict(zip(kwargs, self._swap_all(tuple(kwargs.values()))))
+
+    def _keep(self, param: torch.Tensor) -> torch.Tensor:
+        if id(param) not in self.exposed:
+            self.exposed[id(param)] = self._swap(param)
+        return self.exposed[id(param)]
 
     def _swap_all(self, values: tuple) -> tuple:
         """The arguments with parameters replaced; lists and tuples of tensors (RNN weights, a namedtuple given to
@@ -110,8 +185,8 @@ class PerturbedView(TorchFunctionMode):
         if use is None:
             return x
         self.used.add(id(x))
-        ready = self.ready.get(id(x))
-        return ready if ready is not None else self.materialise([use])[0]
+        kept = self.exposed.get(id(x), self.ready.get(id(x)))
+        return kept if kept is not None else self.materialise([use])[0]
 
     def materialise(self, uses: list[ParameterUse]) -> list[torch.Tensor]:
         """Fresh tensors holding the perturbed values of ``uses`` (parameters of one group, or one parameter): the
