@@ -215,11 +215,40 @@ def test_the_learning_rate_schedule_drives_the_zo_steps(tmp_path):
 
 
 def test_first_order_arguments_are_reported_and_no_gradient_norm_is_logged(tmp_path):
-    args = arguments(tmp_path, max_steps=1, optim="adafactor", adam_beta1=0.5, max_grad_norm=0.5)
+    args = arguments(
+        tmp_path, max_steps=1, optim="adafactor", adam_beta1=0.5, max_grad_norm=0.5, neftune_noise_alpha=5.0
+    )
     trainer = ZOTrainer(model=tiny_opt(), args=args, train_dataset=TokenDataset(4))
-    with pytest.warns(UserWarning, match=r"first-order .*optim=adafactor, adam_beta1=0.5, max_grad_norm=0.5"):
+    with pytest.warns(UserWarning, match=r"optim=adafactor, adam_beta1=0.5, max_grad_norm=0.5, neftune_noise_alpha=5"):
         trainer.train()
     assert all("grad_norm" not in entry for entry in trainer.state.log_history)
+
+
+def test_fp16_autocast_steps_without_the_grad_scaler(tmp_path, monkeypatch):
+    """On a GPU, fp16=True gives accelerate a GradScaler, whose step asserts that a backward scaled the loss: the
+    training stopped after its first ZO step. Here the scaler accelerate builds on CUDA, put on a CPU accelerator."""
+    import accelerate
+
+    build = accelerate.Accelerator.__init__
+
+    def with_scaler(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", with_scaler)
+    trainer = ZOTrainer(model=tiny_opt(), args=arguments(tmp_path, max_steps=3), train_dataset=TokenDataset(12))
+    trainer.train()
+    assert trainer.accelerator.scaler is None and trainer.zo_optimizer.steps_taken == 3
+
+
+def test_the_device_cache_is_cleared_every_torch_empty_cache_steps(tmp_path, monkeypatch):
+    from zokern.integrations import transformers as integration
+
+    cleared = []
+    monkeypatch.setattr(integration, "clear_device_cache", lambda *a, **k: cleared.append(1))
+    args = arguments(tmp_path, max_steps=4, gradient_accumulation_steps=1, torch_empty_cache_steps=2)
+    ZOTrainer(model=tiny_opt(), args=args, train_dataset=TokenDataset(8)).train()
+    assert len(cleared) == 2
 
 
 def test_merged_steps_evaluate_and_checkpoint_the_true_parameters(tmp_path):

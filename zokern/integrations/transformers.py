@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import torch
+from accelerate.utils.memory import clear_device_cache
 from transformers import Trainer
 
 from zokern.optim import ZOSGD
@@ -86,8 +87,10 @@ class ZOTrainer(Trainer):
     tokens counts for few), else each batch's mean divided by k. The forwards run with the model in eval mode
     (dropout off), as MeZO's. The logged training loss is the steps' loss, as the optimizer's ``step`` returns it.
     ``args``' learning-rate schedule (warmup included) sets the ZO optimizer's lr. Its first-order optimizer
-    arguments (``optim``, ``optim_args``, ``adam_*``, ``max_grad_norm``) have no effect: a warning names any that
-    are set, and no gradient norm is logged.
+    arguments (``optim``, ``optim_args``, ``adam_*``, ``max_grad_norm``) and NEFTune's noise (added in train mode only)
+    have no effect: a warning names any that are set, and no gradient norm is logged. With ``fp16=True`` on a GPU the
+    forwards run under fp16 autocast without the GradScaler (there is no backward to scale; a non-finite loss skips
+    the update, counted by the optimizer's ``nonfinite_steps``).
 
     With ``zo_optimizer_kwargs={"cuda_graph": True, ...}`` each window is copied into static input tensors that one
     closure reads, so that the step is captured once and replayed; a window of other shapes (pad to a fixed length:
@@ -137,6 +140,10 @@ class ZOTrainer(Trainer):
             return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
 
         self.accelerator.prepare_model = prepare_unwrapped
+        # fp16 autocast on a GPU comes with a GradScaler, which scales the loss for backward() and skips a step whose
+        # gradients overflowed: a ZO step has neither (stepping through the scaler raised after the first step, its
+        # update already applied). Autocast itself stays; a non-finite loss skips the ZO update (nonfinite_steps).
+        self.accelerator.scaler = None
 
     def _save_checkpoint(self, model, trial, *args, **kwargs):
         # Rank 0 alone writes a checkpoint, and reading the weights takes a merged step's pending perturbation back,
@@ -217,6 +224,9 @@ class ZOTrainer(Trainer):
             loss = self.zo_optimizer.step(closure)
         finally:
             model.train(was_training)
+        steps = self.args.torch_empty_cache_steps  # as Trainer.training_step does
+        if steps is not None and self.state.global_step % steps == 0:
+            clear_device_cache()
         return loss.to(self.args.device)
 
     def _static_closure(self, model, window: list[dict[str, Any]]):
@@ -300,6 +310,8 @@ def _first_order_arguments(args) -> list[str]:
     changed = [n for n in _FIRST_ORDER_ARGUMENTS if n in defaults and getattr(args, n) != defaults[n]]
     if args.max_grad_norm not in (0, defaults.get("max_grad_norm")):
         changed.append("max_grad_norm")
+    if getattr(args, "neftune_noise_alpha", None) is not None:  # its noise is added in train mode only, which the
+        changed.append("neftune_noise_alpha")  # ZO forwards are not in (independent noise would swamp L+ - L-)
     return [f"{n}={getattr(getattr(args, n), 'value', getattr(args, n))}" for n in changed]  # value: of an enum
 
 
