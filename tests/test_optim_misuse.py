@@ -240,6 +240,102 @@ def test_ctrl_c_during_an_ldsd_move_leaves_every_group_restored(monkeypatch):
         torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
 
 
+def test_ctrl_c_during_an_update_pass_is_raised_once_the_step_is_recorded_as_done(monkeypatch):
+    """An update applied but recorded as raised would make replay miss it: the interrupt waits for the record."""
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = ZOSGD([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=1e-2, eps=1e-3, seed=3)
+    _interrupted_during(monkeypatch, zokern.optim.base.ops, "restore_update_", 1)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: _loss(a, b))
+    record = opt.trajectory[-1]
+    assert not record.get("raised") and not record["skipped"]
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, opt.trajectory)
+    assert torch.equal(replayed[0], a.detach()) and torch.equal(replayed[1], b.detach())
+
+
+def test_ctrl_c_during_a_conservative_exact_commit_updates_all_groups_or_none(monkeypatch):
+    from zokern.optim import ZOConservative
+
+    a, b = (torch.nn.Parameter(p.detach().bfloat16()) for p in _pair())
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = ZOConservative([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=1e-2, eps=1e-2, seed=3)
+    _interrupted_during(monkeypatch, zokern.optim.base.ops, "perturb_", 1)  # its only passes: the commit's
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: _loss(a.float(), b.float()))
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, opt.trajectory)
+    assert torch.equal(replayed[0], a.detach()) and torch.equal(replayed[1], b.detach())
+
+
+def test_ctrl_c_during_a_merged_take_back_takes_it_back_once(monkeypatch):
+    a, b = _pair()
+    twin_a, twin_b = _pair()
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-1, seed=3, perturbation="inplace", merge_steps=True)
+    twin = ZOSGD([twin_a, twin_b], lr=1e-2, eps=1e-1, seed=3, perturbation="inplace", merge_steps=True)
+    opt.step(lambda: _loss(a, b))
+    twin.step(lambda: _loss(twin_a, twin_b))
+    _interrupted_during(monkeypatch, zokern.optim.lookahead.ops, "perturb_", 1)
+    with pytest.raises(KeyboardInterrupt):
+        opt.materialize()
+    monkeypatch.undo()
+    opt.materialize()
+    twin.materialize()
+    assert torch.equal(a.detach(), twin_a.detach()) and torch.equal(b.detach(), twin_b.detach())
+
+
+def test_ctrl_c_during_a_zopro_pass_leaves_theta_restored(monkeypatch):
+    from zokern.preference.directions import ZOPrODirection
+    from zokern.preference.optim import ZOPrO
+
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = ZOPrO([a, b], lr=0.0, eps=1e-2, seed=3)
+    _interrupted_during(monkeypatch, ZOPrODirection, "apply_", 1)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: _loss(a, b))
+    for p, s in zip((a, b), start):
+        torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
+
+
+def test_a_programs_own_sigint_handler_is_left_alone(monkeypatch):
+    """A handler other than Python's default (asyncio's add_signal_handler wakes its loop through a file descriptor
+    when the signal arrives) is not replaced: it hears one Ctrl-C once, when it comes."""
+    import socket
+
+    heard = []
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)  # as asyncio's loop does
+    try:
+        a, b = _pair()
+        opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=1e-2, eps=1e-3, seed=3)
+        _interrupted_during(monkeypatch, zokern.optim.base.ops, "perturb_", 1)
+        opt.step(lambda: _loss(a, b))
+        reader.setblocking(False)
+        assert heard == [signal.SIGINT] and reader.recv(16) == bytes([signal.SIGINT])  # once, not twice
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, previous)
+        reader.close()
+        writer.close()
+
+
+def test_a_graph_step_under_inference_mode_leaves_later_steps_usable():
+    a, b = _pair()
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-3, seed=3, cuda_graph=True)
+
+    def closure():
+        return _loss(a, b)
+
+    with torch.inference_mode():
+        opt.step(closure)
+    opt.step(closure)
+    assert opt.steps_taken == 2
+
+
 # ------------------------------------------------------------------------------------ checkpoints and replays
 
 

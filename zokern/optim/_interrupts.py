@@ -10,24 +10,31 @@ import threading
 
 
 class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Hold SIGINT during the block. Not outside the main thread (which alone receives signals and may set their
-    handlers), nor when the handler in place was not set from Python (it could not be put back)."""
+    """Hold SIGINT during the block, when Python's default handler (the KeyboardInterrupt) is in place, in the main
+    thread (which alone receives signals and may set their handlers). A program's own handler is left alone: one
+    that is woken through a file descriptor (asyncio's add_signal_handler) hears of the signal when it arrives,
+    whatever the Python handler, and would hear it twice."""
 
     __slots__ = ("_previous", "_received")
 
-    def __enter__(self) -> None:
+    def __init__(self) -> None:
         self._previous = None
         self._received = False
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not None:
-                self._previous = signal.signal(signal.SIGINT, self._hold)
+
+    def __enter__(self) -> None:
+        if self._previous is None and (
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            and threading.current_thread() is threading.main_thread()
+        ):
+            self._previous = signal.signal(signal.SIGINT, self._hold)
 
     def _hold(self, signum, frame) -> None:
         self._received = True
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            previous, self._previous = self._previous, None
+            signal.signal(signal.SIGINT, previous)
             if self._received:
-                signal.raise_signal(signal.SIGINT)  # now, to the handler the user had
+                self._received = False
+                signal.raise_signal(signal.SIGINT)  # now: the KeyboardInterrupt

@@ -56,7 +56,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     are never written.
     """
 
-    # Whether the passes check that the tensors of one call do not overlap (ops.prepare does; LDSD's do not).
+    # Whether the passes check the tensors of one call (distinct memory, no inference tensor: ops.prepare does; LDSD's
+    # passes check neither).
     _PASSES_CHECK_MEMORY = True
 
     def __init__(
@@ -125,6 +126,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._claimed = False  # whether this step's first perturbation was already applied by the last step
         self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
         self._busy = False  # while a step or a perturbed() block runs: a nested one would corrupt its bookkeeping
+        self._checked_memory: tuple | None = None  # the trainable parameters' memory _check_distinct_memory last passed
+        self._update_hold: held_interrupts | None = None  # during step(): holds Ctrl-C from its update to its record
 
     def _watch_lookahead(self) -> None:
         # An optimizer collected between merged steps leaves theta behind; not at interpreter exit, where the
@@ -153,6 +156,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_chunks = self._step_prepared = None
         self._checked_values = []
         self._busy = False
+        self._checked_memory = None
+        self._update_hold = None
         self._watch_lookahead()
 
     # ------------------------------------------------------------------------------------------ hyperparameters
@@ -232,7 +237,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._step_layout is not None:
             return self._step_layout
         layout, base, index = [], 0, 0
-        inference_mode = torch.is_inference_mode_enabled()
         for g, group in enumerate(self.param_groups):
             tensors, offsets = [], []
             for k, p in enumerate(group["params"]):
@@ -240,8 +244,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if trainable:
                     if not _writable(p):
                         _reject_parameter(f"param_groups[{g}]['params'][{k}]", p)
-                    if not inference_mode and p.is_inference():
-                        ops._refuse_inference_tensor(k, f"param_groups[{g}]['params']")
                     tensors.append(p)
                     offsets.append(base)
                 base += p.numel()
@@ -252,23 +254,45 @@ class ZOOptimizer(torch.optim.Optimizer):
         return layout
 
     def _check_distinct_memory(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:
-        """Trainable parameters of different groups must not share memory either (ops.prepare checks a group's own,
-        LDSD's passes none): the step would perturb and update the shared elements once per group."""
+        """What the passes' own checks (ops.prepare's) cannot see, before the step draws its seed: trainable
+        parameters of different groups that share memory (the step would perturb and update the shared elements once
+        per group); for LDSD, whose passes check nothing, any shared memory and inference tensors. Checked again only
+        when a parameter's memory changes."""
         if len(layout) < 2 and self._PASSES_CHECK_MEMORY:
             return
-        by_device: dict[torch.device, list[tuple[int, int, torch.Tensor]]] = {}
+        tensors = [p for _, group_tensors, _ in layout for p in group_tensors]
+        inference_mode = torch.is_inference_mode_enabled()
+        key = (inference_mode, tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(ops._NBYTES, tensors)))
+        if key == self._checked_memory:
+            return
+        names = None
+        if not self._PASSES_CHECK_MEMORY and not inference_mode:
+            for k, p in enumerate(tensors):
+                if p.is_inference():
+                    names = names or self._trainable_names(layout)
+                    raise ValueError(f"{names[k]} is an inference tensor, which cannot be updated in place outside "
+                                     "inference mode; clone it, or step inside torch.inference_mode()")  # fmt: skip
+        if ops._first_overlap(ops._spans(tensors)) is not None:
+            # Per device (the rare path): two devices' addresses may coincide.
+            for device in {p.device for p in tensors}:
+                on = [k for k, p in enumerate(tensors) if p.device == device]
+                pair = ops._first_overlap(ops._spans([tensors[k] for k in on]))
+                if pair is not None:
+                    names = self._trainable_names(layout)
+                    first, second = sorted(on[k] for k in pair)
+                    raise ValueError(
+                        f"{names[first]} and {names[second]} overlap in memory; each element must be trained once "
+                        "(tie weights by using one Parameter in both places)"
+                    )
+        self._checked_memory = key
+
+    def _trainable_names(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> list[str]:
+        """``param_groups[g]['params'][k]`` of each trainable tensor of ``layout``, in its order."""
+        names = []
         for g, (group, tensors, _) in enumerate(layout):
             positions = {id(p): k for k, p in enumerate(group["params"])}
-            for p in tensors:
-                by_device.setdefault(p.device, []).append((g, positions[id(p)], p))
-        for entries in by_device.values():
-            pair = ops._first_overlap(ops._spans([p for *_, p in entries]))
-            if pair is not None:
-                (g1, k1), (g2, k2) = sorted(entries[i][:2] for i in pair)
-                raise ValueError(
-                    f"param_groups[{g1}]['params'][{k1}] and param_groups[{g2}]['params'][{k2}] overlap in memory; "
-                    "each element must be trained once (tie weights by using one Parameter in both places)"
-                )
+            names += [f"param_groups[{g}]['params'][{positions[id(p)]}]" for p in tensors]
+        return names
 
     def _state_keys(self) -> tuple[str, ...]:
         """The per-parameter states shaped like their parameter, which a step reads (none by default)."""
@@ -347,12 +371,19 @@ class ZOOptimizer(torch.optim.Optimizer):
             return any(p.dtype in _SIXTEEN_BIT for p in self._trainable())
         return self.perturbation == "exact"
 
+    def _begin_update(self) -> None:
+        """An update pass starts: in step(), a Ctrl-C from now on is held until the step's record is written (a step
+        recorded as raised must not have updated theta, or replay would miss the update)."""
+        if self._update_hold is not None:
+            self._update_hold.__enter__()
+
     def _update_rounding(self) -> dict[str, Any]:
         """Rounding of the step's next update pass: stochastic for 16-bit parameters unless rounding='nearest', so
         that the expected stored update is the intended one. Each pass of a step draws its own bits; all groups,
         devices and parameters of one pass share its seed (the rounding stream is indexed by global element, so
         they draw disjoint bits), which keeps the stored values independent of how parameters are grouped. Call it
         once per pass."""
+        self._begin_update()
         if self.rounding == "nearest":
             return dict(rounding="nearest")
         self._update_passes += 1
@@ -405,13 +436,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _commit_displacement(self) -> None:
         """Make the current perturbation the parameters (a candidate accepted as the update)."""
-        if self._exact_now:
-            for seed, totals in list(self._displacement.items()):
-                by_group = {id(group): total for group, total in zip(self.param_groups, totals)}
-                rounding = self._update_rounding()
-                for group, tensors in self._each_group():
-                    ops.perturb_(tensors, seed, by_group[id(group)], **self._pass_kwargs(), **rounding)
-        self._displacement.clear()
+        with held_interrupts():  # an update: all of it or none
+            if self._exact_now:
+                for seed, totals in list(self._displacement.items()):
+                    by_group = {id(group): total for group, total in zip(self.param_groups, totals)}
+                    rounding = self._update_rounding()
+                    for group, tensors in self._each_group():
+                        ops.perturb_(tensors, seed, by_group[id(group)], **self._pass_kwargs(), **rounding)
+            self._displacement.clear()
 
     def _restore_update(
         self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], Any], lookahead: int | None = None
@@ -587,18 +619,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             evaluated.append(torch.tensor(math.nan, dtype=torch.float64))
             return evaluated[-1]
 
+        self._update_hold = held_interrupts()  # entered by the step's first update pass (_begin_update)
         try:
-            fields = self._take_step(seed, evaluate, next_seed, layout=layout)
-        except BaseException:
-            self._record_raised(seed, evaluated)
-            raise
-        if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
-            fields["claimed"] = self._claimed
-        if self._agreement:
-            fields["ranks_agree"] = torch.stack(self._agreement).all()
-        losses = fields.pop("losses", None)
-        self._record(seed, self._losses if losses is None else losses, fields)
-        self._unsettled.append(PendingRecord(self._trajectory[-1]))
+            try:
+                fields = self._take_step(seed, evaluate, next_seed, layout=layout)
+            except BaseException:
+                self._record_raised(seed, evaluated)
+                raise
+            if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
+                fields["claimed"] = self._claimed
+            if self._agreement:
+                fields["ranks_agree"] = torch.stack(self._agreement).all()
+            losses = fields.pop("losses", None)
+            self._record(seed, self._losses if losses is None else losses, fields)
+            self._unsettled.append(PendingRecord(self._trajectory[-1]))
+        finally:
+            hold, self._update_hold = self._update_hold, None
+            hold.__exit__(None, None, None)  # a Ctrl-C held since the update is raised now, the step recorded
         if failed:
             self._settle()  # this rank's skipped step, reported before its own exception
             raise failed[0]

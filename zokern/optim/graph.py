@@ -79,7 +79,8 @@ class StepGraph:
                     stacklevel=4,
                 )
             self.key, self.closure, self.graph, self.keep, self.uncaptured = key, closure, None, [], 0
-            self.rows = torch.zeros(host.shape, dtype=torch.int64, device=device)
+            with torch.inference_mode(False):  # a normal tensor: later steps, outside inference mode, write it
+                self.rows = torch.zeros(host.shape, dtype=torch.int64, device=device)
         if device.type != "cuda":
             self.rows.copy_(host)
             return self._passes(seed, evaluate)

@@ -39,6 +39,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from zokern import ops
+from zokern.optim._interrupts import held_interrupts
 
 # (parameters, their stream offsets, coefficient of z) per fused call of a step: the layout the perturbation was
 # applied with, which materialize() needs even if the param groups change afterwards.
@@ -127,10 +128,11 @@ class Lookahead:
                 kept = list(zip(params, offsets))
                 if skip_loaded:
                     kept = [(p, o) for (p, o), v, now in zip(kept, versions, _versions(params)) if now == v]
-                if kept:
-                    ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
-                                 **self._pass_kwargs)  # fmt: skip
-                del self._chunks[0], self._versions[0]
+                with held_interrupts():  # taken back and forgotten together (a Ctrl-C between: taken back twice)
+                    if kept:
+                        ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
+                                     **self._pass_kwargs)  # fmt: skip
+                    del self._chunks[0], self._versions[0]
         except (TypeError, ValueError) as e:
             self._unhook()  # every module's forward would raise it again, the model's or not
             raise type(e)(

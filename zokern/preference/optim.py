@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from zokern.optim import ZOSGD
+from zokern.optim._interrupts import held_interrupts
 from zokern.preference.directions import ZOPrODirection
 
 
@@ -76,8 +77,9 @@ class ZOPrO(ZOSGD):
     # The pass primitives of ZOOptimizer, with the structured direction in place of the stream.
 
     def _apply(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
-        self._move(seed, alpha)
-        self._track(seed, alpha)
+        with held_interrupts():  # as ZOOptimizer's: the passes and their record together
+            self._move(seed, alpha)
+            self._track(seed, alpha)
 
     def _switch(self, seed_from: int, scale_from: float, seed_to: int, scale_to: float) -> None:
         self._apply(seed_from, lambda group: scale_from * group["eps"])
@@ -86,12 +88,16 @@ class ZOPrO(ZOSGD):
     def _restore_update(
         self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float], lookahead: None = None
     ) -> None:  # ZOPrO does not merge steps: lookahead is always None
-        self._move(seed, lambda group: scale * group["eps"] - group["lr"] * coefficient(group))
-        self._track(seed, lambda group: scale * group["eps"])
+        self._begin_update()
+        with held_interrupts():
+            self._move(seed, lambda group: scale * group["eps"] - group["lr"] * coefficient(group))
+            self._track(seed, lambda group: scale * group["eps"])
 
     def _add_directions(self, terms: list[tuple[int, Callable[[dict[str, Any]], float]]]) -> None:
+        self._begin_update()
         for seed, coefficient in terms:
-            self._move(seed, coefficient)
+            with held_interrupts():
+                self._move(seed, coefficient)
 
 
 class _Subset(ZOPrODirection):
