@@ -436,6 +436,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _commit_displacement(self) -> None:
         """Make the current perturbation the parameters (a candidate accepted as the update)."""
+        self._begin_update()  # in place the candidate is in theta already: it becomes the update here
         with held_interrupts():  # an update: all of it or none
             if self._exact_now:
                 for seed, totals in list(self._displacement.items()):
