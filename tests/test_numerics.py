@@ -335,19 +335,35 @@ class _MaskedInForward(torch.nn.Module):
         self.register_buffer("mask", (torch.rand(8, 8, generator=torch.Generator().manual_seed(3)) > 0.5).float())
 
     def forward(self, x):
+        w = self.weight
         with torch.no_grad():
             if self.how == "data":
-                self.weight.data *= self.mask
+                w.data *= self.mask
             elif self.how == "operator":
                 self.weight *= 0.5  # a Parameter again after: Module.__setattr__ takes it
             elif self.how == "method":
-                self.weight.clamp_(-0.5, 0.5)
+                w.clamp_(-0.5, 0.5)
+            elif self.how == "item":
+                w[self.mask == 0] = 0
+            elif self.how == "row-view":
+                w[0].zero_()
+            elif self.how == "flat-view":
+                w.view(-1)[:20] = 0
+            elif self.how == "data-view":
+                w.data.view(-1)[5:30] = 0
+            elif self.how == "transposed-slice":
+                w.T[2:5].mul_(3)
+            elif self.how == "detached":
+                w.detach().narrow(0, 1, 3).zero_()
             else:
-                self.weight[self.mask == 0] = 0
+                torch.nn.functional.relu(w, inplace=True)
         return torch.nn.functional.linear(x, self.weight).float().pow(2).mean()
 
 
-@pytest.mark.parametrize("how", ["tied-max-norm", "data", "operator", "method", "item"])
+WRITES = ["data", "operator", "method", "item", "row-view", "flat-view", "data-view", "transposed-slice", "detached"]
+
+
+@pytest.mark.parametrize("how", ["tied-max-norm", *WRITES, "inplace-function"])
 def test_a_forward_that_writes_a_parameter_sees_its_write_on_the_perturbed_value(how):
     torch.manual_seed(0)
     if how == "tied-max-norm":
@@ -379,3 +395,23 @@ def test_metadata_calls_are_not_a_use_of_a_parameter():
     opt = ZOSGD([w], lr=0.0, eps=1e-2, perturbation="exact")
     with pytest.raises(ValueError, match="never passed 1 trainable parameter"):
         opt.step(closure)
+
+
+def test_a_read_only_data_alias_does_not_keep_its_copy_alive():
+    """A forward that reads ``weight.data`` (and drops it) must not hold a perturbed copy for the whole evaluation:
+    the extra memory stays what one op receives."""
+    import weakref
+
+    w = torch.nn.Parameter(torch.randn(64, 64).bfloat16())
+    alive = []
+
+    def closure():
+        alias = w.data
+        alive.append(weakref.ref(alias))
+        loss = (alias @ torch.ones(64, dtype=torch.bfloat16)).float().pow(2).mean()
+        del alias
+        alive.append(alive[-1]() is not None)
+        return loss + (w.sum() * 0).float()
+
+    ZOSGD([w], lr=0.0, eps=1e-2, perturbation="exact").step(closure)
+    assert alive[1::2] == [False, False]

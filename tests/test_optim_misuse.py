@@ -323,6 +323,47 @@ def test_a_programs_own_sigint_handler_is_left_alone(monkeypatch):
         writer.close()
 
 
+def test_a_programs_own_raising_handler_gets_the_held_ctrl_c_once_theta_is_consistent(monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        a, b = _pair()
+        start = [a.detach().clone(), b.detach().clone()]
+        opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=0.0, eps=1e-2, seed=3)
+        _interrupted_during(monkeypatch, zokern.optim.base.ops, "perturb_", 1)
+        with pytest.raises(Stop):
+            opt.step(lambda: _loss(a, b))
+        for p, s in zip((a, b), start):
+            torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
+        assert signal.getsignal(signal.SIGINT) is stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("optimizer", ["ldsd", "conservative-exact"])
+def test_ctrl_c_during_a_final_or_commit_pass_waits_for_the_record(optimizer, monkeypatch):
+    from zokern.optim import ZOConservative
+
+    a, b = _pair()
+    if optimizer == "ldsd":
+        opt = LDSD([{"params": [a]}, {"params": [b]}], lr=1e-2, eps=1e-2, seed=1, k=2)
+        _interrupted_during(monkeypatch, zokern.optim.ldsd.passes, "final_", 1)
+    else:
+        a, b = (torch.nn.Parameter(p.detach().bfloat16()) for p in (a, b))
+        opt = ZOConservative([{"params": [a]}, {"params": [b]}], lr=1e-2, eps=1e-2, seed=3)
+        _interrupted_during(monkeypatch, zokern.optim.base.ops, "perturb_", 1)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: _loss(a.float(), b.float()))
+    record = opt.trajectory[-1]
+    assert not record.get("raised") and record["projected_grad"] is not None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_graph_step_under_inference_mode_leaves_later_steps_usable():
     a, b = _pair()
     opt = ZOSGD([a, b], lr=1e-2, eps=1e-3, seed=3, cuda_graph=True)

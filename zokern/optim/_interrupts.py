@@ -1,7 +1,7 @@
 """Ctrl-C during a pass: a pass is one fused call per (param group, device) chunk, then the step's record of what it
 has applied (which its undo reads when the step fails). A KeyboardInterrupt between two calls, or between the last
 call and that record, would leave parameters perturbed with nothing to tell the undo; so a SIGINT that arrives while
-a pass runs is held until the pass and its record are done, then raised as usual."""
+a pass runs is held until the pass and its record are done, then handed to the program's handler as usual."""
 
 from __future__ import annotations
 
@@ -9,32 +9,50 @@ import signal
 import threading
 
 
-class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Hold SIGINT during the block, when Python's default handler (the KeyboardInterrupt) is in place, in the main
-    thread (which alone receives signals and may set their handlers). A program's own handler is left alone: one
-    that is woken through a file descriptor (asyncio's add_signal_handler) hears of the signal when it arrives,
-    whatever the Python handler, and would hear it twice."""
+class _Holding:
+    """The process's one hold: how many blocks are open, the handler they replaced, the SIGINT they received."""
 
-    __slots__ = ("_previous", "_received")
+    depth = 0
+    previous = None
+    received: tuple | None = None
+
+    @classmethod
+    def hold(cls, signum, frame) -> None:
+        if cls.received is None:
+            cls.received = (signum, frame)
+
+
+class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Hold SIGINT during the block, when a Python handler is in place (the default one raises KeyboardInterrupt; a
+    program's own may raise too), in the main thread (which alone receives signals and may set their handlers).
+    When the last open block ends, a SIGINT that came is handed to that handler, called as the signal would have
+    called it: not raised again, since a program woken through a file descriptor (asyncio's add_signal_handler)
+    heard of it when it arrived. Blocks may nest and end in any order: the outermost installs the hold, the last
+    to end releases it."""
+
+    __slots__ = ("_open",)
 
     def __init__(self) -> None:
-        self._previous = None
-        self._received = False
+        self._open = False
 
     def __enter__(self) -> None:
-        if self._previous is None and (
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler
-            and threading.current_thread() is threading.main_thread()
-        ):
-            self._previous = signal.signal(signal.SIGINT, self._hold)
-
-    def _hold(self, signum, frame) -> None:
-        self._received = True
+        if self._open or threading.current_thread() is not threading.main_thread():
+            return
+        if _Holding.depth == 0:
+            if not callable(signal.getsignal(signal.SIGINT)):
+                return  # SIG_IGN, SIG_DFL, or a handler not set from Python: nothing to hold it for
+            _Holding.previous = signal.signal(signal.SIGINT, _Holding.hold)
+        _Holding.depth += 1
+        self._open = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            previous, self._previous = self._previous, None
+        if not self._open:
+            return
+        self._open = False
+        _Holding.depth -= 1
+        if _Holding.depth == 0:
+            previous, received = _Holding.previous, _Holding.received
+            _Holding.previous = _Holding.received = None
             signal.signal(signal.SIGINT, previous)
-            if self._received:
-                self._received = False
-                signal.raise_signal(signal.SIGINT)  # now: the KeyboardInterrupt
+            if received is not None:
+                previous(*received)  # KeyboardInterrupt, for the default handler

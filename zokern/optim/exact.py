@@ -10,8 +10,9 @@ twice in a forward (tied input and output embeddings) is materialised twice from
 An op that receives several large parameters at once (an RNN's flat weights, multi-head attention's projections)
 holds all of their copies while it runs. Code that takes a parameter's memory itself (``data_ptr()``, as a Triton
 launcher or a ctypes kernel given the parameter does) gets a copy kept for the rest of the evaluation; so does a
-forward that writes a parameter in place (nn.Embedding's ``max_norm``, a mask applied with ``weight.data *= mask``):
-the write goes to the perturbed copy, which the rest of the evaluation then sees, never to theta.
+forward that writes a parameter in place (nn.Embedding's ``max_norm``, a mask applied with ``weight.data *= mask``,
+a write through a view of it, ``inplace=True``): the write goes to the perturbed copy, which the rest of the
+evaluation then sees, never to theta.
 
 What a model must satisfy: the closure reaches every trainable parameter through torch operations (modules,
 functional calls, tensor methods, ``.data``, ``.T`` and the other properties made of its values), as Python models
@@ -74,6 +75,13 @@ def _written_argument(func, args: tuple, kwargs: dict) -> tuple[int | str, Any] 
     return (keyword, kwargs[keyword]) if keyword in kwargs else None
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.device == b.device
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass, a sparse result)
+        return False
+
+
 def _writes_first_argument(name: str) -> bool:
     return name in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and name not in _METADATA)
 
@@ -110,7 +118,8 @@ class PerturbedView(TorchFunctionMode):
         # Copies kept for the rest of the evaluation: whose memory was handed out (_RAW_MEMORY), or that the forward
         # wrote; later ops receive them (and see the write).
         self.exposed: dict[int, torch.Tensor] = {}
-        # Copies handed out through a value property (.data, .T, ...): an in-place write to one writes the parameter.
+        # Tensors sharing the memory of a parameter's copy (.data, .T, views): each maps to its parameter (not to the
+        # copy: a read-only .data must not keep its copy alive), so that a write to one writes that parameter.
         self.handed_out = WeakIdKeyDictionary()
 
     # Never traced by torch.compile: dynamo would bake one evaluation's perturbation into the graph (later
@@ -125,7 +134,8 @@ class PerturbedView(TorchFunctionMode):
         first = args[0] if args else None
         if name in _METADATA and id(first) in self.uses:
             return func(*args, **kwargs)
-        if (name in _RAW_MEMORY or _writes_first_argument(name)) and id(first) in self.uses:
+        writes = _writes_first_argument(name) or kwargs.get("inplace") is True
+        if (name in _RAW_MEMORY or writes) and id(first) in self.uses:
             # The copy this evaluation keeps: its memory is handed out, or it is written (a write returns the
             # parameter, as an in-place op returns its first argument, so that `module.weight *= 2` stays a Parameter).
             kept = self._keep(first)
@@ -138,17 +148,29 @@ class PerturbedView(TorchFunctionMode):
                 args = (*args[:where], self._keep(param), *args[where + 1 :])
             else:
                 kwargs = dict(kwargs, **{where: self._keep(param)})
-        written = None
-        if isinstance(first, torch.Tensor) and _writes_first_argument(name):
-            written = self.handed_out.get(first)
-        if written is not None:  # a write through .data, .T, ...: its copy becomes the one this evaluation keeps
-            param, copy = written
-            self.exposed[id(param)] = copy
-        out = func(*self._swap_all(args), **self._swap_kwargs(kwargs))
-        if name == "__get__" and isinstance(out, torch.Tensor) and id(first) in self.uses:
-            base = out if out._base is None else out._base
-            self.handed_out[out] = (first, base)
+        # A tensor made from a parameter's copy that shares its memory (.data, .T, a view, an index): a write to it
+        # writes the parameter, and its copy becomes the one this evaluation keeps. Looked up only while one exists.
+        derived = self.handed_out.get(first) if self.handed_out and isinstance(first, torch.Tensor) else None
+        if derived is not None and writes:
+            self._keep_written(derived, first)
+        swapped = self._swap_all(args)
+        out = func(*swapped, **self._swap_kwargs(kwargs))
+        if isinstance(out, torch.Tensor) and out is not first:
+            source = first if derived is not None else swapped[0] if id(first) in self.uses else None
+            if source is not None and _shares_memory(out, source):
+                self.handed_out[out] = derived if derived is not None else first
         return out
+
+    def _keep_written(self, param: torch.Tensor, written: torch.Tensor) -> None:
+        """``written`` shares the memory of a copy of ``param`` and is being written: that copy is kept."""
+        root = written if written._base is None else written._base
+        if root.shape != param.shape or not root.is_contiguous():
+            raise RuntimeError(
+                f"exact perturbation: the closure writes a parameter of shape {tuple(param.shape)} through a "
+                f"tensor of shape {tuple(root.shape)} made from it, which zokern cannot follow; use "
+                "perturbation='inplace' for a model whose forward writes its parameters so"
+            )
+        self.exposed[id(param)] = root
 
     def _swap_kwargs(self, kwargs: dict) -> dict:
         if not kwargs:
