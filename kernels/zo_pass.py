@@ -33,7 +33,12 @@ INTERPRETER_BLOCK = 8192
 # Tables kept: the exact mode asks for one per large parameter per forward, so the cache must hold a large model's
 # (OPT-30B has 290 large parameters; a cyclic walk over more keys than an LRU cache holds misses every time).
 _TABLE_CACHE_SIZE = 2048
+# And their bytes, on all devices together: a table holds 40-48 bytes per tile of every tensor it covers, and tensors
+# that get new memory at each call (the exact mode's copies, where the allocator does not hand back the same blocks)
+# would fill the cache with tables of dead addresses, up to 2048 tables of a model's largest parameters.
+_TABLE_CACHE_BYTES = 1 << 30
 _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_table_bytes = 0
 
 
 @triton.jit
@@ -237,10 +242,17 @@ def _work_table(
             parts.append(torch.full((len(tiles), 1), k, dtype=torch.int64))
         rows.append(torch.cat(parts, dim=1))
     table = to_device(torch.cat(rows), tensors[0].device)
-    _tables[key] = table
-    if len(_tables) > _TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
+    _cache(key, table)
     return table
+
+
+def _cache(key: tuple, table: torch.Tensor) -> None:
+    """Keep ``table``, dropping the least recently used ones beyond the cache's count and bytes (never the newest)."""
+    global _table_bytes
+    _tables[key] = table
+    _table_bytes += table.nbytes
+    while len(_tables) > 1 and (len(_tables) > _TABLE_CACHE_SIZE or _table_bytes > _TABLE_CACHE_BYTES):
+        _table_bytes -= _tables.popitem(last=False)[1].nbytes
 
 
 def zo_pass_(

@@ -516,3 +516,42 @@ def test_replay_refuses_a_bad_next_seed_of_a_merged_run_before_writing():
     with pytest.raises(ValueError, match=r"record 2: next_seed must be in \[0, 2\^63\)"):
         zokern.replay(given, trajectory)
     assert all(torch.equal(g, s) for g, s in zip(given, start))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(ZOSGD, dict(momentum=0.9)), (ZOSGD, dict(merge_steps=True, perturbation="inplace")), (LDSD, dict(k=2))],
+    ids=["momentum", "merged", "ldsd"],
+)
+def test_a_long_run_that_writes_out_and_clears_its_records_replays_from_them(cls, kwargs):
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = _optimizer(cls, [a, b], kwargs)
+    written = []
+    for step in range(12):
+        opt.step(lambda: _loss(a, b))
+        if step % 5 == 4:
+            written += opt.trajectory
+            opt.trajectory = []
+    written += opt.trajectory
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, written)
+    opt.materialize()
+    assert torch.equal(replayed[0], a.detach()) and torch.equal(replayed[1], b.detach())
+
+
+def test_loading_a_state_dict_keeps_the_optimizers_own_machinery():
+    """torch's load_state_dict calls __setstate__ with the loaded groups and state: not a copy of the object, whose
+    finalizer (one more per load) and captured graph (dropped) must stay as they are."""
+    import weakref
+
+    a, b = _pair()
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-3, seed=0, cuda_graph=True)
+    for _ in range(3):
+        opt.step(lambda: _loss(a, b))
+    graph, state = opt._graph, opt.state_dict()
+    finalizers = len(weakref.finalize._registry)  # CPython's registry of live finalizers
+    for _ in range(5):
+        opt.load_state_dict(state)
+    assert len(weakref.finalize._registry) == finalizers
+    assert opt._graph is graph

@@ -69,6 +69,17 @@ def test_the_tables_of_a_large_models_parameters_stay_cached():
     assert all(zo_pass._work_table([t], [0], 2048) is table for t, table in zip(tensors, first))
 
 
+def test_the_table_cache_is_bounded_in_bytes(monkeypatch):
+    """Tensors that get new memory at every call (the exact mode's copies) would fill it with dead tables."""
+    monkeypatch.setattr(zo_pass, "_tables", type(zo_pass._tables)())
+    monkeypatch.setattr(zo_pass, "_table_bytes", 0)
+    monkeypatch.setattr(zo_pass, "_TABLE_CACHE_BYTES", 16 * 1024)
+    keep = [torch.empty(100_000) for _ in range(40)]  # 49 tiles of 2048 each: 1568 bytes a table
+    tables = [zo_pass._work_table([t], [0], 2048) for t in keep]
+    assert zo_pass._table_bytes == sum(t.nbytes for t in zo_pass._tables.values()) <= 16 * 1024
+    assert len(zo_pass._tables) < len(keep) and zo_pass._work_table([keep[-1]], [0], 2048) is tables[-1]
+
+
 def compiled_in_subprocess(script: str):
     """The JSON a script beside this file prints. The interpreter replaces @triton.jit functions at import, so the
     compiler runs in a process without it."""

@@ -152,6 +152,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # new, empty hook dicts
+        if _loading(state):
+            return
         self._unsettled, self._rows = [], None
         self._step_chunks = self._step_prepared = None
         self._checked_values = []
@@ -813,7 +815,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             stream_version=STREAM_VERSION,
         )
         record.update(fields)
-        # What replay needs beyond the step's scalars, written only when it changes: a few bytes per step.
+        # What replay needs beyond the step's scalars, written only when it changes (a new layout, a resume).
         setup = dict(
             optimizer=type(self).__name__,
             options=self.options(),
@@ -1002,6 +1004,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
+
+
+def _loading(state: dict[str, Any]) -> bool:
+    """Whether ``__setstate__`` is torch's load_state_dict updating its two entries, rather than a copy or unpickling
+    of the whole object: then this object keeps what it has (its finalizer, its captured graph)."""
+    return state.keys() <= {"state", "param_groups"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

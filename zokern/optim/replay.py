@@ -1,5 +1,5 @@
 """Re-apply a recorded trajectory to the initial parameters: a run's checkpoint can be its initial weights plus the
-trajectory, a few bytes per step."""
+trajectory, a few hundred bytes per step (docs/optim.md)."""
 
 from __future__ import annotations
 

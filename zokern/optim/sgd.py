@@ -11,6 +11,7 @@ from zokern.optim import seeds as seeds_
 from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
+from zokern.optim.base import _loading
 from zokern.optim.base import new_state
 from zokern.optim.graph import StepGraph
 
@@ -162,7 +163,8 @@ class ZOSGD(ZOOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._graph = StepGraph(self) if self.cuda_graph else None  # a copy captures its own
+        if not _loading(state):
+            self._graph = StepGraph(self) if self.cuda_graph else None  # a copy captures its own
 
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         self._step_closure = closure if self.cuda_graph else None
