@@ -355,12 +355,31 @@ class _MaskedInForward(torch.nn.Module):
                 w.T[2:5].mul_(3)
             elif self.how == "detached":
                 w.detach().narrow(0, 1, 3).zero_()
+            elif self.how == "chunk":
+                w.chunk(2)[1].zero_()
+            elif self.how == "unbind":
+                w.unbind(0)[3].fill_(0.5)
+            elif self.how == "out-view":
+                torch.mul(w[0], 2, out=w[0])
+            elif self.how == "init-by-keyword":
+                torch.nn.init.constant_(tensor=w, val=0.25)
+            elif self.how == "foreach":
+                torch._foreach_mul_([w], 0.5)
+            elif self.how == "dtype-view":
+                w.view(torch.int16)[0].zero_()
+            elif self.how == "alias-rebound":  # not a write: the alias alone gets other memory
+                alias = w.detach()
+                alias.data = torch.zeros_like(alias)
+            elif self.how == "alias-transposed":  # not a write: the alias alone is transposed
+                w.detach().t_()
             else:
                 torch.nn.functional.relu(w, inplace=True)
         return torch.nn.functional.linear(x, self.weight).float().pow(2).mean()
 
 
 WRITES = ["data", "operator", "method", "item", "row-view", "flat-view", "data-view", "transposed-slice", "detached"]
+WRITES += ["chunk", "unbind", "out-view", "init-by-keyword", "foreach", "dtype-view"]
+WRITES += ["alias-rebound", "alias-transposed"]  # not writes of the parameter, though in-place
 
 
 @pytest.mark.parametrize("how", ["tied-max-norm", *WRITES, "inplace-function"])

@@ -50,7 +50,7 @@ _METADATA = frozenset(
 # In-place Python operators and item assignment; other writes are methods and functions named with a trailing _.
 _INPLACE_OPERATORS = frozenset(
     f"__i{op}__" for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor")
-) | frozenset(("__ilshift__", "__irshift__", "__setitem__", "__set__"))  # __set__: of .data (value properties)
+) | frozenset(("__ilshift__", "__irshift__", "__setitem__"))
 
 
 # Functions that write a tensor argument in place besides their own result: (its position, its keyword, and the
@@ -82,8 +82,49 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
 
 
-def _writes_first_argument(name: str) -> bool:
-    return name in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and name not in _METADATA)
+# In-place ops that change a tensor's shape, strides or storage, not its values: applied to a view or an alias of a
+# parameter's copy, they rebind that tensor only; applied to the parameter, its kept copy.
+_REBINDS = frozenset(
+    ("t_", "transpose_", "swapdims_", "swapaxes_", "squeeze_", "unsqueeze_", "as_strided_", "resize_", "resize_as_")
+    + ("set_", "detach_", "share_memory_")
+)
+# What __torch_function__ does with a call, by function: decided once per function (the mode sees every op).
+_DESCRIPTOR, _METADATA_CALL, _RAW, _WRITE, _REBIND, _OTHER = range(6)
+_KINDS: dict[Any, int] = {}
+
+
+def _kind(func) -> int:
+    try:
+        kind = _KINDS.get(func)
+    except TypeError:  # an unhashable callable
+        kind = None
+    if kind is None:
+        name = getattr(func, "__name__", "")
+        if name in ("__get__", "__set__"):
+            kind = _DESCRIPTOR  # (a value property's __set__ writes: see _VALUE_GETTERS in __torch_function__)
+        elif name in _METADATA:
+            kind = _METADATA_CALL
+        elif name in _RAW_MEMORY:
+            kind = _RAW
+        elif name in _REBINDS:
+            kind = _REBIND
+        elif name in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__")):  # _foreach_mul_ too
+            kind = _WRITE
+        else:
+            kind = _OTHER
+        try:
+            _KINDS[func] = kind
+        except TypeError:
+            pass
+    return kind
+
+
+def _with_first(args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
+    """The call's arguments with its first (positional, else ``input`` or ``tensor`` by keyword) replaced."""
+    if args:
+        return (value, *args[1:]), kwargs
+    key = "input" if "input" in kwargs else "tensor"
+    return args, dict(kwargs, **{key: value})
 
 
 class ParameterUse:
@@ -127,50 +168,70 @@ class PerturbedView(TorchFunctionMode):
     @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in ("__get__", "__set__") and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:
+        kind = _kind(func)
+        if kind is _DESCRIPTOR and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:
             # Metadata (shape, dtype, requires_grad, ...) is the parameter's own, read or set with no copy.
             return func(*args, **kwargs)
-        first = args[0] if args else None
-        if name in _METADATA and id(first) in self.uses:
+        first = args[0] if args else kwargs.get("input", kwargs.get("tensor"))
+        if kind is _METADATA_CALL and id(first) in self.uses:
             return func(*args, **kwargs)
-        writes = _writes_first_argument(name) or kwargs.get("inplace") is True
-        if (name in _RAW_MEMORY or writes) and id(first) in self.uses:
+        # A value property's setter (`weight.data = x`) writes the parameter; on a view it rebinds the view.
+        setter = kind is _DESCRIPTOR and func.__name__ == "__set__"
+        writes = kind is _WRITE or setter or kwargs.get("inplace") is True
+        if (kind is _RAW or kind is _REBIND or writes) and id(first) in self.uses:
             # The copy this evaluation keeps: its memory is handed out, or it is written (a write returns the
             # parameter, as an in-place op returns its first argument, so that `module.weight *= 2` stays a Parameter).
             kept = self._keep(first)
-            out = func(kept, *self._swap_all(args[1:]), **self._swap_kwargs(kwargs))
+            args, kwargs = _with_first(args, kwargs, kept)
+            out = func(*args[:1], *self._swap_all(args[1:]), **self._swap_kwargs(kwargs))
             return first if out is kept else out
+        if writes and isinstance(first, (list, tuple)):  # torch._foreach_*_: each parameter's kept copy
+            first = type(first)(self._keep(x) if id(x) in self.uses else x for x in first)
+            args, kwargs = _with_first(args, kwargs, first)
+            for x in first:
+                self._keep_derived(x)
         argument = _written_argument(func, args, kwargs)
-        if argument is not None and id(argument[1]) in self.uses:  # the written parameter: its kept copy
-            where, param = argument
-            if isinstance(where, int):
-                args = (*args[:where], self._keep(param), *args[where + 1 :])
+        if argument is not None:  # the written weight: the parameter's kept copy
+            where, weight = argument
+            if id(weight) in self.uses:
+                if isinstance(where, int):
+                    args = (*args[:where], self._keep(weight), *args[where + 1 :])
+                else:
+                    kwargs = dict(kwargs, **{where: self._keep(weight)})
             else:
-                kwargs = dict(kwargs, **{where: self._keep(param)})
+                self._keep_derived(weight)
         # A tensor made from a parameter's copy that shares its memory (.data, .T, a view, an index): a write to it
         # writes the parameter, and its copy becomes the one this evaluation keeps. Looked up only while one exists.
         derived = self.handed_out.get(first) if self.handed_out and isinstance(first, torch.Tensor) else None
-        if derived is not None and writes:
+        if derived is not None and writes and not setter:
             self._keep_written(derived, first)
         swapped = self._swap_all(args)
         out = func(*swapped, **self._swap_kwargs(kwargs))
-        if isinstance(out, torch.Tensor) and out is not first:
-            source = first if derived is not None else swapped[0] if id(first) in self.uses else None
-            if source is not None and _shares_memory(out, source):
-                self.handed_out[out] = derived if derived is not None else first
+        source = first if derived is not None else swapped[0] if args and id(first) in self.uses else None
+        if source is not None:
+            param = derived if derived is not None else first
+            for part in out if isinstance(out, (tuple, list)) else (out,):  # chunk, split, unbind: several views
+                if isinstance(part, torch.Tensor) and part is not first and _shares_memory(part, source):
+                    self.handed_out[part] = param
         return out
 
+    def _keep_derived(self, tensor: Any) -> None:
+        """If ``tensor`` shares the memory of a parameter's copy, it is about to be written: keep that copy."""
+        param = self.handed_out.get(tensor) if self.handed_out and isinstance(tensor, torch.Tensor) else None
+        if param is not None:
+            self._keep_written(param, tensor)
+
     def _keep_written(self, param: torch.Tensor, written: torch.Tensor) -> None:
-        """``written`` shares the memory of a copy of ``param`` and is being written: that copy is kept."""
-        root = written if written._base is None else written._base
-        if root.shape != param.shape or not root.is_contiguous():
+        """``written`` shares the memory of a copy of ``param`` (a view, an alias, another dtype's view) and is
+        being written: that copy, the parameter's shape and dtype over the same memory, is the one kept."""
+        storage = written.untyped_storage()
+        if storage.nbytes() != param.nbytes:  # not a copy of its own: nothing zokern made
             raise RuntimeError(
-                f"exact perturbation: the closure writes a parameter of shape {tuple(param.shape)} through a "
-                f"tensor of shape {tuple(root.shape)} made from it, which zokern cannot follow; use "
-                "perturbation='inplace' for a model whose forward writes its parameters so"
+                f"exact perturbation: the closure writes a parameter of shape {tuple(param.shape)} through a tensor "
+                "whose memory zokern cannot follow; use perturbation='inplace' for a model whose forward writes "
+                "its parameters so"
             )
-        self.exposed[id(param)] = root
+        self.exposed[id(param)] = torch.empty(0, dtype=param.dtype, device=written.device).set_(storage, 0, param.shape)
 
     def _swap_kwargs(self, kwargs: dict) -> dict:
         if not kwargs:
@@ -178,6 +239,10 @@ class PerturbedView(TorchFunctionMode):
         out = kwargs.get("out")
         if isinstance(out, torch.Tensor) and id(out) in self.uses:  # written: the kept copy (see above)
             kwargs = dict(kwargs, out=self._keep(out))
+        elif isinstance(out, torch.Tensor) and self.handed_out:
+            param = self.handed_out.get(out)
+            if param is not None:  # written through a view of a parameter's copy
+                self._keep_written(param, out)
         return dict(zip(kwargs, self._swap_all(tuple(kwargs.values()))))
 
     def _keep(self, param: torch.Tensor) -> torch.Tensor:
