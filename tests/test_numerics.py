@@ -367,6 +367,15 @@ class _MaskedInForward(torch.nn.Module):
                 torch._foreach_mul_([w], 0.5)
             elif self.how == "dtype-view":
                 w.view(torch.int16)[0].zero_()
+            elif self.how == "aten-overload":
+                torch.ops.aten.mul_.Scalar(w, 0.5)
+            elif self.how == "self-keyword":
+                torch._foreach_mul_(self=[w], scalar=0.5)
+            elif self.how == "input-keyword-view":
+                torch.select(input=w, dim=0, index=2).zero_()
+            elif self.how == "rebound-then-view":  # .data rebound to a transposed tensor, then written by row
+                w.data = torch.arange(64.0).reshape(8, 8).t().bfloat16() / 64
+                w.data[0].zero_()
             elif self.how == "alias-rebound":  # not a write: the alias alone gets other memory
                 alias = w.detach()
                 alias.data = torch.zeros_like(alias)
@@ -379,6 +388,7 @@ class _MaskedInForward(torch.nn.Module):
 
 WRITES = ["data", "operator", "method", "item", "row-view", "flat-view", "data-view", "transposed-slice", "detached"]
 WRITES += ["chunk", "unbind", "out-view", "init-by-keyword", "foreach", "dtype-view"]
+WRITES += ["aten-overload", "self-keyword", "input-keyword-view", "rebound-then-view"]
 WRITES += ["alias-rebound", "alias-transposed"]  # not writes of the parameter, though in-place
 
 
@@ -434,3 +444,20 @@ def test_a_read_only_data_alias_does_not_keep_its_copy_alive():
 
     ZOSGD([w], lr=0.0, eps=1e-2, perturbation="exact").step(closure)
     assert alive[1::2] == [False, False]
+
+
+@pytest.mark.parametrize("how", ["parameter", "data", "contiguous"])
+def test_raw_memory_reached_through_an_alias_holds_the_perturbed_value(how):
+    """``lib.f(ctypes.c_void_p(w.contiguous().data_ptr()))``: the pointer must stay valid and perturbed."""
+    import ctypes
+
+    w = torch.nn.Parameter((torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.1).bfloat16())
+    opt = ZOSGD([w], eps=1e-2, seed=0)
+    seed = opt.new_seed()
+    with opt.perturbed(seed, +1):
+        address = {"parameter": w, "data": w.data, "contiguous": w.contiguous()}[how].data_ptr()
+        churn = [torch.randn(4096).bfloat16() for _ in range(8)]  # memory freed copies would be reused for
+        seen = torch.frombuffer((ctypes.c_uint16 * 4096).from_address(address), dtype=torch.bfloat16).clone()
+    expected = w.detach().clone()
+    zokern.perturb_([expected], seed, 1e-2)
+    assert torch.equal(seen, expected) and len(churn) == 8

@@ -364,6 +364,27 @@ def test_ctrl_c_during_a_final_or_commit_pass_waits_for_the_record(optimizer, mo
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_hold_cut_short_by_another_signals_handler_is_healed_by_the_next():
+    """Another signal's handler that raises (a SIGALRM timeout) can cut a hold between its steps: the hold's handler
+    then stays installed with no block open. The next hold puts the program's handler back, and Ctrl-C raises."""
+    import gc
+
+    from zokern.optim._interrupts import _Holding
+    from zokern.optim._interrupts import held_interrupts
+
+    original = signal.getsignal(signal.SIGINT)
+    cut = held_interrupts()
+    cut.__enter__()  # opened, never closed: the exception came before its with-block could end it
+    del cut
+    gc.collect()
+    assert signal.getsignal(signal.SIGINT) == _Holding.hold and not _Holding.open
+    with held_interrupts():
+        pass
+    assert signal.getsignal(signal.SIGINT) is original
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+
+
 def test_a_graph_step_under_inference_mode_leaves_later_steps_usable():
     a, b = _pair()
     opt = ZOSGD([a, b], lr=1e-2, eps=1e-3, seed=3, cuda_graph=True)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import signal
 import threading
+import weakref
 
 
 class _Holding:
-    """The process's one hold: how many blocks are open, the handler they replaced, the SIGINT they received."""
+    """The process's one hold: the blocks open, the handler they replaced, the SIGINT they received. Open blocks are
+    held weakly: one that an exception cut short before its end (another signal's handler raising between two of its
+    steps) closes when it is collected, and the next block puts the program's handler back."""
 
-    depth = 0
+    open: weakref.WeakSet = weakref.WeakSet()
     previous = None
     received: tuple | None = None
 
@@ -27,32 +30,30 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
     program's own may raise too), in the main thread (which alone receives signals and may set their handlers).
     When the last open block ends, a SIGINT that came is handed to that handler, called as the signal would have
     called it: not raised again, since a program woken through a file descriptor (asyncio's add_signal_handler)
-    heard of it when it arrived. Blocks may nest and end in any order: the outermost installs the hold, the last
+    heard of it when it arrived. Blocks may nest and end in any order: the first to open installs the hold, the last
     to end releases it."""
 
-    __slots__ = ("_open",)
-
-    def __init__(self) -> None:
-        self._open = False
+    __slots__ = ("__weakref__",)
 
     def __enter__(self) -> None:
-        if self._open or threading.current_thread() is not threading.main_thread():
+        if self in _Holding.open or threading.current_thread() is not threading.main_thread():
             return
-        if _Holding.depth == 0:
-            if not callable(signal.getsignal(signal.SIGINT)):
+        if not _Holding.open:
+            handler = signal.getsignal(signal.SIGINT)
+            if handler == _Holding.hold:  # left installed by a block cut short: the handler it saved is the program's
+                handler = _Holding.previous
+            if not callable(handler):
                 return  # SIG_IGN, SIG_DFL, or a handler not set from Python: nothing to hold it for
-            _Holding.previous = signal.signal(signal.SIGINT, _Holding.hold)
-        _Holding.depth += 1
-        self._open = True
+            _Holding.previous = handler
+            signal.signal(signal.SIGINT, _Holding.hold)
+        _Holding.open.add(self)
 
     def __exit__(self, *exc) -> None:
-        if not self._open:
+        if self not in _Holding.open:
             return
-        self._open = False
-        _Holding.depth -= 1
-        if _Holding.depth == 0:
-            previous, received = _Holding.previous, _Holding.received
-            _Holding.previous = _Holding.received = None
-            signal.signal(signal.SIGINT, previous)
+        _Holding.open.discard(self)
+        if not _Holding.open:
+            received, _Holding.received = _Holding.received, None
+            signal.signal(signal.SIGINT, _Holding.previous)
             if received is not None:
-                previous(*received)  # KeyboardInterrupt, for the default handler
+                _Holding.previous(*received)  # KeyboardInterrupt, for the default handler

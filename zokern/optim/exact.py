@@ -35,6 +35,8 @@ from zokern._dispatch import select_backend
 # Properties whose value is made of the parameter's values (a view or the tensor itself): an op reading the parameter
 # through them must see the perturbed value. Every other property is metadata, read from the parameter with no copy.
 _VALUE_GETTERS = frozenset(id(getattr(torch.Tensor, name)) for name in ("data", "T", "mT", "H", "mH", "real", "imag"))
+# Properties that hand out the memory itself (to CuPy, Numba): as _RAW_MEMORY's methods.
+_RAW_PROPERTIES = frozenset(id(torch.Tensor.__dict__[name]) for name in ("__cuda_array_interface__",))
 _DTYPES = frozenset(ops.SUPPORTED_DTYPES)  # others (a model cast to float64 after construction) take ops' checks
 # Methods that hand out a tensor's memory itself (a Triton launcher or a ctypes kernel given the parameter reads it
 # through data_ptr): the perturbed copy they expose must outlive the call, for the whole evaluation.
@@ -99,7 +101,7 @@ def _kind(func) -> int:
     except TypeError:  # an unhashable callable
         kind = None
     if kind is None:
-        name = getattr(func, "__name__", "")
+        name = getattr(func, "__name__", "").split(".")[0]  # torch.ops.aten.mul_.Scalar is named 'mul_.Scalar'
         if name in ("__get__", "__set__"):
             kind = _DESCRIPTOR  # (a value property's __set__ writes: see _VALUE_GETTERS in __torch_function__)
         elif name in _METADATA:
@@ -120,11 +122,19 @@ def _kind(func) -> int:
 
 
 def _with_first(args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
-    """The call's arguments with its first (positional, else ``input`` or ``tensor`` by keyword) replaced."""
+    """The call's arguments with its first (positional, else by keyword: _first_keyword) replaced."""
     if args:
         return (value, *args[1:]), kwargs
-    key = "input" if "input" in kwargs else "tensor"
-    return args, dict(kwargs, **{key: value})
+    return args, dict(kwargs, **{_first_keyword(kwargs)[0]: value})
+
+
+def _first_keyword(kwargs: dict) -> tuple[str | None, Any]:
+    """The keyword and value of a call's first tensor argument given by keyword (torch names it input, self or
+    tensor), if any."""
+    for key in ("input", "self", "tensor"):
+        if key in kwargs:
+            return key, kwargs[key]
+    return None, None
 
 
 class ParameterUse:
@@ -169,10 +179,14 @@ class PerturbedView(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = _kind(func)
-        if kind is _DESCRIPTOR and id(getattr(func, "__self__", None)) not in _VALUE_GETTERS:
-            # Metadata (shape, dtype, requires_grad, ...) is the parameter's own, read or set with no copy.
-            return func(*args, **kwargs)
-        first = args[0] if args else kwargs.get("input", kwargs.get("tensor"))
+        if kind is _DESCRIPTOR:
+            owner = id(getattr(func, "__self__", None))
+            if owner in _RAW_PROPERTIES and args and id(args[0]) in self.uses:  # CuPy, Numba: the kept copy's memory
+                return func(self._keep(args[0]), *args[1:], **kwargs)
+            if owner not in _VALUE_GETTERS:
+                # Metadata (shape, dtype, requires_grad, ...) is the parameter's own, read or set with no copy.
+                return func(*args, **kwargs)
+        first = args[0] if args else _first_keyword(kwargs)[1]
         if kind is _METADATA_CALL and id(first) in self.uses:
             return func(*args, **kwargs)
         # A value property's setter (`weight.data = x`) writes the parameter; on a view it rebinds the view.
@@ -203,11 +217,15 @@ class PerturbedView(TorchFunctionMode):
         # A tensor made from a parameter's copy that shares its memory (.data, .T, a view, an index): a write to it
         # writes the parameter, and its copy becomes the one this evaluation keeps. Looked up only while one exists.
         derived = self.handed_out.get(first) if self.handed_out and isinstance(first, torch.Tensor) else None
-        if derived is not None and writes and not setter:
+        if derived is not None and (writes or kind is _RAW) and not setter:  # its memory written or handed out
             self._keep_written(derived, first)
-        swapped = self._swap_all(args)
-        out = func(*swapped, **self._swap_kwargs(kwargs))
-        source = first if derived is not None else swapped[0] if args and id(first) in self.uses else None
+        swapped, swapped_kwargs = self._swap_all(args), self._swap_kwargs(kwargs)
+        out = func(*swapped, **swapped_kwargs)
+        source = None
+        if derived is not None:
+            source = first
+        elif id(first) in self.uses:
+            source = swapped[0] if args else swapped_kwargs[_first_keyword(kwargs)[0]]
         if source is not None:
             param = derived if derived is not None else first
             for part in out if isinstance(out, (tuple, list)) else (out,):  # chunk, split, unbind: several views
@@ -224,6 +242,9 @@ class PerturbedView(TorchFunctionMode):
     def _keep_written(self, param: torch.Tensor, written: torch.Tensor) -> None:
         """``written`` shares the memory of a copy of ``param`` (a view, an alias, another dtype's view) and is
         being written: that copy, the parameter's shape and dtype over the same memory, is the one kept."""
+        kept = self.exposed.get(id(param))
+        if kept is not None and _shares_memory(kept, written):  # the kept copy already (maybe rebound: w.data = y.t())
+            return
         storage = written.untyped_storage()
         if storage.nbytes() != param.nbytes:  # not a copy of its own: nothing zokern made
             raise RuntimeError(
