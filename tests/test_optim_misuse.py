@@ -385,6 +385,55 @@ def test_a_hold_cut_short_by_another_signals_handler_is_healed_by_the_next():
         signal.raise_signal(signal.SIGINT)
 
 
+def test_a_preemption_handler_raising_on_sigterm_during_a_pass_leaves_every_group_restored(monkeypatch):
+    class Preempted(Exception):
+        pass
+
+    def preempt(signum, frame):
+        raise Preempted
+
+    previous = signal.signal(signal.SIGTERM, preempt)
+    try:
+        a, b = _pair()
+        start = [a.detach().clone(), b.detach().clone()]
+        opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=0.0, eps=1e-2, seed=3)
+        real, calls = zokern.optim.base.ops.perturb_, []
+
+        def pass_(*args, **kwargs):
+            real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:
+                signal.raise_signal(signal.SIGTERM)
+
+        monkeypatch.setattr(zokern.optim.base.ops, "perturb_", pass_)
+        with pytest.raises(Preempted):
+            opt.step(lambda: _loss(a, b))
+        for p, s in zip((a, b), start):
+            torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
+        assert signal.getsignal(signal.SIGTERM) is preempt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_ldsd_final_pass_failing_on_a_later_group_leaves_every_group_at_theta(monkeypatch):
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = LDSD([{"params": [a]}, {"params": [b]}], lr=0.0, eps=1e-2, seed=1, k=2)
+    real, calls = zokern.optim.ldsd.passes.final_, []
+
+    def final_(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zokern.optim.ldsd.passes, "final_", final_)
+    with pytest.raises(RuntimeError, match="device lost"):
+        opt.step(lambda: _loss(a, b))
+    for p, s in zip((a, b), start):  # lr = 0: group 0 restored by its final pass, group 1 by the step's undo
+        torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
+
+
 def test_a_graph_step_under_inference_mode_leaves_later_steps_usable():
     a, b = _pair()
     opt = ZOSGD([a, b], lr=1e-2, eps=1e-3, seed=3, cuda_graph=True)

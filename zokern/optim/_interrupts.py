@@ -1,7 +1,8 @@
-"""Ctrl-C during a pass: a pass is one fused call per (param group, device) chunk, then the step's record of what it
-has applied (which its undo reads when the step fails). A KeyboardInterrupt between two calls, or between the last
-call and that record, would leave parameters perturbed with nothing to tell the undo; so a SIGINT that arrives while
-a pass runs is held until the pass and its record are done, then handed to the program's handler as usual."""
+"""Signals during a pass: a pass is one fused call per (param group, device) chunk, then the step's record of what it
+has applied (which its undo reads when the step fails). An exception raised by a signal handler between two calls
+(Ctrl-C's KeyboardInterrupt; a preemption handler's on SIGTERM), or between the last call and that record, would
+leave parameters perturbed with nothing to tell the undo; so SIGINT and SIGTERM, when a Python handler takes them,
+are held while a pass runs, until the pass and its record are done, then handed to that handler as usual."""
 
 from __future__ import annotations
 
@@ -9,29 +10,30 @@ import signal
 import threading
 import weakref
 
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class _Holding:
-    """The process's one hold: the blocks open, the handler they replaced, the SIGINT they received. Open blocks are
-    held weakly: one that an exception cut short before its end (another signal's handler raising between two of its
-    steps) closes when it is collected, and the next block puts the program's handler back."""
+    """The process's one hold: the blocks open, the handlers they replaced, the signals they received. Open blocks are
+    held weakly: one that an exception cut short before its end (a handler of another signal raising between two of
+    its steps) closes when it is collected, and the next block puts the program's handlers back."""
 
     open: weakref.WeakSet = weakref.WeakSet()
-    previous = None
-    received: tuple | None = None
+    previous: dict[int, object] = {}
+    received: dict[int, tuple] = {}
 
     @classmethod
     def hold(cls, signum, frame) -> None:
-        if cls.received is None:
-            cls.received = (signum, frame)
+        cls.received.setdefault(signum, (signum, frame))
 
 
 class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Hold SIGINT during the block, when a Python handler is in place (the default one raises KeyboardInterrupt; a
-    program's own may raise too), in the main thread (which alone receives signals and may set their handlers).
-    When the last open block ends, a SIGINT that came is handed to that handler, called as the signal would have
-    called it: not raised again, since a program woken through a file descriptor (asyncio's add_signal_handler)
-    heard of it when it arrived. Blocks may nest and end in any order: the first to open installs the hold, the last
-    to end releases it."""
+    """Hold SIGINT and SIGTERM during the block, each when a Python handler takes it (the default SIGINT handler raises
+    KeyboardInterrupt; a program's own may raise too), in the main thread (which alone receives signals and may set
+    their handlers). When the last open block ends, a signal that came is handed to its handler, called as the signal
+    would have called it: not raised again, since a program woken through a file descriptor (asyncio's
+    add_signal_handler) heard of it when it arrived. Blocks may nest and end in any order: the first to open installs
+    the hold, the last to end releases it."""
 
     __slots__ = ("__weakref__",)
 
@@ -39,13 +41,15 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
         if self in _Holding.open or threading.current_thread() is not threading.main_thread():
             return
         if not _Holding.open:
-            handler = signal.getsignal(signal.SIGINT)
-            if handler == _Holding.hold:  # left installed by a block cut short: the handler it saved is the program's
-                handler = _Holding.previous
-            if not callable(handler):
-                return  # SIG_IGN, SIG_DFL, or a handler not set from Python: nothing to hold it for
-            _Holding.previous = handler
-            signal.signal(signal.SIGINT, _Holding.hold)
+            for signum in HELD_SIGNALS:
+                handler = signal.getsignal(signum)
+                if handler == _Holding.hold:  # left installed by a block cut short: the one it saved is the program's
+                    handler = _Holding.previous.get(signum)
+                if callable(handler):  # not SIG_IGN, SIG_DFL, or a handler not set from Python
+                    _Holding.previous[signum] = handler
+                    signal.signal(signum, _Holding.hold)
+                else:
+                    _Holding.previous.pop(signum, None)
         _Holding.open.add(self)
 
     def __exit__(self, *exc) -> None:
@@ -53,7 +57,10 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
             return
         _Holding.open.discard(self)
         if not _Holding.open:
-            received, _Holding.received = _Holding.received, None
-            signal.signal(signal.SIGINT, _Holding.previous)
-            if received is not None:
-                _Holding.previous(*received)  # KeyboardInterrupt, for the default handler
+            received, _Holding.received = _Holding.received, {}
+            for signum, handler in _Holding.previous.items():
+                signal.signal(signum, handler)
+            for signum, arguments in received.items():
+                handler = _Holding.previous.get(signum)
+                if callable(handler):
+                    handler(*arguments)  # KeyboardInterrupt, for SIGINT's default handler

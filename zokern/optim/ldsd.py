@@ -141,6 +141,7 @@ class LDSD(ZOOptimizer):
         self.mu_norm, self.momentum = float(mu_norm), float(momentum)
         self._rule = "adam" if update == "adam" else ("momentum" if momentum else "sgd")
         self._position: list[float] | torch.Tensor | None = None  # where theta is displaced to, see _move_to
+        self._finished: set[int] = set()  # chunks whose final pass ran (see _final_pass)
         self._candidates: list[int] = []
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, sigma=sigma, mu_lr=mu_lr)
         if update == "adam":  # only then: an LR scheduler cycling momentum (OneCycleLR) cycles betas[0] if present
@@ -250,7 +251,9 @@ class LDSD(ZOOptimizer):
             delta = _as_tensor(position, like=previous) - _as_tensor(previous, like=position)
         norms: dict[int, torch.Tensor] = {}
         with held_interrupts():
-            for index, group, params, offsets in self._device_chunks():
+            for n, (index, group, params, offsets) in enumerate(self._device_chunks()):
+                if n in self._finished:  # its final pass ran: restored and updated already
+                    continue
                 device = params[0].device
                 norm_row = None if norm_rows is None else norm_rows[index].to(device)
                 coef = self._row(delta, group, device)
@@ -283,7 +286,7 @@ class LDSD(ZOOptimizer):
     def _undo_displacement(self) -> None:
         if self._position is not None and not self._exact_now:
             self._move_to([0.0] * (self.k + 1))
-        self._position = None
+        self._position, self._finished = None, set()
 
     def _perturbed_view(self) -> PerturbedView:
         uses = {
@@ -305,6 +308,7 @@ class LDSD(ZOOptimizer):
         return self._device_chunks()[0][2][0].device
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        self._finished = set()
         if not self._device_chunks():
             raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
         k = self.k
@@ -355,15 +359,16 @@ class LDSD(ZOOptimizer):
         adam_steps = self._adam_counts_after(ok)
         with held_interrupts():
             self._final_passes(streams, restore, grads, onehot, raw_mu_rows, norms, paired, ok, adam_steps)
-            # Only now: a final pass that raises has not restored theta, which the step's undo then does.
-            self._position = None
+            # Only now: a final pass that raises has not restored theta, which the step's undo then does (in the
+            # chunks not _finished: a later chunk's pass can fail, of a device error, after an earlier one's ran).
+            self._position, self._finished = None, set()
             self._advance_adam_steps(ok)
         return grads
 
     def _final_passes(self, streams, restore, grads, onehot, raw_mu_rows, norms, paired, ok, adam_steps) -> None:
         """The final pass of each (group, device) chunk (see _final_pass)."""
         k, sizes, rounding = self.k, self._group_sizes(), self._update_rounding()
-        for index, group, params, offsets in self._device_chunks():
+        for n, (index, group, params, offsets) in enumerate(self._device_chunks()):
             device = params[0].device
             sigma, g = group["sigma"], grads[index]
             # Rows over [mu, candidates..., (faithful) paired...].
@@ -398,6 +403,7 @@ class LDSD(ZOOptimizer):
                 adam_eps=group["adam_eps"] if self._rule == "adam" else 1.0,
                 distribution=self.distribution,
             )
+            self._finished.add(n)
 
     def _raw_mu_rows(self, advantages: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Per group index, [1, e_1..e_K] with e_i = -mu_lr c_i / (K sigma): mu's REINFORCE step before the
