@@ -78,6 +78,10 @@ def plot(data: dict[str, list], out: Path, title: str) -> None:
     time_ax = axes[0][0]
     for name, points in data.items():
         time_ax.plot([p[0] / 1e6 for p in points], [p[1] for p in points], marker="o", label=name)
+        if name.startswith("zokern"):  # which backend and mode was the fastest, point by point
+            for p in points:
+                time_ax.annotate(p[3].removeprefix("zokern "), (p[0] / 1e6, p[1]), fontsize=7,
+                                 textcoords="offset points", xytext=(4, -10))  # fmt: skip
     time_ax.set(xscale="log", yscale="log", xlabel="parameters (millions)", ylabel="ms per step", title=title)
     time_ax.grid(True, which="both", alpha=0.3)
     time_ax.legend()

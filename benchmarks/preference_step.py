@@ -165,7 +165,7 @@ class _Rows(list):
 
 def write(rows: _Rows, args: argparse.Namespace, argv: list[str] | None) -> None:
     device = torch.device(args.device)
-    size = "?" if rows.n_params is None else f"{rows.n_params / 1e6:.0f}M"
+    size = "?" if rows.n_params is None else f"{rows.n_params / 1e6:.3g}M"
     name = _device.name(device)
     command = " ".join(["python -m benchmarks.preference_step", *(argv if argv is not None else sys.argv[1:])])
     text = (
