@@ -415,6 +415,29 @@ def test_a_preemption_handler_raising_on_sigterm_during_a_pass_leaves_every_grou
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_sigint_and_sigterm_held_together_both_reach_their_handlers(monkeypatch):
+    heard = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append("TERM"))
+    try:
+        a, b = _pair()
+        opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=0.0, eps=1e-2, seed=3)
+        real, calls = zokern.optim.base.ops.perturb_, []
+
+        def pass_(*args, **kwargs):
+            real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+
+        monkeypatch.setattr(zokern.optim.base.ops, "perturb_", pass_)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(lambda: _loss(a, b))
+        assert heard == ["TERM"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_an_ldsd_final_pass_failing_on_a_later_group_leaves_every_group_at_theta(monkeypatch):
     a, b = _pair()
     start = [a.detach().clone(), b.detach().clone()]

@@ -60,7 +60,13 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
             received, _Holding.received = _Holding.received, {}
             for signum, handler in _Holding.previous.items():
                 signal.signal(signum, handler)
-            for signum, arguments in received.items():
+            raised = None
+            for signum, arguments in received.items():  # every one, even after a handler raised
                 handler = _Holding.previous.get(signum)
                 if callable(handler):
-                    handler(*arguments)  # KeyboardInterrupt, for SIGINT's default handler
+                    try:
+                        handler(*arguments)  # KeyboardInterrupt, for SIGINT's default handler
+                    except BaseException as e:
+                        raised = raised or e
+            if raised is not None:
+                raise raised
