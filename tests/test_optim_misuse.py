@@ -6,6 +6,7 @@ as the run."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import pytest
@@ -201,18 +202,29 @@ def test_an_ldsd_final_pass_that_fails_leaves_theta_restored_and_adam_counts_unc
     assert all(torch.equal(opt.state[p]["step"], c) for p, c in zip((a, b), counts))
 
 
-def _interrupted_during(monkeypatch, module, name, call=1):
-    """Make the ``call``-th call of module.name receive a SIGINT while it runs (as Ctrl-C mid-pass would)."""
+def _interrupted_during(monkeypatch, module, name, call=1, signals=(signal.SIGINT,)):
+    """Make the ``call``-th call of module.name receive ``signals`` while it runs (SIGINT: as Ctrl-C mid-pass would)."""
     real, calls = getattr(module, name), []
 
     def pass_(*args, **kwargs):
         calls.append(1)
         out = real(*args, **kwargs)
         if len(calls) == call:
-            signal.raise_signal(signal.SIGINT)
+            for signum in signals:
+                signal.raise_signal(signum)
         return out
 
     monkeypatch.setattr(module, name, pass_)
+
+
+@contextlib.contextmanager
+def _handling(signum, handler):
+    """``handler`` takes ``signum`` inside the block; the one before is put back after."""
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 @pytest.mark.parametrize("name, call", [("perturb_", 1), ("perturb_", 2), ("restore_update_", 1), ("two_seed_", 1)])
@@ -330,8 +342,7 @@ def test_a_programs_own_raising_handler_gets_the_held_ctrl_c_once_theta_is_consi
     def stop(signum, frame):
         raise Stop
 
-    previous = signal.signal(signal.SIGINT, stop)
-    try:
+    with _handling(signal.SIGINT, stop):
         a, b = _pair()
         start = [a.detach().clone(), b.detach().clone()]
         opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=0.0, eps=1e-2, seed=3)
@@ -341,8 +352,6 @@ def test_a_programs_own_raising_handler_gets_the_held_ctrl_c_once_theta_is_consi
         for p, s in zip((a, b), start):
             torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
         assert signal.getsignal(signal.SIGINT) is stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("optimizer", ["ldsd", "conservative-exact"])
@@ -392,50 +401,28 @@ def test_a_preemption_handler_raising_on_sigterm_during_a_pass_leaves_every_grou
     def preempt(signum, frame):
         raise Preempted
 
-    previous = signal.signal(signal.SIGTERM, preempt)
-    try:
+    with _handling(signal.SIGTERM, preempt):
         a, b = _pair()
         start = [a.detach().clone(), b.detach().clone()]
         opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=0.0, eps=1e-2, seed=3)
-        real, calls = zokern.optim.base.ops.perturb_, []
-
-        def pass_(*args, **kwargs):
-            real(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == 1:
-                signal.raise_signal(signal.SIGTERM)
-
-        monkeypatch.setattr(zokern.optim.base.ops, "perturb_", pass_)
+        _interrupted_during(monkeypatch, zokern.optim.base.ops, "perturb_", 1, signals=(signal.SIGTERM,))
         with pytest.raises(Preempted):
             opt.step(lambda: _loss(a, b))
         for p, s in zip((a, b), start):
             torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
         assert signal.getsignal(signal.SIGTERM) is preempt
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def test_sigint_and_sigterm_held_together_both_reach_their_handlers(monkeypatch):
     heard = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append("TERM"))
-    try:
+    with _handling(signal.SIGTERM, lambda signum, frame: heard.append("TERM")):
         a, b = _pair()
         opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=0.0, eps=1e-2, seed=3)
-        real, calls = zokern.optim.base.ops.perturb_, []
-
-        def pass_(*args, **kwargs):
-            real(*args, **kwargs)
-            calls.append(1)
-            if len(calls) == 1:
-                signal.raise_signal(signal.SIGINT)
-                signal.raise_signal(signal.SIGTERM)
-
-        monkeypatch.setattr(zokern.optim.base.ops, "perturb_", pass_)
+        signals = (signal.SIGINT, signal.SIGTERM)
+        _interrupted_during(monkeypatch, zokern.optim.base.ops, "perturb_", 1, signals=signals)
         with pytest.raises(KeyboardInterrupt):
             opt.step(lambda: _loss(a, b))
         assert heard == ["TERM"]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def test_an_ldsd_final_pass_failing_on_a_later_group_leaves_every_group_at_theta(monkeypatch):
