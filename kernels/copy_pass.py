@@ -4,9 +4,6 @@ addresses of its output tensor and of its source."""
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
 
@@ -67,7 +64,7 @@ def zo_copy_pass_(out, sources, bases, *, seed, alpha, distribution, seed2=None,
     table = _work_table(out, bases, block, list(sources))
     addresses = [t.data_ptr() for t in out] + [t.data_ptr() for t in sources]
     aligned = all(b % 8 == 0 for b in bases) and all(a % 16 == 0 for a in addresses)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with options.on_device(device):
         _copy_pass_kernel[(table.shape[0],)](
             table, seed, alpha, 0 if seed2 is None else seed2, alpha2, DTYPE=_TL_DTYPES[dtype],
             RADEMACHER=DISTRIBUTIONS[distribution] == DOMAIN_RADEMACHER, SECOND=seed2 is not None, ALIGNED=aligned,

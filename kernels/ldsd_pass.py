@@ -9,7 +9,6 @@ tile into a buffer that torch then sums, so the result does not depend on the or
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -183,7 +182,7 @@ def _launch(
     seed_tensor = to_device(list(seeds), device, torch.int64)
     reduces = mode in ("norm", "move_norm")
     partial = torch.empty(table.shape[0] if reduces else 1, dtype=torch.float32, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with options.on_device(device):
         _ldsd_kernel[(table.shape[0],)](
             table,
             seed_tensor,

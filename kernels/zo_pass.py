@@ -8,7 +8,6 @@ still one launch. Tiles at a tensor's ends are masked; a tile never crosses into
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -284,7 +283,7 @@ def zo_pass_(
     on_device = isinstance(grad, torch.Tensor)
     grad_tensor = grad.to(device=device, dtype=torch.float32) if on_device else table  # unused when a float
     aligned = all(b % 8 == 0 and t.data_ptr() % 16 == 0 for t, b in zip(tensors, bases))
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with options.on_device(device):
         _zo_pass_kernel[(table.shape[0],)](
             table,
             seed,
@@ -332,5 +331,6 @@ def philox_block_words(
     if n_blocks:
         block = 1024
         grid = (triton.cdiv(n_blocks, block),)
-        _philox_words_kernel[grid](out, n_blocks, seed, first_block, domain, BLOCK=block, **options.LAUNCH)
+        with options.on_device(out.device):
+            _philox_words_kernel[grid](out, n_blocks, seed, first_block, domain, BLOCK=block, **options.LAUNCH)
     return out

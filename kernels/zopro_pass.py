@@ -7,8 +7,6 @@ reduction stores one (vhat . n, n . n) pair per tile; the pairs are summed per t
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -64,7 +62,7 @@ def _launch(tensors, mus, vhats, bases, seed, coef, reduce: bool) -> torch.Tenso
     table = _work_table(tensors, bases, block, list(mus), list(vhats), with_index=True)
     partial = torch.empty(2 * table.shape[0] if reduce else 1, dtype=torch.float32, device=device)
     coef = partial if coef is None else coef.to(device=device, dtype=torch.float32).contiguous()
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with options.on_device(device):
         _zopro_kernel[(table.shape[0],)](table, seed, coef, partial, DTYPE=_TL_DTYPES[dtype], REDUCE=reduce,
                                          BLOCK=block, **options.LAUNCH)  # fmt: skip
     if not reduce:

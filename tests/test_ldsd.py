@@ -419,3 +419,20 @@ def test_adam_count_is_the_runs_for_a_parameter_that_joins_later():
     opt.step(closure)
     # One bias correction per pass: the joining parameters' counts are the run's, and their states say so.
     assert [opt.state[p]["step"].item() for p in (first, later, also)] == [5, 5, 5]
+
+
+@pytest.mark.parametrize("update", ["sgd", "adam"])
+def test_numpy_scalar_hyperparameters_train_as_their_float_values(update):
+    """NumPy scalars pass the hyperparameter checks (numbers.Real), so a step must take them too: an np.float32 eps
+    once failed every step inside the displacement (a numpy scalar assigned into a tensor)."""
+    np = pytest.importorskip("numpy")
+    values = dict(lr=0.01, eps=1e-3, sigma=0.5, mu_lr=0.1)
+    runs = []
+    for convert in (lambda v: float(np.float32(v)), np.float32):
+        torch.manual_seed(0)
+        model, x = torch.nn.Linear(4, 2), torch.randn(8, 4)
+        opt = LDSD(model.parameters(), k=3, update=update, seed=0, **{k: convert(v) for k, v in values.items()})
+        for _ in range(3):
+            opt.step(lambda model=model, x=x: model(x).pow(2).mean())
+        runs.append([t.clone() for p in model.parameters() for t in (p.detach(), opt.state[p]["mu"])])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

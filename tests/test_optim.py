@@ -468,6 +468,77 @@ def test_states_saved_in_another_dtype_or_layout_load_as_the_kernels_hold_them(c
             assert all(torch.equal(p, e) for p, e in zip((a, b), expected))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(ZOSGD, dict(momentum=0.9)), (ZOAdam, {}), (LDSD, dict(k=3)), (LDSD, dict(k=3, update="adam"))]
+)
+def test_states_replaced_in_another_dtype_or_layout_are_read_as_the_kernels_hold_them(cls, kwargs, backend):
+    """A state that no longer is what the passes read by address (a moved model leaves its states on the old device;
+    one set by hand may be float64 or transposed) is brought to the parameter's device, float32 and contiguous,
+    before the step: the step is the one the original states give."""
+    if backend not in zokern.available_backends():
+        pytest.skip(f"{backend} backend not built")
+    runs = []
+    for replace in (False, True):
+        (a, frozen, b), groups, closure, _ = _problem()
+        opt = cls(groups, seed=0, backend=backend, **kwargs)
+        for _ in range(2):
+            opt.step(closure)
+        if replace:
+            for state in opt.state.values():
+                for key in _shaped(state):
+                    value = state[key].double()
+                    state[key] = value.t().contiguous().t() if value.dim() == 2 else value
+        opt.step(closure)
+        runs.append([a.detach().clone(), b.detach().clone()])
+        assert all(
+            state[key].dtype == torch.float32 and state[key].is_contiguous()
+            for state in opt.state.values() for key in _shaped(state)
+        )  # fmt: skip
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@pytest.mark.parametrize("cls,kwargs", [(ZOSGD, dict(momentum=0.9)), (ZOAdam, {}), (LDSD, dict(k=3, update="adam"))])
+def test_state_dict_hooks_see_and_change_what_a_torch_optimizer_s_would(cls, kwargs):
+    """torch.optim's hooks: a state_dict post-hook sees (and may replace) the dict that is returned, 'zo' entry
+    included; a load pre-hook's returned dict is the one loaded; a load post-hook sees the loaded run and its edits
+    of the state stay (zokern once rewrote the states from the original dict after the hooks had run)."""
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = cls(groups, seed=0, **kwargs)
+    for _ in range(2):
+        opt.step(closure)
+    seen = {}
+    opt.register_state_dict_post_hook(lambda o, sd: seen.update(saved=sorted(sd)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": "kept"})
+    saved = opt.state_dict()
+    assert seen["saved"] == ["param_groups", "state", "zo"] and saved["note"] == "kept"
+
+    def scaled(o, sd):
+        seen["pre"] = sorted(sd)
+        state = {i: {k: v * 2 if k in _shaped(s) else v for k, v in s.items()} for i, s in sd["state"].items()}
+        return {**sd, "state": state}
+
+    def zero_first(o):
+        seen["post"] = (o.steps_taken, o.base_seed)
+        o.state[a][_shaped(o.state[a])[0]] = torch.zeros(a.shape)
+
+    resumed = cls(groups, seed=1, **kwargs)
+    resumed.register_load_state_dict_pre_hook(scaled)
+    resumed.register_load_state_dict_post_hook(zero_first)
+    resumed.load_state_dict(copy.deepcopy(saved))
+    assert seen["pre"] == ["note", "param_groups", "state", "zo"]
+    assert seen["post"] == (opt.steps_taken, opt.base_seed)
+    for p in (a, b):
+        for key in _shaped(opt.state[p]):
+            reset = p is a and key == _shaped(opt.state[a])[0]
+            assert torch.equal(resumed.state[p][key], torch.zeros(a.shape) if reset else opt.state[p][key] * 2)
+
+
+def _shaped(state):
+    """The keys of a parameter's state that hold tensors shaped like it."""
+    return sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim())
+
+
 def test_a_checkpoint_whose_groups_carry_keys_an_older_zokern_wrote_still_loads():
     """LDSD's SGD groups held Adam's betas and adam_eps until they were made Adam-only: such checkpoints resume."""
     (a, frozen, b), groups, closure, _ = _problem()
@@ -777,6 +848,11 @@ def test_a_group_with_a_key_this_optimizer_understands_is_accepted():
         (ZOAdam, dict(betas=(0.0, 0.9)), "betas", (False, 0.9), TypeError, r"betas must be a real number, got bool"),
         (ZOAdam, {}, "betas", (torch.tensor(0.9), 0.999), TypeError, r"betas must be a real number, got Tensor"),
         (ZOSGD, dict(weight_decay=0.0), "weight_decay", False, TypeError, r"weight_decay must be a real number"),
+        # Keys the constructor refuses, set between steps (a momentum warm-up): refused, not trained without them.
+        (ZOSGD, dict(momentum=0.9), "momentum", 0.5, ValueError, r"param group 1: momentum is an option of the whole"),
+        (ZOSGD, {}, "maximize", True, ValueError, r"param group 1: maximize=True is not supported"),
+        (ZOSGD, {}, "betas", (0.5, 0.9), ValueError, r"param group 1: betas is not an option of ZOSGD"),
+        (ZOAdam, {}, "sigma", 10.0, ValueError, r"param group 1: sigma is not an option of ZOAdam"),
     ],
 )
 def test_a_step_checks_hyperparameters_changed_since_construction(cls, kwargs, key, value, exc, match):
@@ -791,8 +867,9 @@ def test_a_step_checks_hyperparameters_changed_since_construction(cls, kwargs, k
         opt.step(closure)
     assert opt.steps_taken == saved_at and all(torch.equal(p, q) for p, q in zip((a, frozen, b), before))
     if hasattr(opt, "apply_projected_grad"):
-        with pytest.raises(exc, match=match):
-            opt.apply_projected_grad(opt.new_seed(), 1.0)
+        if type(opt) is ZOSGD and not opt.momentum:  # the others refuse apply_projected_grad whatever their groups
+            with pytest.raises(exc, match=match):
+                opt.apply_projected_grad(opt.new_seed(), 1.0)
         with pytest.raises(exc, match=match):
             with opt.perturbed(opt.new_seed()):
                 pass
@@ -1089,8 +1166,50 @@ def test_lower_level_pieces_compose_into_a_step():
         minus = closure3()
     with_tensors.apply_projected_grad(seed, (plus - minus) / 2e-3)
     torch.testing.assert_close(a3.detach(), a.detach(), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="one-element floating tensor"):
+    with pytest.raises(ValueError, match=r"floating tensor of 1 or 1 elements, got shape \(2,\)"):
         with_tensors.apply_projected_grad(seed, torch.ones(2))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_lower_level_pieces_with_each_groups_eps_compose_into_a_step(as_tensor):
+    """Each group perturbs by its own eps, so its g is (L+ - L-) / (2 eps) with that eps: given one per group, the
+    pieces make the step's update; one g for groups of different eps is refused (it would scale one group's update
+    by the ratio of the eps)."""
+    (a, frozen, b), groups, closure, _ = _problem()  # the groups' eps: 1e-3 and 3e-3
+    manual = ZOSGD(groups, weight_decay=0.1, seed=4)
+    seed = manual.new_seed()
+    with manual.perturbed(seed, +1):
+        plus = closure()
+    with manual.perturbed(seed, -1):
+        minus = closure()
+    before = [p.detach().clone() for p in (a, b)]
+    with pytest.raises(ValueError, match="eps differ"):
+        manual.apply_projected_grad(seed, (plus - minus) / 2e-3)
+    assert all(torch.equal(p, q) for p, q in zip((a, b), before))
+    grads = [(plus - minus) / (2 * group["eps"]) for group in manual.param_groups]
+    manual.apply_projected_grad(seed, torch.stack(grads) if as_tensor else [g.item() for g in grads])
+
+    (a2, frozen2, b2), groups2, closure2, _ = _problem()
+    fused = ZOSGD(groups2, weight_decay=0.1, seed=4)
+    fused.step(closure2)
+    torch.testing.assert_close(a.detach(), a2.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.detach(), b2.detach(), atol=1e-6, rtol=0)
+    assert not torch.equal(b.detach(), before[1])
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,rule",
+    [(ZOSGD, dict(momentum=0.9), "momentum"), (ZOAdam, {}, "Adam"), (ZOSignSGD, {}, "its sign")]
+    + [(ZOConservative, {}, "the conservative choice")],
+)
+def test_apply_projected_grad_is_refused_where_the_step_updates_by_another_rule(cls, kwargs, rule):
+    """It applies ZO-SGD's update; these optimizers' steps do not (Adam once moved every weight by g z / ~1e3)."""
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = cls([a, b], seed=0, **kwargs)
+    before = [p.detach().clone() for p in (a, b)]
+    with pytest.raises(NotImplementedError, match=f"this {cls.__name__} updates by {rule}"):
+        opt.apply_projected_grad(opt.new_seed(), 0.5)
+    assert all(torch.equal(p, q) for p, q in zip((a, b), before)) and not opt.state
 
 
 def test_the_exact_mode_under_torch_compile_sees_the_perturbation_of_each_evaluation():

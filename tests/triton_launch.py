@@ -10,6 +10,7 @@ the compiled kernels' specialisations as JSON.
 """
 
 import collections
+import contextlib
 import json
 import os
 import warnings
@@ -55,9 +56,25 @@ LAUNCHES: collections.Counter[str] = collections.Counter()
 _run = JITFunction.run
 
 
+GUARDED: list[torch.device] = []  # the devices of the options.on_device blocks open
+_on_device = options.on_device
+
+
+@contextlib.contextmanager
+def _recorded_on_device(device):
+    GUARDED.append(device)
+    try:
+        with _on_device(device):
+            yield
+    finally:
+        GUARDED.pop()
+
+
 def _compile_only(self, *args, grid, warmup, **kwargs):
     missing = {k: v for k, v in options.LAUNCH.items() if kwargs.get(k) != v}
     assert not missing, f"{self.fn.__name__} launched without kernels/options.py's {missing}"
+    # Triton launches on the current CUDA device: without the guard, tensors on cuda:1 with cuda:0 current.
+    assert GUARDED, f"{self.fn.__name__} launched outside kernels/options.on_device(its tensors' device)"
     kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
     assert kernel is not None and kernel.asm["cubin"], self.fn.__name__
     LAUNCHES[self.fn.__name__] += 1
@@ -67,6 +84,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 def route_cpu_tensors_to_compiled_triton() -> None:
     driver.set_active(StandInH100())
     JITFunction.run = _compile_only
+    options.on_device = _recorded_on_device
     for module in (zo_pass, ldsd_pass, zopro_pass):  # the GPU's tile sizes (copy_pass takes zo_pass's)
         module.INTERPRETER_BLOCK = module.GPU_BLOCK
     # zokern offers triton for CPU tensors only when interpreted. Every kernel module is imported above, before

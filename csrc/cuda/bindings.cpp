@@ -107,8 +107,10 @@ void zo_copy_pass_cuda(at::TensorList out, at::TensorList sources, at::IntArrayR
                     sources[k].numel() == out[k].numel(),
                 "zo_copy_pass_: out[", k, "] and sources[", k,
                 "] must be contiguous tensors of one dtype and size on one CUDA device");
-    TORCH_CHECK(bases[k] >= 0 && bases[k] <= INT64_MAX - out[k].numel(), "zo_copy_pass_: bases[", k,
-                "] + numel must lie in [0, 2^63)");
+    // As the CPU ops check it: the last element's index, base + numel - 1, may be 2^63 - 1.
+    TORCH_CHECK(bases[k] >= 0 && (out[k].numel() == 0 || out[k].numel() - 1 <= INT64_MAX - bases[k]),
+                "zo_copy_pass_: bases[", k, "] = ", bases[k], " with numel ", out[k].numel(),
+                " leaves the stream's index range [0, 2^63)");
     if (out[k].numel() > 0) {
       spans.push_back({out[k].data_ptr(), sources[k].const_data_ptr(), out[k].numel(), bases[k]});
     }

@@ -95,6 +95,9 @@ class ZOAdam(ZOSGD):
     def _state_keys(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
+    def _own_update_rule(self) -> str | None:
+        return "Adam"
+
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
         self._perturb(probes[-1], self._restore_scale())

@@ -176,6 +176,21 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._check_hyperparameters(group)
+        self._check_group_keys(group)
+        first_index: dict[int, int] = {}
+        for k, p in enumerate(group["params"]):
+            j = first_index.setdefault(id(p), k)
+            if j != k:  # torch.optim only warns; a step would then fail on every call
+                raise ValueError(f"params[{j}] and params[{k}] are the same parameter; each must appear once")
+            # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
+            # weights) are never touched; they only hold their place in the stream.
+            if p.requires_grad and not _writable(p):
+                _reject_parameter(f"params[{k}]", p)
+
+    def _check_group_keys(self, group: dict[str, Any]) -> None:
+        """Keys this optimizer would keep and ignore: a whole-run option set on one group, another optimizer's
+        setting. Checked at construction, on load and before each step (a momentum warm-up that sets
+        ``group['momentum']`` between steps would otherwise train without it)."""
         misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
         if misplaced:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
             raise ValueError(
@@ -191,15 +206,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"{', '.join(foreign)} {'is not an option' if len(foreign) == 1 else 'are not options'} of "
                 f"{type(self).__name__}'s param groups (it takes {', '.join(sorted(understood - {'params'}))})"
             )
-        first_index: dict[int, int] = {}
-        for k, p in enumerate(group["params"]):
-            j = first_index.setdefault(id(p), k)
-            if j != k:  # torch.optim only warns; a step would then fail on every call
-                raise ValueError(f"params[{j}] and params[{k}] are the same parameter; each must appear once")
-            # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
-            # weights) are never touched; they only hold their place in the stream.
-            if p.requires_grad and not _writable(p):
-                _reject_parameter(f"params[{k}]", p)
 
     def _understood_group_keys(self) -> set[str]:
         return {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
@@ -219,7 +225,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             # Values equal to the last valid ones (types included: a tensor lr is refused) need no new check, which
             # costs about 1.5 us a group: per-tensor groups would add half a millisecond to every step.
-            values = tuple(map(_typed, map(group.get, keys)))
+            watched = sorted(group.keys() & _WATCHED_GROUP_KEYS)
+            values = (*map(_typed, map(group.get, keys)), *watched, *(_typed(group[k]) for k in watched))
             try:
                 if values == checked[g]:
                     continue
@@ -227,6 +234,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 pass
             try:
                 self._check_hyperparameters(group)
+                self._check_group_keys(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"param group {g}: {e}") from None
             checked[g] = values
@@ -302,8 +310,11 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _check_state_shapes(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:
         """Each state still fits its parameter, whose ``.data`` may have been replaced since the state was built:
-        reshaped with its elements (same numel) the state follows, row-major like the stream; resized (a grown
-        embedding) the step is refused before any pass, where it would update some parameters and then fail."""
+        moved to another device (``model.to(device)`` moves parameters, not optimizer states) the state follows, as
+        float32 and contiguous as the kernels read it (the fused LDSD passes read states by address: on another
+        device that is an illegal access, not an error); reshaped with its elements (same numel) it follows,
+        row-major like the stream; resized (a grown embedding) the step is refused before any pass, where it would
+        update some parameters and then fail."""
         keys = self._state_keys()
         if not keys:
             return
@@ -314,8 +325,15 @@ class ZOOptimizer(torch.optim.Optimizer):
                     continue
                 for key in keys:
                     value = state.get(key)
-                    if value is None or not isinstance(value, torch.Tensor) or value.shape == p.shape:
+                    if value is None or not isinstance(value, torch.Tensor):
                         continue  # (not a tensor: refused by load_state_dict, or put there by hand)
+                    if value.device != p.device or value.dtype != torch.float32 or not value.is_contiguous():
+                        with torch.inference_mode(False):  # as new_state: states the steps can update in any mode
+                            value = state[key] = value.to(
+                                device=p.device, dtype=torch.float32, memory_format=torch.contiguous_format
+                            )
+                    if value.shape == p.shape:
+                        continue
                     if value.numel() == p.numel():
                         state[key] = value.view(p.shape)
                         continue
@@ -905,9 +923,23 @@ class ZOOptimizer(torch.optim.Optimizer):
             rounding=self.rounding,
         )
 
+    @contextlib.contextmanager
+    def _hooks_run_here(self, kind: str) -> Iterator[list[Callable]]:
+        """Hooks that torch.optim would run inside its state_dict or load_state_dict, taken out for the call and
+        handed to zokern's own, which runs them where they see the whole of zokern's state dict (its ``zo`` entry)
+        and the loaded run (its float32 states, its step count): as hooks of a torch.optim optimizer see it."""
+        name = f"_optimizer_{kind}_hooks"
+        hooks = getattr(self, name)
+        setattr(self, name, type(hooks)())
+        try:
+            yield list(hooks.values())
+        finally:
+            setattr(self, name, hooks)
+
     def state_dict(self) -> dict[str, Any]:
         self.materialize()
-        state = super().state_dict()
+        with self._hooks_run_here("state_dict_post") as post_hooks:
+            state = super().state_dict()
         state["zo"] = dict(
             base_seed=self.base_seed,
             steps_taken=self.steps_taken,
@@ -917,6 +949,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             options=self.options(),
             numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
         )
+        for hook in post_hooks:
+            returned = hook(self, state)
+            if returned is not None:
+                state = returned
         return state
 
     def _check_loadable(self, zo: dict[str, Any], state_dict: dict[str, Any]) -> None:
@@ -970,6 +1006,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # records of steps before the load count before it, not on top of the loaded count
         state_dict = dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):  # what they return is what loads
+            returned = hook(self, state_dict)
+            if returned is not None:
+                state_dict = dict(returned)
         zo = state_dict.pop("zo", None)
         if zo is None:
             raise ValueError("not a zokern optimizer state dict: it has no 'zo' entry")
@@ -988,7 +1028,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             for g in state_dict["param_groups"]
         ]
         self._check_loadable(zo, state_dict)
-        super().load_state_dict(state_dict)
+        with self._hooks_run_here("load_state_dict_pre"), self._hooks_run_here("load_state_dict_post") as post_hooks:
+            super().load_state_dict(state_dict)
         # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
         # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), contiguous, as its kernels
         # read them: a state dict whose states were cast (to save space, say) or transposed comes back so.
@@ -1004,6 +1045,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
+        for hook in post_hooks:
+            hook(self)
 
 
 def _loading(state: dict[str, Any]) -> bool:
@@ -1027,6 +1070,7 @@ _WHOLE_RUN_OPTIONS = frozenset(
 # that carries them with a meaning it does not have is refused rather than silently trained otherwise.
 _ZOKERN_GROUP_KEYS = frozenset({"sigma", "mu_lr", "betas", "adam_eps"})
 _FOREIGN_GROUP_KEYS = _ZOKERN_GROUP_KEYS | {"maximize", "amsgrad"}
+_WATCHED_GROUP_KEYS = _WHOLE_RUN_OPTIONS | _FOREIGN_GROUP_KEYS  # whose presence or value a step checks again
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})

@@ -220,7 +220,7 @@ class LDSD(ZOOptimizer):
 
     def _row(self, position, group: dict[str, Any], device: torch.device) -> torch.Tensor:
         """The coefficients [mu, xi_1..xi_K] of theta's displacement eps (u_0 mu + sigma sum_i u_i xi_i)."""
-        eps, sigma = group["eps"], group["sigma"]
+        eps, sigma = float(group["eps"]), float(group["sigma"])  # numpy scalars too
         if isinstance(position, list):
             return to_device([eps * position[0], *(eps * sigma * u for u in position[1:])], device, torch.float32)
         scale = torch.full_like(position, eps * sigma)

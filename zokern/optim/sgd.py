@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -194,24 +195,51 @@ class ZOSGD(ZOOptimizer):
         probes = options["n_probes"]
         return probes + 1 if options["one_sided"] else 2 * probes
 
-    def apply_projected_grad(self, seed: int, projected_grad: float) -> None:
-        """theta <- theta - lr * (projected_grad * z(seed) + weight_decay * theta) in every group, one pass: the
-        update of a step whose estimate the caller formed (with :meth:`new_seed` and :meth:`perturbed`). Not
-        recorded in the trajectory: replay covers steps taken with :meth:`step`. ``projected_grad`` may be a
-        one-element tensor (read on the device, no host sync; a non-finite one leaves theta as it is)."""
-        if isinstance(projected_grad, torch.Tensor):
-            if projected_grad.numel() != 1 or not projected_grad.is_floating_point():
-                raise ValueError(
-                    f"projected_grad must be a number or a one-element floating tensor, got shape "
-                    f"{tuple(projected_grad.shape)} and dtype {projected_grad.dtype}"
-                )
-            g = projected_grad.detach().reshape(()).float()
-        else:
-            g = _check_number("projected_grad", projected_grad, None, False)
+    def apply_projected_grad(self, seed: int, projected_grad: float | Sequence[float] | torch.Tensor) -> None:
+        """theta <- theta - lr * (g * z(seed) + weight_decay * theta) in every group, one pass: ZO-SGD's update of a
+        step whose estimate the caller formed (with :meth:`new_seed` and :meth:`perturbed`). ``projected_grad`` is g,
+        one value for every group or one per param group (each group perturbs with its own eps, so its g is
+        (L+ - L-) / (2 eps) with that eps; one value is refused when the groups' eps differ): numbers, or a tensor
+        with one element or one per group (read on the device, no host sync; a non-finite value leaves theta as it
+        is). Not recorded in the trajectory: replay covers steps taken with :meth:`step`. Optimizers whose step
+        updates by another rule (momentum, Adam, sign, the conservative choice) refuse it."""
+        rule = self._own_update_rule()
+        if rule is not None:
+            raise NotImplementedError(
+                f"apply_projected_grad applies ZO-SGD's update, but this {type(self).__name__} updates by {rule}: "
+                "drive it with step(closure)"
+            )
+        grads = self._projected_grads(projected_grad)
         self._refuse_nested("apply_projected_grad")
         self._check_groups_hyperparameters()
+        if len(grads) == 1 and len({group["eps"] for group in self.param_groups}) > 1:
+            raise ValueError(
+                "the param groups' eps differ, so their projected gradients (L+ - L-) / (2 eps) do: pass one per "
+                "param group"
+            )
         self.materialize()
-        self._restore_update(seed, 0.0, lambda group: g)
+        by_group = {id(group): grads[k % len(grads)] for k, group in enumerate(self.param_groups)}
+        self._restore_update(seed, 0.0, lambda group: by_group[id(group)])
+
+    def _own_update_rule(self) -> str | None:
+        """How step() updates theta when it is not ZO-SGD's rule (which apply_projected_grad applies)."""
+        return "momentum" if self.momentum else None
+
+    def _projected_grads(self, projected_grad: Any) -> list:
+        """apply_projected_grad's argument: one g (a float or one-element float32 tensor) or one per param group."""
+        groups = len(self.param_groups)
+        if isinstance(projected_grad, torch.Tensor):
+            if projected_grad.numel() not in (1, groups) or not projected_grad.is_floating_point():
+                raise ValueError(
+                    f"projected_grad must be a number, one per param group, or a floating tensor of 1 or {groups} "
+                    f"elements, got shape {tuple(projected_grad.shape)} and dtype {projected_grad.dtype}"
+                )
+            return list(projected_grad.detach().reshape(-1).float().unbind())
+        if isinstance(projected_grad, (list, tuple)):
+            if len(projected_grad) != groups:
+                raise ValueError(f"projected_grad has {len(projected_grad)} values, not one per param group ({groups})")
+            return [_check_number(f"projected_grad[{k}]", g, None, False) for k, g in enumerate(projected_grad)]
+        return [_check_number("projected_grad", projected_grad, None, False)]
 
     # ------------------------------------------------------------------------------------------------ estimate
 
@@ -355,6 +383,9 @@ class ZOSignSGD(ZOSGD):
     _MERGES = False
     _GRAPHS = False
 
+    def _own_update_rule(self) -> str | None:
+        return "its sign"
+
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes, diffs, loss, _ = self._estimate(seed, evaluate)
         self._perturb(probes[-1], self._restore_scale())
@@ -397,6 +428,9 @@ class ZOConservative(ZOSGD):
     @classmethod
     def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
         return 4 if record.get("accepted") == "descent" else 5  # L0, L+, L-, then one or both candidates
+
+    def _own_update_rule(self) -> str | None:
+        return "the conservative choice among candidates"
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         (probe,), (diff,), _, (loss_at_theta,) = self._estimate(seed, evaluate, leading=(evaluate(),))
