@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import threading
 
 import pytest
 import torch
@@ -379,3 +381,42 @@ def test_another_optimizer_over_the_same_parameters_reads_the_true_parameters():
         opt.materialize()
         runs.append(_params(model))
     _assert_close(*runs)
+
+
+def test_merged_steps_of_two_optimizers_in_two_threads_take_each_perturbation_back_once():
+    """Each model's forward runs every pending lookahead's global hook, the other thread's too: taking a perturbation
+    back raced with its owner claiming it (taken back twice, or claimed after it was taken back: theta off by eps z,
+    or an exception from the other thread). With lr = 0 both models end where they started, as run one after the
+    other. Thread switches are made frequent so that an unguarded hand-over is hit (in about half the trials)."""
+    x, y = torch.randn(32, 256), torch.randn(32, 1)
+    switch_interval, intra_op_threads = sys.getswitchinterval(), torch.get_num_threads()
+    sys.setswitchinterval(1e-6)
+    torch.set_num_threads(1)
+    try:
+        for _ in range(5):
+            runs, errors = [], []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 1))
+                opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-2, seed=seed, merge_steps=True)
+                runs.append((model, opt, [p.detach().clone() for p in model.parameters()]))
+
+            def train(model, opt, errors=errors):
+                try:
+                    for _ in range(150):
+                        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+                    opt.materialize()
+                except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+                    errors.append(e)
+
+            threads = [threading.Thread(target=train, args=run[:2]) for run in runs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert not errors, errors
+            for model, _, start in runs:
+                assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), start)) < 1e-5
+    finally:
+        sys.setswitchinterval(switch_interval)
+        torch.set_num_threads(intra_op_threads)

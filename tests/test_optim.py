@@ -1229,3 +1229,36 @@ def test_the_exact_mode_under_torch_compile_sees_the_perturbation_of_each_evalua
 
     torch._dynamo.reset()
     assert losses(compiled=True) == losses(compiled=False)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(merge_steps=True), dict(momentum=0.9)])
+def test_a_step_inside_an_autocast_region_evaluates_each_point_afresh(kwargs):
+    """Autocast keeps its bf16 copies of float32 parameters until its outermost region exits: a loop wrapped in one
+    evaluated every point of a step with the first evaluation's copies (L+ = L-, g = 0, no training). Stepped inside
+    the region, the run is the one with autocast inside the closure; a forward after the step sees the update."""
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+
+    def run(region_outside: bool) -> tuple[list, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-2, seed=1, **kwargs)
+
+        def closure():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return torch.nn.functional.mse_loss(model(x).float(), y)
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=region_outside):
+            for _ in range(5):
+                opt.step(closure)
+            seed = opt.new_seed()
+            with opt.perturbed(seed, +1):
+                plus = closure()
+            with opt.perturbed(seed, -1):
+                minus = closure()
+            after = closure()  # in the region the steps ran in
+        return [r["losses"] for r in opt.trajectory] + [[plus.item(), minus.item()]], after, closure()
+
+    inside, outside = run(False), run(True)
+    assert all(len(set(losses)) == 2 for losses in inside[0])
+    assert inside[0] == outside[0]
+    assert torch.equal(outside[1], outside[2])  # as a new region computes it

@@ -561,6 +561,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._busy = True
         try:
             self._perturb(seed, scale)
+            torch.clear_autocast_cache()  # casts of theta made in an autocast region around the block (_evaluate)
             if self._exact_now:
                 view = self._perturbed_view()
                 with view:
@@ -571,6 +572,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         finally:
             self._busy = False
             self._undo_displacement()
+            torch.clear_autocast_cache()
 
     def _perturbed_view(self) -> PerturbedView:
         uses = {
@@ -655,6 +657,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._record(seed, self._losses if losses is None else losses, fields)
             self._unsettled.append(PendingRecord(self._trajectory[-1]))
         finally:
+            torch.clear_autocast_cache()  # the updated parameters, for forwards after the step in the same region
             hold, self._update_hold = self._update_hold, None
             hold.__exit__(None, None, None)  # a Ctrl-C held since the update is raised now, the step recorded
         if failed:
@@ -751,6 +754,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _evaluate(self, closure: Closure) -> torch.Tensor:
         """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
         view = self._perturbed_view() if self._exact_now else None
+        # Autocast keeps its low-precision copies of the parameters until the outermost autocast region exits: a step
+        # run inside one would evaluate every point with the first evaluation's copies (L+ = L-, g = 0).
+        torch.clear_autocast_cache()
         try:
             if view is not None:
                 with view:

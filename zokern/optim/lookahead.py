@@ -29,6 +29,7 @@ taken back with it.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -48,17 +49,23 @@ Chunks = list[tuple[list[torch.Tensor], list[int], float]]
 # The lookaheads with a perturbation pending: a step of any zokern optimizer takes the others' back first.
 _PENDING: weakref.WeakSet[Lookahead] = weakref.WeakSet()
 
+# Held while a lookahead's perturbation changes hands (set, claimed, taken back). The forward hook is global, so a
+# model's forward in one thread takes back a perturbation that a step in another thread may be claiming or taking
+# back itself: without the lock it was taken back twice, or claimed after it was taken back (theta off by eps z).
+_LOCK = threading.RLock()
+
 
 def take_back_others(mine: Lookahead, params: Callable[[], list[torch.Tensor]]) -> None:
     """Take back every pending perturbation but ``mine`` that holds one of ``params()``: another optimizer's step is
     about to read them (its closure may do so directly, where no forward hook sees it) and write them."""
-    others = [other for other in _PENDING if other is not mine]
-    if not others:
-        return
-    ids = {id(p) for p in params()}
-    for other in others:
-        if any(id(p) in ids for chunk, _, _ in other._chunks for p in chunk):
-            other.materialize()
+    with _LOCK:
+        others = [other for other in _PENDING if other is not mine]
+        if not others:
+            return
+        ids = {id(p) for p in params()}
+        for other in others:
+            if any(id(p) in ids for chunk, _, _ in other._chunks for p in chunk):
+                other.materialize()
 
 
 class Lookahead:
@@ -93,21 +100,23 @@ class Lookahead:
     def set(self, seed: int, chunks: Chunks, pass_kwargs: dict[str, Any]) -> None:
         """Record that the parameters now hold theta + alpha z(seed) per chunk (written by passes with
         ``pass_kwargs``: distribution, backend), and watch for reads."""
-        self.seed, self._chunks, self._pass_kwargs = seed, list(chunks), dict(pass_kwargs)
-        self._versions = [_versions(params) for params, _, _ in chunks]
-        _PENDING.add(self)
-        if self._forward_hook is None:
-            self._forward_hook = register_module_forward_pre_hook(_eager(self.materialize))
+        with _LOCK:
+            self.seed, self._chunks, self._pass_kwargs = seed, list(chunks), dict(pass_kwargs)
+            self._versions = [_versions(params) for params, _, _ in chunks]
+            _PENDING.add(self)
+            if self._forward_hook is None:
+                self._forward_hook = register_module_forward_pre_hook(_eager(self.materialize))
 
     def claim(self, seed: int, chunks: Chunks) -> bool:
         """At the start of a step: whether the pending perturbation is exactly ``chunks`` of z(seed), the step's first
         perturbation, which then needs no pass. Any other pending perturbation is taken back first."""
-        matches = self.pending and self.seed == seed and _same(self._chunks, chunks)
-        if matches:
-            self._clear()
-        else:
-            self.materialize()
-        return matches
+        with _LOCK:
+            matches = self.pending and self.seed == seed and _same(self._chunks, chunks)
+            if matches:
+                self._clear()
+            else:
+                self.materialize()
+            return matches
 
     def materialize(self, *_hook_args) -> None:
         """Take the pending perturbation back (one pass per chunk): the parameters hold theta again."""
@@ -119,6 +128,10 @@ class Lookahead:
         self._take_back(skip_loaded=True)
 
     def _take_back(self, skip_loaded: bool) -> None:
+        with _LOCK:
+            self._take_back_locked(skip_loaded)
+
+    def _take_back_locked(self, skip_loaded: bool) -> None:
         if not self.pending:
             return
         try:
@@ -133,6 +146,7 @@ class Lookahead:
                         ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
                                      **self._pass_kwargs)  # fmt: skip
                     del self._chunks[0], self._versions[0]
+            torch.clear_autocast_cache()  # autocast's copies of theta + eps z, made in a region still open
         except (TypeError, ValueError) as e:
             self._unhook()  # every module's forward would raise it again, the model's or not
             raise type(e)(
@@ -142,9 +156,10 @@ class Lookahead:
         self._clear()
 
     def _clear(self) -> None:
-        self.seed, self._chunks, self._versions = None, [], []
-        _PENDING.discard(self)
-        self._unhook()
+        with _LOCK:
+            self.seed, self._chunks, self._versions = None, [], []
+            _PENDING.discard(self)
+            self._unhook()
 
     def _unhook(self) -> None:
         if self._forward_hook is not None:
