@@ -184,6 +184,31 @@ def test_nested_perturbed_blocks_and_an_update_inside_one_are_refused():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "seed,scale,exc,match",
+    [
+        (2**64 + 5, 1.0, ValueError, r"seed must be in \[0, 2\^63\)"),
+        (-1, 1.0, ValueError, r"seed must be in \[0, 2\^63\)"),
+        (1.5, 1.0, TypeError, r"seed must be an integer"),
+        (3, 1e42, ValueError, r"scale \* eps must be finite in float32"),
+    ],
+)
+def test_perturbed_checks_its_seed_and_scale_before_anything(backend, dtype, seed, scale, exc, match):
+    """As the in-place passes check them: in the exact mode (bf16's default) the copy pass took the seed as it was
+    (2^64 + 5 wrapped to 5 on the torch backend) and a scale * eps beyond float32 made the loss NaN."""
+    w = torch.nn.Parameter(torch.randn(5).to(dtype))
+    start = w.detach().clone()
+    opt = ZOSGD([w], lr=0.1, eps=1e-3, backend=backend)
+    with pytest.raises(exc, match=match):
+        with opt.perturbed(seed, scale):
+            w.pow(2).sum()
+    assert torch.equal(w.detach(), start)
+    with opt.perturbed(opt.new_seed()):  # the optimizer goes on
+        w.float().pow(2).sum()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_an_ldsd_final_pass_that_fails_leaves_theta_restored_and_adam_counts_unchanged(backend, monkeypatch):
     a, b = _pair()
     opt = LDSD([a, b], lr=0.1, eps=1e-2, seed=1, k=2, update="adam", backend=backend)

@@ -215,6 +215,8 @@ def _bare_direction(n: int) -> ZOPrODirection:
         ("ok", [0, 2**63], ValueError, r"offsets\[1\] must be in"),
         ("ok", [0, 1.5], TypeError, r"offsets\[1\] must be an integer"),
         ("ok", [0, 3, 9], ValueError, "offsets has 3 entries for 2 tensors"),
+        ("seed", [0, 3], ValueError, r"seed must be in \[0, 2\^63\)"),  # the torch backend wrapped it mod 2^64
+        ("alpha", [0, 3], ValueError, r"alpha must be finite in float32"),
     ],
 )
 def test_direction_refuses_bad_tensors_and_offsets_before_writing(backend, bad, offsets, exc, match):
@@ -226,8 +228,9 @@ def test_direction_refuses_bad_tensors_and_offsets_before_writing(backend, bad, 
         second = _randn(5, 4).float().to(DEVICE)
         tensors = [first, second.t() if bad == "transposed" else second]
     before = [t.clone() for t in tensors]
+    seed, alpha = 2**64 + 1 if bad == "seed" else 1, math.inf if bad == "alpha" else 0.1
     with pytest.raises(exc, match=match):
-        _bare_direction(2).apply_(tensors, offsets, seed=1, alpha=0.1, backend=backend)
+        _bare_direction(2).apply_(tensors, offsets, seed=seed, alpha=alpha, backend=backend)
     assert all(torch.equal(t, b) for t, b in zip(tensors, before))
 
 

@@ -552,8 +552,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         the block raises. ``with opt.perturbed(seed, +1): loss_plus = f()``. In exact mode the parameters are
         not written: ops inside the block see the perturbed values (see zokern.optim.exact)."""
         _check_number("scale", scale, None, False)
+        seed = ops._check_index("seed", seed)  # the exact mode's copy pass takes it unchecked (it wrapped mod 2^64)
         self._refuse_nested("perturbed")
         self._check_groups_hyperparameters()
+        for group in self.param_groups:
+            ops._check_real("scale * eps", scale * group["eps"])
         take_back_others(self._lookahead, self._trainable)
         self.materialize()
         self._exact_now = self.exact()

@@ -94,6 +94,7 @@ class ZOPrODirection:
         """Per tensor, (a_p, ||n_p||^2) = (vhat_p . n_p, n_p . n_p) for the Gaussian stream of ``seed``: one fused
         reduction pass over the stream and vhat (float64 sums), never a whole tensor of the stream at once."""
         offsets = self._check(tensors, offsets)
+        seed = ops._check_index("seed", seed)  # the reference masks it to 64 bits: out of range, it would wrap
         out: list[tuple[float, float]] = [(0.0, 0.0)] * len(tensors)
         for device, indices in _by_device(tensors).items():
             impl = _impl(device, backend, "zopro_reduce")
@@ -144,6 +145,7 @@ class ZOPrODirection:
         materialised. The reductions of a seed are remembered, since a ZO step moves along the same z several
         times."""
         offsets = self._check(tensors, offsets, written=True)
+        seed, alpha = ops._check_index("seed", seed), ops._check_real("alpha", alpha)
         # The sums depend on the sizes too where no mu or vhat pins a tensor's shape.
         key = (seed, tuple(offsets), tuple(t.numel() for t in tensors), backend)
         if self._cached_key != key:
