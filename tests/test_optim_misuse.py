@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import warnings
 
 import pytest
 import torch
@@ -660,3 +661,17 @@ def test_loading_a_state_dict_keeps_the_optimizers_own_machinery():
         opt.load_state_dict(state)
     assert len(weakref.finalize._registry) == finalizers
     assert opt._graph is graph
+
+
+def test_an_optimizer_with_nothing_trainable_says_so_once():
+    """Built before peft.get_peft_model froze the base weights (and added the adapters it never saw), an optimizer
+    ran every step's forwards and changed nothing, silently."""
+    model = torch.nn.Linear(3, 1)
+    opt = ZOSGD(model.parameters(), lr=0.1)
+    model.requires_grad_(False)  # as get_peft_model does to the base model
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match=r"no parameter of this ZOSGD requires grad.*get_peft_model"):
+        opt.step(lambda: model(x).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(lambda: model(x).sum())  # once

@@ -126,6 +126,46 @@ def test_the_window_loss_weights_micro_batches_by_their_labelled_tokens(tmp_path
     assert sum(record["losses"]) / 2 == pytest.approx(whole, rel=1e-4)  # (L+ + L-)/2 = L(theta) + O(eps^2)
 
 
+class LabelledDataset(torch.utils.data.Dataset):
+    """Sequences with a class label: a sequence classifier's loss is a mean over its batch, whatever item count its
+    forward (which takes **kwargs) is handed."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = torch.randint(5, 64, (n, SEQ), generator=torch.Generator().manual_seed(4))
+        self.labels = (self.ids[:, 1] >= 34).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[k], "labels": self.labels[k]}
+
+
+def test_a_sequence_classifier_steps_on_the_window_mean_not_the_sum_of_its_micro_batch_means(tmp_path):
+    """Its forward accepts loss kwargs, so the Trainer passes the item count and adds the micro-batches' losses; the
+    loss ignores the count, so that sum was k means: a step (and logged loss) k times too large. The same examples
+    in one batch and in a window of two give the same step."""
+    config = transformers.RobertaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=SEQ + 4, num_labels=2, pad_token_id=1,
+    )  # fmt: skip
+    records = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        trainer = ZOTrainer(
+            model=transformers.RobertaForSequenceClassification(config),
+            args=arguments(
+                tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation
+            ),
+            train_dataset=LabelledDataset(8),
+            zo_optimizer_kwargs=dict(eps=1e-3, seed=0),
+        )
+        trainer.train()
+        records.append(trainer.zo_optimizer.trajectory[0])
+    assert records[1]["losses"] == pytest.approx(records[0]["losses"], rel=1e-5)
+    assert records[1]["projected_grad"] == pytest.approx(records[0]["projected_grad"], rel=1e-2, abs=1e-4)
+
+
 def test_one_process_on_several_gpus_averages_the_replicas_losses(tmp_path):
     """nn.DataParallel (args.n_gpu > 1) gathers one loss per GPU: averaged, as Trainer.training_step does."""
 

@@ -84,8 +84,12 @@ class ZOTrainer(Trainer):
     ``args.gradient_accumulation_steps`` = k makes one ZO step per k micro-batches, all evaluated under the same
     perturbation, their losses combined as the Trainer combines them: each divided by the window's item count
     (``num_items_in_batch``, which a model's loss or ``compute_loss_func`` takes: a micro-batch with few labelled
-    tokens counts for few), else each batch's mean divided by k. The forwards run with the model in eval mode
-    (dropout off), as MeZO's. The logged training loss is the steps' loss, as the optimizer's ``step`` returns it.
+    tokens counts for few), else each batch's mean divided by k. Whether a model's loss takes the count is told by
+    one micro-batch's loss with its count and with twice it, once per trainer: a head whose forward accepts
+    ``**kwargs`` but averages regardless (sequence classification) gets the mean, not the sum, of its k means
+    (``transformers.Trainer`` sums them: a first-order step k times too large). The forwards run with the model in
+    eval mode (dropout off), as MeZO's. The logged training loss is the steps' loss, as the optimizer's ``step``
+    returns it.
     ``args``' learning-rate schedule (warmup included) sets the ZO optimizer's lr. Its first-order optimizer
     arguments (``optim``, ``optim_args``, ``adam_*``, ``max_grad_norm``) and NEFTune's noise (added in train mode only)
     have no effect: a warning names any that are set, and no gradient norm is logged. With ``fp16=True`` on a GPU the
@@ -125,6 +129,7 @@ class ZOTrainer(Trainer):
         self._zo_cls = zo_optimizer_cls
         self._zo_kwargs = dict(zo_optimizer_kwargs or {})
         self._window: list[dict[str, Any]] = []
+        self._loss_takes_item_count: bool | None = None  # told by _takes_item_count at the first window of several
         self._static: _StaticWindow | None = None  # with a graph-capturing optimizer: the inputs its closure reads
         self._static_rebuilds = 0
         self._warned: set[str] = set()
@@ -216,6 +221,8 @@ class ZOTrainer(Trainer):
         was_training = model.training
         model.eval()
         try:
+            if len(window) > 1 and self._loss_takes_item_count is None:
+                self._loss_takes_item_count = self._takes_item_count(model, window[0])
             closure = None
             if getattr(self.zo_optimizer, "cuda_graph", False):
                 closure = self._static_closure(model, window)
@@ -257,6 +264,19 @@ class ZOTrainer(Trainer):
             self._warned.add(message)
             warnings.warn(message, UserWarning, stacklevel=3)
 
+    def _takes_item_count(self, model, batch: dict[str, Any]) -> bool:
+        """Whether the model's loss divides by ``num_items_in_batch`` (transformers' token-level losses: causal and
+        masked LM), rather than averaging over its batch whatever it is passed: its loss given twice the count is
+        then not the same. Two forwards, at the first window of several micro-batches."""
+        batch = dict(batch)
+        items = batch.pop(_NUM_ITEMS)
+        if not self.model_accepts_loss_kwargs or items is None or self.compute_loss_func is not None:
+            return False  # never passed a count, or a compute_loss_func's own affair: nothing to tell
+        with torch.no_grad(), self.compute_loss_context_manager():
+            once = self.compute_loss(model, dict(batch), num_items_in_batch=items)
+            twice = self.compute_loss(model, dict(batch), num_items_in_batch=items * 2)
+        return not torch.equal(once, twice)
+
     def _window_closure(self, model, window: list[dict[str, Any]]):
         def closure() -> torch.Tensor:
             total = None
@@ -271,7 +291,7 @@ class ZOTrainer(Trainer):
                         self._warn_once(sixteen_bit_loss_message("compute_loss", loss.dtype))
                     loss = loss.float()
                     # As Trainer.training_step: a loss that took the item count is already the window's share.
-                    if (not self.model_accepts_loss_kwargs or items is None) and self.compute_loss_func is None:
+                    if not self._loss_takes_item_count and self.compute_loss_func is None:
                         loss = loss / len(window)
                     total = loss if total is None else total + loss
             return total

@@ -117,6 +117,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._seen_disagreement = False  # whether a reduction read on the host found the ranks at different rounds
         self._exact_now = False
         self._warned_16bit_loss = False
+        self._warned_nothing_trainable = False
         self._checked_values: list[tuple | None] = []  # per group, the hyperparameters the last step found valid
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
         self._rows: Iterator[torch.Tensor] | None = None  # a CUDA graph's scalar rows, one per pass (graph.py)
@@ -616,6 +617,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._require_closure(closure)
         self._check_groups_hyperparameters()
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
+        if not self._warned_nothing_trainable and not any(tensors for _, tensors, _ in layout):
+            self._warned_nothing_trainable = True
+            warnings.warn(
+                f"zokern: no parameter of this {type(self).__name__} requires grad, so its steps evaluate the closure "
+                "and change nothing. Was it built before the parameters were frozen or replaced (an optimizer built "
+                "before peft.get_peft_model holds the frozen base weights)? Build it over the parameters to train",
+                UserWarning,
+                stacklevel=3,
+            )
         self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
         seed = self._advance_seed()  # each loss reduction checks the ranks agree on it (_reduce)
@@ -1133,7 +1143,8 @@ def _typed(value: Any) -> Any:
 def sixteen_bit_loss_message(source: str, dtype: torch.dtype) -> str:
     return (
         f"zokern: {source} returned a {str(dtype).removeprefix('torch.')} loss; L+ - L- is then quantised to its "
-        "spacing and often rounds to 0. Compute the loss in float32 (e.g. cross-entropy on logits.float())."
+        "spacing and often rounds to 0. Compute the loss in float32 (e.g. cross-entropy on logits.float()); casting "
+        "the 16-bit loss afterwards keeps its rounding."
     )
 
 
