@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import threading
 
@@ -420,3 +421,34 @@ def test_merged_steps_of_two_optimizers_in_two_threads_take_each_perturbation_ba
     finally:
         sys.setswitchinterval(switch_interval)
         torch.set_num_threads(intra_op_threads)
+
+
+def test_a_signal_handler_held_during_a_take_back_runs_after_its_lock(monkeypatch):
+    """A SIGTERM that arrives during the take-back pass reaches its handler once the pass is done: after the lock
+    that guards the hand-over is released, so that the handler may wait for a thread that saves a checkpoint
+    (whose state_dict takes the lock). It ran with the lock held: the checkpoint thread waited forever."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 1)
+    x = torch.randn(8, 16)
+    opt = ZOSGD(model.parameters(), lr=1e-3, eps=1e-3, seed=0, merge_steps=True)
+    opt.step(lambda: model(x).pow(2).mean())  # leaves theta + eps z pending
+    saved = []
+
+    def save_in_a_thread(signum, frame):
+        worker = threading.Thread(target=lambda: saved.append(opt.state_dict()), daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+
+    perturb = ops.perturb_
+
+    def perturb_during_which_sigterm_arrives(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return perturb(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGTERM, save_in_a_thread)
+    try:
+        monkeypatch.setattr(ops, "perturb_", perturb_during_which_sigterm_arrives)
+        opt.materialize()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(saved) == 1

@@ -534,6 +534,31 @@ def test_state_dict_hooks_see_and_change_what_a_torch_optimizer_s_would(cls, kwa
             assert torch.equal(resumed.state[p][key], torch.zeros(a.shape) if reset else opt.state[p][key] * 2)
 
 
+def test_hooks_registered_during_a_call_or_on_a_copy_stay_and_run_once():
+    """zokern runs these hooks itself; torch.optim's loop, inside zokern's call, must run none of them, while the
+    registries stay the optimizer's own: a hook a pre-hook registers runs in that very call and stays registered,
+    and a copy's hooks (registered on the copy: hooks stay with the original) run once, seeing the zo entry."""
+    (a, frozen, b), groups, closure, _ = _problem()
+    opt = ZOSGD(groups, seed=0, momentum=0.9)
+    opt.step(closure)
+    seen = []
+
+    def register_once(o):
+        if not o._optimizer_state_dict_post_hooks:
+            o.register_state_dict_post_hook(lambda o, sd: seen.append("zo" in sd))
+
+    opt.register_state_dict_pre_hook(register_once)
+    opt.state_dict()
+    opt.state_dict()
+    assert seen == [True, True] and len(opt._optimizer_state_dict_post_hooks) == 1
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        seen.clear()
+        copied.register_state_dict_post_hook(lambda o, sd: seen.append("zo" in sd))
+        copied.register_load_state_dict_post_hook(lambda o: seen.append(o.steps_taken))
+        copied.load_state_dict(copied.state_dict())
+        assert seen == [True, 1]
+
+
 def _shaped(state):
     """The keys of a parameter's state that hold tensors shaped like it."""
     return sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim())
@@ -792,6 +817,9 @@ def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losse
             r"param group 0: momentum is an option of the whole optimizer",
         ),
         (lambda ps: LDSD([{"params": ps, "k": 3}]), ValueError, r"k is an option of the whole optimizer"),
+        # Not this optimizer's at all: "pass it to the constructor" would send the user to a TypeError.
+        (lambda ps: ZOSGD([{"params": ps, "nesterov": True}]), ValueError, r"0: nesterov is not an option of ZOSGD$"),
+        (lambda ps: ZOSGD([{"params": ps, "k": 3}]), ValueError, r"k is not an option of ZOSGD$"),
         (lambda ps: ZOSGD([{"params": ps, "maximize": True}]), ValueError, r"maximize=True is not supported"),
         (
             lambda ps: ZOSGD([{"params": ps, "sigma": 0.5, "amsgrad": True}]),
@@ -1170,8 +1198,8 @@ def test_lower_level_pieces_compose_into_a_step():
         with_tensors.apply_projected_grad(seed, torch.ones(2))
 
 
-@pytest.mark.parametrize("as_tensor", [False, True])
-def test_lower_level_pieces_with_each_groups_eps_compose_into_a_step(as_tensor):
+@pytest.mark.parametrize("given_as", ["floats", "a tensor", "tensors"])
+def test_lower_level_pieces_with_each_groups_eps_compose_into_a_step(given_as):
     """Each group perturbs by its own eps, so its g is (L+ - L-) / (2 eps) with that eps: given one per group, the
     pieces make the step's update; one g for groups of different eps is refused (it would scale one group's update
     by the ratio of the eps)."""
@@ -1187,7 +1215,8 @@ def test_lower_level_pieces_with_each_groups_eps_compose_into_a_step(as_tensor):
         manual.apply_projected_grad(seed, (plus - minus) / 2e-3)
     assert all(torch.equal(p, q) for p, q in zip((a, b), before))
     grads = [(plus - minus) / (2 * group["eps"]) for group in manual.param_groups]
-    manual.apply_projected_grad(seed, torch.stack(grads) if as_tensor else [g.item() for g in grads])
+    given = {"floats": [g.item() for g in grads], "a tensor": torch.stack(grads), "tensors": grads}[given_as]
+    manual.apply_projected_grad(seed, given)  # "tensors": as docs/optim.md writes it, with f() returning tensors
 
     (a2, frozen2, b2), groups2, closure2, _ = _problem()
     fused = ZOSGD(groups2, weight_decay=0.1, seed=4)
@@ -1255,6 +1284,9 @@ def test_a_step_inside_an_autocast_region_evaluates_each_point_afresh(kwargs):
                 plus = closure()
             with opt.perturbed(seed, -1):
                 minus = closure()
+            if not kwargs:  # the update apply_projected_grad applies (ZO-SGD's) is seen by what follows too
+                closure()  # at theta: autocast's copies of it, which the update makes stale
+                opt.apply_projected_grad(seed, (plus - minus) / 2e-2)
             after = closure()  # in the region the steps ran in
         return [r["losses"] for r in opt.trajectory] + [[plus.item(), minus.item()]], after, closure()
 

@@ -212,6 +212,45 @@ def test_zopro_rejects_unsupported_settings():
     q.data = q.data.bfloat16()  # a model cast after its optimizer was built
     with pytest.raises(TypeError, match="float32"):
         opt.set_direction(ZOPrODirection([None], [None], 0.5))
+    # A group's weight decay, which its pass would record and not apply: refused wherever it comes from.
+    with pytest.raises(ValueError, match="param group 1: ZOPrO does not support weight_decay"):
+        ZOPrO([{"params": [p]}, {"params": [q], "weight_decay": 0.5}])
+    opt = ZOPrO([p])
+    with pytest.raises(ValueError, match="ZOPrO does not support weight_decay"):
+        opt.add_param_group({"params": [q], "weight_decay": 0.5})
+    opt.param_groups[0]["weight_decay"] = 0.5
+    with pytest.raises(ValueError, match="param group 0: ZOPrO does not support weight_decay"):
+        opt.step(lambda: p.sum())
+
+
+def test_zopro_trains_a_group_added_after_its_first_step_and_refuses_a_direction_that_no_longer_fits():
+    """Its per-group split of the direction was made once: an added group was left out of every pass."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(50, generator=g)), torch.nn.Parameter(torch.randn(50, generator=g))
+    opt = ZOPrO([a], lr=0.05, eps=1e-3, seed=0)
+    opt.step(lambda: (a**2).sum())
+    opt.add_param_group({"params": [b]})
+    before = b.detach().clone()
+    for _ in range(3):
+        opt.step(lambda: (a**2).sum() + (b**2).sum())
+    assert not torch.equal(b.detach(), before)
+    opt.set_direction(ZOPrODirection([None, torch.randn(50, generator=g)], [None, None], 0.5))
+    opt.step(lambda: (a**2).sum() + (b**2).sum())
+    b.requires_grad_(False)
+    with pytest.raises(ValueError, match="the direction set by set_direction no longer fits"):
+        opt.step(lambda: (a**2).sum())
+
+
+@pytest.mark.parametrize("grad", [torch.tensor(0.5), [torch.tensor(0.5)], torch.tensor(math.nan)])
+def test_zopro_applies_a_projected_gradient_given_as_a_tensor(grad):
+    """The direction's pass takes floats: a tensor g failed with an error about an alpha the caller never passed, and
+    a NaN one wrote NaN into every parameter (ZOSGD's leaves theta as it is)."""
+    a = torch.nn.Parameter(torch.randn(20, generator=torch.Generator().manual_seed(0)))
+    start = a.detach().clone()
+    opt = ZOPrO([a], lr=0.1, eps=1e-3, seed=0)
+    opt.apply_projected_grad(opt.new_seed(), grad)
+    value = grad[0] if isinstance(grad, list) else grad
+    assert torch.isfinite(a).all() and torch.equal(a.detach(), start) == bool(value.isnan())
 
 
 def test_zo_dpo_lowers_the_held_out_dpo_loss(world):

@@ -11,6 +11,8 @@ as they are), which re-runs exactly the same passes.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -26,6 +28,7 @@ from zokern import _reference
 from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
+from zokern.optim import _hooks
 from zokern.optim import seeds as seeds_
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim._pending import PendingRecord
@@ -123,6 +126,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._rows: Iterator[torch.Tensor] | None = None  # a CUDA graph's scalar rows, one per pass (graph.py)
         self.merge_steps = False  # set by optimizers that fold the next step's perturbation into their last pass
         self._lookahead = Lookahead()
+        _hooks.install(self)
         self._watch_lookahead()
         self._claimed = False  # whether this step's first perturbation was already applied by the last step
         self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
@@ -155,6 +159,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)  # new, empty hook dicts
         if _loading(state):
             return
+        _hooks.install(self)
         self._unsettled, self._rows = [], None
         self._step_chunks = self._step_prepared = None
         self._checked_values = []
@@ -193,10 +198,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         setting. Checked at construction, on load and before each step (a momentum warm-up that sets
         ``group['momentum']`` between steps would otherwise train without it)."""
         misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
-        if misplaced:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
+        taken = [k for k in misplaced if _constructor_takes(type(self), k)]
+        if taken:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
             raise ValueError(
-                f"{', '.join(misplaced)} {'is an option' if len(misplaced) == 1 else 'are options'} of the whole "
-                f"optimizer, not of a param group: pass {'it' if len(misplaced) == 1 else 'them'} to the constructor"
+                f"{', '.join(taken)} {'is an option' if len(taken) == 1 else 'are options'} of the whole "
+                f"optimizer, not of a param group: pass {'it' if len(taken) == 1 else 'them'} to the constructor"
+            )
+        if misplaced:  # another optimizer's (torch.optim.SGD's nesterov, LDSD's k on ZOSGD)
+            raise ValueError(
+                f"{', '.join(misplaced)} {'is not an option' if len(misplaced) == 1 else 'are not options'} of "
+                f"{type(self).__name__}"
             )
         understood = self._understood_group_keys()
         foreign = sorted(k for k in (group.keys() & _FOREIGN_GROUP_KEYS) - understood if group[k] is not False)
@@ -317,23 +328,25 @@ class ZOOptimizer(torch.optim.Optimizer):
         row-major like the stream; resized (a grown embedding) the step is refused before any pass, where it would
         update some parameters and then fail."""
         keys = self._state_keys()
-        if not keys:
-            return
         for g, (group, tensors, _) in enumerate(layout):
             for p in tensors:
                 state = self.state.get(p)
                 if not state:
                     continue
-                for key in keys:
-                    value = state.get(key)
-                    if value is None or not isinstance(value, torch.Tensor):
+                for key, value in list(state.items()):
+                    if not isinstance(value, torch.Tensor):
                         continue  # (not a tensor: refused by load_state_dict, or put there by hand)
-                    if value.device != p.device or value.dtype != torch.float32 or not value.is_contiguous():
+                    shaped = key in keys  # else a count (LDSD's Adam step), which keeps its dtype
+                    if value.device != p.device or (
+                        shaped and (value.dtype != torch.float32 or not value.is_contiguous())
+                    ):
                         with torch.inference_mode(False):  # as new_state: states the steps can update in any mode
                             value = state[key] = value.to(
-                                device=p.device, dtype=torch.float32, memory_format=torch.contiguous_format
+                                device=p.device,
+                                dtype=torch.float32 if shaped else value.dtype,
+                                memory_format=torch.contiguous_format if shaped else torch.preserve_format,
                             )
-                    if value.shape == p.shape:
+                    if not shaped or value.shape == p.shape:
                         continue
                     if value.numel() == p.numel():
                         state[key] = value.view(p.shape)
@@ -942,22 +955,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             rounding=self.rounding,
         )
 
-    @contextlib.contextmanager
-    def _hooks_run_here(self, kind: str) -> Iterator[list[Callable]]:
-        """Hooks that torch.optim would run inside its state_dict or load_state_dict, taken out for the call and
-        handed to zokern's own, which runs them where they see the whole of zokern's state dict (its ``zo`` entry)
-        and the loaded run (its float32 states, its step count): as hooks of a torch.optim optimizer see it."""
-        name = f"_optimizer_{kind}_hooks"
-        hooks = getattr(self, name)
-        setattr(self, name, type(hooks)())
-        try:
-            yield list(hooks.values())
-        finally:
-            setattr(self, name, hooks)
-
     def state_dict(self) -> dict[str, Any]:
         self.materialize()
-        with self._hooks_run_here("state_dict_post") as post_hooks:
+        with _hooks.quiet(self, "state_dict_post"):
             state = super().state_dict()
         state["zo"] = dict(
             base_seed=self.base_seed,
@@ -968,7 +968,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             options=self.options(),
             numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
         )
-        for hook in post_hooks:
+        for hook in list(self._optimizer_state_dict_post_hooks.values()):
             returned = hook(self, state)
             if returned is not None:
                 state = returned
@@ -1047,7 +1047,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             for g in state_dict["param_groups"]
         ]
         self._check_loadable(zo, state_dict)
-        with self._hooks_run_here("load_state_dict_pre"), self._hooks_run_here("load_state_dict_post") as post_hooks:
+        with _hooks.quiet(self, "load_state_dict_pre", "load_state_dict_post"):  # run here, before and after
             super().load_state_dict(state_dict)
         # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
         # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), contiguous, as its kernels
@@ -1064,8 +1064,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
-        for hook in post_hooks:
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
+
+
+@functools.cache
+def _constructor_takes(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes the keyword ``name``: its ``__init__``'s or, through ``**kwargs``, a base's."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters
+        if name in parameters:
+            return True
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return False
 
 
 def _loading(state: dict[str, Any]) -> bool:

@@ -52,13 +52,15 @@ _PENDING: weakref.WeakSet[Lookahead] = weakref.WeakSet()
 # Held while a lookahead's perturbation changes hands (set, claimed, taken back). The forward hook is global, so a
 # model's forward in one thread takes back a perturbation that a step in another thread may be claiming or taking
 # back itself: without the lock it was taken back twice, or claimed after it was taken back (theta off by eps z).
+# Signals are held outside it (``with held_interrupts(), _LOCK``): a handler that a pass held runs after the lock is
+# released, so that it may wait for a thread that reads the parameters (a checkpoint saved on SIGTERM).
 _LOCK = threading.RLock()
 
 
 def take_back_others(mine: Lookahead, params: Callable[[], list[torch.Tensor]]) -> None:
     """Take back every pending perturbation but ``mine`` that holds one of ``params()``: another optimizer's step is
     about to read them (its closure may do so directly, where no forward hook sees it) and write them."""
-    with _LOCK:
+    with held_interrupts(), _LOCK:
         others = [other for other in _PENDING if other is not mine]
         if not others:
             return
@@ -110,7 +112,7 @@ class Lookahead:
     def claim(self, seed: int, chunks: Chunks) -> bool:
         """At the start of a step: whether the pending perturbation is exactly ``chunks`` of z(seed), the step's first
         perturbation, which then needs no pass. Any other pending perturbation is taken back first."""
-        with _LOCK:
+        with held_interrupts(), _LOCK:
             matches = self.pending and self.seed == seed and _same(self._chunks, chunks)
             if matches:
                 self._clear()
@@ -128,7 +130,7 @@ class Lookahead:
         self._take_back(skip_loaded=True)
 
     def _take_back(self, skip_loaded: bool) -> None:
-        with _LOCK:
+        with held_interrupts(), _LOCK:
             self._take_back_locked(skip_loaded)
 
     def _take_back_locked(self, skip_loaded: bool) -> None:

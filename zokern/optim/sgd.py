@@ -220,6 +220,7 @@ class ZOSGD(ZOOptimizer):
         self.materialize()
         by_group = {id(group): grads[k % len(grads)] for k, group in enumerate(self.param_groups)}
         self._restore_update(seed, 0.0, lambda group: by_group[id(group)])
+        torch.clear_autocast_cache()  # autocast's copies of theta before the update (see base._evaluate)
 
     def _own_update_rule(self) -> str | None:
         """How step() updates theta when it is not ZO-SGD's rule (which apply_projected_grad applies)."""
@@ -238,8 +239,8 @@ class ZOSGD(ZOOptimizer):
         if isinstance(projected_grad, (list, tuple)):
             if len(projected_grad) != groups:
                 raise ValueError(f"projected_grad has {len(projected_grad)} values, not one per param group ({groups})")
-            return [_check_number(f"projected_grad[{k}]", g, None, False) for k, g in enumerate(projected_grad)]
-        return [_check_number("projected_grad", projected_grad, None, False)]
+            return [_projected_grad(f"projected_grad[{k}]", g) for k, g in enumerate(projected_grad)]
+        return [_projected_grad("projected_grad", projected_grad)]
 
     # ------------------------------------------------------------------------------------------------ estimate
 
@@ -466,3 +467,15 @@ def _folded(lookahead: int | None) -> dict[str, int]:
 def _scaled(coefficient: Callable[[dict[str, Any]], float], key: str, sign: float):
     """c(group) * sign * group[key]: turns a projected-gradient share into an update coefficient."""
     return lambda group: sign * group[key] * coefficient(group)
+
+
+def _projected_grad(name: str, value: Any) -> float | torch.Tensor:
+    """One g: a real number, or a one-element floating tensor (a loss difference left on the device)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be a number or a one-element floating tensor, got shape {tuple(value.shape)} and dtype "
+                f"{value.dtype}"
+            )
+        return value.detach().reshape(()).float()
+    return _check_number(name, value, None, False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,9 @@ class ZOPrO(ZOSGD):
         super().__init__(params, lr, eps, seed=seed, **kwargs)
         self._check_float32()  # here, not at the first step: a loop would have done its work before it
         self.direction: ZOPrODirection | None = None
+        self._own_direction = False  # whether self.direction is the built-in one, made over the trainable tensors
         self._per_group = []
+        self._per_group_sizes: list[int] = []  # the trainable tensors per group that _per_group was split for
 
     def _check_float32(self) -> None:
         for t in self._trainable():
@@ -54,20 +57,41 @@ class ZOPrO(ZOSGD):
         if direction is not None:
             self._check_float32()
             direction._check(self._trainable())
-        self.direction = direction
+        self.direction, self._own_direction = direction, False
         self._per_group: list[ZOPrODirection] = []
 
     def _group_directions(self) -> list[ZOPrODirection]:
-        """The direction split by param group (kept, so each group's reductions of a seed are computed once)."""
+        """The direction split by param group (kept, so each group's reductions of a seed are computed once), split
+        anew when the trainable tensors change (a group added, a parameter frozen): the built-in direction is made
+        over them again, one set by set_direction must fit them."""
+        sizes = [len(tensors) for _, tensors, _ in self._groups_layout()]
+        if sizes != self._per_group_sizes:
+            self._per_group = []
+            if self._own_direction:
+                self.direction = None
+            elif self.direction is not None:
+                try:
+                    self.direction._check(self._trainable())
+                except (TypeError, ValueError) as e:
+                    raise ValueError(
+                        f"the direction set by set_direction no longer fits the trainable parameters ({e}): a param "
+                        "group was added or a parameter frozen or unfrozen since; set a direction built over them"
+                    ) from None
         if not self._per_group:
             if self.direction is None:
-                n = len(self._trainable())
-                self.direction = ZOPrODirection([None] * n, [None] * n, 0.0)
+                n = sum(sizes)
+                self.direction, self._own_direction = ZOPrODirection([None] * n, [None] * n, 0.0), True
             index = 0
-            for _, tensors, _ in self._groups_layout():
-                self._per_group.append(_Subset(self.direction, index, len(tensors)))
-                index += len(tensors)
+            for size in sizes:
+                self._per_group.append(_Subset(self.direction, index, size))
+                index += size
+            self._per_group_sizes = sizes
         return self._per_group
+
+    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
+        super()._check_hyperparameters(group)
+        if group["weight_decay"]:  # the direction's pass has no decay term: a group's would be recorded, not applied
+            raise ValueError("ZOPrO does not support weight_decay")
 
     def _move(self, seed: int, alpha: Callable[[dict[str, Any]], float]) -> None:
         """theta_p += alpha(group of p) z_p(seed) for every trainable tensor."""
@@ -89,8 +113,13 @@ class ZOPrO(ZOSGD):
         self, seed: int, scale: float, coefficient: Callable[[dict[str, Any]], float], lookahead: None = None
     ) -> None:  # ZOPrO does not merge steps: lookahead is always None
         self._begin_update()
+        # The direction's pass takes float coefficients (ZOPrO's steps are host-side); a g that apply_projected_grad
+        # got as a tensor is read here, and a non-finite one restores without updating, as ops.restore_update_ does.
+        grads = {id(group): float(coefficient(group)) for group in self.param_groups}
+        if not all(map(math.isfinite, grads.values())):
+            grads = dict.fromkeys(grads, 0.0)
         with held_interrupts():
-            self._move(seed, lambda group: scale * group["eps"] - group["lr"] * coefficient(group))
+            self._move(seed, lambda group: scale * group["eps"] - group["lr"] * grads[id(group)])
             self._track(seed, lambda group: scale * group["eps"])
 
     def _add_directions(self, terms: list[tuple[int, Callable[[dict[str, Any]], float]]]) -> None:
