@@ -7,12 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("datasets")
 pytest.importorskip("vaderSentiment")
 
 from zokern.preference.data import SentimentJudge  # noqa: E402
 from zokern.preference.data import WordTokenizer  # noqa: E402
+from zokern.preference.data import judge_score  # noqa: E402
 from zokern.preference.data import load_rows  # noqa: E402
 from zokern.preference.data import make_demo_data  # noqa: E402
 
@@ -45,9 +47,32 @@ def test_the_judge_is_pluggable(tmp_path):
         def score(self, prompt, response):
             return float(len(response))
 
+        def __len__(self):  # a judge that is falsy (an empty cache, say) is still the judge, not VADER
+            return 0
+
     make_demo_data(tmp_path, seed=1, prompts=30, corpus=10, judge=Longer())
     for pair in _read(tmp_path / "preferences.jsonl"):
         assert len(pair["chosen"]) > len(pair["rejected"])
+
+
+@pytest.mark.parametrize(
+    "score,match",
+    [
+        (float("nan"), r"the judge Fixed scored '.*' \(prompt '.*'\) nan"),  # labelled pairs by always-false tests
+        (float("inf"), r"scored .* inf"),
+        ("0.5", r"scored '.*' with a str, expected a number"),  # ordered pairs lexicographically
+        (None, r"with a NoneType"),
+        ([0.5], r"with a list"),
+    ],
+)
+def test_a_judge_score_that_is_not_a_finite_number_is_refused_by_name(tmp_path, score, match):
+    class Fixed:
+        def score(self, prompt, response):
+            return score
+
+    with pytest.raises(ValueError, match=match):
+        make_demo_data(tmp_path, seed=1, prompts=10, corpus=10, judge=Fixed())
+    assert judge_score(type("Tensor", (), {"score": lambda self, p, r: torch.tensor(0.25)})(), "p", "r") == 0.25
 
 
 def test_load_rows_from_jsonl_parquet_and_saved_datasets(tmp_path):

@@ -4,6 +4,8 @@ by name."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import save_local_model
@@ -15,6 +17,7 @@ pytest.importorskip("vaderSentiment")
 
 from zokern import cli  # noqa: E402
 from zokern.preference import pipeline  # noqa: E402
+from zokern.preference.data import WordTokenizer  # noqa: E402
 from zokern.preference.local import load_local  # noqa: E402
 from zokern.preference.loop import LoopConfig  # noqa: E402
 
@@ -79,6 +82,29 @@ def test_demo_checks_the_trainable_set_before_any_training(tmp_path, monkeypatch
     assert "no parameter of the policy matches trainable='decoder'" in capsys.readouterr().err
     assert "reward model trained" not in seen
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_demo_of_a_local_model_keeps_a_hugging_face_tokenizer_in_out_and_refuses_the_model_directory(
+    tmp_path, monkeypatch, capsys
+):
+    """A run of a local model writes no tokenizer.json: it removes the demo's own from an earlier run, not the user's
+    (it deleted the model's, with --out the model directory, which then no longer loaded)."""
+    save_local_model(tmp_path / "gpt2", kind="gpt2")
+    _stub_training(monkeypatch, {})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    argv = ["demo", "--model", str(tmp_path / "gpt2"), "--out", str(run), "--methods", "mezo"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert json.loads((run / "tokenizer.json").read_text())["version"] == "1.0"
+    WordTokenizer.build(["a b c"]).save(run / "tokenizer.json")  # as an earlier demo run of its own policy left it
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert not (run / "tokenizer.json").exists()
+    before = sorted(p.name for p in (tmp_path / "gpt2").iterdir())
+    argv = ["demo", "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "gpt2"), "--methods", "mezo"]
+    assert cli.main(argv) == 2
+    assert "is the --model directory" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "gpt2").iterdir()) == before
 
 
 def test_loop_config_defaults_to_the_input_embedding():

@@ -166,6 +166,9 @@ def test_a_budget_below_one_step_is_refused(world):
         (dict(zo_lr=float("nan")), r"LoopConfig.zo_lr"),
         (dict(seed="1"), r"LoopConfig.seed"),
         (dict(trainable="("), r"LoopConfig.trainable: a regular expression"),
+        # Strings, which the CLI's checks parse: kept as strings, they failed deep in sampling.
+        (dict(temperature="0.7"), r"LoopConfig.temperature: expected a number, got str '0.7'"),
+        (dict(gamma0="0.5"), r"LoopConfig.gamma0: expected a number, got str"),
     ],
 )
 def test_bad_loop_settings_are_refused_by_name_before_any_record(world, settings, message):
@@ -179,6 +182,40 @@ def test_bad_loop_settings_are_refused_by_name_before_any_record(world, settings
         run("zopro", w["policy"], w["reward_model"], w["tokenizer"], w["train"], w["heldout"], w["judge"], config,
             log=logged.append)  # fmt: skip
     assert logged == []
+
+
+@pytest.mark.parametrize(
+    "prompts, response_length, message",
+    [
+        (("the movie was", None), 12, r"train_prompts: expected a non-empty list of prompts, got str"),
+        (([], None), 12, r"train_prompts: expected a non-empty list"),  # failed in torch after a record
+        ((None, []), 12, r"heldout_prompts: expected a non-empty list"),
+        ((["the movie was", ""], None), 12, r"train_prompts: every prompt must be a non-empty string, got ''"),
+        ((None, None), 63, r"a response of 63 tokens leaves no room for a prompt in the model's 64 positions"),
+    ],
+)
+def test_prompts_and_a_response_the_policy_cannot_hold_are_refused_before_any_record(
+    world, prompts, response_length, message
+):
+    w = world
+    train, heldout = (given if given is not None else w[k] for given, k in zip(prompts, ("train", "heldout")))
+    config, logged = LoopConfig(forwards=4, eval_prompts=2, rm_steps=1, response_length=response_length), []
+    with pytest.raises(ValueError, match=message):
+        run("mezo", w["policy"], w["reward_model"], w["tokenizer"], train, heldout, w["judge"], config, logged.append)
+    assert logged == []
+
+
+def test_texts_are_cut_to_the_models_positions_keeping_their_bos(world):
+    """The reward model's texts were cut to 48 positions whatever its table (a 24-position model failed after the
+    first record), and a cut text lost its <bos>."""
+    tokenizer, pairs = world["tokenizer"], world["pairs"]
+    ids, mask = batch_texts(tokenizer, ["a b c d e f g h"], 5)
+    assert ids[0].tolist() == [tokenizer.bos_id, *tokenizer.encode("f g h"), tokenizer.eos_id]
+    with pytest.raises(ValueError, match="max_length=2 leaves no room"):
+        batch_texts(tokenizer, ["a"], 2)
+    reward_model = new_reward_model(tokenizer, max_positions=12)
+    long_pairs = [dict(p, chosen=p["chosen"] * 3, rejected=p["rejected"] * 3) for p in pairs[:8]]
+    assert len(train_reward_model(reward_model, tokenizer, long_pairs, steps=2, batch=4)) == 2
 
 
 def test_the_reward_model_scores_in_eval_mode_from_the_first_iteration(world, monkeypatch):

@@ -469,13 +469,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._displacement.clear()
 
     def _commit_displacement(self) -> None:
-        """Make the current perturbation the parameters (a candidate accepted as the update)."""
+        """Make the current perturbation the parameters (a candidate accepted as the update): the very values the
+        closure evaluated, which the exact mode's copies rounded to nearest (stochastic bits would store other
+        weights than those accepted: a step kept for lowering the loss could raise it)."""
         self._begin_update()  # in place the candidate is in theta already: it becomes the update here
         with held_interrupts():  # an update: all of it or none
             if self._exact_now:
+                rounding = dict(rounding="nearest")
                 for seed, totals in list(self._displacement.items()):
                     by_group = {id(group): total for group, total in zip(self.param_groups, totals)}
-                    rounding = self._update_rounding()
                     for group, tensors in self._each_group():
                         ops.perturb_(tensors, seed, by_group[id(group)], **self._pass_kwargs(), **rounding)
             self._displacement.clear()

@@ -414,7 +414,9 @@ class ZOConservative(ZOSGD):
     choice, :math:`\theta \leftarrow (1 - \eta\lambda)\theta`. Forwards per step: 4 or 5. Only one two-sided probe
     and no momentum (the rule compares single candidates).
 
-    ``step`` returns :math:`L_0`. Extra memory: none. Arguments as :class:`ZOSGD`.
+    ``step`` returns :math:`L_0`. Extra memory: none. Arguments as :class:`ZOSGD`. For 16-bit parameters the
+    accepted candidate is stored as it was evaluated (the exact mode's copies round to nearest): stochastic rounding
+    applies to the weight decay only.
     """
 
     _MERGES = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import random
 import re
 import tempfile
@@ -53,6 +54,23 @@ class Judge(Protocol):
     def score(self, prompt: str, response: str) -> float: ...
 
 
+def judge_score(judge: Judge, prompt: str, response: str) -> float:
+    """``judge.score(prompt, response)`` as a finite float, or a ValueError naming the judge and the response: a NaN
+    score would label a pair by a comparison that is always false, a text one order pairs lexicographically."""
+    score = judge.score(prompt, response)
+    try:
+        if isinstance(score, (str, bytes, bool)):
+            raise TypeError
+        value = float(score)  # a number, a NumPy scalar, a one-element tensor
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"the judge {type(judge).__name__} scored {response!r} with a {type(score).__name__}, expected a number"
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"the judge {type(judge).__name__} scored {response!r} (prompt {prompt!r}) {value}")
+    return value
+
+
 class SentimentJudge:
     """The demo's judge: VADER's compound sentiment of the response, in [-1, 1] (deterministic)."""
 
@@ -85,7 +103,7 @@ def make_demo_data(
 ) -> dict:
     """Write the three files (see the module doc) and return their row counts."""
     rng = random.Random(seed)
-    judge = judge or SentimentJudge()
+    judge = judge if judge is not None else SentimentJudge()  # a judge may define __len__ (an empty cache)
     out.mkdir(parents=True, exist_ok=True)
     prompt_rows = []
     for k in range(prompts):
@@ -103,7 +121,7 @@ def make_demo_data(
         if row["split"] != "train":
             continue
         a, b = (_continuation(rng, rng.choice(["positive", "negative", "mixed"])) for _ in range(2))
-        score_a, score_b = judge.score(row["prompt"], a), judge.score(row["prompt"], b)
+        score_a, score_b = judge_score(judge, row["prompt"], a), judge_score(judge, row["prompt"], b)
         if score_a == score_b:
             continue  # no preference to learn from
         chosen, rejected = (a, b) if score_a > score_b else (b, a)

@@ -19,25 +19,10 @@ from zokern.preference.data import WordTokenizer
 from zokern.preference.losses import dpo_loss
 from zokern.preference.losses import response_logprobs
 from zokern.preference.models import model_device
-from zokern.preference.positions import max_positions
+from zokern.preference.positions import prompt_budget
 
 RESPONSE_TOKENS = 16  # response positions per pair, <eos> included: a longer response is cut (and loses its <eos>)
 CHUNK = 64  # pairs per forward outside the training step: evaluation holds one chunk's logits, never the dataset's
-
-
-def prompt_budget(model: torch.nn.Module, response_length: int) -> int | None:
-    """Prompt tokens that fit in the model's position table before ``response_length`` response positions and the
-    prompt's <bos>: max positions - response_length - 1 (None: the model states no maximum)."""
-    table = max_positions(model)
-    if table is None:
-        return None
-    budget = table - response_length - 1
-    if budget < 1:
-        raise ValueError(
-            f"a response of {response_length} tokens leaves no room for a prompt in the model's {table} positions "
-            f"(at most {table - 2} response tokens)"
-        )
-    return budget
 
 
 def pair_batch(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from zokern.optim import LDSD
 from zokern.optim import ZOSGD
 from zokern.preference.data import Judge
 from zokern.preference.data import WordTokenizer
+from zokern.preference.data import judge_score
 from zokern.preference.directions import ZOPrODirection
 from zokern.preference.losses import kl_penalised_rewards
 from zokern.preference.losses import ppo_clip_loss
@@ -37,6 +39,7 @@ from zokern.preference.models import reward_scores
 from zokern.preference.models import sample
 from zokern.preference.models import train_reward_model
 from zokern.preference.optim import ZOPrO
+from zokern.preference.positions import prompt_budget
 from zokern.preference.sketch import SketchRecorder
 from zokern.preference.trainable import select_trainable
 
@@ -91,8 +94,11 @@ class LoopConfig:
             ("gamma0", check_non_negative_float),
             ("seed", check_seed),
         ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # the CLI's checks would parse "0.7"
+                raise ValueError(f"LoopConfig.{name}: expected a number, got {type(value).__name__} {value!r}")
             try:
-                check(getattr(self, name))
+                setattr(self, name, check(value))  # a plain float or int (NumPy's would reach the JSON records)
             except ValueError as e:
                 raise ValueError(f"LoopConfig.{name}: {e}") from None
         if self.gamma0 > 1:
@@ -111,11 +117,20 @@ def _require_int(config: LoopConfig, name: str, low: int) -> None:
         raise ValueError(f"LoopConfig.{name}: expected an integer >= {low}{why}, got {value!r}")
 
 
+def _check_prompts(name: str, prompts: Any) -> None:
+    """A non-empty list (or tuple) of non-empty strings: a string would be sampled from character by character."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"{name}: expected a non-empty list of prompts, got {type(prompts).__name__} {prompts!r:.60}")
+    bad = next((p for p in prompts if not isinstance(p, str) or not p.strip()), None)
+    if bad is not None:
+        raise ValueError(f"{name}: every prompt must be a non-empty string, got {bad!r}")
+
+
 def judged_reward(policy, tokenizer: WordTokenizer, prompts: list[str], judge: Judge, config: LoopConfig) -> float:
     """Mean judge score of one sampled response per held-out prompt (fixed sampling seed: comparable over time)."""
     rollouts = sample(policy, tokenizer, prompts, 1, config.response_length, config.temperature, seed=12345)
     responses = rollouts.responses(tokenizer)
-    return sum(judge.score(p, r) for p, r in zip(prompts, responses)) / len(prompts)
+    return sum(judge_score(judge, p, r) for p, r in zip(prompts, responses)) / len(prompts)
 
 
 def _policy_objective(policy, reference, reward_model, tokenizer, prompts, config, seed):
@@ -141,7 +156,7 @@ def _judged_pairs(policy, tokenizer, prompts, judge, config, seed) -> list[dict]
     responses = rollouts.responses(tokenizer)
     pairs = []
     for p, (a, b) in zip(prompts, zip(responses[0::2], responses[1::2])):
-        sa, sb = judge.score(p, a), judge.score(p, b)
+        sa, sb = judge_score(judge, p, a), judge_score(judge, p, b)
         if sa != sb:
             pairs.append({"prompt": p, "chosen": a if sa > sb else b, "rejected": b if sa > sb else a})
     return pairs
@@ -188,6 +203,9 @@ def run(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     config.check()
+    for name, prompts in (("train_prompts", train_prompts), ("heldout_prompts", heldout_prompts)):
+        _check_prompts(name, prompts)
+    prompt_budget(policy, config.response_length)  # a response the policy's positions cannot hold, before any work
     reference = copy.deepcopy(policy).eval()
     reward_model = copy.deepcopy(reward_model).eval()  # scores without dropout, as after each refinement
     policy.eval()  # dropout off: ZO compares two losses of one function

@@ -16,6 +16,7 @@ from zokern.preference.data import WordTokenizer
 from zokern.preference.losses import bradley_terry_loss
 from zokern.preference.positions import max_positions
 from zokern.preference.positions import position_kwargs
+from zokern.preference.positions import prompt_budget
 
 
 def policy_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 64):
@@ -56,8 +57,11 @@ def new_reward_model(tokenizer: WordTokenizer, seed: int = 0, **config) -> torch
 def batch_texts(
     tokenizer: WordTokenizer, texts: Sequence[str], max_length: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``<bos> text <eos>`` per text, left-padded (and truncated from the left) to one length: (ids, mask)."""
-    encoded = [[tokenizer.bos_id, *tokenizer.encode(t), tokenizer.eos_id][-max_length:] for t in texts]
+    """``<bos> text <eos>`` per text, left-padded to one length: (ids, mask). A text longer than ``max_length``
+    positions is cut from the left, keeping its <bos>."""
+    if max_length < 3:
+        raise ValueError(f"max_length={max_length} leaves no room for a token between <bos> and <eos>")
+    encoded = [[tokenizer.bos_id, *tokenizer.encode(t)[-(max_length - 2) :], tokenizer.eos_id] for t in texts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(texts), width), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((len(texts), width), dtype=torch.long)
@@ -132,8 +136,9 @@ def sample(
 ) -> Rollouts:
     """k sampled continuations of each prompt (multinomial, no top-k/top-p), ``response_length`` tokens each; the
     tokens after a response's first <eos> are padding and masked out."""
-    table = max_positions(policy)  # <bos> + prompt fit before the response (the prompt's <eos> is dropped below)
-    max_length = PROMPT_TOKENS if table is None else min(table - response_length, PROMPT_TOKENS)
+    budget = prompt_budget(policy, response_length)  # <bos> + prompt fit before the response, or a ValueError
+    # batch_texts' length counts <bos> and the prompt's <eos> (dropped below) too.
+    max_length = PROMPT_TOKENS if budget is None else min(budget + 2, PROMPT_TOKENS)
     ids, mask = batch_texts(tokenizer, prompts, max_length, model_device(policy))
     ids, mask = ids[:, :-1], mask[:, :-1]  # drop each prompt's <eos>: the response continues it
     ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -179,9 +184,12 @@ def train_reward_model(
     seed: int = 0,
     max_length: int = 48,
 ) -> list[float]:
-    """First-order Bradley-Terry training on (prompt, chosen, rejected) pairs; returns the loss per step."""
+    """First-order Bradley-Terry training on (prompt, chosen, rejected) pairs; returns the loss per step. Texts are
+    cut from the left to ``max_length`` positions, and to the model's position table."""
     if not pairs:
         raise ValueError("no preference pairs to train the reward model on")
+    table = max_positions(reward_model)
+    max_length = max_length if table is None else min(max_length, table)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(reward_model.parameters(), lr=lr)
     reward_model.train()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import tempfile
 import time
@@ -78,6 +79,8 @@ def run_pipeline(
         check_regex(trainable)
     if model is not None and not Path(model).is_dir():
         raise FileNotFoundError(f"--model {model}: no such directory (a local save_pretrained directory is expected)")
+    if model is not None and Path(out).resolve() == Path(model).resolve():
+        raise ValueError(f"--out {out} is the --model directory: the demo's data and plots would replace its files")
     datasets.disable_progress_bars()  # the demo's files are small: their loading needs no bars
     begin = time.perf_counter()
     # The run's files go to a staging directory first, and replace the previous run's in ``out`` with its first
@@ -90,10 +93,11 @@ def run_pipeline(
 
         def publish() -> None:
             """At the run's first record: its data replace the previous run's, whose plots go (and its tokenizer,
-            which a run of a local model does not write)."""
+            which a run of a local model does not write: only the demo's own, not a Hugging Face one)."""
             out.mkdir(parents=True, exist_ok=True)
             for name in GENERATED:
-                (out / name).unlink(missing_ok=True)
+                if (staging / name).exists() or _word_tokenizer_file(out / name):
+                    (out / name).unlink(missing_ok=True)
             for path in staging.iterdir():
                 shutil.copyfile(path, out / path.name)
             (out / "reward.png").unlink(missing_ok=True)
@@ -125,6 +129,14 @@ def run_pipeline(
         f"wrote {out / 'metrics.jsonl'}, {out / 'reward.png'} and {page} ({time.perf_counter() - begin:.0f} s in all)"
     )
     return records
+
+
+def _word_tokenizer_file(path: Path) -> bool:
+    """Whether ``path`` is a tokenizer as the demo saves it (WordTokenizer.save: its vocabulary alone)."""
+    try:
+        return set(json.loads(path.read_text())) == {"vocabulary"}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
 
 
 def _starting_point(staging: Path, model: Path | None, device: str, seed: int, trainable: str | None):
@@ -244,8 +256,8 @@ def run_dpo(
     the first record."""
     import datasets
 
-    from zokern.preference.dpo import prompt_budget
     from zokern.preference.dpo import train_zo_dpo
+    from zokern.preference.positions import prompt_budget
 
     seed, steps = check_seed(seed), check_positive_int(steps)
     response_tokens, out = check_positive_int(response_tokens), check_output_dir(out)

@@ -56,3 +56,18 @@ def position_kwargs(model: torch.nn.Module, attention_mask: torch.Tensor, new: i
         return {}
     ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return {"position_ids": ids if new is None else ids[:, -new:]}
+
+
+def prompt_budget(model: torch.nn.Module, response_length: int) -> int | None:
+    """Prompt tokens that fit in the model's position table before ``response_length`` response positions and the
+    prompt's <bos>: max positions - response_length - 1 (None: the model states no maximum)."""
+    table = max_positions(model)
+    if table is None:
+        return None
+    budget = table - response_length - 1
+    if budget < 1:
+        raise ValueError(
+            f"a response of {response_length} tokens leaves no room for a prompt in the model's {table} positions "
+            f"(at most {table - 2} response tokens)"
+        )
+    return budget

@@ -15,7 +15,6 @@ import html
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -233,12 +232,6 @@ def _html(run_dir: Path, sections) -> str:
         parts.append("</table>")
         parts += [f"<p><img src='{html.escape(name)}' style='max-width:100%'></p>" for name in images]
     return "\n".join(parts) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    from zokern import cli
-
-    return cli.main(["viz", *(argv if argv is not None else sys.argv[1:])])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
