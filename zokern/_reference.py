@@ -107,12 +107,15 @@ def stream(
     return z.reshape(-1)[skip : skip + count]
 
 
-def rounding_bits(seed: int, start: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16-bit stochastic-rounding integers s_i for i in [start, start + count), as int64."""
+def rounding_bits(
+    seed: int, start: int, count: int, device: torch.device | str | None = None, words_of=None
+) -> torch.Tensor:
+    """The 16-bit stochastic-rounding integers s_i for i in [start, start + count), as int64. ``words_of``: a
+    backend's ``philox_block_words`` (the same words; a compiled one in a few ops, where this module's takes ~130)."""
     if count == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
     first, n_blocks, skip = _block_span(start, count, ELEMENTS_PER_CALL_LOG2[DOMAIN_ROUNDING])
-    words = philox_block_words(seed, DOMAIN_ROUNDING, first, n_blocks, device)
+    words = (words_of or philox_block_words)(seed, DOMAIN_ROUNDING, first, n_blocks, device)
     halves = torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1)
     return halves[skip : skip + count]
 

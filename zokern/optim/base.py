@@ -328,6 +328,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         row-major like the stream; resized (a grown embedding) the step is refused before any pass, where it would
         update some parameters and then fail."""
         keys = self._state_keys()
+        if not self.state:  # (a stateless optimizer: nothing to look up for each of its parameters)
+            return
         for g, (group, tensors, _) in enumerate(layout):
             for p in tensors:
                 state = self.state.get(p)
@@ -533,7 +535,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         the rounding stream at p's offsets, docs/stream.md section 5, with the seed of the pass's ``rounding``),
         unless rounding='nearest'."""
         if p.dtype in _SIXTEEN_BIT and rounding["rounding"] == "stochastic":
-            bits = _reference.rounding_bits(rounding["rounding_seed"], offset, p.numel(), device=p.device).view_as(p)
+            words_of = _dispatch.select_backend(p.device, self.backend, "philox_block_words").philox_block_words
+            bits = _reference.rounding_bits(rounding["rounding_seed"], offset, p.numel(), p.device, words_of)
+            bits = bits.view_as(p)
             x = _reference.round_stochastic(x, bits, p.dtype)
         p.data.copy_(x)
 

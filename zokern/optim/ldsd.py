@@ -368,6 +368,8 @@ class LDSD(ZOOptimizer):
     def _final_passes(self, streams, restore, grads, onehot, raw_mu_rows, norms, paired, ok, adam_steps) -> None:
         """The final pass of each (group, device) chunk (see _final_pass)."""
         k, sizes, rounding = self.k, self._group_sizes(), self._update_rounding()
+        if norms is None and raw_mu_rows is not None:
+            norms = self._mu_norms(raw_mu_rows, paired)
         for n, (index, group, params, offsets) in enumerate(self._device_chunks()):
             device = params[0].device
             sigma, g = group["sigma"], grads[index]
@@ -418,21 +420,27 @@ class LDSD(ZOOptimizer):
 
     def _mu_row(self, index, group, raw_rows, norms, paired, size, device) -> torch.Tensor:
         """mu's row of the final pass, [scale, scale * e_1..e_K], scale the projection onto the ball of radius
-        mu_norm * sigma * sqrt(size); the squared norm comes from the fused move or from a reduction pass here."""
+        mu_norm * sigma * sqrt(size); the squared norm comes from the fused move or from _mu_norms."""
         if raw_rows is None or group["mu_lr"] == 0.0:
             return torch.cat((torch.ones(1, device=device), torch.zeros(self.k, device=device)))
         raw = raw_rows[index].to(device)
-        if norms is not None:
-            squared = norms[index].to(device)
-        else:
-            squared = sum(
-                passes.squared_norm(self._mus(ps), bs, paired, raw.to(ps[0].device), **self._pass_kwargs()).to(device)
-                for i, _, ps, bs in self._device_chunks()
-                if i == index
-            )
+        squared = norms[index].to(device)
         radius = self.mu_norm * group["sigma"] * math.sqrt(size)
         scale = torch.clamp(radius / torch.sqrt(squared), max=1.0).to(torch.float32)
         return raw * scale
+
+    def _mu_norms(self, raw_rows: dict[int, torch.Tensor], paired) -> dict[int, torch.Tensor]:
+        """Per group index, the squared norm of mu's raw row over the group's tensors, where the fused move did not
+        give it (the exact mode, the faithful pairing): a reduction pass per chunk, all groups in one sweep (a sweep
+        per group was quadratic in the number of groups)."""
+        norms: dict[int, torch.Tensor] = {}
+        for index, group, params, offsets in self._device_chunks():
+            if group["mu_lr"] == 0.0:
+                continue
+            raw = raw_rows[index].to(params[0].device)
+            part = passes.squared_norm(self._mus(params), offsets, paired, raw, **self._pass_kwargs())
+            norms[index] = part if index not in norms else norms[index] + part.to(norms[index].device)
+        return norms
 
     def _group_sizes(self) -> list[int]:
         return [sum(p.numel() for p in params) for _, params, _ in self._groups_layout()]
