@@ -290,6 +290,16 @@ def test_zopro_applies_a_projected_gradient_given_as_a_tensor(grad):
     assert torch.isfinite(a).all() and torch.equal(a.detach(), start) == bool(value.isnan())
 
 
+def test_zopro_leaves_only_the_group_whose_projected_gradient_is_not_finite():
+    """As ZOSGD, whose pass decides group by group: a NaN g in one group once cancelled every group's update."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(20, generator=g)), torch.nn.Parameter(torch.randn(20, generator=g))
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = ZOPrO([{"params": [a]}, {"params": [b]}], lr=0.1, eps=1e-3, seed=0)
+    opt.apply_projected_grad(opt.new_seed(), [torch.tensor(math.nan), torch.tensor(1.0)])
+    assert torch.equal(a.detach(), start[0]) and not torch.equal(b.detach(), start[1])
+
+
 def test_zo_dpo_lowers_the_held_out_dpo_loss(world):
     from zokern.preference.dpo import train_zo_dpo
 

@@ -114,10 +114,10 @@ class ZOPrO(ZOSGD):
     ) -> None:  # ZOPrO does not merge steps: lookahead is always None
         self._begin_update()
         # The direction's pass takes float coefficients (ZOPrO's steps are host-side); a g that apply_projected_grad
-        # got as a tensor is read here, and a non-finite one restores without updating, as ops.restore_update_ does.
+        # got as a tensor is read here, and a group's non-finite one restores it without updating, as
+        # ops.restore_update_ does for each call.
         grads = {id(group): float(coefficient(group)) for group in self.param_groups}
-        if not all(map(math.isfinite, grads.values())):
-            grads = dict.fromkeys(grads, 0.0)
+        grads = {key: g if math.isfinite(g) else 0.0 for key, g in grads.items()}
         with held_interrupts():
             self._move(seed, lambda group: scale * group["eps"] - group["lr"] * grads[id(group)])
             self._track(seed, lambda group: scale * group["eps"])
