@@ -327,9 +327,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         device that is an illegal access, not an error); reshaped with its elements (same numel) it follows,
         row-major like the stream; resized (a grown embedding) the step is refused before any pass, where it would
         update some parameters and then fail."""
-        keys = self._state_keys()
         if not self.state:  # (a stateless optimizer: nothing to look up for each of its parameters)
             return
+        keys = self._state_keys()
         for g, (group, tensors, _) in enumerate(layout):
             for p in tensors:
                 state = self.state.get(p)
@@ -338,17 +338,15 @@ class ZOOptimizer(torch.optim.Optimizer):
                 for key, value in list(state.items()):
                     if not isinstance(value, torch.Tensor):
                         continue  # (not a tensor: refused by load_state_dict, or put there by hand)
-                    shaped = key in keys  # else a count (LDSD's Adam step), which keeps its dtype
-                    if value.device != p.device or (
-                        shaped and (value.dtype != torch.float32 or not value.is_contiguous())
-                    ):
-                        with torch.inference_mode(False):  # as new_state: states the steps can update in any mode
-                            value = state[key] = value.to(
-                                device=p.device,
-                                dtype=torch.float32 if shaped else value.dtype,
-                                memory_format=torch.contiguous_format if shaped else torch.preserve_format,
-                            )
-                    if not shaped or value.shape == p.shape:
+                    shaped = key in keys
+                    if not shaped:  # a count (LDSD's Adam step): it keeps its dtype, and follows its parameter
+                        if value.device != p.device:
+                            with torch.inference_mode(False):
+                                state[key] = value.to(p.device)
+                        continue
+                    if value.device != p.device or value.dtype != torch.float32 or not value.is_contiguous():
+                        value = state[key] = _kernel_state(value, p.device)
+                    if value.shape == p.shape:
                         continue
                     if value.numel() == p.numel():
                         state[key] = value.view(p.shape)
@@ -1063,10 +1061,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    with torch.inference_mode(False):  # as new_state: states the steps can update in any mode
-                        self.state[p][key] = value.to(
-                            device=p.device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
-                        )
+                    self.state[p][key] = _kernel_state(value, p.device, copy=True)
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
@@ -1151,6 +1146,13 @@ def new_state(p: torch.Tensor) -> torch.Tensor:
     torch.inference_mode (an inference tensor could not be updated by the steps that run outside it)."""
     with torch.inference_mode(False):
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+def _kernel_state(value: torch.Tensor, device: torch.device, copy: bool = False) -> torch.Tensor:
+    """A state as the kernels read it: float32, contiguous, on its parameter's device; a normal tensor, as
+    new_state's, also under torch.inference_mode."""
+    with torch.inference_mode(False):
+        return value.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=copy)
 
 
 def _typed(value: Any) -> Any:

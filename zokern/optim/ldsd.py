@@ -377,7 +377,7 @@ class LDSD(ZOOptimizer):
             unused = len(streams) - k  # the faithful pairing's fresh streams: only mu's row uses them
             p_row = _pad(self._row(restore, group, device), unused)
             d_row = _pad(torch.cat((g.view(1), g * sigma * onehot)).to(device, torch.float32), unused)
-            m_row = self._mu_row(index, group, raw_mu_rows, norms, paired, sizes[index], device)
+            m_row = self._mu_row(index, group, raw_mu_rows, norms, sizes[index], device)
             if self.pairing == "faithful":
                 m_row = torch.cat((m_row[:1], torch.zeros(k, device=device), m_row[1:]))
             c1 = c2 = torch.ones((), dtype=torch.float32, device=device)
@@ -418,7 +418,7 @@ class LDSD(ZOOptimizer):
             rows[index] = torch.cat((advantages.new_ones(1), step)).to(torch.float32)
         return rows
 
-    def _mu_row(self, index, group, raw_rows, norms, paired, size, device) -> torch.Tensor:
+    def _mu_row(self, index, group, raw_rows, norms, size, device) -> torch.Tensor:
         """mu's row of the final pass, [scale, scale * e_1..e_K], scale the projection onto the ball of radius
         mu_norm * sigma * sqrt(size); the squared norm comes from the fused move or from _mu_norms."""
         if raw_rows is None or group["mu_lr"] == 0.0:
