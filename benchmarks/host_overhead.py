@@ -8,9 +8,10 @@ the exact mode's per-parameter materialisation against the same call through zok
 backend resolved per call), and the cost of choosing a backend, cached and resolved, in one process, interleaved.
 
 Then a whole in-place ZOSGD step (three passes) over OPT-1.3B's 388 parameter tensors, small ones, so that only the
-host's work is timed; next to it torch's own foreach SGD and AdamW steps over the same tensors (gradients set), as a
-yardstick of what a host spends per step on that many tensors. A loop that reads the loss every step (a host sync)
-leaves the GPU idle while the host prepares the next step's first pass.
+host's work is timed, in one param group and in a group per tensor; next to it torch's own foreach SGD and AdamW
+steps over the same tensors (gradients set), as a yardstick of what a host spends per step on that many tensors. A
+loop that reads the loss every step (a host sync) leaves the GPU idle while the host prepares the next step's first
+pass.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def step_host_times(steps: int) -> dict[str, float]:
         times[f"ZOSGD step{', merge_steps' if merge else ''}"] = per_call_us(
             functools.partial(opt.step, lambda: loss), steps
         )
+    # One param group per tensor (some fine-tuning recipes build them so): equal values, or a learning rate per
+    # layer (layer-wise decay over OPT-1.3B's 24 layers).
+    for name, lr in (("one lr", lambda k: 1e-3), ("24 lrs", lambda k: 1e-3 * 0.9 ** (k * 24 // len(params)))):
+        groups = [{"params": [p], "lr": lr(k)} for k, p in enumerate(params)]
+        opt = ZOSGD(groups, eps=1e-3, backend="cpu")
+        times[f"ZOSGD step, a group per tensor, {name}"] = per_call_us(functools.partial(opt.step, lambda: loss), steps)
     for p in params:
         p.grad = torch.randn_like(p)
     for name, cls in (("torch.optim.SGD", torch.optim.SGD), ("torch.optim.AdamW", torch.optim.AdamW)):

@@ -42,6 +42,19 @@ def emulated_cuda_backend():
     return cuda_emulated
 
 
+def count_passes(monkeypatch) -> list[int]:
+    """A one-element list counting the fused calls zokern.ops makes from now on (count[0] = 0 resets it)."""
+    count = [0]
+    run_pass = zokern.ops._run_pass
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return run_pass(*args, **kwargs)
+
+    monkeypatch.setattr(zokern.ops, "_run_pass", counting)
+    return count
+
+
 def random_params(sizes, dtype, device: str = DEVICE, seed: int = 0) -> list[torch.Tensor]:
     """Weights like a model's (rms ~0.02 around small offsets), never zeros."""
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 from helpers import DEVICE
+from helpers import count_passes
 
 import zokern
 from zokern import ops
@@ -83,20 +84,8 @@ def test_between_steps_the_parameters_hold_the_next_perturbation_until_materiali
     assert all(torch.equal(a, b) for a, b in zip(_params(model), again))
 
 
-def _count_passes(monkeypatch) -> list[int]:
-    count = [0]
-    run_pass = ops._run_pass
-
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return run_pass(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "_run_pass", counting)
-    return count
-
-
 def test_a_merged_step_is_two_passes(monkeypatch):
-    count = _count_passes(monkeypatch)
+    count = count_passes(monkeypatch)
     for merge, expected in ((False, [3, 3, 3]), (True, [3, 2, 2])):
         x = torch.nn.Parameter(torch.randn(100, device=DEVICE))
         opt = ZOSGD([x], seed=0, merge_steps=merge)

@@ -12,6 +12,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import count_passes
 from helpers import tiny_opt
 
 import zokern
@@ -195,6 +196,40 @@ def test_how_16_bit_parameters_are_grouped_does_not_change_the_stored_bits(cls, 
             opt.step(lambda model=model, x=x: model(x).float().pow(2).mean())
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs,dtype",
+    [(ZOSGD, {}, torch.float32), (ZOSGD, {}, torch.bfloat16), (ZOSGD, dict(n_probes=3), torch.float32),
+     (ZOSGD, dict(merge_steps=True), torch.float32), (ZOSGD, dict(one_sided=True), torch.float32),
+     (ZOSGD, dict(weight_decay=0.1, perturbation="inplace"), torch.float16), (FZOO, {}, torch.float32),
+     (ZOConservative, {}, torch.float32)],
+)  # fmt: skip
+def test_groups_whose_pass_values_are_equal_share_one_call_with_the_same_bits(monkeypatch, cls, kwargs, dtype):
+    """Six groups, two learning rates, one eps: each perturbation pass is one call, each update pass one per
+    learning rate, and the parameters are bit for bit those of one call per group (16-bit: stochastic rounding's
+    bits included)."""
+    from zokern.optim import base
+
+    calls = count_passes(monkeypatch)
+    results, counts = [], []
+    for fused in (True, False):
+        if not fused:  # every group its own call: no two keys equal
+            monkeypatch.setattr(base, "_call_key", lambda scalars: [object()])
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(37 + k).to(dtype)) for k in range(6)]
+        groups = [{"params": [p], "lr": 1e-2 if k % 2 else 2e-2} for k, p in enumerate(params)]
+        opt = cls(groups, eps=1e-2, seed=5, **kwargs)
+        calls[0] = 0
+        for _ in range(3):
+            opt.step(lambda params=params: sum((p.float() - 0.5).pow(2).sum() for p in params))
+        opt.materialize()
+        results.append([p.detach().clone() for p in params])
+        counts.append(calls[0])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert counts[0] < counts[1] / 2, counts
+    if cls is ZOSGD and not kwargs and dtype == torch.float32:  # +eps, -2 eps, restore and update (one per lr)
+        assert counts == [3 * 4, 3 * 3 * 6]
 
 
 def test_adam_follows_bias_corrected_adamw():

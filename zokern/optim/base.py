@@ -105,10 +105,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
-        # Derived from it, built at the step's first use: the per-device chunks, and each one's tensors validated
-        # once for all of the step's passes (ops.prepare).
+        # Derived from it, built at the step's first use: the per-device chunks, and the sets of their tensors that
+        # the step's passes take, each validated once for all of them (ops.prepare).
         self._step_chunks: list | None = None
-        self._step_prepared: list | None = None
+        self._step_prepared: dict[tuple[int, ...], ops.PreparedTensors] = {}
         self._losses: list[float] = []  # the current step's gathered losses, in evaluation order
         self._loss_device = torch.device("cpu")  # where step() returns the loss: the closure's device
         # Perturbations applied and not yet undone (exact mode: the perturbation the closure sees): seed -> the
@@ -161,7 +161,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return
         _hooks.install(self)
         self._unsettled, self._rows = [], None
-        self._step_chunks = self._step_prepared = None
+        self._step_chunks, self._step_prepared = None, {}
         self._checked_values = []
         self._busy = False
         self._checked_memory = None
@@ -374,18 +374,35 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._step_chunks = out
         return out
 
-    def _each_group(self) -> list[tuple[dict[str, Any], ops.PreparedTensors]]:
-        """(group, its parameters' ``.data`` as a prepared set) per entry of ``_device_chunks()``: one fused call
-        each, the tensors validated once per step."""
-        if self._step_prepared is not None:
-            return self._step_prepared
-        out = [
-            (group, ops.prepare([p.data for p in params], offsets=offsets))
-            for _, group, params, offsets in self._device_chunks()
-        ]
-        if self._step_layout is not None:
-            self._step_prepared = out
-        return out
+    def _fused(self, scalars_of: Callable[[dict[str, Any]], tuple]) -> list[tuple[tuple, ops.PreparedTensors]]:
+        """A pass's calls: (scalars, the parameters' ``.data`` as a prepared set) per device and distinct
+        ``scalars_of(group)``. Groups whose scalars for this pass are equal run as one call, whose result is bit for
+        bit theirs (each element depends only on its global index and the scalars): a model split into many groups
+        (layer-wise learning rates, a group per parameter) launches as few calls as it has distinct values, where each
+        call costs host time. One call per entry of ``_device_chunks()`` while a CUDA graph's step runs, whose rows
+        are planned so (graph.py)."""
+        chunks = self._device_chunks()
+        if self._rows is not None:
+            return [(scalars_of(group), self._prepared(chunks, (k,))) for k, (_, group, _, _) in enumerate(chunks)]
+        calls: dict[tuple, tuple[tuple, list[int]]] = {}
+        for k, (_, group, params, _) in enumerate(chunks):
+            scalars = scalars_of(group)
+            calls.setdefault((params[0].device, *_call_key(scalars)), (scalars, []))[1].append(k)
+        return [(scalars, self._prepared(chunks, tuple(entries))) for scalars, entries in calls.values()]
+
+    def _prepared(self, chunks: list, entries: tuple[int, ...]) -> ops.PreparedTensors:
+        """These entries of ``chunks`` (``_device_chunks()``, of one device) as one set of tensors validated by
+        ops.prepare, for one fused call; within a step, validated once for all of its passes."""
+        prepared = self._step_prepared.get(entries)
+        if prepared is None:
+            chunks = [chunks[k] for k in entries]
+            prepared = ops.prepare(
+                [p.data for _, _, params, _ in chunks for p in params],
+                offsets=[b for _, _, _, offsets in chunks for b in offsets],
+            )
+            if self._step_layout is not None:
+                self._step_prepared[entries] = prepared
+        return prepared
 
     def materialize(self) -> None:
         """Make the parameters hold the true theta: with ``merge_steps``, a step leaves them at theta + eps z(next
@@ -430,8 +447,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         so that an exception can undo it."""
         with held_interrupts():
             if not self._exact_now:
-                for group, tensors in self._each_group():
-                    ops.perturb_(tensors, seed, alpha(group), **self._pass_kwargs(), scalars=self._row())
+                for (a,), tensors in self._fused(lambda group: (alpha(group),)):
+                    ops.perturb_(tensors, seed, a, **self._pass_kwargs(), scalars=self._row())
             self._track(seed, alpha)
 
     def _row(self) -> torch.Tensor | None:
@@ -446,9 +463,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """theta += eps * (scale_from * z(seed_from) + scale_to * z(seed_to)) in one pass."""
         with held_interrupts():
             if not self._exact_now:
-                for group, tensors in self._each_group():
-                    eps = group["eps"]
-                    ops.two_seed_(tensors, seed_from, scale_from * eps, seed_to, scale_to * eps, **self._pass_kwargs())
+                for (a_from, a_to), tensors in self._fused(lambda g: (scale_from * g["eps"], scale_to * g["eps"])):
+                    ops.two_seed_(tensors, seed_from, a_from, seed_to, a_to, **self._pass_kwargs())
             self._track(seed_from, lambda group: scale_from * group["eps"])
             self._track(seed_to, lambda group: scale_to * group["eps"])
 
@@ -478,8 +494,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 rounding = dict(rounding="nearest")
                 for seed, totals in list(self._displacement.items()):
                     by_group = {id(group): total for group, total in zip(self.param_groups, totals)}
-                    for group, tensors in self._each_group():
-                        ops.perturb_(tensors, seed, by_group[id(group)], **self._pass_kwargs(), **rounding)
+                    for (total,), tensors in self._fused(lambda group, by_group=by_group: (by_group[id(group)],)):
+                        ops.perturb_(tensors, seed, total, **self._pass_kwargs(), **rounding)
             self._displacement.clear()
 
     def _restore_update(
@@ -490,29 +506,33 @@ class ZOOptimizer(torch.optim.Optimizer):
         tensor (non-finite: no update). With ``lookahead``, the same pass adds + eps z(lookahead), the next step's
         first perturbation (in place only; see zokern.optim.lookahead)."""
         exact = self._exact_now
-        chunks = []
+
+        def scalars_of(group: dict[str, Any]) -> tuple:
+            restore = 0.0 if exact else scale * group["eps"]
+            next_alpha = 0.0 if lookahead is None else group["eps"]
+            return restore, group["lr"], coefficient(group), group["weight_decay"], next_alpha
+
         rounding = self._update_rounding()
         with held_interrupts():
-            for (_, group, params, offsets), (_, tensors) in zip(self._device_chunks(), self._each_group()):
-                c = coefficient(group)
+            for (restore, lr, c, weight_decay, next_alpha), tensors in self._fused(scalars_of):
                 if isinstance(c, torch.Tensor):  # asynchronous only towards a GPU: a CPU kernel reads it at once
-                    c = c.to(params[0].device, non_blocking=params[0].device.type == "cuda")
+                    c = c.to(tensors.device, non_blocking=tensors.device.type == "cuda")
                 ops.restore_update_(
                     tensors,
                     seed,
-                    0.0 if exact else scale * group["eps"],
-                    group["lr"],
+                    restore,
+                    lr,
                     c,
-                    weight_decay=group["weight_decay"],
+                    weight_decay=weight_decay,
                     next_seed=lookahead,
-                    next_alpha=0.0 if lookahead is None else group["eps"],
+                    next_alpha=next_alpha,
                     **self._pass_kwargs(),
                     **rounding,
                     scalars=self._row(),
                 )
-                chunks.append((params, offsets, group["eps"]))
             self._track(seed, lambda group: scale * group["eps"])
             if lookahead is not None:
+                chunks = [(params, offsets, group["eps"]) for _, group, params, offsets in self._device_chunks()]
                 self._lookahead.set(lookahead, chunks, self._pass_kwargs())
 
     def _add_directions(self, terms: list[tuple[int, Callable[[dict[str, Any]], float]]]) -> None:
@@ -521,12 +541,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             pair = terms[k : k + 2]
             rounding = self._update_rounding()
             with held_interrupts():  # an update: nothing tracked, but a pass over some groups only would be lost
-                for group, tensors in self._each_group():
+                seeds = [s for s, _ in pair]
+                kwargs = dict(self._pass_kwargs(), **rounding)
+                for coefficients, tensors in self._fused(lambda group, pair=pair: tuple(c(group) for _, c in pair)):
                     if len(pair) == 2:
-                        (s1, c1), (s2, c2) = pair
-                        ops.two_seed_(tensors, s1, c1(group), s2, c2(group), **self._pass_kwargs(), **rounding)
+                        ops.two_seed_(tensors, seeds[0], coefficients[0], seeds[1], coefficients[1], **kwargs)
                     else:
-                        ops.perturb_(tensors, pair[0][0], pair[0][1](group), **self._pass_kwargs(), **rounding)
+                        ops.perturb_(tensors, seeds[0], coefficients[0], **kwargs)
 
     def _write(self, p: torch.Tensor, offset: int, x: torch.Tensor, rounding: dict[str, Any]) -> None:
         """Store the float32 values x into parameter p: stochastically rounded for 16-bit parameters (the bits of
@@ -752,7 +773,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._busy = True
         try:
             if self._exact_now:  # its first pass is the update: its checks (overlap, layout) before any forward
-                self._each_group()
+                self._fused(lambda group: ())
             fields = {"skipped": False, **self._run_step(seed, evaluate)}
         except NonFiniteLoss:
             self._undo_displacement()
@@ -762,7 +783,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise
         finally:
             self._busy = False
-            self._step_layout = self._step_chunks = self._step_prepared = None
+            self._step_layout = self._step_chunks = None
+            self._step_prepared = {}
         self._displacement.clear()
         return fields
 
@@ -1109,6 +1131,13 @@ _WATCHED_GROUP_KEYS = _WHOLE_RUN_OPTIONS | _FOREIGN_GROUP_KEYS  # whose presence
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
+
+
+def _call_key(scalars: tuple) -> list:
+    """Equal for two passes' scalars exactly when a kernel given either computes the same bits: floats by value and,
+    zeros, by sign (0.0 == -0.0), a device tensor by identity (its value is not read on the host). Per group and
+    pass, hence the one comprehension."""
+    return [(id(v),) if isinstance(v, torch.Tensor) else v if v else str(v) for v in scalars]
 
 
 def _writable(p: torch.Tensor) -> bool:

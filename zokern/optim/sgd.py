@@ -322,14 +322,14 @@ class ZOSGD(ZOOptimizer):
         if not self.one_sided:
             self._perturb(seed, -2.0)
             values.append(evaluate())
-        fields = self._device_gradient(values)
-        by_group = {id(group): g for group, g in zip(self.param_groups, fields["projected_grad"])}
-        self._restore_update(seed, self._restore_scale(), lambda group: by_group[id(group)], lookahead)
+        fields, by_eps = self._device_gradient(values)
+        self._restore_update(seed, self._restore_scale(), lambda group: by_eps[group["eps"]], lookahead)
         return dict(fields, **_folded(lookahead))
 
-    def _device_gradient(self, values: list) -> dict[str, Any]:
+    def _device_gradient(self, values: list) -> tuple[dict[str, Any], dict[float, torch.Tensor]]:
         """From one probe's evaluated losses, on the parameters' device: the record's losses, loss and skipped flag,
-        and g per param group (``projected_grad``), all tensors."""
+        and g per param group (``projected_grad``), all tensors; and g per distinct eps, one tensor that the groups
+        of that eps share (so that their update passes fuse: base._fused)."""
         chunks = self._device_chunks()
         device = chunks[0][2][0].device if chunks else torch.device("cpu")  # nothing trainable: the losses only
         losses, _ = self._reduce(values, device)
@@ -340,11 +340,19 @@ class ZOSGD(ZOOptimizer):
         # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update;
         # nor where some group's g z would be beyond float32, which the update pass computes in. The pass restores
         # without updating where g is not finite: every group's g is NaN then, so that no group updates alone.
-        grads = torch.stack([diff / group["eps"] for group in self.param_groups])
+        eps = list(dict.fromkeys(group["eps"] for group in self.param_groups))  # distinct, in order (eps > 0)
+        grads = torch.stack([diff / e for e in eps])
         ok = torch.isfinite(losses).all() & (grads.abs() < self._PROJECTED_LIMIT).all()
         grads = torch.where(ok, grads, torch.nan)
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
-        return dict(losses=losses, projected_grad=grads, loss=loss, skipped=~ok)
+        by_eps = dict(zip(eps, grads.unbind()))
+        if len(eps) == len(self.param_groups):
+            per_group = grads
+        elif len(eps) == 1:  # a view: no copy per step for a model split into many groups of one eps
+            per_group = grads.expand(len(self.param_groups))
+        else:
+            per_group = torch.stack([by_eps[group["eps"]] for group in self.param_groups])
+        return dict(losses=losses, projected_grad=per_group, loss=loss, skipped=~ok), by_eps
 
     def _decay_and_step(
         self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any], rounding: dict[str, Any]
