@@ -203,6 +203,20 @@ def test_nothing_trainable_steps_as_the_ordinary_step():
     assert all(torch.equal(a, b) for a, b in zip(before, _params(model), strict=True))
 
 
+def test_a_step_with_nothing_trainable_between_ordinary_steps_leaves_the_next_ones_running():
+    """Its empty table of scalar rows replaced the graph's while the graph's layout was kept: once the parameters
+    were trainable again every step failed on the table's shape."""
+    model, plain = _model(), _model()
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
+    ref = ZOSGD(plain.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace")
+    closures = _closure(model), _closure(plain)  # one closure, as a graphed loop passes
+    for trainable in (True, False, True, True):
+        for m, o, closure in ((model, opt, closures[0]), (plain, ref, closures[1])):
+            m.requires_grad_(trainable)
+            o.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(_params(model), _params(plain), strict=True))
+
+
 def test_cuda_graph_must_be_a_bool():
     with pytest.raises(TypeError, match="cuda_graph must be a bool"):
         ZOSGD(_model().parameters(), cuda_graph=1)

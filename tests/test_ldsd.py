@@ -324,6 +324,36 @@ def test_a_closure_that_raises_leaves_the_parameters_restored(dtype):
         assert torch.equal(x.detach(), start)
 
 
+@pytest.mark.parametrize("failing", ["move", "switch"])
+def test_a_pass_that_raises_on_a_later_group_leaves_every_group_restored(monkeypatch, failing):
+    """The step moves theta group by group: a pass that raised on the second group left the first one moved, while
+    the step's position (from which its undo starts) still said it was not (theta off by several eps)."""
+    import zokern.optim.ldsd as ldsd_module
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40)) for _ in range(2)]
+    opt = LDSD([{"params": [params[0]]}, {"params": [params[1]], "lr": 2e-2}], lr=1e-2, eps=1e-2, k=3, seed=0)
+    closure = lambda: sum((p**2).sum() for p in params)  # noqa: E731
+    opt.step(closure)
+    start = [p.detach().clone() for p in params]
+    # A first move (to candidate 1) is a full pass; moves between candidates are two-seed passes.
+    module, name = (ldsd_module.passes, "move_") if failing == "move" else (ldsd_module.ops, "two_seed_")
+    original, calls = getattr(module, name), []
+
+    def fails_on_the_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, fails_on_the_second_group)
+    with pytest.raises(RuntimeError, match="device lost"):
+        opt.step(closure)
+    monkeypatch.setattr(module, name, original)
+    for p, before in zip(params, start):
+        torch.testing.assert_close(p.detach(), before, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

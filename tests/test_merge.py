@@ -311,6 +311,31 @@ def test_a_compiled_model_trains_and_evaluates_merged():
         assert not opt._lookahead.pending
 
 
+def test_checkpoints_hold_the_true_parameters_when_the_closure_was_compiled_before_training():
+    """A function compiled before the first merged step (an evaluation before training) runs its traced code, which
+    calls no global module hook: no forward showed the parameters' owners, whose state_dict saved theta + eps z and
+    whose load_state_dict was shifted by -eps z. The owners are found among the live modules instead."""
+    torch._dynamo.reset()
+    model, plain = _model(), _model()
+    inputs, targets = _data()
+    loss = torch.compile(lambda: torch.nn.functional.mse_loss(model(inputs), targets), backend="eager")
+    with torch.no_grad():
+        loss()  # traced now, with no hook installed
+    opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace", merge_steps=True)
+    ref = ZOSGD(plain.parameters(), lr=0.05, eps=1e-2, seed=7, perturbation="inplace")
+    for _ in range(2):
+        ref.step(_closure(plain, inputs, targets))
+    for _ in range(2):  # (a forward of the other model between them would take the perturbation back)
+        opt.step(loss)
+    assert opt._lookahead.pending
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not opt._lookahead.pending
+    _assert_close(list(saved.values()), list(plain.state_dict().values()))
+    opt.step(loss)
+    model.load_state_dict(saved)
+    assert all(torch.equal(p.detach(), saved[k]) for k, p in model.named_parameters())
+
+
 class _ScaledBody(torch.nn.Module):
     """A root that owns a parameter it uses only from outside its forward (the closure calls ``body``)."""
 
@@ -344,6 +369,26 @@ def test_a_take_back_that_fails_says_so_once_and_stays_recorded():
     merged.float()
     opt.materialize()  # now it can: theta again
     _assert_close(_params(merged), _params(plain))
+
+
+def test_a_step_whose_take_back_fails_leaves_the_next_step_its_own_layout():
+    """The step set its layout before claiming the pending perturbation, outside the block that clears it: a claim
+    that raised left it, and the next step trained the parameters of the failed step's layout."""
+    a, b = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+    opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=1e-2, eps=1e-2, seed=0, merge_steps=True)
+    loss = lambda: ((a - 1) ** 2).sum() + ((b.float() - 1) ** 2).sum()  # noqa: E731
+    opt.step(loss)
+    b.requires_grad_(False)
+    b.data = b.data.double()  # frozen, in a dtype the passes refuse: the step's take-back raises
+    with pytest.raises(TypeError, match="could not take its pending perturbation back"):
+        opt.step(loss)
+    b.data = b.data.float()
+    b.requires_grad_(True)
+    opt.materialize()
+    before = b.detach().clone()
+    opt.step(loss)
+    opt.materialize()
+    assert not torch.equal(b.detach(), before)
 
 
 def test_merged_steps_run_on_inference_tensors_in_inference_mode():

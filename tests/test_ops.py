@@ -459,10 +459,12 @@ def test_bad_input_raises_before_touching_tensors(call, exc, match):
         assert torch.equal(t, b)
 
 
-def test_meta_tensors_are_not_taken_for_overlapping_ones():
-    metas = [torch.empty(3, device="meta"), torch.empty(4, device="meta")]  # both data_ptr 0
-    zokern.perturb_(metas, 1, EPS)
-    zokern.restore_update_(metas, 1, EPS, 0.1, 1.0)
+def test_meta_tensors_are_refused_as_holding_no_values():
+    """A pass over them did nothing, silently (and all their data_ptrs are 0: they are not "overlapping")."""
+    metas = [torch.empty(3, device="meta"), torch.empty(4, device="meta")]
+    for run in (lambda: zokern.perturb_(metas, 1, EPS), lambda: zokern.restore_update_(metas, 1, EPS, 0.1, 1.0)):
+        with pytest.raises(ValueError, match=r"tensors\[0\] is on the meta device: it holds no values"):
+            run()
 
 
 def test_a_flag_that_requires_grad_is_set():

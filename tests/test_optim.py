@@ -3,12 +3,14 @@ the rate theory gives, torch.optim contracts (groups, schedulers, state_dict), r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import math
 import pickle
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -614,6 +616,31 @@ def _shaped(state):
     return sorted(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim())
 
 
+@pytest.mark.parametrize("cls,kwargs", [(ZOSGD, dict(momentum=0.5)), (ZOAdam, {}), (LDSD, dict(k=2))])
+def test_a_roll_back_to_an_earlier_checkpoint_leaves_a_trajectory_that_replays(cls, kwargs):
+    """The steps after the checkpoint are abandoned: their records stayed, so the trajectory held steps 3, 4, 3, 4, 5
+    and replay refused it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    x, y = torch.randn(8, 8), torch.randn(8, 1)
+    closure = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = cls(model.parameters(), lr=1e-2, eps=1e-2, seed=7, **kwargs)
+    for _ in range(3):
+        opt.step(closure)
+    checkpoint = copy.deepcopy(dict(model=model.state_dict(), opt=opt.state_dict()))
+    for _ in range(2):
+        opt.step(closure)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    for _ in range(3):
+        opt.step(closure)
+    assert [r["step"] for r in opt.trajectory] == list(range(6))
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, opt.trajectory)
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
+
+
 def test_a_checkpoint_whose_groups_carry_keys_an_older_zokern_wrote_still_loads():
     """LDSD's SGD groups held Adam's betas and adam_eps until they were made Adam-only: such checkpoints resume."""
     (a, frozen, b), groups, closure, _ = _problem()
@@ -689,6 +716,29 @@ def test_replay_follows_param_groups_added_during_the_run():
     replayed = [t.clone() for t in initial]
     zokern.replay(replayed, opt.trajectory)  # the parameters of the groups added later come last, as added
     assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, (*params, extra)))
+
+
+@pytest.mark.parametrize("to", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cls,kwargs", [(ZOSGD, dict(momentum=0.5)), (ZOAdam, {}), (LDSD, dict(k=2))])
+def test_replay_converts_the_parameters_where_the_run_did(cls, kwargs, to):
+    """A run that converted its model between steps (model.half() after a float32 warm-up; the next step goes on in
+    the exact mode) recorded the new dtypes in a setup that replay refused from any initial parameters."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    initial = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = cls(model.parameters(), lr=1e-2, eps=1e-2, seed=0, **kwargs)
+    closure = lambda: ((model(x.to(model[0].weight.dtype)).float() - y) ** 2).mean()  # noqa: E731
+    for _ in range(2):
+        opt.step(closure)
+    model.to(to)
+    for _ in range(2):
+        opt.step(closure)
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, opt.trajectory)
+    assert all(r.dtype == to and torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
+    with pytest.raises(ValueError, match=r"params\[0\] has dtype"):  # the run's first dtypes are still required
+        zokern.replay([t.to(to) for t in initial], opt.trajectory)
 
 
 def _trained_trajectory():
@@ -806,6 +856,78 @@ def test_a_trainable_tensor_subclass_is_refused_and_a_frozen_one_left_alone():
     with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is a TwoTensor"):
         opt.step(lambda: plain.pow(2).sum())
     assert torch.equal(plain, before)
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [(lambda: torch.empty(3, 4, device="meta"), ValueError, "is on the meta device: it has no values to train"),
+     (lambda: torch.randn(3, 4).to_sparse(), TypeError, "is a torch.sparse_coo tensor; zokern's passes update dense"),
+     (lambda: torch.randn(3, 4).to_sparse_csr(), TypeError, "is a torch.sparse_csr tensor")],
+    ids=["meta", "coo", "csr"],
+)  # fmt: skip
+def test_a_trainable_parameter_without_dense_values_is_refused_by_name(make, error, match):
+    """A meta parameter (accelerate's offloading, init_empty_weights) was accepted and silently never trained; a
+    sparse one was called non-contiguous (COO) or failed inside torch (CSR)."""
+    plain, odd = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(make())
+    with pytest.raises(error, match=r"params\[1\] " + match):
+        ZOSGD([plain, odd])
+    odd.requires_grad_(False)
+    opt = ZOSGD([plain, odd], lr=1e-2, seed=0)  # frozen: left alone
+    odd.requires_grad_(True)
+    with pytest.raises(error, match=r"param_groups\[0\]\['params'\]\[1\] " + match):
+        opt.step(lambda: plain.pow(2).sum())
+    with pytest.raises((TypeError, ValueError), match="meta device|dense"):
+        zokern.ops.perturb_(odd.data, 0, 1.0)
+
+
+class _FakeQuantized(torch.nn.Parameter):
+    """A quantisation-aware weight: every linear sees it rounded to a grid of 1/8."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            args = list(args)
+            with torch._C.DisableTorchFunctionSubclass():
+                args[1] = torch.round(args[1].as_subclass(torch.Tensor) * 8) / 8
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_exact_mode_refuses_a_parameter_class_with_its_own_torch_function(dtype):
+    """The exact mode hands ops plain tensors holding theta + eps z: the class's __torch_function__ never ran, and
+    the step trained another function than the model's. Refused before a seed is drawn; in place it trains."""
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    layer = torch.nn.Linear(4, 1).to(dtype)
+    layer.weight = _FakeQuantized(layer.weight.data.clone())
+    closure = lambda: ((layer(x.to(dtype)).float() - y) ** 2).mean()  # noqa: E731
+    before = [p.detach().clone() for p in layer.parameters()]
+    for perturbation in ("exact", "auto"):
+        if perturbation == "auto" and dtype == torch.float32:  # in place: the wrapper runs in every evaluation
+            opt = ZOSGD(layer.parameters(), lr=0.0, eps=1e-4, seed=0)
+            with torch.no_grad():
+                assert opt.step(closure).item() == pytest.approx(closure().item(), abs=1e-4)
+            continue
+        opt = ZOSGD(layer.parameters(), lr=1e-2, eps=1e-2, seed=0, perturbation=perturbation)
+        with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[0\] is a _FakeQuantized with its own"):
+            opt.step(closure)
+        with pytest.raises(TypeError, match="perturbation='inplace'"):
+            with opt.perturbed(opt.new_seed()):
+                closure()
+        assert opt.steps_taken == 1 and not opt.trajectory  # the refused step drew no seed (new_seed drew one)
+        assert all(torch.equal(p.detach(), b) for p, b in zip(layer.parameters(), before))
+
+
+def test_merge_steps_refuses_a_step_in_the_exact_mode_before_drawing_its_seed():
+    """Parameters made 16-bit after the constructor (model.half()) turn the default mode to exact, where nothing can
+    merge: refused as the constructor refuses it, before the step draws a seed or records anything."""
+    model = torch.nn.Linear(4, 2)
+    opt = ZOSGD(model.parameters(), lr=1e-2, seed=0, merge_steps=True)
+    opt.step(lambda: model(torch.ones(4)).pow(2).sum())
+    opt.materialize()
+    model.half()
+    with pytest.raises(ValueError, match="exact mode: merge_steps leaves theta"):
+        opt.step(lambda: model(torch.ones(4).half()).float().pow(2).sum())
+    assert opt.steps_taken == 1 and len(opt.trajectory) == 1
 
 
 _HUGE_G = [1e37, -1e37]  # g = (L+ - L-) / (2 eps) = 1e40 with eps = 1e-3
@@ -991,6 +1113,34 @@ def test_every_evaluation_of_a_step_draws_the_same_random_numbers(cls, kwargs, d
         opt.step(closure)
     assert all(len(step) >= 2 and len(set(step)) == 1 for step in draws)
     assert len({step[0] for step in draws}) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturbed_blocks_of_one_seed_draw_the_same_random_numbers_as_a_step(dtype):
+    """The lower-level recipe (perturbed(seed, +1), perturbed(seed, -1)) drew new dropout masks per block: its
+    estimate was noise where step()'s was not. Its blocks now evaluate what the step evaluates."""
+    x = torch.randn(32, 6, dtype=dtype)
+    runs = []
+    for lower_level in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1)).to(dtype)
+        opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-2, seed=3)
+        closure = lambda model=model: model(x).float().pow(2).mean()  # noqa: E731
+        losses = []
+        for _ in range(3):
+            if lower_level:
+                seed = opt.new_seed()
+                with opt.perturbed(seed, +1):
+                    losses.append(closure().item())
+                with opt.perturbed(seed, -1):
+                    losses.append(closure().item())
+            else:
+                opt.step(closure)
+                losses += opt.trajectory[-1]["losses"]
+        runs.append(losses)
+    # (in place, the step reaches theta - eps z from theta + eps z: a float32 rounding apart)
+    assert runs[1] == (runs[0] if dtype == torch.bfloat16 else pytest.approx(runs[0], rel=1e-6))
+    assert len(set(runs[0][0::2])) == 3  # each seed's blocks draw anew
 
 
 def test_dropout_in_train_mode_leaves_the_estimate_as_in_eval_mode():
@@ -1308,6 +1458,86 @@ def test_the_exact_mode_under_torch_compile_sees_the_perturbation_of_each_evalua
 
     torch._dynamo.reset()
     assert losses(compiled=True) == losses(compiled=False)
+
+
+@pytest.mark.parametrize(
+    "dtype,kwargs,match",
+    [(torch.bfloat16, {}, "the exact mode .* or use perturbation='inplace'"),
+     (torch.float32, dict(merge_steps=True), "merge_steps sees")],
+)  # fmt: skip
+def test_a_fullgraph_compile_that_cannot_trace_zokern_is_told_which_option_needs_the_break(dtype, kwargs, match):
+    """torch's own error named torch.compiler.disable and neither zokern nor the option that needs it."""
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(16, 4).to(dtype)
+    before = [p.detach().clone() for p in layer.parameters()]
+    forward = torch.compile(layer, backend="eager", fullgraph=True)
+    opt = ZOSGD(layer.parameters(), lr=1e-2, eps=1e-2, seed=0, **kwargs)
+    with pytest.raises(RuntimeError, match="zokern: torch.compile\\(fullgraph=True\\) cannot trace .*" + match):
+        opt.step(lambda: forward(torch.ones(2, 16, dtype=dtype)).float().square().mean())
+    for p, b in zip(layer.parameters(), before):  # restored (in place: to a float32 rounding)
+        torch.testing.assert_close(p.detach(), b, atol=1e-6, rtol=0)
+
+
+def test_inductor_freezing_is_warned_about_where_compiled_code_reads_the_parameters(monkeypatch):
+    """Freezing folds the weights a compiled forward first saw into its code (every ZO evaluation runs without
+    autograd): later evaluations read stale weights, and the run trained on a wrong estimate, silently."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "freezing", True)
+    for dtype, warned in ((torch.float32, True), (torch.bfloat16, False)):  # the exact mode runs eagerly
+        layer = torch.nn.Linear(4, 1).to(dtype)
+        opt = ZOSGD(layer.parameters(), lr=1e-2, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(lambda layer=layer: layer(torch.ones(4, dtype=layer.weight.dtype)).float().sum())
+        assert any("freezing is set" in str(w.message) for w in caught) == warned
+
+
+@pytest.mark.parametrize(
+    "kwargs,dtype",
+    [({}, torch.float32), (dict(merge_steps=True), torch.float32), (dict(momentum=0.9), torch.float32),
+     ({}, torch.bfloat16)],
+)  # fmt: skip
+def test_a_step_inside_parametrize_cached_evaluates_each_point_afresh(kwargs, dtype):
+    """torch.nn.utils.parametrize.cached() keeps a parametrized weight until its block exits (torch's idiom around one
+    optimisation step): L- and every later evaluation read the weight computed at theta + eps z, so the in-place mode
+    trained on a wrong estimate and the exact mode refused. Inside the block, the run is the one without it."""
+    from torch.nn.utils import parametrize
+
+    class Symmetric(torch.nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).transpose(0, 1)
+
+    x, y = torch.randn(32, 16, dtype=dtype), torch.randn(32, 1)
+
+    def run(cached: bool) -> tuple[list, list]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(dtype)
+        parametrize.register_parametrization(model[0], "weight", Symmetric())
+        opt = ZOSGD(model.parameters(), lr=1e-2, eps=1e-2, seed=1, **kwargs)
+
+        def closure():
+            return torch.nn.functional.mse_loss(model(x).float(), y)
+
+        for _ in range(3):
+            with parametrize.cached() if cached else contextlib.nullcontext():
+                opt.step(closure)
+                after = closure()  # a forward after the step, in the same block, sees the update
+        seed = opt.new_seed()
+        with parametrize.cached() if cached else contextlib.nullcontext():
+            with opt.perturbed(seed, +1):
+                plus = closure()
+            with opt.perturbed(seed, -1):
+                minus = closure()
+        opt.materialize()
+        return [r["losses"] for r in opt.trajectory] + [[after.item(), plus.item(), minus.item()]], [
+            p.detach().clone() for p in model.parameters()
+        ]
+
+    plain, cached = run(False), run(True)
+    assert all(len(set(losses)) > 1 for losses in plain[0])
+    assert cached[0] == plain[0]
+    assert all(torch.equal(a, b) for a, b in zip(cached[1], plain[1]))
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(merge_steps=True), dict(momentum=0.9)])

@@ -105,6 +105,18 @@ def test_ldsd_refuses_inference_tensors_outside_inference_mode_before_any_evalua
     assert torch.equal(layer.weight.detach(), before) and not calls and opt.steps_taken == 0
 
 
+def test_an_inference_tensor_among_many_groups_is_named_by_its_group():
+    """Groups of equal values share one fused call, whose set counts tensors across groups: its "tensors[1]" pointed
+    at another group's parameter. The step names the parameter, as LDSD's check does."""
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    with torch.inference_mode():
+        odd = torch.nn.Parameter(torch.randn(4))
+    groups = [{"params": [p], "eps": eps} for p, eps in zip([*params, odd], (1e-3, 2e-3, 1e-3, 2e-3))]
+    opt = ZOSGD(groups, lr=0.1, seed=1)
+    with pytest.raises(ValueError, match=r"param_groups\[3\]\['params'\]\[0\] is an inference tensor"):
+        opt.step(lambda: sum(p.sum() for p in params) ** 2)
+
+
 @pytest.mark.parametrize("cls, kwargs", STATEFUL + [pytest.param(LDSD, dict(k=2, update="adam"), id="ldsd-adam-cpu")])
 def test_states_built_under_inference_mode_serve_the_steps_outside_it(cls, kwargs):
     """ZO needs no autograd, so a first step under torch.inference_mode is natural; its states must stay usable."""
@@ -381,6 +393,44 @@ def test_a_programs_own_raising_handler_gets_the_held_signal_once_theta_is_consi
         assert signal.getsignal(signum) is stop
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["inplace", "exact"])
+@pytest.mark.parametrize("lower_level", [False, True], ids=["step", "perturbed"])
+def test_a_preemption_handler_that_saves_a_checkpoint_runs_between_steps(dtype, lower_level):
+    """SIGTERM arrives while a closure runs, where the step spends its time: a handler that saved there saved
+    theta + eps z (in place; the exact mode's perturbed copies too) and a step count that included the unfinished
+    step. It runs once the step is done, and saves what a run that had stopped there would hold."""
+    a, b = (p.detach().to(dtype).requires_grad_() for p in _pair())
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-2, seed=3)
+    saved = []
+
+    def save(signum, frame):
+        saved.append(([a.detach().clone(), b.detach().clone()], opt.state_dict()["zo"]["steps_taken"]))
+
+    def closure():
+        if not saved and len(opt.trajectory) == 1:  # in the second step's (or block's) evaluation
+            signal.raise_signal(signal.SIGTERM)
+        return _loss(a.float(), b.float())
+
+    with _handling(signal.SIGTERM, save):
+        opt.step(closure)
+        if lower_level:
+            with opt.perturbed(opt.new_seed()):
+                closure()
+            assert saved and saved[0][1] == 2  # after the block: theta, the seeds drawn so far
+        else:
+            opt.step(closure)
+            assert saved and saved[0][1] == 2  # after the step: it counts
+    assert all(torch.equal(held, p.detach()) for held, p in zip(saved[0][0], (a, b)))
+
+
+def test_the_optimizer_state_dict_is_refused_inside_a_step():
+    a, b = _pair()
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-2, seed=3)
+    with pytest.raises(RuntimeError, match=r"ZOSGD.state_dict was called while a step .* signal handler"):
+        opt.step(lambda: opt.state_dict() and _loss(a, b))
+    assert opt.trajectory[-1]["raised"]
+
+
 @pytest.mark.parametrize("optimizer", ["ldsd", "conservative-exact"])
 def test_ctrl_c_during_a_final_or_commit_pass_waits_for_the_record(optimizer, monkeypatch):
     from zokern.optim import ZOConservative
@@ -414,7 +464,7 @@ def test_a_hold_cut_short_by_another_signals_handler_is_healed_by_the_next():
     cut.__enter__()  # opened, never closed: the exception came before its with-block could end it
     del cut
     gc.collect()
-    assert signal.getsignal(signal.SIGINT) == _Holding.hold and not _Holding.open
+    assert signal.getsignal(signal.SIGINT) == _Holding.hold and not any(_Holding.open.values())
     with held_interrupts():
         pass
     assert signal.getsignal(signal.SIGINT) is original

@@ -22,7 +22,6 @@ from zokern._dispatch import select_backend
 
 INDEX_LIMIT = 1 << 63
 _NBYTES = operator.attrgetter("nbytes")
-_IS_META = operator.attrgetter("is_meta")
 _DTYPE = operator.attrgetter("dtype")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROUNDINGS = ("nearest", "stochastic")
@@ -95,11 +94,15 @@ def _check_tensors(tensors: Tensors, written: bool = True, name: str = "tensors"
     # Per call, not per tensor: this loop runs over every parameter on each optimizer pass (host time per step).
     inference_mode = torch.is_inference_mode_enabled()
     device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+    if device is not None and device.type == "meta":  # a pass over it would do nothing, silently
+        raise ValueError(f"{name}[0] is on the meta device: it holds no values to perturb or update")
     for k, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{k}] is a {type(t).__name__}, expected a torch.Tensor")
         if not holds_plain_tensor(t):
             raise TypeError(f"{name}[{k}] is a {type(t.data).__name__}: {SUBCLASS_REASON}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}[{k}] is a {t.layout} tensor; zokern's passes take dense (strided) tensors")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}[{k}] has dtype {t.dtype}; zokern updates float32, bfloat16 and float16 tensors")
         if t.device != device:
@@ -126,11 +129,10 @@ def _refuse_inference_tensor(k: int, name: str = "tensors") -> None:
 
 
 def _spans(tensors: list[torch.Tensor]) -> list[tuple[int, int, int]]:
-    """(start, end, index) of each tensor's memory, sorted; empty and meta tensors (no memory) left out."""
+    """(start, end, index) of each tensor's memory, sorted; empty tensors (no memory) left out (the passes refuse
+    meta tensors, whose data_ptr is 0)."""
     # Attribute by attribute with map, not tensor by tensor: half the host time over hundreds of parameters.
     spans = zip(map(torch.Tensor.data_ptr, tensors), map(_NBYTES, tensors), range(len(tensors)))
-    if any(map(_IS_META, tensors)):  # every data_ptr of a meta tensor is 0
-        spans = ((start, size, k) for start, size, k in spans if not tensors[k].is_meta)
     return sorted((start, start + size, k) for start, size, k in spans if size)
 
 

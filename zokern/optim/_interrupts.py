@@ -14,11 +14,11 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _Holding:
-    """The process's one hold: the blocks open, the handlers they replaced, the signals they received. Open blocks are
-    held weakly: one that an exception cut short before its end (a handler of another signal raising between two of
-    its steps) closes when it is collected, and the next block puts the program's handlers back."""
+    """The process's one hold: per signal, the blocks open, the handler they replaced, and the signal if it came. Open
+    blocks are held weakly: one that an exception cut short before its end (a handler of another signal raising
+    between two of its steps) closes when it is collected, and the next block puts the program's handler back."""
 
-    open: weakref.WeakSet = weakref.WeakSet()
+    open: dict[int, weakref.WeakSet] = {signum: weakref.WeakSet() for signum in HELD_SIGNALS}
     previous: dict[int, object] = {}
     received: dict[int, tuple] = {}
 
@@ -28,20 +28,26 @@ class _Holding:
 
 
 class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib's)
-    """Hold SIGINT and SIGTERM during the block, each when a Python handler takes it (the default SIGINT handler raises
-    KeyboardInterrupt; a program's own may raise too), in the main thread (which alone receives signals and may set
-    their handlers). When the last open block ends, a signal that came is handed to its handler, called as the signal
-    would have called it: not raised again, since a program woken through a file descriptor (asyncio's
-    add_signal_handler) heard of it when it arrived. Blocks may nest and end in any order: the first to open installs
-    the hold, the last to end releases it."""
+    """Hold ``signals`` (SIGINT and SIGTERM by default) during the block, each when a Python handler takes it (the
+    default SIGINT handler raises KeyboardInterrupt; a program's own may raise too), in the main thread (which alone
+    receives signals and may set their handlers). When the last open block of a signal ends, the signal, if it came,
+    is handed to its handler, called as the signal would have called it: not raised again, since a program woken
+    through a file descriptor (asyncio's add_signal_handler) heard of it when it arrived. Blocks may nest and end in
+    any order: the first to open installs a signal's hold, the last to end releases it."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "signals")
+
+    def __init__(self, signals: tuple[int, ...] = HELD_SIGNALS) -> None:
+        self.signals = signals
 
     def __enter__(self) -> None:
-        if self in _Holding.open or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
-        if not _Holding.open:
-            for signum in HELD_SIGNALS:
+        for signum in self.signals:
+            blocks = _Holding.open[signum]
+            if self in blocks:
+                continue
+            if not blocks:
                 handler = signal.getsignal(signum)
                 if handler == _Holding.hold:  # left installed by a block cut short: the one it saved is the program's
                     handler = _Holding.previous.get(signum)
@@ -50,23 +56,25 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
                     signal.signal(signum, _Holding.hold)
                 else:
                     _Holding.previous.pop(signum, None)
-        _Holding.open.add(self)
+            blocks.add(self)
 
     def __exit__(self, *exc) -> None:
-        if self not in _Holding.open:
-            return
-        _Holding.open.discard(self)
-        if not _Holding.open:
-            received, _Holding.received = _Holding.received, {}
-            for signum, handler in _Holding.previous.items():
+        released = []
+        for signum in self.signals:
+            blocks = _Holding.open[signum]
+            if self not in blocks:
+                continue
+            blocks.discard(self)
+            if not blocks and signum in _Holding.previous:
+                handler = _Holding.previous.pop(signum)
                 signal.signal(signum, handler)
-            raised = None
-            for signum, arguments in received.items():  # every one, even after a handler raised
-                handler = _Holding.previous.get(signum)
-                if callable(handler):
-                    try:
-                        handler(*arguments)  # KeyboardInterrupt, for SIGINT's default handler
-                    except BaseException as e:
-                        raised = raised or e
-            if raised is not None:
-                raise raised
+                if signum in _Holding.received:
+                    released.append((handler, _Holding.received.pop(signum)))
+        raised = None
+        for handler, arguments in released:  # every one, even after a handler raised
+            try:
+                handler(*arguments)  # KeyboardInterrupt, for SIGINT's default handler
+            except BaseException as e:
+                raised = raised or e
+        if raised is not None:
+            raise raised

@@ -15,6 +15,7 @@ import functools
 import inspect
 import math
 import numbers
+import signal
 import warnings
 import weakref
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim import _hooks
 from zokern.optim import seeds as seeds_
+from zokern.optim._caches import clear_weight_caches
+from zokern.optim._caches import warn_if_compiled_weights_are_frozen
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim._pending import PendingRecord
 from zokern.optim._randomness import SharedRandomness
@@ -131,6 +134,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._claimed = False  # whether this step's first perturbation was already applied by the last step
         self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
         self._busy = False  # while a step or a perturbed() block runs: a nested one would corrupt its bookkeeping
+        self._block_randomness: tuple[int, SharedRandomness] | None = None  # perturbed(): its seed's first draws
         self._checked_memory: tuple | None = None  # the trainable parameters' memory _check_distinct_memory last passed
         self._update_hold: held_interrupts | None = None  # during step(): holds Ctrl-C from its update to its record
 
@@ -145,7 +149,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own). What
     # belongs to the original object stays with it, as torch.optim does: hooks registered on it, and the wrapper an
     # LR scheduler puts on its ``step`` (which holds the original: a copy's step would step the original).
-    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "step") + tuple(
+    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "_block_randomness", "step") + tuple(
         f"_optimizer_{kind}_hooks"
         for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post")
         + ("load_state_dict_pre", "load_state_dict_post")
@@ -164,6 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_chunks, self._step_prepared = None, {}
         self._checked_values = []
         self._busy = False
+        self._block_randomness = None
         self._checked_memory = None
         self._update_hold = None
         self._watch_lookahead()
@@ -287,13 +292,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         key = (inference_mode, tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(ops._NBYTES, tensors)))
         if key == self._checked_memory:
             return
-        names = None
         if not self._PASSES_CHECK_MEMORY and not inference_mode:
-            for k, p in enumerate(tensors):
-                if p.is_inference():
-                    names = names or self._trainable_names(layout)
-                    raise ValueError(f"{names[k]} is an inference tensor, which cannot be updated in place outside "
-                                     "inference mode; clone it, or step inside torch.inference_mode()")  # fmt: skip
+            self._refuse_inference_tensors(layout, tensors)
         if ops._first_overlap(ops._spans(tensors)) is not None:
             # Per device (the rare path): two devices' addresses may coincide.
             for device in {p.device for p in tensors}:
@@ -307,6 +307,17 @@ class ZOOptimizer(torch.optim.Optimizer):
                         "(tie weights by using one Parameter in both places)"
                     )
         self._checked_memory = key
+
+    def _refuse_inference_tensors(self, layout: list, tensors: list[torch.Tensor]) -> None:
+        """Raise, naming it, if one of ``tensors`` (trainable parameters of ``layout``) is an inference tensor."""
+        for p in tensors:
+            if p.is_inference():
+                trainable = [q for _, group_tensors, _ in layout for q in group_tensors]
+                name = self._trainable_names(layout)[next(k for k, q in enumerate(trainable) if q is p)]
+                raise ValueError(
+                    f"{name} is an inference tensor, which cannot be updated in place outside inference mode; clone "
+                    "it, or step inside torch.inference_mode()"
+                )
 
     def _trainable_names(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> list[str]:
         """``param_groups[g]['params'][k]`` of each trainable tensor of ``layout``, in its order."""
@@ -396,10 +407,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         prepared = self._step_prepared.get(entries)
         if prepared is None:
             chunks = [chunks[k] for k in entries]
-            prepared = ops.prepare(
-                [p.data for _, _, params, _ in chunks for p in params],
-                offsets=[b for _, _, _, offsets in chunks for b in offsets],
-            )
+            params = [p for _, _, chunk_params, _ in chunks for p in chunk_params]
+            try:
+                prepared = ops.prepare([p.data for p in params], offsets=[b for *_, offsets in chunks for b in offsets])
+            except ValueError:  # its message counts in the joined set: name the parameter instead
+                if not torch.is_inference_mode_enabled():
+                    self._refuse_inference_tensors(self._groups_layout(), params)
+                raise
             if self._step_layout is not None:
                 self._step_prepared[entries] = prepared
         return prepared
@@ -418,9 +432,30 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def exact(self) -> bool:
         """Whether evaluations see theta + alpha z without theta being written (see zokern.optim.exact)."""
+        return self._exact_for(self._groups_layout())
+
+    def _exact_for(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> bool:
         if self.perturbation == "auto":
-            return any(p.dtype in _SIXTEEN_BIT for p in self._trainable())
+            return any(p.dtype in _SIXTEEN_BIT for _, tensors, _ in layout for p in tensors)
         return self.perturbation == "exact"
+
+    def _check_runnable(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]], exact: bool) -> None:
+        """What a step in this mode cannot run, refused before it draws a seed. The exact mode hands each op plain
+        tensors holding theta + eps z in place of the parameters: a parameter class with its own
+        ``__torch_function__`` (a fake-quantisation wrapper) would not run, and the step would train another function
+        than the model's."""
+        if not exact:
+            return
+        for g, (group, tensors, _) in enumerate(layout):
+            for p in tensors:
+                function = type(p).__torch_function__
+                if getattr(function, "__func__", function) not in _PLAIN_TORCH_FUNCTIONS:
+                    k = next(k for k, q in enumerate(group["params"]) if q is p)
+                    raise TypeError(
+                        f"param_groups[{g}]['params'][{k}] is a {type(p).__name__} with its own __torch_function__, "
+                        "which the exact mode (the default for 16-bit parameters) would bypass: its evaluations hand "
+                        "ops plain tensors in place of the parameters. Use perturbation='inplace'"
+                    )
 
     def _begin_update(self) -> None:
         """An update pass starts: in step(), a Ctrl-C from now on is held until the step's record is written (a step
@@ -596,14 +631,24 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._check_groups_hyperparameters()
         for group in self.param_groups:
             ops._check_real("scale * eps", scale * group["eps"])
+        layout = self._groups_layout()
+        self._exact_now = self._exact_for(layout)
+        self._check_runnable(layout, self._exact_now)
         take_back_others(self._lookahead, self._trainable)
         self.materialize()
-        self._exact_now = self.exact()
         self._displacement.clear()
         self._busy = True
+        hold = held_interrupts((signal.SIGTERM,))  # a preemption handler runs after the block, at theta (see step)
+        hold.__enter__()
         try:
             self._perturb(seed, scale)
-            torch.clear_autocast_cache()  # casts of theta made in an autocast region around the block (_evaluate)
+            clear_weight_caches()  # weights computed from theta before the block (see _caches)
+            # The blocks of one seed draw the same random numbers (dropout masks), as step()'s evaluations do.
+            if self._block_randomness is not None and self._block_randomness[0] == seed:
+                self._block_randomness[1].rewind()
+            else:
+                devices = {p.device for _, tensors, _ in layout for p in tensors}
+                self._block_randomness = (seed, SharedRandomness(devices))
             if self._exact_now:
                 view = self._perturbed_view()
                 with view:
@@ -613,8 +658,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                 yield
         finally:
             self._busy = False
-            self._undo_displacement()
-            torch.clear_autocast_cache()
+            try:
+                self._undo_displacement()
+                clear_weight_caches()
+            finally:
+                hold.__exit__(None, None, None)
 
     def _perturbed_view(self) -> PerturbedView:
         uses = {
@@ -655,6 +703,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._require_closure(closure)
         self._check_groups_hyperparameters()
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
+        self._check_runnable(layout, self._exact_for(layout))
         if not self._warned_nothing_trainable and not any(tensors for _, tensors, _ in layout):
             self._warned_nothing_trainable = True
             warnings.warn(
@@ -664,6 +713,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
+        # A preemption handler (SIGTERM, when one is set from Python) runs between steps: the checkpoint it saves holds
+        # theta, not theta + eps z, and counts only the steps done. Ctrl-C still interrupts a closure (held by passes).
+        with held_interrupts((signal.SIGTERM,)):
+            return self._draw_and_take_step(closure, layout)
+
+    def _draw_and_take_step(self, closure: Closure, layout: list) -> torch.Tensor:
+        """step() once it has checked what it could before drawing its seed: draw it, take the step, record it."""
         self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
         seed = self._advance_seed()  # each loss reduction checks the ranks agree on it (_reduce)
@@ -708,7 +764,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._record(seed, self._losses if losses is None else losses, fields)
             self._unsettled.append(PendingRecord(self._trajectory[-1]))
         finally:
-            torch.clear_autocast_cache()  # the updated parameters, for forwards after the step in the same region
+            clear_weight_caches()  # for forwards after the step in the same autocast or cached() region
             hold, self._update_hold = self._update_hold, None
             hold.__exit__(None, None, None)  # a Ctrl-C held since the update is raised now, the step recorded
         if failed:
@@ -740,7 +796,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._busy:
             raise RuntimeError(
                 f"{type(self).__name__}.{what} was called while a step or a perturbed() block of the same optimizer "
-                "was running (from its closure?): the closure must only evaluate the loss"
+                "was running (from its closure, or a signal handler?), where the parameters are not theta: the "
+                "closure must only evaluate the loss"
             )
 
     def _require_closure(self, closure: Closure | None) -> None:
@@ -769,9 +826,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_seed, self._update_passes = seed, 0
         self._round, self._agreement, self._seen_disagreement = 0, [], False
         self._next_seed = next_seed
-        self._claimed = self._claim_lookahead(seed, may_claim)
         self._busy = True
         try:
+            # In the try: a take-back that fails must not leave this step's layout behind for the next step.
+            self._claimed = self._claim_lookahead(seed, may_claim)
             if self._exact_now:  # its first pass is the update: its checks (overlap, layout) before any forward
                 self._fused(lambda group: ())
             fields = {"skipped": False, **self._run_step(seed, evaluate)}
@@ -806,9 +864,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _evaluate(self, closure: Closure) -> torch.Tensor:
         """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
         view = self._perturbed_view() if self._exact_now else None
-        # Autocast keeps its low-precision copies of the parameters until the outermost autocast region exits: a step
-        # run inside one would evaluate every point with the first evaluation's copies (L+ = L-, g = 0).
-        torch.clear_autocast_cache()
+        clear_weight_caches()  # each evaluation reads other weights than the last (see _caches)
+        if view is None:  # (the exact mode's evaluations run eagerly: nothing compiled to freeze)
+            warn_if_compiled_weights_are_frozen()
         try:
             if view is not None:
                 with view:
@@ -819,6 +877,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 loss = closure()
         except RuntimeError as e:  # torch.optim's habit of a closure that calls backward()
+            if type(e).__name__ == "Unsupported" and ("PerturbedView" in str(e) or "Lookahead" in str(e)):
+                raise RuntimeError(
+                    "zokern: torch.compile(fullgraph=True) cannot trace the hooks by which "
+                    f"{'the exact mode (the default for 16-bit parameters)' if view is not None else 'merge_steps'} "
+                    "sees what the model reads; compile without fullgraph=True"
+                    f"{', or use perturbation=' + repr('inplace') if view is not None else ''}"
+                ) from e
             if "does not require grad" not in str(e):
                 raise
             raise RuntimeError(
@@ -982,6 +1047,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
 
     def state_dict(self) -> dict[str, Any]:
+        self._refuse_nested("state_dict")  # mid-step it would count the step, and the parameters beside it be off
         self.materialize()
         with _hooks.quiet(self, "state_dict_post"):
             state = super().state_dict()
@@ -1087,6 +1153,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
+        # A roll-back to an earlier checkpoint of this run abandons the steps after it: their records go, so that the
+        # trajectory stays the run's (replay would refuse one whose steps repeat). The next step records its setup.
+        self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
+        self._last_setup = None
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 
@@ -1140,15 +1210,33 @@ def _call_key(scalars: tuple) -> list:
     return [(id(v),) if isinstance(v, torch.Tensor) else v if v else str(v) for v in scalars]
 
 
+# The __torch_function__ of plain tensors and of nn.Parameter (which disables it): any other is a class's own.
+_PLAIN_TORCH_FUNCTIONS = (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
+
+
 def _writable(p: torch.Tensor) -> bool:
     """Whether the passes can update ``p`` in place (else _reject_parameter says why)."""
-    return p.is_contiguous() and p.dtype in ops.SUPPORTED_DTYPES and ops.holds_plain_tensor(p)
+    return (
+        p.layout == torch.strided  # first: a sparse CSR tensor raises on is_contiguous
+        and p.is_contiguous()
+        and p.dtype in ops.SUPPORTED_DTYPES
+        and ops.holds_plain_tensor(p)
+        and not p.is_meta
+    )
 
 
 def _reject_parameter(name: str, p: torch.Tensor) -> None:
     """The error for a trainable parameter the passes cannot update, raised before any pass of a step runs."""
     if not ops.holds_plain_tensor(p):
         raise TypeError(f"{name} is a {type(p.data).__name__}: {ops.SUBCLASS_REASON}")
+    if p.layout != torch.strided:
+        raise TypeError(f"{name} is a {p.layout} tensor; zokern's passes update dense (strided) parameters")
+    if p.is_meta:
+        raise ValueError(
+            f"{name} is on the meta device: it has no values to train (a model built with init_empty_weights, or "
+            "offloaded by accelerate, keeps its real weights elsewhere). Load or materialise the weights first, or "
+            "freeze it (requires_grad_(False))"
+        )
     if p.dtype not in ops.SUPPORTED_DTYPES:
         raise TypeError(f"{name} has dtype {p.dtype}; zokern's passes update float32, bfloat16 and float16 parameters")
     raise ValueError(

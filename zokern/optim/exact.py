@@ -16,9 +16,10 @@ evaluation then sees, never to theta.
 
 What a model must satisfy: the closure reaches every trainable parameter through torch operations (modules,
 functional calls, tensor methods, ``.data``, ``.T`` and the other properties made of its values), as Python models
-do. Code that bypasses torch's function overrides (a custom C++/CUDA extension handed raw pointers, a
-torch.compile'd graph) would see the unperturbed value; a trainable parameter no op received during an evaluation
-is reported as an error, naming it.
+do. Code that bypasses torch's function overrides (a custom C++/CUDA extension handed raw pointers) would see the
+unperturbed value; a trainable parameter no op received during an evaluation is reported as an error, naming it. A
+torch.compile'd model runs eagerly here, op by op (its frames break at the view, which dynamo must not trace): right,
+but not compiled; ``fullgraph=True`` cannot compile it at all. Use perturbation='inplace' to run it compiled.
 """
 
 from __future__ import annotations
@@ -342,5 +343,5 @@ class PerturbedView(TorchFunctionMode):
                 f"exact perturbation: the closure never passed {len(missing)} trainable parameter(s) to a torch "
                 f"operation ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), so they could not be "
                 "perturbed. Freeze parameters the loss does not use (requires_grad=False), or, for code that reads "
-                "parameters outside torch (C++ extensions, compiled graphs), use perturbation='inplace'."
+                "parameters outside torch (C++ extensions handed raw pointers), use perturbation='inplace'."
             )

@@ -62,6 +62,9 @@ class StepGraph:
         opt = self.opt
         chunks = opt._device_chunks()
         if not chunks:  # nothing trainable: the losses only, as the ordinary step
+            # The graph of the last layout goes with its rows (it reads them by address): a layout made trainable
+            # again warms up and captures anew.
+            self.key, self.closure, self.graph, self.keep, self.uncaptured = None, None, None, [], 0
             self.rows = torch.zeros((0, _scalars.SLOTS), dtype=torch.int64)
             return self._passes(seed, evaluate)
         device = self._check(chunks)

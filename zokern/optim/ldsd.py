@@ -243,45 +243,63 @@ class LDSD(ZOOptimizer):
             if not changed:
                 return None
             if 0 not in changed and len(changed) <= 2:  # a candidate switch: mu cancels, one two-seed pass
+                deltas = [delta[i] for i in changed]
                 with held_interrupts():
-                    self._two_seed_move(changed, [delta[i] for i in changed])
-                    self._position = position  # after the pass: a pass that raises has not moved theta
+                    self._each_chunk(lambda chunk, sign: self._two_seed_move(chunk, changed, deltas, sign))
+                    self._position = position  # after the passes: a pass that raises has not moved theta
                 return None
         else:
             delta = _as_tensor(position, like=previous) - _as_tensor(previous, like=position)
         norms: dict[int, torch.Tensor] = {}
+
+        def move(chunk: tuple, sign: float) -> None:
+            index, group, params, offsets = chunk
+            device = params[0].device
+            norm_row = None if norm_rows is None or sign < 0 else norm_rows[index].to(device)
+            signed = delta if sign > 0 else [-d for d in delta] if isinstance(delta, list) else -delta
+            part = passes.move_(
+                [p.data for p in params],
+                self._mus(params),
+                offsets,
+                self._candidates,
+                self._row(signed, group, device),
+                norm_coef=norm_row,
+                **self._pass_kwargs(),
+            )
+            if part is not None and sign > 0:
+                norms[index] = norms[index] + part.to(norms[index].device) if index in norms else part
+
         with held_interrupts():
-            for n, (index, group, params, offsets) in enumerate(self._device_chunks()):
-                if n in self._finished:  # its final pass ran: restored and updated already
-                    continue
-                device = params[0].device
-                norm_row = None if norm_rows is None else norm_rows[index].to(device)
-                coef = self._row(delta, group, device)
-                mus = self._mus(params)
-                part = passes.move_(
-                    [p.data for p in params],
-                    mus,
-                    offsets,
-                    self._candidates,
-                    coef,
-                    norm_coef=norm_row,
-                    **self._pass_kwargs(),
-                )
-                if part is not None:
-                    norms[index] = norms[index] + part.to(norms[index].device) if index in norms else part
+            self._each_chunk(move)
             self._position = position  # after the passes: a pass that raises has not moved theta
         return norms if norm_rows is not None else None
 
-    def _two_seed_move(self, changed: list[int], deltas: list[float]) -> None:
-        for _, group, params, offsets in self._device_chunks():
-            scale = group["eps"] * group["sigma"]
-            seeds = [self._candidates[i - 1] for i in changed]
-            data = [p.data for p in params]
-            kwargs = dict(offsets=offsets, **self._pass_kwargs())
-            if len(changed) == 2:
-                ops.two_seed_(data, seeds[0], scale * deltas[0], seeds[1], scale * deltas[1], **kwargs)
-            else:
-                ops.perturb_(data, seeds[0], scale * deltas[0], **kwargs)
+    def _each_chunk(self, move: Callable[[tuple, float], None]) -> None:
+        """``move(chunk, +1.0)`` for each entry of _device_chunks() whose final pass has not run; if one raises, the
+        chunks already moved are moved back (``move(chunk, -1.0)``) before it propagates, so that theta is where the
+        position the step keeps says (the undo of a failed step starts from it)."""
+        moved = []
+        try:
+            for n, chunk in enumerate(self._device_chunks()):
+                if n in self._finished:  # its final pass ran: restored and updated already
+                    continue
+                move(chunk, 1.0)
+                moved.append(chunk)
+        except BaseException:
+            for chunk in moved:
+                move(chunk, -1.0)
+            raise
+
+    def _two_seed_move(self, chunk: tuple, changed: list[int], deltas: list[float], sign: float) -> None:
+        _, group, params, offsets = chunk
+        scale = sign * group["eps"] * group["sigma"]
+        seeds = [self._candidates[i - 1] for i in changed]
+        data = [p.data for p in params]
+        kwargs = dict(offsets=offsets, **self._pass_kwargs())
+        if len(changed) == 2:
+            ops.two_seed_(data, seeds[0], scale * deltas[0], seeds[1], scale * deltas[1], **kwargs)
+        else:
+            ops.perturb_(data, seeds[0], scale * deltas[0], **kwargs)
 
     def _undo_displacement(self) -> None:
         if self._position is not None and not self._exact_now:

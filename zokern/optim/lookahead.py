@@ -6,9 +6,9 @@ read the parameters:
 - ``optimizer.materialize()`` and ``optimizer.state_dict()``, and the optimizer's garbage collection;
 - any ``nn.Module`` forward (a global forward pre-hook, installed only while a perturbation is pending), so that an
   evaluation between steps sees theta;
-- ``state_dict()`` and ``load_state_dict()`` of the modules that own the parameters (hooks registered on them the
-  first time a merging step's closure calls a model that contains them), so that a checkpoint holds theta and a
-  loaded one is not shifted.
+- ``state_dict()`` and ``load_state_dict()`` of the modules that own the parameters (hooks registered on them
+  during the first merging step's closure, on the trees of the models it calls, else found among all live modules),
+  so that a checkpoint holds theta and a loaded one is not shifted.
 
 A module's ``load_state_dict`` loads its own parameters before its children's hooks run: a parameter loaded so
 (its version counter raised since the perturbation) keeps the loaded value when a load hook takes the perturbation
@@ -29,6 +29,7 @@ taken back with it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import warnings
 import weakref
@@ -40,6 +41,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from zokern import ops
+from zokern.optim._caches import clear_weight_caches
 from zokern.optim._interrupts import held_interrupts
 
 # (parameters, their stream offsets, coefficient of z) per fused call of a step: the layout the perturbation was
@@ -148,7 +150,7 @@ class Lookahead:
                         ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
                                      **self._pass_kwargs)  # fmt: skip
                     del self._chunks[0], self._versions[0]
-            torch.clear_autocast_cache()  # autocast's copies of theta + eps z, made in a region still open
+            clear_weight_caches()  # copies of theta + eps z, made in an autocast or cached() region still open
         except (TypeError, ValueError) as e:
             self._unhook()  # every module's forward would raise it again, the model's or not
             raise type(e)(
@@ -173,29 +175,42 @@ class Lookahead:
         """While the block runs (a closure call), hook ``state_dict``/``load_state_dict`` of every module that owns
         one of ``params`` and lies under a module whose forward runs: the whole tree of a model called in the
         closure, so parameters used functionally or by submodules that did not run (an expert not routed to) are
-        covered too. Once per parameter, after a closure that ran a model (parameters that no module owns have no
-        state_dict to hook)."""
+        covered too. Owners of the parameters that no such forward reached are then looked for among all live
+        modules: a function compiled before the first merged step runs its traced code, which calls no global hook
+        installed since, so its forwards are invisible (and parameters used outside any module have no owner to
+        find). Once per parameter."""
         ids = {id(p) for p in params} - self._searched
         if not ids:
             yield
             return
         visited: set[torch.nn.Module] = set()  # named_modules' memo: each module is walked once per closure call
+        found: set[int] = set()
 
         def find(root: torch.nn.Module, _args) -> None:
             for _, module in root.named_modules(memo=visited):
-                owned = {id(p) for p in module._parameters.values() if p is not None} & ids
-                if owned and module not in self._hooked_modules:
-                    self._hooked_modules.add(module)
-                    self._handles.append(module.register_state_dict_pre_hook(self.materialize))
-                    self._handles.append(module.register_load_state_dict_pre_hook(self._before_load))
+                found.update(self._hook_if_owner(module, ids))
 
         handle = register_module_forward_pre_hook(_eager(find))
         try:
             yield
         finally:
             handle.remove()
-        if visited:
-            self._searched = self._searched | frozenset(ids)
+        if ids - found:
+            # Once per parameter: gc.get_objects() lists every tracked object (about 0.1 s in a large program).
+            for obj in gc.get_objects():
+                if issubclass(type(obj), torch.nn.Module):  # type(), not isinstance: no __class__ property runs
+                    self._hook_if_owner(obj, ids)
+        self._searched = self._searched | frozenset(ids)
+
+    def _hook_if_owner(self, module: torch.nn.Module, ids: set[int]) -> set[int]:
+        """Hook ``module``'s state_dict and load_state_dict if it owns one of the parameters ``ids``; the ones it
+        owns."""
+        owned = {id(p) for p in module._parameters.values() if p is not None} & ids
+        if owned and module not in self._hooked_modules:
+            self._hooked_modules.add(module)
+            self._handles.append(module.register_state_dict_pre_hook(self.materialize))
+            self._handles.append(module.register_load_state_dict_pre_hook(self._before_load))
+        return owned
 
     def close(self) -> None:
         """Take the pending perturbation back and remove every hook (the optimizer is gone)."""

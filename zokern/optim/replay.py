@@ -54,6 +54,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     optimizer: ZOOptimizer | None = None
     for record in trajectory:
         if "setup" in record:
+            _convert(params, record["setup"])
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
@@ -197,17 +198,24 @@ def _check_setup(
         raise ValueError(f"record {k}: param groups of sizes {before} became {sizes}; only groups can be added")
     if sum(sizes) > len(params) or len(setup["trainable"]) != sum(sizes):
         raise ValueError(f"the trajectory's optimizer had {sum(sizes)} parameters at step {k}; {len(params)} given")
-    # Trajectories before these entries were recorded are replayed unchecked.
-    for name, want, have in (
-        ("numel", setup.get("numels"), [p.numel() for p in params[: sum(sizes)]]),
-        ("dtype", setup.get("dtypes"), [dtype_name(p.dtype) for p in params[: sum(sizes)]]),
+    # Trajectories before these entries were recorded are replayed unchecked. A run may convert its parameters
+    # between steps (model.half()): replay converts them where its setup says so (_convert), so only the
+    # parameters a setup adds (all of them at the first) must come in the dtype the run had.
+    known = sum(before) if k else 0
+    for name, want, have, start in (
+        ("numel", setup.get("numels"), [p.numel() for p in params[: sum(sizes)]], 0),
+        ("dtype", setup.get("dtypes"), [dtype_name(p.dtype) for p in params[: sum(sizes)]], known),
     ):
-        if want is not None and want != have:
-            j = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b)
+        if want is not None and want[start:] != have[start:]:
+            j = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b and i >= start)
             raise ValueError(
                 f"params[{j}] has {name} {have[j]}, but the trajectory's parameter {j} had {want[j]} (record {k}): "
                 "pass the initial parameters in the optimizer's canonical order"
             )
+    if setup.get("dtypes") is not None and k:
+        for j, name in enumerate(setup["dtypes"][:known]):
+            if not isinstance(getattr(torch, name, None), torch.dtype):
+                raise ValueError(f"record {k}'s setup: parameter {j} has an unknown dtype {name!r}")
     try:
         if "base_seed" in setup:
             ops._check_index("base_seed", setup["base_seed"])
@@ -235,6 +243,14 @@ def _groups(params: list[torch.Tensor], setup: dict[str, Any]) -> list[dict[str,
 
 def _construct(params: list[torch.Tensor], setup: dict[str, Any]) -> ZOOptimizer:
     return OPTIMIZERS[setup["optimizer"]](_groups(params, setup), seed=0, **{**setup["options"], "seed_check_every": 0})
+
+
+def _convert(params: list[torch.Tensor], setup: dict[str, Any]) -> None:
+    """Give each parameter the dtype the run's setup records, as the run's conversion did (``model.half()`` sets
+    ``p.data`` to the values rounded to nearest)."""
+    for p, name in zip(params, setup.get("dtypes") or ()):
+        if dtype_name(p.dtype) != name:
+            p.data = p.data.to(getattr(torch, name))
 
 
 def _build(params: list[torch.Tensor], setup: dict[str, Any], previous: ZOOptimizer | None) -> ZOOptimizer:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from zokern.optim import seeds as seeds_
+from zokern.optim._caches import clear_weight_caches
 from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_number
@@ -136,11 +137,13 @@ class ZOSGD(ZOOptimizer):
                 "fused restore-and-update pass)"
             )
         if self.exact():
-            raise ValueError(
-                "merge_steps leaves theta + eps z in the parameters between steps, which the exact mode never writes: "
-                "use perturbation='inplace' (16-bit parameters default to the exact mode)"
-            )
+            raise ValueError(_MERGE_NEEDS_INPLACE)
         return True
+
+    def _check_runnable(self, layout: list, exact: bool) -> None:
+        super()._check_runnable(layout, exact)
+        if self.merge_steps and exact:  # parameters made 16-bit since the constructor (model.half()), say
+            raise ValueError(f"this step would run in the exact mode: {_MERGE_NEEDS_INPLACE}")
 
     def _check_graph(self, cuda_graph: bool) -> bool:
         if not isinstance(cuda_graph, bool):
@@ -220,7 +223,7 @@ class ZOSGD(ZOOptimizer):
         self.materialize()
         by_group = {id(group): grads[k % len(grads)] for k, group in enumerate(self.param_groups)}
         self._restore_update(seed, 0.0, lambda group: by_group[id(group)])
-        torch.clear_autocast_cache()  # autocast's copies of theta before the update (see base._evaluate)
+        clear_weight_caches()  # weights computed from theta before the update (see _caches)
 
     def _own_update_rule(self) -> str | None:
         """How step() updates theta when it is not ZO-SGD's rule (which apply_projected_grad applies)."""
@@ -287,7 +290,7 @@ class ZOSGD(ZOOptimizer):
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         if self.merge_steps and self._exact_now:
-            raise ValueError("merge_steps needs perturbation='inplace', but this step runs in the exact mode")
+            raise ValueError(f"this step runs in the exact mode: {_MERGE_NEEDS_INPLACE}")
         lookahead = self._next_seed if self.merge_steps else None
         if self._device_estimate():
             return self._run_device_step(seed, evaluate, lookahead)
@@ -477,6 +480,12 @@ def _folded(lookahead: int | None) -> dict[str, int]:
 def _scaled(coefficient: Callable[[dict[str, Any]], float], key: str, sign: float):
     """c(group) * sign * group[key]: turns a projected-gradient share into an update coefficient."""
     return lambda group: sign * group[key] * coefficient(group)
+
+
+_MERGE_NEEDS_INPLACE = (
+    "merge_steps leaves theta + eps z in the parameters between steps, which the exact mode never writes: use "
+    "perturbation='inplace' (16-bit parameters default to the exact mode)"
+)
 
 
 def _projected_grad(name: str, value: Any) -> float | torch.Tensor:
