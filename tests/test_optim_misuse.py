@@ -105,6 +105,28 @@ def test_ldsd_refuses_inference_tensors_outside_inference_mode_before_any_evalua
     assert torch.equal(layer.weight.detach(), before) and not calls and opt.steps_taken == 0
 
 
+@pytest.mark.parametrize("name", ["perturb_", "two_seed_"])
+def test_a_pass_whose_later_call_raises_leaves_every_group_restored(name, monkeypatch):
+    """Groups of different eps make separate calls of one pass: a call that raised after an earlier one had run left
+    that group moved while the step's record, from which its undo starts, held the pass as not applied."""
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = ZOSGD([{"params": [a]}, {"params": [b], "eps": 2e-2}], lr=0.0, eps=1e-2, seed=3, n_probes=2)
+    original, calls = getattr(zokern.optim.base.ops, name), []
+
+    def fails_on_the_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(zokern.optim.base.ops, name, fails_on_the_second_call)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step(lambda: _loss(a, b))
+    for p, s in zip((a, b), start):
+        torch.testing.assert_close(p.detach(), s, atol=1e-6, rtol=0)
+
+
 def test_an_inference_tensor_among_many_groups_is_named_by_its_group():
     """Groups of equal values share one fused call, whose set counts tensors across groups: its "tensors[1]" pointed
     at another group's parameter. The step names the parameter, as LDSD's check does."""

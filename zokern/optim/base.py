@@ -482,9 +482,24 @@ class ZOOptimizer(torch.optim.Optimizer):
         so that an exception can undo it."""
         with held_interrupts():
             if not self._exact_now:
-                for (a,), tensors in self._fused(lambda group: (alpha(group),)):
-                    ops.perturb_(tensors, seed, a, **self._pass_kwargs(), scalars=self._row())
+
+                def move(call: tuple, sign: float) -> None:
+                    (a,), tensors = call
+                    scalars = self._row() if sign > 0 else None
+                    ops.perturb_(tensors, seed, sign * a, **self._pass_kwargs(), scalars=scalars)
+
+                self._all_or_none(self._fused(lambda group: (alpha(group),)), move)
             self._track(seed, alpha)
+
+    def _all_or_none(self, calls: list, move: Callable[[Any, float], None]) -> None:
+        """``move(call, 1.0)`` for each call of a tracked pass; if one raises, the calls already made are taken back
+        (``move(call, -1.0)``) before it propagates, since the step's record, from which its undo starts, holds the
+        pass as not applied. Not while a CUDA graph records its step (nothing has run)."""
+        if self._rows is not None:
+            for call in calls:
+                move(call, 1.0)
+            return
+        run_all_or_take_back(calls, move)
 
     def _row(self) -> torch.Tensor | None:
         """The device row the next pass reads its scalars from, while a CUDA graph's step runs (graph.py)."""
@@ -498,8 +513,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         """theta += eps * (scale_from * z(seed_from) + scale_to * z(seed_to)) in one pass."""
         with held_interrupts():
             if not self._exact_now:
-                for (a_from, a_to), tensors in self._fused(lambda g: (scale_from * g["eps"], scale_to * g["eps"])):
-                    ops.two_seed_(tensors, seed_from, a_from, seed_to, a_to, **self._pass_kwargs())
+
+                def move(call: tuple, sign: float) -> None:
+                    (a_from, a_to), tensors = call
+                    ops.two_seed_(tensors, seed_from, sign * a_from, seed_to, sign * a_to, **self._pass_kwargs())
+
+                self._all_or_none(self._fused(lambda g: (scale_from * g["eps"], scale_to * g["eps"])), move)
             self._track(seed_from, lambda group: scale_from * group["eps"])
             self._track(seed_to, lambda group: scale_to * group["eps"])
 
@@ -1201,6 +1220,20 @@ _WATCHED_GROUP_KEYS = _WHOLE_RUN_OPTIONS | _FOREIGN_GROUP_KEYS  # whose presence
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
+
+
+def run_all_or_take_back(items: list, move: Callable[[Any, float], None]) -> None:
+    """``move(item, 1.0)`` for each item; if one raises, ``move(item, -1.0)`` for those already moved, then the
+    exception propagates: a pass over several calls that stopped partway leaves nothing moved."""
+    moved = []
+    try:
+        for item in items:
+            move(item, 1.0)
+            moved.append(item)
+    except BaseException:
+        for item in moved:
+            move(item, -1.0)
+        raise
 
 
 def _call_key(scalars: tuple) -> list:

@@ -24,6 +24,7 @@ from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import _check_betas
 from zokern.optim.base import _check_number
 from zokern.optim.base import new_state
+from zokern.optim.base import run_all_or_take_back
 from zokern.optim.exact import ParameterUse
 from zokern.optim.exact import PerturbedView
 
@@ -275,20 +276,11 @@ class LDSD(ZOOptimizer):
         return norms if norm_rows is not None else None
 
     def _each_chunk(self, move: Callable[[tuple, float], None]) -> None:
-        """``move(chunk, +1.0)`` for each entry of _device_chunks() whose final pass has not run; if one raises, the
-        chunks already moved are moved back (``move(chunk, -1.0)``) before it propagates, so that theta is where the
-        position the step keeps says (the undo of a failed step starts from it)."""
-        moved = []
-        try:
-            for n, chunk in enumerate(self._device_chunks()):
-                if n in self._finished:  # its final pass ran: restored and updated already
-                    continue
-                move(chunk, 1.0)
-                moved.append(chunk)
-        except BaseException:
-            for chunk in moved:
-                move(chunk, -1.0)
-            raise
+        """``move(chunk, +1.0)`` for each entry of _device_chunks() whose final pass has not run (it is restored and
+        updated already), all or none: theta stays where the position the step keeps says (the undo of a failed step
+        starts from it)."""
+        chunks = [chunk for n, chunk in enumerate(self._device_chunks()) if n not in self._finished]
+        run_all_or_take_back(chunks, move)
 
     def _two_seed_move(self, chunk: tuple, changed: list[int], deltas: list[float], sign: float) -> None:
         _, group, params, offsets = chunk
