@@ -136,6 +136,41 @@ def main() -> None:
             ZOSGD(model.parameters(), seed=5, seed_check_every=1 if rank == 0 else 100)
         except RuntimeError as e:
             result["error"] = str(e)
+    elif scenario == "desync_setup":
+        # Ranks that differ in what a step does beyond its seed, each a step that must fail on both ranks rather than
+        # leave them diverging: a rank-local learning rate (a plateau scheduler on a rank's own metric), a parameter
+        # frozen on one rank, a step count per step (n_probes: reductions of different sizes), seed=None on one rank,
+        # and a merged 16-bit perturbation one rank's read took back.
+        closure = lambda: torch.nn.functional.mse_loss(model(x[shard]).float(), y[shard])  # noqa: E731
+        cases = {
+            "lr": lambda: ZOSGD(model.parameters(), lr=1e-2 * (1 + rank), seed=5),
+            "frozen": lambda: ZOSGD([{"params": [p]} for p in model.parameters()], seed=5),
+            "n_probes": lambda: ZOSGD(model.parameters(), seed=5, n_probes=1 + rank),
+            "seed_none": lambda: ZOSGD(model.parameters(), seed=None if rank else 5),
+        }
+        for name, build in cases.items():
+            model, _, _ = model_and_batch()
+            try:
+                opt = build()
+                if name == "frozen":  # after the optimizer is built, as a partial unfreeze on one rank would
+                    model[0].bias.requires_grad_(rank == 0)
+                for _ in range(2):
+                    opt.step(closure)
+                result[name] = ""
+            except RuntimeError as e:
+                result[name] = str(e)
+        model, _, _ = model_and_batch()
+        model.bfloat16()
+        opt = ZOSGD(model.parameters(), lr=1e-2, seed=5, perturbation="inplace", merge_steps=True)
+        bf16 = lambda: torch.nn.functional.mse_loss(model(x[shard].bfloat16()).float(), y[shard])  # noqa: E731
+        try:
+            opt.step(bf16)
+            if rank == 0:
+                model.state_dict()  # a checkpoint read on rank 0 only: its perturbation is taken back there
+            opt.step(bf16)
+            result["merged_read"] = ""
+        except RuntimeError as e:
+            result["merged_read"] = str(e)
     elif scenario == "default_seed":
         torch.manual_seed(100 + rank)  # ranks seeded differently: rank 0's seed must win
         result["seed"] = ZOSGD(model.parameters()).base_seed

@@ -85,6 +85,17 @@ def test_desynchronised_ranks_fail_clearly(tmp_path, scenario):
         assert "ranks disagree" in result.get("error", ""), result
 
 
+def test_ranks_that_differ_beyond_their_seed_fail_clearly_instead_of_diverging(tmp_path):
+    """A rank-local learning rate or trainable set, a 16-bit merged perturbation one rank took back: the ranks
+    diverged silently. Another n_probes aborted inside gloo, and seed=None on one rank hung both until the process
+    group's timeout."""
+    for result in _launch("desync_setup", tmp_path):
+        for name in ("lr", "frozen", "merged_read"):
+            assert "ranks disagree on step" in result[name] and "materialize() on every rank" in result[name], name
+        assert "ranks disagree on the optimizer class and options" in result["n_probes"]
+        assert "ranks disagree on the use of seed=None" in result["seed_none"]
+
+
 def test_ranks_at_different_steps_fail_at_their_first_loss_reduction(tmp_path):
     # Collectives pair by call order: without the step's identity in the reduction, rank 0 would average its losses
     # with rank 1's of another step (or with a seed check) and take a garbage step.

@@ -741,6 +741,38 @@ def test_replay_converts_the_parameters_where_the_run_did(cls, kwargs, to):
         zokern.replay([t.to(to) for t in initial], opt.trajectory)
 
 
+def test_replay_refuses_a_conversion_it_cannot_follow_before_writing():
+    """A frozen parameter made float64 mid-run (its take-back failed, and the step raised): replay converted it and
+    failed partway, with parameters written."""
+    a, b = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+    initial = [a.detach().clone(), b.detach().clone()]
+    opt = ZOSGD([{"params": [a]}, {"params": [b]}], lr=1e-2, eps=1e-2, seed=0, merge_steps=True)
+    loss = lambda: ((a - 1) ** 2).sum() + ((b.float() - 1) ** 2).sum()  # noqa: E731
+    opt.step(loss)
+    b.requires_grad_(False)
+    b.data = b.data.double()
+    with pytest.raises(TypeError):
+        opt.step(loss)
+    replayed = [t.clone() for t in initial]
+    with pytest.raises(ValueError, match="converted parameter 1 from float32 to float64, which replay does not"):
+        zokern.replay(replayed, opt.trajectory)
+    assert all(torch.equal(r, t) for r, t in zip(replayed, initial))
+
+
+def test_a_checkpoint_of_another_run_leaves_the_trajectory_as_it_was():
+    """Only a roll-back within the run trims the records: another run's continuation glued to this run's first steps
+    passed replay's checks and replayed to other parameters."""
+    w = torch.nn.Parameter(torch.randn(8))
+    opt = ZOSGD([w], lr=1e-2, eps=1e-2, seed=1)
+    for _ in range(4):
+        opt.step(lambda: (w**2).sum())
+    other = ZOSGD([torch.nn.Parameter(torch.randn(8))], lr=1e-2, eps=1e-2, seed=2)
+    for _ in range(2):
+        other.step(lambda: torch.tensor(1.0))
+    opt.load_state_dict(other.state_dict())
+    assert [r["step"] for r in opt.trajectory] == [0, 1, 2, 3]
+
+
 def _trained_trajectory():
     params, groups, closure, _ = _problem()
     initial = [p.detach().clone() for p in params]
@@ -928,6 +960,8 @@ def test_merge_steps_refuses_a_step_in_the_exact_mode_before_drawing_its_seed():
     with pytest.raises(ValueError, match="exact mode: merge_steps leaves theta"):
         opt.step(lambda: model(torch.ones(4).half()).float().pow(2).sum())
     assert opt.steps_taken == 1 and len(opt.trajectory) == 1
+    with opt.perturbed(opt.new_seed()):  # a lower-level block merges nothing: it runs
+        model(torch.ones(4).half())
 
 
 _HUGE_G = [1e37, -1e37]  # g = (L+ - L-) / (2 eps) = 1e40 with eps = 1e-3
@@ -1141,6 +1175,30 @@ def test_perturbed_blocks_of_one_seed_draw_the_same_random_numbers_as_a_step(dty
     # (in place, the step reaches theta - eps z from theta + eps z: a float32 rounding apart)
     assert runs[1] == (runs[0] if dtype == torch.bfloat16 else pytest.approx(runs[0], rel=1e-6))
     assert len(set(runs[0][0::2])) == 3  # each seed's blocks draw anew
+
+
+def test_perturbed_blocks_share_draws_per_seed_and_leave_draws_outside_them_alone():
+    """Interleaved seeds (A+, B+, A-, B-) share each seed's draws; a later block leaves the generators as it found
+    them, so what the loop draws between blocks is not drawn again; a new seed forgets the old seeds' draws."""
+    opt = ZOSGD([torch.nn.Parameter(torch.randn(4))], lr=0.0, eps=1e-2, seed=0)
+    seed_a, seed_b = opt.new_seed(), 12345
+    drawn = {}
+    for seed, sign in ((seed_a, 1), (seed_b, 1), (seed_a, -1), (seed_b, -1)):
+        with opt.perturbed(seed, sign):
+            drawn[seed, sign] = torch.rand(3)
+    assert torch.equal(drawn[seed_a, 1], drawn[seed_a, -1]) and torch.equal(drawn[seed_b, 1], drawn[seed_b, -1])
+    assert not torch.equal(drawn[seed_a, 1], drawn[seed_b, 1])
+    batches = []
+    for _ in range(3):  # a loop that samples its batch between the estimate's blocks
+        seed = opt.new_seed()
+        batches.append(torch.randint(0, 10**6, (4,)))
+        with opt.perturbed(seed, 1):
+            plus = torch.rand(3)
+        with opt.perturbed(seed, -1):
+            assert torch.equal(torch.rand(3), plus)
+    assert len({tuple(b.tolist()) for b in batches}) == 3
+    with opt.perturbed(seed_a, 1):  # drawn anew: seed_a's first draws were forgotten when new seeds came
+        assert not torch.equal(torch.rand(3), drawn[seed_a, 1])
 
 
 def test_dropout_in_train_mode_leaves_the_estimate_as_in_eval_mode():

@@ -445,6 +445,29 @@ def test_a_preemption_handler_that_saves_a_checkpoint_runs_between_steps(dtype, 
     assert all(torch.equal(held, p.detach()) for held, p in zip(saved[0][0], (a, b)))
 
 
+def test_a_sigterm_handler_the_closure_installs_stays_and_its_chain_reaches_the_programs():
+    """The step's hold of SIGTERM put the program's handler back over one the closure had installed meanwhile, and
+    a handler chaining to the one it replaced (the hold) only had the signal recorded, never handled."""
+    a, b = _pair()
+    opt = ZOSGD([a, b], lr=1e-3, eps=1e-3, seed=0)
+    ran, replaced = [], []
+
+    def mine(signum, frame):
+        ran.append("closure's")
+        replaced[0](signum, frame)
+
+    def closure():
+        if not replaced:
+            replaced.append(signal.signal(signal.SIGTERM, mine))
+        return _loss(a, b)
+
+    with _handling(signal.SIGTERM, lambda signum, frame: ran.append("program's")):
+        opt.step(closure)
+        assert signal.getsignal(signal.SIGTERM) is mine
+        signal.raise_signal(signal.SIGTERM)
+    assert ran == ["closure's", "program's"]
+
+
 def test_the_optimizer_state_dict_is_refused_inside_a_step():
     a, b = _pair()
     opt = ZOSGD([a, b], lr=1e-2, eps=1e-2, seed=3)

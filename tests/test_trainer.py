@@ -510,6 +510,27 @@ def test_an_interrupted_train_leaves_no_micro_batch_for_the_next(tmp_path):
     assert sizes == [2, 2, 2]  # each step its window's two micro-batches (the first had a third, left behind)
 
 
+def test_data_parallel_ranks_average_a_sequence_classifiers_loss_without_the_trainers_scale(tmp_path):
+    """The Trainer multiplies the loss by the number of processes for a loss divided by the global item count; a
+    classifier's averages over its own batch, so each step's losses, g and update were twice too large on two
+    ranks. At lr = 0 each step's loss is a mean over 16 of the 32 samples, near the whole set's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("trainer_dp_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641"]
+    run = subprocess.run([*command, str(worker), str(tmp_path), "classifier"], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
+    assert all(loss == pytest.approx(ranks[0]["whole"], rel=0.2) for loss in ranks[0]["losses"])
+
+
 def test_data_parallel_ranks_stay_identical_unwrapped_through_rank_zero_checkpoints(tmp_path):
     # Rank 0 alone saves, and saving reads the weights, which takes a merged step's perturbation back: every rank
     # must do so, or rank 0's next step runs other passes (bf16: other rounding) than rank 1's. And no

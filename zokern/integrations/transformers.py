@@ -221,7 +221,10 @@ class ZOTrainer(Trainer):
         was_training = model.training
         model.eval()
         try:
-            if len(window) > 1 and self._loss_takes_item_count is None:
+            # Asked once where the answer matters: several micro-batches, or several processes (whose loss the
+            # Trainer scales by their number, right only for a loss divided by the global item count).
+            several = len(window) > 1 or self.accelerator.num_processes > 1
+            if several and self._loss_takes_item_count is None:
                 self._loss_takes_item_count = self._takes_item_count(model, window[0])
             closure = None
             if getattr(self.zo_optimizer, "cuda_graph", False):
@@ -284,6 +287,10 @@ class ZOTrainer(Trainer):
                 for entry in window:
                     batch = dict(entry)  # a copy per call: compute_loss may pop keys (labels) from its dict
                     items = batch.pop(_NUM_ITEMS)
+                    if self._loss_takes_item_count is False and self.compute_loss_func is None:
+                        # A loss that averages over its own batch (a sequence classifier's): given no count, the
+                        # Trainer does not scale it by the number of processes, whose mean the step then takes.
+                        items = None
                     loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
                     if self.args.n_gpu > 1:  # nn.DataParallel (one process, several GPUs) gathers one loss per GPU
                         loss = loss.mean()

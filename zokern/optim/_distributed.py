@@ -106,6 +106,8 @@ _ADVICE = (
 
 def disagreement(step: int) -> RanksDisagree:
     return RanksDisagree(
-        f"zokern: ranks disagree on step {step}: they were not all taking it (or not the same evaluation round of it); "
-        f"its update was skipped. {_ADVICE}"
+        f"zokern: ranks disagree on step {step}: they were not all taking it (or not the same evaluation round of it), "
+        "or took it with other options, hyperparameters (a scheduler stepped on a rank's own metric?), trainable "
+        f"parameters or backends, or one rank had taken the last step's merged perturbation back (a read of the "
+        f"parameters on one rank only: call materialize() on every rank); its update was skipped. {_ADVICE}"
     )

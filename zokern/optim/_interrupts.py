@@ -24,7 +24,14 @@ class _Holding:
 
     @classmethod
     def hold(cls, signum, frame) -> None:
-        cls.received.setdefault(signum, (signum, frame))
+        if cls.open[signum]:
+            cls.received.setdefault(signum, (signum, frame))
+            return
+        # No block holds it: reached through a handler installed during a block that chains to the one it replaced
+        # (which was this hold), after the block ended. The program's handler the hold stood in for takes it.
+        handler = cls.previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
 
 
 class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib's)
@@ -66,8 +73,11 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
                 continue
             blocks.discard(self)
             if not blocks and signum in _Holding.previous:
-                handler = _Holding.previous.pop(signum)
-                signal.signal(signum, handler)
+                handler = _Holding.previous[signum]
+                # A handler the program installed during the block (the closure's own, say) stays: only the hold is
+                # taken down. The signal held, if any, came for the handler the hold stood in for.
+                if signal.getsignal(signum) == _Holding.hold:
+                    signal.signal(signum, handler)
                 if signum in _Holding.received:
                     released.append((handler, _Holding.received.pop(signum)))
         raised = None

@@ -10,7 +10,9 @@ generators end the step one evaluation's draws further on.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
+from collections.abc import Iterator
 
 import torch
 
@@ -33,3 +35,34 @@ class SharedRandomness:
         torch.set_rng_state(self._cpu)
         for index, state in self._cuda.items():
             torch.cuda.set_rng_state(state, index)
+
+
+class BlockRandomness:
+    """The same for ``perturbed()`` blocks: each seed's later blocks start from the generators' state at its first
+    block, so they draw what it drew (as a step's evaluations do), and leave the generators as they found them, so
+    draws made between blocks are not repeated. Forgotten when a new estimate begins (a seed drawn, an update
+    applied); a few seeds at most are kept (a loop that never draws its seeds from the optimizer)."""
+
+    KEPT = 8
+
+    def __init__(self) -> None:
+        self._first: dict[int, SharedRandomness] = {}
+
+    def clear(self) -> None:
+        self._first.clear()
+
+    @contextlib.contextmanager
+    def block(self, seed: int, devices: Iterable[torch.device]) -> Iterator[None]:
+        first = self._first.get(seed)
+        if first is None:
+            if len(self._first) >= self.KEPT:
+                del self._first[next(iter(self._first))]
+            self._first[seed] = SharedRandomness(devices)
+            yield
+            return
+        found = SharedRandomness(devices)
+        first.rewind()
+        try:
+            yield
+        finally:
+            found.rewind()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import math
 import numbers
@@ -35,6 +36,7 @@ from zokern.optim._caches import clear_weight_caches
 from zokern.optim._caches import warn_if_compiled_weights_are_frozen
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim._pending import PendingRecord
+from zokern.optim._randomness import BlockRandomness
 from zokern.optim._randomness import SharedRandomness
 from zokern.optim.exact import ParameterUse
 from zokern.optim.exact import PerturbedView
@@ -93,6 +95,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.seed_check_every = seed_check_every
         self.perturbation = perturbation
         self.rounding = rounding
+        # One collective every rank makes alike first: a rank given seed=None broadcasts below while one given a
+        # seed compares it, and the two collectives would wait for each other until the process group times out.
+        _distributed.check_same_seed(int(seed is None), "use of seed=None (1) or a given seed (0)")
         if seed is None:
             base_seed = _distributed.broadcast_seed(seeds_.draw_base_seed())
         else:
@@ -121,6 +126,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._round = 0  # loss reductions so far in this step
         self._agreement: list[torch.Tensor] = []  # their device flags: whether every rank was at the same round
         self._seen_disagreement = False  # whether a reduction read on the host found the ranks at different rounds
+        self._step_digest: int | None = None  # what the ranks' steps must share (_digest), made once per step
+        self._ranks_compared = False  # whether step() has compared the class and options across ranks
         self._exact_now = False
         self._warned_16bit_loss = False
         self._warned_nothing_trainable = False
@@ -134,7 +141,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._claimed = False  # whether this step's first perturbation was already applied by the last step
         self._next_seed: int | None = None  # the seed the step in progress may fold in (merge_steps)
         self._busy = False  # while a step or a perturbed() block runs: a nested one would corrupt its bookkeeping
-        self._block_randomness: tuple[int, SharedRandomness] | None = None  # perturbed(): its seed's first draws
+        self._block_randomness = BlockRandomness()  # perturbed(): each seed's first draws
         self._checked_memory: tuple | None = None  # the trainable parameters' memory _check_distinct_memory last passed
         self._update_hold: held_interrupts | None = None  # during step(): holds Ctrl-C from its update to its record
 
@@ -149,7 +156,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own). What
     # belongs to the original object stays with it, as torch.optim does: hooks registered on it, and the wrapper an
     # LR scheduler puts on its ``step`` (which holds the original: a copy's step would step the original).
-    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "_block_randomness", "step") + tuple(
+    _TRANSIENT = (
+        ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "_block_randomness", "_ranks_compared", "step")
+    ) + tuple(
         f"_optimizer_{kind}_hooks"
         for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post")
         + ("load_state_dict_pre", "load_state_dict_post")
@@ -168,7 +177,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_chunks, self._step_prepared = None, {}
         self._checked_values = []
         self._busy = False
-        self._block_randomness = None
+        self._block_randomness = BlockRandomness()
+        self._ranks_compared = False
         self._checked_memory = None
         self._update_hold = None
         self._watch_lookahead()
@@ -439,11 +449,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             return any(p.dtype in _SIXTEEN_BIT for _, tensors, _ in layout for p in tensors)
         return self.perturbation == "exact"
 
-    def _check_runnable(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]], exact: bool) -> None:
-        """What a step in this mode cannot run, refused before it draws a seed. The exact mode hands each op plain
-        tensors holding theta + eps z in place of the parameters: a parameter class with its own
-        ``__torch_function__`` (a fake-quantisation wrapper) would not run, and the step would train another function
-        than the model's."""
+    def _check_runnable(
+        self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]], exact: bool, stepping: bool = True
+    ) -> None:
+        """What a step (``stepping``) or a ``perturbed()`` block in this mode cannot run, refused before it starts.
+        The exact mode hands each op plain tensors holding theta + eps z in place of the parameters: a parameter class
+        with its own ``__torch_function__`` (a fake-quantisation wrapper) would not run, and the step would train
+        another function than the model's."""
         if not exact:
             return
         for g, (group, tensors, _) in enumerate(layout):
@@ -637,6 +649,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _advance_seed(self) -> int:
         seed = seeds_.step_seed(self.base_seed, self.steps_taken)
         self.steps_taken += 1
+        self._block_randomness.clear()  # a new estimate begins
         return seed
 
     @contextlib.contextmanager
@@ -652,7 +665,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             ops._check_real("scale * eps", scale * group["eps"])
         layout = self._groups_layout()
         self._exact_now = self._exact_for(layout)
-        self._check_runnable(layout, self._exact_now)
+        self._check_runnable(layout, self._exact_now, stepping=False)
         take_back_others(self._lookahead, self._trainable)
         self.materialize()
         self._displacement.clear()
@@ -662,19 +675,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         try:
             self._perturb(seed, scale)
             clear_weight_caches()  # weights computed from theta before the block (see _caches)
-            # The blocks of one seed draw the same random numbers (dropout masks), as step()'s evaluations do.
-            if self._block_randomness is not None and self._block_randomness[0] == seed:
-                self._block_randomness[1].rewind()
-            else:
-                devices = {p.device for _, tensors, _ in layout for p in tensors}
-                self._block_randomness = (seed, SharedRandomness(devices))
-            if self._exact_now:
-                view = self._perturbed_view()
-                with view:
+            devices = {p.device for _, tensors, _ in layout for p in tensors}
+            with self._block_randomness.block(seed, devices):  # the seed's blocks draw the same (dropout masks)
+                if self._exact_now:
+                    view = self._perturbed_view()
+                    with view:
+                        yield
+                    view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+ otherwise
+                else:
                     yield
-                view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+ otherwise
-            else:
-                yield
         finally:
             self._busy = False
             try:
@@ -732,6 +741,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
+        if not self._ranks_compared and _distributed.active():
+            # At every rank's first step of this optimizer: options that change a step's number of losses (n_probes,
+            # one_sided, the class) would pair reductions of different sizes, which the backend aborts on or hangs.
+            options = repr((type(self).__name__, self.options())).encode()
+            digest = int.from_bytes(hashlib.blake2b(options, digest_size=6).digest(), "little")
+            _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
+            self._ranks_compared = True
         # A preemption handler (SIGTERM, when one is set from Python) runs between steps: the checkpoint it saves holds
         # theta, not theta + eps z, and counts only the steps done. Ctrl-C still interrupts a closure (held by passes).
         with held_interrupts((signal.SIGTERM,)):
@@ -844,6 +860,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._exact_now = self.exact()
         self._step_seed, self._update_passes = seed, 0
         self._round, self._agreement, self._seen_disagreement = 0, [], False
+        self._step_digest = None  # made at the step's first loss reduction under torch.distributed
         self._next_seed = next_seed
         self._busy = True
         try:
@@ -958,11 +975,27 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One round of losses averaged over the data-parallel ranks, on ``device``, with whether every rank was at
         this round of this step (its step seed and round number ride in the same all_reduce); a device flag is kept
         for the step's record, which reports a disagreement when it reaches the host."""
-        losses, agree = _distributed.mean_across_ranks_on_device(values, device, (self._step_seed, self._round))
+        identity = (self._step_seed, self._round)
+        if _distributed.active():
+            if self._step_digest is None:
+                self._step_digest = self._digest()
+            identity += (self._step_digest,)
+        losses, agree = _distributed.mean_across_ranks_on_device(values, device, identity)
         self._round += 1
         if agree is not None:
             self._agreement.append(agree)
         return losses, agree
+
+    def _digest(self) -> int:
+        """48 bits of what every rank's step must share beyond its seed, compared by the loss reduction: the class
+        and options, each group's hyperparameters, which parameters it trains (numels, dtypes), the backends running
+        its passes, and whether it claimed a merged perturbation (one a rank-local read took back is re-applied with
+        other rounding in 16 bits). A rank that differs would otherwise diverge silently."""
+        groups = [[g[k] for k in ("lr", "eps", "weight_decay", *self._extra_group_keys())] for g in self.param_groups]
+        devices = sorted({str(params[0].device) for _, _, params, _ in self._device_chunks()})
+        backends = [_dispatch.select_backend(torch.device(d), self.backend).__name__ for d in devices]
+        state = (type(self).__name__, self.options(), groups, self._layout_signature(), backends, self._claimed)
+        return int.from_bytes(hashlib.blake2b(repr(state).encode(), digest_size=6).digest(), "little")
 
     def _record(self, seed: int, losses: list[float], fields: dict[str, Any]) -> None:
         record = dict(
@@ -1173,9 +1206,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
         # A roll-back to an earlier checkpoint of this run abandons the steps after it: their records go, so that the
-        # trajectory stays the run's (replay would refuse one whose steps repeat). The next step records its setup.
-        self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
-        self._last_setup = None
+        # trajectory stays the run's (replay would refuse one whose steps repeat). A checkpoint of another run
+        # (another base seed) leaves the records as they are: they are not its history.
+        if all(record["seed"] == seeds_.step_seed(self.base_seed, record["step"]) for record in self._trajectory):
+            self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
+            self._last_setup = None  # the next step records its setup
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 

@@ -210,12 +210,17 @@ def _check_setup(
             j = next(i for i, (a, b) in enumerate(zip(want, have)) if a != b and i >= start)
             raise ValueError(
                 f"params[{j}] has {name} {have[j]}, but the trajectory's parameter {j} had {want[j]} (record {k}): "
-                "pass the initial parameters in the optimizer's canonical order"
+                "pass the initial parameters as the run had them, in the optimizer's canonical order"
             )
-    if setup.get("dtypes") is not None and k:
-        for j, name in enumerate(setup["dtypes"][:known]):
-            if not isinstance(getattr(torch, name, None), torch.dtype):
-                raise ValueError(f"record {k}'s setup: parameter {j} has an unknown dtype {name!r}")
+    if k and setup.get("dtypes") is not None and previous.get("dtypes") is not None:
+        # Only to a dtype the passes write: replay converts before the record's step, whose passes (a merged
+        # perturbation's take-back included) must then run on it; the run's own step may have failed there.
+        for j, (was, now) in enumerate(zip(previous["dtypes"], setup["dtypes"][:known])):
+            if now != was and now not in _CONVERTIBLE:
+                raise ValueError(
+                    f"record {k}: the run converted parameter {j} from {was} to {now}, which replay does not follow "
+                    f"(only to {', '.join(_CONVERTIBLE)})"
+                )
     try:
         if "base_seed" in setup:
             ops._check_index("base_seed", setup["base_seed"])
@@ -243,6 +248,9 @@ def _groups(params: list[torch.Tensor], setup: dict[str, Any]) -> list[dict[str,
 
 def _construct(params: list[torch.Tensor], setup: dict[str, Any]) -> ZOOptimizer:
     return OPTIMIZERS[setup["optimizer"]](_groups(params, setup), seed=0, **{**setup["options"], "seed_check_every": 0})
+
+
+_CONVERTIBLE = ("float32", "bfloat16", "float16")
 
 
 def _convert(params: list[torch.Tensor], setup: dict[str, Any]) -> None:

@@ -140,9 +140,9 @@ class ZOSGD(ZOOptimizer):
             raise ValueError(_MERGE_NEEDS_INPLACE)
         return True
 
-    def _check_runnable(self, layout: list, exact: bool) -> None:
-        super()._check_runnable(layout, exact)
-        if self.merge_steps and exact:  # parameters made 16-bit since the constructor (model.half()), say
+    def _check_runnable(self, layout: list, exact: bool, stepping: bool = True) -> None:
+        super()._check_runnable(layout, exact, stepping)
+        if stepping and self.merge_steps and exact:  # parameters made 16-bit since the constructor (model.half())
             raise ValueError(f"this step would run in the exact mode: {_MERGE_NEEDS_INPLACE}")
 
     def _check_graph(self, cuda_graph: bool) -> bool:
@@ -223,6 +223,7 @@ class ZOSGD(ZOOptimizer):
         self.materialize()
         by_group = {id(group): grads[k % len(grads)] for k, group in enumerate(self.param_groups)}
         self._restore_update(seed, 0.0, lambda group: by_group[id(group)])
+        self._block_randomness.clear()  # the estimate is applied: its blocks' draws are done with
         clear_weight_caches()  # weights computed from theta before the update (see _caches)
 
     def _own_update_rule(self) -> str | None:
