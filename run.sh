@@ -4,6 +4,7 @@
 #   bash run.sh test [ARGS]   install what is missing, then run the test suite (pytest ARGS)
 # An installed torch is never replaced (a GPU user keeps their CUDA build); set PYTHON to pick the interpreter.
 set -euo pipefail
+caller=$PWD  # the demo runs here: its --out, --model and --data are the user's relative paths
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
@@ -69,6 +70,7 @@ case "$cmd" in
     ensure_torch
     ensure_zokern
     ensure_demo_tools
+    cd "$caller"
     exec "$PY" -m zokern demo "$@"
     ;;
   test)

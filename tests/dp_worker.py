@@ -63,8 +63,15 @@ def main() -> None:
         opt = train(ZOSGD, x[shard], y[shard], model)
         if rank == 0:  # rank 0 alone rebuilds the weights from the trajectory: replay must not wait for rank 1
             replayed = [s.clone() for s in start]
-            replay(replayed, opt.trajectory)
+            again = replay(replayed, opt.trajectory)
             result["equal"] = all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
+            with torch.no_grad():
+                for p, r in zip(model.parameters(), replayed):
+                    p.copy_(r)
+            again.param_groups[0]["params"] = list(model.parameters())
+            opt = again  # and goes on with the optimizer replay returned, beside rank 1's own
+        opt.step(lambda: torch.nn.functional.mse_loss(model(x[shard]), y[shard]))
+        result["after"] = [p.detach().flatten().tolist() for p in model.parameters()]
     elif scenario == "desync_seed":
         try:
             ZOSGD(model.parameters(), seed=5 + rank)
@@ -171,6 +178,14 @@ def main() -> None:
             result["merged_read"] = ""
         except RuntimeError as e:
             result["merged_read"] = str(e)
+        # In float32 the take-back and the new perturbation give the bits back: a read on one rank is no error.
+        model, _, _ = model_and_batch()
+        opt = ZOSGD(model.parameters(), lr=1e-2, seed=5, merge_steps=True)
+        opt.step(closure)
+        if rank == 0:
+            model(x[shard])  # an evaluation on rank 0 only
+        opt.step(closure)
+        result["merged_read_float32"] = [p.detach().flatten().tolist() for p in model.parameters()]
     elif scenario == "default_seed":
         torch.manual_seed(100 + rank)  # ranks seeded differently: rank 0's seed must win
         result["seed"] = ZOSGD(model.parameters()).base_seed

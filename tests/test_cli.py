@@ -179,6 +179,10 @@ def no_work(monkeypatch):
         (["quickstart", "--eps", "nan"], "argument --eps: expected a finite number > 0"),
         (["quickstart", "--eps", "1e-50"], "argument --eps: expected a finite number > 0 (at least 1.2e-38"),
         (["quickstart", "--lr", "1e39"], "argument --lr: expected a finite number >= 0 (below 3.4e38"),
+        (["quickstart", "--eps", "3e38"], "argument --eps: expected eps below 1.7e38 (a step moves by -2 eps"),
+        (["demo", "--out", ""], "argument --out: an empty path (an unset variable?)"),
+        (["viz", ""], "argument run_dir: an empty path"),
+        (["demo", "--out", "x" * 300], "argument --out: " + "x" * 300 + ": File name too long"),
     ],
 )
 def test_bad_option_values_are_refused_before_any_work(argv, message, capsys, no_work):
@@ -444,3 +448,96 @@ def test_viz_reports_unusable_sketches_in_one_line(tmp_path, capsys, content, me
     code, err = _main(["viz", tmp_path], capsys)
     assert code == 2 and err.startswith("zokern viz: ") and message in err, err
     assert not (tmp_path / "viz" / "index.html").exists()
+
+
+def test_paths_given_with_a_tilde_mean_the_home_directory(tmp_path, monkeypatch, capsys):
+    """--out=~/x reaches the program unexpanded (the shell expands ~ only at a word's start): it made ./~/x."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sketches.jsonl").write_text(_sketch_line() + _sketch_line(iteration=1))
+    code, err = _main(["viz", "~/run", "--out=~/pages"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "pages" / "index.html").exists() and not (tmp_path / "~").exists()
+
+
+def test_viz_leaves_out_a_cut_off_last_record_and_non_finite_sketches(tmp_path, capsys):
+    """A run stopped while writing, or one that diverged: viz refused the whole file, or failed in its PCA."""
+    lines = [_sketch_line(iteration=i, sketch=[0.0, 1.0, float(i), 0.0]) for i in range(4)]
+    lines[2] = _sketch_line(iteration=2, sketch=[float("nan"), 1.0, 0.0, 0.0])
+    (tmp_path / "sketches.jsonl").write_text("".join(lines) + lines[0][:25])
+    with pytest.warns(UserWarning) as caught:
+        code, err = _main(["viz", tmp_path], capsys)
+    assert code == 0, err
+    messages = [str(w.message) for w in caught]
+    assert any("line 5: an incomplete last record, left out" in m for m in messages), messages
+    assert any("1 sketch(es) of 'mezo' are not finite" in m for m in messages), messages
+    assert (tmp_path / "viz" / "index.html").exists()
+
+
+def test_a_backend_forced_by_the_environment_is_checked_before_any_work(monkeypatch, capsys, no_work):
+    """Unavailable, it raised a RuntimeError (a traceback, status 1) once the first optimizer was built: in the
+    demo, after its data, pretraining and reward model."""
+    from zokern import _dispatch
+
+    status = dict(_dispatch.backend_status(), cuda="unavailable here (as this test has it)")
+    monkeypatch.setattr(_dispatch, "backend_status", lambda: status)
+    monkeypatch.setenv("ZOKERN_BACKEND", "cuda")
+    for command in (["demo"], ["quickstart"]):
+        code, err = _main(command, capsys)
+        assert code == 2 and "backend 'cuda' is unavailable" in err and "ZOKERN_BACKEND" in err, err
+
+
+def test_a_missing_package_is_named_before_any_work(monkeypatch, capsys, no_work):
+    """matplotlib is imported for the plots at the end of a run: missing, the run trained, deleted the previous
+    run's plots, then died with a traceback."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, err = _main(["demo"], capsys)
+    assert code == 2 and "needs matplotlib: pip install 'zokern[preference]'" in err, err
+
+
+def test_a_demo_does_not_replace_data_files_no_earlier_run_wrote(tmp_path, capsys, monkeypatch):
+    from zokern.preference import pipeline
+
+    monkeypatch.setattr(pipeline, "make_demo_data", lambda *args, **kwargs: pytest.fail("the demo started its work"))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "preferences.jsonl").write_text("my own pairs\n")
+    code, err = _main(["demo", "--out", out], capsys)
+    assert code == 2 and "holds preferences.jsonl but no earlier demo run's metrics.jsonl" in err, err
+    assert (out / "preferences.jsonl").read_text() == "my own pairs\n"
+    (out / "preferences.jsonl").unlink()
+    (out / "sketches.jsonl").mkdir()  # what the run's first record would replace, and cannot
+    code, err = _main(["demo", "--out", out], capsys)
+    assert code == 2 and "sketches.jsonl cannot be replaced (not a writable file)" in err, err
+
+
+def test_quickstart_fails_when_its_loss_ends_not_finite(monkeypatch, capsys):
+    from zokern import demo
+
+    monkeypatch.setattr(demo, "run", lambda **kwargs: {"start_loss": 3.7, "end_loss": math.nan})
+    code, err = _main(["quickstart", "--steps", "1"], capsys)
+    assert code == 1 and "the loss did not go down" in err
+
+
+def test_a_terminated_demo_removes_its_staging_directory(tmp_path):
+    """Killed by SIGTERM (a scheduler, `timeout`), the process died without unwinding: the demo's staging directory
+    stayed in the temporary directory for good."""
+    import signal
+    import time
+
+    staging_root = tmp_path / "tmp"
+    staging_root.mkdir()
+    env = {**os.environ, "TMPDIR": str(staging_root)}
+    command = [sys.executable, "-m", "zokern", "demo", "--out", str(tmp_path / "out"), "--methods", "mezo"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(staging_root.glob("zokern-demo-*/preferences.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(staging_root.glob("zokern-demo-*")), "the demo never staged its data"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert not any(staging_root.glob("zokern-demo-*"))

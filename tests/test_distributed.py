@@ -89,11 +89,13 @@ def test_ranks_that_differ_beyond_their_seed_fail_clearly_instead_of_diverging(t
     """A rank-local learning rate or trainable set, a 16-bit merged perturbation one rank took back: the ranks
     diverged silently. Another n_probes aborted inside gloo, and seed=None on one rank hung both until the process
     group's timeout."""
-    for result in _launch("desync_setup", tmp_path):
+    ranks = _launch("desync_setup", tmp_path)
+    for result in ranks:
         for name in ("lr", "frozen", "merged_read"):
             assert "ranks disagree on step" in result[name] and "materialize() on every rank" in result[name], name
         assert "ranks disagree on the optimizer class and options" in result["n_probes"]
         assert "ranks disagree on the use of seed=None" in result["seed_none"]
+    assert ranks[0]["merged_read_float32"] == ranks[1]["merged_read_float32"]
 
 
 def test_ranks_at_different_steps_fail_at_their_first_loss_reduction(tmp_path):
@@ -131,3 +133,6 @@ def test_one_rank_replays_alone(tmp_path):
     would wait for ranks that are not replaying, until the timeout)."""
     ranks = _launch("replay_alone", tmp_path)
     assert ranks[0]["equal"] is True
+    # and goes on with the optimizer replay returned, in step with the other rank (its first step made a collective
+    # of its own, which paired with the other rank's loss reduction: gloo aborted)
+    assert ranks[0]["after"] == ranks[1]["after"]

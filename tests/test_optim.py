@@ -759,6 +759,21 @@ def test_replay_refuses_a_conversion_it_cannot_follow_before_writing():
     assert all(torch.equal(r, t) for r, t in zip(replayed, initial))
 
 
+def test_replay_converts_a_frozen_parameter_to_any_dtype_as_the_run_did():
+    a, b = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+    initial = [a.detach().clone(), b.detach().clone()]
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-2, seed=0)
+    loss = lambda: ((a - 1) ** 2).sum() + ((b.float() - 1) ** 2).sum()  # noqa: E731
+    opt.step(loss)
+    b.requires_grad_(False)
+    b.data = b.data.double()  # frozen from now on: no pass writes it
+    for _ in range(3):
+        opt.step(loss)
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, opt.trajectory)
+    assert replayed[1].dtype == torch.float64 and all(torch.equal(r, p.detach()) for r, p in zip(replayed, (a, b)))
+
+
 def test_a_checkpoint_of_another_run_leaves_the_trajectory_as_it_was():
     """Only a roll-back within the run trims the records: another run's continuation glued to this run's first steps
     passed replay's checks and replayed to other parameters."""
@@ -1199,6 +1214,13 @@ def test_perturbed_blocks_share_draws_per_seed_and_leave_draws_outside_them_alon
     assert len({tuple(b.tolist()) for b in batches}) == 3
     with opt.perturbed(seed_a, 1):  # drawn anew: seed_a's first draws were forgotten when new seeds came
         assert not torch.equal(torch.rand(3), drawn[seed_a, 1])
+    probes = [opt.new_seed() + k for k in range(12)]  # many seeds' L+ blocks, then their L- blocks
+    first = {}
+    for sign in (1, -1):
+        for seed in probes:
+            with opt.perturbed(seed, sign):
+                draw = torch.rand(3)
+            assert torch.equal(first.setdefault(seed, draw), draw)
 
 
 def test_dropout_in_train_mode_leaves_the_estimate_as_in_eval_mode():

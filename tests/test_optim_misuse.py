@@ -465,7 +465,24 @@ def test_a_sigterm_handler_the_closure_installs_stays_and_its_chain_reaches_the_
         opt.step(closure)
         assert signal.getsignal(signal.SIGTERM) is mine
         signal.raise_signal(signal.SIGTERM)
-    assert ran == ["closure's", "program's"]
+        assert ran == ["closure's", "program's"]
+        opt.step(closure)  # a later step's hold stands in for the closure's handler (it recursed through both)
+        signal.raise_signal(signal.SIGTERM)
+        assert ran == ["closure's", "program's"] * 2
+        later = []
+
+        def chaining_again(signum, frame):  # a second handler installed in a later step's closure
+            ran.append("later")
+            later[0](signum, frame)
+
+        def installing_again():
+            if not later:
+                later.append(signal.signal(signal.SIGTERM, chaining_again))
+            return _loss(a, b)
+
+        opt.step(installing_again)
+        signal.raise_signal(signal.SIGTERM)
+    assert ran == ["closure's", "program's"] * 2 + ["later", "closure's", "program's"]
 
 
 def test_the_optimizer_state_dict_is_refused_inside_a_step():
@@ -500,6 +517,7 @@ def test_a_hold_cut_short_by_another_signals_handler_is_healed_by_the_next():
     then stays installed with no block open. The next hold puts the program's handler back, and Ctrl-C raises."""
     import gc
 
+    from zokern.optim._interrupts import _Hold
     from zokern.optim._interrupts import _Holding
     from zokern.optim._interrupts import held_interrupts
 
@@ -509,7 +527,7 @@ def test_a_hold_cut_short_by_another_signals_handler_is_healed_by_the_next():
     cut.__enter__()  # opened, never closed: the exception came before its with-block could end it
     del cut
     gc.collect()
-    assert signal.getsignal(signal.SIGINT) == _Holding.hold and not any(_Holding.open.values())
+    assert isinstance(signal.getsignal(signal.SIGINT), _Hold) and not any(_Holding.open.values())
     with held_interrupts():
         pass
     assert signal.getsignal(signal.SIGINT) is original

@@ -126,6 +126,38 @@ def test_the_window_loss_weights_micro_batches_by_their_labelled_tokens(tmp_path
     assert sum(record["losses"]) / 2 == pytest.approx(whole, rel=1e-4)  # (L+ + L-)/2 = L(theta) + O(eps^2)
 
 
+class _InOrder(ZOTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def test_a_window_opening_with_a_micro_batch_of_no_labelled_token_is_still_weighted_by_tokens(tmp_path):
+    """The probe of whether the loss divides by the item count read only the window's first micro-batch: one with
+    every label ignored gives 0 with either count, so a causal LM was taken for a per-batch mean, and later windows
+    holding such a micro-batch stepped on NaN."""
+    model = tiny_opt()
+    reference = copy.deepcopy(model).eval()
+    ids = torch.randint(0, 64, (4, SEQ), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0] = -100  # the first window opens with a sequence of no labelled token
+    labels[3, : SEQ // 2] = -100
+    data = [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)]
+    trainer = _InOrder(
+        model=model,
+        args=arguments(
+            tmp_path, max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2, learning_rate=0.0
+        ),
+        train_dataset=data,
+        zo_optimizer_kwargs=dict(eps=1e-4, seed=0),
+    )
+    trainer.train()
+    assert trainer._loss_takes_item_count is True and trainer.zo_optimizer.nonfinite_steps == 0
+    for window, record in zip((slice(0, 2), slice(2, 4)), trainer.zo_optimizer.trajectory):
+        with torch.no_grad():  # the token-weighted mean over the window
+            whole = reference(input_ids=ids[window], labels=labels[window]).loss.item()
+        assert sum(record["losses"]) / 2 == pytest.approx(whole, rel=1e-4)
+
+
 class LabelledDataset(torch.utils.data.Dataset):
     """Sequences with a class label: a sequence classifier's loss is a mean over its batch, whatever item count its
     forward (which takes **kwargs) is handed."""

@@ -81,6 +81,14 @@ def check_positive_float(text: str | float) -> float:
     return value
 
 
+def check_eps(text: str | float) -> float:
+    """A perturbation scale: positive, and with the two-sided step's -2 eps still finite in float32."""
+    value = check_positive_float(text)
+    if not 2 * value < FLOAT32_OVERFLOW:
+        raise ValueError(f"expected eps below 1.7e38 (a step moves by -2 eps, which float32 must hold), got {value:g}")
+    return value
+
+
 def check_regex(text: str) -> str:
     try:
         re.compile(text)
@@ -108,10 +116,25 @@ def check_device(text: str) -> str:
     return text
 
 
+def check_path(text: str | Path) -> Path:
+    """A path as the user means it: ``~`` expanded (the shell leaves it in ``--out=~/x`` or in quotes); not empty
+    (an unset variable, which would name the current directory)."""
+    if not str(text).strip():
+        raise ValueError("an empty path (an unset variable?): name it")
+    return Path(text).expanduser()
+
+
 def check_output_dir(text: str | Path) -> Path:
     """A directory that exists, or that can be created (its nearest existing ancestor is a writable directory); not
     created here."""
-    path = Path(text)
+    path = check_path(text)
+    try:
+        return _creatable_directory(path)
+    except OSError as e:  # a parent the user may not search, a name too long: what the filesystem said
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+
+
+def _creatable_directory(path: Path) -> Path:
     if path.is_symlink() and not path.exists():
         raise ValueError(f"{path} is a symbolic link to nothing")
     if path.exists():
@@ -132,6 +155,8 @@ positive_int = argtype(check_positive_int)
 seed = argtype(check_seed)
 non_negative_float = argtype(check_non_negative_float)
 positive_float = argtype(check_positive_float)
+eps = argtype(check_eps)
 regex = argtype(check_regex)
 device = argtype(check_device)
 output_dir = argtype(check_output_dir)
+path = argtype(check_path)

@@ -16,8 +16,11 @@ with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import signal
 import sys
+import threading
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -38,10 +41,41 @@ def _quickstart(args: argparse.Namespace) -> int:
     if args.backend is not None and args.backend not in zokern.available_backends():
         raise ValueError(f"--backend {args.backend} is not available here: {zokern.backend_status()[args.backend]}")
     result = demo.run(steps=args.steps, eps=args.eps, lr=args.lr, backend=args.backend, device=args.device)
-    if result["end_loss"] >= result["start_loss"]:
+    if not result["end_loss"] < result["start_loss"]:  # (a NaN end loss too)
         print("zokern quickstart: the loss did not go down", file=sys.stderr)
         return 1
     return 0
+
+
+# What each command imports only once its work is under way (plots at the end of a run): missing, the run would
+# train for minutes and then fail. pip names, as pyproject.toml's "preference" extra lists them.
+_NEEDS = {
+    "demo": ("transformers", "datasets", "vaderSentiment", "matplotlib"),
+    "dpo": ("transformers", "datasets"),
+    "viz": ("matplotlib",),
+}
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, a module left as None in sys.modules
+        return False
+
+
+def _check_ready(command: str) -> None:
+    """Before any work: the packages the command needs, and a backend forced by ZOKERN_BACKEND (its RuntimeError
+    came when the first optimizer was built, after the data and the reward model)."""
+    from zokern import _dispatch
+
+    missing = [name for name in _NEEDS.get(command, ()) if not _importable(name)]
+    if missing:
+        raise ValueError(f"needs {', '.join(missing)}: pip install 'zokern[preference]'")
+    if command != "info":
+        try:
+            _dispatch.available_requested_backend(None)
+        except RuntimeError as e:
+            raise ValueError(f"{e} (forced by the environment variable {_dispatch.ENV_VAR})") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -60,6 +94,10 @@ def _dpo(args: argparse.Namespace) -> int:
 
     run_dpo(args.data, args.out, seed=args.seed, steps=args.steps, response_tokens=args.response_tokens)
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     quick.set_defaults(run=_quickstart)
     commands.add_parser("info", help="version, stream version and the available backends").set_defaults(run=_info)
     args = parser.parse_args(argv)  # a bad option value ends here: argparse's error line, exit status 2
+    # Killed (a scheduler's SIGTERM, `timeout`), the process would die without unwinding: the demo's staging
+    # directory would stay in the temporary directory. Exit as a SIGTERM'd process does, unwinding first.
+    terminating = threading.current_thread() is threading.main_thread()
+    terminating = terminating and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if terminating:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        _check_ready(args.command)
         return args.run(args)
     # Bad input found once a command runs (data, model, backend), and files it cannot write (permissions, a file
     # where a directory must go, a full disk): one line, whatever the message it wraps (transformers' span several).
@@ -93,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())
         print(f"zokern {args.command}: {message} (ZOKERN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
+    finally:
+        if terminating:  # (main() called from Python: the caller's handling comes back)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=options.positive_int, default=600, help="ZO steps of the fine-tune (default 600)"
     )
-    parser.add_argument("--eps", type=options.positive_float, default=1e-3, help="perturbation scale (default 1e-3)")
+    parser.add_argument("--eps", type=options.eps, default=1e-3, help="perturbation scale (default 1e-3)")
     parser.add_argument("--lr", type=options.non_negative_float, default=2e-3, help="learning rate (default 2e-3)")
     parser.add_argument(
         "--backend",

@@ -20,6 +20,7 @@ from transformers import Trainer
 
 from zokern.optim import ZOSGD
 from zokern.optim import ZOOptimizer
+from zokern.optim import _distributed
 from zokern.optim.base import sixteen_bit_loss_message
 
 
@@ -225,7 +226,7 @@ class ZOTrainer(Trainer):
             # Trainer scales by their number, right only for a loss divided by the global item count).
             several = len(window) > 1 or self.accelerator.num_processes > 1
             if several and self._loss_takes_item_count is None:
-                self._loss_takes_item_count = self._takes_item_count(model, window[0])
+                self._loss_takes_item_count = self._takes_item_count(model, window)
             closure = None
             if getattr(self.zo_optimizer, "cuda_graph", False):
                 closure = self._static_closure(model, window)
@@ -267,18 +268,26 @@ class ZOTrainer(Trainer):
             self._warned.add(message)
             warnings.warn(message, UserWarning, stacklevel=3)
 
-    def _takes_item_count(self, model, batch: dict[str, Any]) -> bool:
+    def _takes_item_count(self, model, window: list[dict[str, Any]]) -> bool | None:
         """Whether the model's loss divides by ``num_items_in_batch`` (transformers' token-level losses: causal and
         masked LM), rather than averaging over its batch whatever it is passed: its loss given twice the count is
-        then not the same. Two forwards, at the first window of several micro-batches."""
-        batch = dict(batch)
-        items = batch.pop(_NUM_ITEMS)
+        then not the same. Two forwards per micro-batch until one has items to count (one whose labels are all
+        ignored gives 0 either way); None if none has, to ask again at the next window. Under torch.distributed the
+        ranks decide together (one small all_reduce), since each probes its own micro-batches."""
+        items = window[0][_NUM_ITEMS]  # the window's count: the same for each of its micro-batches
         if not self.model_accepts_loss_kwargs or items is None or self.compute_loss_func is not None:
-            return False  # never passed a count, or a compute_loss_func's own affair: nothing to tell
-        with torch.no_grad(), self.compute_loss_context_manager():
-            once = self.compute_loss(model, dict(batch), num_items_in_batch=items)
-            twice = self.compute_loss(model, dict(batch), num_items_in_batch=items * 2)
-        return not torch.equal(once, twice)
+            return False  # never passed a count, or a compute_loss_func's own affair: nothing to tell (every rank)
+        answer = -1  # not told: every micro-batch's loss was 0 (or not finite) with either count
+        for entry in window:
+            batch = {k: v for k, v in entry.items() if k != _NUM_ITEMS}
+            with torch.no_grad(), self.compute_loss_context_manager():
+                once = self.compute_loss(model, dict(batch), num_items_in_batch=items)
+                twice = self.compute_loss(model, dict(batch), num_items_in_batch=items * 2)
+            if bool(torch.isfinite(once)) and once.item() != 0:
+                answer = int(not torch.equal(once, twice))
+                break
+        answer = _distributed.max_across_ranks(answer)  # one rank told "divides" is enough
+        return None if answer < 0 else bool(answer)
 
     def _window_closure(self, model, window: list[dict[str, Any]]):
         def closure() -> torch.Tensor:

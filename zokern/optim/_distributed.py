@@ -93,6 +93,15 @@ def check_same_seed(seed: int, what: str) -> None:
         )
 
 
+def max_across_ranks(value: int) -> int:
+    """The largest of the ranks' ``value`` (this one's alone without torch.distributed)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 class RanksDisagree(RuntimeError):
     """The ranks are not taking the same step: their parameters would silently diverge."""
 

@@ -13,25 +13,35 @@ import weakref
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class _Hold:
+    """The handler a hold installs for one signal, standing in for ``program`` (the handler it replaced). While a
+    block holds the signal it keeps it for the block's end; called with none open (a handler installed during the
+    block chained to the one it replaced, which was this; or a block cut short left it installed) it hands the
+    signal to ``program`` at once. One per installation, so that chains through several holds reach each handler
+    each replaced, in turn."""
+
+    def __init__(self, signum: int, program) -> None:
+        self.signum, self.program, self._forwarding = signum, program, False
+
+    def __call__(self, signum, frame) -> None:
+        if _Holding.open[signum]:
+            _Holding.received.setdefault(signum, (signum, frame))
+        elif not self._forwarding:  # (a cycle of chains ends here)
+            self._forwarding = True
+            try:
+                self.program(signum, frame)
+            finally:
+                self._forwarding = False
+
+
 class _Holding:
-    """The process's one hold: per signal, the blocks open, the handler they replaced, and the signal if it came. Open
+    """The process's one hold: per signal, the blocks open, the hold installed, and the signal if it came. Open
     blocks are held weakly: one that an exception cut short before its end (a handler of another signal raising
     between two of its steps) closes when it is collected, and the next block puts the program's handler back."""
 
     open: dict[int, weakref.WeakSet] = {signum: weakref.WeakSet() for signum in HELD_SIGNALS}
-    previous: dict[int, object] = {}
+    installed: dict[int, _Hold] = {}
     received: dict[int, tuple] = {}
-
-    @classmethod
-    def hold(cls, signum, frame) -> None:
-        if cls.open[signum]:
-            cls.received.setdefault(signum, (signum, frame))
-            return
-        # No block holds it: reached through a handler installed during a block that chains to the one it replaced
-        # (which was this hold), after the block ended. The program's handler the hold stood in for takes it.
-        handler = cls.previous.get(signum)
-        if callable(handler):
-            handler(signum, frame)
 
 
 class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib's)
@@ -40,7 +50,8 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
     receives signals and may set their handlers). When the last open block of a signal ends, the signal, if it came,
     is handed to its handler, called as the signal would have called it: not raised again, since a program woken
     through a file descriptor (asyncio's add_signal_handler) heard of it when it arrived. Blocks may nest and end in
-    any order: the first to open installs a signal's hold, the last to end releases it."""
+    any order: the first to open installs a signal's hold, the last to end releases it. A handler the program
+    installs during the block stays installed."""
 
     __slots__ = ("__weakref__", "signals")
 
@@ -56,13 +67,13 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
                 continue
             if not blocks:
                 handler = signal.getsignal(signum)
-                if handler == _Holding.hold:  # left installed by a block cut short: the one it saved is the program's
-                    handler = _Holding.previous.get(signum)
+                if isinstance(handler, _Hold):  # left installed by a block cut short: it stood in for the program's
+                    handler = handler.program
                 if callable(handler):  # not SIG_IGN, SIG_DFL, or a handler not set from Python
-                    _Holding.previous[signum] = handler
-                    signal.signal(signum, _Holding.hold)
+                    _Holding.installed[signum] = _Hold(signum, handler)
+                    signal.signal(signum, _Holding.installed[signum])
                 else:
-                    _Holding.previous.pop(signum, None)
+                    _Holding.installed.pop(signum, None)
             blocks.add(self)
 
     def __exit__(self, *exc) -> None:
@@ -72,14 +83,15 @@ class held_interrupts:  # noqa: N801 (used as a context manager, like contextlib
             if self not in blocks:
                 continue
             blocks.discard(self)
-            if not blocks and signum in _Holding.previous:
-                handler = _Holding.previous[signum]
+            hold = _Holding.installed.get(signum)
+            if not blocks and hold is not None:
+                del _Holding.installed[signum]
                 # A handler the program installed during the block (the closure's own, say) stays: only the hold is
                 # taken down. The signal held, if any, came for the handler the hold stood in for.
-                if signal.getsignal(signum) == _Holding.hold:
-                    signal.signal(signum, handler)
+                if signal.getsignal(signum) is hold:
+                    signal.signal(signum, hold.program)
                 if signum in _Holding.received:
-                    released.append((handler, _Holding.received.pop(signum)))
+                    released.append((hold.program, _Holding.received.pop(signum)))
         raised = None
         for handler, arguments in released:  # every one, even after a handler raised
             try:

@@ -41,9 +41,10 @@ class BlockRandomness:
     """The same for ``perturbed()`` blocks: each seed's later blocks start from the generators' state at its first
     block, so they draw what it drew (as a step's evaluations do), and leave the generators as they found them, so
     draws made between blocks are not repeated. Forgotten when a new estimate begins (a seed drawn, an update
-    applied); a few seeds at most are kept (a loop that never draws its seeds from the optimizer)."""
+    applied); the last KEPT seeds at most are kept (a loop that never draws its seeds from the optimizer), each a few
+    kilobytes of generator state."""
 
-    KEPT = 8
+    KEPT = 256
 
     def __init__(self) -> None:
         self._first: dict[int, SharedRandomness] = {}

@@ -55,7 +55,22 @@ class NonFiniteLoss(Exception):
     (the passes' precision, where it would write inf or NaN); the step restores and skips its update."""
 
 
-class ZOOptimizer(torch.optim.Optimizer):
+class _ComparedAcrossRanks(type):
+    """Optimizers whose class and options are compared across data-parallel ranks once built, by every subclass's
+    constructor alike: options that change a step's number of losses (n_probes, one_sided, the class) would pair
+    loss reductions of different sizes, which the communication backend aborts on or hangs. Construction is where
+    every rank makes collectives alike (the seed's); a copy or a replay (alone) makes none."""
+
+    def __call__(cls, *args, **kwargs):
+        optimizer = super().__call__(*args, **kwargs)
+        if _distributed.active():
+            options = repr((cls.__name__, optimizer.options())).encode()
+            digest = int.from_bytes(hashlib.blake2b(options, digest_size=6).digest(), "little")
+            _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
+        return optimizer
+
+
+class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
     """Base class of zokern's zeroth-order optimizers (not used directly).
 
     Canonical order: param groups in order, parameters within a group in order, elements row-major. Parameter k's
@@ -127,7 +142,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._agreement: list[torch.Tensor] = []  # their device flags: whether every rank was at the same round
         self._seen_disagreement = False  # whether a reduction read on the host found the ranks at different rounds
         self._step_digest: int | None = None  # what the ranks' steps must share (_digest), made once per step
-        self._ranks_compared = False  # whether step() has compared the class and options across ranks
         self._exact_now = False
         self._warned_16bit_loss = False
         self._warned_nothing_trainable = False
@@ -156,9 +170,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own). What
     # belongs to the original object stays with it, as torch.optim does: hooks registered on it, and the wrapper an
     # LR scheduler puts on its ``step`` (which holds the original: a copy's step would step the original).
-    _TRANSIENT = (
-        ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "_block_randomness", "_ranks_compared", "step")
-    ) + tuple(
+    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "_block_randomness", "step") + tuple(
         f"_optimizer_{kind}_hooks"
         for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post")
         + ("load_state_dict_pre", "load_state_dict_post")
@@ -178,7 +190,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._checked_values = []
         self._busy = False
         self._block_randomness = BlockRandomness()
-        self._ranks_compared = False
         self._checked_memory = None
         self._update_hold = None
         self._watch_lookahead()
@@ -741,13 +752,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
-        if not self._ranks_compared and _distributed.active():
-            # At every rank's first step of this optimizer: options that change a step's number of losses (n_probes,
-            # one_sided, the class) would pair reductions of different sizes, which the backend aborts on or hangs.
-            options = repr((type(self).__name__, self.options())).encode()
-            digest = int.from_bytes(hashlib.blake2b(options, digest_size=6).digest(), "little")
-            _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
-            self._ranks_compared = True
         # A preemption handler (SIGTERM, when one is set from Python) runs between steps: the checkpoint it saves holds
         # theta, not theta + eps z, and counts only the steps done. Ctrl-C still interrupts a closure (held by passes).
         with held_interrupts((signal.SIGTERM,)):
@@ -989,12 +993,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _digest(self) -> int:
         """48 bits of what every rank's step must share beyond its seed, compared by the loss reduction: the class
         and options, each group's hyperparameters, which parameters it trains (numels, dtypes), the backends running
-        its passes, and whether it claimed a merged perturbation (one a rank-local read took back is re-applied with
-        other rounding in 16 bits). A rank that differs would otherwise diverge silently."""
+        its passes, and, with 16-bit parameters, whether it claimed a merged perturbation (one a rank-local read took
+        back is applied anew with other rounding; in float32 the bits come back, but for a rare last bit). A rank
+        that differs would otherwise diverge silently."""
         groups = [[g[k] for k in ("lr", "eps", "weight_decay", *self._extra_group_keys())] for g in self.param_groups]
         devices = sorted({str(params[0].device) for _, _, params, _ in self._device_chunks()})
         backends = [_dispatch.select_backend(torch.device(d), self.backend).__name__ for d in devices]
-        state = (type(self).__name__, self.options(), groups, self._layout_signature(), backends, self._claimed)
+        claimed = self._claimed if any(p.dtype in _SIXTEEN_BIT for p in self._trainable()) else None
+        state = (type(self).__name__, self.options(), groups, self._layout_signature(), backends, claimed)
         return int.from_bytes(hashlib.blake2b(repr(state).encode(), digest_size=6).digest(), "little")
 
     def _record(self, seed: int, losses: list[float], fields: dict[str, Any]) -> None:

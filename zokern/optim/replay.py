@@ -213,10 +213,12 @@ def _check_setup(
                 "pass the initial parameters as the run had them, in the optimizer's canonical order"
             )
     if k and setup.get("dtypes") is not None and previous.get("dtypes") is not None:
-        # Only to a dtype the passes write: replay converts before the record's step, whose passes (a merged
-        # perturbation's take-back included) must then run on it; the run's own step may have failed there.
-        for j, (was, now) in enumerate(zip(previous["dtypes"], setup["dtypes"][:known])):
-            if now != was and now not in _CONVERTIBLE:
+        # Replay converts before the record's step. A merged perturbation still pending on a parameter the last
+        # steps trained is taken back by that step, which the run's own step may have failed to do (a dtype the
+        # passes refuse): such a conversion only to a dtype they write. Any other parameter takes any dtype.
+        pending = [trained and previous["options"].get("merge_steps", False) for trained in previous["trainable"]]
+        for j, (was, now, taken_back) in enumerate(zip(previous["dtypes"], setup["dtypes"][:known], pending)):
+            if now != was and taken_back and now not in _CONVERTIBLE:
                 raise ValueError(
                     f"record {k}: the run converted parameter {j} from {was} to {now}, which replay does not follow "
                     f"(only to {', '.join(_CONVERTIBLE)})"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -81,6 +82,7 @@ def run_pipeline(
         raise FileNotFoundError(f"--model {model}: no such directory (a local save_pretrained directory is expected)")
     if model is not None and Path(out).resolve() == Path(model).resolve():
         raise ValueError(f"--out {out} is the --model directory: the demo's data and plots would replace its files")
+    _check_replaceable(out)
     datasets.disable_progress_bars()  # the demo's files are small: their loading needs no bars
     begin = time.perf_counter()
     # The run's files go to a staging directory first, and replace the previous run's in ``out`` with its first
@@ -129,6 +131,22 @@ def run_pipeline(
         f"wrote {out / 'metrics.jsonl'}, {out / 'reward.png'} and {page} ({time.perf_counter() - begin:.0f} s in all)"
     )
     return records
+
+
+def _check_replaceable(out: Path) -> None:
+    """Before any work: what the run's first record replaces in ``out`` can be replaced, and is an earlier run's. A
+    data file without an earlier run's metrics beside it is the user's own (it was replaced without a word); a
+    records file the run cannot rewrite failed the run after the earlier run's data and plots were gone."""
+    foreign = [name for name in GENERATED if name != "tokenizer.json" and (out / name).exists()]
+    if foreign and not (out / "metrics.jsonl").exists():
+        raise ValueError(
+            f"--out {out} holds {', '.join(foreign)} but no earlier demo run's metrics.jsonl: the demo would replace "
+            "them. Choose another --out"
+        )
+    for name in ("metrics.jsonl", "sketches.jsonl"):
+        path = out / name
+        if path.exists() and (not path.is_file() or not os.access(path, os.W_OK)):
+            raise ValueError(f"{path} cannot be replaced (not a writable file): the run's records go there")
 
 
 def _word_tokenizer_file(path: Path) -> bool:
@@ -225,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--model",
-        type=Path,
+        type=options.path,
         default=None,
         help="a local Hugging Face causal LM directory (weights and tokenizer) to use as the policy instead of the "
         "small one trained here",
@@ -289,7 +307,7 @@ def run_dpo(
 
 def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", type=Path, required=True, help="preference pairs: .jsonl, .parquet or a saved dataset"
+        "--data", type=options.path, required=True, help="preference pairs: .jsonl, .parquet or a saved dataset"
     )
     parser.add_argument(
         "--out",

@@ -15,6 +15,7 @@ import html
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,18 +34,30 @@ def load(run_dir: Path) -> dict[str, dict[str, list[dict]]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the loop with a SketchRecorder (zokern demo writes one)")
     runs: dict[str, dict[str, list[dict]]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    nonfinite: dict[str, int] = {}
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            point = json.loads(line)
+            point = json.loads(raw.decode("utf-8"))
             missing = [f for f in FIELDS if f not in point]
             if missing:
                 raise ValueError(f"no {', '.join(map(repr, missing))}")
             point["sketch"] = torch.tensor(point["sketch"], dtype=torch.float64)
-        except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            if number == len(lines):  # the last line, cut off (no newline after it): a run stopped while writing
+                warnings.warn(f"{path}, line {number}: an incomplete last record, left out", UserWarning, stacklevel=2)
+                continue
             raise ValueError(f"{path}, line {number}: not a sketch record ({e})") from None
+        if not torch.isfinite(point["sketch"]).all():  # a run that diverged: its points have no place in a plot
+            nonfinite[point["method"]] = nonfinite.get(point["method"], 0) + 1
+            continue
         runs.setdefault(point["method"], {}).setdefault(point["model"], []).append(point)
+    for method, count in nonfinite.items():
+        warnings.warn(f"{path}: {count} sketch(es) of {method!r} are not finite (the run diverged?), left out",
+                      UserWarning, stacklevel=2)  # fmt: skip
     if not runs:
         raise ValueError(f"{path} holds no sketch records (the run recorded none, or failed before its first)")
     for method, models in runs.items():
@@ -235,7 +248,9 @@ def _html(run_dir: Path, sections) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, help="a run directory holding sketches.jsonl (e.g. zokern demo --out)")
+    parser.add_argument(
+        "run_dir", type=options.path, help="a run directory holding sketches.jsonl (e.g. zokern demo --out)"
+    )
     parser.add_argument("--out", type=options.output_dir, default=None, help="output directory (default RUN_DIR/viz)")
 
 
