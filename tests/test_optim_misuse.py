@@ -445,42 +445,40 @@ def test_a_preemption_handler_that_saves_a_checkpoint_runs_between_steps(dtype, 
     assert all(torch.equal(held, p.detach()) for held, p in zip(saved[0][0], (a, b)))
 
 
-def test_a_sigterm_handler_the_closure_installs_stays_and_its_chain_reaches_the_programs():
-    """The step's hold of SIGTERM put the program's handler back over one the closure had installed meanwhile, and
-    a handler chaining to the one it replaced (the hold) only had the signal recorded, never handled."""
-    a, b = _pair()
-    opt = ZOSGD([a, b], lr=1e-3, eps=1e-3, seed=0)
-    ran, replaced = [], []
+def _installing_a_chaining_handler(name: str, ran: list, loss):
+    """A closure that, at its first call, installs a SIGTERM handler that records ``name`` and chains to the handler
+    it replaced; and that handler."""
+    replaced = []
 
-    def mine(signum, frame):
-        ran.append("closure's")
+    def handler(signum, frame):
+        ran.append(name)
         replaced[0](signum, frame)
 
     def closure():
         if not replaced:
-            replaced.append(signal.signal(signal.SIGTERM, mine))
-        return _loss(a, b)
+            replaced.append(signal.signal(signal.SIGTERM, handler))
+        return loss()
 
+    return closure, handler
+
+
+def test_a_sigterm_handler_the_closure_installs_stays_and_its_chain_reaches_the_programs():
+    """The step's hold of SIGTERM put the program's handler back over one the closure had installed meanwhile, and
+    a handler chaining to the one it replaced (the hold) only had the signal recorded, never handled; a later step's
+    hold made that chain recurse."""
+    a, b = _pair()
+    opt = ZOSGD([a, b], lr=1e-3, eps=1e-3, seed=0)
+    ran = []
+    closure, mine = _installing_a_chaining_handler("closure's", ran, lambda: _loss(a, b))
     with _handling(signal.SIGTERM, lambda signum, frame: ran.append("program's")):
         opt.step(closure)
         assert signal.getsignal(signal.SIGTERM) is mine
         signal.raise_signal(signal.SIGTERM)
         assert ran == ["closure's", "program's"]
-        opt.step(closure)  # a later step's hold stands in for the closure's handler (it recursed through both)
+        opt.step(closure)  # a later step's hold stands in for the closure's handler
         signal.raise_signal(signal.SIGTERM)
         assert ran == ["closure's", "program's"] * 2
-        later = []
-
-        def chaining_again(signum, frame):  # a second handler installed in a later step's closure
-            ran.append("later")
-            later[0](signum, frame)
-
-        def installing_again():
-            if not later:
-                later.append(signal.signal(signal.SIGTERM, chaining_again))
-            return _loss(a, b)
-
-        opt.step(installing_again)
+        opt.step(_installing_a_chaining_handler("later", ran, lambda: _loss(a, b))[0])
         signal.raise_signal(signal.SIGTERM)
     assert ran == ["closure's", "program's"] * 2 + ["later", "closure's", "program's"]
 
