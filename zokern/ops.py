@@ -101,15 +101,19 @@ def _check_tensors(tensors: Tensors, written: bool = True, name: str = "tensors"
             raise TypeError(f"{name}[{k}] is a {type(t).__name__}, expected a torch.Tensor")
         if not holds_plain_tensor(t):
             raise TypeError(f"{name}[{k}] is a {type(t.data).__name__}: {SUBCLASS_REASON}")
-        if t.layout != torch.strided:
-            raise TypeError(f"{name}[{k}] is a {t.layout} tensor; zokern's passes take dense (strided) tensors")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}[{k}] has dtype {t.dtype}; zokern updates float32, bfloat16 and float16 tensors")
         if t.device != device:
             raise ValueError(
                 f"{name}[{k}] is on {t.device} but {name}[0] is on {device}; one call takes tensors of one device"
             )
-        if not t.is_contiguous():
+        try:
+            contiguous = t.is_contiguous()
+        except RuntimeError:  # a sparse CSR tensor has no strides
+            contiguous = False
+        if not contiguous and t.layout != torch.strided:
+            raise TypeError(f"{name}[{k}] is a {t.layout} tensor; zokern's passes take dense (strided) tensors")
+        if not contiguous:
             raise ValueError(
                 f"{name}[{k}] (shape {tuple(t.shape)}) is not contiguous; the stream is indexed by "
                 "row-major element order, so pass contiguous tensors"

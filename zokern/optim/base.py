@@ -742,7 +742,8 @@ class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
         self._require_closure(closure)
         self._check_groups_hyperparameters()
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
-        self._check_runnable(layout, self._exact_for(layout))
+        exact = self._exact_for(layout)
+        self._check_runnable(layout, exact)
         if not self._warned_nothing_trainable and not any(tensors for _, tensors, _ in layout):
             self._warned_nothing_trainable = True
             warnings.warn(
@@ -755,9 +756,9 @@ class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
         # A preemption handler (SIGTERM, when one is set from Python) runs between steps: the checkpoint it saves holds
         # theta, not theta + eps z, and counts only the steps done. Ctrl-C still interrupts a closure (held by passes).
         with held_interrupts((signal.SIGTERM,)):
-            return self._draw_and_take_step(closure, layout)
+            return self._draw_and_take_step(closure, layout, exact)
 
-    def _draw_and_take_step(self, closure: Closure, layout: list) -> torch.Tensor:
+    def _draw_and_take_step(self, closure: Closure, layout: list, exact: bool) -> torch.Tensor:
         """step() once it has checked what it could before drawing its seed: draw it, take the step, record it."""
         self._settle(wait=False)  # the records of earlier steps whose values have reached the host
         self._loss_device = torch.device("cpu")  # the closure's, once it has returned a tensor
@@ -791,7 +792,7 @@ class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
         self._update_hold = held_interrupts()  # entered by the step's first update pass (_begin_update)
         try:
             try:
-                fields = self._take_step(seed, evaluate, next_seed, layout=layout)
+                fields = self._take_step(seed, evaluate, next_seed, layout=layout, exact=exact)
             except BaseException:
                 self._record_raised(seed, evaluated)
                 raise
@@ -853,15 +854,17 @@ class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
         next_seed: int | None = None,
         may_claim: bool = True,
         layout: list | None = None,
+        exact: bool | None = None,
     ) -> dict[str, Any]:
         """Run one step's passes; restore on a non-finite loss (a skipped step) or on any exception (re-raised).
         ``next_seed``: the next step's seed, which a merging step folds into its last pass; ``may_claim=False``
         (replay of a step that found its perturbation taken back) takes a pending one back instead of claiming it;
-        ``layout``: the step's ``_groups_layout()``, when the caller has it already."""
+        ``layout``: the step's ``_groups_layout()``, and ``exact`` whether it runs in the exact mode, when the
+        caller has them already."""
         self._displacement.clear()
         self._losses = []
         self._step_layout = self._groups_layout() if layout is None else layout
-        self._exact_now = self.exact()
+        self._exact_now = self.exact() if exact is None else exact
         self._step_seed, self._update_passes = seed, 0
         self._round, self._agreement, self._seen_disagreement = 0, [], False
         self._step_digest = None  # made at the step's first loss reduction under torch.distributed
@@ -1290,13 +1293,11 @@ _PLAIN_TORCH_FUNCTIONS = (torch.Tensor.__torch_function__.__func__, torch._C._di
 
 def _writable(p: torch.Tensor) -> bool:
     """Whether the passes can update ``p`` in place (else _reject_parameter says why)."""
-    return (
-        p.layout == torch.strided  # first: a sparse CSR tensor raises on is_contiguous
-        and p.is_contiguous()
-        and p.dtype in ops.SUPPORTED_DTYPES
-        and ops.holds_plain_tensor(p)
-        and not p.is_meta
-    )
+    try:
+        contiguous = p.is_contiguous()
+    except RuntimeError:  # a sparse CSR tensor has no strides (a sparse COO one is not contiguous)
+        return False
+    return contiguous and p.dtype in ops.SUPPORTED_DTYPES and ops.holds_plain_tensor(p) and not p.is_meta
 
 
 def _reject_parameter(name: str, p: torch.Tensor) -> None:
