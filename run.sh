@@ -70,6 +70,7 @@ case "$cmd" in
     ensure_torch
     ensure_zokern
     ensure_demo_tools
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's zokern, run from the caller's directory
     cd "$caller"
     exec "$PY" -m zokern demo "$@"
     ;;

@@ -183,6 +183,7 @@ def no_work(monkeypatch):
         (["demo", "--out", ""], "argument --out: an empty path (an unset variable?)"),
         (["viz", ""], "argument run_dir: an empty path"),
         (["demo", "--out", "x" * 300], "argument --out: " + "x" * 300 + ": File name too long"),
+        (["demo", "--out=~nosuchuser/run"], "argument --out: ~nosuchuser/run: no home directory for '~nosuchuser'"),
     ],
 )
 def test_bad_option_values_are_refused_before_any_work(argv, message, capsys, no_work):
@@ -486,6 +487,10 @@ def test_a_backend_forced_by_the_environment_is_checked_before_any_work(monkeypa
     for command in (["demo"], ["quickstart"]):
         code, err = _main(command, capsys)
         assert code == 2 and "backend 'cuda' is unavailable" in err and "ZOKERN_BACKEND" in err, err
+    with pytest.raises(AssertionError, match="started its work"):  # an explicit --backend wins over the variable
+        _main(["quickstart", "--backend", "torch"], capsys)
+    code, err = _main(["viz", "no_such_run"], capsys)  # a command that trains nothing is not held back by it
+    assert code == 2 and "sketches.jsonl not found" in err, err
 
 
 def test_a_missing_package_is_named_before_any_work(monkeypatch, capsys, no_work):

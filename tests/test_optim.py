@@ -909,8 +909,9 @@ def test_a_trainable_tensor_subclass_is_refused_and_a_frozen_one_left_alone():
     "make,error,match",
     [(lambda: torch.empty(3, 4, device="meta"), ValueError, "is on the meta device: it has no values to train"),
      (lambda: torch.randn(3, 4).to_sparse(), TypeError, "is a torch.sparse_coo tensor; zokern's passes update dense"),
-     (lambda: torch.randn(3, 4).to_sparse_csr(), TypeError, "is a torch.sparse_csr tensor")],
-    ids=["meta", "coo", "csr"],
+     (lambda: torch.randn(3, 4).to_sparse_csr(), TypeError, "is a torch.sparse_csr tensor"),
+     (lambda: torch.randn(3, 4).to_mkldnn(), TypeError, "is a torch._mkldnn tensor")],
+    ids=["meta", "coo", "csr", "mkldnn"],
 )  # fmt: skip
 def test_a_trainable_parameter_without_dense_values_is_refused_by_name(make, error, match):
     """A meta parameter (accelerate's offloading, init_empty_weights) was accepted and silently never trained; a
@@ -962,6 +963,17 @@ def test_the_exact_mode_refuses_a_parameter_class_with_its_own_torch_function(dt
                 closure()
         assert opt.steps_taken == 1 and not opt.trajectory  # the refused step drew no seed (new_seed drew one)
         assert all(torch.equal(p.detach(), b) for p, b in zip(layer.parameters(), before))
+
+
+def test_an_optimizer_subclass_may_mix_in_an_abstract_base_class():
+    """A metaclass on the optimizers (since removed) made `class MyZO(ZOSGD, abc.ABC)` a metaclass conflict."""
+    import abc
+
+    class Scheduled(ZOSGD, abc.ABC):
+        pass
+
+    w = torch.nn.Parameter(torch.randn(4))
+    Scheduled([w], lr=1e-2, seed=0).step(lambda: (w**2).sum())
 
 
 def test_merge_steps_refuses_a_step_in_the_exact_mode_before_drawing_its_seed():

@@ -121,7 +121,10 @@ def check_path(text: str | Path) -> Path:
     (an unset variable, which would name the current directory)."""
     if not str(text).strip():
         raise ValueError("an empty path (an unset variable?): name it")
-    return Path(text).expanduser()
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~name of no user here
+        raise ValueError(f"{text}: no home directory for {str(text).split('/')[0]!r}") from None
 
 
 def check_output_dir(text: str | Path) -> Path:

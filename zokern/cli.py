@@ -63,15 +63,16 @@ def _importable(name: str) -> bool:
         return False
 
 
-def _check_ready(command: str) -> None:
-    """Before any work: the packages the command needs, and a backend forced by ZOKERN_BACKEND (its RuntimeError
-    came when the first optimizer was built, after the data and the reward model)."""
+def _check_ready(args: argparse.Namespace) -> None:
+    """Before any work: the packages the command needs, and a backend forced by ZOKERN_BACKEND where the command
+    trains (its RuntimeError came when the first optimizer was built, after the data and the reward model); an
+    explicit --backend wins over the variable, as everywhere."""
     from zokern import _dispatch
 
-    missing = [name for name in _NEEDS.get(command, ()) if not _importable(name)]
+    missing = [name for name in _NEEDS.get(args.command, ()) if not _importable(name)]
     if missing:
         raise ValueError(f"needs {', '.join(missing)}: pip install 'zokern[preference]'")
-    if command != "info":
+    if args.command in ("demo", "dpo", "quickstart") and getattr(args, "backend", None) is None:
         try:
             _dispatch.available_requested_backend(None)
         except RuntimeError as e:
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if terminating:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        _check_ready(args.command)
+        _check_ready(args)
         return args.run(args)
     # Bad input found once a command runs (data, model, backend), and files it cannot write (permissions, a file
     # where a directory must go, a full disk): one line, whatever the message it wraps (transformers' span several).

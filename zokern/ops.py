@@ -107,13 +107,9 @@ def _check_tensors(tensors: Tensors, written: bool = True, name: str = "tensors"
             raise ValueError(
                 f"{name}[{k}] is on {t.device} but {name}[0] is on {device}; one call takes tensors of one device"
             )
-        try:
-            contiguous = t.is_contiguous()
-        except RuntimeError:  # a sparse CSR tensor has no strides
-            contiguous = False
-        if not contiguous and t.layout != torch.strided:
+        if t.layout != torch.strided:  # (before is_contiguous: a sparse CSR tensor raises, an mkldnn one says yes)
             raise TypeError(f"{name}[{k}] is a {t.layout} tensor; zokern's passes take dense (strided) tensors")
-        if not contiguous:
+        if not t.is_contiguous():
             raise ValueError(
                 f"{name}[{k}] (shape {tuple(t.shape)}) is not contiguous; the stream is indexed by "
                 "row-major element order, so pass contiguous tensors"

@@ -55,22 +55,7 @@ class NonFiniteLoss(Exception):
     (the passes' precision, where it would write inf or NaN); the step restores and skips its update."""
 
 
-class _ComparedAcrossRanks(type):
-    """Optimizers whose class and options are compared across data-parallel ranks once built, by every subclass's
-    constructor alike: options that change a step's number of losses (n_probes, one_sided, the class) would pair
-    loss reductions of different sizes, which the communication backend aborts on or hangs. Construction is where
-    every rank makes collectives alike (the seed's); a copy or a replay (alone) makes none."""
-
-    def __call__(cls, *args, **kwargs):
-        optimizer = super().__call__(*args, **kwargs)
-        if _distributed.active():
-            options = repr((cls.__name__, optimizer.options())).encode()
-            digest = int.from_bytes(hashlib.blake2b(options, digest_size=6).digest(), "little")
-            _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
-        return optimizer
-
-
-class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
+class ZOOptimizer(torch.optim.Optimizer):
     """Base class of zokern's zeroth-order optimizers (not used directly).
 
     Canonical order: param groups in order, parameters within a group in order, elements row-major. Parameter k's
@@ -142,6 +127,7 @@ class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
         self._agreement: list[torch.Tensor] = []  # their device flags: whether every rank was at the same round
         self._seen_disagreement = False  # whether a reduction read on the host found the ranks at different rounds
         self._step_digest: int | None = None  # what the ranks' steps must share (_digest), made once per step
+        self._ranks_compared = False  # whether a step compared the class and options across ranks (kept by copies)
         self._exact_now = False
         self._warned_16bit_loss = False
         self._warned_nothing_trainable = False
@@ -190,6 +176,7 @@ class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
         self._checked_values = []
         self._busy = False
         self._block_randomness = BlockRandomness()
+        self.__dict__.setdefault("_ranks_compared", True)  # an optimizer pickled before the flag had stepped or not
         self._checked_memory = None
         self._update_hold = None
         self._watch_lookahead()
@@ -753,6 +740,15 @@ class ZOOptimizer(torch.optim.Optimizer, metaclass=_ComparedAcrossRanks):
                 UserWarning,
                 stacklevel=3,
             )
+        if not self._ranks_compared and _distributed.active():
+            # At every rank's first step of a run's optimizer: options that change a step's number of losses
+            # (n_probes, one_sided, the class) would pair loss reductions of different sizes, which the backend
+            # aborts on or hangs. (Not at construction: subclasses set their options after the base's.) A copy keeps
+            # the flag, and replay sets it on the optimizer it returns, whose run compared them already.
+            options = repr((type(self).__name__, self.options())).encode()
+            digest = int.from_bytes(hashlib.blake2b(options, digest_size=6).digest(), "little")
+            _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
+            self._ranks_compared = True
         # A preemption handler (SIGTERM, when one is set from Python) runs between steps: the checkpoint it saves holds
         # theta, not theta + eps z, and counts only the steps done. Ctrl-C still interrupts a closure (held by passes).
         with held_interrupts((signal.SIGTERM,)):
@@ -1293,11 +1289,13 @@ _PLAIN_TORCH_FUNCTIONS = (torch.Tensor.__torch_function__.__func__, torch._C._di
 
 def _writable(p: torch.Tensor) -> bool:
     """Whether the passes can update ``p`` in place (else _reject_parameter says why)."""
-    try:
-        contiguous = p.is_contiguous()
-    except RuntimeError:  # a sparse CSR tensor has no strides (a sparse COO one is not contiguous)
-        return False
-    return contiguous and p.dtype in ops.SUPPORTED_DTYPES and ops.holds_plain_tensor(p) and not p.is_meta
+    return (
+        p.layout == torch.strided  # first: a sparse CSR tensor raises on is_contiguous, an mkldnn one says it is
+        and p.is_contiguous()
+        and p.dtype in ops.SUPPORTED_DTYPES
+        and ops.holds_plain_tensor(p)
+        and not p.is_meta
+    )
 
 
 def _reject_parameter(name: str, p: torch.Tensor) -> None:

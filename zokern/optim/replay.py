@@ -88,6 +88,7 @@ def _hand_over(optimizer: ZOOptimizer, params: list[torch.Tensor], setup: dict[s
         )
     if [p.requires_grad for p in params] == list(setup["trainable"]):
         optimizer._trainable_override = None
+    optimizer._ranks_compared = True  # the run's ranks compared their options at its first step
 
 
 _RECORD_KEYS = ("step", "seed", "losses", "lr", "eps", "weight_decay", "stream_version")
