@@ -38,6 +38,13 @@ def classifier(out: Path) -> None:
     trainer.train()
     result = {"losses": [r["loss"] for r in trainer.zo_optimizer.trajectory], "whole": whole}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    _finish()
+
+
+def _finish() -> None:
+    """No rank tears down its connections while another still uses them (gloo aborts the process otherwise)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -66,6 +73,7 @@ def main() -> None:
         "steps": trainer.zo_optimizer.steps_taken,
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    _finish()
 
 
 if __name__ == "__main__":
