@@ -668,27 +668,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.materialize()
         self._displacement.clear()
         self._busy = True
-        hold = held_interrupts((signal.SIGTERM,))  # a preemption handler runs after the block, at theta (see step)
-        hold.__enter__()
-        try:
-            self._perturb(seed, scale)
-            clear_weight_caches()  # weights computed from theta before the block (see _caches)
-            devices = {p.device for _, tensors, _ in layout for p in tensors}
-            with self._block_randomness.block(seed, devices):  # the seed's blocks draw the same (dropout masks)
-                if self._exact_now:
-                    view = self._perturbed_view()
-                    with view:
-                        yield
-                    view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+ otherwise
-                else:
-                    yield
-        finally:
-            self._busy = False
+        with held_interrupts((signal.SIGTERM,)):  # a preemption handler runs after the block, at theta (see step)
             try:
+                self._perturb(seed, scale)
+                clear_weight_caches()  # weights computed from theta before the block (see _caches)
+                devices = {p.device for _, tensors, _ in layout for p in tensors}
+                with self._block_randomness.block(seed, devices):  # the seed's blocks draw the same (dropout masks)
+                    if self._exact_now:
+                        view = self._perturbed_view()
+                        with view:
+                            yield
+                        view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
+                    else:
+                        yield
+            finally:
+                self._busy = False
                 self._undo_displacement()
                 clear_weight_caches()
-            finally:
-                hold.__exit__(None, None, None)
 
     def _perturbed_view(self) -> PerturbedView:
         uses = {
@@ -745,8 +741,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             # (n_probes, one_sided, the class) would pair loss reductions of different sizes, which the backend
             # aborts on or hangs. (Not at construction: subclasses set their options after the base's.) A copy keeps
             # the flag, and replay sets it on the optimizer it returns, whose run compared them already.
-            options = repr((type(self).__name__, self.options())).encode()
-            digest = int.from_bytes(hashlib.blake2b(options, digest_size=6).digest(), "little")
+            digest = _digest48((type(self).__name__, self.options()))
             _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
             self._ranks_compared = True
         # A preemption handler (SIGTERM, when one is set from Python) runs between steps: the checkpoint it saves holds
@@ -999,8 +994,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         devices = sorted({str(params[0].device) for _, _, params, _ in self._device_chunks()})
         backends = [_dispatch.select_backend(torch.device(d), self.backend).__name__ for d in devices]
         claimed = self._claimed if any(p.dtype in _SIXTEEN_BIT for p in self._trainable()) else None
-        state = (type(self).__name__, self.options(), groups, self._layout_signature(), backends, claimed)
-        return int.from_bytes(hashlib.blake2b(repr(state).encode(), digest_size=6).digest(), "little")
+        return _digest48((type(self).__name__, self.options(), groups, self._layout_signature(), backends, claimed))
 
     def _record(self, seed: int, losses: list[float], fields: dict[str, Any]) -> None:
         record = dict(
@@ -1260,6 +1254,12 @@ _WATCHED_GROUP_KEYS = _WHOLE_RUN_OPTIONS | _FOREIGN_GROUP_KEYS  # whose presence
 
 # Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
 _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
+
+
+def _digest48(value: Any) -> int:
+    """48 bits of ``value``'s repr, the same in every process (Python's hash of a str is not): what the ranks compare
+    (as four 16-bit pieces, _distributed's identity chunks)."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=6).digest(), "little")
 
 
 def run_all_or_take_back(items: list, move: Callable[[Any, float], None]) -> None:
