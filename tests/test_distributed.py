@@ -86,15 +86,16 @@ def test_desynchronised_ranks_fail_clearly(tmp_path, scenario):
 
 
 def test_ranks_that_differ_beyond_their_seed_fail_clearly_instead_of_diverging(tmp_path):
-    """A rank-local learning rate or trainable set, a 16-bit merged perturbation one rank took back: the ranks
-    diverged silently. Another n_probes aborted inside gloo, and seed=None on one rank hung both until the process
-    group's timeout."""
+    """A rank-local learning rate or trainable set, a 16-bit merged perturbation one rank took back, ranks that start
+    from different weights: the ranks diverged silently. Another n_probes aborted inside gloo, and seed=None on one
+    rank hung both until the process group's timeout."""
     ranks = _launch("desync_setup", tmp_path)
     for result in ranks:
         for name in ("lr", "frozen", "merged_read"):
             assert "ranks disagree on step" in result[name] and "materialize() on every rank" in result[name], name
         assert "ranks disagree on the optimizer class and options" in result["n_probes"]
         assert "ranks disagree on the use of seed=None" in result["seed_none"]
+        assert "ranks disagree on the parameters' values at this optimizer's first step" in result["weights"]
     assert ranks[0]["merged_read_float32"] == ranks[1]["merged_read_float32"]
 
 

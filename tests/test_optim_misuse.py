@@ -656,6 +656,8 @@ def _damage_state(key, value):
         (_damage_zo("base_seed", 2**70), ValueError, r"base_seed must be in"),
         (_damage_zo("steps_taken", "3"), TypeError, "steps_taken must be an integer"),
         (_damage_zo("nonfinite_steps", -1), ValueError, "nonfinite_steps must be in"),
+        (_damage_zo("trainable", "all"), ValueError, "'trainable' is not a list of booleans"),
+        (_damage_zo("trainable", [1, 1, 1, 1]), ValueError, "'trainable' is not a list of booleans"),
         (_damage_state("momentum_buffer", torch.tensor(0.0)), ValueError, r"'momentum_buffer' .* tensor of shape \(\)"),
         (_damage_state("momentum_buffer", 0.5), ValueError, r"'momentum_buffer' .* is a float"),
     ],
@@ -672,6 +674,27 @@ def test_a_damaged_state_dict_is_refused_before_anything_is_loaded(damage, error
     after = (target.base_seed, target.steps_taken, _buffers(target), target.param_groups[0]["lr"])
     assert before[:2] == after[:2] and before[3] == after[3]
     assert all(torch.equal(a, b) for a, b in zip(before[2], after[2]))
+
+
+def test_loading_a_run_that_trained_other_parameters_warns_naming_them():
+    model, _, _, source = _run()
+    state = source.state_dict()
+    target = _run(steps=0)[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target.load_state_dict(state)  # the same parameters trained: silent
+    model, x, _, target = _run(steps=0)
+    model[0].weight.requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    with pytest.warns(
+        UserWarning, match=r"2 parameter\(s\) frozen now.*\[0\]\['params'\]\[0\].*\[0\]\['params'\]\[3\]"
+    ):
+        target.load_state_dict(state)
+    assert target.steps_taken == 3  # loaded all the same: unfreezing by stages is a schedule
+    frozen_run = _run(steps=0)[3]
+    frozen_run.param_groups[0]["params"][1].requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) trained now, frozen in the saved run: .*\]\[1\]"):
+        _run(steps=0)[3].load_state_dict(frozen_run.state_dict())
 
 
 def _buffers(opt):

@@ -93,6 +93,27 @@ def check_same_seed(seed: int, what: str) -> None:
         )
 
 
+# Same-size integer views of a parameter's bits: their integer sum is exact in any order, so equal weights give equal
+# checksums whatever each rank's threads split (a float sum's last bit depends on the split).
+_BITS_AS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weights_checksums(params: list[torch.Tensor]) -> list[int]:
+    """Per parameter, the int64 sum of its elements' bits (one read, one host sync): equal on every rank that holds
+    the same weights. Parameters whose bits cannot be read in place (meta, sparse, a tensor subclass) count as 0."""
+    sums: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for k, p in enumerate(params):
+        bits = _BITS_AS.get(p.element_size())
+        if bits is None or p.layout != torch.strided or p.is_meta or type(p) not in (torch.Tensor, torch.nn.Parameter):
+            continue
+        sums.setdefault(p.device, []).append((k, p.detach().view(bits).sum(dtype=torch.int64)))
+    checksums = [0] * len(params)
+    for pairs in sums.values():
+        for (k, _), value in zip(pairs, torch.stack([s for _, s in pairs]).tolist()):
+            checksums[k] = value
+    return checksums
+
+
 def max_across_ranks(value: int) -> int:
     """The largest of the ranks' ``value`` (this one's alone without torch.distributed)."""
     if not active():

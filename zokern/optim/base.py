@@ -743,6 +743,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             # the flag, and replay sets it on the optimizer it returns, whose run compared them already.
             digest = _digest48((type(self).__name__, self.options()))
             _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
+            # Nothing else makes the ranks' weights equal (no DDP broadcast): a model initialised randomly on each
+            # rank would train a different model per rank under the same updates, silently.
+            params = [p for g in self.param_groups for p in g["params"]]
+            _distributed.check_same_seed(
+                _digest48(_distributed.weights_checksums(params)),
+                "parameters' values at this optimizer's first step (a digest of their bits): every rank must start "
+                "from the same weights (the same checkpoint, or the same torch.manual_seed before building the model)",
+            )
             self._ranks_compared = True
         # A preemption handler (SIGTERM, when one is set from Python) runs between steps: the checkpoint it saves holds
         # theta, not theta + eps z, and counts only the steps done. Ctrl-C still interrupts a closure (held by passes).
@@ -1110,6 +1118,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             optimizer=type(self).__name__,
             options=self.options(),
             numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
+            trainable=self._layout_signature()["trainable"],  # load_state_dict warns when the resumed run's differ
         )
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             returned = hook(self, state)
@@ -1165,6 +1174,34 @@ class ZOOptimizer(torch.optim.Optimizer):
             if saved and missing:
                 raise ValueError(f"the state dict's state for {names[id(p)]} lacks {', '.join(map(repr, missing))}")
 
+    def _warn_if_trainable_differs(self, saved: list[bool] | None) -> None:
+        """Warn, naming them, when parameters the saved run trained are frozen now or the reverse. Not an error:
+        unfreezing layers between stages is a schedule; a model rebuilt without its freezing (a PEFT wrapper
+        forgotten, say) would otherwise train other weights than the run it continues, without a word."""
+        mine = self._layout_signature()["trainable"]
+        if saved is None or len(saved) != len(mine) or saved == mine:
+            return
+        names = self._parameter_names()
+        params = [p for g in self.param_groups for p in g["params"]]
+        changed = [(names[id(p)], now) for p, was, now in zip(params, saved, mine) if was != now]
+        parts = []
+        for now, what in (
+            (False, "frozen now, trained by the saved run"),
+            (True, "trained now, frozen in the saved run"),
+        ):
+            listed = [name for name, state in changed if state == now]
+            if listed:
+                more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
+                parts.append(f"{len(listed)} parameter(s) {what}: {', '.join(listed[:3])}{more}")
+        warnings.warn(
+            "the loaded state dict's run trained other parameters than this one's requires_grad selects; "
+            + "; ".join(parts)
+            + ". If the change is meant (unfreezing by stages), ignore this warning; else set requires_grad as the "
+            "saved run had it",
+            UserWarning,
+            stacklevel=3,
+        )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._settle()  # records of steps before the load count before it, not on top of the loaded count
         state_dict = dict(state_dict)
@@ -1210,6 +1247,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if all(record["seed"] == seeds_.step_seed(self.base_seed, record["step"]) for record in self._trajectory):
             self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
             self._last_setup = None  # the next step records its setup
+        self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 
@@ -1329,6 +1367,9 @@ def _check_run_entries(zo: dict[str, Any]) -> None:
             ops._check_index(key, zo[key])
         except (TypeError, ValueError) as e:
             raise type(e)(f"the state dict's {e}") from None
+    trainable = zo.get("trainable")
+    if trainable is not None and not (isinstance(trainable, list) and all(isinstance(t, bool) for t in trainable)):
+        raise ValueError("the state dict's 'zo' entry 'trainable' is not a list of booleans: a damaged state dict")
 
 
 def new_state(p: torch.Tensor) -> torch.Tensor:
