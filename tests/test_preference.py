@@ -106,6 +106,11 @@ def test_response_logprobs_computes_logits_only_for_the_response():
     expected = torch.log_softmax(full[:, prompt_len - 1 : -1], -1).gather(-1, sequences[:, prompt_len:, None])[..., 0]
     assert torch.allclose(got, expected * response_mask, atol=1e-5)
     assert got.dtype == torch.float32
+    with torch.no_grad():  # at a sampling temperature: the tempered policy's log-probabilities
+        hot = response_logprobs(model, sequences, attention, response_len, response_mask, temperature=0.5)
+    tempered = torch.log_softmax(full[:, prompt_len - 1 : -1] / 0.5, -1).gather(-1, sequences[:, prompt_len:, None])
+    assert torch.allclose(hot, tempered[..., 0] * response_mask, atol=1e-5)
+    assert not torch.allclose(hot, got, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ ZOPrO direction

@@ -236,6 +236,33 @@ def test_the_reward_model_scores_in_eval_mode_from_the_first_iteration(world, mo
     assert reward_model.training  # the caller's model is left as it was
 
 
+def test_the_surrogate_takes_log_probabilities_at_the_sampling_temperature(world, monkeypatch):
+    # Responses sampled from softmax(logits / T): the KL term and the PPO ratio must be that policy's, not T = 1's.
+    from zokern.preference import loop
+
+    temperatures = []
+
+    def logprobs(*args, **kwargs):
+        temperatures.append(args[5] if len(args) > 5 else kwargs.get("temperature", 1.0))
+        return loop_logprobs(*args, **kwargs)
+
+    loop_logprobs = loop.response_logprobs
+    monkeypatch.setattr(loop, "response_logprobs", logprobs)
+    config = LoopConfig(forwards=4, steps_per_iteration=2, eval_every=4, eval_prompts=2, rm_steps=1, temperature=0.7)
+    w = world
+    run(
+        "mezo",
+        copy.deepcopy(w["policy"]),
+        w["reward_model"],
+        w["tokenizer"],
+        w["train"],
+        w["heldout"],
+        w["judge"],
+        config,
+    )
+    assert len(temperatures) >= 4 and set(temperatures) == {0.7}
+
+
 def test_zopro_rejects_unsupported_settings():
     p = torch.nn.Parameter(torch.ones(4))
     with pytest.raises(ValueError, match="weight_decay"):

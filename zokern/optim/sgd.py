@@ -422,9 +422,11 @@ class ZOConservative(ZOSGD):
 
     After the two-sided estimate at :math:`\theta` (whose loss :math:`L_0` is evaluated first), the candidate
     :math:`\theta - \eta\hat g` is evaluated; if its loss is not below :math:`L_0`, the opposite candidate
-    :math:`\theta + \eta\hat g`; if neither is, :math:`\theta` stays. Decoupled weight decay is applied after the
-    choice, :math:`\theta \leftarrow (1 - \eta\lambda)\theta`. Forwards per step: 4 or 5. Only one two-sided probe
-    and no momentum (the rule compares single candidates).
+    :math:`\theta + \eta\hat g`; if neither is, :math:`\theta` stays (in place, up to the rounding of the three
+    moves there and back, about one ulp of :math:`|\theta| + \eta|\hat g|` per element, as a perturbation's restore
+    leaves one of :math:`|\theta| + \epsilon|z|`; the exact mode leaves it bit-identical). Decoupled weight decay
+    is applied after the choice, :math:`\theta \leftarrow (1 - \eta\lambda)\theta`. Forwards per step: 4 or 5.
+    Only one two-sided probe and no momentum (the rule compares single candidates).
 
     ``step`` returns :math:`L_0`. Extra memory: none. Arguments as :class:`ZOSGD`. For 16-bit parameters the
     accepted candidate is stored as it was evaluated (the exact mode's copies round to nearest): stochastic rounding

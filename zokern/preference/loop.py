@@ -137,6 +137,7 @@ def _policy_objective(policy, reference, reward_model, tokenizer, prompts, confi
     """Frozen rollouts and their advantages; returns the closure of the PPO-clip surrogate."""
     rollouts = sample(policy, tokenizer, prompts, config.k, config.response_length, config.temperature, seed=seed)
     args = (rollouts.sequences, rollouts.attention_mask, rollouts.response_length, rollouts.response_mask)
+    args += (config.temperature,)  # the sampling policy's log-probabilities: logits / T, as sample() drew them
     with torch.no_grad():
         logp_old = response_logprobs(policy, *args)
         logp_ref = response_logprobs(reference, *args)

@@ -20,6 +20,7 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     response_length: int,
     response_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-token log-probabilities [B, R] of the last ``response_length`` tokens of ``sequences`` under ``model``
     (a causal LM), in float32, 0 where ``response_mask`` is 0.
@@ -27,6 +28,8 @@ def response_logprobs(
     The logits at position t predict token t + 1, so the R response tokens need the R logits before them: the model
     is asked for ``logits_to_keep = R + 1`` and the last is dropped. Position ids come from the attention mask
     (zokern.preference.positions): a row's log-probabilities do not depend on the padding its batch gives it.
+    ``temperature`` divides the logits, as sampling at that temperature did: the log-probabilities of the policy
+    that drew the responses (an RLOO ratio or KL term at another temperature is off-policy).
     """
     if sequences.shape != attention_mask.shape:
         raise ValueError(f"sequences {tuple(sequences.shape)} and attention_mask {tuple(attention_mask.shape)} differ")
@@ -36,7 +39,7 @@ def response_logprobs(
     logits = model(
         input_ids=sequences, attention_mask=attention_mask, logits_to_keep=response_length + 1, **positions
     ).logits
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1].float() / temperature
     tokens = sequences[:, -response_length:]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if response_mask is not None:
