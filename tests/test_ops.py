@@ -14,6 +14,7 @@ from torch.testing._internal.two_tensor import TwoTensor
 
 import zokern
 from zokern import _reference
+from zokern import _scalars
 
 BACKENDS = backends_for()
 SIZES = (0, 1, 7, 129, 300)  # empty, single, odd, straddling the 8- and 128-element Philox groups
@@ -154,6 +155,31 @@ def test_stochastic_rounding_defaults_to_a_fresh_seed_each_pass():
     zokern.perturb_(a, 1, 2**-9, rounding="stochastic")
     zokern.perturb_(b, 1, 2**-9, rounding="stochastic")
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: zokern.perturb_(x, 1, 1e-3, rounding="stochastic", backend="gpu"),
+        lambda x: zokern.two_seed_(x, 1, 1e-3, 2, 1e-3, rounding="stochastic", backend="no-such"),
+        lambda x: zokern.restore_update_(
+            x, 1, 1e-3, 0.1, 0.5, rounding="stochastic", scalars=torch.tensor(_scalars.pack(seed=1, alpha=1.0))[:7]
+        ),
+        lambda x: zokern.perturb_(
+            x, 1, 1e-3, rounding="stochastic", scalars=torch.tensor(_scalars.pack(seed=1, alpha=1.0)).fill_(-1)
+        ),
+    ],
+    ids=["backend", "two-seed-backend", "row-shape", "row-values"],
+)
+def test_a_refused_stochastic_pass_draws_nothing_from_torchs_generator(call):
+    # Its rounding seed is drawn after every check: a refused call must not shift a seeded run's later draws.
+    x = torch.randn(64).bfloat16()
+    before = x.clone()
+    state = torch.get_rng_state()
+    with pytest.raises((ValueError, TypeError, RuntimeError)):
+        call(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(x, before)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

@@ -84,9 +84,7 @@ def test_a_parameter_reshaped_in_place_keeps_its_state_in_stream_order(cls, kwar
 def test_parameters_that_share_memory_are_refused_across_groups_and_by_ldsd(cls, kwargs):
     w = torch.nn.Parameter(torch.randn(8))
     tied = torch.nn.Parameter(w.data[2:6])  # a view of w: its elements would be trained twice
-    layouts = [[{"params": [w]}, {"params": [tied], "weight_decay": 0.0}]]
-    if cls is LDSD:
-        layouts.append([w, tied])
+    layouts = [[{"params": [w]}, {"params": [tied], "weight_decay": 0.0}]]  # one group: refused at construction
     for params in layouts:
         opt = _optimizer(cls, params, kwargs)
         before, calls = w.detach().clone(), []
@@ -792,3 +790,94 @@ def test_an_optimizer_with_nothing_trainable_says_so_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(lambda: model(x).sum())  # once
+
+
+# ----------------------------------------------------------------------------------- ported from torch.optim
+
+
+@pytest.mark.parametrize(
+    "dtype, eps, warned",
+    [
+        (torch.float32, 1e-8, True),  # AdamW's eps kept as the perturbation size
+        (torch.float32, 1e-6, False),
+        (torch.bfloat16, 1e-5, True),  # bf16 resolves 2^-7 relative: theta + 1e-5 z rounds to theta
+        (torch.bfloat16, 1e-3, False),
+    ],
+)
+def test_an_eps_below_what_the_parameters_resolve_warns_at_construction(dtype, eps, warned):
+    a, b = (p.detach().to(dtype).requires_grad_() for p in _pair())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ZOAdam([a, b], lr=1e-2, eps=eps)
+    messages = [str(w.message) for w in caught if "perturbation size" in str(w.message)]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert "adam_eps" in messages[0] and caught[0].filename == __file__  # names the user's line, not torch's
+
+
+def test_a_frozen_16_bit_parameter_does_not_warn_about_eps():
+    a, b = _pair()
+    frozen = torch.randn(3).bfloat16()  # never perturbed: its resolution does not matter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ZOSGD([a, b, frozen], lr=1e-2, eps=1e-5)
+
+
+def test_an_adam_group_with_l2_weight_decay_is_refused():
+    a, b = _pair()
+    with pytest.raises(ValueError, match="decoupled_weight_decay=False .* not supported"):
+        ZOAdam(torch.optim.Adam([a, b], weight_decay=0.1, eps=1e-3).param_groups)
+    ZOAdam(torch.optim.Adam([a, b], eps=1e-3).param_groups)  # no decay: the flag changes nothing
+    ZOAdam(torch.optim.AdamW([a, b], weight_decay=0.1, eps=1e-3).param_groups)  # decoupled, as zokern's
+
+
+def test_parameters_tied_by_sharing_storage_are_named_at_construction():
+    # The old way of tying weights (head.weight = Parameter(emb.weight.data)): two Parameters, one storage.
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    emb = torch.nn.Parameter(torch.randn(5, 4))
+    head = torch.nn.Parameter(emb.data)
+    for cls, kwargs in ((ZOSGD, {}), (ZOAdam, {}), (LDSD, dict(k=2))):
+        with pytest.raises(ValueError, match=r"params\[1\] and params\[2\] overlap in memory.*one Parameter"):
+            _optimizer(cls, [frozen, emb, head], kwargs)
+
+
+def test_ldsd_with_nothing_trainable_refuses_before_drawing_a_seed():
+    a, b = _pair()
+    a.requires_grad_(False)
+    b.requires_grad_(False)
+    opt = _optimizer(LDSD, [a, b], dict(k=2))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        opt.step(lambda: _loss(a, b))
+    assert opt.steps_taken == 0 and opt.trajectory == []
+
+
+@pytest.mark.parametrize("cls", [ZOSGD, ZOAdam])
+def test_torch_distributed_checkpoint_state_dict_helpers_are_refused_leaving_the_optimizer_as_it_was(cls):
+    # DCP's helpers keep only 'state' and 'param_groups' (the run's seed and step count would be lost), and create
+    # a torch optimizer's state by a step at lr 0 with zero grads, leaving lr at 0 when that step raises.
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x = torch.randn(8, 4)
+    opt = cls(model.parameters(), lr=1e-2, eps=1e-3, seed=3)
+    if cls is ZOAdam:
+        opt.step(lambda: model(x).pow(2).mean())  # a state: DCP then skips its initialising step
+    before = [p.detach().clone() for p in model.parameters()]
+    saved = opt.state_dict()
+    calls = (
+        lambda: dcp.get_optimizer_state_dict(model, opt),
+        lambda: dcp.get_state_dict(model, opt),
+        lambda: dcp.set_optimizer_state_dict(model, opt, {"state": {}, "param_groups": saved["param_groups"]}),
+    )
+    for call in calls:
+        with pytest.raises(TypeError, match="torch.distributed.checkpoint.state_dict's helpers .* not supported"):
+            call()
+        assert opt.param_groups[0]["lr"] == 1e-2 and all(p.grad is None for p in model.parameters())
+        assert opt.steps_taken == saved["zo"]["steps_taken"]
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # A whole zokern state dict passes through set_optimizer_state_dict, 'zo' included: the run resumes.
+    opt.step(lambda: model(x).pow(2).mean())
+    dcp.set_optimizer_state_dict(model, opt, saved)
+    assert opt.steps_taken == saved["zo"]["steps_taken"] and opt.param_groups[0]["lr"] == 1e-2
+    with pytest.raises(TypeError, match="needs a closure"):  # outside DCP, a step without a closure is still refused
+        opt.step()

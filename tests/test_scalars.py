@@ -125,16 +125,44 @@ def test_pack_refuses_what_no_pass_takes(values, message):
         _scalars.pack(**values)
 
 
-def test_a_row_read_on_the_host_is_validated_before_the_pass():
-    """The torch and C++ CPU backends read the row on the host: a corrupt one is refused, the tensors untouched."""
-    tensors = random_params(SIZES, torch.float32)
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_a_row_in_host_memory_is_validated_before_the_pass_on_every_backend(backend):
+    """A row on the CPU is read for free: a corrupt one is refused as a bad argument is, the tensors untouched, by the
+    backends that take the values as arguments and by the one that reads the row itself (triton, interpreted)."""
+    tensors = random_params(SIZES, torch.float32, "cpu")
     before = [t.clone() for t in tensors]
     row = torch.tensor(_scalars.pack(seed=1, alpha=1e-3))
     row[0] = -5
     with pytest.raises(ValueError, match="seed in a scalars row"):
-        ops.perturb_(tensors, 1, 1e-3, backend="torch", scalars=row.to(DEVICE))
+        ops.perturb_(tensors, 1, 1e-3, backend=backend, scalars=row)
+    row[0], row[3] = 1, 0x7FC00000  # alpha = NaN
+    with pytest.raises(ValueError, match="alpha in a scalars row"):
+        ops.restore_update_(tensors, 1, 1e-3, 0.1, 0.5, backend=backend, scalars=row)
+    for b, t in zip(before, tensors):
+        assert torch.equal(b, t)
+
+
+def test_a_row_read_on_the_host_is_validated_before_the_pass():
+    """The torch backend reads a device row on the host too: a corrupt one is refused, the tensors untouched."""
+    tensors = random_params(SIZES, torch.float32)
+    before = [t.clone() for t in tensors]
+    row = torch.tensor(_scalars.pack(seed=1, alpha=1e-3))
     row[0], row[3] = 1, 0x7F800000  # alpha = inf
     with pytest.raises(ValueError, match="alpha in a scalars row"):
         ops.perturb_(tensors, 1, 1e-3, backend="torch", scalars=row.to(DEVICE))
     for b, t in zip(before, tensors):
         assert torch.equal(b, t)
+
+
+@pytest.mark.parametrize("backend", backends_for())
+def test_a_negative_zero_in_a_row_is_taken_as_positive_zero(backend):
+    # docs/stream.md, section 5: a zero coefficient is +0 whether given as an argument or in a row, so the zero
+    # signs a pass writes (t + 0 * z) do not depend on how alpha came.
+    by_argument = [-t.abs() * 0.0 for t in random_params(SIZES, torch.float32)]  # -0.0 everywhere
+    by_row = [t.clone() for t in by_argument]
+    ops.perturb_(by_argument, 1, -0.0, backend=backend)
+    row = torch.tensor(_scalars.pack(seed=1, alpha=-0.0), device=DEVICE)
+    ops.perturb_(by_row, 1, 0.5, backend=backend, scalars=row)
+    for a, r in zip(by_argument, by_row):
+        assert torch.equal(a.view(torch.int32), r.view(torch.int32))
+    assert any(bool(torch.signbit(a).any()) and not bool(torch.signbit(a).all()) for a in by_argument)

@@ -29,7 +29,8 @@ def pack(
 ) -> list[int]:
     """One row: the slots of a pass with these scalars; unused seeds are 0."""
     seeds = [_checked_seed(seed), _checked_seed(seed2 or 0), _checked_seed(rounding_seed or 0)]
-    floats = torch.tensor([alpha, alpha2, lr, weight_decay], dtype=torch.float64).to(torch.float32)
+    # + 0.0 takes -0 as +0, as the passes' arguments are (docs/stream.md, section 5).
+    floats = torch.tensor([alpha, alpha2, lr, weight_decay], dtype=torch.float64).add(0.0).to(torch.float32)
     _check_finite(dict(zip(_FLOAT_SLOTS, floats.tolist())))
     bits = floats.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     return [*seeds, *bits.tolist(), 0]
@@ -45,6 +46,15 @@ def _check_finite(floats: dict[str, float]) -> None:
     for name, value in floats.items():
         if not math.isfinite(value):
             raise ValueError(f"{name} in a scalars row must be finite in float32, got {value}")
+
+
+def check_values(scalars: torch.Tensor) -> dict[str, float | int]:
+    """The row's values (read on the host), each a valid seed or a finite float, or a ValueError naming it."""
+    values = unpack(scalars)
+    for name in ("seed", "seed2", "rounding_seed"):
+        _checked_seed(values[name])
+    _check_finite({name: values[name] for name in _FLOAT_SLOTS})
+    return values
 
 
 def unpack(scalars: torch.Tensor) -> dict[str, float | int]:
@@ -73,10 +83,7 @@ def with_values(kwargs: dict, scalars: torch.Tensor | None) -> dict:
     not replace stays: whether a second seed or stochastic rounding is used is the call's, not the row's."""
     if scalars is None:
         return kwargs
-    values = unpack(scalars)
-    for name in ("seed", "seed2", "rounding_seed"):
-        _checked_seed(values[name])
-    _check_finite({name: values[name] for name in _FLOAT_SLOTS})
+    values = check_values(scalars)
     out = dict(kwargs, alpha=values["alpha"], seed=values["seed"])
     if kwargs.get("seed2") is not None:
         out.update(seed2=values["seed2"], alpha2=values["alpha2"])

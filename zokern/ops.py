@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Callable
 from collections.abc import Iterable
 
 import torch
@@ -221,16 +222,18 @@ def _check_grad(grad: object, device: torch.device) -> float | torch.Tensor:
     return grad.detach().reshape(()).to(torch.float32, copy=True)
 
 
-def _resolve_rounding(rounding: str, rounding_seed: int | None) -> int | None:
-    """The stochastic-rounding seed of a pass, or None for round-to-nearest."""
+def _rounding_seed(rounding: str, rounding_seed: int | None) -> Callable[[], int | None]:
+    """The stochastic-rounding seed of a pass (None for round-to-nearest), checked now and drawn when called: by
+    _run_pass after its own checks, so that a refused call leaves torch's global generator where it was."""
     if _check_choice("rounding", rounding, ROUNDINGS) == "nearest":
         if rounding_seed is not None:
             raise ValueError("rounding_seed is only used with rounding='stochastic'")
-        return None
+        return lambda: None
     if rounding_seed is None:
         # Drawn from torch's global generator: reproducible under torch.manual_seed, fresh bits every pass.
-        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    return _check_index("rounding_seed", rounding_seed)
+        return lambda: int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    seed = _check_index("rounding_seed", rounding_seed)
+    return lambda: seed
 
 
 # ------------------------------------------------------------------------------------------------------- passes
@@ -327,18 +330,30 @@ def _prepared(tensors: Tensors | PreparedTensors, offset: int, offsets: Iterable
     return tensors
 
 
-def _run_pass(prepared: PreparedTensors, backend: str | None, scalars: torch.Tensor | None = None, **kwargs) -> None:
+def _run_pass(
+    prepared: PreparedTensors,
+    backend: str | None,
+    scalars: torch.Tensor | None = None,
+    rounding_seed: Callable[[], int | None] = lambda: None,
+    **kwargs,
+) -> None:
     if not prepared._by_dtype:
         available_requested_backend(backend)  # a bad name is refused whether or not there is work
+        rounding_seed()  # drawn all the same: a run's later draws do not depend on whether a list was empty
         return
     device = prepared.device
     impl = select_backend(device, backend)
-    if scalars is not None:
-        reads = getattr(impl, "reads_device_scalars", None)
-        if reads is not None and reads(device):
-            kwargs["scalars"] = scalars
-        else:  # a backend that takes its scalars as arguments: read the row now (on the host, free on the CPU)
-            kwargs = _scalars.with_values(kwargs, scalars)
+    reads = getattr(impl, "reads_device_scalars", None)
+    reads_row = scalars is not None and reads is not None and reads(device)
+    if scalars is not None and (not reads_row or scalars.device.type == "cpu"):
+        # A row in host memory is checked as the arguments are (a free read); one in device memory is the kernel's
+        # to read when it runs: the step that wrote it checked its values.
+        _scalars.check_values(scalars)
+    kwargs["rounding_seed"] = rounding_seed()
+    if reads_row:
+        kwargs["scalars"] = scalars
+    elif scalars is not None:  # a backend that takes its scalars as arguments: the row's values replace them
+        kwargs = _scalars.with_values(kwargs, scalars)
     with torch.no_grad():
         for group_tensors, group_bases in prepared._by_dtype:
             impl.zo_pass_(group_tensors, group_bases, **kwargs)
@@ -382,6 +397,8 @@ def perturb_(
         scalars: optional, for CUDA graphs: a row of ``zokern._scalars`` on the tensors' device from which the
             kernel reads seed, alpha and rounding seed when it runs (the arguments then only choose the kernel:
             distribution, rounding mode), so that a captured pass takes new values when the row is rewritten.
+            A row in host memory is checked as the arguments are; a kernel reading one in device memory takes its
+            values as they are (checking them would cost the host read the row exists to avoid).
     """
     prepared = _prepared(tensors, offset, offsets)
     kwargs = dict(
@@ -389,8 +406,8 @@ def perturb_(
         alpha=_check_real("alpha", alpha),
         distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
     )
-    kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
-    _run_pass(prepared, backend, _checked_scalars(scalars, prepared), **kwargs)
+    draw = _rounding_seed(rounding, rounding_seed)
+    _run_pass(prepared, backend, _checked_scalars(scalars, prepared), draw, **kwargs)
 
 
 def perturb_into_(
@@ -506,8 +523,8 @@ def restore_update_(
         **_check_next(next_seed, next_alpha),
     )
     _check_flag(found_nonfinite, device)
-    kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
-    _run_pass(prepared, backend, _checked_scalars(scalars, prepared), **kwargs)
+    draw = _rounding_seed(rounding, rounding_seed)
+    _run_pass(prepared, backend, _checked_scalars(scalars, prepared), draw, **kwargs)
     if not isinstance(kwargs["grad"], torch.Tensor):
         return None
     flag = ~torch.isfinite(kwargs["grad"])
@@ -544,8 +561,7 @@ def two_seed_(
         alpha2=_check_real("b", b),
         distribution=_check_choice("distribution", distribution, _reference.DISTRIBUTIONS),
     )
-    kwargs["rounding_seed"] = _resolve_rounding(rounding, rounding_seed)
-    _run_pass(prepared, backend, **kwargs)
+    _run_pass(prepared, backend, None, _rounding_seed(rounding, rounding_seed), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------- stream
@@ -569,9 +585,7 @@ def _stream(
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
     # 0 + 1 * z is exactly z in float32: a pass over zeros returns the stream itself.
     z = torch.zeros(count, dtype=torch.float32, device=device)
-    _run_pass(
-        PreparedTensors([z], [start]), backend, seed=seed, alpha=1.0, distribution=distribution, rounding_seed=None
-    )
+    _run_pass(PreparedTensors([z], [start]), backend, seed=seed, alpha=1.0, distribution=distribution)
     return z.to(dtype)
 
 

@@ -16,7 +16,9 @@ import hashlib
 import inspect
 import math
 import numbers
+import os
 import signal
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -196,6 +198,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._check_hyperparameters(group)
         self._check_group_keys(group)
+        _warn_if_eps_unresolvable(group)
         first_index: dict[int, int] = {}
         for k, p in enumerate(group["params"]):
             j = first_index.setdefault(id(p), k)
@@ -205,6 +208,18 @@ class ZOOptimizer(torch.optim.Optimizer):
             # weights) are never touched; they only hold their place in the stream.
             if p.requires_grad and not _writable(p):
                 _reject_parameter(f"params[{k}]", p)
+        # Two Parameters over one storage (weights tied by sharing .data): named here, once; a step refuses them too,
+        # but among one group only after drawing its seed, by their place among the trainable tensors.
+        trainable = [k for k, p in enumerate(group["params"]) if p.requires_grad and not p.is_meta]
+        for device in {group["params"][k].device for k in trainable}:
+            on = [k for k in trainable if group["params"][k].device == device]
+            pair = ops._first_overlap(ops._spans([group["params"][k] for k in on]))
+            if pair is not None:
+                first, second = sorted(on[k] for k in pair)
+                raise ValueError(
+                    f"params[{first}] and params[{second}] overlap in memory; each element must be trained once (tie "
+                    "weights by using one Parameter in both places)"
+                )
 
     def _check_group_keys(self, group: dict[str, Any]) -> None:
         """Keys this optimizer would keep and ignore: a whole-run option set on one group, another optimizer's
@@ -226,6 +241,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         foreign = sorted(k for k in (group.keys() & _FOREIGN_GROUP_KEYS) - understood if group[k] is not False)
         if "maximize" in foreign:
             raise ValueError("maximize=True is not supported: zokern minimises the closure's loss; return its negative")
+        if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):  # a torch.optim.Adam group's
+            raise ValueError(
+                "decoupled_weight_decay=False (torch.optim.Adam's L2 penalty, added to the gradient) is not supported: "
+                "zokern's weight_decay is decoupled, theta <- theta - lr * weight_decay * theta, as AdamW's"
+            )
         if foreign:  # a group ported from another optimizer, whose settings this one would keep and ignore
             raise ValueError(
                 f"{', '.join(foreign)} {'is not an option' if len(foreign) == 1 else 'are not options'} of "
@@ -722,6 +742,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         ``trajectory``, ``nonfinite_steps`` or ``state_dict`` is read).
         """
         self._refuse_nested("step")
+        if closure is None and _called_from(_DCP_STATE_DICT, "_init_optim_state"):
+            # DCP's helpers create torch optimizers' states by a step with lr 0 and zero grads, and leave lr at 0 if
+            # it raises: nothing to create here; the state_dict or load_state_dict call that follows explains.
+            return None  # type: ignore[return-value]
         self._require_closure(closure)
         self._check_groups_hyperparameters()
         layout = self._groups_layout()  # checks the parameters: a step that cannot run draws no seed
@@ -1107,6 +1131,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         self._refuse_nested("state_dict")  # mid-step it would count the step, and the parameters beside it be off
+        if _called_from(_DCP_STATE_DICT):
+            raise TypeError(_DCP_UNSUPPORTED)
         self.materialize()
         with _hooks.quiet(self, "state_dict_post"):
             state = super().state_dict()
@@ -1211,6 +1237,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 state_dict = dict(returned)
         zo = state_dict.pop("zo", None)
         if zo is None:
+            if _called_from(_DCP_STATE_DICT):
+                raise TypeError(_DCP_UNSUPPORTED)
             raise ValueError("not a zokern optimizer state dict: it has no 'zo' entry")
         _check_run_entries(zo)
         if zo["optimizer"] != type(self).__name__:
@@ -1409,6 +1437,61 @@ def check_step_hyperparameters(lr: Any, eps: Any, weight_decay: Any) -> None:
             raise ValueError(f"invalid {name}: {value} (beyond float32's range, the passes' precision)")
     if eps < ops.FLOAT32_TINY:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
         raise ValueError(f"invalid eps: {eps} (below float32's smallest normal, 1.2e-38)")
+
+
+def _warn_if_eps_unresolvable(group: dict[str, Any]) -> None:
+    """Warn when a group's eps is below what its trainable parameters resolve: theta + eps z then rounds to theta (or
+    by a few ulps), L+ - L- is zero or rounding noise, and the run trains nothing without an error. The usual cause:
+    torch.optim's Adam eps (1e-8, a denominator term: zokern's adam_eps) kept as the perturbation size."""
+    dtypes = {p.dtype for p in group["params"] if p.requires_grad and p.is_floating_point()}
+    if not dtypes:
+        return
+    coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps)
+    floor = max(_EPS_FLOOR, torch.finfo(coarsest).eps / 100)
+    if group["eps"] < floor:
+        warnings.warn(
+            f"eps={group['eps']:g} is the perturbation size ε (MeZO uses 1e-3), below the {floor:.1g} that "
+            f"{dtype_name(coarsest)} parameters resolve: θ ± εz rounds to θ or differs from it by rounding, so the "
+            "steps estimate noise and train nothing. torch.optim's Adam eps (the denominator term) is ZOAdam's and "
+            "LDSD's adam_eps",
+            UserWarning,
+            stacklevel=_caller_stacklevel(),
+        )
+
+
+def _called_from(module: str, function: str | None = None) -> bool:
+    """Whether a caller up the stack is ``function`` (any function, if None) of ``module``."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == module and function in (None, frame.f_code.co_name):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_DCP_STATE_DICT = "torch.distributed.checkpoint.state_dict"
+_DCP_UNSUPPORTED = (
+    "torch.distributed.checkpoint.state_dict's helpers are not supported by zokern's optimizers' state dicts: "
+    "get_state_dict and get_optimizer_state_dict keep only 'state' and 'param_groups', which would drop the run's base "
+    "seed, step count and options (the 'zo' entry), so a resumed run would draw other perturbations. Save "
+    "opt.state_dict() itself, with torch.save or as a value of the dict given to torch.distributed.checkpoint.save; "
+    "opt.load_state_dict (or set_optimizer_state_dict) takes it whole"
+)
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel that names the first frame outside zokern's and torch.optim's code: the user's constructor
+    or add_param_group call, however many __init__s and torch frames lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.optim.__file__))
+
+# The smallest eps not warned about in float32: L+ - L- of a loss near 1 is then well above its float32 rounding.
+_EPS_FLOOR = 1e-6
 
 
 def _check_betas(betas: Any) -> None:

@@ -317,10 +317,13 @@ class LDSD(ZOOptimizer):
     def _step_device(self) -> torch.device:
         return self._device_chunks()[0][2][0].device
 
+    def _check_runnable(self, layout: list, exact: bool, stepping: bool = True) -> None:
+        super()._check_runnable(layout, exact, stepping)
+        if stepping and not any(tensors for _, tensors, _ in layout):  # before the step draws its seed
+            raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
+
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         self._finished = set()
-        if not self._device_chunks():
-            raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
         k = self.k
         self._init_state()
         self._candidates = [seeds_.probe_seed(seed, i) for i in range(k)]
