@@ -137,3 +137,23 @@ def test_one_rank_replays_alone(tmp_path):
     # and goes on with the optimizer replay returned, in step with the other rank (its first step made a collective
     # of its own, which paired with the other rank's loss reduction: gloo aborted)
     assert ranks[0]["after"] == ranks[1]["after"]
+
+
+def test_the_first_steps_weight_checksums_read_every_parameter_a_step_writes_and_skip_the_rest():
+    from zokern.optim._distributed import weights_checksums
+
+    class TaggedParameter(torch.nn.Parameter):  # a plain subclass: trained in place, so checked
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    trained = [torch.randn(5, generator=g), torch.randn(3, generator=g).bfloat16(), TaggedParameter(torch.randn(4))]
+    unreadable = [
+        torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8),  # a frozen quantized weight
+        torch.randn(3, dtype=torch.complex64).conj(),  # a lazy conjugate
+        torch.empty(3, device="meta"),
+    ]
+    sums = weights_checksums(trained + unreadable)  # no error: what no step writes counts as 0
+    assert all(s != 0 for s in sums[:3]) and sums[3:] == [0, 0, 0]
+    nudged = [t.detach().clone() for t in trained]
+    nudged[2] = TaggedParameter(torch.nextafter(trained[2].detach(), torch.tensor(1.0)))  # one ulp on one element
+    assert weights_checksums(nudged)[2] != sums[2] and weights_checksums(nudged)[:2] == sums[:2]

@@ -881,3 +881,25 @@ def test_torch_distributed_checkpoint_state_dict_helpers_are_refused_leaving_the
     assert opt.steps_taken == saved["zo"]["steps_taken"] and opt.param_groups[0]["lr"] == 1e-2
     with pytest.raises(TypeError, match="needs a closure"):  # outside DCP, a step without a closure is still refused
         opt.step()
+
+
+def test_a_checkpoint_of_an_adam_group_with_its_l2_flag_resumes():
+    # Before the flag was refused, ZOAdam(torch.optim.Adam(..., weight_decay=...).param_groups) trained with zokern's
+    # decoupled decay; its checkpoint carries decoupled_weight_decay=False and must resume that run.
+    a, b = _pair()
+    source = ZOAdam([a, b], lr=1e-2, eps=1e-3, weight_decay=0.1, seed=0)
+    source.step(lambda: _loss(a, b))
+    state = source.state_dict()
+    state["param_groups"][0]["decoupled_weight_decay"] = False  # as the older zokern kept it
+    target = ZOAdam([a, b], lr=1e-2, eps=1e-3, weight_decay=0.1, seed=0)
+    target.load_state_dict(state)
+    target.step(lambda: _loss(a, b))  # the group passes each step's checks
+    assert target.steps_taken == 2 and "decoupled_weight_decay" not in target.param_groups[0]
+
+
+def test_an_eps_given_as_a_fraction_warns_as_a_float_would():
+    from fractions import Fraction
+
+    a, b = _pair()
+    with pytest.warns(UserWarning, match=r"eps=1e-08 is the perturbation size"):
+        ZOSGD([a, b], lr=1e-2, eps=Fraction(1, 10**8))

@@ -166,3 +166,12 @@ def test_a_negative_zero_in_a_row_is_taken_as_positive_zero(backend):
     for a, r in zip(by_argument, by_row):
         assert torch.equal(a.view(torch.int32), r.view(torch.int32))
     assert any(bool(torch.signbit(a).any()) and not bool(torch.signbit(a).all()) for a in by_argument)
+
+
+def test_a_host_backend_reads_the_row_once_per_pass(monkeypatch):
+    reads = []
+    unpack = _scalars.unpack
+    monkeypatch.setattr(_scalars, "unpack", lambda row: reads.append(1) or unpack(row))
+    tensors = random_params(SIZES, torch.float32, "cpu")
+    ops.perturb_(tensors, 1, 1e-3, backend="torch", scalars=torch.tensor(_scalars.pack(seed=1, alpha=1e-3)))
+    assert len(reads) == 1  # a row on a GPU: each read is a device-to-host sync

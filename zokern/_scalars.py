@@ -78,12 +78,9 @@ def check(scalars: object, device: torch.device) -> torch.Tensor:
     return scalars
 
 
-def with_values(kwargs: dict, scalars: torch.Tensor | None) -> dict:
-    """A backend's pass arguments with the row's values in place of the scalars (None: unchanged). What the row does
-    not replace stays: whether a second seed or stochastic rounding is used is the call's, not the row's."""
-    if scalars is None:
-        return kwargs
-    values = check_values(scalars)
+def with_values(kwargs: dict, values: dict[str, float | int]) -> dict:
+    """A backend's pass arguments with a row's values (check_values') in place of the scalars. What the row does not
+    replace stays: whether a second seed or stochastic rounding is used is the call's, not the row's."""
     out = dict(kwargs, alpha=values["alpha"], seed=values["seed"])
     if kwargs.get("seed2") is not None:
         out.update(seed2=values["seed2"], alpha2=values["alpha2"])

@@ -345,15 +345,16 @@ def _run_pass(
     impl = select_backend(device, backend)
     reads = getattr(impl, "reads_device_scalars", None)
     reads_row = scalars is not None and reads is not None and reads(device)
+    values = None
     if scalars is not None and (not reads_row or scalars.device.type == "cpu"):
-        # A row in host memory is checked as the arguments are (a free read); one in device memory is the kernel's
-        # to read when it runs: the step that wrote it checked its values.
-        _scalars.check_values(scalars)
+        # A row in host memory is checked as the arguments are (a free read), as is one that a backend taking its
+        # scalars as arguments reads anyway; one in device memory is the kernel's to read when it runs.
+        values = _scalars.check_values(scalars)
     kwargs["rounding_seed"] = rounding_seed()
     if reads_row:
         kwargs["scalars"] = scalars
-    elif scalars is not None:  # a backend that takes its scalars as arguments: the row's values replace them
-        kwargs = _scalars.with_values(kwargs, scalars)
+    elif values is not None:  # a backend that takes its scalars as arguments: the row's values replace them
+        kwargs = _scalars.with_values(kwargs, values)
     with torch.no_grad():
         for group_tensors, group_bases in prepared._by_dtype:
             impl.zo_pass_(group_tensors, group_bases, **kwargs)

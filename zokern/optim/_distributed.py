@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from zokern._transfer import to_device
+from zokern.ops import holds_plain_tensor
 
 _alone = False  # set by alone(): this process runs without collectives
 
@@ -100,11 +101,20 @@ _BITS_AS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def weights_checksums(params: list[torch.Tensor]) -> list[int]:
     """Per parameter, the int64 sum of its elements' bits (one read, one host sync): equal on every rank that holds
-    the same weights. Parameters whose bits cannot be read in place (meta, sparse, a tensor subclass) count as 0."""
+    the same weights. Parameters whose bits cannot be read as integers in place (meta, sparse, quantized, a lazy
+    conjugate or negation, a subclass keeping its values elsewhere) count as 0: no step writes them."""
     sums: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for k, p in enumerate(params):
         bits = _BITS_AS.get(p.element_size())
-        if bits is None or p.layout != torch.strided or p.is_meta or type(p) not in (torch.Tensor, torch.nn.Parameter):
+        if (
+            bits is None
+            or p.layout != torch.strided
+            or p.is_meta
+            or p.is_quantized
+            or p.is_conj()
+            or p.is_neg()
+            or not holds_plain_tensor(p)
+        ):
             continue
         sums.setdefault(p.device, []).append((k, p.detach().view(bits).sum(dtype=torch.int64)))
     checksums = [0] * len(params)

@@ -1250,8 +1250,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         # A state dict of this optimizer that carries another's group keys was written by an older zokern (LDSD's
         # SGD groups held Adam's betas and adam_eps): they meant nothing then either.
         understood = self._understood_group_keys()
+        # A group built from torch.optim.Adam's was accepted before its L2 flag was refused, and trained with zokern's
+        # decoupled decay all the same: that run resumes as it ran.
         state_dict["param_groups"] = [
-            {k: v for k, v in g.items() if k not in _ZOKERN_GROUP_KEYS or k in understood}
+            {
+                k: v
+                for k, v in g.items()
+                if (k not in _ZOKERN_GROUP_KEYS or k in understood) and (k, v) != ("decoupled_weight_decay", False)
+            }
             for g in state_dict["param_groups"]
         ]
         self._check_loadable(zo, state_dict)
@@ -1450,7 +1456,7 @@ def _warn_if_eps_unresolvable(group: dict[str, Any]) -> None:
     floor = max(_EPS_FLOOR, torch.finfo(coarsest).eps / 100)
     if group["eps"] < floor:
         warnings.warn(
-            f"eps={group['eps']:g} is the perturbation size ε (MeZO uses 1e-3), below the {floor:.1g} that "
+            f"eps={float(group['eps']):g} is the perturbation size ε (MeZO uses 1e-3), below the {floor:.1g} that "
             f"{dtype_name(coarsest)} parameters resolve: θ ± εz rounds to θ or differs from it by rounding, so the "
             "steps estimate noise and train nothing. torch.optim's Adam eps (the denominator term) is ZOAdam's and "
             "LDSD's adam_eps",
