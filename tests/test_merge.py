@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -486,3 +487,27 @@ def test_a_signal_handler_held_during_a_take_back_runs_after_its_lock(monkeypatc
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert len(saved) == 1
+
+
+@pytest.mark.parametrize("materialize_first", [True, False], ids=["materialized", "pending"])
+def test_a_merged_run_converted_to_bf16_mid_run_replays_bit_for_bit(materialize_first):
+    # The documented way takes the pending perturbation back before model.to() reads the weights; without it the
+    # conversion rounds theta + eps z and the next step claims it. Replay must follow whichever the run did.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = ZOSGD(model.parameters(), lr=1e-3, seed=3, merge_steps=True, perturbation="inplace")
+    dtype = torch.float32
+    for t in range(8):
+        if t == 4:
+            if materialize_first:
+                opt.materialize()
+            model.to(torch.bfloat16)
+            dtype = torch.bfloat16
+        opt.step(lambda dtype=dtype: ((model(x.to(dtype)).float() - y) ** 2).mean())
+    opt.materialize()
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, json.loads(json.dumps(opt.trajectory)))
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
+    assert replayed[0].dtype == torch.bfloat16

@@ -466,3 +466,27 @@ def test_raw_memory_reached_through_an_alias_holds_the_perturbed_value(how):
     expected = w.detach().clone()
     zokern.perturb_([expected], seed, 1e-2)
     assert torch.equal(seen, expected) and len(churn) == 8
+
+
+@pytest.mark.parametrize("cls, kwargs", [(ZOSGD, dict(momentum=0.9)), (ZOAdam, {})], ids=["momentum", "adam"])
+def test_a_stochastically_rounded_host_update_writes_by_chunks_with_the_same_bits(cls, kwargs, monkeypatch):
+    # The host-side updates (momentum, Adam) round their float32 result into 16-bit parameters by chunks, so their
+    # temporaries stay bounded; the rounding bits are keyed by element index, so a chunked write changes no bit.
+    from zokern.optim import base
+
+    def start():
+        g = torch.Generator().manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(n, generator=g).bfloat16()) for n in (2500, 7, 1024)]
+
+    def run():
+        params = start()
+        opt = cls(params, lr=1e-2, eps=1e-2, seed=0, **kwargs)
+        for _ in range(3):
+            opt.step(lambda: sum((p.float() ** 2 * (k + 1)).sum() for k, p in enumerate(params)))
+        return [p.detach() for p in params]
+
+    whole = run()
+    monkeypatch.setattr(base, "_ROUNDING_CHUNK", 1000)  # boundaries inside the first parameter, at odd offsets
+    chunked = run()
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(whole, chunked))
+    assert not torch.equal(whole[0], start()[0].detach())  # the updates did write

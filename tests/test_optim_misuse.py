@@ -325,6 +325,28 @@ def test_ctrl_c_during_an_update_pass_is_raised_once_the_step_is_recorded_as_don
     assert torch.equal(replayed[0], a.detach()) and torch.equal(replayed[1], b.detach())
 
 
+@pytest.mark.parametrize(
+    "cls, kwargs", [(ZOSGD, dict(momentum=0.9)), (ZOAdam, {}), (ZOSignSGD, {})], ids=["momentum", "adam", "sign"]
+)
+def test_ctrl_c_after_the_last_forward_but_before_the_update_replays_as_the_run_went(cls, kwargs, monkeypatch):
+    """The restore pass after the forwards holds a Ctrl-C to its end, then the step raises before its update: a
+    record with all its losses but no update, which replay must not complete."""
+    a, b = _pair()
+    start = [a.detach().clone(), b.detach().clone()]
+    opt = _optimizer(cls, [a, b], kwargs)
+    opt.step(lambda: _loss(a, b))  # a first step: the state the interrupted one finds is not fresh
+    _interrupted_during(monkeypatch, zokern.optim.base.ops, "perturb_", call=3)  # this step's restore pass
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: _loss(a, b))
+    monkeypatch.undo()
+    opt.step(lambda: _loss(a, b))
+    record = opt.trajectory[1]
+    assert record["raised"] and len(record["losses"]) == 2
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, opt.trajectory)
+    assert torch.equal(replayed[0], a.detach()) and torch.equal(replayed[1], b.detach())
+
+
 def test_ctrl_c_during_a_conservative_exact_commit_updates_all_groups_or_none(monkeypatch):
     from zokern.optim import ZOConservative
 

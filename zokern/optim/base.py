@@ -48,6 +48,7 @@ from zokern.optim.lookahead import take_back_others
 PERTURBATIONS = ("auto", "exact", "inplace")
 ROUNDINGS = ("auto", "stochastic", "nearest")
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+_ROUNDING_CHUNK = 1 << 22  # elements per stochastically rounded write: at most ~200 MB of temporaries
 
 Closure = Callable[[], Any]
 
@@ -637,12 +638,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Store the float32 values x into parameter p: stochastically rounded for 16-bit parameters (the bits of
         the rounding stream at p's offsets, docs/stream.md section 5, with the seed of the pass's ``rounding``),
         unless rounding='nearest'."""
-        if p.dtype in _SIXTEEN_BIT and rounding["rounding"] == "stochastic":
-            words_of = _dispatch.select_backend(p.device, self.backend, "philox_block_words").philox_block_words
-            bits = _reference.rounding_bits(rounding["rounding_seed"], offset, p.numel(), p.device, words_of)
-            bits = bits.view_as(p)
-            x = _reference.round_stochastic(x, bits, p.dtype)
-        p.data.copy_(x)
+        if p.dtype not in _SIXTEEN_BIT or rounding["rounding"] != "stochastic":
+            p.data.copy_(x)
+            return
+        words_of = _dispatch.select_backend(p.device, self.backend, "philox_block_words").philox_block_words
+        # By chunks: the rounding's integer temporaries take ~50 bytes an element, which over a whole embedding
+        # matrix would dwarf the step's documented memory. The bits are keyed by element index, so chunks change none.
+        flat_p, flat_x = p.data.view(-1), x.reshape(-1)
+        for start in range(0, p.numel(), _ROUNDING_CHUNK):
+            end = min(start + _ROUNDING_CHUNK, p.numel())
+            bits = _reference.rounding_bits(rounding["rounding_seed"], offset + start, end - start, p.device, words_of)
+            flat_p[start:end] = _reference.round_stochastic(flat_x[start:end], bits, p.dtype)
 
     def _direction(self, p: torch.Tensor, offset: int, terms: list[tuple[int, float]]) -> torch.Tensor:
         """sum_k c_k z(seed_k) over p's slice of the stream, materialised in float32 (one tensor at a time)."""
@@ -820,7 +826,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._record_raised(seed, evaluated)
                 raise
             if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
-                fields["claimed"] = self._claimed
+                fields.update(self._lookahead_fields())
             if self._agreement:
                 fields["ranks_agree"] = torch.stack(self._agreement).all()
             losses = fields.pop("losses", None)
@@ -852,8 +858,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                 losses.append(math.nan)
         fields = dict(raised=True, skipped=False, projected_grad=None, loss=math.nan)
         if self.merge_steps:
-            fields["claimed"] = self._claimed
+            fields.update(self._lookahead_fields())
         self._record(seed, losses, fields)
+
+    def _lookahead_fields(self) -> dict[str, bool]:
+        """A merged step's record of the perturbation the last step left: claimed, or found and taken back by this
+        step (in the parameters' dtype of now: replay converts a run's parameters after it, not before)."""
+        fields = dict(claimed=self._claimed)
+        if self._found_pending and not self._claimed:
+            fields["took_back"] = True
+        return fields
 
     def _refuse_nested(self, what: str) -> None:
         if self._busy:
@@ -916,6 +930,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Whether the last step already applied this step's first perturbation, +eps z(seed) in every group (then
         tracked as applied); a pending perturbation that is not that one, or that may not be claimed, is taken back."""
         take_back_others(self._lookahead, self._trainable)
+        self._found_pending = self._lookahead.pending  # claimed below, or taken back: replay must know which
         if not self._lookahead.pending:
             return False
         if not may_claim or self._exact_now or not self.merge_steps:

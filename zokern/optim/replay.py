@@ -54,18 +54,27 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     optimizer: ZOOptimizer | None = None
     for record in trajectory:
         if "setup" in record:
-            _convert(params, record["setup"])
+            # A merged run that converted its parameters with the last step's perturbation still applied (its step
+            # then claimed or took it back) converted theta + eps z; one that called materialize() first, theta.
+            found = record.get("claimed") or record.get("took_back")
+            _convert(params, record["setup"], None if found else optimizer)
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
         losses = functools.partial(next, iter(record["losses"]))
         if record.get("raised"):
+            # It raised in an evaluation, or after its last one (a Ctrl-C held to the end of a restore pass, or
+            # caught while the host waited for the losses): either way before its first update pass, which a step
+            # holds a Ctrl-C through until its record says it completed.
             losses = _raising_after(record["losses"])
+            optimizer._update_hold = _UpdateNeverBegan()
         try:
             fields = optimizer._take_step(record["seed"], losses, record.get("next_seed"), record.get("claimed", True))
             optimizer.nonfinite_steps += bool(fields["skipped"])
         except _ClosureRaised:
             pass  # the step's own undo ran, as when its closure raised
+        finally:
+            optimizer._update_hold = None
         optimizer.steps_taken = record["step"] + 1
     optimizer.materialize()  # a merged run's last step applied the next perturbation: params end at theta
     _hand_over(optimizer, params, trajectory[_last_setup(trajectory)]["setup"])
@@ -96,6 +105,14 @@ _RECORD_KEYS = ("step", "seed", "losses", "lr", "eps", "weight_decay", "stream_v
 
 class _ClosureRaised(Exception):
     """Where a recorded step's closure raised."""
+
+
+class _UpdateNeverBegan:
+    """In a raised step's replay, where the step's first update pass begins (ZOOptimizer._begin_update): the run
+    raised before it."""
+
+    def __enter__(self) -> None:
+        raise _ClosureRaised
 
 
 def _raising_after(losses: list[float]):
@@ -197,8 +214,13 @@ def _check_setup(
         )
     if sizes[: len(before)] != before:
         raise ValueError(f"record {k}: param groups of sizes {before} became {sizes}; only groups can be added")
-    if sum(sizes) > len(params) or len(setup["trainable"]) != sum(sizes):
+    if sum(sizes) > len(params):
         raise ValueError(f"the trajectory's optimizer had {sum(sizes)} parameters at step {k}; {len(params)} given")
+    if len(setup["trainable"]) != sum(sizes):
+        raise ValueError(
+            f"record {k}'s setup lists {len(setup['trainable'])} trainable flags for param groups of {sum(sizes)} "
+            "parameters: a damaged record"
+        )
     # Trajectories before these entries were recorded are replayed unchecked. A run may convert its parameters
     # between steps (model.half()): replay converts them where its setup says so (_convert), so only the
     # parameters a setup adds (all of them at the first) must come in the dtype the run had.
@@ -256,12 +278,15 @@ def _construct(params: list[torch.Tensor], setup: dict[str, Any]) -> ZOOptimizer
 _CONVERTIBLE = ("float32", "bfloat16", "float16")
 
 
-def _convert(params: list[torch.Tensor], setup: dict[str, Any]) -> None:
+def _convert(params: list[torch.Tensor], setup: dict[str, Any], optimizer: ZOOptimizer | None) -> None:
     """Give each parameter the dtype the run's setup records, as the run's conversion did (``model.half()`` sets
-    ``p.data`` to the values rounded to nearest)."""
-    for p, name in zip(params, setup.get("dtypes") or ()):
-        if dtype_name(p.dtype) != name:
-            p.data = p.data.to(getattr(torch, name))
+    ``p.data`` to the values rounded to nearest). With ``optimizer``, from theta: its pending merged perturbation is
+    taken back first, as the run's ``materialize()`` before converting did."""
+    converted = [(p, name) for p, name in zip(params, setup.get("dtypes") or ()) if dtype_name(p.dtype) != name]
+    if converted and optimizer is not None:
+        optimizer.materialize()
+    for p, name in converted:
+        p.data = p.data.to(getattr(torch, name))
 
 
 def _build(params: list[torch.Tensor], setup: dict[str, Any], previous: ZOOptimizer | None) -> ZOOptimizer:
