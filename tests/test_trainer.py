@@ -351,6 +351,51 @@ def test_merged_steps_evaluate_and_checkpoint_the_true_parameters(tmp_path):
         torch.testing.assert_close(merged[name], plain[name], atol=1e-5, rtol=0)
 
 
+def test_callbacks_at_the_end_of_a_merged_run_see_the_trained_weights(tmp_path):
+    # on_train_end (where weights are exported, averaged, merged) runs inside Trainer.train(): before ZOTrainer's
+    # own take-back after it, a merged run's weights there held the next step's perturbation.
+    seen = {}
+
+    class Export(transformers.TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            seen.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    model = tiny_opt()
+    kwargs = dict(seed=1, perturbation="inplace", merge_steps=True)
+    trainer = ZOTrainer(
+        model=model, args=arguments(tmp_path), train_dataset=TokenDataset(16), zo_optimizer_kwargs=kwargs,
+        callbacks=[Export()],
+    )  # fmt: skip
+    trainer.train()
+    assert seen and all(torch.equal(seen[n], p.detach()) for n, p in model.named_parameters())
+
+
+def test_a_training_step_override_that_takes_no_zo_step_is_reported(tmp_path):
+    class FirstOrderHabit(ZOTrainer):  # a training_step kept from another trainer, without super()
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            return self.compute_loss(model, inputs).detach()
+
+    trainer = FirstOrderHabit(model=tiny_opt(), args=arguments(tmp_path), train_dataset=TokenDataset(16))
+    with pytest.warns(UserWarning, match="no ZO step was taken for this window"):
+        trainer.train()
+    assert trainer.zo_optimizer.steps_taken == 0
+
+
+def test_a_batch_the_model_computes_no_loss_from_is_named(tmp_path):
+    class NoLabels(TokenDataset):
+        def __getitem__(self, k):
+            return {"input_ids": self.ids[k]}
+
+    class TupleOutputs(ZOTrainer):  # as a model returning a tuple of its logits hands them to compute_loss
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).logits
+
+    trainer = TupleOutputs(model=tiny_opt(), args=arguments(tmp_path), train_dataset=NoLabels(16))
+    named = r"compute_loss returned a tensor of shape \(2, \d+, \d+\), not a loss.*labels"
+    with pytest.raises(ValueError, match=named):
+        trainer.train()
+
+
 def test_a_graph_capturing_optimizer_gets_one_closure_over_static_inputs(tmp_path, monkeypatch):
     """cuda_graph=True: the windows are copied into tensors one closure reads (what a capture replays); the steps
     equal those of the ordinary closures (on the CPU the graph's passes run uncaptured)."""

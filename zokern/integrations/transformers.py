@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from accelerate.utils.memory import clear_device_cache
 from transformers import Trainer
+from transformers import TrainerCallback
 
 from zokern.optim import ZOSGD
 from zokern.optim import ZOOptimizer
@@ -52,6 +53,8 @@ class _AlreadyStepped(torch.optim.Optimizer):
     def __init__(self, zo: ZOOptimizer) -> None:
         super().__init__([p for g in zo.param_groups for p in g["params"]], dict(zo.defaults))
         self.zo = zo
+        self.taken = False  # set by ZOTrainer.training_step when it took the window's ZO step
+        self._warned = False
 
     # Read from the ZO optimizer on every access, never held: its load_state_dict (which accelerate calls when it
     # wraps this optimizer, and a resume calls) replaces these objects, and a scheduler changing lr here must change
@@ -60,6 +63,17 @@ class _AlreadyStepped(torch.optim.Optimizer):
     state = _ReadThrough("state")
 
     def step(self, closure=None):  # noqa: D102 - see the class docstring
+        if not self.taken and not self._warned:
+            # A subclass's training_step that does not call ZOTrainer's (a first-order body kept from another
+            # trainer) would log losses and save checkpoints of a model that never moves.
+            self._warned = True
+            warnings.warn(
+                "zokern: the Trainer stepped its optimizer, but no ZO step was taken for this window: a training_step "
+                "override that does not call ZOTrainer.training_step trains nothing",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.taken = False
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -67,6 +81,15 @@ class _AlreadyStepped(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.zo.load_state_dict(state_dict)
+
+
+class _WeightsAtTrainEnd(TrainerCallback):
+    def __init__(self, trainer: ZOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.zo_optimizer is not None:
+            self.trainer.zo_optimizer.materialize()
 
 
 class ZOTrainer(Trainer):
@@ -134,6 +157,10 @@ class ZOTrainer(Trainer):
         self._static: _StaticWindow | None = None  # with a graph-capturing optimizer: the inputs its closure reads
         self._static_rebuilds = 0
         self._warned: set[str] = set()
+        self._stepped: _AlreadyStepped | None = None  # the optimizer the Trainer steps (create_optimizer's)
+        # First among the callbacks: at the end of training, before the user's read the weights, a merged step's
+        # pending perturbation is taken back (train() takes it back again after, for whatever reads them next).
+        self.callback_handler.callbacks.insert(0, _WeightsAtTrainEnd(self))
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -192,7 +219,7 @@ class ZOTrainer(Trainer):
                 groups = [g for g in groups if g["params"]]
                 self.zo_optimizer = self._zo_cls(groups, lr=self.args.learning_rate, **self._zo_kwargs)
                 self._zo_built = True
-            self.optimizer = _AlreadyStepped(self.zo_optimizer)
+            self.optimizer = self._stepped = _AlreadyStepped(self.zo_optimizer)
         return self.optimizer
 
     def train(self, *args, **kwargs):
@@ -233,6 +260,7 @@ class ZOTrainer(Trainer):
             if closure is None:
                 closure = self._window_closure(model, window)
             loss = self.zo_optimizer.step(closure)
+            self._stepped.taken = True
         finally:
             model.train(was_training)
         steps = self.args.torch_empty_cache_steps  # as Trainer.training_step does
@@ -301,6 +329,11 @@ class ZOTrainer(Trainer):
                         # Trainer does not scale it by the number of processes, whose mean the step then takes.
                         items = None
                     loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
+                    if loss.numel() != 1:  # the first output of a model that computed no loss (no labels?)
+                        raise ValueError(
+                            f"compute_loss returned a tensor of shape {tuple(loss.shape)}, not a loss: the model "
+                            f"computed none from this batch (its keys: {', '.join(sorted(batch))}; labels missing?)"
+                        )
                     if self.args.n_gpu > 1:  # nn.DataParallel (one process, several GPUs) gathers one loss per GPU
                         loss = loss.mean()
                     if loss.dtype in (torch.bfloat16, torch.float16):  # summed in float32 below, it would not warn
