@@ -260,7 +260,8 @@ class ZOTrainer(Trainer):
             if closure is None:
                 closure = self._window_closure(model, window)
             loss = self.zo_optimizer.step(closure)
-            self._stepped.taken = True
+            if self._stepped is not None:  # (None when training_step is called outside train())
+                self._stepped.taken = True
         finally:
             model.train(was_training)
         steps = self.args.torch_empty_cache_steps  # as Trainer.training_step does
