@@ -330,12 +330,14 @@ class ZOTrainer(Trainer):
                         # Trainer does not scale it by the number of processes, whose mean the step then takes.
                         items = None
                     loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
-                    if loss.numel() != 1:  # the first output of a model that computed no loss (no labels?)
+                    # A loss is one number, or one per GPU that nn.DataParallel (one process) gathered; the first
+                    # output of a model that computed no loss (no labels?) is more.
+                    if loss.dim() > 1 or (self.args.n_gpu <= 1 and loss.numel() != 1):
                         raise ValueError(
                             f"compute_loss returned a tensor of shape {tuple(loss.shape)}, not a loss: the model "
                             f"computed none from this batch (its keys: {', '.join(sorted(batch))}; labels missing?)"
                         )
-                    if self.args.n_gpu > 1:  # nn.DataParallel (one process, several GPUs) gathers one loss per GPU
+                    if self.args.n_gpu > 1:
                         loss = loss.mean()
                     if loss.dtype in (torch.bfloat16, torch.float16):  # summed in float32 below, it would not warn
                         self._warn_once(sixteen_bit_loss_message("compute_loss", loss.dtype))
