@@ -489,10 +489,11 @@ def test_a_signal_handler_held_during_a_take_back_runs_after_its_lock(monkeypatc
     assert len(saved) == 1
 
 
-@pytest.mark.parametrize("materialize_first", [True, False], ids=["materialized", "pending"])
-def test_a_merged_run_converted_to_bf16_mid_run_replays_bit_for_bit(materialize_first):
+@pytest.mark.parametrize("between", ["materialize", "nothing", "forward", "materialize_after"])
+def test_a_merged_run_converted_to_bf16_mid_run_replays_bit_for_bit(between):
     # The documented way takes the pending perturbation back before model.to() reads the weights; without it the
-    # conversion rounds theta + eps z and the next step claims it. Replay must follow whichever the run did.
+    # conversion rounds theta + eps z, which the next step claims, or a forward or materialize() after the
+    # conversion takes back in bf16. Replay must follow whichever the run did.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     x, y = torch.randn(16, 8), torch.randn(16, 1)
@@ -501,10 +502,14 @@ def test_a_merged_run_converted_to_bf16_mid_run_replays_bit_for_bit(materialize_
     dtype = torch.float32
     for t in range(8):
         if t == 4:
-            if materialize_first:
+            if between == "materialize":
                 opt.materialize()
             model.to(torch.bfloat16)
             dtype = torch.bfloat16
+            if between == "forward":
+                model(x.to(dtype))
+            elif between == "materialize_after":
+                opt.materialize()
         opt.step(lambda dtype=dtype: ((model(x.to(dtype)).float() - y) ** 2).mean())
     opt.materialize()
     replayed = [s.clone() for s in start]

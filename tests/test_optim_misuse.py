@@ -919,9 +919,17 @@ def test_a_checkpoint_of_an_adam_group_with_its_l2_flag_resumes():
     assert target.steps_taken == 2 and "decoupled_weight_decay" not in target.param_groups[0]
 
 
-def test_an_eps_given_as_a_fraction_warns_as_a_float_would():
+def test_hyperparameters_given_as_other_real_numbers_are_taken_as_floats():
+    import json
     from fractions import Fraction
 
     a, b = _pair()
     with pytest.warns(UserWarning, match=r"eps=1e-08 is the perturbation size"):
         ZOSGD([a, b], lr=1e-2, eps=Fraction(1, 10**8))
+    for n_probes in (1, 2):  # the device step divides a tensor by eps; the host one records it
+        opt = ZOSGD([a, b], lr=Fraction(1, 100), eps=Fraction(1, 1000), weight_decay=0, n_probes=n_probes)
+        opt.step(lambda: _loss(a, b))
+        opt.param_groups[0]["lr"] = Fraction(1, 50)  # set between steps, as a scheduler of one's own might
+        opt.step(lambda: _loss(a, b))
+        assert all(type(opt.param_groups[0][k]) is float for k in ("lr", "eps", "weight_decay"))
+        assert json.loads(json.dumps(opt.trajectory))[1]["lr"] == [0.02]

@@ -257,8 +257,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         return {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        """A group's hyperparameters as the passes apply them (subclasses add theirs)."""
+        """A group's hyperparameters as the passes apply them (subclasses add theirs), made floats: another real
+        number (a Fraction, a NumPy scalar) would reach tensor arithmetic and the JSON trajectory as itself."""
         check_step_hyperparameters(group["lr"], group["eps"], group["weight_decay"])
+        for key in ("lr", "eps", "weight_decay"):
+            if type(group[key]) is not float:
+                group[key] = float(group[key])
 
     def _check_groups_hyperparameters(self) -> None:
         """Every group's hyperparameters, before a step or pass uses them: a scheduler or the user may have changed
@@ -862,11 +866,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._record(seed, losses, fields)
 
     def _lookahead_fields(self) -> dict[str, bool]:
-        """A merged step's record of the perturbation the last step left: claimed, or found and taken back by this
-        step (in the parameters' dtype of now: replay converts a run's parameters after it, not before)."""
+        """A merged step's record of the perturbation the last step left: whether this step claimed it, and whether
+        the parameters were converted (model.half()) while it was applied, so that replay converts theta + eps z
+        there rather than theta."""
         fields = dict(claimed=self._claimed)
-        if self._found_pending and not self._claimed:
-            fields["took_back"] = True
+        if self._converted_pending:
+            fields["converted_pending"] = True
         return fields
 
     def _refuse_nested(self, what: str) -> None:
@@ -903,6 +908,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._step_layout = self._groups_layout() if layout is None else layout
         self._exact_now = self.exact() if exact is None else exact
         self._step_seed, self._update_passes = seed, 0
+        self._claimed = self._converted_pending = False  # until _claim_lookahead finds otherwise (or raises)
         self._round, self._agreement, self._seen_disagreement = 0, [], False
         self._step_digest = None  # made at the step's first loss reduction under torch.distributed
         self._next_seed = next_seed
@@ -930,7 +936,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Whether the last step already applied this step's first perturbation, +eps z(seed) in every group (then
         tracked as applied); a pending perturbation that is not that one, or that may not be claimed, is taken back."""
         take_back_others(self._lookahead, self._trainable)
-        self._found_pending = self._lookahead.pending  # claimed below, or taken back: replay must know which
+        self._converted_pending = self._lookahead.converted()  # replay converts as the run did (its record says)
         if not self._lookahead.pending:
             return False
         if not may_claim or self._exact_now or not self.merge_steps:

@@ -86,6 +86,8 @@ class Lookahead:
         self._hooked_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []  # the owners' hooks, removed by close()
         self._searched: frozenset[int] = frozenset()  # ids of the parameters whose owners were looked for
+        self._dtypes: list[list[torch.dtype]] = []  # per chunk, the parameters' dtypes when perturbed
+        self._taken_back_converted = False  # a take-back found the parameters converted (model.half()) since set()
 
     # A copy (copy.deepcopy, pickle) holds the pending perturbation, whose parameters the copy maps as it maps the
     # rest (the copied model's, when copied along), and watches for reads anew; hooks stay with the original.
@@ -107,6 +109,7 @@ class Lookahead:
         with _LOCK:
             self.seed, self._chunks, self._pass_kwargs = seed, list(chunks), dict(pass_kwargs)
             self._versions = [_versions(params) for params, _, _ in chunks]
+            self._dtypes = [[p.dtype for p in params] for params, _, _ in chunks]
             _PENDING.add(self)
             if self._forward_hook is None:
                 self._forward_hook = register_module_forward_pre_hook(_eager(self.materialize))
@@ -121,6 +124,16 @@ class Lookahead:
             else:
                 self.materialize()
             return matches
+
+    def converted(self) -> bool:
+        """Whether the parameters were converted to another dtype while the perturbation was applied: it is still
+        pending, or a take-back since the last call found them so (replay converts theta + eps z then, not theta)."""
+        with _LOCK:
+            found, self._taken_back_converted = self._taken_back_converted or self._dtypes_changed(), False
+            return found
+
+    def _dtypes_changed(self) -> bool:
+        return any(p.dtype != d for (params, _, _), ds in zip(self._chunks, self._dtypes) for p, d in zip(params, ds))
 
     def materialize(self, *_hook_args) -> None:
         """Take the pending perturbation back (one pass per chunk): the parameters hold theta again."""
@@ -138,6 +151,7 @@ class Lookahead:
     def _take_back_locked(self, skip_loaded: bool) -> None:
         if not self.pending:
             return
+        self._taken_back_converted |= self._dtypes_changed()
         try:
             # Chunk by chunk, each forgotten once taken back: a pass that raises leaves the rest recorded.
             while self._chunks:
@@ -149,7 +163,7 @@ class Lookahead:
                     if kept:
                         ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
                                      **self._pass_kwargs)  # fmt: skip
-                    del self._chunks[0], self._versions[0]
+                    del self._chunks[0], self._versions[0], self._dtypes[0]
             clear_weight_caches()  # copies of theta + eps z, made in an autocast or cached() region still open
         except (TypeError, ValueError) as e:
             self._unhook()  # every module's forward would raise it again, the model's or not
@@ -161,7 +175,7 @@ class Lookahead:
 
     def _clear(self) -> None:
         with _LOCK:
-            self.seed, self._chunks, self._versions = None, [], []
+            self.seed, self._chunks, self._versions, self._dtypes = None, [], [], []
             _PENDING.discard(self)
             self._unhook()
 

@@ -54,10 +54,9 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     optimizer: ZOOptimizer | None = None
     for record in trajectory:
         if "setup" in record:
-            # A merged run that converted its parameters with the last step's perturbation still applied (its step
-            # then claimed or took it back) converted theta + eps z; one that called materialize() first, theta.
-            found = record.get("claimed") or record.get("took_back")
-            _convert(params, record["setup"], None if found else optimizer)
+            # A merged run that converted its parameters with the last step's perturbation still applied converted
+            # theta + eps z; one that called materialize() first, as the docs ask, theta.
+            _convert(params, record["setup"], None if record.get("converted_pending") else optimizer)
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
@@ -65,7 +64,8 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
         if record.get("raised"):
             # It raised in an evaluation, or after its last one (a Ctrl-C held to the end of a restore pass, or
             # caught while the host waited for the losses): either way before its first update pass, which a step
-            # holds a Ctrl-C through until its record says it completed.
+            # holds a Ctrl-C through until its record says it completed. (Not told apart: a Ctrl-C at the host's
+            # wait before ZOConservative's or LDSD's move to a candidate, which replay runs, then undoes.)
             losses = _raising_after(record["losses"])
             optimizer._update_hold = _UpdateNeverBegan()
         try:
