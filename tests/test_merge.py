@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -516,3 +517,64 @@ def test_a_merged_run_converted_to_bf16_mid_run_replays_bit_for_bit(between):
     zokern.replay(replayed, json.loads(json.dumps(opt.trajectory)))
     assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
     assert replayed[0].dtype == torch.bfloat16
+
+
+def _merged_run():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = ZOSGD(model.parameters(), lr=1e-3, seed=3, merge_steps=True, perturbation="inplace")
+
+    def step(model=model, opt=opt):
+        dtype = next(model.parameters()).dtype
+        opt.step(lambda: ((model(x.to(dtype)).float() - y) ** 2).mean())
+
+    return model, opt, start, step
+
+
+def _replays(start, trajectory, model):
+    replayed = [s.clone() for s in start]
+    zokern.replay(replayed, json.loads(json.dumps(trajectory)))
+    return all(torch.equal(r, p.detach()) for r, p in zip(replayed, model.parameters()))
+
+
+def test_a_conversion_while_pending_is_not_told_to_a_later_step():
+    # Converted with the perturbation applied, then a step that cannot claim it (another eps) takes it back: that
+    # step records the conversion; a later documented materialize-then-convert must not inherit the flag.
+    model, opt, start, step = _merged_run()
+    for _ in range(3):
+        step()
+    model.to(torch.bfloat16)
+    opt.param_groups[0]["eps"] = 1e-2
+    step()
+    opt.materialize()
+    model.float()
+    step()
+    opt.materialize()
+    assert [bool(r.get("converted_pending")) for r in opt.trajectory] == [False] * 3 + [True, False]
+    assert _replays(start, opt.trajectory, model)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "checkpoint"])
+def test_a_conversion_while_pending_survives_a_copy_and_a_checkpoint(how):
+    model, opt, start, step = _merged_run()
+    for _ in range(3):
+        step()
+    model.to(torch.bfloat16)
+    if how == "deepcopy":
+        model, opt = copy.deepcopy((model, opt))
+    else:  # the model's state_dict takes the perturbation back, in bf16; a new process resumes from both
+        weights, state = model.state_dict(), opt.state_dict()
+        trajectory = opt.trajectory
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).bfloat16()
+        model.load_state_dict(weights)
+        opt = ZOSGD(model.parameters(), lr=1e-3, seed=3, merge_steps=True, perturbation="inplace")
+        opt.load_state_dict(state)
+        opt.trajectory = trajectory
+    x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.randn(16, 1)
+    for _ in range(2):
+        opt.step(lambda: ((model(x.bfloat16()).float() - y) ** 2).mean())
+    opt.materialize()
+    assert opt.trajectory[3].get("converted_pending") is True
+    assert _replays(start, opt.trajectory, model)

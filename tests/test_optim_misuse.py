@@ -929,7 +929,9 @@ def test_hyperparameters_given_as_other_real_numbers_are_taken_as_floats():
     for n_probes in (1, 2):  # the device step divides a tensor by eps; the host one records it
         opt = ZOSGD([a, b], lr=Fraction(1, 100), eps=Fraction(1, 1000), weight_decay=0, n_probes=n_probes)
         opt.step(lambda: _loss(a, b))
-        opt.param_groups[0]["lr"] = Fraction(1, 50)  # set between steps, as a scheduler of one's own might
-        opt.step(lambda: _loss(a, b))
+        for _ in range(2):  # set before each step, the same value again, as a scheduler of one's own might
+            opt.param_groups[0]["lr"] = Fraction(1, 50)
+            opt.param_groups[0]["eps"] = Fraction(1, 1000)
+            opt.step(lambda: _loss(a, b))
         assert all(type(opt.param_groups[0][k]) is float for k in ("lr", "eps", "weight_decay"))
         assert json.loads(json.dumps(opt.trajectory))[1]["lr"] == [0.02]

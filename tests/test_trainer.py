@@ -214,6 +214,9 @@ def test_one_process_on_several_gpus_averages_the_replicas_losses(tmp_path):
     with torch.no_grad():
         expected = model(**batch).loss.item() + 0.5
     assert trainer._window_closure(model, window)().item() == pytest.approx(expected, rel=1e-6)
+    # The probe of whether the loss takes the item count (a window of several) reads the replicas' mean too.
+    counted = [{**batch, "zokern.num_items_in_batch": torch.tensor(2 * (batch["labels"].shape[1] - 1))}] * 2
+    assert trainer._takes_item_count(model, counted) is True
 
 
 @pytest.mark.parametrize(

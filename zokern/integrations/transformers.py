@@ -312,6 +312,8 @@ class ZOTrainer(Trainer):
             with torch.no_grad(), self.compute_loss_context_manager():
                 once = self.compute_loss(model, dict(batch), num_items_in_batch=items)
                 twice = self.compute_loss(model, dict(batch), num_items_in_batch=items * 2)
+            if self.args.n_gpu > 1:  # nn.DataParallel's one loss per GPU, as the closure takes their mean
+                once, twice = once.mean(), twice.mean()
             if bool(torch.isfinite(once)) and once.item() != 0:
                 answer = int(not torch.equal(once, twice))
                 break
@@ -332,7 +334,7 @@ class ZOTrainer(Trainer):
                     loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
                     # A loss is one number, or one per GPU that nn.DataParallel (one process) gathered; the first
                     # output of a model that computed no loss (no labels?) is more.
-                    if loss.dim() > 1 or (self.args.n_gpu <= 1 and loss.numel() != 1):
+                    if loss.dim() > 1 or not 0 < loss.numel() <= max(1, self.args.n_gpu):
                         raise ValueError(
                             f"compute_loss returned a tensor of shape {tuple(loss.shape)}, not a loss: the model "
                             f"computed none from this batch (its keys: {', '.join(sorted(batch))}; labels missing?)"

@@ -287,7 +287,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._check_group_keys(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"param group {g}: {e}") from None
-            checked[g] = values
+            # As the check left them (floats): a value written again as it came (a Fraction) is converted again.
+            checked[g] = (*map(_typed, map(group.get, keys)), *watched, *(_typed(group[k]) for k in watched))
 
     # ------------------------------------------------------------------------------------------------- layout
 
@@ -939,12 +940,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._converted_pending = self._lookahead.converted()  # replay converts as the run did (its record says)
         if not self._lookahead.pending:
             return False
-        if not may_claim or self._exact_now or not self.merge_steps:
-            self._lookahead.materialize()
-            return False
-        expected = [(params, offsets, group["eps"]) for _, group, params, offsets in self._device_chunks()]
-        if not self._lookahead.claim(seed, expected):
-            return False
+        try:
+            if not may_claim or self._exact_now or not self.merge_steps:
+                self._lookahead.materialize()
+                return False
+            expected = [(params, offsets, group["eps"]) for _, group, params, offsets in self._device_chunks()]
+            if not self._lookahead.claim(seed, expected):
+                return False
+        finally:
+            self._lookahead.converted()  # this step's own take-back: recorded above, not the next step's
         self._track(seed, lambda group: group["eps"])
         return True
 
@@ -1167,6 +1171,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
             trainable=self._layout_signature()["trainable"],  # load_state_dict warns when the resumed run's differ
         )
+        if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
+            state["zo"]["converted_pending"] = True
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             returned = hook(self, state)
             if returned is not None:
@@ -1303,6 +1309,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
             self._last_setup = None  # the next step records its setup
         self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
+        if zo.get("converted_pending"):
+            self._lookahead.note_converted()
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 

@@ -92,12 +92,20 @@ class Lookahead:
     # A copy (copy.deepcopy, pickle) holds the pending perturbation, whose parameters the copy maps as it maps the
     # rest (the copied model's, when copied along), and watches for reads anew; hooks stay with the original.
     def __getstate__(self) -> dict[str, Any]:
-        return dict(seed=self.seed, chunks=self._chunks, pass_kwargs=self._pass_kwargs)
+        return dict(
+            seed=self.seed,
+            chunks=self._chunks,
+            pass_kwargs=self._pass_kwargs,
+            dtypes=self._dtypes,
+            converted=self._taken_back_converted,
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
         if state["seed"] is not None:
             self.set(state["seed"], state["chunks"], state["pass_kwargs"])
+            self._dtypes = state.get("dtypes", self._dtypes)  # as perturbed, not as converted since
+        self._taken_back_converted = state.get("converted", False)
 
     @property
     def pending(self) -> bool:
@@ -125,12 +133,19 @@ class Lookahead:
                 self.materialize()
             return matches
 
-    def converted(self) -> bool:
+    def converted(self, clear: bool = True) -> bool:
         """Whether the parameters were converted to another dtype while the perturbation was applied: it is still
-        pending, or a take-back since the last call found them so (replay converts theta + eps z then, not theta)."""
+        pending, or a take-back since the last call that cleared found them so (replay converts theta + eps z then,
+        not theta)."""
         with _LOCK:
-            found, self._taken_back_converted = self._taken_back_converted or self._dtypes_changed(), False
+            found = self._taken_back_converted or self._dtypes_changed()
+            if clear:
+                self._taken_back_converted = False
             return found
+
+    def note_converted(self) -> None:
+        """A loaded checkpoint's run had converted its parameters with a perturbation applied (converted())."""
+        self._taken_back_converted = True
 
     def _dtypes_changed(self) -> bool:
         return any(p.dtype != d for (params, _, _), ds in zip(self._chunks, self._dtypes) for p, d in zip(params, ds))

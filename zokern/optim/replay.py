@@ -55,8 +55,10 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     for record in trajectory:
         if "setup" in record:
             # A merged run that converted its parameters with the last step's perturbation still applied converted
-            # theta + eps z; one that called materialize() first, as the docs ask, theta.
-            _convert(params, record["setup"], None if record.get("converted_pending") else optimizer)
+            # theta + eps z (a step that claimed it had: records before converted_pending say only that); one that
+            # called materialize() first, as the docs ask, theta.
+            pending = record.get("converted_pending") or record.get("claimed")
+            _convert(params, record["setup"], None if pending else optimizer)
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
