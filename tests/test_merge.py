@@ -578,3 +578,42 @@ def test_a_conversion_while_pending_survives_a_copy_and_a_checkpoint(how):
     opt.materialize()
     assert opt.trajectory[3].get("converted_pending") is True
     assert _replays(start, opt.trajectory, model)
+
+
+@pytest.mark.parametrize("optimizer_first", [False, True], ids=["model-first", "optimizer-first"])
+def test_a_roll_back_takes_its_checkpoints_conversion_flag_not_the_abandoned_ones(optimizer_first):
+    # Rolled back from a bf16 conversion made with the perturbation applied to a float32 checkpoint that made none:
+    # the resumed steps must not say they converted a perturbation.
+    model, opt, start, step = _merged_run()
+    for _ in range(3):
+        step()
+    weights, state = copy.deepcopy(model.state_dict()), opt.state_dict()
+    for _ in range(2):
+        step()
+    model.to(torch.bfloat16)
+    for load in ((opt.load_state_dict, state), (model.load_state_dict, weights))[:: 1 if optimizer_first else -1]:
+        load[0](load[1])
+    for _ in range(2):
+        step()
+    opt.materialize()
+    assert not any(r.get("converted_pending") for r in opt.trajectory)
+    assert _replays(start, opt.trajectory, model)
+
+
+def test_a_converted_merged_run_resumed_unmerged_replays():
+    model, opt, start, step = _merged_run()
+    for _ in range(3):
+        step()
+    model.to(torch.bfloat16)
+    weights, state, trajectory = model.state_dict(), opt.state_dict(), opt.trajectory
+    assert state["zo"]["converted_pending"] is True
+    resumed = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).bfloat16()
+    resumed.load_state_dict(weights)
+    opt = ZOSGD(resumed.parameters(), lr=1e-3, seed=3, merge_steps=False, perturbation="inplace")
+    opt.load_state_dict(state)
+    opt.trajectory = trajectory
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    for _ in range(2):
+        opt.step(lambda: ((resumed(x.bfloat16()).float() - y) ** 2).mean())
+    assert opt.trajectory[3].get("converted_pending") is True
+    assert _replays(start, opt.trajectory, resumed)

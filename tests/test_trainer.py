@@ -204,7 +204,8 @@ def test_one_process_on_several_gpus_averages_the_replicas_losses(tmp_path):
     class PerReplicaLoss(ZOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-            return torch.stack([loss, loss + 1.0])  # as two replicas' gather
+            # As two replicas' gather: (2, 1) where transformers hands each replica a (1, 1) item count.
+            return torch.stack([loss, loss + 1.0]).reshape(2, 1)
 
     model = tiny_opt().eval()
     trainer = PerReplicaLoss(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(4))

@@ -332,9 +332,9 @@ class ZOTrainer(Trainer):
                         # Trainer does not scale it by the number of processes, whose mean the step then takes.
                         items = None
                     loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
-                    # A loss is one number, or one per GPU that nn.DataParallel (one process) gathered; the first
-                    # output of a model that computed no loss (no labels?) is more.
-                    if loss.dim() > 1 or not 0 < loss.numel() <= max(1, self.args.n_gpu):
+                    # A loss is one number, or one per GPU that nn.DataParallel (one process) gathered (shape (n,) or
+                    # (n, 1)); the first output of a model that computed no loss (no labels?) is more.
+                    if not 0 < loss.numel() <= max(1, self.args.n_gpu):
                         raise ValueError(
                             f"compute_loss returned a tensor of shape {tuple(loss.shape)}, not a loss: the model "
                             f"computed none from this batch (its keys: {', '.join(sorted(batch))}; labels missing?)"

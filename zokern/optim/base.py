@@ -830,8 +830,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             except BaseException:
                 self._record_raised(seed, evaluated)
                 raise
-            if self.merge_steps:  # whether the last step's lookahead survived until now: replay must do the same
-                fields.update(self._lookahead_fields())
+            if self.merge_steps or self._converted_pending:  # (a merged run resumed unmerged: its first step)
+                fields.update(self._lookahead_fields())  # the last step's lookahead: replay must do the same
             if self._agreement:
                 fields["ranks_agree"] = torch.stack(self._agreement).all()
             losses = fields.pop("losses", None)
@@ -862,7 +862,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             except Exception:  # the device failed with the closure: nothing more to read
                 losses.append(math.nan)
         fields = dict(raised=True, skipped=False, projected_grad=None, loss=math.nan)
-        if self.merge_steps:
+        if self.merge_steps or self._converted_pending:
             fields.update(self._lookahead_fields())
         self._record(seed, losses, fields)
 
@@ -1309,8 +1309,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
             self._last_setup = None  # the next step records its setup
         self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
-        if zo.get("converted_pending"):
-            self._lookahead.note_converted()
+        # The loaded run decides whether its next step converted a perturbation: the abandoned timeline's pending
+        # one (a roll-back) goes, and what taking it back noted with it.
+        self._lookahead.materialize()
+        self._lookahead.set_converted(bool(zo.get("converted_pending")))
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 

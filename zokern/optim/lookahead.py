@@ -143,9 +143,10 @@ class Lookahead:
                 self._taken_back_converted = False
             return found
 
-    def note_converted(self) -> None:
-        """A loaded checkpoint's run had converted its parameters with a perturbation applied (converted())."""
-        self._taken_back_converted = True
+    def set_converted(self, value: bool) -> None:
+        """What converted() says next, as a loaded checkpoint's run had it."""
+        with _LOCK:
+            self._taken_back_converted = value
 
     def _dtypes_changed(self) -> bool:
         return any(p.dtype != d for (params, _, _), ds in zip(self._chunks, self._dtypes) for p, d in zip(params, ds))

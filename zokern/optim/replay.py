@@ -57,7 +57,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
             # A merged run that converted its parameters with the last step's perturbation still applied converted
             # theta + eps z (a step that claimed it had: records before converted_pending say only that); one that
             # called materialize() first, as the docs ask, theta.
-            pending = record.get("converted_pending") or record.get("claimed")
+            pending = record.get("converted_pending") or record.get("claimed") or record.get("took_back")
             _convert(params, record["setup"], None if pending else optimizer)
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
