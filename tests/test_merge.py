@@ -617,3 +617,22 @@ def test_a_converted_merged_run_resumed_unmerged_replays():
         opt.step(lambda: ((resumed(x.bfloat16()).float() - y) ** 2).mean())
     assert opt.trajectory[3].get("converted_pending") is True
     assert _replays(start, opt.trajectory, resumed)
+
+
+def test_a_load_whose_take_back_cannot_run_fails_before_loading_anything():
+    # A roll-back first takes the abandoned timeline's perturbation back; a parameter made float64 since (frozen,
+    # so the constructor's checks allow it) cannot be written: the load fails as it starts, the optimizer untouched.
+    model, opt, start, step = _merged_run()
+    for _ in range(2):
+        step()
+    state = opt.state_dict()
+    for _ in range(3):
+        step()
+    model[2].requires_grad_(False)
+    model[2].double()
+    with pytest.raises(TypeError, match="could not take its pending perturbation back"):
+        opt.load_state_dict(state)
+    assert opt.steps_taken == 5 and len(opt.trajectory) == 5
+    model[2].float()
+    opt.materialize()
+    assert not opt._lookahead.converted(clear=False)  # the failed take-back converted nothing

@@ -919,6 +919,21 @@ def test_a_checkpoint_of_an_adam_group_with_its_l2_flag_resumes():
     assert target.steps_taken == 2 and "decoupled_weight_decay" not in target.param_groups[0]
 
 
+def test_load_state_dict_inside_a_step_is_refused():
+    a, b = _pair()
+    opt = _optimizer(ZOSGD, [a, b], {})
+    opt.step(lambda: _loss(a, b))
+    state = opt.state_dict()
+
+    def closure():
+        opt.load_state_dict(state)  # would rewind the step count under the running step
+        return _loss(a, b)
+
+    with pytest.raises(RuntimeError, match="load_state_dict was called while a step"):
+        opt.step(closure)
+    assert opt.steps_taken == 2 and [r["step"] for r in opt.trajectory] == [0, 1]
+
+
 def test_hyperparameters_given_as_other_real_numbers_are_taken_as_floats():
     import json
     from fractions import Fraction

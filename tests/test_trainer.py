@@ -399,6 +399,14 @@ def test_a_batch_the_model_computes_no_loss_from_is_named(tmp_path):
     with pytest.raises(ValueError, match=named):
         trainer.train()
 
+    class OneScore(ZOTrainer):  # a score head's (batch, 1) output at batch 1: one number, still not a loss
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).logits[:, -1, :1]
+
+    args = arguments(tmp_path, per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match=r"shape \(1, 1\), not a loss"):
+        OneScore(model=tiny_opt(), args=args, train_dataset=NoLabels(16)).train()
+
 
 def test_a_graph_capturing_optimizer_gets_one_closure_over_static_inputs(tmp_path, monkeypatch):
     """cuda_graph=True: the windows are copied into tensors one closure reads (what a capture replays); the steps

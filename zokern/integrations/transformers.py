@@ -333,8 +333,9 @@ class ZOTrainer(Trainer):
                         items = None
                     loss = self.compute_loss(model, batch, num_items_in_batch=items).detach()
                     # A loss is one number, or one per GPU that nn.DataParallel (one process) gathered (shape (n,) or
-                    # (n, 1)); the first output of a model that computed no loss (no labels?) is more.
-                    if not 0 < loss.numel() <= max(1, self.args.n_gpu):
+                    # (n, 1)); the first output of a model that computed no loss (no labels?) is something else.
+                    per_gpu = self.args.n_gpu > 1 and loss.dim() == 2 and loss.shape[1] == 1
+                    if not (0 < loss.numel() <= max(1, self.args.n_gpu) and (loss.dim() <= 1 or per_gpu)):
                         raise ValueError(
                             f"compute_loss returned a tensor of shape {tuple(loss.shape)}, not a loss: the model "
                             f"computed none from this batch (its keys: {', '.join(sorted(batch))}; labels missing?)"

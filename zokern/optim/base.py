@@ -1256,6 +1256,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._refuse_nested("load_state_dict")  # mid-step it would rewind the step count under the running step
+        # A roll-back abandons the timeline whose merged perturbation is pending: taken back first, so that a
+        # take-back that cannot run fails the load before anything is loaded, and the hooks all see theta.
+        self._lookahead.materialize()
         self._settle()  # records of steps before the load count before it, not on top of the loaded count
         state_dict = dict(state_dict)
         for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):  # what they return is what loads
@@ -1309,9 +1313,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
             self._last_setup = None  # the next step records its setup
         self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
-        # The loaded run decides whether its next step converted a perturbation: the abandoned timeline's pending
-        # one (a roll-back) goes, and what taking it back noted with it.
-        self._lookahead.materialize()
+        # The loaded run decides whether its next step converted a perturbation (the take-back of the abandoned
+        # timeline's, at the top, noted one).
         self._lookahead.set_converted(bool(zo.get("converted_pending")))
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)

@@ -167,7 +167,7 @@ class Lookahead:
     def _take_back_locked(self, skip_loaded: bool) -> None:
         if not self.pending:
             return
-        self._taken_back_converted |= self._dtypes_changed()
+        converted = self._dtypes_changed()  # noted once taken back: a take-back that fails is no conversion yet
         try:
             # Chunk by chunk, each forgotten once taken back: a pass that raises leaves the rest recorded.
             while self._chunks:
@@ -187,6 +187,7 @@ class Lookahead:
                 f"zokern: merge_steps could not take its pending perturbation back ({e}); it stays recorded: call "
                 "the optimizer's materialize() once the parameters can be written again (its next step does)"
             ) from e
+        self._taken_back_converted |= converted
         self._clear()
 
     def _clear(self) -> None:
