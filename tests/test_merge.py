@@ -636,3 +636,32 @@ def test_a_load_whose_take_back_cannot_run_fails_before_loading_anything():
     model[2].float()
     opt.materialize()
     assert not opt._lookahead.converted(clear=False)  # the failed take-back converted nothing
+
+
+def test_a_take_back_that_fails_partway_keeps_the_conversion_of_the_part_it_took_back():
+    # Group 0 converted with its perturbation applied; a take-back writes it back, then fails on group 1 (float64):
+    # once group 1 is writable again, the next step must still say a converted perturbation was taken back.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    opt = ZOSGD(groups, lr=1e-3, seed=3, merge_steps=True, perturbation="inplace")
+
+    def loss():
+        h = model[1](model[0](x.to(model[0].weight.dtype))).float()
+        return ((model[2](h.to(model[2].weight.dtype)).float() - y) ** 2).mean()
+
+    for _ in range(3):
+        opt.step(loss)
+    model[0].bfloat16()
+    model[2].requires_grad_(False)
+    model[2].double()
+    with pytest.raises(TypeError, match="could not take its pending perturbation back"):
+        opt.materialize()
+    model[2].float()
+    model[2].requires_grad_(True)
+    opt.step(loss)
+    opt.materialize()
+    assert [bool(r.get("converted_pending")) for r in opt.trajectory] == [False, False, False, True]
+    assert _replays(start, opt.trajectory, model)

@@ -167,7 +167,6 @@ class Lookahead:
     def _take_back_locked(self, skip_loaded: bool) -> None:
         if not self.pending:
             return
-        converted = self._dtypes_changed()  # noted once taken back: a take-back that fails is no conversion yet
         try:
             # Chunk by chunk, each forgotten once taken back: a pass that raises leaves the rest recorded.
             while self._chunks:
@@ -179,6 +178,8 @@ class Lookahead:
                     if kept:
                         ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
                                      **self._pass_kwargs)  # fmt: skip
+                    # Noted chunk by chunk as taken back: a chunk still pending after a failure converted nothing yet.
+                    self._taken_back_converted |= any(p.dtype != d for p, d in zip(params, self._dtypes[0]))
                     del self._chunks[0], self._versions[0], self._dtypes[0]
             clear_weight_caches()  # copies of theta + eps z, made in an autocast or cached() region still open
         except (TypeError, ValueError) as e:
@@ -187,7 +188,6 @@ class Lookahead:
                 f"zokern: merge_steps could not take its pending perturbation back ({e}); it stays recorded: call "
                 "the optimizer's materialize() once the parameters can be written again (its next step does)"
             ) from e
-        self._taken_back_converted |= converted
         self._clear()
 
     def _clear(self) -> None:
