@@ -145,6 +145,18 @@ def _first_overlap(spans: list[tuple[int, int, int]]) -> tuple[int, int] | None:
     return None
 
 
+def first_overlap_by_device(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
+    """The indices (in order) of two of ``tensors`` that share memory on one device, if any (two devices' addresses
+    may coincide)."""
+    for device in {t.device for t in tensors}:
+        on = [k for k, t in enumerate(tensors) if t.device == device]
+        pair = _first_overlap(_spans([tensors[k] for k in on]))
+        if pair is not None:
+            first, second = sorted(on[k] for k in pair)
+            return first, second
+    return None
+
+
 def _check_no_overlap(tensors: list[torch.Tensor], name: str = "tensors") -> None:
     """An element updated twice in one pass would silently receive two perturbations."""
     pair = _first_overlap(_spans(tensors))

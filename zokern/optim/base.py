@@ -212,15 +212,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         # Two Parameters over one storage (weights tied by sharing .data): named here, once; a step refuses them too,
         # but among one group only after drawing its seed, by their place among the trainable tensors.
         trainable = [k for k, p in enumerate(group["params"]) if p.requires_grad and not p.is_meta]
-        for device in {group["params"][k].device for k in trainable}:
-            on = [k for k in trainable if group["params"][k].device == device]
-            pair = ops._first_overlap(ops._spans([group["params"][k] for k in on]))
-            if pair is not None:
-                first, second = sorted(on[k] for k in pair)
-                raise ValueError(
-                    f"params[{first}] and params[{second}] overlap in memory; each element must be trained once (tie "
-                    "weights by using one Parameter in both places)"
-                )
+        pair = ops.first_overlap_by_device([group["params"][k] for k in trainable])
+        if pair is not None:
+            first, second = (trainable[k] for k in pair)
+            raise ValueError(
+                f"params[{first}] and params[{second}] overlap in memory; each element must be trained once (tie "
+                "weights by using one Parameter in both places)"
+            )
 
     def _check_group_keys(self, group: dict[str, Any]) -> None:
         """Keys this optimizer would keep and ignore: a whole-run option set on one group, another optimizer's
@@ -287,7 +285,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._check_group_keys(group)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"param group {g}: {e}") from None
-            # As the check left them (floats): a value written again as it came (a Fraction) is converted again.
+            # As the check left them (floats), so that a Fraction written again is converted again (the same
+            # expression as above, inline: a helper call per group and step would cost what the cache saves).
             checked[g] = (*map(_typed, map(group.get, keys)), *watched, *(_typed(group[k]) for k in watched))
 
     # ------------------------------------------------------------------------------------------------- layout
@@ -328,18 +327,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             return
         if not self._PASSES_CHECK_MEMORY and not inference_mode:
             self._refuse_inference_tensors(layout, tensors)
-        if ops._first_overlap(ops._spans(tensors)) is not None:
-            # Per device (the rare path): two devices' addresses may coincide.
-            for device in {p.device for p in tensors}:
-                on = [k for k, p in enumerate(tensors) if p.device == device]
-                pair = ops._first_overlap(ops._spans([tensors[k] for k in on]))
-                if pair is not None:
-                    names = self._trainable_names(layout)
-                    first, second = sorted(on[k] for k in pair)
-                    raise ValueError(
-                        f"{names[first]} and {names[second]} overlap in memory; each element must be trained once "
-                        "(tie weights by using one Parameter in both places)"
-                    )
+        # Per device only when some addresses overlap (the rare path): two devices' addresses may coincide.
+        pair = ops.first_overlap_by_device(tensors) if ops._first_overlap(ops._spans(tensors)) is not None else None
+        if pair is not None:
+            names = self._trainable_names(layout)
+            raise ValueError(
+                f"{names[pair[0]]} and {names[pair[1]]} overlap in memory; each element must be trained once "
+                "(tie weights by using one Parameter in both places)"
+            )
         self._checked_memory = key
 
     def _refuse_inference_tensors(self, layout: list, tensors: list[torch.Tensor]) -> None:
@@ -1119,10 +1114,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     def nonfinite_steps(self, value: int) -> None:
         self._nonfinite = value
 
-    def _layout_signature(self) -> dict[str, list]:
-        trainable = [p.requires_grad for g in self.param_groups for p in g["params"]]
+    def _trainable_flags(self) -> list[bool]:
+        """Per parameter, in order, whether the steps train it (replay's override, else requires_grad)."""
         if self._trainable_override is not None:
-            trainable = list(self._trainable_override)
+            return list(self._trainable_override)
+        return [p.requires_grad for g in self.param_groups for p in g["params"]]
+
+    def _layout_signature(self) -> dict[str, list]:
+        trainable = self._trainable_flags()
         extras = {k: [g[k] for g in self.param_groups] for k in self._extra_group_keys()}
         params = [p for g in self.param_groups for p in g["params"]]
         return dict(
@@ -1169,7 +1168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             optimizer=type(self).__name__,
             options=self.options(),
             numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
-            trainable=self._layout_signature()["trainable"],  # load_state_dict warns when the resumed run's differ
+            trainable=self._trainable_flags(),  # load_state_dict warns when the resumed run's differ
         )
         if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
             state["zo"]["converted_pending"] = True
@@ -1231,7 +1230,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Warn, naming them, when parameters the saved run trained are frozen now or the reverse. Not an error:
         unfreezing layers between stages is a schedule; a model rebuilt without its freezing (a PEFT wrapper
         forgotten, say) would otherwise train other weights than the run it continues, without a word."""
-        mine = self._layout_signature()["trainable"]
+        mine = self._trainable_flags()
         if saved is None or len(saved) != len(mine) or saved == mine:
             return
         names = self._parameter_names()

@@ -149,7 +149,7 @@ class Lookahead:
             self._taken_back_converted = value
 
     def _dtypes_changed(self) -> bool:
-        return any(p.dtype != d for (params, _, _), ds in zip(self._chunks, self._dtypes) for p, d in zip(params, ds))
+        return any(_converted(params, dtypes) for (params, _, _), dtypes in zip(self._chunks, self._dtypes))
 
     def materialize(self, *_hook_args) -> None:
         """Take the pending perturbation back (one pass per chunk): the parameters hold theta again."""
@@ -179,7 +179,7 @@ class Lookahead:
                         ops.perturb_([p.data for p, _ in kept], self.seed, -alpha, offsets=[o for _, o in kept],
                                      **self._pass_kwargs)  # fmt: skip
                     # Noted chunk by chunk as taken back: a chunk still pending after a failure converted nothing yet.
-                    self._taken_back_converted |= any(p.dtype != d for p, d in zip(params, self._dtypes[0]))
+                    self._taken_back_converted |= _converted(params, self._dtypes[0])
                     del self._chunks[0], self._versions[0], self._dtypes[0]
             clear_weight_caches()  # copies of theta + eps z, made in an autocast or cached() region still open
         except (TypeError, ValueError) as e:
@@ -280,3 +280,8 @@ def _same(a: Chunks, b: Chunks) -> bool:
         if any(x is not y for x, y in zip(params_a, params_b)):
             return False
     return True
+
+
+def _converted(params: list[torch.Tensor], dtypes: list[torch.dtype]) -> bool:
+    """Whether any of ``params`` has another dtype than it had (``dtypes``, as perturbed)."""
+    return any(p.dtype != d for p, d in zip(params, dtypes))

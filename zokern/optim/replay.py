@@ -277,7 +277,7 @@ def _construct(params: list[torch.Tensor], setup: dict[str, Any]) -> ZOOptimizer
     return OPTIMIZERS[setup["optimizer"]](_groups(params, setup), seed=0, **{**setup["options"], "seed_check_every": 0})
 
 
-_CONVERTIBLE = ("float32", "bfloat16", "float16")
+_CONVERTIBLE = tuple(map(dtype_name, ops.SUPPORTED_DTYPES))  # what the passes write
 
 
 def _convert(params: list[torch.Tensor], setup: dict[str, Any], optimizer: ZOOptimizer | None) -> None:
