@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from zokern.optim.base import _check_betas
-from zokern.optim.base import _check_number
+from zokern.optim._groups import _check_betas
+from zokern.optim._groups import _check_number
 from zokern.optim.base import new_state
 from zokern.optim.sgd import ZOSGD
 

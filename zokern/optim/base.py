@@ -11,14 +11,10 @@ as they are), which re-runs exactly the same passes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import math
 import numbers
-import os
 import signal
-import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -36,6 +32,15 @@ from zokern.optim import _hooks
 from zokern.optim import seeds as seeds_
 from zokern.optim._caches import clear_weight_caches
 from zokern.optim._caches import warn_if_compiled_weights_are_frozen
+from zokern.optim._checkpoint import _DCP_STATE_DICT
+from zokern.optim._checkpoint import Checkpointing
+from zokern.optim._checkpoint import _called_from
+from zokern.optim._checkpoint import _kernel_state
+from zokern.optim._groups import GroupChecks
+from zokern.optim._groups import _check_number
+from zokern.optim._groups import _reject_parameter
+from zokern.optim._groups import _writable
+from zokern.optim._groups import dtype_name
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim._pending import PendingRecord
 from zokern.optim._randomness import BlockRandomness
@@ -58,7 +63,7 @@ class NonFiniteLoss(Exception):
     (the passes' precision, where it would write inf or NaN); the step restores and skips its update."""
 
 
-class ZOOptimizer(torch.optim.Optimizer):
+class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
     """Base class of zokern's zeroth-order optimizers (not used directly).
 
     Canonical order: param groups in order, parameters within a group in order, elements row-major. Parameter k's
@@ -185,109 +190,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._watch_lookahead()
 
     # ------------------------------------------------------------------------------------------ hyperparameters
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        where = f"param group {len(self.param_groups) - 1}"
-        try:
-            self._validate_group(group)
-        except (TypeError, ValueError) as e:
-            self.param_groups.pop()
-            raise type(e)(f"{where}: {e}") from None
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        self._check_hyperparameters(group)
-        self._check_group_keys(group)
-        _warn_if_eps_unresolvable(group)
-        first_index: dict[int, int] = {}
-        for k, p in enumerate(group["params"]):
-            j = first_index.setdefault(id(p), k)
-            if j != k:  # torch.optim only warns; a step would then fail on every call
-                raise ValueError(f"params[{j}] and params[{k}] are the same parameter; each must appear once")
-            # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
-            # weights) are never touched; they only hold their place in the stream.
-            if p.requires_grad and not _writable(p):
-                _reject_parameter(f"params[{k}]", p)
-        # Two Parameters over one storage (weights tied by sharing .data): named here, once; a step refuses them too,
-        # but among one group only after drawing its seed, by their place among the trainable tensors.
-        trainable = [k for k, p in enumerate(group["params"]) if p.requires_grad and not p.is_meta]
-        pair = ops.first_overlap_by_device([group["params"][k] for k in trainable])
-        if pair is not None:
-            first, second = (trainable[k] for k in pair)
-            raise ValueError(
-                f"params[{first}] and params[{second}] overlap in memory; each element must be trained once (tie "
-                "weights by using one Parameter in both places)"
-            )
-
-    def _check_group_keys(self, group: dict[str, Any]) -> None:
-        """Keys this optimizer would keep and ignore: a whole-run option set on one group, another optimizer's
-        setting. Checked at construction, on load and before each step (a momentum warm-up that sets
-        ``group['momentum']`` between steps would otherwise train without it)."""
-        misplaced = sorted((group.keys() & _WHOLE_RUN_OPTIONS) - self.defaults.keys())
-        taken = [k for k in misplaced if _constructor_takes(type(self), k)]
-        if taken:  # torch.optim keeps unknown group keys, so a per-group momentum would be silently ignored
-            raise ValueError(
-                f"{', '.join(taken)} {'is an option' if len(taken) == 1 else 'are options'} of the whole "
-                f"optimizer, not of a param group: pass {'it' if len(taken) == 1 else 'them'} to the constructor"
-            )
-        if misplaced:  # another optimizer's (torch.optim.SGD's nesterov, LDSD's k on ZOSGD)
-            raise ValueError(
-                f"{', '.join(misplaced)} {'is not an option' if len(misplaced) == 1 else 'are not options'} of "
-                f"{type(self).__name__}"
-            )
-        understood = self._understood_group_keys()
-        foreign = sorted(k for k in (group.keys() & _FOREIGN_GROUP_KEYS) - understood if group[k] is not False)
-        if "maximize" in foreign:
-            raise ValueError("maximize=True is not supported: zokern minimises the closure's loss; return its negative")
-        if group.get("decoupled_weight_decay") is False and group.get("weight_decay"):  # a torch.optim.Adam group's
-            raise ValueError(
-                "decoupled_weight_decay=False (torch.optim.Adam's L2 penalty, added to the gradient) is not supported: "
-                "zokern's weight_decay is decoupled, theta <- theta - lr * weight_decay * theta, as AdamW's"
-            )
-        if foreign:  # a group ported from another optimizer, whose settings this one would keep and ignore
-            raise ValueError(
-                f"{', '.join(foreign)} {'is not an option' if len(foreign) == 1 else 'are not options'} of "
-                f"{type(self).__name__}'s param groups (it takes {', '.join(sorted(understood - {'params'}))})"
-            )
-
-    def _understood_group_keys(self) -> set[str]:
-        return {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
-
-    def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        """A group's hyperparameters as the passes apply them (subclasses add theirs), made floats: another real
-        number (a Fraction, a NumPy scalar) would reach tensor arithmetic and the JSON trajectory as itself."""
-        check_step_hyperparameters(group["lr"], group["eps"], group["weight_decay"])
-        for key in ("lr", "eps", "weight_decay"):
-            if type(group[key]) is not float:
-                group[key] = float(group[key])
-
-    def _check_groups_hyperparameters(self) -> None:
-        """Every group's hyperparameters, before a step or pass uses them: a scheduler or the user may have changed
-        them since the constructor checked (a decay run past its end gives a negative lr, which the step would apply
-        and the optimizer's own state_dict and trajectory would then refuse; a NaN lr would overwrite theta)."""
-        keys = ("lr", "eps", "weight_decay", *self._extra_group_keys())
-        checked = self._checked_values
-        if len(checked) != len(self.param_groups):
-            checked[:] = [None] * len(self.param_groups)
-        for g, group in enumerate(self.param_groups):
-            # Values equal to the last valid ones (types included: a tensor lr is refused) need no new check, which
-            # costs about 1.5 us a group: per-tensor groups would add half a millisecond to every step.
-            watched = sorted(group.keys() & _WATCHED_GROUP_KEYS)
-            values = (*map(_typed, map(group.get, keys)), *watched, *(_typed(group[k]) for k in watched))
-            try:
-                if values == checked[g]:
-                    continue
-            except (RuntimeError, ValueError):  # a multi-element tensor or array compared: checked (and refused) below
-                pass
-            try:
-                self._check_hyperparameters(group)
-                self._check_group_keys(group)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"param group {g}: {e}") from None
-            # As the check left them (floats), so that a Fraction written again is converted again (the same
-            # expression as above, inline: a helper call per group and step would cost what the cache saves).
-            checked[g] = (*map(_typed, map(group.get, keys)), *watched, *(_typed(group[k]) for k in watched))
 
     # ------------------------------------------------------------------------------------------------- layout
 
@@ -1153,212 +1055,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             rounding=self.rounding,
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        self._refuse_nested("state_dict")  # mid-step it would count the step, and the parameters beside it be off
-        if _called_from(_DCP_STATE_DICT):
-            raise TypeError(_DCP_UNSUPPORTED)
-        self.materialize()
-        with _hooks.quiet(self, "state_dict_post"):
-            state = super().state_dict()
-        state["zo"] = dict(
-            base_seed=self.base_seed,
-            steps_taken=self.steps_taken,
-            nonfinite_steps=self.nonfinite_steps,
-            stream_version=STREAM_VERSION,
-            optimizer=type(self).__name__,
-            options=self.options(),
-            numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
-            trainable=self._trainable_flags(),  # load_state_dict warns when the resumed run's differ
-        )
-        if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
-            state["zo"]["converted_pending"] = True
-        for hook in list(self._optimizer_state_dict_post_hooks.values()):
-            returned = hook(self, state)
-            if returned is not None:
-                state = returned
-        return state
-
-    def _check_loadable(self, zo: dict[str, Any], state_dict: dict[str, Any]) -> None:
-        """Before anything is loaded: the saved run's options are this optimizer's, and each saved state tensor has
-        its parameter's shape (torch would load either silently, and the next step fail or diverge)."""
-        saved = zo.get("options")  # absent from state dicts written before options were saved
-        if saved is not None:
-            mine = self.options()
-            differ = sorted(
-                k for k in saved.keys() | mine.keys() if k not in _RESUMABLE_OPTIONS and saved.get(k) != mine.get(k)
-            )
-            if differ:
-                raise ValueError(
-                    f"state dict of a {zo['optimizer']} with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}; "
-                    f"this one has {', '.join(f'{k}={mine.get(k)!r}' for k in differ)}: construct it with the "
-                    "saved run's options to continue that run"
-                )
-        groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            return  # torch's load_state_dict names this mismatch
-        for k, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
-            # What the constructor refuses, loaded, would step silently (a negative lr, eps = 0) or fail mid-step.
-            try:
-                self._validate_group(dict(saved_group, params=group["params"]))
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"the state dict's param group {k}: {e}") from None
-            except KeyError as e:
-                raise ValueError(f"the state dict's param group {k} has no {e.args[0]!r}") from None
-        names = self._parameter_names()
-        params = [p for g in self.param_groups for p in g["params"]]
-        for p, numel in zip(params, zo.get("numels", ())):  # its elements' stream indices depend on every numel
-            if p.numel() != numel:
-                raise ValueError(f"the state dict's run had {numel} elements for {names[id(p)]}: not these parameters")
-        shaped = set(self._state_keys())  # what the passes read as tensors shaped like the parameter
-        for saved_id, p in zip([i for g in groups for i in g["params"]], params):
-            saved = state_dict["state"].get(saved_id, {})
-            for key, value in saved.items():
-                if key in shaped or (isinstance(value, torch.Tensor) and value.dim()):
-                    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
-                        what = type(value).__name__
-                        if isinstance(value, torch.Tensor):
-                            what = f"tensor of shape {tuple(value.shape)}"
-                        raise ValueError(
-                            f"the state dict's {key!r} for {names[id(p)]} is a {what}: not a state of this "
-                            "optimizer's parameters"
-                        )
-            missing = sorted(shaped - saved.keys())
-            if saved and missing:
-                raise ValueError(f"the state dict's state for {names[id(p)]} lacks {', '.join(map(repr, missing))}")
-
-    def _warn_if_trainable_differs(self, saved: list[bool] | None) -> None:
-        """Warn, naming them, when parameters the saved run trained are frozen now or the reverse. Not an error:
-        unfreezing layers between stages is a schedule; a model rebuilt without its freezing (a PEFT wrapper
-        forgotten, say) would otherwise train other weights than the run it continues, without a word."""
-        mine = self._trainable_flags()
-        if saved is None or len(saved) != len(mine) or saved == mine:
-            return
-        names = self._parameter_names()
-        params = [p for g in self.param_groups for p in g["params"]]
-        changed = [(names[id(p)], now) for p, was, now in zip(params, saved, mine) if was != now]
-        parts = []
-        for now, what in (
-            (False, "frozen now, trained by the saved run"),
-            (True, "trained now, frozen in the saved run"),
-        ):
-            listed = [name for name, state in changed if state == now]
-            if listed:
-                more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
-                parts.append(f"{len(listed)} parameter(s) {what}: {', '.join(listed[:3])}{more}")
-        warnings.warn(
-            "the loaded state dict's run trained other parameters than this one's requires_grad selects; "
-            + "; ".join(parts)
-            + ". If the change is meant (unfreezing by stages), ignore this warning; else set requires_grad as the "
-            "saved run had it",
-            UserWarning,
-            stacklevel=3,
-        )
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._refuse_nested("load_state_dict")  # mid-step it would rewind the step count under the running step
-        # A roll-back abandons the timeline whose merged perturbation is pending: taken back first, so that a
-        # take-back that cannot run fails the load before anything is loaded, and the hooks all see theta.
-        self._lookahead.materialize()
-        self._settle()  # records of steps before the load count before it, not on top of the loaded count
-        state_dict = dict(state_dict)
-        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):  # what they return is what loads
-            returned = hook(self, state_dict)
-            if returned is not None:
-                state_dict = dict(returned)
-        zo = state_dict.pop("zo", None)
-        if zo is None:
-            if _called_from(_DCP_STATE_DICT):
-                raise TypeError(_DCP_UNSUPPORTED)
-            raise ValueError("not a zokern optimizer state dict: it has no 'zo' entry")
-        _check_run_entries(zo)
-        if zo["optimizer"] != type(self).__name__:
-            raise ValueError(f"state dict of a {zo['optimizer']}, loaded into a {type(self).__name__}")
-        if zo["stream_version"] != STREAM_VERSION:
-            raise ValueError(
-                f"state dict written with stream version {zo['stream_version']}; this zokern has {STREAM_VERSION}"
-            )
-        # A state dict of this optimizer that carries another's group keys was written by an older zokern (LDSD's
-        # SGD groups held Adam's betas and adam_eps): they meant nothing then either.
-        understood = self._understood_group_keys()
-        # A group built from torch.optim.Adam's was accepted before its L2 flag was refused, and trained with zokern's
-        # decoupled decay all the same: that run resumes as it ran.
-        state_dict["param_groups"] = [
-            {
-                k: v
-                for k, v in g.items()
-                if (k not in _ZOKERN_GROUP_KEYS or k in understood) and (k, v) != ("decoupled_weight_decay", False)
-            }
-            for g in state_dict["param_groups"]
-        ]
-        self._check_loadable(zo, state_dict)
-        with _hooks.quiet(self, "load_state_dict_pre", "load_state_dict_post"):  # run here, before and after
-            super().load_state_dict(state_dict)
-        # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
-        # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), contiguous, as its kernels
-        # read them: a state dict whose states were cast (to save space, say) or transposed comes back so.
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = _kernel_state(value, p.device, copy=True)
-        self.base_seed = zo["base_seed"]
-        self.steps_taken = zo["steps_taken"]
-        self.nonfinite_steps = zo["nonfinite_steps"]
-        # A roll-back to an earlier checkpoint of this run abandons the steps after it: their records go, so that the
-        # trajectory stays the run's (replay would refuse one whose steps repeat). A checkpoint of another run
-        # (another base seed) leaves the records as they are: they are not its history.
-        if all(record["seed"] == seeds_.step_seed(self.base_seed, record["step"]) for record in self._trajectory):
-            self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
-            self._last_setup = None  # the next step records its setup
-        self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
-        # The loaded run decides whether its next step converted a perturbation (the take-back of the abandoned
-        # timeline's, at the top, noted one).
-        self._lookahead.set_converted(bool(zo.get("converted_pending")))
-        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
-            hook(self)
-
-
-@functools.cache
-def _constructor_takes(cls: type, name: str) -> bool:
-    """Whether ``cls(...)`` takes the keyword ``name``: its ``__init__``'s or, through ``**kwargs``, a base's."""
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        parameters = inspect.signature(init).parameters
-        if name in parameters:
-            return True
-        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            return False
-    return False
-
 
 def _loading(state: dict[str, Any]) -> bool:
     """Whether ``__setstate__`` is torch's load_state_dict updating its two entries, rather than a copy or unpickling
     of the whole object: then this object keeps what it has (its finalizer, its captured graph)."""
     return state.keys() <= {"state", "param_groups"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """As a trajectory records it: "bfloat16", not "torch.bfloat16"."""
-    return str(dtype).removeprefix("torch.")
-
-
-# Constructor options of zokern's optimizers that hold for all param groups (a group may set only its defaults' keys).
-_WHOLE_RUN_OPTIONS = frozenset(
-    {"momentum", "n_probes", "one_sided", "distribution", "seed", "backend", "perturbation", "rounding", "merge_steps"}
-    | {"cuda_graph", "k", "mu_norm", "update", "pairing", "nesterov", "dampening"}
-)
-
-# Group keys by which another optimizer (torch.optim's or zokern's) changes what a step does; a group of this one
-# that carries them with a meaning it does not have is refused rather than silently trained otherwise.
-_ZOKERN_GROUP_KEYS = frozenset({"sigma", "mu_lr", "betas", "adam_eps"})
-_FOREIGN_GROUP_KEYS = _ZOKERN_GROUP_KEYS | {"maximize", "amsgrad"}
-_WATCHED_GROUP_KEYS = _WHOLE_RUN_OPTIONS | _FOREIGN_GROUP_KEYS  # whose presence or value a step checks again
-
-# Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
-_RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
 
 
 def _digest48(value: Any) -> int:
@@ -1392,73 +1093,11 @@ def _call_key(scalars: tuple) -> list:
 _PLAIN_TORCH_FUNCTIONS = (torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl)
 
 
-def _writable(p: torch.Tensor) -> bool:
-    """Whether the passes can update ``p`` in place (else _reject_parameter says why)."""
-    return (
-        p.layout == torch.strided  # first: a sparse CSR tensor raises on is_contiguous, an mkldnn one says it is
-        and p.is_contiguous()
-        and p.dtype in ops.SUPPORTED_DTYPES
-        and ops.holds_plain_tensor(p)
-        and not p.is_meta
-    )
-
-
-def _reject_parameter(name: str, p: torch.Tensor) -> None:
-    """The error for a trainable parameter the passes cannot update, raised before any pass of a step runs."""
-    if not ops.holds_plain_tensor(p):
-        raise TypeError(f"{name} is a {type(p.data).__name__}: {ops.SUBCLASS_REASON}")
-    if p.layout != torch.strided:
-        raise TypeError(f"{name} is a {p.layout} tensor; zokern's passes update dense (strided) parameters")
-    if p.is_meta:
-        raise ValueError(
-            f"{name} is on the meta device: it has no values to train (a model built with init_empty_weights, or "
-            "offloaded by accelerate, keeps its real weights elsewhere). Load or materialise the weights first, or "
-            "freeze it (requires_grad_(False))"
-        )
-    if p.dtype not in ops.SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {p.dtype}; zokern's passes update float32, bfloat16 and float16 parameters")
-    raise ValueError(
-        f"{name} (shape {tuple(p.shape)}, strides {p.stride()}) is not contiguous: the stream indexes a parameter's "
-        "elements in row-major order. Make it contiguous (a channels_last model: "
-        "model.to(memory_format=torch.contiguous_format); a transposed view: register its .contiguous() copy)"
-    )
-
-
-def _check_run_entries(zo: dict[str, Any]) -> None:
-    """The run's entries of a state dict, before anything is loaded (a damaged one would leave half of it loaded)."""
-    missing = [k for k in ("optimizer", "stream_version", "base_seed", "steps_taken", "nonfinite_steps") if k not in zo]
-    if missing:
-        raise ValueError(f"the state dict's 'zo' entry lacks {', '.join(map(repr, missing))}: a damaged state dict")
-    for key in ("base_seed", "steps_taken", "nonfinite_steps"):
-        try:
-            ops._check_index(key, zo[key])
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"the state dict's {e}") from None
-    trainable = zo.get("trainable")
-    if trainable is not None and not (isinstance(trainable, list) and all(isinstance(t, bool) for t in trainable)):
-        raise ValueError("the state dict's 'zo' entry 'trainable' is not a list of booleans: a damaged state dict")
-
-
 def new_state(p: torch.Tensor) -> torch.Tensor:
     """A float32 optimizer state shaped like ``p``, zeros: a normal tensor even when the step runs under
     torch.inference_mode (an inference tensor could not be updated by the steps that run outside it)."""
     with torch.inference_mode(False):
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-
-
-def _kernel_state(value: torch.Tensor, device: torch.device, copy: bool = False) -> torch.Tensor:
-    """A state as the kernels read it: float32, contiguous, on its parameter's device; a normal tensor, as
-    new_state's, also under torch.inference_mode."""
-    with torch.inference_mode(False):
-        return value.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=copy)
-
-
-def _typed(value: Any) -> Any:
-    """A hyperparameter as the per-step check's cache compares it: with its type, and its elements' (betas), so that
-    an equal value of a refused kind (False for 0.0, a tensor for a float) is checked again."""
-    if isinstance(value, (tuple, list)):
-        return type(value), tuple(map(_typed, value))
-    return type(value), value
 
 
 def sixteen_bit_loss_message(source: str, dtype: torch.dtype) -> str:
@@ -1467,85 +1106,3 @@ def sixteen_bit_loss_message(source: str, dtype: torch.dtype) -> str:
         "spacing and often rounds to 0. Compute the loss in float32 (e.g. cross-entropy on logits.float()); casting "
         "the 16-bit loss afterwards keeps its rounding."
     )
-
-
-def check_step_hyperparameters(lr: Any, eps: Any, weight_decay: Any) -> None:
-    """A param group's lr, eps and weight_decay as the passes can apply them (also each record replay re-applies)."""
-    for name, value, strict in (("lr", lr, False), ("eps", eps, True), ("weight_decay", weight_decay, False)):
-        if not abs(_check_number(name, value, 0.0, strict)) < ops.FLOAT32_OVERFLOW:
-            raise ValueError(f"invalid {name}: {value} (beyond float32's range, the passes' precision)")
-    if eps < ops.FLOAT32_TINY:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
-        raise ValueError(f"invalid eps: {eps} (below float32's smallest normal, 1.2e-38)")
-
-
-def _warn_if_eps_unresolvable(group: dict[str, Any]) -> None:
-    """Warn when a group's eps is below what its trainable parameters resolve: theta + eps z then rounds to theta (or
-    by a few ulps), L+ - L- is zero or rounding noise, and the run trains nothing without an error. The usual cause:
-    torch.optim's Adam eps (1e-8, a denominator term: zokern's adam_eps) kept as the perturbation size."""
-    dtypes = {p.dtype for p in group["params"] if p.requires_grad and p.is_floating_point()}
-    if not dtypes:
-        return
-    coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps)
-    floor = max(_EPS_FLOOR, torch.finfo(coarsest).eps / 100)
-    if group["eps"] < floor:
-        warnings.warn(
-            f"eps={float(group['eps']):g} is the perturbation size ε (MeZO uses 1e-3), below the {floor:.1g} that "
-            f"{dtype_name(coarsest)} parameters resolve: θ ± εz rounds to θ or differs from it by rounding, so the "
-            "steps estimate noise and train nothing. torch.optim's Adam eps (the denominator term) is ZOAdam's and "
-            "LDSD's adam_eps",
-            UserWarning,
-            stacklevel=_caller_stacklevel(),
-        )
-
-
-def _called_from(module: str, function: str | None = None) -> bool:
-    """Whether a caller up the stack is ``function`` (any function, if None) of ``module``."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_globals.get("__name__") == module and function in (None, frame.f_code.co_name):
-            return True
-        frame = frame.f_back
-    return False
-
-
-_DCP_STATE_DICT = "torch.distributed.checkpoint.state_dict"
-_DCP_UNSUPPORTED = (
-    "torch.distributed.checkpoint.state_dict's helpers are not supported by zokern's optimizers' state dicts: "
-    "get_state_dict and get_optimizer_state_dict keep only 'state' and 'param_groups', which would drop the run's base "
-    "seed, step count and options (the 'zo' entry), so a resumed run would draw other perturbations. Save "
-    "opt.state_dict() itself, with torch.save or as a value of the dict given to torch.distributed.checkpoint.save; "
-    "opt.load_state_dict (or set_optimizer_state_dict) takes it whole"
-)
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel that names the first frame outside zokern's and torch.optim's code: the user's constructor
-    or add_param_group call, however many __init__s and torch frames lie between."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.optim.__file__))
-
-# The smallest eps not warned about in float32: L+ - L- of a loss near 1 is then well above its float32 rounding.
-_EPS_FLOOR = 1e-6
-
-
-def _check_betas(betas: Any) -> None:
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"invalid betas: {betas!r} (a pair, each in [0, 1))")
-    if not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
-        raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
-
-
-def _check_number(name: str, value: Any, low: float | None, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if strict else value < low):
-        raise ValueError(f"invalid {name}: {value} (must be {'>' if strict else '>='} {low})")
-    return value

@@ -19,10 +19,10 @@ from zokern._ldsd_reference import final_layout
 from zokern._transfer import to_device
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
+from zokern.optim._groups import _check_betas
+from zokern.optim._groups import _check_number
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.base import _check_betas
-from zokern.optim.base import _check_number
 from zokern.optim.base import new_state
 from zokern.optim.base import run_all_or_take_back
 from zokern.optim.exact import ParameterUse

@@ -15,11 +15,11 @@ import torch
 from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
+from zokern.optim._checkpoint import _RESUMABLE_OPTIONS
+from zokern.optim._groups import check_step_hyperparameters
+from zokern.optim._groups import dtype_name
 from zokern.optim.adam import ZOAdam
-from zokern.optim.base import _RESUMABLE_OPTIONS
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.base import check_step_hyperparameters
-from zokern.optim.base import dtype_name
 from zokern.optim.fzoo import FZOO
 from zokern.optim.ldsd import LDSD
 from zokern.optim.sgd import ZOSGD

@@ -10,9 +10,9 @@ import torch
 
 from zokern.optim import seeds as seeds_
 from zokern.optim._caches import clear_weight_caches
+from zokern.optim._groups import _check_number
 from zokern.optim.base import Closure
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.base import _check_number
 from zokern.optim.base import _loading
 from zokern.optim.base import new_state
 from zokern.optim.graph import StepGraph

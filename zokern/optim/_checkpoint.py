@@ -1,0 +1,233 @@
+"""A ZO optimizer's ``state_dict`` and ``load_state_dict``: torch.optim's entries plus the run's own (``zo``: base
+seed, step count, stream version, options, the stream's layout), checked whole before anything is loaded, so that a
+resumed run draws the same perturbations as the run it continues or fails with nothing changed. ``Checkpointing`` is
+a base of :class:`zokern.optim.base.ZOOptimizer`."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+
+from zokern import ops
+from zokern._reference import STREAM_VERSION
+from zokern.optim import _hooks
+from zokern.optim import seeds as seeds_
+from zokern.optim._groups import _ZOKERN_GROUP_KEYS
+
+
+class Checkpointing:
+    """The checkpoint half of ZOOptimizer (``self`` is one)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        self._refuse_nested("state_dict")  # mid-step it would count the step, and the parameters beside it be off
+        if _called_from(_DCP_STATE_DICT):
+            raise TypeError(_DCP_UNSUPPORTED)
+        self.materialize()
+        with _hooks.quiet(self, "state_dict_post"):
+            state = super().state_dict()
+        state["zo"] = dict(
+            base_seed=self.base_seed,
+            steps_taken=self.steps_taken,
+            nonfinite_steps=self.nonfinite_steps,
+            stream_version=STREAM_VERSION,
+            optimizer=type(self).__name__,
+            options=self.options(),
+            numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
+            trainable=self._trainable_flags(),  # load_state_dict warns when the resumed run's differ
+        )
+        if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
+            state["zo"]["converted_pending"] = True
+        for hook in list(self._optimizer_state_dict_post_hooks.values()):
+            returned = hook(self, state)
+            if returned is not None:
+                state = returned
+        return state
+
+    def _check_loadable(self, zo: dict[str, Any], state_dict: dict[str, Any]) -> None:
+        """Before anything is loaded: the saved run's options are this optimizer's, and each saved state tensor has
+        its parameter's shape (torch would load either silently, and the next step fail or diverge)."""
+        saved = zo.get("options")  # absent from state dicts written before options were saved
+        if saved is not None:
+            mine = self.options()
+            differ = sorted(
+                k for k in saved.keys() | mine.keys() if k not in _RESUMABLE_OPTIONS and saved.get(k) != mine.get(k)
+            )
+            if differ:
+                raise ValueError(
+                    f"state dict of a {zo['optimizer']} with {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}; "
+                    f"this one has {', '.join(f'{k}={mine.get(k)!r}' for k in differ)}: construct it with the "
+                    "saved run's options to continue that run"
+                )
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            return  # torch's load_state_dict names this mismatch
+        for k, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
+            # What the constructor refuses, loaded, would step silently (a negative lr, eps = 0) or fail mid-step.
+            try:
+                self._validate_group(dict(saved_group, params=group["params"]))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"the state dict's param group {k}: {e}") from None
+            except KeyError as e:
+                raise ValueError(f"the state dict's param group {k} has no {e.args[0]!r}") from None
+        names = self._parameter_names()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, numel in zip(params, zo.get("numels", ())):  # its elements' stream indices depend on every numel
+            if p.numel() != numel:
+                raise ValueError(f"the state dict's run had {numel} elements for {names[id(p)]}: not these parameters")
+        shaped = set(self._state_keys())  # what the passes read as tensors shaped like the parameter
+        for saved_id, p in zip([i for g in groups for i in g["params"]], params):
+            saved = state_dict["state"].get(saved_id, {})
+            for key, value in saved.items():
+                if key in shaped or (isinstance(value, torch.Tensor) and value.dim()):
+                    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                        what = type(value).__name__
+                        if isinstance(value, torch.Tensor):
+                            what = f"tensor of shape {tuple(value.shape)}"
+                        raise ValueError(
+                            f"the state dict's {key!r} for {names[id(p)]} is a {what}: not a state of this "
+                            "optimizer's parameters"
+                        )
+            missing = sorted(shaped - saved.keys())
+            if saved and missing:
+                raise ValueError(f"the state dict's state for {names[id(p)]} lacks {', '.join(map(repr, missing))}")
+
+    def _warn_if_trainable_differs(self, saved: list[bool] | None) -> None:
+        """Warn, naming them, when parameters the saved run trained are frozen now or the reverse. Not an error:
+        unfreezing layers between stages is a schedule; a model rebuilt without its freezing (a PEFT wrapper
+        forgotten, say) would otherwise train other weights than the run it continues, without a word."""
+        mine = self._trainable_flags()
+        if saved is None or len(saved) != len(mine) or saved == mine:
+            return
+        names = self._parameter_names()
+        params = [p for g in self.param_groups for p in g["params"]]
+        changed = [(names[id(p)], now) for p, was, now in zip(params, saved, mine) if was != now]
+        parts = []
+        for now, what in (
+            (False, "frozen now, trained by the saved run"),
+            (True, "trained now, frozen in the saved run"),
+        ):
+            listed = [name for name, state in changed if state == now]
+            if listed:
+                more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
+                parts.append(f"{len(listed)} parameter(s) {what}: {', '.join(listed[:3])}{more}")
+        warnings.warn(
+            "the loaded state dict's run trained other parameters than this one's requires_grad selects; "
+            + "; ".join(parts)
+            + ". If the change is meant (unfreezing by stages), ignore this warning; else set requires_grad as the "
+            "saved run had it",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._refuse_nested("load_state_dict")  # mid-step it would rewind the step count under the running step
+        # A roll-back abandons the timeline whose merged perturbation is pending: taken back first, so that a
+        # take-back that cannot run fails the load before anything is loaded, and the hooks all see theta.
+        self._lookahead.materialize()
+        self._settle()  # records of steps before the load count before it, not on top of the loaded count
+        state_dict = dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):  # what they return is what loads
+            returned = hook(self, state_dict)
+            if returned is not None:
+                state_dict = dict(returned)
+        zo = state_dict.pop("zo", None)
+        if zo is None:
+            if _called_from(_DCP_STATE_DICT):
+                raise TypeError(_DCP_UNSUPPORTED)
+            raise ValueError("not a zokern optimizer state dict: it has no 'zo' entry")
+        _check_run_entries(zo)
+        if zo["optimizer"] != type(self).__name__:
+            raise ValueError(f"state dict of a {zo['optimizer']}, loaded into a {type(self).__name__}")
+        if zo["stream_version"] != STREAM_VERSION:
+            raise ValueError(
+                f"state dict written with stream version {zo['stream_version']}; this zokern has {STREAM_VERSION}"
+            )
+        # A state dict of this optimizer that carries another's group keys was written by an older zokern (LDSD's
+        # SGD groups held Adam's betas and adam_eps): they meant nothing then either.
+        understood = self._understood_group_keys()
+        # A group built from torch.optim.Adam's was accepted before its L2 flag was refused, and trained with zokern's
+        # decoupled decay all the same: that run resumes as it ran.
+        state_dict["param_groups"] = [
+            {
+                k: v
+                for k, v in g.items()
+                if (k not in _ZOKERN_GROUP_KEYS or k in understood) and (k, v) != ("decoupled_weight_decay", False)
+            }
+            for g in state_dict["param_groups"]
+        ]
+        self._check_loadable(zo, state_dict)
+        with _hooks.quiet(self, "load_state_dict_pre", "load_state_dict_post"):  # run here, before and after
+            super().load_state_dict(state_dict)
+        # torch casts floating states to the parameter's dtype; zokern keeps its states in float32 whatever the
+        # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), contiguous, as its kernels
+        # read them: a state dict whose states were cast (to save space, say) or transposed comes back so.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[p][key] = _kernel_state(value, p.device, copy=True)
+        self.base_seed = zo["base_seed"]
+        self.steps_taken = zo["steps_taken"]
+        self.nonfinite_steps = zo["nonfinite_steps"]
+        # A roll-back to an earlier checkpoint of this run abandons the steps after it: their records go, so that the
+        # trajectory stays the run's (replay would refuse one whose steps repeat). A checkpoint of another run
+        # (another base seed) leaves the records as they are: they are not its history.
+        if all(record["seed"] == seeds_.step_seed(self.base_seed, record["step"]) for record in self._trajectory):
+            self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
+            self._last_setup = None  # the next step records its setup
+        self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
+        # The loaded run decides whether its next step converted a perturbation (the take-back of the abandoned
+        # timeline's, at the top, noted one).
+        self._lookahead.set_converted(bool(zo.get("converted_pending")))
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
+
+
+# Options a run may change when it resumes: where and how the same steps are computed, not which steps they are.
+_RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "rounding", "merge_steps"})
+
+
+def _check_run_entries(zo: dict[str, Any]) -> None:
+    """The run's entries of a state dict, before anything is loaded (a damaged one would leave half of it loaded)."""
+    missing = [k for k in ("optimizer", "stream_version", "base_seed", "steps_taken", "nonfinite_steps") if k not in zo]
+    if missing:
+        raise ValueError(f"the state dict's 'zo' entry lacks {', '.join(map(repr, missing))}: a damaged state dict")
+    for key in ("base_seed", "steps_taken", "nonfinite_steps"):
+        try:
+            ops._check_index(key, zo[key])
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"the state dict's {e}") from None
+    trainable = zo.get("trainable")
+    if trainable is not None and not (isinstance(trainable, list) and all(isinstance(t, bool) for t in trainable)):
+        raise ValueError("the state dict's 'zo' entry 'trainable' is not a list of booleans: a damaged state dict")
+
+
+def _called_from(module: str, function: str | None = None) -> bool:
+    """Whether a caller up the stack is ``function`` (any function, if None) of ``module``."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == module and function in (None, frame.f_code.co_name):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_DCP_STATE_DICT = "torch.distributed.checkpoint.state_dict"
+_DCP_UNSUPPORTED = (
+    "torch.distributed.checkpoint.state_dict's helpers are not supported by zokern's optimizers' state dicts: "
+    "get_state_dict and get_optimizer_state_dict keep only 'state' and 'param_groups', which would drop the run's base "
+    "seed, step count and options (the 'zo' entry), so a resumed run would draw other perturbations. Save "
+    "opt.state_dict() itself, with torch.save or as a value of the dict given to torch.distributed.checkpoint.save; "
+    "opt.load_state_dict (or set_optimizer_state_dict) takes it whole"
+)
+
+
+def _kernel_state(value: torch.Tensor, device: torch.device, copy: bool = False) -> torch.Tensor:
+    """A state as the kernels read it: float32, contiguous, on its parameter's device; a normal tensor, as
+    new_state's, also under torch.inference_mode."""
+    with torch.inference_mode(False):
+        return value.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=copy)
