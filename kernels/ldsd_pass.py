@@ -9,6 +9,7 @@ tile into a buffer that torch then sums, so the result does not depend on the or
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -109,7 +110,8 @@ def _ldsd_kernel(
         acc = tl.load(coef_ptr) * mu
         for s in tl.static_range(N_SEEDS):
             acc += tl.load(coef_ptr + 1 + s) * _xi(seeds_ptr, s, g0, RADEMACHER, BLOCK)
-        tl.store(partial_ptr + pid, tl.sum(tl.where(mask, acc * acc, 0.0), axis=0))
+        acc64 = acc.to(tl.float64)  # float64 per tile, as the other backends sum
+        tl.store(partial_ptr + pid, tl.sum(tl.where(mask, acc64 * acc64, 0.0), axis=0))
     else:
         x_ptrs = _pointer(row, 0, DTYPE, ALIGNED) + local
         x = _widen(_load(x_ptrs, mask, interior), DTYPE)
@@ -128,7 +130,8 @@ def _ldsd_kernel(
             if MODE == 3:
                 acc_m += tl.load(coef_ptr + R + 1 + s) * xi
         if MODE == 3:
-            tl.store(partial_ptr + pid, tl.sum(tl.where(mask, acc_m * acc_m, 0.0), axis=0))
+            acc64 = acc_m.to(tl.float64)
+            tl.store(partial_ptr + pid, tl.sum(tl.where(mask, acc64 * acc64, 0.0), axis=0))
         x = x + acc_p
         if MODE == 2:
             ok = tl.load(coef_ptr + 3 * R) != 0.0
@@ -181,7 +184,7 @@ def _launch(
     aligned = all(b % 8 == 0 for b in bases) and all(a % 16 == 0 for a in addresses)
     seed_tensor = to_device(list(seeds), device, torch.int64)
     reduces = mode in ("norm", "move_norm")
-    partial = torch.empty(table.shape[0] if reduces else 1, dtype=torch.float32, device=device)
+    partial = torch.empty(table.shape[0] if reduces else 1, dtype=torch.float64, device=device)
     with options.on_device(device):
         _ldsd_kernel[(table.shape[0],)](
             table,
@@ -200,7 +203,7 @@ def _launch(
             BLOCK=block,
             **options.LAUNCH,
         )
-    return partial.double().sum() if reduces else None
+    return partial.sum() if reduces else None
 
 
 def ldsd_move_(params, mus, bases, *, seeds, coef, distribution, norm_coef=None) -> torch.Tensor | None:
@@ -243,5 +246,8 @@ def ldsd_final_(
     if not params:
         return
     assert coef.numel() == final_layout(len(seeds))["size"]
+    # beta rounded to float32 here: compiled, 1 - beta is then a float32 subtraction as on the other backends, and
+    # the interpreter's float64 one gives the same value (exact in float64, rounded once to float32).
+    beta1, beta2 = (struct.unpack("f", struct.pack("f", b))[0] for b in (beta1, beta2))
     scalars = (lr, weight_decay, momentum, beta1, beta2, adam_eps)
     _launch("final", params, mus, states, bases, seeds, coef, distribution, rule, scalars, rounding_seed)

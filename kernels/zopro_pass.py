@@ -37,12 +37,14 @@ def _zopro_kernel(table_ptr, seed, coef_ptr, partial_ptr, DTYPE: tl.constexpr, R
     mask = (local >= 0) & (local < numel)
     n = gaussian_tile(seed, g0, BLOCK)
     if REDUCE:
-        dot = tl.zeros((BLOCK,), tl.float32)
+        # Products and sums in float64, per tile then per tensor (docs/preference.md), as the other backends.
+        n64 = n.to(tl.float64)
+        dot = tl.zeros((BLOCK,), tl.float64)
         if vhat_address != 0:
             vhat = tl.load(vhat_address.to(tl.pointer_type(tl.float32)) + local, mask=mask, other=0.0)
-            dot = vhat * n
+            dot = vhat.to(tl.float64) * n64
         tl.store(partial_ptr + 2 * pid, tl.sum(tl.where(mask, dot, 0.0), axis=0))
-        tl.store(partial_ptr + 2 * pid + 1, tl.sum(tl.where(mask, n * n, 0.0), axis=0))
+        tl.store(partial_ptr + 2 * pid + 1, tl.sum(tl.where(mask, n64 * n64, 0.0), axis=0))
     else:
         x_ptrs = tl.load(row).to(tl.pointer_type(DTYPE)) + local
         x = _widen(tl.load(x_ptrs, mask=mask, other=0.0), DTYPE)
@@ -60,7 +62,7 @@ def _launch(tensors, mus, vhats, bases, seed, coef, reduce: bool) -> torch.Tenso
     device, dtype = tensors[0].device, tensors[0].dtype
     block = GPU_BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
     table = _work_table(tensors, bases, block, list(mus), list(vhats), with_index=True)
-    partial = torch.empty(2 * table.shape[0] if reduce else 1, dtype=torch.float32, device=device)
+    partial = torch.empty(2 * table.shape[0] if reduce else 1, dtype=torch.float64, device=device)
     coef = partial if coef is None else coef.to(device=device, dtype=torch.float32).contiguous()
     with options.on_device(device):
         _zopro_kernel[(table.shape[0],)](table, seed, coef, partial, DTYPE=_TL_DTYPES[dtype], REDUCE=reduce,
@@ -70,7 +72,7 @@ def _launch(tensors, mus, vhats, bases, seed, coef, reduce: bool) -> torch.Tenso
     # Per-tile pairs summed per tensor on the host, in tile order: deterministic, and ZOPrO's coefficients are
     # computed on the host anyway.
     out = torch.zeros(len(tensors), 2, dtype=torch.float64)
-    return out.index_add_(0, table[:, 6].cpu(), partial.view(-1, 2).double().cpu())
+    return out.index_add_(0, table[:, 6].cpu(), partial.view(-1, 2).cpu())
 
 
 def zopro_reduce(tensors, vhats, bases, *, seed) -> torch.Tensor:

@@ -121,6 +121,46 @@ def test_final_pass_matches_the_formula(backend, dtype, rule, ok, bases):
             _close(out, ref, 0.1)
 
 
+@pytest.mark.parametrize("backend", [b for b in backends_for() if b != "torch"])
+@pytest.mark.parametrize(
+    "dtype, stochastic",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
+     (torch.float16, True)],
+    ids=["float32", "bfloat16", "float16", "bfloat16-stochastic", "float16-stochastic"],
+)  # fmt: skip
+@pytest.mark.parametrize("rule", ["sgd", "momentum", "adam"])
+def test_final_pass_stores_the_references_bits_with_rademacher_streams(backend, dtype, stochastic, rule):
+    """With exact z (Rademacher), every backend stores the torch reference's bits: parameters, mu and the rule's
+    states (Adam's 1 - beta from float32 beta, and its correctly rounded square root, included)."""
+    at = _ldsd_reference.final_layout(len(SEEDS))
+    g = torch.Generator().manual_seed(4)
+    coef = (torch.rand(at["size"], generator=g) * 0.2 - 0.1).to(DEVICE)
+    coef[at["ok"]], coef[at["c1"]], coef[at["c2"]] = 1.0, 0.3, 0.05
+    scalars = dict(RULE_SCALARS, beta1=0.9, beta2=0.999, adam_eps=1e-8)  # 1 - f32(0.999) != f32(1 - 0.999)
+    results = []
+    for impl in ("torch", backend):
+        params, mus, states = _inputs(dtype, _ldsd_reference.STATES_PER_RULE[rule])
+        final_(params, mus, states, list(BASES), list(SEEDS), coef, backend=impl, rule=rule,
+               distribution="rademacher", rounding_seed=99 if stochastic else None, **scalars)  # fmt: skip
+        results.append([params, mus, [t for st in states for t in st]])
+    for expected, got in zip(*results):
+        for e, o in zip(expected, got):
+            assert torch.equal(e.view(torch.uint8), o.view(torch.uint8))
+
+
+def test_triton_squared_norms_are_float64_sums():
+    """Per-tile partial sums in float64, as the other backends: in float32 a row of 1e20 overflowed (and mu's
+    projection then reset it to zero) and one of 1e-25 flushed to 0."""
+    if "triton" not in backends_for():
+        pytest.skip("the triton backend runs here only under TRITON_INTERPRET=1")
+    for value in (1e20, 1e-25):
+        mus = [torch.full((300,), value, device=DEVICE)]
+        coef = torch.tensor([1.0, 0.0], device=DEVICE)
+        norm = squared_norm(mus, [0], [1], coef, distribution="rademacher", backend="triton")
+        exact = 300 * float(mus[0][0]) ** 2  # the float32 value's square
+        assert norm.dtype == torch.float64 and math.isclose(float(norm), exact, rel_tol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------- optimizer
 
 
@@ -352,6 +392,57 @@ def test_a_pass_that_raises_on_a_later_group_leaves_every_group_restored(monkeyp
     monkeypatch.setattr(module, name, original)
     for p, before in zip(params, start):
         torch.testing.assert_close(p.detach(), before, atol=1e-6, rtol=0)
+
+
+def test_a_final_pass_that_raises_on_a_later_dtype_leaves_the_earlier_ones_restored_once(monkeypatch):
+    """The final pass runs one call per dtype: one that raised after an earlier dtype's had restored and updated it
+    left the step's undo to restore that dtype's parameters a second time (theta off by eps z)."""
+    import zokern.optim.ldsd as ldsd_module
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(40).bfloat16())]
+    opt = LDSD(params, lr=1e-2, eps=1e-2, k=3, seed=0, update="adam", perturbation="inplace")
+    closure = lambda: sum((p.float() ** 2).sum() for p in params)  # noqa: E731
+    opt.step(closure)
+    original, calls = ldsd_module.passes.final_, []
+
+    def fails_on_the_second_dtype(params, *args, **kwargs):
+        calls.append(params[0].dtype)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return original(params, *args, **kwargs)
+
+    reference = copy.deepcopy(opt)
+    ref_params = [p for g in reference.param_groups for p in g["params"]]
+    reference.step(lambda: sum((p.float() ** 2).sum() for p in ref_params))  # the same step, completed
+    monkeypatch.setattr(ldsd_module.passes, "final_", fails_on_the_second_dtype)
+    with pytest.raises(RuntimeError, match="device lost"):
+        opt.step(closure)
+    assert calls == [torch.float32, torch.bfloat16]
+    # The float32 parameter keeps its completed update (restored once); the bfloat16 one is restored by the undo.
+    assert torch.equal(params[0].detach(), ref_params[0].detach())
+
+
+def test_a_strided_state_is_made_contiguous_before_the_kernels_read_it():
+    """A state of the right dtype and device but strided (assigned by hand, loaded from a converted checkpoint) was
+    kept as it was, and the kernels, which read states by address, read and wrote the wrong elements."""
+
+    def run(strided):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(64).bfloat16())
+        opt = LDSD([a, b], lr=0.01, eps=1e-3, k=3, update="adam", mu_lr=0.1, seed=5)
+        closure = lambda: (a**2).sum() + (b.float() ** 2).sum()  # noqa: E731
+        opt.step(closure)
+        holder = torch.zeros(64, 2)
+        if strided:
+            holder[:, 0] = opt.state[b]["exp_avg"]
+            opt.state[b]["exp_avg"] = holder[:, 0]
+        opt.step(closure)
+        return a.detach().clone(), b.detach().clone(), holder[:, 1]
+
+    clean, strided = run(False), run(True)
+    assert torch.equal(clean[0], strided[0]) and torch.equal(clean[1], strided[1])
+    assert not strided[2].any()  # nothing written beside the state
 
 
 @pytest.mark.parametrize(

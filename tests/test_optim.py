@@ -441,8 +441,14 @@ def test_replay_reproduces_the_trained_parameters_bit_identically(cls, kwargs, d
             lambda ps: ZOSGD(ps[::-1]),
             r"run had 35 elements for param_groups\[0\]\['params'\]\[0\]",
         ),
+        (  # equal numels swapped: each would draw the other's stream
+            lambda ps: ZOSGD([ps[0], ps[0].detach().t().contiguous().requires_grad_()]),
+            lambda ps: ZOSGD([ps[0].detach().t().contiguous().requires_grad_(), ps[0]]),
+            r"run had shape \(5, 7\) for param_groups\[0\]\['params'\]\[0\] \(shape \(7, 5\)\): not these "
+            r"parameters, or not in this order",
+        ),
     ],
-    ids=["momentum", "ldsd update", "other parameters"],
+    ids=["momentum", "ldsd update", "other parameters", "same numels in another order"],
 )
 def test_a_state_dict_of_another_run_is_refused_before_loading(saved_with, loaded_into, match):
     (a, _, b), _, closure, _ = _problem()
@@ -806,6 +812,7 @@ def _trained_trajectory():
         (lambda t: t.__setitem__(slice(0, 2), [dict(t[0], step=2), t[3]]), None, r"record 0 is step 2"),
         (lambda t: None, lambda ps: [ps[2], ps[1], ps[0]], r"params\[0\] has numel 13.*parameter 0 had 35"),
         (lambda t: None, lambda ps: [ps[0].double(), ps[1], ps[2]], r"params\[0\] has dtype float64.*had float32"),
+        (lambda t: None, lambda ps: [ps[0].view(35), ps[1], ps[2]], r"params\[0\] has shape \[35\].*had \[5, 7\]"),
         (lambda t: None, lambda ps: ps[:2], r"had 3 parameters.*2 given"),
         (
             lambda t: t[3]["losses"].pop(),
@@ -829,7 +836,7 @@ def _trained_trajectory():
         ),
     ],
     ids=[
-        *("stream version", "missing losses", "no setup", "resumed part alone", "order", "dtype", "count"),
+        *("stream version", "missing losses", "no setup", "resumed part alone", "order", "dtype", "shape", "count"),
         *("a loss too few", "a loss not a number", "non-finite loss of a completed step", "negative lr", "zero eps"),
         *("other optimizer", "other n_probes", "unknown rounding"),
     ],

@@ -678,6 +678,8 @@ def _damage_state(key, value):
         (_damage_zo("nonfinite_steps", -1), ValueError, "nonfinite_steps must be in"),
         (_damage_zo("trainable", "all"), ValueError, "'trainable' is not a list of booleans"),
         (_damage_zo("trainable", [1, 1, 1, 1]), ValueError, "'trainable' is not a list of booleans"),
+        (_damage_zo("dtypes", [torch.float32]), ValueError, "'dtypes' is not a list of dtype names"),
+        (_damage_zo("shapes", [(3,)]), ValueError, "'shapes' is not a list of shapes"),
         (_damage_state("momentum_buffer", torch.tensor(0.0)), ValueError, r"'momentum_buffer' .* tensor of shape \(\)"),
         (_damage_state("momentum_buffer", 0.5), ValueError, r"'momentum_buffer' .* is a float"),
     ],
@@ -715,6 +717,27 @@ def test_loading_a_run_that_trained_other_parameters_warns_naming_them():
     frozen_run.param_groups[0]["params"][1].requires_grad_(False)
     with pytest.warns(UserWarning, match=r"1 parameter\(s\) trained now, frozen in the saved run: .*\]\[1\]"):
         _run(steps=0)[3].load_state_dict(frozen_run.state_dict())
+
+
+def test_loading_a_run_whose_trainable_parameters_had_another_dtype_warns_naming_them():
+    """A model rebuilt in another dtype than the saved run's (adapters that PEFT's load_adapter cast to float32, a
+    forgotten .bfloat16()) resumes with another perturbation and rounding mode: loaded, with a warning."""
+    model, _, _, source = _run()
+    state = source.state_dict()
+    model, _, _, target = _run(steps=0)
+    model[0].weight.data = model[0].weight.data.bfloat16()
+    with pytest.warns(
+        UserWarning, match=r"in another dtype: param_groups\[0\]\['params'\]\[0\] .*\(float32 -> bfloat16\)"
+    ):
+        target.load_state_dict(state)
+    assert target.steps_taken == 3
+    model, _, _, target = _run(steps=0)
+    model[0].weight.requires_grad_(False)
+    model[0].weight.data = model[0].weight.data.bfloat16()  # frozen: its dtype is not the steps'
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*in another dtype", category=UserWarning)
+        with pytest.warns(UserWarning, match="frozen now"):
+            target.load_state_dict(state)
 
 
 def _buffers(opt):

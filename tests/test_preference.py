@@ -182,6 +182,22 @@ def test_reductions_and_apply_match_the_float64_formula(backend):
         assert torch.allclose(p.cpu().double(), b.double() + 0.25 * z, atol=2e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", backends_for(DEVICE))
+def test_reductions_are_float64_sums_of_the_backends_own_stream(backend):
+    """(vhat . n, n . n) per tensor are float64 sums of float64 products (docs/preference.md) of the backend's own
+    z: within summation order of the exact sums (float32 per-tile sums, as Triton's were, are off by ~1e-6)."""
+    shapes, offsets = [(90, 70), (3001,)], [7, 2**33 + 5]
+    vhat = [_randn(*s).float().to(DEVICE) for s in shapes]
+    direction = ZOPrODirection([None, None], vhat, 0.5)
+    params = [torch.zeros(s, device=DEVICE) for s in shapes]
+    for (a, nn), p, offset, v in zip(
+        direction.reductions(3, params, offsets, backend), params, offsets, direction.vhat
+    ):
+        n = ops.gaussian(3, offset, p.numel(), backend=backend, device=DEVICE).double().cpu()
+        assert float(nn) == pytest.approx(float(n @ n), rel=1e-12)
+        assert float(a) == pytest.approx(float(v.double().reshape(-1).cpu() @ n), rel=1e-9, abs=1e-9)
+
+
 @pytest.mark.parametrize(
     "build,exc,match",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import helpers
 import pytest
@@ -526,6 +527,34 @@ def test_peft_lora_model_trains_only_the_adapters(tmp_path):
     assert changed and all("lora_" in n for n in changed)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed <= trainable
+
+
+def test_bf16_lora_adapters_resume_in_bf16_bit_identically(tmp_path):
+    """The Trainer resumes a PEFT model through load_adapter, which casts 16-bit adapters to float32: the resumed run
+    trained float32 adapters (another perturbation and rounding mode) and ended elsewhere than the uninterrupted one."""
+    peft = pytest.importorskip("peft")
+
+    def lora_bf16():
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                 init_lora_weights=False)  # fmt: skip
+        return peft.get_peft_model(tiny_opt(torch.bfloat16), config, autocast_adapter_dtype=False)
+
+    def train(model, resume=None):
+        args = arguments(tmp_path / "a", max_steps=4, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+        ZOTrainer(model=model, args=args, train_dataset=TokenDataset(16), zo_optimizer_kwargs=dict(seed=1)).train(
+            resume_from_checkpoint=resume
+        )
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    uninterrupted = train(lora_bf16())
+    with warnings.catch_warnings():
+        # Nor does the optimizer's load see parameters of another dtype than the saved run's.
+        warnings.filterwarnings("error", message="the loaded state dict's run trained", category=UserWarning)
+        resumed = train(lora_bf16(), resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert {p.dtype for p in resumed.values()} == {torch.bfloat16}
+    for name, p in uninterrupted.items():
+        assert torch.equal(p, resumed[name]), name
 
 
 def test_ldsd_drops_in_with_lora_and_keeps_its_mean_per_adapter(tmp_path):

@@ -41,12 +41,12 @@ PASS_SIGNATURE = {
 }
 FLAGS = ("UPDATE", "GRAD_ON_DEVICE", "SECOND", "STOCHASTIC")
 COPY_SIGNATURE = {"table_ptr": "*i64", "seed": "i64", "alpha": "fp32", "seed2": "i64", "alpha2": "fp32"}
-ZOPRO_SIGNATURE = {"table_ptr": "*i64", "seed": "i64", "coef_ptr": "*fp32", "partial_ptr": "*fp32"}
+ZOPRO_SIGNATURE = {"table_ptr": "*i64", "seed": "i64", "coef_ptr": "*fp32", "partial_ptr": "*fp64"}
 LDSD_SIGNATURE = {
     "table_ptr": "*i64",
     "seeds_ptr": "*i64",
     "coef_ptr": "*fp32",
-    "partial_ptr": "*fp32",
+    "partial_ptr": "*fp64",
     **{name: "fp32" for name in ("lr", "weight_decay", "momentum", "beta1", "beta2", "adam_eps")},
     "rounding_seed": "i64",
 }

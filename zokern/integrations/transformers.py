@@ -10,8 +10,10 @@ optimizer's groups and state), so learning-rate schedulers, checkpoints and resu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -184,6 +186,18 @@ class ZOTrainer(Trainer):
         if self.zo_optimizer is not None:
             self.zo_optimizer.materialize()
         return super()._save_checkpoint(model, trial, *args, **kwargs)
+
+    # PEFT's load_adapter, which the Trainer calls to resume or to load the best checkpoint of a PEFT model, casts
+    # 16-bit adapter weights to float32 (autocast_adapter_dtype): a resumed run would train float32 adapters, in
+    # another perturbation and rounding mode, and end elsewhere than the run it continues. The model keeps the dtypes
+    # it was built with (the checkpoint's values, saved in them, convert back exactly).
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with _keeping_dtypes(self.model if model is None else model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        with _keeping_dtypes(self.model):
+            return super()._load_best_model()
 
     def save_model(self, *args, **kwargs):
         if self.zo_optimizer is not None:  # as _save_checkpoint: called on every rank, writes on one
@@ -377,6 +391,17 @@ class _StaticWindow:
 # TrainingArguments that configure the first-order optimizer, and the values of theirs that mean nothing to a ZO
 # step: their defaults, and max_grad_norm 0 (no clipping).
 _FIRST_ORDER_ARGUMENTS = ("optim", "optim_args", "optim_target_modules", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+@contextlib.contextmanager
+def _keeping_dtypes(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters whose floating dtype the block changed get their dtype back, by name."""
+    before = {name: p.dtype for name, p in model.named_parameters()}
+    yield
+    for name, p in model.named_parameters():
+        dtype = before.get(name)
+        if dtype is not None and p.dtype != dtype and p.is_floating_point() and dtype.is_floating_point:
+            p.data = p.data.to(dtype)
 
 
 def _first_order_arguments(args) -> list[str]:

@@ -16,6 +16,7 @@ from zokern._reference import STREAM_VERSION
 from zokern.optim import _hooks
 from zokern.optim import seeds as seeds_
 from zokern.optim._groups import _ZOKERN_GROUP_KEYS
+from zokern.optim._groups import dtype_name
 
 
 class Checkpointing:
@@ -36,7 +37,9 @@ class Checkpointing:
             optimizer=type(self).__name__,
             options=self.options(),
             numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
+            shapes=[list(p.shape) for g in self.param_groups for p in g["params"]],  # the parameters' order
             trainable=self._trainable_flags(),  # load_state_dict warns when the resumed run's differ
+            dtypes=[dtype_name(p.dtype) for g in self.param_groups for p in g["params"]],  # and these
         )
         if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
             state["zo"]["converted_pending"] = True
@@ -77,6 +80,13 @@ class Checkpointing:
         for p, numel in zip(params, zo.get("numels", ())):  # its elements' stream indices depend on every numel
             if p.numel() != numel:
                 raise ValueError(f"the state dict's run had {numel} elements for {names[id(p)]}: not these parameters")
+        # Equal numels in another order ((64, 32) and (32, 64) swapped) would each draw the other's stream.
+        for p, shape in zip(params, zo.get("shapes", ())):  # absent from state dicts of older zokerns
+            if list(p.shape) != shape:
+                raise ValueError(
+                    f"the state dict's run had shape {tuple(shape)} for {names[id(p)]}: not these parameters, or not "
+                    "in this order"
+                )
         shaped = set(self._state_keys())  # what the passes read as tensors shaped like the parameter
         for saved_id, p in zip([i for g in groups for i in g["params"]], params):
             saved = state_dict["state"].get(saved_id, {})
@@ -121,6 +131,30 @@ class Checkpointing:
             UserWarning,
             stacklevel=3,
         )
+
+    def _warn_if_dtypes_differ(self, saved: list[str] | None) -> None:
+        """Warn, naming them, when trainable parameters have another dtype than in the saved run. Not an error (a
+        run may convert its parameters), but a resumed run then perturbs and rounds otherwise (16-bit parameters take
+        the exact mode and stochastic rounding) and does not continue the saved one: a model rebuilt in float32, or
+        adapters that PEFT's load_adapter cast to float32, would go on without a word."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if saved is None or len(saved) != len(params):
+            return
+        names = self._parameter_names()
+        changed = [
+            f"{names[id(p)]} ({was} -> {dtype_name(p.dtype)})"
+            for p, was, on in zip(params, saved, self._trainable_flags())
+            if on and dtype_name(p.dtype) != was
+        ]
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            warnings.warn(
+                f"the loaded state dict's run trained {len(changed)} parameter(s) in another dtype: "
+                f"{', '.join(changed[:3])}{more}. The resumed steps perturb and round them as their dtype now says "
+                "and do not continue the saved run's; convert them back (p.data = p.data.to(dtype)) to continue it",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._refuse_nested("load_state_dict")  # mid-step it would rewind the step count under the running step
@@ -180,6 +214,7 @@ class Checkpointing:
             self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
             self._last_setup = None  # the next step records its setup
         self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
+        self._warn_if_dtypes_differ(zo.get("dtypes"))  # likewise
         # The loaded run decides whether its next step converted a perturbation (the take-back of the abandoned
         # timeline's, at the top, noted one).
         self._lookahead.set_converted(bool(zo.get("converted_pending")))
@@ -201,6 +236,14 @@ def _check_run_entries(zo: dict[str, Any]) -> None:
             ops._check_index(key, zo[key])
         except (TypeError, ValueError) as e:
             raise type(e)(f"the state dict's {e}") from None
+    shapes = zo.get("shapes")
+    if shapes is not None and not (
+        isinstance(shapes, list) and all(isinstance(s, list) and all(type(n) is int for n in s) for s in shapes)
+    ):
+        raise ValueError("the state dict's 'zo' entry 'shapes' is not a list of shapes: a damaged state dict")
+    dtypes = zo.get("dtypes")
+    if dtypes is not None and not (isinstance(dtypes, list) and all(isinstance(d, str) for d in dtypes)):
+        raise ValueError("the state dict's 'zo' entry 'dtypes' is not a list of dtype names: a damaged state dict")
     trainable = zo.get("trainable")
     if trainable is not None and not (isinstance(trainable, list) and all(isinstance(t, bool) for t in trainable)):
         raise ValueError("the state dict's 'zo' entry 'trainable' is not a list of booleans: a damaged state dict")
@@ -228,6 +271,7 @@ _DCP_UNSUPPORTED = (
 
 def _kernel_state(value: torch.Tensor, device: torch.device, copy: bool = False) -> torch.Tensor:
     """A state as the kernels read it: float32, contiguous, on its parameter's device; a normal tensor, as
-    new_state's, also under torch.inference_mode."""
+    new_state's, also under torch.inference_mode. (``to(memory_format=...)`` returns a strided state of the right
+    dtype and device as it is, which LDSD's kernels would read and write by address as if it were contiguous.)"""
     with torch.inference_mode(False):
-        return value.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=copy)
+        return value.to(device=device, dtype=torch.float32, copy=copy).contiguous()

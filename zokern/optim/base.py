@@ -1031,6 +1031,7 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
             trainable=trainable,
             group_extras=extras,
             numels=[p.numel() for p in params],  # checked by replay against the parameters it is given
+            shapes=[list(p.shape) for p in params],  # likewise, where a setup adds them
             dtypes=[p.dtype for p in params],  # names in the record (_record)
         )
 

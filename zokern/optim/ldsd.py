@@ -142,7 +142,8 @@ class LDSD(ZOOptimizer):
         self.mu_norm, self.momentum = float(mu_norm), float(momentum)
         self._rule = "adam" if update == "adam" else ("momentum" if momentum else "sgd")
         self._position: list[float] | torch.Tensor | None = None  # where theta is displaced to, see _move_to
-        self._finished: set[int] = set()  # chunks whose final pass ran (see _final_pass)
+        # (chunk, dtype) pairs whose final pass ran (see _final_pass): one call per dtype, any of which may fail.
+        self._finished: set[tuple[int, torch.dtype]] = set()
         self._candidates: list[int] = []
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, sigma=sigma, mu_lr=mu_lr)
         if update == "adam":  # only then: an LR scheduler cycling momentum (OneCycleLR) cycles betas[0] if present
@@ -279,7 +280,11 @@ class LDSD(ZOOptimizer):
         """``move(chunk, +1.0)`` for each entry of _device_chunks() whose final pass has not run (it is restored and
         updated already), all or none: theta stays where the position the step keeps says (the undo of a failed step
         starts from it)."""
-        chunks = [chunk for n, chunk in enumerate(self._device_chunks()) if n not in self._finished]
+        chunks = []
+        for n, (index, group, params, offsets) in enumerate(self._device_chunks()):
+            left = [k for k, p in enumerate(params) if (n, p.dtype) not in self._finished]
+            if left:
+                chunks.append((index, group, [params[k] for k in left], [offsets[k] for k in left]))
         run_all_or_take_back(chunks, move)
 
     def _two_seed_move(self, chunk: tuple, changed: list[int], deltas: list[float], sign: float) -> None:
@@ -383,8 +388,8 @@ class LDSD(ZOOptimizer):
         k, sizes, rounding = self.k, self._group_sizes(), self._update_rounding()
         if norms is None and raw_mu_rows is not None:
             norms = self._mu_norms(raw_mu_rows, paired)
-        for n, (index, group, params, offsets) in enumerate(self._device_chunks()):
-            device = params[0].device
+        for n, (index, group, chunk_params, chunk_offsets) in enumerate(self._device_chunks()):
+            device = chunk_params[0].device
             sigma, g = group["sigma"], grads[index]
             # Rows over [mu, candidates..., (faithful) paired...].
             unused = len(streams) - k  # the faithful pairing's fresh streams: only mu's row uses them
@@ -399,26 +404,34 @@ class LDSD(ZOOptimizer):
                 c1, c2 = 1 - group["betas"][0] ** t, 1 - group["betas"][1] ** t
             coef = torch.cat((p_row, d_row, m_row, torch.stack((ok.to(device, torch.float32), c1, c2))))
             assert coef.numel() == final_layout(len(streams))["size"]
-            passes.final_(
-                [p.data for p in params],
-                self._mus(params),
-                self._rule_states(params),
-                offsets,
-                streams,
-                coef,
-                backend=self.backend,
-                rounding_seed=rounding.get("rounding_seed"),
-                rule=self._rule,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum=self.momentum,
-                # Read by the Adam rule only (the others' groups have no betas: schedulers would cycle them).
-                beta1=group["betas"][0] if self._rule == "adam" else 0.0,
-                beta2=group["betas"][1] if self._rule == "adam" else 0.0,
-                adam_eps=group["adam_eps"] if self._rule == "adam" else 1.0,
-                distribution=self.distribution,
-            )
-            self._finished.add(n)
+            for dtype in dict.fromkeys(p.dtype for p in chunk_params):
+                params = [p for p in chunk_params if p.dtype == dtype]
+                offsets = [b for p, b in zip(chunk_params, chunk_offsets) if p.dtype == dtype]
+                self._final_call(params, offsets, streams, coef, group, rounding)
+                self._finished.add((n, dtype))
+
+    def _final_call(self, params, offsets, streams, coef, group, rounding) -> None:
+        """The final pass over parameters of one dtype (passes.final_ would make one call per dtype, any of which may
+        fail: the step's undo must know which ran)."""
+        passes.final_(
+            [p.data for p in params],
+            self._mus(params),
+            self._rule_states(params),
+            offsets,
+            streams,
+            coef,
+            backend=self.backend,
+            rounding_seed=rounding.get("rounding_seed"),
+            rule=self._rule,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            momentum=self.momentum,
+            # Read by the Adam rule only (the others' groups have no betas: schedulers would cycle them).
+            beta1=group["betas"][0] if self._rule == "adam" else 0.0,
+            beta2=group["betas"][1] if self._rule == "adam" else 0.0,
+            adam_eps=group["adam_eps"] if self._rule == "adam" else 1.0,
+            distribution=self.distribution,
+        )
 
     def _raw_mu_rows(self, advantages: torch.Tensor) -> dict[int, torch.Tensor] | None:
         """Per group index, [1, e_1..e_K] with e_i = -mu_lr c_i / (K sigma): mu's REINFORCE step before the

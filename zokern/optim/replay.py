@@ -229,6 +229,8 @@ def _check_setup(
     known = sum(before) if k else 0
     for name, want, have, start in (
         ("numel", setup.get("numels"), [p.numel() for p in params[: sum(sizes)]], 0),
+        # A run may reshape a parameter between steps (its stream is row-major whatever its shape).
+        ("shape", setup.get("shapes"), [list(p.shape) for p in params[: sum(sizes)]], known),
         ("dtype", setup.get("dtypes"), [dtype_name(p.dtype) for p in params[: sum(sizes)]], known),
     ):
         if want is not None and want[start:] != have[start:]:

@@ -40,7 +40,8 @@ class ZOPrODirection:
     """The fixed inputs of ZOPrO's direction for one policy iteration: mu, vhat and gamma (see the module doc).
 
     Args:
-        mu: per trainable tensor, the policy's previous update (or None); copied to float32.
+        mu: per trainable tensor, the policy's previous update (or None), as float32: a float32 contiguous tensor is
+            kept as it is, not copied (its norm is taken here: leave it unchanged while the direction is in use).
         vhat: per trainable tensor, the reward model's update direction mapped onto it (or None); normalised here.
         gamma: weight of the previous update, in [0, 1].
     """
