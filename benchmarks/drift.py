@@ -1,7 +1,9 @@
 """16-bit drift at lr = 0 and step time, per perturbation scheme:
-`python -m benchmarks.drift [--model tiny|opt-125m|opt-1.3b] [--device cpu|cuda] [--steps 1000] [--no-append]`.
+`python -m benchmarks.drift [--model tiny|opt-125m|opt-1.3b] [--device cpu|cuda] [--dtype bfloat16|float16]
+[--steps 1000] [--no-append]`.
 
-An OPT model is built from its config (random weights, tied input/output embeddings) in bf16 and trained with
+An OPT model is built from its config (random weights, tied input/output embeddings) in bf16 (``--dtype``; MeZO's
+published large-model runs load fp16, whose finer mantissa drifts less) and trained with
 lr = 0 on a fixed batch, so any change of a weight is damage done by the perturb/restore cycle. Three schemes, each
 from the same start, in one run:
 - MeZO's published scheme: the global generator reseeded, torch.normal per tensor, out-of-place adds in the
@@ -36,11 +38,14 @@ from zokern.optim import ZOSGD
 OPT_MODELS = [name for name in MODELS if MODELS[name][0] == "opt"]
 
 
-def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: float, rows: list[tuple]) -> None:
+def run(
+    model_name: str, device: str, dtype: torch.dtype, steps: int, batch: int, seq: int, eps: float, rows: list[tuple]
+) -> None:
     """Append a row per scheme to ``rows`` as it finishes: zokern's exact mode first, the one this table is for."""
     for scheme in ("zokern exact", "zokern in place", "MeZO published"):
-        model = build(model_name, device, torch.bfloat16)
-        params = [p for p in model.parameters() if p.requires_grad]
+        model = build(model_name, device, dtype)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         start = [p.detach().clone() for p in params]
         ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
         ids = ids.to(device)
@@ -51,8 +56,8 @@ def run(model_name: str, device: str, steps: int, batch: int, seq: int, eps: flo
 
         if scheme == "MeZO published":
 
-            def step(t, params=params, closure=closure):
-                mezo_published_step(params, closure, t, eps, 0.0)
+            def step(t, named=named, closure=closure):
+                mezo_published_step(named, closure, t, eps, 0.0)
 
         else:
             mode = "inplace" if scheme == "zokern in place" else "exact"
@@ -79,6 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=OPT_MODELS, default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
@@ -87,7 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     rows: list[tuple] = []
     try:
-        run(args.model, args.device, args.steps, args.batch, args.seq, args.eps, rows)
+        run(args.model, args.device, getattr(torch, args.dtype), args.steps, args.batch, args.seq, args.eps, rows)
     finally:  # what was measured is written, also when the run is stopped at a time limit
         if rows:
             write(rows, args)
@@ -102,10 +108,10 @@ def write(rows: list[tuple], args: argparse.Namespace) -> None:
         ratio = f"\nExact mode step time / in-place step time: {ms['zokern exact'] / ms['zokern in place']:.3f}.\n"
     command = " ".join(["python -m benchmarks.drift", *sys.argv[1:]])
     table = (
-        f"\n### 16-bit drift at lr = 0, {datetime.date.today()}\n\n"
+        f"\n### 16-bit drift at lr = 0, {args.dtype}, {datetime.date.today()}\n\n"
         f"Device {device}, torch {torch.__version__}, transformers {importlib.metadata.version('transformers')}, "
         f"Python {platform.python_version()}, zokern {zokern.__version__} (stream v{zokern.STREAM_VERSION}), "
-        f"backends {zokern.available_backends()}. Model {args.model} (bf16, tied embeddings, weights rms from "
+        f"backends {zokern.available_backends()}. Model {args.model} ({args.dtype}, tied embeddings, weights rms from "
         f"OPT's init), batch {args.batch} x {args.seq}, eps {args.eps}, {args.steps} steps at lr = 0. "
         f"Command: `{command}`.\n\n"
         "| scheme | weights changed | rms drift | drift / weight rms | ms/step (median) |\n|---|---|---|---|---|\n"

@@ -8,8 +8,8 @@
 #                                      the device tests of the backends, the no-sync step and the CUDA-graph step
 #   bash benchmarks/gpu_session.sh 2   OPT-13B and Llama-7B at batch 1 (and OPT-30B on an H200), LDSD overhead (full,
 #                                      LoRA)
-#   bash benchmarks/gpu_session.sh 3   16-bit drift, the other device tests (ops, stream, merge, scalars, LDSD,
-#                                      ZOPrO's kernels), the preference policy step at 1.3B
+#   bash benchmarks/gpu_session.sh 3   16-bit drift (bf16, and fp16 as MeZO ran), the other device tests (ops,
+#                                      stream, merge, scalars, LDSD, ZOPrO's kernels), the preference step at 1.3B
 # Each stage's RESULTS.md and step_results.jsonl come back separately: merge them here, then plot the step times here
 # (python -m benchmarks.plot_step --device cuda), from the merged rows.
 # Each stage appends its tables to benchmarks/RESULTS.md, which it copies to $OUT with its log when the device tool
@@ -102,6 +102,7 @@ sys.exit(tuple(map(int, re.findall(r'\d+', setuptools.__version__)[:3])) < (77, 
       ;;
     3)
       run 60 "$PY" -m benchmarks.drift --model opt-1.3b --steps 100  # exact mode first: its row is the point
+      run 40 "$PY" -m benchmarks.drift --model opt-1.3b --steps 50 --dtype float16  # MeZO's published precision
       run 120 "$PY" -m pytest -q --maxfail=25 -n 8 -p no:cacheprovider tests/test_ops.py tests/test_stream.py \
         tests/test_merge.py tests/test_scalars.py tests/test_ldsd.py tests/test_preference.py
       run 90 "$PY" -m benchmarks.preference_step --size opt-1.3b

@@ -248,9 +248,40 @@ def test_the_mezo_baseline_syncs_before_its_reset_pass(monkeypatch):
     seed, item = torch.manual_seed, torch.Tensor.item
     monkeypatch.setattr(torch, "manual_seed", lambda s: events.append("seed") or seed(s))
     monkeypatch.setattr(torch.Tensor, "item", lambda t: events.append("item") or item(t))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: events.append("float") or item(t))
     w = torch.randn(5)
-    baselines.mezo_published_step([w], lambda: (w**2).sum(), seed=1, eps=1e-3, lr=1e-3)
-    assert events == ["seed", "seed", "item", "seed", "seed"]
+    modes = []
+    loss = baselines.mezo_published_step(
+        [w], lambda: modes.append(torch.is_inference_mode_enabled()) or (w**2).sum(), seed=1, eps=1e-3, lr=1e-3
+    )
+    assert events == ["seed", "seed", "item", "seed", "seed"]  # one sync: zo_step returns loss1 as a tensor
+    assert isinstance(loss, torch.Tensor) and modes == [True, True]  # zo_forward's inference mode
+
+
+def test_the_mezo_baseline_decays_weights_as_mezo_by_name():
+    """zo_update skips weight decay for names holding bias, layer_norm or layernorm; unnamed parameters decay."""
+    import torch
+
+    from zokern import baselines
+
+    names = ["fc.weight", "fc.bias", "layers.0.self_attn_layer_norm.weight", "final_layernorm.weight"]
+    start = [torch.randn(6, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    params = [t.clone() for t in start]
+    lr, wd, eps = 0.1, 0.5, 1e-3
+    baselines.mezo_published_step(list(zip(names, params)), lambda: sum((p**3).sum() for p in params), 7, eps, lr, wd)
+    # The same step by hand, from MeZO's formulas.
+    perturbed = [t.clone() for t in start]
+    zs = []
+    torch.manual_seed(7)
+    for t in perturbed:
+        zs.append(torch.normal(mean=0, std=1, size=t.size(), dtype=t.dtype))
+    plus = sum(((t + z * eps) ** 3).sum() for t, z in zip(start, zs))
+    minus = sum(((t + z * eps - 2 * z * eps) ** 3).sum() for t, z in zip(start, zs))
+    g = float((plus - minus) / (2 * eps))
+    for name, t, z, p in zip(names, start, zs, params):
+        decay = 0.0 if any(k in name for k in ("bias", "layer_norm", "layernorm")) else wd
+        theta = t + z * eps - 2 * z * eps + z * eps
+        torch.testing.assert_close(p, theta - lr * (g * z + decay * theta), rtol=1e-5, atol=1e-6)
 
 
 def test_ldsd_overhead_benchmark_times_every_method():

@@ -7,6 +7,7 @@ as the run."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 import warnings
 
@@ -738,6 +739,54 @@ def test_loading_a_run_whose_trainable_parameters_had_another_dtype_warns_naming
         warnings.filterwarnings("error", message=".*in another dtype", category=UserWarning)
         with pytest.warns(UserWarning, match="frozen now"):
             target.load_state_dict(state)
+
+
+def test_a_checkpoint_saved_between_a_reshape_and_the_next_step_resumes():
+    """States follow a reshaped parameter at the next step: a checkpoint saved before it held the old shape's state
+    beside the new shape, and loaded into neither model."""
+
+    def closure(ps):
+        return lambda: sum(((p.reshape(-1) - 0.2) ** 2 * torch.arange(p.numel())).sum() for p in ps)
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 7))]
+    opt = ZOSGD(ps, lr=1e-2, eps=1e-2, seed=1, momentum=0.9)
+    opt.step(closure(ps))
+    ps[0].data = ps[0].data.view(7, 5)
+    saved, start = copy.deepcopy(opt.state_dict()), ps[0].detach().clone()
+    opt.step(closure(ps))
+    resumed = [torch.nn.Parameter(start.clone())]
+    again = ZOSGD(resumed, lr=1e-2, eps=1e-2, momentum=0.9)
+    again.load_state_dict(saved)
+    assert again.state[resumed[0]]["momentum_buffer"].shape == (7, 5)
+    again.step(closure(resumed))
+    assert torch.equal(resumed[0].detach(), ps[0].detach())
+
+
+def test_no_dtype_warning_for_a_parameter_the_saved_run_froze():
+    """Unfreezing by stages in another dtype: the saved run never trained the parameter, so its dtype then is not
+    the dtype of any of its steps (only the trainable-set warning applies)."""
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4).bfloat16(), requires_grad=False)
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-2, seed=0)
+    opt.step(lambda: (a**2).sum())
+    state = opt.state_dict()
+    b2 = torch.nn.Parameter(b.detach().float())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ZOSGD([torch.nn.Parameter(a.detach().clone()), b2], lr=1e-2, eps=1e-2).load_state_dict(state)
+    messages = [str(w.message) for w in caught]
+    assert any("trained now, frozen in the saved run" in m for m in messages)
+    assert not any("in another dtype" in m for m in messages)
+
+
+def test_ranks_digest_the_same_step_whatever_shape_a_parameter_is_viewed_in():
+    """The stream is row-major whatever a parameter's shape: a rank holding a reshaped view takes the same step."""
+    values = torch.randn(6, 4)
+    digests = []
+    for shape in ((6, 4), (24,)):
+        p = torch.nn.Parameter(values.clone().view(shape))
+        digests.append(ZOSGD([p], lr=1e-2, eps=1e-2, seed=0)._digest())
+    assert digests[0] == digests[1]
 
 
 def _buffers(opt):

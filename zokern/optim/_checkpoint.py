@@ -92,7 +92,8 @@ class Checkpointing:
             saved = state_dict["state"].get(saved_id, {})
             for key, value in saved.items():
                 if key in shaped or (isinstance(value, torch.Tensor) and value.dim()):
-                    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                    # Equal numels: a state saved before a step followed its parameter's reshape (row-major both).
+                    if not isinstance(value, torch.Tensor) or value.numel() != p.numel():
                         what = type(value).__name__
                         if isinstance(value, torch.Tensor):
                             what = f"tensor of shape {tuple(value.shape)}"
@@ -132,7 +133,7 @@ class Checkpointing:
             stacklevel=3,
         )
 
-    def _warn_if_dtypes_differ(self, saved: list[str] | None) -> None:
+    def _warn_if_dtypes_differ(self, saved: list[str] | None, saved_trainable: list[bool] | None) -> None:
         """Warn, naming them, when trainable parameters have another dtype than in the saved run. Not an error (a
         run may convert its parameters), but a resumed run then perturbs and rounds otherwise (16-bit parameters take
         the exact mode and stochastic rounding) and does not continue the saved one: a model rebuilt in float32, or
@@ -141,10 +142,11 @@ class Checkpointing:
         if saved is None or len(saved) != len(params):
             return
         names = self._parameter_names()
+        trained = saved_trainable if saved_trainable is not None else [True] * len(params)
         changed = [
             f"{names[id(p)]} ({was} -> {dtype_name(p.dtype)})"
-            for p, was, on in zip(params, saved, self._trainable_flags())
-            if on and dtype_name(p.dtype) != was
+            for p, was, now, then in zip(params, saved, self._trainable_flags(), trained)
+            if now and then and dtype_name(p.dtype) != was  # one the saved run froze has no dtype of its steps
         ]
         if changed:
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -203,7 +205,8 @@ class Checkpointing:
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = _kernel_state(value, p.device, copy=True)
+                    value = _kernel_state(value, p.device, copy=True)
+                    self.state[p][key] = value.view(p.shape) if value.dim() else value
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]
@@ -214,7 +217,7 @@ class Checkpointing:
             self._trajectory = [record for record in self._trajectory if record["step"] < self.steps_taken]
             self._last_setup = None  # the next step records its setup
         self._warn_if_trainable_differs(zo.get("trainable"))  # absent from state dicts of older zokerns
-        self._warn_if_dtypes_differ(zo.get("dtypes"))  # likewise
+        self._warn_if_dtypes_differ(zo.get("dtypes"), zo.get("trainable"))  # likewise
         # The loaded run decides whether its next step converted a perturbation (the take-back of the abandoned
         # timeline's, at the top, noted one).
         self._lookahead.set_converted(bool(zo.get("converted_pending")))

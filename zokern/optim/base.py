@@ -948,7 +948,9 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
         devices = sorted({str(params[0].device) for _, _, params, _ in self._device_chunks()})
         backends = [_dispatch.select_backend(torch.device(d), self.backend).__name__ for d in devices]
         claimed = self._claimed if any(p.dtype in _SIXTEEN_BIT for p in self._trainable()) else None
-        return _digest48((type(self).__name__, self.options(), groups, self._layout_signature(), backends, claimed))
+        # Shapes aside: a parameter viewed otherwise on one rank draws the same stream (row-major whatever its shape).
+        layout = {k: v for k, v in self._layout_signature().items() if k != "shapes"}
+        return _digest48((type(self).__name__, self.options(), groups, layout, backends, claimed))
 
     def _record(self, seed: int, losses: list[float], fields: dict[str, Any]) -> None:
         record = dict(
