@@ -30,8 +30,49 @@ def test_step_benchmark_compares_every_method_on_a_tiny_model():
         "--steps", "1", "--warmup", "0", "--backends", "cpu", "--no-append",
     )  # fmt: skip
     zokern = [f"zokern ZOSGD cpu {mode}" for mode in ("inplace", "inplace merged", "exact")]
-    for method in ("two forwards", "MeZO published", *zokern, "AdamW (first order)"):
+    for method in ("two forwards", "MeZO published", *zokern, "AdamW (first order)", "two forwards, again"):
         assert f"| {method} |" in text, method
+
+
+def test_step_table_takes_the_faster_floor_and_calls_a_step_below_its_own_floor_noise():
+    """The floor is timed first and again last; a graphed step is held to the graphed floor (launches replayed)."""
+    import argparse
+
+    from benchmarks import step
+
+    def rows(times):
+        return [dict(method=m, ms=ms, peak_gib=None, status="ok", model="tiny", params=10**6, batch=1, seq=8,
+                     dtype="bfloat16", largest_param_gib=0.001) for m, ms in times]  # fmt: skip
+
+    args = argparse.Namespace(model="tiny", batch=1, seq=8, dtype="bfloat16", steps=1, warmup=0, device="cpu")
+    times = [("two forwards", 20.0), ("two forwards, graphed", 8.0), ("zokern ZOSGD cuda inplace", 25.0),
+             ("zokern ZOSGD cuda inplace graphed", 9.0), ("two forwards, again", 10.0)]  # fmt: skip
+    text = step.table(rows(times), args)
+    assert "| zokern ZOSGD cuda inplace | 25.00 | 320 | - | - | 2.50 |" in text  # against the faster floor, 10 ms
+    assert "Not a result" not in text  # the graphed step is above its own floor
+    text = step.table(rows([("two forwards", 10.0), ("zokern ZOSGD cpu inplace", 9.0)]), args)
+    assert "Not a result: zokern ZOSGD cpu inplace timed below" in text
+
+
+def test_step_benchmark_writes_its_rows_when_the_forward_fails(monkeypatch, tmp_path):
+    """A forward that cannot run (out of memory) fails every row with its status; the table is still written."""
+    from benchmarks import step
+
+    monkeypatch.setattr(step, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(step, "JSONL", tmp_path / "rows.jsonl")
+    build = step.build
+
+    def failing_forward(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory (simulated)"))
+        return model
+
+    monkeypatch.setattr(step, "build", failing_forward)
+    step.main(["--model", "tiny", "--device", "cpu", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0",
+               "--backends", "cpu", "--skip-adamw"])  # fmt: skip
+    status = {r["method"]: r["status"] for r in map(json.loads, (tmp_path / "rows.jsonl").read_text().splitlines())}
+    assert status["two forwards"].startswith("RuntimeError: out of memory")
+    assert "| two forwards | RuntimeError" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_step_benchmark_keeps_what_it_measured_when_a_method_fails_or_time_runs_out(monkeypatch, capsys, tmp_path):

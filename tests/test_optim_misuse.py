@@ -763,6 +763,19 @@ def test_a_checkpoint_saved_between_a_reshape_and_the_next_step_resumes():
     assert torch.equal(resumed[0].detach(), ps[0].detach())
 
 
+def test_a_state_dict_without_shapes_still_refuses_states_of_another_parameter_of_equal_numel():
+    """An older zokern's state dict has no shapes: only the states' own shapes tell swapped parameters apart."""
+    a, b = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(8, 4))
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-2, seed=0, momentum=0.9)
+    opt.step(lambda: (a**2).sum() + (b**3).sum())
+    state = opt.state_dict()
+    del state["zo"]["shapes"]
+    swapped = ZOSGD([b, a], lr=1e-2, eps=1e-2, momentum=0.9)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' for param_groups\[0\]\['params'\]\[0\].*shape \(4, 8\)"):
+        swapped.load_state_dict(state)
+    assert not swapped.state
+
+
 def test_no_dtype_warning_for_a_parameter_the_saved_run_froze():
     """Unfreezing by stages in another dtype: the saved run never trained the parameter, so its dtype then is not
     the dtype of any of its steps (only the trainable-set warning applies)."""
@@ -779,14 +792,14 @@ def test_no_dtype_warning_for_a_parameter_the_saved_run_froze():
     assert not any("in another dtype" in m for m in messages)
 
 
-def test_ranks_digest_the_same_step_whatever_shape_a_parameter_is_viewed_in():
-    """The stream is row-major whatever a parameter's shape: a rank holding a reshaped view takes the same step."""
-    values = torch.randn(6, 4)
+def test_ranks_whose_parameters_of_equal_numels_come_in_another_order_digest_other_steps():
+    """Equal numels in another order on one rank would each draw the other's stream: the shapes tell them apart."""
+    a, b = torch.randn(6, 4), torch.randn(4, 6)
     digests = []
-    for shape in ((6, 4), (24,)):
-        p = torch.nn.Parameter(values.clone().view(shape))
-        digests.append(ZOSGD([p], lr=1e-2, eps=1e-2, seed=0)._digest())
-    assert digests[0] == digests[1]
+    for order in ((a, b), (b, a)):
+        params = [torch.nn.Parameter(t.clone()) for t in order]
+        digests.append(ZOSGD(params, lr=1e-2, eps=1e-2, seed=0)._digest())
+    assert digests[0] != digests[1]
 
 
 def _buffers(opt):

@@ -38,7 +38,7 @@ def _teacher_task(d_in: int, n: int, device: str) -> tuple[torch.Tensor, torch.T
     return x.to(device), y.to(device)
 
 
-def _time_steps(step: Callable[[int], float], steps: int, device: str | None) -> float:
+def _time_steps(step: Callable[[int], object], steps: int, device: str | None) -> float:
     """Seconds per step. On a GPU the queue is drained around the timed steps: zokern's steps do not sync with the
     host, so the wall clock would otherwise time their launches only."""
     sync = torch.cuda.synchronize if torch.device(device or "cpu").type == "cuda" else lambda: None

@@ -92,8 +92,13 @@ class Checkpointing:
             saved = state_dict["state"].get(saved_id, {})
             for key, value in saved.items():
                 if key in shaped or (isinstance(value, torch.Tensor) and value.dim()):
-                    # Equal numels: a state saved before a step followed its parameter's reshape (row-major both).
-                    if not isinstance(value, torch.Tensor) or value.numel() != p.numel():
+                    # Equal numels: a state saved before a step followed its parameter's reshape (row-major both);
+                    # the run's shapes, checked above, tell it from another parameter's state. Without them (an
+                    # older zokern's state dict) only the state's own shape can.
+                    fits = isinstance(value, torch.Tensor) and (
+                        value.shape == p.shape or ("shapes" in zo and value.numel() == p.numel())
+                    )
+                    if not fits:
                         what = type(value).__name__
                         if isinstance(value, torch.Tensor):
                             what = f"tensor of shape {tuple(value.shape)}"
