@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 venv="${VENV:-/tmp/zokern-device-venv}"
 python312="${PYTHON312:-python3.12}"
 if [ ! -x "$venv/bin/python" ]; then
-  command -v "$python312" >/dev/null || { echo "needs Python 3.12 (set PYTHON312)" >&2; exit 2; }
+  # Run, not looked up: a pyenv shim answers `command -v` for a version it then refuses to run.
+  "$python312" -c "import sys; sys.exit(sys.version_info[:2] != (3, 12))" 2>/dev/null ||
+    { echo "needs Python 3.12 (set PYTHON312)" >&2; exit 2; }
   "$python312" -m venv "$venv"
 fi
 pip_quiet=(-q --disable-pip-version-check)
