@@ -13,7 +13,7 @@ other on the same model and batch:
 - AdamW: a first-order step (forward, backward, torch's fused AdamW where the device has it, else foreach), in the
   model's dtype (weights, gradients and moments: no float32 master copy);
 - two forwards again, last: the ratios take the faster of the two floors (a floor timed cold would flatter every
-  other row), and the table says so if a ZO step came out below it (a loaded machine's noise).
+  other row), and the table says so if a ZO or MeZO step came out below it (a loaded machine's noise).
 The forwards of the floors run under ``torch.inference_mode``, as MeZO's, those of zokern's step under ``no_grad``.
 Reports ms/step (median), tokens/s (batch x seq per step), peak memory (CUDA; "-" on the CPU), and the ratios to
 MeZO's step and to two forwards. Prints a Markdown table, appends it to benchmarks/RESULTS.md and one JSON line per
@@ -217,8 +217,8 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> None:
             gc.collect()  # a graphed run's memory pool goes with its optimizer: before the next method's peak
     if not args.skip_adamw:
         model.train()
-        # Torch's fused AdamW (one kernel per step) where it has one, else foreach.
-        fused = torch.device(args.device).type in ("cuda", "cpu")
+        # Torch's fused AdamW (one kernel per step) where it has one, else foreach (its check is lazy: at step).
+        fused = torch.device(args.device).type in fused_devices()
         adamw = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=fused or None, foreach=None if fused else True)
 
         def first_order(t):
@@ -232,6 +232,13 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> None:
         model.eval()
     with torch.inference_mode():
         record("two forwards, again", lambda t: (closure(), closure()))
+
+
+def fused_devices() -> list[str]:
+    """The device types of torch's fused optimizer kernels (torch keeps the list private)."""
+    from torch.utils import _foreach_utils
+
+    return getattr(_foreach_utils, "_get_fused_kernels_supported_devices", lambda: ["cuda", "cpu"])()
 
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
@@ -276,8 +283,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     def floor_of(method: str) -> float | None:
         return graphed_floor if method.endswith("graphed") else floor
 
-    below = [r["method"] for r in rows if r["method"].startswith("zokern") and r["ms"] is not None
-             and floor_of(r["method"]) and r["ms"] < floor_of(r["method"])]  # fmt: skip
+    stepped = [r for r in rows if r["method"].startswith(("zokern", "MeZO")) and r["ms"] is not None]
+    below = [r["method"] for r in stepped if floor_of(r["method"]) and r["ms"] < floor_of(r["method"])]
     if below:
         out += (f"\nNot a result: {', '.join(below)} timed below the two forwards it runs (the machine was busy, or "
                 "the floors were timed in another state); measure again on an idle device.\n")  # fmt: skip

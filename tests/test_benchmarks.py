@@ -50,8 +50,14 @@ def test_step_table_takes_the_faster_floor_and_calls_a_step_below_its_own_floor_
     text = step.table(rows(times), args)
     assert "| zokern ZOSGD cuda inplace | 25.00 | 320 | - | - | 2.50 |" in text  # against the faster floor, 10 ms
     assert "Not a result" not in text  # the graphed step is above its own floor
-    text = step.table(rows([("two forwards", 10.0), ("zokern ZOSGD cpu inplace", 9.0)]), args)
-    assert "Not a result: zokern ZOSGD cpu inplace timed below" in text
+    text = step.table(rows([("two forwards", 10.0), ("MeZO published", 8.0), ("zokern ZOSGD cpu inplace", 9.0)]), args)
+    assert "Not a result: MeZO published, zokern ZOSGD cpu inplace timed below" in text
+
+
+def test_step_benchmarks_adamw_is_fused_on_the_devices_torch_has_fused_kernels_for():
+    from benchmarks import step
+
+    assert {"cuda", "cpu"} <= set(step.fused_devices()) and "meta" not in step.fused_devices()
 
 
 def test_step_benchmark_writes_its_rows_when_the_forward_fails(monkeypatch, tmp_path):

@@ -758,6 +758,8 @@ def test_a_checkpoint_saved_between_a_reshape_and_the_next_step_resumes():
     resumed = [torch.nn.Parameter(start.clone())]
     again = ZOSGD(resumed, lr=1e-2, eps=1e-2, momentum=0.9)
     again.load_state_dict(saved)
+    assert saved["state"][0]["momentum_buffer"].shape == (7, 5)  # saved in the parameter's shape
+    assert opt.state[ps[0]]["momentum_buffer"].shape == (7, 5)  # (the optimizer's own: reshaped by its step)
     assert again.state[resumed[0]]["momentum_buffer"].shape == (7, 5)
     again.step(closure(resumed))
     assert torch.equal(resumed[0].detach(), ps[0].detach())
@@ -774,6 +776,20 @@ def test_a_state_dict_without_shapes_still_refuses_states_of_another_parameter_o
     with pytest.raises(ValueError, match=r"'momentum_buffer' for param_groups\[0\]\['params'\]\[0\].*shape \(4, 8\)"):
         swapped.load_state_dict(state)
     assert not swapped.state
+
+
+def test_states_swapped_between_parameters_of_equal_numel_are_refused_whatever_the_run_recorded():
+    """A merged or re-keyed state dict may keep the run's shapes while its states are another parameter's: each
+    state must have its parameter's shape (states saved before a reshape reached them are saved in it)."""
+    a, b = torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(8, 4))
+    opt = ZOSGD([a, b], lr=1e-2, eps=1e-2, seed=0, momentum=0.9)
+    opt.step(lambda: (a**2).sum() + (b**3).sum())
+    state = opt.state_dict()
+    state["state"][0], state["state"][1] = state["state"][1], state["state"][0]
+    target = ZOSGD([a, b], lr=1e-2, eps=1e-2, momentum=0.9)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' for param_groups\[0\]\['params'\]\[0\].*\(8, 4\)"):
+        target.load_state_dict(state)
+    assert not target.state
 
 
 def test_no_dtype_warning_for_a_parameter_the_saved_run_froze():

@@ -29,6 +29,7 @@ class Checkpointing:
         self.materialize()
         with _hooks.quiet(self, "state_dict_post"):
             state = super().state_dict()
+        self._save_states_in_parameter_shapes(state)
         state["zo"] = dict(
             base_seed=self.base_seed,
             steps_taken=self.steps_taken,
@@ -48,6 +49,25 @@ class Checkpointing:
             if returned is not None:
                 state = returned
         return state
+
+    def _save_states_in_parameter_shapes(self, state: dict[str, Any]) -> None:
+        """States follow a reshaped parameter at the next step: one saved before then is saved viewed to the
+        parameter's shape (row-major both), which the load, checking each state's shape, then takes. torch's
+        state_dict holds the optimizer's own per-parameter dicts: replaced, not edited."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        shaped = set(self._state_keys())
+        for index, entries in state["state"].items():
+            p = params[index]
+            moved = {
+                key: value.reshape(p.shape)
+                for key, value in entries.items()
+                if key in shaped
+                and isinstance(value, torch.Tensor)
+                and value.shape != p.shape
+                and value.numel() == p.numel()
+            }
+            if moved:
+                state["state"][index] = {**entries, **moved}
 
     def _check_loadable(self, zo: dict[str, Any], state_dict: dict[str, Any]) -> None:
         """Before anything is loaded: the saved run's options are this optimizer's, and each saved state tensor has
@@ -92,13 +112,7 @@ class Checkpointing:
             saved = state_dict["state"].get(saved_id, {})
             for key, value in saved.items():
                 if key in shaped or (isinstance(value, torch.Tensor) and value.dim()):
-                    # Equal numels: a state saved before a step followed its parameter's reshape (row-major both);
-                    # the run's shapes, checked above, tell it from another parameter's state. Without them (an
-                    # older zokern's state dict) only the state's own shape can.
-                    fits = isinstance(value, torch.Tensor) and (
-                        value.shape == p.shape or ("shapes" in zo and value.numel() == p.numel())
-                    )
-                    if not fits:
+                    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                         what = type(value).__name__
                         if isinstance(value, torch.Tensor):
                             what = f"tensor of shape {tuple(value.shape)}"
@@ -210,8 +224,7 @@ class Checkpointing:
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    value = _kernel_state(value, p.device, copy=True)
-                    self.state[p][key] = value.view(p.shape) if value.dim() else value
+                    self.state[p][key] = _kernel_state(value, p.device, copy=True)
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
         self.nonfinite_steps = zo["nonfinite_steps"]

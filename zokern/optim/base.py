@@ -940,10 +940,10 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
 
     def _digest(self) -> int:
         """48 bits of what every rank's step must share beyond its seed, compared by the loss reduction: the class
-        and options, each group's hyperparameters, which parameters it trains (numels, shapes, dtypes), the backends
-        running its passes, and, with 16-bit parameters, whether it claimed a merged perturbation (one a rank-local
-        read took back is applied anew with other rounding; in float32 the bits come back, but for a rare last bit).
-        A rank that differs would otherwise diverge silently."""
+        and options, each group's hyperparameters, every parameter's numel, shape and dtype and which it trains, the
+        backends running its passes, and, with 16-bit parameters, whether it claimed a merged perturbation (one a
+        rank-local read took back is applied anew with other rounding; in float32 the bits come back, but for a rare
+        last bit). A rank that differs would otherwise diverge silently."""
         groups = [[g[k] for k in ("lr", "eps", "weight_decay", *self._extra_group_keys())] for g in self.param_groups]
         devices = sorted({str(params[0].device) for _, _, params, _ in self._device_chunks()})
         backends = [_dispatch.select_backend(torch.device(d), self.backend).__name__ for d in devices]
