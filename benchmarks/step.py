@@ -219,7 +219,7 @@ def measure(args: argparse.Namespace, rows: list[dict]) -> None:
         model.train()
         # Torch's fused AdamW (one kernel per step) where it has one, else foreach (its check is lazy: at step).
         fused = torch.device(args.device).type in fused_devices()
-        adamw = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=fused or None, foreach=None if fused else True)
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=fused, foreach=not fused)
 
         def first_order(t):
             loss = closure()

@@ -9,7 +9,6 @@ tile into a buffer that torch then sums, so the result does not depend on the or
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +16,7 @@ import triton
 import triton.language as tl
 
 from zokern._ldsd_reference import final_layout
+from zokern._ldsd_reference import float32_value
 from zokern._reference import DISTRIBUTIONS
 from zokern._reference import DOMAIN_RADEMACHER
 from zokern._transfer import to_device
@@ -248,6 +248,6 @@ def ldsd_final_(
     assert coef.numel() == final_layout(len(seeds))["size"]
     # beta rounded to float32 here: compiled, 1 - beta is then a float32 subtraction as on the other backends, and
     # the interpreter's float64 one gives the same value (exact in float64, rounded once to float32).
-    beta1, beta2 = (struct.unpack("f", struct.pack("f", b))[0] for b in (beta1, beta2))
+    beta1, beta2 = float32_value(beta1), float32_value(beta2)
     scalars = (lr, weight_decay, momentum, beta1, beta2, adam_eps)
     _launch("final", params, mus, states, bases, seeds, coef, distribution, rule, scalars, rounding_seed)

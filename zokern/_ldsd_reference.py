@@ -137,7 +137,7 @@ def ldsd_final_(
 ) -> None:
     at = final_layout(len(seeds))
     ok = coef[at["ok"]] != 0
-    f32 = lambda v: torch.tensor(v, dtype=torch.float32).item()  # noqa: E731 - the float32 value, on the host
+    f32 = float32_value
     eta, wd = f32(lr), f32(weight_decay)
     for k, lo, n, start in _chunks(params, bases):
         part, mu = params[k].view(-1)[lo : lo + n], mus[k].view(-1)[lo : lo + n]
@@ -164,3 +164,8 @@ def ldsd_final_(
         mu_new = _combine(coef[at["M"]], mu, xis)
         mu.copy_(torch.where(ok, mu_new, mu))
         _write(part, torch.where(ok, updated, theta0), rounding_seed, start)
+
+
+def float32_value(v: float) -> float:
+    """The float32 value of ``v``, as a host float: what a kernel given ``v`` as a float32 argument computes with."""
+    return torch.tensor(v, dtype=torch.float32).item()

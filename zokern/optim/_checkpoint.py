@@ -30,6 +30,7 @@ class Checkpointing:
         with _hooks.quiet(self, "state_dict_post"):
             state = super().state_dict()
         self._save_states_in_parameter_shapes(state)
+        layout = self._layout_signature()
         state["zo"] = dict(
             base_seed=self.base_seed,
             steps_taken=self.steps_taken,
@@ -37,10 +38,10 @@ class Checkpointing:
             stream_version=STREAM_VERSION,
             optimizer=type(self).__name__,
             options=self.options(),
-            numels=[p.numel() for g in self.param_groups for p in g["params"]],  # the stream's layout
-            shapes=[list(p.shape) for g in self.param_groups for p in g["params"]],  # the parameters' order
-            trainable=self._trainable_flags(),  # load_state_dict warns when the resumed run's differ
-            dtypes=[dtype_name(p.dtype) for g in self.param_groups for p in g["params"]],  # and these
+            numels=layout["numels"],  # the stream's layout
+            shapes=layout["shapes"],  # the parameters' order
+            trainable=layout["trainable"],  # load_state_dict warns when the resumed run's differ
+            dtypes=[dtype_name(d) for d in layout["dtypes"]],  # and these
         )
         if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
             state["zo"]["converted_pending"] = True
@@ -54,7 +55,7 @@ class Checkpointing:
         """States follow a reshaped parameter at the next step: one saved before then is saved viewed to the
         parameter's shape (row-major both), which the load, checking each state's shape, then takes. torch's
         state_dict holds the optimizer's own per-parameter dicts: replaced, not edited."""
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         shaped = set(self._state_keys())
         for index, entries in state["state"].items():
             p = params[index]
@@ -96,7 +97,7 @@ class Checkpointing:
             except KeyError as e:
                 raise ValueError(f"the state dict's param group {k} has no {e.args[0]!r}") from None
         names = self._parameter_names()
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         for p, numel in zip(params, zo.get("numels", ())):  # its elements' stream indices depend on every numel
             if p.numel() != numel:
                 raise ValueError(f"the state dict's run had {numel} elements for {names[id(p)]}: not these parameters")
@@ -132,7 +133,7 @@ class Checkpointing:
         if saved is None or len(saved) != len(mine) or saved == mine:
             return
         names = self._parameter_names()
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         changed = [(names[id(p)], now) for p, was, now in zip(params, saved, mine) if was != now]
         parts = []
         for now, what in (
@@ -141,8 +142,7 @@ class Checkpointing:
         ):
             listed = [name for name, state in changed if state == now]
             if listed:
-                more = f" and {len(listed) - 3} more" if len(listed) > 3 else ""
-                parts.append(f"{len(listed)} parameter(s) {what}: {', '.join(listed[:3])}{more}")
+                parts.append(f"{len(listed)} parameter(s) {what}: {_first_few(listed)}")
         warnings.warn(
             "the loaded state dict's run trained other parameters than this one's requires_grad selects; "
             + "; ".join(parts)
@@ -157,7 +157,7 @@ class Checkpointing:
         run may convert its parameters), but a resumed run then perturbs and rounds otherwise (16-bit parameters take
         the exact mode and stochastic rounding) and does not continue the saved one: a model rebuilt in float32, or
         adapters that PEFT's load_adapter cast to float32, would go on without a word."""
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         if saved is None or len(saved) != len(params):
             return
         names = self._parameter_names()
@@ -168,10 +168,9 @@ class Checkpointing:
             if now and then and dtype_name(p.dtype) != was  # one the saved run froze has no dtype of its steps
         ]
         if changed:
-            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             warnings.warn(
                 f"the loaded state dict's run trained {len(changed)} parameter(s) in another dtype: "
-                f"{', '.join(changed[:3])}{more}. The resumed steps perturb and round them as their dtype now says "
+                f"{_first_few(changed)}. The resumed steps perturb and round them as their dtype now says "
                 "and do not continue the saved run's; convert them back (p.data = p.data.to(dtype)) to continue it",
                 UserWarning,
                 stacklevel=3,
@@ -220,7 +219,7 @@ class Checkpointing:
         # parameters' dtype (a bf16 momentum would lose the small updates it accumulates), contiguous, as its kernels
         # read them: a state dict whose states were cast (to save space, say) or transposed comes back so.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -288,6 +287,12 @@ _DCP_UNSUPPORTED = (
     "opt.state_dict() itself, with torch.save or as a value of the dict given to torch.distributed.checkpoint.save; "
     "opt.load_state_dict (or set_optimizer_state_dict) takes it whole"
 )
+
+
+def _first_few(names: list[str]) -> str:
+    """The first three names, and how many more (a warning names a few, not a model's hundreds)."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def _kernel_state(value: torch.Tensor, device: torch.device, copy: bool = False) -> torch.Tensor:

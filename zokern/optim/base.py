@@ -189,8 +189,6 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
         self._update_hold = None
         self._watch_lookahead()
 
-    # ------------------------------------------------------------------------------------------ hyperparameters
-
     # ------------------------------------------------------------------------------------------------- layout
 
     def _groups_layout(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
@@ -677,7 +675,7 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
             _distributed.check_same_seed(digest, "optimizer class and options (a digest of them)")
             # Nothing else makes the ranks' weights equal (no DDP broadcast): a model initialised randomly on each
             # rank would train a different model per rank under the same updates, silently.
-            params = [p for g in self.param_groups for p in g["params"]]
+            params = self._all_params()
             _distributed.check_same_seed(
                 _digest48(_distributed.weights_checksums(params)),
                 "parameters' values at this optimizer's first step (a digest of their bits): every rank must start "
@@ -1017,16 +1015,20 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
     def nonfinite_steps(self, value: int) -> None:
         self._nonfinite = value
 
+    def _all_params(self) -> list[torch.Tensor]:
+        """Every parameter, frozen ones included, in the canonical order."""
+        return [p for g in self.param_groups for p in g["params"]]
+
     def _trainable_flags(self) -> list[bool]:
         """Per parameter, in order, whether the steps train it (replay's override, else requires_grad)."""
         if self._trainable_override is not None:
             return list(self._trainable_override)
-        return [p.requires_grad for g in self.param_groups for p in g["params"]]
+        return [p.requires_grad for p in self._all_params()]
 
     def _layout_signature(self) -> dict[str, list]:
         trainable = self._trainable_flags()
         extras = {k: [g[k] for g in self.param_groups] for k in self._extra_group_keys()}
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         return dict(
             group_sizes=[len(g["params"]) for g in self.param_groups],
             trainable=trainable,
