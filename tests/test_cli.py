@@ -179,7 +179,10 @@ def no_work(monkeypatch):
         (["quickstart", "--eps", "nan"], "argument --eps: expected a finite number > 0"),
         (["quickstart", "--eps", "1e-50"], "argument --eps: expected a finite number > 0 (at least 1.2e-38"),
         (["quickstart", "--lr", "1e39"], "argument --lr: expected a finite number >= 0 (below 3.4e38"),
-        (["quickstart", "--eps", "3e38"], "argument --eps: expected eps below 1.7e38 (a step moves by -2 eps"),
+        (
+            ["quickstart", "--eps", "1e38"],
+            "argument --eps: expected eps below 3.5e+37 (a step moves by up to 2 x 4.855",
+        ),
         (["demo", "--out", ""], "argument --out: an empty path (an unset variable?)"),
         (["viz", ""], "argument run_dir: an empty path"),
         (["demo", "--out", "x" * 300], "argument --out: " + "x" * 300 + ": File name too long"),

@@ -636,15 +636,28 @@ def test_a_grad_read_from_the_written_memory_is_its_value_before_the_pass(backen
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_a_negative_zero_scalar_is_plus_zero_on_every_backend(distribution):
-    """docs/stream.md section 5: -0.0 is taken as +0.0 (Triton's interpreter cannot pass -0.0 to a kernel), so
-    signed zeros come out alike everywhere."""
+@pytest.mark.parametrize("zero", [-0.0, -1e-50, -(2.0**-150), 2.0**-150])
+def test_a_scalar_that_rounds_to_a_float32_zero_is_plus_zero_on_every_backend(distribution, zero):
+    """docs/stream.md section 5: a scalar that rounds to a float32 zero (-0.0; a tiny value, which float32 rounds to
+    a signed zero) is taken as +0.0 (Triton's interpreter cannot pass -0.0 to a kernel), so signed zeros come out
+    alike everywhere."""
     results = []
     for backend in BACKENDS:
         t = torch.tensor([-0.0, 0.0] * 8)
-        zokern.perturb_(t, 3, -0.0, distribution=distribution, backend=backend)
+        zokern.perturb_(t, 3, zero, distribution=distribution, backend=backend)
         results.append(t.view(torch.int32))
         plus = torch.tensor([-0.0, 0.0] * 8)
         zokern.perturb_(plus, 3, 0.0, distribution=distribution, backend=backend)
         assert torch.equal(t.view(torch.int32), plus.view(torch.int32)), backend
+        both, both_plus = torch.tensor([-0.0, 0.0] * 8), torch.tensor([-0.0, 0.0] * 8)
+        zokern.two_seed_(both, 3, zero, 4, zero, distribution=distribution, backend=backend)
+        zokern.two_seed_(both_plus, 3, 0.0, 4, 0.0, distribution=distribution, backend=backend)
+        assert torch.equal(both.view(torch.int32), both_plus.view(torch.int32)), backend
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_the_smallest_scalar_above_the_zero_rounding_still_moves_a_tensor():
+    """2^-150 rounds to a float32 zero (a tie, to even); the next float64 rounds to the smallest subnormal."""
+    t = torch.zeros(16)
+    zokern.perturb_(t, 3, math.nextafter(2.0**-150, 1.0), distribution="rademacher", backend="torch")
+    assert torch.equal(t.abs(), torch.full((16,), 2.0**-149))

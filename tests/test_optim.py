@@ -1051,6 +1051,11 @@ def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losse
         (lambda ps: ZOSGD(ps, backend="gpu"), ValueError, "unknown zokern backend 'gpu'"),
         (lambda ps: ZOSGD(ps, eps=1e-50), ValueError, r"invalid eps: 1e-50 \(below float32's smallest normal"),
         (lambda ps: ZOSGD(ps, lr=1e39), ValueError, r"invalid lr: 1e\+39 \(beyond float32's range"),
+        # theta + eps z would overflow float32 (|z| up to 4.855), or the flip's -2 eps would be refused mid-step.
+        (lambda ps: ZOSGD(ps, eps=1e38), ValueError, r"invalid eps: 1e\+38 \(a step moves theta by up to 2 x 4.855"),
+        (lambda ps: ZOSGD(ps, eps=3.6e37), ValueError, r"eps must be below 3.5e\+37"),
+        (lambda ps: LDSD(ps, eps=1.0, sigma=1e39), ValueError, r"invalid eps \* sigma: 1e\+39"),
+        (lambda ps: LDSD(ps, eps=1e-3, sigma=1e41), ValueError, r"eps \* sigma must be below 3.5e\+37"),
         (
             lambda ps: ZOSGD([{"params": ps, "momentum": 0.9}]),
             ValueError,
@@ -1463,6 +1468,10 @@ def test_bad_closures_are_clear_errors_and_restore():
         opt.step(lambda: p * 2)
     with pytest.raises(ValueError, match="scalar loss"):
         opt.step(lambda: "high")
+    with pytest.raises(ValueError, match="real loss, got a tensor of dtype torch.complex64"):
+        opt.step(lambda: (p**2).sum() * (1 + 2j))
+    with pytest.raises(ValueError, match="real loss, got a tensor of dtype torch.bool"):
+        opt.step(lambda: (p**2).sum() > 1)
     torch.testing.assert_close(p.detach(), before, atol=1e-7, rtol=0)
 
 

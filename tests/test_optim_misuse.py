@@ -10,6 +10,7 @@ import contextlib
 import copy
 import signal
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -1037,7 +1038,6 @@ def test_load_state_dict_inside_a_step_is_refused():
 
 def test_hyperparameters_given_as_other_real_numbers_are_taken_as_floats():
     import json
-    from fractions import Fraction
 
     a, b = _pair()
     with pytest.warns(UserWarning, match=r"eps=1e-08 is the perturbation size"):
@@ -1051,3 +1051,28 @@ def test_hyperparameters_given_as_other_real_numbers_are_taken_as_floats():
             opt.step(lambda: _loss(a, b))
         assert all(type(opt.param_groups[0][k]) is float for k in ("lr", "eps", "weight_decay"))
         assert json.loads(json.dumps(opt.trajectory))[1]["lr"] == [0.02]
+
+
+@pytest.mark.parametrize(
+    "cls, options, keys",
+    [
+        (ZOAdam, dict(betas=(Fraction(9, 10), 0.999), adam_eps=Fraction(1, 10**8)), ("betas", "adam_eps")),
+        (LDSD, dict(sigma=Fraction(1), mu_lr=Fraction(1, 1000)), ("sigma", "mu_lr")),
+        (LDSD, dict(update="adam", betas=[Fraction(9, 10), 0.999], adam_eps=Fraction(1, 10**8)), ("betas",)),
+    ],
+)
+def test_the_subclasses_hyperparameters_given_as_other_real_numbers_are_taken_as_floats(cls, options, keys):
+    """A Fraction beta, adam_eps, sigma or mu_lr reached tensor arithmetic as itself: every step raised."""
+    a, b = _pair()
+    opt = cls([a, b], lr=1e-2, eps=1e-3, **options)
+    for step in range(2):
+        if step:
+            opt.param_groups[0][keys[0]] = options[keys[0]]  # set again between steps, as a scheduler might
+        opt.step(lambda: _loss(a, b))
+    assert opt.steps_taken == 2 and not any(r.get("raised") for r in opt.trajectory)
+    for key in keys:
+        value = opt.param_groups[0][key]
+        if key == "betas":
+            assert type(value) is type(options["betas"]) and all(type(v) is float for v in value)
+        else:
+            assert type(value) is float

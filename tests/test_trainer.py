@@ -590,6 +590,104 @@ def test_rejects_a_foreign_optimizer(tmp_path):
         )
 
 
+def test_a_scheduler_not_built_on_the_zo_optimizer_is_refused(tmp_path):
+    """A scheduler built on another optimizer (a script's AdamW kept) would be logged while the steps kept a
+    constant lr; one built on zo_optimizer drives the steps."""
+    model = tiny_opt()
+    adamw = torch.optim.AdamW(model.parameters())
+    foreign = torch.optim.lr_scheduler.LambdaLR(adamw, lambda step: 0.5)
+    with pytest.raises(ValueError, match="with no zo_optimizer: the scheduler sets the lr of the optimizer"):
+        ZOTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(4), optimizers=(None, foreign))
+    zo = ZOSGD(model.parameters(), lr=1e-3, seed=0)
+    with pytest.raises(ValueError, match="built on a AdamW, not on zo_optimizer"):
+        ZOTrainer(
+            model=model,
+            args=arguments(tmp_path),
+            train_dataset=TokenDataset(4),
+            zo_optimizer=zo,
+            optimizers=(None, foreign),
+        )
+    halving = torch.optim.lr_scheduler.LambdaLR(zo, lambda step: 0.5**step)
+    trainer = ZOTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=3),
+        train_dataset=TokenDataset(12),
+        zo_optimizer=zo,
+        optimizers=(None, halving),
+    )
+    trainer.train()
+    assert [record["lr"][0] for record in zo.trajectory] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+
+
+class _PerLayerRates(ZOTrainer):
+    """A create_optimizer override, as scripts write for per-layer learning rates."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            head = [p for n, p in self.model.named_parameters() if "layers.1." in n]
+            rest = [p for n, p in self.model.named_parameters() if "layers.1." not in n]
+            groups = [{"params": rest}, {"params": head, "lr": 10 * self.args.learning_rate}]
+            self.optimizer = ZOSGD(groups, lr=self.args.learning_rate, seed=0)
+        return self.optimizer
+
+
+class _FirstOrderOverride(ZOTrainer):
+    def create_optimizer(self, model=None):
+        self.optimizer = torch.optim.AdamW(self.model.parameters())
+        return self.optimizer
+
+
+def test_a_zo_optimizer_built_by_a_create_optimizer_override_takes_the_steps(tmp_path):
+    model = tiny_opt()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = _PerLayerRates(model=model, args=arguments(tmp_path, max_steps=2), train_dataset=TokenDataset(8))
+    trainer.train()
+    assert isinstance(trainer.zo_optimizer, ZOSGD) and trainer.zo_optimizer.steps_taken == 2
+    lrs = [record["lr"] for record in trainer.zo_optimizer.trajectory]  # the Trainer's linear decay scales both
+    assert [lr for pair in lrs for lr in pair] == pytest.approx([1e-3, 1e-2, 5e-4, 5e-3])
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(TypeError, match=r"_FirstOrderOverride.create_optimizer built a AdamW, but ZOTrainer steps"):
+        _FirstOrderOverride(model=tiny_opt(), args=arguments(tmp_path), train_dataset=TokenDataset(8)).train()
+
+
+def test_a_prebuilt_optimizer_warns_of_the_arguments_it_does_not_apply(tmp_path):
+    model = tiny_opt()
+    zo = ZOSGD(model.parameters(), lr=1e-6, seed=0)
+    with pytest.warns(UserWarning, match=r"TrainingArguments' learning_rate=0.001, weight_decay=0.1 are not applied"):
+        ZOTrainer(
+            model=model, args=arguments(tmp_path, weight_decay=0.1), train_dataset=TokenDataset(4), zo_optimizer=zo
+        )
+    with warnings.catch_warnings():  # the arguments' values are the optimizer's, or the defaults: nothing unused
+        warnings.simplefilter("error")
+        ZOTrainer(
+            model=model, args=arguments(tmp_path, learning_rate=1e-6), train_dataset=TokenDataset(4), zo_optimizer=zo
+        )
+        default_rate = arguments(tmp_path)
+        default_rate.learning_rate = transformers.TrainingArguments.learning_rate
+        ZOTrainer(model=model, args=default_rate, train_dataset=TokenDataset(4), zo_optimizer=zo)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(n_probes=2)], ids=["two forwards", "four forwards"])
+def test_total_flos_counts_the_forwards_the_steps_ran(tmp_path, options, monkeypatch):
+    """The Trainer's estimate is a first-order step's (6 N per token, forward and backward); a ZO step runs forwards
+    only, 2 N per token each, as many as its closure's calls, counted at each window's last micro-batch."""
+    monkeypatch.setattr(ZOTrainer, "_takes_item_count", lambda self, model, window: True)  # (its forwards uncounted)
+    model = tiny_opt()
+    tokens = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: tokens.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    trainer = ZOTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=2),
+        train_dataset=TokenDataset(8),
+        zo_optimizer_kwargs=dict(seed=0, **options),
+    )
+    trainer.train()
+    assert len(tokens) == 2 * 2 * 2 * options.get("n_probes", 1)  # steps x micro-batches x losses per step
+    assert trainer.state.total_flos == pytest.approx(2 * model.num_parameters(exclude_embeddings=True) * sum(tokens))
+
+
 def test_each_model_from_model_init_gets_its_own_optimizer(tmp_path):
     # Each train() with model_init (and each hyperparameter trial) builds a new model: the optimizer must be its own,
     # or the steps would perturb and update the previous model's tensors while the losses came from the new one.
@@ -603,7 +701,7 @@ def test_each_model_from_model_init_gets_its_own_optimizer(tmp_path):
         # The new model's losses see the perturbation (L+ = L- when the old model's tensors were perturbed).
         assert all(r["losses"][0] != r["losses"][1] for r in trainer.zo_optimizer.trajectory)
 
-    own = ZOSGD(tiny_opt().parameters())  # an optimizer given by the user cannot follow a new model: refused
+    own = ZOSGD(tiny_opt().parameters(), lr=1e-3)  # an optimizer given by the user cannot follow a new model: refused
     trainer = ZOTrainer(model_init=tiny_opt, args=arguments(tmp_path), train_dataset=TokenDataset(8), zo_optimizer=own)
     with pytest.raises(ValueError, match="zo_optimizer holds parameters that are not the model's"):
         trainer.train()

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from zokern.ops import EPS_LIMIT
 from zokern.ops import FLOAT32_OVERFLOW
 from zokern.ops import FLOAT32_TINY
 from zokern.ops import INDEX_LIMIT as SEED_LIMIT  # the optimizers' seeds are the stream's: [0, 2^63)
+from zokern.ops import Z_BOUND
 
 T = TypeVar("T")
 
@@ -82,10 +84,13 @@ def check_positive_float(text: str | float) -> float:
 
 
 def check_eps(text: str | float) -> float:
-    """A perturbation scale: positive, and with the two-sided step's -2 eps still finite in float32."""
+    """A perturbation scale: positive, and with a step's largest move, 2 |z| eps, still finite in float32."""
     value = check_positive_float(text)
-    if not 2 * value < FLOAT32_OVERFLOW:
-        raise ValueError(f"expected eps below 1.7e38 (a step moves by -2 eps, which float32 must hold), got {value:g}")
+    if not value < EPS_LIMIT:
+        raise ValueError(
+            f"expected eps below {EPS_LIMIT:.2g} (a step moves by up to 2 x {Z_BOUND} x eps, which float32 must hold), "
+            f"got {value:g}"
+        )
     return value
 
 

@@ -30,7 +30,11 @@ ROUNDINGS = ("nearest", "stochastic")
 Tensors = torch.Tensor | Iterable[torch.Tensor]
 # The smallest magnitude float32 rounds to infinity (FLT_MAX plus half an ulp): the kernels take scalars in float32.
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+_FLOAT32_ROUNDS_TO_ZERO = 2.0**-150  # half the smallest float32 subnormal: ties to even, to 0
 FLOAT32_TINY = 2.0**-126  # the smallest normal float32: an eps below it perturbs by nothing (or a subnormal)
+Z_BOUND = 4.855  # the stream's largest |z| (docs/stream.md, section 3; Rademacher's is 1)
+# The largest perturbation scale whose step (theta + eps z, then - 2 eps z) float32 holds wherever |theta| is small.
+EPS_LIMIT = FLOAT32_OVERFLOW / (2 * Z_BOUND)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -58,7 +62,8 @@ def _check_real(name: str, value: object) -> float:
         value = math.inf
     if not abs(value) < FLOAT32_OVERFLOW:
         raise ValueError(f"{name} must be finite in float32, the passes' precision (|{name}| < 3.4e38), got {value}")
-    return value + 0.0  # -0.0 becomes +0.0 (docs/stream.md, section 5)
+    # A value that rounds to a float32 zero (-0.0, or |value| <= 2^-150) is +0.0 (docs/stream.md, section 5).
+    return 0.0 if abs(value) <= _FLOAT32_ROUNDS_TO_ZERO else value
 
 
 def _check_choice(name: str, value: object, choices: Iterable[str]) -> str:

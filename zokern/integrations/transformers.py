@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -104,8 +105,10 @@ class ZOTrainer(Trainer):
         zo_optimizer_cls: default :class:`zokern.optim.ZOSGD`.
         zo_optimizer_kwargs: e.g. ``{"eps": 1e-3, "seed": 0}``; the learning rate and weight decay come from
             ``args`` (``learning_rate``, ``weight_decay``), as for the Trainer's own optimizer.
-        Other arguments as ``transformers.Trainer`` (``optimizers`` and ``optimizer_cls_and_kwargs`` must not be
-        given).
+        Other arguments as ``transformers.Trainer`` (``optimizer_cls_and_kwargs`` must not be given, nor an
+        optimizer in ``optimizers``; a scheduler there must be built on ``zo_optimizer``). A prebuilt
+        ``zo_optimizer``, or one a ``create_optimizer`` override builds, keeps its groups' lr (which the schedule
+        scales) and weight_decay.
 
     ``args.gradient_accumulation_steps`` = k makes one ZO step per k micro-batches, all evaluated under the same
     perturbation, their losses combined as the Trainer combines them: each divided by the window's item count
@@ -149,6 +152,7 @@ class ZOTrainer(Trainer):
         for key, argument in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
             if key in (zo_optimizer_kwargs or {}):  # the Trainer's schedule and decay grouping set these
                 raise ValueError(f"set {key} through TrainingArguments({argument}=...), not zo_optimizer_kwargs")
+        _check_scheduler(kwargs.get("optimizers", (None, None))[1], zo_optimizer)
         super().__init__(*args, **kwargs)
         self.zo_optimizer = zo_optimizer
         self._zo_built = False  # whether this trainer built zo_optimizer (and may build it anew for a new model)
@@ -160,9 +164,63 @@ class ZOTrainer(Trainer):
         self._static_rebuilds = 0
         self._warned: set[str] = set()
         self._stepped: _AlreadyStepped | None = None  # the optimizer the Trainer steps (create_optimizer's)
+        # FLOPs: the closure's calls (one forward per micro-batch each), and the first-order estimate of the window's
+        # micro-batches so far (see floating_point_ops).
+        self._closure_calls = 0
+        self._window_calls = 0
+        self._window_first_order_flos = 0.0
         # First among the callbacks: at the end of training, before the user's read the weights, a merged step's
         # pending perturbation is taken back (train() takes it back again after, for whatever reads them next).
         self.callback_handler.callbacks.insert(0, _WeightsAtTrainEnd(self))
+        if zo_optimizer is not None:
+            self._warn_of_unused_arguments(zo_optimizer)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A subclass's create_optimizer (a common Trainer override: per-layer learning rates, say) builds
+        # self.optimizer itself; the step needs it as zo_optimizer, and the Trainer a no-op view of it.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("create_optimizer")
+        if own is None:
+            return
+
+        @functools.wraps(own)
+        def create_optimizer(self, *args, **kw):
+            return self._adopt_optimizer(own(self, *args, **kw), cls)
+
+        cls.create_optimizer = create_optimizer
+
+    def _adopt_optimizer(self, built: Any, cls: type) -> torch.optim.Optimizer:
+        optimizer = self.optimizer if self.optimizer is not None else built
+        if isinstance(optimizer, _AlreadyStepped):  # ZOTrainer's own create_optimizer ran (through super())
+            return optimizer
+        if not isinstance(optimizer, ZOOptimizer):
+            self.optimizer = None
+            raise TypeError(
+                f"{cls.__name__}.create_optimizer built a {type(optimizer).__name__}, but ZOTrainer steps a "
+                "zokern.optim optimizer: build one there (the Trainer's schedule sets its lr), or drop the override "
+                "and pass zo_optimizer=... or zo_optimizer_cls=..."
+            )
+        self.zo_optimizer, self._zo_built = optimizer, False
+        self.optimizer = self._stepped = _AlreadyStepped(optimizer)
+        return self.optimizer
+
+    def _warn_of_unused_arguments(self, zo_optimizer: ZOOptimizer) -> None:
+        """A prebuilt optimizer keeps its own lr and weight_decay (the schedule scales its lr), as the Trainer's
+        prebuilt optimizers do: warn where the arguments set others, which would otherwise be silently unused."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.args)}
+        unused = []
+        for key, argument in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
+            value = getattr(self.args, argument)
+            if value != defaults.get(argument) and all(g[key] != value for g in zo_optimizer.param_groups):
+                unused.append(f"{argument}={value:g}")
+        if unused:
+            self._warn_once(
+                f"zokern: ZOTrainer steps the zo_optimizer passed with its own param groups' lr and weight_decay: "
+                f"TrainingArguments' {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not applied (the "
+                "schedule scales the groups' lr). Set them on the optimizer, or pass zo_optimizer_cls and "
+                "zo_optimizer_kwargs so that ZOTrainer builds it from the arguments",
+                stacklevel=4,
+            )
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -240,6 +298,7 @@ class ZOTrainer(Trainer):
         """``Trainer.train``; afterwards the model holds its true weights even with ``merge_steps=True`` (whose steps
         leave the next perturbation in them), for whatever reads them directly next (PEFT's merge_and_unload, say)."""
         self._window = []  # micro-batches an interrupted train() left behind belong to no step of this one
+        self._window_first_order_flos = 0.0
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -273,7 +332,11 @@ class ZOTrainer(Trainer):
                 closure = self._static_closure(model, window)
             if closure is None:
                 closure = self._window_closure(model, window)
+            calls = self._closure_calls
             loss = self.zo_optimizer.step(closure)
+            self._window_calls = self._closure_calls - calls
+            if not self._window_calls:  # a captured step replays without calling the closure
+                self._window_calls = type(self.zo_optimizer)._losses_per_step(self.zo_optimizer.options(), {})
             if self._stepped is not None:  # (None when training_step is called outside train())
                 self._stepped.taken = True
         finally:
@@ -306,10 +369,10 @@ class ZOTrainer(Trainer):
         self._static.load(window)
         return self._static.closure
 
-    def _warn_once(self, message: str) -> None:
+    def _warn_once(self, message: str, stacklevel: int = 3) -> None:
         if message not in self._warned:
             self._warned.add(message)
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
     def _takes_item_count(self, model, window: list[dict[str, Any]]) -> bool | None:
         """Whether the model's loss divides by ``num_items_in_batch`` (transformers' token-level losses: causal and
@@ -334,8 +397,20 @@ class ZOTrainer(Trainer):
         answer = _distributed.max_across_ranks(answer)  # one rank told "divides" is enough
         return None if answer < 0 else bool(answer)
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> float:
+        """The FLOPs of the forwards this micro-batch's ZO step ran, which the Trainer adds up in ``total_flos``: its
+        estimate is a first-order step's, forward and backward (6 N per token), a ZO step's is forwards only (2 N per
+        token each), as many as the closure's calls (2 for ZOSGD, K + 1 for LDSD, ...). The Trainer asks after each
+        micro-batch: a window's are counted at its last, after its step (a one-time probe's forwards are not)."""
+        self._window_first_order_flos += super().floating_point_ops(inputs)
+        if self._window:  # the window's step is still to come
+            return 0
+        flos, self._window_first_order_flos = self._window_first_order_flos / 3 * self._window_calls, 0.0
+        return flos
+
     def _window_closure(self, model, window: list[dict[str, Any]]):
         def closure() -> torch.Tensor:
+            self._closure_calls += 1
             total = None
             with self.compute_loss_context_manager():
                 for entry in window:
@@ -402,6 +477,26 @@ def _keeping_dtypes(model: torch.nn.Module) -> Iterator[None]:
         dtype = before.get(name)
         if dtype is not None and p.dtype != dtype and p.is_floating_point() and dtype.is_floating_point:
             p.data = p.data.to(dtype)
+
+
+def _check_scheduler(scheduler: Any, zo_optimizer: ZOOptimizer | None) -> None:
+    """A scheduler given in ``optimizers=(None, scheduler)`` sets the lr of the optimizer it was built on: on any
+    other than the one ZOTrainer steps, the steps keep a constant lr while the Trainer logs the scheduler's."""
+    if scheduler is None:
+        return
+    if zo_optimizer is None:
+        raise ValueError(
+            "optimizers=(None, scheduler) with no zo_optimizer: the scheduler sets the lr of the optimizer it was "
+            "built on, not of the one ZOTrainer builds. Pass zo_optimizer=... and a scheduler built on it, or set "
+            "the schedule with TrainingArguments(lr_scheduler_type=..., warmup_steps=...)"
+        )
+    built_on = getattr(scheduler, "optimizer", zo_optimizer)  # (a scheduler of one's own may not say)
+    if built_on is not zo_optimizer:
+        raise ValueError(
+            f"the scheduler in optimizers=(None, scheduler) was built on a {type(built_on).__name__}, not on "
+            "zo_optimizer: the ZO steps would keep a constant lr while the Trainer logged the scheduler's. Build it "
+            "on zo_optimizer"
+        )
 
 
 def _first_order_arguments(args) -> list[str]:

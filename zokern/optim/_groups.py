@@ -91,8 +91,9 @@ class GroupChecks:
         return {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        """A group's hyperparameters as the passes apply them (subclasses add theirs), made floats: another real
-        number (a Fraction, a NumPy scalar) would reach tensor arithmetic and the JSON trajectory as itself."""
+        """A group's hyperparameters as the passes apply them (subclasses add theirs, through _check_group_number and
+        _check_group_betas), made floats: another real number (a Fraction, a NumPy scalar) would reach tensor
+        arithmetic and the JSON trajectory as itself."""
         check_step_hyperparameters(group["lr"], group["eps"], group["weight_decay"])
         for key in ("lr", "eps", "weight_decay"):
             if type(group[key]) is not float:
@@ -207,6 +208,17 @@ def check_step_hyperparameters(lr: Any, eps: Any, weight_decay: Any) -> None:
             raise ValueError(f"invalid {name}: {value} (beyond float32's range, the passes' precision)")
     if eps < ops.FLOAT32_TINY:  # float32 holds it as 0 or a subnormal: the perturbation would vanish
         raise ValueError(f"invalid eps: {eps} (below float32's smallest normal, 1.2e-38)")
+    check_perturbation_scale("eps", eps)
+
+
+def check_perturbation_scale(name: str, scale: float) -> None:
+    """A step moves theta by up to 2 * |z| * scale: beyond float32's range, the step would overwrite theta with inf
+    (the restore cannot give it back), or its flip pass would refuse the scalar after the perturbation ran."""
+    if not scale < ops.EPS_LIMIT:
+        raise ValueError(
+            f"invalid {name}: {scale:g} (a step moves theta by up to 2 x {ops.Z_BOUND} x {name}, which float32 must "
+            f"hold: {name} must be below {ops.EPS_LIMIT:.2g})"
+        )
 
 
 def _warn_if_eps_unresolvable(group: dict[str, Any]) -> None:
@@ -250,6 +262,21 @@ def _check_betas(betas: Any) -> None:
         raise ValueError(f"invalid betas: {betas!r} (a pair, each in [0, 1))")
     if not all(0.0 <= _check_number("betas", b, None, False) < 1.0 for b in betas):
         raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
+
+
+def check_group_betas(group: dict[str, Any]) -> None:
+    """A group's betas checked, and made floats (in a pair of the type given) where one is another real number."""
+    betas = group["betas"]
+    _check_betas(betas)
+    if any(type(b) is not float for b in betas):
+        group["betas"] = type(betas)(float(b) for b in betas)
+
+
+def check_group_number(group: dict[str, Any], key: str, low: float | None, strict: bool) -> None:
+    """A group's number checked as _check_number does, and made a float where it is another real number."""
+    value = _check_number(key, group[key], low, strict)
+    if type(group[key]) is not float:
+        group[key] = value
 
 
 def _check_number(name: str, value: Any, low: float | None, strict: bool) -> float:

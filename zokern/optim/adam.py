@@ -7,6 +7,8 @@ from typing import Any
 
 from zokern.optim._groups import _check_betas
 from zokern.optim._groups import _check_number
+from zokern.optim._groups import check_group_betas
+from zokern.optim._groups import check_group_number
 from zokern.optim.base import new_state
 from zokern.optim.sgd import ZOSGD
 
@@ -23,8 +25,9 @@ class ZOAdam(ZOSGD):
     :math:`\lambda` (AdamW's). :math:`t` counts the updates a parameter received (skipped steps do not count).
     The estimate is materialised one tensor at a time from the stream (the moments need it elementwise).
 
-    Extra memory: 8 bytes per trainable parameter (m and v in float32), plus one float32 tensor the size of the
-    largest trainable parameter, transient (and exact mode's transient copy, see :class:`ZOSGD`).
+    Extra memory: 8 bytes per trainable parameter (m and v in float32), plus two float32 tensors the size of the
+    largest trainable parameter, transient (the estimate and the denominator; three for 16-bit parameters, with
+    their float32 value), and exact mode's transient copy, see :class:`ZOSGD`.
 
     Args:
         lr: :math:`\eta` (default 1e-4: Adam's step is normalised, so it is not MeZO's 1e-6).
@@ -80,9 +83,9 @@ class ZOAdam(ZOSGD):
         super()._check_hyperparameters(group)
         # Each once present: torch.optim adds the groups before the constructor fills in these defaults.
         if "betas" in group:
-            _check_betas(group["betas"])
+            check_group_betas(group)
         if "adam_eps" in group:
-            _check_number("adam_eps", group["adam_eps"], 0.0, True)
+            check_group_number(group, "adam_eps", 0.0, True)
 
     def options(self) -> dict[str, Any]:
         options = super().options()

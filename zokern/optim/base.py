@@ -881,6 +881,8 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            if loss.is_complex() or loss.dtype == torch.bool:  # no order: L+ - L- would not be a slope
+                raise ValueError(f"the closure must return a real loss, got a tensor of dtype {loss.dtype}")
             self._loss_device = loss.device
             if loss.dtype in _SIXTEEN_BIT and not self._warned_16bit_loss:
                 self._warned_16bit_loss = True

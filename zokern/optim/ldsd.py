@@ -19,8 +19,10 @@ from zokern._ldsd_reference import final_layout
 from zokern._transfer import to_device
 from zokern.optim import _ldsd_passes as passes
 from zokern.optim import seeds as seeds_
-from zokern.optim._groups import _check_betas
 from zokern.optim._groups import _check_number
+from zokern.optim._groups import check_group_betas
+from zokern.optim._groups import check_group_number
+from zokern.optim._groups import check_perturbation_scale
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import new_state
@@ -163,12 +165,13 @@ class LDSD(ZOOptimizer):
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_hyperparameters(group)
-        _check_number("sigma", group["sigma"], 0.0, True)
-        _check_number("mu_lr", group["mu_lr"], 0.0, False)
+        check_group_number(group, "sigma", 0.0, True)
+        check_perturbation_scale("eps * sigma", group["eps"] * group["sigma"])  # a candidate's noise, eps sigma xi
+        check_group_number(group, "mu_lr", 0.0, False)
         if self.update != "adam":
             return
-        _check_number("adam_eps", group["adam_eps"], 0.0, True)
-        _check_betas(group["betas"])
+        check_group_number(group, "adam_eps", 0.0, True)
+        check_group_betas(group)
 
     def _extra_group_keys(self) -> tuple[str, ...]:
         return ("sigma", "mu_lr", "betas", "adam_eps") if self.update == "adam" else ("sigma", "mu_lr")
