@@ -109,6 +109,16 @@ def test_dpo_command_trains_on_a_preference_file(tmp_path):
     assert records[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_dpo_command_takes_a_split_of_a_saved_dataset_dict(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": f"the movie {k} was", "chosen": "great fun .", "rejected": "sad ."} for k in range(12)]
+    splits = {"train_prefs": datasets.Dataset.from_list(rows), "test_prefs": datasets.Dataset.from_list(rows[:2])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "dpo"
+    _run("dpo", "--data", str(tmp_path / "saved"), "--split", "train_prefs", "--out", str(out), "--steps", "1")
+    assert [json.loads(line)["step"] for line in (out / "dpo_metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
 def test_dpo_command_names_missing_columns(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b"}\n')

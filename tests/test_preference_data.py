@@ -93,7 +93,15 @@ def test_load_rows_from_jsonl_parquet_and_saved_datasets(tmp_path):
     "rows,match",
     [
         ([{"prompt": "a", "chosen": "b"}], r"missing column\(s\) \['rejected'\]"),
-        ([{"prompt": "  ", "chosen": "b", "rejected": "c"}], "row 0 has an empty or non-text 'prompt'"),
+        ([{"prompt": "  ", "chosen": "b", "rejected": "c"}], r"line 1 \(row 0\) has an empty or non-text 'prompt'"),
+        (
+            [{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}],
+            r"row 0\) has an empty or non-text 'prompt'.*TRL's conversational format .* is not supported",
+        ),
+        (
+            [{"chosen": "the movie was great", "rejected": "the movie was bad"}],
+            r"missing column\(s\) \['prompt'\].*TRL's implicit-prompt rows .* are not supported",
+        ),
     ],
 )
 def test_load_rows_rejects_bad_data(tmp_path, rows, match):
@@ -103,6 +111,16 @@ def test_load_rows_rejects_bad_data(tmp_path, rows, match):
         load_rows(path, ("prompt", "chosen", "rejected"))
     with pytest.raises(ValueError, match="expected a .jsonl"):
         load_rows(tmp_path / "data.csv", ("prompt",))
+
+
+def test_a_bad_row_of_a_json_lines_file_is_named_by_its_line(tmp_path):
+    """Blank lines hold no row: the row's index alone would send the user to the wrong line."""
+    good = json.dumps({"prompt": "the movie was", "chosen": "great .", "rejected": "bad ."})
+    bad = json.dumps({"prompt": "the movie was", "chosen": "great .", "rejected": None})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f"{good}\n\n{good}\n   \n{bad}\n{good}\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl, line 5 \(row 2\) has an empty or non-text 'rejected': None"):
+        load_rows(path, COLUMNS)
 
 
 def test_word_tokenizer_round_trip(tmp_path):

@@ -152,6 +152,40 @@ def test_bad_pairs_and_counts_are_refused_before_any_forward(change, message):
     assert sizes == []
 
 
+def test_pairs_with_the_same_responses_are_counted_in_a_warning():
+    pairs = _pairs(6)
+    pairs[2] = dict(pairs[2], rejected=pairs[2]["chosen"])
+    with pytest.warns(UserWarning, match=r"train_pairs: 1 of 6 pairs \(the first: train_pairs\[2\]\) have the same"):
+        train_zo_dpo(_policy(), TOK, pairs, _pairs(3, seed=1), steps=0)
+
+
+@pytest.mark.filterwarnings("ignore:ZO-DPO truncates")
+def test_a_hugging_face_tokenizer_is_taken_as_the_loop_takes_it():
+    """The natural call with one's own model passes its own tokenizer: it is wrapped, and trains as the wrapped one;
+    an object with neither interface is refused by name."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+    from tokenizers import models as token_models
+    from tokenizers import pre_tokenizers
+
+    from zokern.preference.local import HFTokenizer
+
+    vocabulary = {word: k for k, word in enumerate(["<eos>", *sorted(set(WORDS.split()))])}
+    backend = Tokenizer(token_models.WordLevel(vocabulary, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    config = transformers.GPT2Config(vocab_size=len(hf), n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    results = []
+    for tokenizer in (hf, HFTokenizer(hf)):
+        torch.manual_seed(0)
+        policy = transformers.GPT2LMHeadModel(config).eval()
+        arguments = dict(steps=2, batch=2, eval_every=1, response_length=4, seed=0)
+        results.append(train_zo_dpo(policy, tokenizer, _pairs(6), _pairs(3, seed=1), **arguments))
+    assert results[0] == results[1]
+    with pytest.raises(TypeError, match=r"tokenizer must be a Hugging Face tokenizer .* got dict"):
+        train_zo_dpo(_policy(), {}, _pairs(6), _pairs(3), steps=0)
+
+
 def test_no_copy_of_the_policy_is_kept_while_training(monkeypatch):
     """The reference is the starting policy's log-probabilities, computed before the first step: a copy of the
     model held for the whole run would double its weights' memory."""

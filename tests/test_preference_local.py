@@ -130,3 +130,14 @@ def test_a_matching_local_model_loads(tmp_path):
     policy, reward_model, tokenizer = load_local(tmp_path / "ok")
     assert tokenizer.encode("the weather was fine") and max(tokenizer.tokenizer.get_vocab().values()) < 128
     assert isinstance(policy.get_input_embeddings(), torch.nn.Embedding)
+
+
+def test_the_reward_models_fresh_head_comes_from_the_seed(tmp_path):
+    """The score head is initialised from torch's global generator: from the seed, not from the process's state."""
+    save_local_model(tmp_path / "ok", kind="gpt2")
+    heads = []
+    for global_seed, seed in ((1, 0), (2, 0), (1, 3)):
+        torch.manual_seed(global_seed)
+        _, reward_model, _ = load_local(tmp_path / "ok", seed=seed)
+        heads.append(reward_model.score.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])

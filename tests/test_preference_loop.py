@@ -347,3 +347,75 @@ def test_zo_dpo_needs_pairs(world):
 
     with pytest.raises(ValueError, match="training and evaluation pairs"):
         train_zo_dpo(copy.deepcopy(world["policy"]), world["tokenizer"], [], world["pairs"])
+
+
+def _lora_world():
+    """A LoRA-wrapped Llama policy (PEFT prefixes its names with base_model.model.) and a plain reward model."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    tokenizer = WordTokenizer.build(["the movie was great fun and bad sad ."])
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    reward_config = copy.deepcopy(config)
+    reward_config.num_labels = 1
+    reward_model = transformers.LlamaForSequenceClassification(reward_config).eval()
+    policy = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    return policy, reward_model, tokenizer
+
+
+class _LengthJudge:
+    def score(self, prompt, response):
+        return float(len(response) % 7)
+
+
+def test_zopro_maps_a_wrapped_policys_tensors_onto_the_reward_model_by_their_inner_names(monkeypatch):
+    import zokern.preference.loop as loop
+
+    policy, reward_model, tokenizer = _lora_world()
+    directions = []
+    make = loop._zopro_direction
+    monkeypatch.setattr(loop, "_zopro_direction", lambda *a: directions.append(make(*a)) or directions[-1])
+    config = LoopConfig(
+        forwards=8,
+        steps_per_iteration=2,
+        prompts_per_step=2,
+        k=2,
+        response_length=4,
+        eval_every=8,
+        eval_prompts=1,
+        rm_steps=2,
+        seed=0,
+    )  # fmt: skip  (trainable=None: the input embedding, inside the wrapper)
+    prompts = ["the movie was", "the fun was"]
+    run("zopro", policy, reward_model, tokenizer, prompts, prompts[:1], _LengthJudge(), config)
+    assert directions and all(v is not None and v.abs().sum() > 0 for d in directions for v in d.vhat)
+    # The LoRA adapters alone have no counterpart in a plain reward model: ZOPrO would be MeZO with momentum.
+    config.trainable = "lora_"
+    with pytest.raises(ValueError, match="no trainable policy tensor has one in the reward model"):
+        run("zopro", policy, reward_model, tokenizer, prompts, prompts[:1], _LengthJudge(), config)
+
+
+def test_reward_model_training_repeats_whatever_the_global_random_state(world):
+    """Its dropout draws from torch's global generator: seeded from the seed, and given back after."""
+    import transformers
+
+    from zokern.preference.models import policy_config
+
+    config = policy_config(len(world["tokenizer"]), hidden=16, layers=1, heads=2)
+    config.dropout, config.num_labels = 0.1, 1
+    trained = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)
+        reward_model = transformers.OPTForSequenceClassification(config)
+        torch.manual_seed(global_seed)
+        train_reward_model(reward_model, world["tokenizer"], world["pairs"], steps=3, seed=5)
+        trained.append([p.detach().clone() for p in reward_model.parameters()])
+        after = torch.rand(())
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(()))  # the caller's generator as it was
+    assert all(torch.equal(a, b) for a, b in zip(*trained))

@@ -93,7 +93,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _dpo(args: argparse.Namespace) -> int:
     from zokern.preference.pipeline import run_dpo
 
-    run_dpo(args.data, args.out, seed=args.seed, steps=args.steps, response_tokens=args.response_tokens)
+    run_dpo(
+        args.data, args.out, seed=args.seed, steps=args.steps, response_tokens=args.response_tokens, split=args.split
+    )
     return 0
 
 

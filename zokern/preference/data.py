@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import math
 import random
@@ -23,6 +24,7 @@ import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from typing import Protocol
 
 from zokern import _options as options
@@ -190,13 +192,38 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
         raise ValueError(f"{path}: the dataset has no rows")
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; it has {dataset.column_names}")
+        implicit = "prompt" in missing and {"chosen", "rejected"} <= set(dataset.column_names)
+        hint = f"; {IMPLICIT_PROMPT}" if implicit else ""
+        raise ValueError(f"{path}: missing column(s) {missing}; it has {dataset.column_names}{hint}")
     rows = [{c: row[c] for c in columns} for row in dataset]
     for k, row in enumerate(rows):
         for c in columns:
             if not isinstance(row[c], str) or not row[c].strip():
-                raise ValueError(f"{path}: row {k} has an empty or non-text {c!r}: {row[c]!r}")
+                hint = f" ({CONVERSATIONAL})" if is_conversation(row[c]) else ""
+                raise ValueError(f"{path}, {_row_place(path, k)} has an empty or non-text {c!r}: {row[c]!r}{hint}")
     return rows
+
+
+# TRL's other preference formats, which the loop does not take: named where a row shows one.
+CONVERSATIONAL = "TRL's conversational format (lists of role/content messages) is not supported: give plain text"
+IMPLICIT_PROMPT = (
+    "TRL's implicit-prompt rows (the prompt inside chosen and rejected) are not supported: give the prompt its own "
+    "column"
+)
+
+
+def is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _row_place(path: Path, k: int) -> str:
+    """Where row ``k`` (from 0) is: in a JSON lines file, also its line (from 1; blank lines hold no row)."""
+    if path.suffix != ".jsonl":
+        return f"row {k}"
+    with path.open(encoding="utf-8-sig") as fh:
+        rows = (number for number, line in enumerate(fh, 1) if line.strip())
+        line = next(itertools.islice(rows, k, None), None)
+    return f"row {k}" if line is None else f"line {line} (row {k})"
 
 
 def _blank(path: Path) -> bool:

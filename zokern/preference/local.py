@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from zokern.preference.data import text_ids
+from zokern.preference.models import seeded_global_rng
 
 
 class HFTokenizer:
@@ -35,10 +36,25 @@ class HFTokenizer:
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
-def load_local(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, HFTokenizer]:
+def loop_tokenizer(tokenizer):
+    """The tokenizer as the loop and ZO-DPO use it: a Hugging Face tokenizer wrapped in :class:`HFTokenizer`; one
+    with that interface already (``WordTokenizer``, ``HFTokenizer``) as it is; anything else refused by name."""
+    if all(hasattr(tokenizer, name) for name in ("encode", "decode", "bos_id", "eos_id", "pad_id")):
+        return tokenizer
+    if hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "get_vocab"):  # transformers' tokenizers
+        return HFTokenizer(tokenizer)
+    raise TypeError(
+        f"tokenizer must be a Hugging Face tokenizer or have zokern.preference.data.WordTokenizer's interface "
+        f"(encode, decode, bos_id, eos_id, pad_id), got {type(tokenizer).__name__}"
+    )
+
+
+def load_local(
+    path: Path, device: torch.device | str = "cpu", seed: int = 0
+) -> tuple[torch.nn.Module, torch.nn.Module, HFTokenizer]:
     """(policy, reward model, tokenizer) from a local directory: the causal LM as the policy (float32, eval mode) and
-    the same weights with a fresh one-output sequence-classification head as the reward model, to be trained on the
-    preference pairs first."""
+    the same weights with a fresh one-output sequence-classification head (initialised from ``seed``) as the reward
+    model, to be trained on the preference pairs first."""
     import transformers
 
     path = Path(path)
@@ -53,9 +69,10 @@ def load_local(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn
     check_tokenizer(path, tokenizer, policy)  # before the second copy of the weights loads
     try:
         transformers.logging.set_verbosity_error()  # the fresh score head is expected: no warning about it
-        reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32
-        )
+        with seeded_global_rng(seed):  # the head's initial weights, drawn on the CPU
+            reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch.float32
+            )
     except unloadable as e:
         raise ValueError(f"--model {path}: cannot load a sequence classifier from it ({e})") from None
     finally:

@@ -31,6 +31,7 @@ from zokern.preference.data import Judge
 from zokern.preference.data import WordTokenizer
 from zokern.preference.data import judge_score
 from zokern.preference.directions import ZOPrODirection
+from zokern.preference.local import loop_tokenizer
 from zokern.preference.losses import kl_penalised_rewards
 from zokern.preference.losses import ppo_clip_loss
 from zokern.preference.losses import response_logprobs
@@ -39,6 +40,7 @@ from zokern.preference.models import reward_scores
 from zokern.preference.models import sample
 from zokern.preference.models import train_reward_model
 from zokern.preference.optim import ZOPrO
+from zokern.preference.positions import innermost
 from zokern.preference.positions import prompt_budget
 from zokern.preference.sketch import SketchRecorder
 from zokern.preference.trainable import select_trainable
@@ -164,7 +166,25 @@ def _judged_pairs(policy, tokenizer, prompts, judge, config, seed) -> list[dict]
 
 
 def _named(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in innermost(model).named_parameters()}
+
+
+def _inner_names(model) -> dict[int, str]:
+    """Each parameter's name inside the model's wrappers (PEFT's, torch.compile's): the names by which a wrapped
+    policy's tensors meet a plain reward model's."""
+    return {id(p): n for n, p in innermost(model).named_parameters()}
+
+
+def _trainable_named(policy) -> list[tuple[str, torch.Tensor]]:
+    names = _inner_names(policy)
+    return [(names[id(p)], p) for p in policy.parameters() if p.requires_grad]
+
+
+def _reward_counterparts(policy, reward_model) -> dict[str, torch.Tensor]:
+    """The reward model's tensors of the (inner) names and shapes of the policy's trainable ones: where ZOPrO's
+    projection and the sketches map one model onto the other."""
+    trainable = {n: p.shape for n, p in _trainable_named(policy)}
+    return {n: p for n, p in innermost(reward_model).named_parameters() if trainable.get(n) == p.shape}
 
 
 def forwards_per_step_of(method: str, config: LoopConfig) -> int:
@@ -203,6 +223,7 @@ def run(
     the reward model's tensors of the same names are sketched at the start and after every iteration."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    tokenizer = loop_tokenizer(tokenizer)
     config.check()
     for name, prompts in (("train_prompts", train_prompts), ("heldout_prompts", heldout_prompts)):
         _check_prompts(name, prompts)
@@ -211,6 +232,14 @@ def run(
     reward_model = copy.deepcopy(reward_model).eval()  # scores without dropout, as after each refinement
     policy.eval()  # dropout off: ZO compares two losses of one function
     params = select_trainable(policy, config.trainable)
+    if method == "zopro" and not _reward_counterparts(policy, reward_model):
+        raise ValueError(
+            "ZOPrO projects the reward model's update out of the policy's noise per tensor of the same name (inside "
+            "PEFT's or torch.compile's wrapper) and shape, and no trainable policy tensor has one in the reward "
+            "model (a LoRA policy's adapters have none in a plain reward model: give the reward model the same "
+            "adapters, or train tensors the two models share); without it the direction is the previous update "
+            "plus plain noise"
+        )
     zo = method != "rloo"
     if method == "zopro":
         optimizer: Any = ZOPrO(params, lr=config.zo_lr, eps=config.zo_eps, seed=config.seed)
@@ -250,12 +279,10 @@ def run(
     def sketch(iteration: int, gamma: float | None) -> None:
         if recorder is None:
             return
-        trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-        shared = [
-            (n, p) for n, p in reward_model.named_parameters() if n in trainable and p.shape == trainable[n].shape
-        ]
-        recorder.record(method, "policy", list(trainable.items()), iteration, step, gamma)
-        recorder.record(method, "reward", shared, iteration, step, gamma)
+        recorder.record(method, "policy", _trainable_named(policy), iteration, step, gamma)
+        recorder.record(
+            method, "reward", list(_reward_counterparts(policy, reward_model).items()), iteration, step, gamma
+        )
 
     evaluate(0)
     step = 0
@@ -295,13 +322,11 @@ def run(
 def _zopro_direction(policy, policy_start, reward_model, rm_start, config, iteration, iterations) -> ZOPrODirection:
     """mu = the policy's update over the iteration; vhat = the reward model's refinement on the tensor of the same
     name (the score head has none); gamma decays linearly from gamma0 to 0 over the run."""
-    rm_now = dict(reward_model.named_parameters())
+    counterparts = _reward_counterparts(policy, reward_model)
     mu, vhat = [], []
-    for name, p in policy.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in _trainable_named(policy):
         mu.append(p.detach() - policy_start[name])
-        mapped = rm_now.get(name)
-        vhat.append(None if mapped is None or mapped.shape != p.shape else mapped.detach() - rm_start[name])
+        mapped = counterparts.get(name)
+        vhat.append(None if mapped is None else mapped.detach() - rm_start[name])
     gamma = config.gamma0 * max(0.0, 1.0 - (iteration + 1) / iterations)
     return ZOPrODirection(mu, vhat, gamma)

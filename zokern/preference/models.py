@@ -7,6 +7,8 @@ zokern.preference.losses); the tokenizer is zokern.preference.data.WordTokenizer
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -194,15 +196,26 @@ def train_reward_model(
     opt = torch.optim.AdamW(reward_model.parameters(), lr=lr)
     reward_model.train()
     losses = []
-    for _ in range(steps):
-        rows = [pairs[r] for r in torch.randint(0, len(pairs), (batch,), generator=g).tolist()]
-        texts = [f"{r['prompt']} {r['chosen']}" for r in rows] + [f"{r['prompt']} {r['rejected']}" for r in rows]
-        ids, mask = batch_texts(tokenizer, texts, max_length, model_device(reward_model))
-        scores = reward_scores(reward_model, ids, mask)
-        loss = bradley_terry_loss(scores[:batch], scores[batch:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    with seeded_global_rng(seed, model_device(reward_model)):  # the model's dropout draws from it
+        for _ in range(steps):
+            rows = [pairs[r] for r in torch.randint(0, len(pairs), (batch,), generator=g).tolist()]
+            texts = [f"{r['prompt']} {r['chosen']}" for r in rows] + [f"{r['prompt']} {r['rejected']}" for r in rows]
+            ids, mask = batch_texts(tokenizer, texts, max_length, model_device(reward_model))
+            scores = reward_scores(reward_model, ids, mask)
+            loss = bradley_terry_loss(scores[:batch], scores[batch:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
     reward_model.eval()
     return losses
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """torch's global generators seeded with ``seed`` for the block, then given back as they were: what draws from
+    them (dropout, a layer's fresh weights) repeats with the seed, whatever the caller's own use of them."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -173,7 +173,7 @@ def _starting_point(staging: Path, model: Path | None, device: str, seed: int, t
         print(f"policy pretrained: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f}")
         reward_model = new_reward_model(tokenizer, seed=seed).to(device)
     else:
-        policy, reward_model, tokenizer = load_local(model, device)
+        policy, reward_model, tokenizer = load_local(model, device, seed=seed)
         names = trainable_names(policy, trainable)
         n = sum(p.numel() for p in policy.parameters())
         print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}; trainable: {', '.join(names)}")
@@ -264,13 +264,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_dpo(
-    data: Path, out: Path, seed: int = 0, steps: int = 200, response_tokens: int = RESPONSE_TOKENS
+    data: Path,
+    out: Path,
+    seed: int = 0,
+    steps: int = 200,
+    response_tokens: int = RESPONSE_TOKENS,
+    split: str = "train",
 ) -> list[dict]:
     """`zokern dpo`: offline ZO-DPO on a preference dataset (``prompt``/``chosen``/``rejected``; JSONL, Parquet or a
-    saved dataset). A small policy (64 positions) is built for its vocabulary and pretrained on both responses of
-    every pair (so it starts without a preference), then trained with ZO-DPO; the last tenth of the pairs is held
-    out. Responses take ``response_tokens`` positions (<eos> included), prompts the rest (see dpo.train_zo_dpo).
-    Writes ``dpo_metrics.jsonl`` (step, dpo_loss, accuracy on the held-out pairs), replacing a previous run's at
+    saved dataset, of which ``split`` for a saved DatasetDict). A small policy (64 positions) is built for its
+    vocabulary and pretrained on both responses of every pair (so it starts without a preference), then trained with
+    ZO-DPO; the last tenth of the pairs is held out. The command shows ZO-DPO at work on the data: it trains no
+    model of the user's and saves none (for one's own model, call ``dpo.train_zo_dpo``). Responses take
+    ``response_tokens`` positions (<eos> included), prompts the rest (see dpo.train_zo_dpo). Writes
+    ``dpo_metrics.jsonl`` (step, dpo_loss, accuracy on the held-out pairs), replacing a previous run's at
     the first record."""
     import datasets
 
@@ -280,7 +287,7 @@ def run_dpo(
     seed, steps = check_seed(seed), check_positive_int(steps)
     response_tokens, out = check_positive_int(response_tokens), check_output_dir(out)
     datasets.disable_progress_bars()
-    pairs = load_rows(data, ("prompt", "chosen", "rejected"))
+    pairs = load_rows(data, ("prompt", "chosen", "rejected"), split=split)
     if len(pairs) < 10:
         raise ValueError(f"{data}: {len(pairs)} pairs; ZO-DPO needs at least 10 (a tenth is held out)")
     texts = [f"{p['prompt']} {p[side]}" for p in pairs for side in ("chosen", "rejected")]
@@ -314,6 +321,9 @@ def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
         type=options.output_dir,
         default=Path("zokern-dpo"),
         help="output directory (default ./zokern-dpo); its dpo_metrics.jsonl is replaced at the run's first record",
+    )
+    parser.add_argument(
+        "--split", default="train", help="the split of a saved DatasetDict to use (default train; e.g. train_prefs)"
     )
     parser.add_argument("--seed", type=options.seed, default=0, help="in [0, 2^63) (default 0)")
     parser.add_argument("--steps", type=options.positive_int, default=200, help="ZO steps (default 200)")

@@ -25,7 +25,7 @@ def _takes_position_ids(model_class: type) -> bool:
     return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
-def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+def innermost(model: torch.nn.Module) -> torch.nn.Module:
     """The model a wrapper forwards to (torch.compile's ``_orig_mod``, PEFT's base model): wrappers take ``**kwargs``,
     so only the model they wrap says whether position ids are taken."""
     while True:
@@ -52,7 +52,7 @@ def position_kwargs(model: torch.nn.Module, attention_mask: torch.Tensor, new: i
             f"a batch of {width} positions exceeds the model's {limit} (config.max_position_embeddings): "
             f"truncate the prompts or shorten the responses"
         )
-    if not _takes_position_ids(type(_innermost(model))):
+    if not _takes_position_ids(type(innermost(model))):
         return {}
     ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return {"position_ids": ids if new is None else ids[:, -new:]}
