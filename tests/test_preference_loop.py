@@ -380,17 +380,8 @@ def test_zopro_maps_a_wrapped_policys_tensors_onto_the_reward_model_by_their_inn
     directions = []
     make = loop._zopro_direction
     monkeypatch.setattr(loop, "_zopro_direction", lambda *a: directions.append(make(*a)) or directions[-1])
-    config = LoopConfig(
-        forwards=8,
-        steps_per_iteration=2,
-        prompts_per_step=2,
-        k=2,
-        response_length=4,
-        eval_every=8,
-        eval_prompts=1,
-        rm_steps=2,
-        seed=0,
-    )  # fmt: skip  (trainable=None: the input embedding, inside the wrapper)
+    small = dict(steps_per_iteration=2, prompts_per_step=2, k=2, response_length=4, eval_every=8, eval_prompts=1)
+    config = LoopConfig(forwards=8, rm_steps=2, seed=0, **small)  # trainable=None: the embedding, inside the wrapper
     prompts = ["the movie was", "the fun was"]
     run("zopro", policy, reward_model, tokenizer, prompts, prompts[:1], _LengthJudge(), config)
     assert directions and all(v is not None and v.abs().sum() > 0 for d in directions for v in d.vhat)
