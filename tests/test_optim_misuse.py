@@ -226,7 +226,8 @@ def test_nested_perturbed_blocks_and_an_update_inside_one_are_refused():
         (2**64 + 5, 1.0, ValueError, r"seed must be in \[0, 2\^63\)"),
         (-1, 1.0, ValueError, r"seed must be in \[0, 2\^63\)"),
         (1.5, 1.0, TypeError, r"seed must be an integer"),
-        (3, 1e42, ValueError, r"scale \* eps must be finite in float32"),
+        (3, 1e42, ValueError, r"invalid scale \* eps: 1e\+39 \(a step moves theta by up to 2 x 4.855"),
+        (3, -1e41, ValueError, r"scale \* eps must be below 3.5e\+37"),  # theta + scale eps z would overflow
     ],
 )
 def test_perturbed_checks_its_seed_and_scale_before_anything(backend, dtype, seed, scale, exc, match):
@@ -1076,3 +1077,27 @@ def test_the_subclasses_hyperparameters_given_as_other_real_numbers_are_taken_as
             assert type(value) is type(options["betas"]) and all(type(v) is float for v in value)
         else:
             assert type(value) is float
+
+
+def test_a_frozen_parameter_over_a_trained_ones_memory_is_refused_in_the_exact_mode():
+    """The exact mode perturbs the uses of the trained Parameter: a frozen alias (nn.Parameter(w.data), frozen) read
+    theta unperturbed where the in-place mode perturbs both, and the estimate lost the alias's path silently."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 8).bfloat16(), torch.nn.Linear(8, 8).bfloat16()
+    b.weight = torch.nn.Parameter(a.weight.data, requires_grad=False)
+    before = [p.detach().clone() for p in a.parameters()]
+
+    def closure():
+        return b(a(torch.ones(2, 8, dtype=torch.bfloat16))).float().square().mean()
+
+    opt = ZOSGD([*a.parameters(), *b.parameters()], lr=1e-2, eps=1e-2, seed=0)
+    with pytest.raises(
+        ValueError, match=r"\['params'\]\[0\] .* and .*\['params'\]\[2\] .* share memory, and one of them is frozen"
+    ):
+        opt.step(closure)
+    assert opt.steps_taken == 0 and all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    # Views of one buffer that do not overlap, and the in-place mode, which perturbs the memory both read, run.
+    ZOSGD([*a.parameters(), *b.parameters()], lr=1e-2, eps=1e-2, seed=0, perturbation="inplace").step(closure)
+    flat = torch.randn(40, dtype=torch.bfloat16)
+    trained, frozen = torch.nn.Parameter(flat[:20]), torch.nn.Parameter(flat[20:], requires_grad=False)
+    ZOSGD([trained, frozen], lr=1e-2, eps=1e-2, seed=0).step(lambda: (trained.float() * frozen.float()).sum())

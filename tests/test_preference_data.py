@@ -123,6 +123,28 @@ def test_a_bad_row_of_a_json_lines_file_is_named_by_its_line(tmp_path):
         load_rows(path, COLUMNS)
 
 
+def test_a_json_lines_file_whose_rows_span_lines_names_rows_only(tmp_path):
+    rows = [{"prompt": "the movie was", "chosen": "great .", "rejected": "bad ."}] * 2
+    rows.append({"prompt": "the movie was", "chosen": "", "rejected": "bad ."})
+    path = tmp_path / "pretty.jsonl"
+    path.write_text("".join(json.dumps(r, indent=2) + "\n" for r in rows))  # datasets reads it; a line is no row
+    with pytest.raises(ValueError, match=r"pretty.jsonl, row 2 has an empty or non-text 'chosen'"):
+        load_rows(path, COLUMNS)
+
+
+def test_a_split_of_a_source_without_splits_is_refused(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "the movie was", "chosen": "great .", "rejected": "bad ."}] * 2
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    for source, kind in ((path, "a file"), (tmp_path / "one", "a single dataset")):
+        assert load_rows(source, COLUMNS) == rows  # its one split is the default, train
+        with pytest.raises(ValueError, match=f"{kind}, without splits: the 'test_prefs' split is for a saved"):
+            load_rows(source, COLUMNS, split="test_prefs")
+
+
 def test_word_tokenizer_round_trip(tmp_path):
     tok = WordTokenizer.build(["The movie was GREAT , really great .", "it's late"])
     ids = tok.encode("the movie was great , really great .")

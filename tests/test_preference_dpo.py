@@ -185,6 +185,21 @@ def test_a_hugging_face_tokenizer_is_taken_as_the_loop_takes_it():
     with pytest.raises(TypeError, match=r"tokenizer must be a Hugging Face tokenizer .* got dict"):
         train_zo_dpo(_policy(), {}, _pairs(6), _pairs(3), steps=0)
 
+    class SentencePieceLike:  # its ids are methods, not the loop's integers
+        def encode(self, text):
+            return [3]
+
+        def decode(self, ids):
+            return ""
+
+        def bos_id(self):
+            return 1
+
+        eos_id = pad_id = bos_id
+
+    with pytest.raises(TypeError, match=r"got SentencePieceLike"):
+        train_zo_dpo(_policy(), SentencePieceLike(), _pairs(6), _pairs(3), steps=0)
+
 
 def test_no_copy_of_the_policy_is_kept_while_training(monkeypatch):
     """The reference is the starting policy's log-probabilities, computed before the first step: a copy of the

@@ -410,3 +410,18 @@ def test_reward_model_training_repeats_whatever_the_global_random_state(world):
         torch.manual_seed(global_seed)
         assert torch.equal(after, torch.rand(()))  # the caller's generator as it was
     assert all(torch.equal(a, b) for a, b in zip(*trained))
+
+
+def test_a_wrappers_own_parameters_keep_their_names():
+    """PEFT's prompt encoder belongs to the wrapper, not to the model it wraps: named from the outside (it raised a
+    KeyError), and with no counterpart in the reward model ZOPrO would be refused by name."""
+    peft = pytest.importorskip("peft")
+    import zokern.preference.loop as loop
+
+    lora_policy, reward_model, _ = _lora_world()
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    policy = peft.get_peft_model(lora_policy.unload(), config)
+    names = [name for name, _ in loop._trainable_named(policy)]
+    assert names == ["prompt_encoder.default.embedding.weight"]
+    assert set(loop._named(policy)) >= set(names)
+    assert not loop._reward_counterparts(policy, reward_model)

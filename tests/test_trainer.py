@@ -599,7 +599,7 @@ def test_a_scheduler_not_built_on_the_zo_optimizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="with no zo_optimizer: the scheduler sets the lr of the optimizer"):
         ZOTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(4), optimizers=(None, foreign))
     zo = ZOSGD(model.parameters(), lr=1e-3, seed=0)
-    with pytest.raises(ValueError, match="built on a AdamW, not on zo_optimizer"):
+    with pytest.raises(ValueError, match="built on an AdamW, not on zo_optimizer"):
         ZOTrainer(
             model=model,
             args=arguments(tmp_path),
@@ -646,8 +646,32 @@ def test_a_zo_optimizer_built_by_a_create_optimizer_override_takes_the_steps(tmp
     lrs = [record["lr"] for record in trainer.zo_optimizer.trajectory]  # the Trainer's linear decay scales both
     assert [lr for pair in lrs for lr in pair] == pytest.approx([1e-3, 1e-2, 5e-4, 5e-3])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    with pytest.raises(TypeError, match=r"_FirstOrderOverride.create_optimizer built a AdamW, but ZOTrainer steps"):
+    with pytest.raises(TypeError, match=r"_FirstOrderOverride.create_optimizer built an AdamW, but ZOTrainer steps"):
         _FirstOrderOverride(model=tiny_opt(), args=arguments(tmp_path), train_dataset=TokenDataset(8)).train()
+
+
+class _PassThrough(ZOTrainer):
+    def create_optimizer(self, model=None):  # (logging, say)
+        return super().create_optimizer(model)
+
+
+class _PerLayerRatesMixin:
+    create_optimizer = _PerLayerRates.__dict__["create_optimizer"].__wrapped__
+
+
+class _MixedIn(_PerLayerRatesMixin, ZOTrainer):
+    pass
+
+
+def test_overrides_from_a_mixin_or_passing_through_train_again(tmp_path):
+    """The second train() finds accelerate's wrapper of the optimizer ZOTrainer built; a mixin's create_optimizer
+    is adopted as a subclass's own is."""
+    for cls in (_PassThrough, _MixedIn):
+        trainer = cls(model=tiny_opt(), args=arguments(tmp_path, max_steps=1), train_dataset=TokenDataset(8))
+        trainer.train()
+        trainer.args.max_steps = 2
+        trainer.train()
+        assert trainer.zo_optimizer.steps_taken == 3, cls
 
 
 def test_a_prebuilt_optimizer_warns_of_the_arguments_it_does_not_apply(tmp_path):
@@ -665,6 +689,10 @@ def test_a_prebuilt_optimizer_warns_of_the_arguments_it_does_not_apply(tmp_path)
         default_rate = arguments(tmp_path)
         default_rate.learning_rate = transformers.TrainingArguments.learning_rate
         ZOTrainer(model=model, args=default_rate, train_dataset=TokenDataset(4), zo_optimizer=zo)
+        warm_up = ZOSGD(model.parameters(), lr=1e-3, seed=0)  # a warm-up built on it has set lr to 0 already
+        schedule = torch.optim.lr_scheduler.LambdaLR(warm_up, lambda step: step / 10)
+        optimizers = (None, schedule)
+        ZOTrainer(model, arguments(tmp_path), None, TokenDataset(4), zo_optimizer=warm_up, optimizers=optimizers)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(n_probes=2)], ids=["two forwards", "four forwards"])

@@ -29,8 +29,9 @@ def pack(
 ) -> list[int]:
     """One row: the slots of a pass with these scalars; unused seeds are 0."""
     seeds = [_checked_seed(seed), _checked_seed(seed2 or 0), _checked_seed(rounding_seed or 0)]
-    # + 0.0 takes -0 as +0, as the passes' arguments are (docs/stream.md, section 5).
-    floats = torch.tensor([alpha, alpha2, lr, weight_decay], dtype=torch.float64).add(0.0).to(torch.float32)
+    # + 0.0 after the rounding takes a value that rounds to -0 as +0, as the passes' arguments are (docs/stream.md,
+    # section 5).
+    floats = torch.tensor([alpha, alpha2, lr, weight_decay], dtype=torch.float64).to(torch.float32).add(0.0)
     _check_finite(dict(zip(_FLOAT_SLOTS, floats.tolist())))
     bits = floats.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     return [*seeds, *bits.tolist(), 0]
@@ -54,7 +55,7 @@ def check_values(scalars: torch.Tensor) -> dict[str, float | int]:
     for name in ("seed", "seed2", "rounding_seed"):
         _checked_seed(values[name])
     _check_finite({name: values[name] for name in _FLOAT_SLOTS})
-    return values
+    return {**values, **{name: values[name] + 0.0 for name in _FLOAT_SLOTS}}  # -0 as +0, as pack writes it
 
 
 def unpack(scalars: torch.Tensor) -> dict[str, float | int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -138,9 +139,11 @@ class ZOTrainer(Trainer):
         zo_optimizer_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
-        if kwargs.get("optimizers", (None, None))[0] is not None:
+        given = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs).arguments  # (positional ones too)
+        optimizers = given.get("optimizers") or (None, None)
+        if optimizers[0] is not None:
             raise ValueError("ZOTrainer builds its optimizer: pass zo_optimizer=..., not optimizers=(...)")
-        if kwargs.get("optimizer_cls_and_kwargs") is not None:
+        if given.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError(
                 "ZOTrainer builds its optimizer: pass zo_optimizer_cls and zo_optimizer_kwargs, not "
                 "optimizer_cls_and_kwargs"
@@ -152,7 +155,7 @@ class ZOTrainer(Trainer):
         for key, argument in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
             if key in (zo_optimizer_kwargs or {}):  # the Trainer's schedule and decay grouping set these
                 raise ValueError(f"set {key} through TrainingArguments({argument}=...), not zo_optimizer_kwargs")
-        _check_scheduler(kwargs.get("optimizers", (None, None))[1], zo_optimizer)
+        _check_scheduler(optimizers[1], zo_optimizer)
         super().__init__(*args, **kwargs)
         self.zo_optimizer = zo_optimizer
         self._zo_built = False  # whether this trainer built zo_optimizer (and may build it anew for a new model)
@@ -176,27 +179,29 @@ class ZOTrainer(Trainer):
             self._warn_of_unused_arguments(zo_optimizer)
 
     def __init_subclass__(cls, **kwargs) -> None:
-        # A subclass's create_optimizer (a common Trainer override: per-layer learning rates, say) builds
-        # self.optimizer itself; the step needs it as zo_optimizer, and the Trainer a no-op view of it.
+        # A subclass's create_optimizer (a common Trainer override: per-layer learning rates, say; its own or a
+        # mixin's) builds self.optimizer itself; the step needs it as zo_optimizer, and the Trainer a no-op view of it.
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("create_optimizer")
-        if own is None:
+        own = cls.create_optimizer
+        if own is ZOTrainer.create_optimizer or getattr(own, "_zokern_adopts", False):
             return
 
         @functools.wraps(own)
         def create_optimizer(self, *args, **kw):
             return self._adopt_optimizer(own(self, *args, **kw), cls)
 
+        create_optimizer._zokern_adopts = True
         cls.create_optimizer = create_optimizer
 
     def _adopt_optimizer(self, built: Any, cls: type) -> torch.optim.Optimizer:
         optimizer = self.optimizer if self.optimizer is not None else built
-        if isinstance(optimizer, _AlreadyStepped):  # ZOTrainer's own create_optimizer ran (through super())
+        # ZOTrainer's own create_optimizer ran (through super()), or an earlier train() did (accelerate wraps it).
+        if isinstance(optimizer, _AlreadyStepped) or isinstance(getattr(optimizer, "optimizer", None), _AlreadyStepped):
             return optimizer
         if not isinstance(optimizer, ZOOptimizer):
             self.optimizer = None
             raise TypeError(
-                f"{cls.__name__}.create_optimizer built a {type(optimizer).__name__}, but ZOTrainer steps a "
+                f"{cls.__name__}.create_optimizer built {_a(type(optimizer).__name__)}, but ZOTrainer steps a "
                 "zokern.optim optimizer: build one there (the Trainer's schedule sets its lr), or drop the override "
                 "and pass zo_optimizer=... or zo_optimizer_cls=..."
             )
@@ -211,7 +216,9 @@ class ZOTrainer(Trainer):
         unused = []
         for key, argument in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
             value = getattr(self.args, argument)
-            if value != defaults.get(argument) and all(g[key] != value for g in zo_optimizer.param_groups):
+            # (a scheduler built on the optimizer has already set lr: its initial_lr is what the schedule scales)
+            given = [g.get(f"initial_{key}", g[key]) for g in zo_optimizer.param_groups]
+            if value != defaults.get(argument) and value not in given:
                 unused.append(f"{argument}={value:g}")
         if unused:
             self._warn_once(
@@ -493,10 +500,14 @@ def _check_scheduler(scheduler: Any, zo_optimizer: ZOOptimizer | None) -> None:
     built_on = getattr(scheduler, "optimizer", zo_optimizer)  # (a scheduler of one's own may not say)
     if built_on is not zo_optimizer:
         raise ValueError(
-            f"the scheduler in optimizers=(None, scheduler) was built on a {type(built_on).__name__}, not on "
+            f"the scheduler in optimizers=(None, scheduler) was built on {_a(type(built_on).__name__)}, not on "
             "zo_optimizer: the ZO steps would keep a constant lr while the Trainer logged the scheduler's. Build it "
             "on zo_optimizer"
         )
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[:1] in 'AEIOU' else 'a'} {name}"
 
 
 def _first_order_arguments(args) -> list[str]:

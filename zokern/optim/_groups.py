@@ -269,7 +269,8 @@ def check_group_betas(group: dict[str, Any]) -> None:
     betas = group["betas"]
     _check_betas(betas)
     if any(type(b) is not float for b in betas):
-        group["betas"] = type(betas)(float(b) for b in betas)
+        floats = [float(b) for b in betas]
+        group["betas"] = floats if isinstance(betas, list) else tuple(floats)
 
 
 def check_group_number(group: dict[str, Any], key: str, low: float | None, strict: bool) -> None:

@@ -40,6 +40,7 @@ from zokern.optim._groups import GroupChecks
 from zokern.optim._groups import _check_number
 from zokern.optim._groups import _reject_parameter
 from zokern.optim._groups import _writable
+from zokern.optim._groups import check_perturbation_scale
 from zokern.optim._groups import dtype_name
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim._pending import PendingRecord
@@ -387,6 +388,34 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
                         "which the exact mode (the default for 16-bit parameters) would bypass: its evaluations hand "
                         "ops plain tensors in place of the parameters. Use perturbation='inplace'"
                     )
+        self._refuse_frozen_aliases(layout)
+
+    def _refuse_frozen_aliases(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:
+        """The exact mode hands the perturbed copy to the ops that receive a trained Parameter: a frozen Parameter of
+        the groups over its memory (built as nn.Parameter(w.data), then frozen) would read theta unperturbed, where
+        the in-place mode perturbs both. Looked for among frozen parameters on a trained one's storage only (one
+        memory lookup each), so that a model of many frozen weights pays little per step."""
+        frozen = [
+            p
+            for group in self.param_groups
+            for p in group["params"]
+            if not p.requires_grad and p.layout == torch.strided and not p.is_meta
+        ]
+        if not frozen:
+            return
+        trained = [p for _, tensors, _ in layout for p in tensors]
+        storages = {(p.device, p.untyped_storage().data_ptr()) for p in trained}
+        suspects = [p for p in frozen if (p.device, p.untyped_storage().data_ptr()) in storages]
+        pair = ops.first_overlap_by_device(trained + suspects) if suspects else None
+        if pair is None or max(pair) < len(trained):  # (two trained ones: the passes refuse them)
+            return
+        names = self._parameter_names()
+        first, second = (names[id((trained + suspects)[k])] for k in pair)
+        raise ValueError(
+            f"{first} and {second} share memory, and one of them is frozen: the exact mode (the default for 16-bit "
+            "parameters) perturbs the uses of the trained Parameter only, so the frozen one would read theta "
+            "unperturbed. Use one Parameter in both places (tied weights), or perturbation='inplace'"
+        )
 
     def _begin_update(self) -> None:
         """An update pass starts: in step(), a Ctrl-C from now on is held until the step's record is written (a step
@@ -586,7 +615,7 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
         self._refuse_nested("perturbed")
         self._check_groups_hyperparameters()
         for group in self.param_groups:
-            ops._check_real("scale * eps", scale * group["eps"])
+            check_perturbation_scale("scale * eps", abs(scale * group["eps"]))
         layout = self._groups_layout()
         self._exact_now = self._exact_for(layout)
         self._check_runnable(layout, self._exact_now, stepping=False)
@@ -602,8 +631,14 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
                 with self._block_randomness.block(seed, devices):  # the seed's blocks draw the same (dropout masks)
                     if self._exact_now:
                         view = self._perturbed_view()
-                        with view:
-                            yield
+                        try:
+                            with view:
+                                yield
+                        except RuntimeError as e:
+                            refusal = _fullgraph_refusal(e, exact=True)
+                            if refusal is None:
+                                raise
+                            raise refusal from e
                         view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
                     else:
                         yield
@@ -863,13 +898,9 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
             else:
                 loss = closure()
         except RuntimeError as e:  # torch.optim's habit of a closure that calls backward()
-            if type(e).__name__ == "Unsupported" and ("PerturbedView" in str(e) or "Lookahead" in str(e)):
-                raise RuntimeError(
-                    "zokern: torch.compile(fullgraph=True) cannot trace the hooks by which "
-                    f"{'the exact mode (the default for 16-bit parameters)' if view is not None else 'merge_steps'} "
-                    "sees what the model reads; compile without fullgraph=True"
-                    f"{', or use perturbation=' + repr('inplace') if view is not None else ''}"
-                ) from e
+            refusal = _fullgraph_refusal(e, exact=view is not None)
+            if refusal is not None:
+                raise refusal from e
             if "does not require grad" not in str(e):
                 raise
             raise RuntimeError(
@@ -1104,6 +1135,18 @@ def new_state(p: torch.Tensor) -> torch.Tensor:
     torch.inference_mode (an inference tensor could not be updated by the steps that run outside it)."""
     with torch.inference_mode(False):
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+def _fullgraph_refusal(error: RuntimeError, exact: bool) -> RuntimeError | None:
+    """What to say when torch.compile(fullgraph=True) met the hooks by which the exact mode (or merge_steps) sees
+    what the model reads; None for any other error."""
+    if type(error).__name__ != "Unsupported" or not ("PerturbedView" in str(error) or "Lookahead" in str(error)):
+        return None
+    return RuntimeError(
+        "zokern: torch.compile(fullgraph=True) cannot trace the hooks by which "
+        f"{'the exact mode (the default for 16-bit parameters)' if exact else 'merge_steps'} sees what the model "
+        f"reads; compile without fullgraph=True{', or use perturbation=' + repr('inplace') if exact else ''}"
+    )
 
 
 def sixteen_bit_loss_message(source: str, dtype: torch.dtype) -> str:

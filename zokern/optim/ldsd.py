@@ -22,7 +22,6 @@ from zokern.optim import seeds as seeds_
 from zokern.optim._groups import _check_number
 from zokern.optim._groups import check_group_betas
 from zokern.optim._groups import check_group_number
-from zokern.optim._groups import check_perturbation_scale
 from zokern.optim._interrupts import held_interrupts
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.base import new_state
@@ -166,12 +165,24 @@ class LDSD(ZOOptimizer):
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_hyperparameters(group)
         check_group_number(group, "sigma", 0.0, True)
-        check_perturbation_scale("eps * sigma", group["eps"] * group["sigma"])  # a candidate's noise, eps sigma xi
+        self._check_candidate_reach(group)
         check_group_number(group, "mu_lr", 0.0, False)
         if self.update != "adam":
             return
         check_group_number(group, "adam_eps", 0.0, True)
         check_group_betas(group)
+
+    def _check_candidate_reach(self, group: dict[str, Any]) -> None:
+        """A candidate is theta + eps (mu + sigma xi), one element of mu up to the ball's radius mu_norm sigma
+        sqrt(d), and a step flips it to theta - eps (mu + sigma xi): the flip's terms must stay finite in float32."""
+        size = sum(p.numel() for p in group["params"] if p.requires_grad)
+        scale = group["eps"] * group["sigma"]
+        reach = 2 * scale * (self.mu_norm * math.sqrt(size) + ops.Z_BOUND)
+        if not reach < ops.FLOAT32_OVERFLOW:
+            raise ValueError(
+                f"invalid eps * sigma: {scale:g} (a step moves theta by up to 2 x eps * sigma * (mu_norm * sqrt(d) + "
+                f"{ops.Z_BOUND}) = {reach:.3g} with d = {size} trained elements, beyond float32's range)"
+            )
 
     def _extra_group_keys(self) -> tuple[str, ...]:
         return ("sigma", "mu_lr", "betas", "adam_eps") if self.update == "adam" else ("sigma", "mu_lr")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import itertools
 import json
 import math
 import random
@@ -159,8 +158,14 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
             if split not in loaded:
                 raise ValueError(f"{path}: a saved DatasetDict without a {split!r} split; it has {sorted(loaded)}")
             loaded = loaded[split]
+        elif split != "train":
+            raise ValueError(
+                f"{path}: a single dataset, without splits: the {split!r} split is for a saved DatasetDict"
+            )
         dataset = loaded
     elif path.suffix in (".jsonl", ".json", ".parquet"):
+        if split != "train":  # (a file is one split, loaded as 'train')
+            raise ValueError(f"{path}: a file, without splits: the {split!r} split is for a saved DatasetDict")
         if path.is_file() and _blank(path):
             raise ValueError(f"{path}: the file is empty (no rows)")
         if path.is_file() and path.suffix != ".parquet":
@@ -200,7 +205,8 @@ def load_rows(source: str | Path, columns: tuple[str, ...], split: str = "train"
         for c in columns:
             if not isinstance(row[c], str) or not row[c].strip():
                 hint = f" ({CONVERSATIONAL})" if is_conversation(row[c]) else ""
-                raise ValueError(f"{path}, {_row_place(path, k)} has an empty or non-text {c!r}: {row[c]!r}{hint}")
+                place = _row_place(path, k, len(rows))
+                raise ValueError(f"{path}, {place} has an empty or non-text {c!r}: {row[c]!r}{hint}")
     return rows
 
 
@@ -216,14 +222,14 @@ def is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def _row_place(path: Path, k: int) -> str:
-    """Where row ``k`` (from 0) is: in a JSON lines file, also its line (from 1; blank lines hold no row)."""
+def _row_place(path: Path, k: int, rows: int) -> str:
+    """Where row ``k`` (from 0) of ``rows`` is: in a JSON lines file of one row per line, also its line (from 1;
+    blank lines hold no row). A file whose rows span lines (pretty-printed) has more lines than rows: row only."""
     if path.suffix != ".jsonl":
         return f"row {k}"
     with path.open(encoding="utf-8-sig") as fh:
-        rows = (number for number, line in enumerate(fh, 1) if line.strip())
-        line = next(itertools.islice(rows, k, None), None)
-    return f"row {k}" if line is None else f"line {line} (row {k})"
+        lines = [number for number, line in enumerate(fh, 1) if line.strip()]
+    return f"line {lines[k]} (row {k})" if len(lines) == rows else f"row {k}"
 
 
 def _blank(path: Path) -> bool:

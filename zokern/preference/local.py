@@ -39,8 +39,10 @@ class HFTokenizer:
 def loop_tokenizer(tokenizer):
     """The tokenizer as the loop and ZO-DPO use it: a Hugging Face tokenizer wrapped in :class:`HFTokenizer`; one
     with that interface already (``WordTokenizer``, ``HFTokenizer``) as it is; anything else refused by name."""
-    if all(hasattr(tokenizer, name) for name in ("encode", "decode", "bos_id", "eos_id", "pad_id")):
-        return tokenizer
+    ids = [getattr(tokenizer, name, None) for name in ("bos_id", "eos_id", "pad_id")]
+    if callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None)):
+        if all(isinstance(i, int) for i in ids):  # (a sentencepiece processor's bos_id is a method)
+            return tokenizer
     if hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "get_vocab"):  # transformers' tokenizers
         return HFTokenizer(tokenizer)
     raise TypeError(

@@ -166,13 +166,17 @@ def _judged_pairs(policy, tokenizer, prompts, judge, config, seed) -> list[dict]
 
 
 def _named(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in innermost(model).named_parameters()}
+    names = _inner_names(model)
+    return {names[id(p)]: p.detach().clone() for p in model.parameters()}
 
 
 def _inner_names(model) -> dict[int, str]:
     """Each parameter's name inside the model's wrappers (PEFT's, torch.compile's): the names by which a wrapped
-    policy's tensors meet a plain reward model's."""
-    return {id(p): n for n, p in innermost(model).named_parameters()}
+    policy's tensors meet a plain reward model's. A wrapper's own parameters (PEFT's prompt encoder) keep their
+    outer names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    names.update((id(p), n) for n, p in innermost(model).named_parameters())
+    return names
 
 
 def _trainable_named(policy) -> list[tuple[str, torch.Tensor]]:

@@ -216,6 +216,12 @@ def seeded_global_rng(seed: int, device: torch.device | str = "cpu") -> Iterator
     """torch's global generators seeded with ``seed`` for the block, then given back as they were: what draws from
     them (dropout, a layer's fresh weights) repeats with the seed, whatever the caller's own use of them."""
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    cuda = device.type == "cuda"
+    # The CPU's generator, and the device's where the model is on a GPU: torch.manual_seed would seed every GPU's,
+    # which fork_rng gives back only for the devices it is told of.
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         yield
