@@ -1101,3 +1101,20 @@ def test_a_frozen_parameter_over_a_trained_ones_memory_is_refused_in_the_exact_m
     flat = torch.randn(40, dtype=torch.bfloat16)
     trained, frozen = torch.nn.Parameter(flat[:20]), torch.nn.Parameter(flat[20:], requires_grad=False)
     ZOSGD([trained, frozen], lr=1e-2, eps=1e-2, seed=0).step(lambda: (trained.float() * frozen.float()).sum())
+    # A strided frozen view meets a trained row in one element (a span of nbytes from its start would miss it).
+    grid = torch.randn(4, 8, dtype=torch.bfloat16)
+    row, column = torch.nn.Parameter(grid[3]), torch.nn.Parameter(grid[:, 0], requires_grad=False)
+    with pytest.raises(ValueError, match="share memory, and one of them is frozen"):
+        ZOSGD([row, column], lr=1e-2, eps=1e-2, seed=0).step(lambda: row.float().sum() + column.float().sum())
+
+
+def test_a_frozen_wrapper_subclass_does_not_stop_the_exact_mode():
+    """A frozen tensor subclass without a readable storage (torchao's quantized weights, a DTensor) shares no memory
+    with a trained parameter: asking for its storage raised at every step."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    trained = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    frozen = torch.nn.Parameter(TwoTensor(torch.randn(8), torch.randn(8)), requires_grad=False)
+    opt = ZOSGD([trained, frozen], lr=1e-2, eps=1e-2, seed=0)
+    opt.step(lambda: trained.float().sum())
+    assert opt.steps_taken == 1

@@ -123,12 +123,15 @@ def test_a_bad_row_of_a_json_lines_file_is_named_by_its_line(tmp_path):
         load_rows(path, COLUMNS)
 
 
-def test_a_json_lines_file_whose_rows_span_lines_names_rows_only(tmp_path):
+def test_a_json_lines_row_is_named_by_the_line_it_starts_on(tmp_path):
     rows = [{"prompt": "the movie was", "chosen": "great .", "rejected": "bad ."}] * 2
     rows.append({"prompt": "the movie was", "chosen": "", "rejected": "bad ."})
     path = tmp_path / "pretty.jsonl"
     path.write_text("".join(json.dumps(r, indent=2) + "\n" for r in rows))  # datasets reads it; a line is no row
-    with pytest.raises(ValueError, match=r"pretty.jsonl, row 2 has an empty or non-text 'chosen'"):
+    with pytest.raises(ValueError, match=r"pretty.jsonl, line 11 \(row 2\) has an empty or non-text 'chosen'"):
+        load_rows(path, COLUMNS)
+    path.write_text(json.dumps(rows[0]) + " " + json.dumps(rows[1]) + "\n" + json.dumps(rows[2], indent=1) + "\n")
+    with pytest.raises(ValueError, match=r"pretty.jsonl, line 2 \(row 2\)"):  # two rows on line 1
         load_rows(path, COLUMNS)
 
 

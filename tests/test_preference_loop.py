@@ -425,3 +425,40 @@ def test_a_wrappers_own_parameters_keep_their_names():
     assert names == ["prompt_encoder.default.embedding.weight"]
     assert set(loop._named(policy)) >= set(names)
     assert not loop._reward_counterparts(policy, reward_model)
+
+
+def test_a_wrappers_own_parameter_named_as_an_inner_one_is_kept_apart():
+    import zokern.preference.loop as loop
+
+    class Wrapper(torch.nn.Module):  # get_base_model, as PEFT's wrappers have, and a weight of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+            self.inner = torch.nn.Linear(3, 3)
+
+        def get_base_model(self):
+            return self.inner
+
+    wrapper = Wrapper()
+    named = loop._named(wrapper)
+    assert sorted(named) == ["(wrapper) weight", "bias", "weight"]
+    assert torch.equal(named["(wrapper) weight"], wrapper.weight) and torch.equal(named["weight"], wrapper.inner.weight)
+
+
+def test_a_tokenizer_whose_ids_are_not_integers_is_named():
+    from zokern.preference.local import loop_tokenizer
+
+    class NumpyIds:
+        bos_id, eos_id, pad_id = map(__import__("numpy").int64, (1, 2, 0))
+
+        def encode(self, text):
+            return [3]
+
+        def decode(self, ids):
+            return ""
+
+    assert isinstance(loop_tokenizer(NumpyIds()), NumpyIds)
+    missing_pad = NumpyIds()
+    missing_pad.pad_id = None
+    with pytest.raises(TypeError, match="the tokenizer's pad_id must be an integer token id, got None"):
+        loop_tokenizer(missing_pad)

@@ -663,6 +663,26 @@ class _MixedIn(_PerLayerRatesMixin, ZOTrainer):
     pass
 
 
+def test_keywords_of_the_trainer_or_of_a_combined_trainer_class_reach_it(tmp_path):
+    """ZOTrainer reads optimizers and optimizer_cls_and_kwargs, positional or not, and validates nothing else: a
+    combined class's own keywords (TRL's SFTTrainer takes peft_config) reach that class."""
+
+    class Formatting(transformers.Trainer):
+        def __init__(self, *args, formatting_func=None, **kwargs):
+            self.formatting_func = formatting_func
+            super().__init__(*args, **kwargs)
+
+    class Combined(ZOTrainer, Formatting):
+        pass
+
+    trainer = Combined(model=tiny_opt(), args=arguments(tmp_path), train_dataset=TokenDataset(4), formatting_func=str)
+    assert trainer.formatting_func is str
+    model = tiny_opt()
+    with pytest.raises(ValueError, match="not optimizers="):  # (optimizers is the Trainer's 11th parameter)
+        ZOTrainer(model, arguments(tmp_path), None, TokenDataset(4), None, None, None, None, None, None,
+                  (torch.optim.AdamW(model.parameters()), None))  # fmt: skip
+
+
 def test_overrides_from_a_mixin_or_passing_through_train_again(tmp_path):
     """The second train() finds accelerate's wrapper of the optimizer ZOTrainer built; a mixin's create_optimizer
     is adopted as a subclass's own is."""

@@ -139,7 +139,9 @@ class ZOTrainer(Trainer):
         zo_optimizer_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
-        given = inspect.signature(Trainer.__init__).bind(None, *args, **kwargs).arguments  # (positional ones too)
+        # The Trainer's arguments by name, positional ones too; not validated here (a deprecated keyword the Trainer
+        # still takes, another Trainer subclass's own keywords in a combined class).
+        given = {**dict(zip(list(inspect.signature(Trainer.__init__).parameters)[1:], args)), **kwargs}
         optimizers = given.get("optimizers") or (None, None)
         if optimizers[0] is not None:
             raise ValueError("ZOTrainer builds its optimizer: pass zo_optimizer=..., not optimizers=(...)")

@@ -403,14 +403,24 @@ class ZOOptimizer(GroupChecks, Checkpointing, torch.optim.Optimizer):
         ]
         if not frozen:
             return
-        trained = [p for _, tensors, _ in layout for p in tensors]
-        storages = {(p.device, p.untyped_storage().data_ptr()) for p in trained}
-        suspects = [p for p in frozen if (p.device, p.untyped_storage().data_ptr()) in storages]
-        pair = ops.first_overlap_by_device(trained + suspects) if suspects else None
-        if pair is None or max(pair) < len(trained):  # (two trained ones: the passes refuse them)
+        on_storage: dict[tuple, list[torch.Tensor]] = {}
+        for _, tensors, _ in layout:
+            for p in tensors:
+                on_storage.setdefault(_storage_key(p), []).append(p)
+        on_storage.pop(None, None)  # (unreadable storages: none is shared with a trained parameter)
+        pair = next(
+            (
+                (t, f)
+                for f in frozen
+                for t in on_storage.get(_storage_key(f), ())
+                if f.numel() and t.numel() and _extents_overlap(t, f)
+            ),
+            None,
+        )
+        if pair is None:
             return
         names = self._parameter_names()
-        first, second = (names[id((trained + suspects)[k])] for k in pair)
+        first, second = (names[id(p)] for p in pair)
         raise ValueError(
             f"{first} and {second} share memory, and one of them is frozen: the exact mode (the default for 16-bit "
             "parameters) perturbs the uses of the trained Parameter only, so the frozen one would read theta "
@@ -1135,6 +1145,27 @@ def new_state(p: torch.Tensor) -> torch.Tensor:
     torch.inference_mode (an inference tensor could not be updated by the steps that run outside it)."""
     with torch.inference_mode(False):
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    """Where a tensor's memory lives; None for one whose storage cannot be read (a wrapper subclass: torchao's
+    quantized weights, a DTensor), which no trained parameter shares."""
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+
+
+def _extents_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges two strided tensors span meet (a non-contiguous view spans more than its nbytes; two
+    interleaved views that span each other's range count as overlapping)."""
+
+    def extent(t: torch.Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        return start, start + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
 
 
 def _fullgraph_refusal(error: RuntimeError, exact: bool) -> RuntimeError | None:

@@ -36,8 +36,8 @@ UPDATES = ("sgd", "adam")
 class LDSD(ZOOptimizer):
     r"""ZO-LDSD: K candidate directions from a learned Gaussian policy, the best one used for a two-sided step.
 
-    Per step, with candidate seeds :math:`s_1..s_K` (``seeds.probe_seed(step seed, i)``), :math:`\xi_i` their
-    streams and, per param group, :math:`\epsilon, \sigma, \eta, \eta_\mu`:
+    Per step, with candidate seeds :math:`s_1..s_K` (:math:`s_i` = ``seeds.probe_seed(step seed, i - 1)``),
+    :math:`\xi_i` their streams and, per param group, :math:`\epsilon, \sigma, \eta, \eta_\mu`:
 
     .. math::
         z_i = \mu + \sigma\xi_i,\quad f_i = L(\theta + \epsilon z_i),\quad i^* = \arg\min_i f_i,\quad

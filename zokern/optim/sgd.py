@@ -21,8 +21,8 @@ from zokern.optim.graph import StepGraph
 class ZOSGD(ZOOptimizer):
     r"""Zeroth-order SGD: MeZO's two-sided SPSA estimate, with the fused passes of the kernel layer.
 
-    One step with probe seeds :math:`s_1..s_q` (``seeds.probe_seed(step seed, k)``) and, per param group,
-    :math:`\epsilon, \eta, \lambda`:
+    One step with probe seeds :math:`s_1..s_q` (:math:`s_k` = ``seeds.probe_seed(step seed, k - 1)``) and, per
+    param group, :math:`\epsilon, \eta, \lambda`:
 
     .. math::
         d_k = \tfrac12\,(L(\theta + \epsilon z_k) - L(\theta - \epsilon z_k))

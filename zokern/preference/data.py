@@ -223,13 +223,20 @@ def is_conversation(value: Any) -> bool:
 
 
 def _row_place(path: Path, k: int, rows: int) -> str:
-    """Where row ``k`` (from 0) of ``rows`` is: in a JSON lines file of one row per line, also its line (from 1;
-    blank lines hold no row). A file whose rows span lines (pretty-printed) has more lines than rows: row only."""
+    """Where row ``k`` (from 0) of ``rows`` is: in a JSON lines file, also the line (from 1) its object starts on,
+    found by decoding the objects in turn (blank lines hold none, a pretty-printed one spans several, two may share
+    a line); the row alone where the file does not decode into ``rows`` objects."""
     if path.suffix != ".jsonl":
         return f"row {k}"
-    with path.open(encoding="utf-8-sig") as fh:
-        lines = [number for number, line in enumerate(fh, 1) if line.strip()]
-    return f"line {lines[k]} (row {k})" if len(lines) == rows else f"row {k}"
+    text = path.read_text(encoding="utf-8-sig")
+    decoder, starts, at = json.JSONDecoder(), [], 0
+    try:
+        while (at := len(text) - len(text[at:].lstrip())) < len(text):
+            starts.append(at)
+            at = decoder.raw_decode(text, at)[1]
+    except json.JSONDecodeError:
+        return f"row {k}"
+    return f"line {text.count(chr(10), 0, starts[k]) + 1} (row {k})" if len(starts) == rows else f"row {k}"
 
 
 def _blank(path: Path) -> bool:

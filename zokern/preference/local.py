@@ -3,6 +3,7 @@ downloaded, the directory must hold the model's weights and its tokenizer (``sav
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,10 +40,14 @@ class HFTokenizer:
 def loop_tokenizer(tokenizer):
     """The tokenizer as the loop and ZO-DPO use it: a Hugging Face tokenizer wrapped in :class:`HFTokenizer`; one
     with that interface already (``WordTokenizer``, ``HFTokenizer``) as it is; anything else refused by name."""
-    ids = [getattr(tokenizer, name, None) for name in ("bos_id", "eos_id", "pad_id")]
-    if callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None)):
-        if all(isinstance(i, int) for i in ids):  # (a sentencepiece processor's bos_id is a method)
-            return tokenizer
+    if all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")) and all(
+        hasattr(tokenizer, name) for name in ("bos_id", "eos_id", "pad_id")
+    ):
+        for name in ("bos_id", "eos_id", "pad_id"):  # (a sentencepiece processor's bos_id is a method)
+            value = getattr(tokenizer, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"the tokenizer's {name} must be an integer token id, got {value!r}")
+        return tokenizer
     if hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "get_vocab"):  # transformers' tokenizers
         return HFTokenizer(tokenizer)
     raise TypeError(

@@ -174,8 +174,11 @@ def _inner_names(model) -> dict[int, str]:
     """Each parameter's name inside the model's wrappers (PEFT's, torch.compile's): the names by which a wrapped
     policy's tensors meet a plain reward model's. A wrapper's own parameters (PEFT's prompt encoder) keep their
     outer names."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    names.update((id(p), n) for n, p in innermost(model).named_parameters())
+    names = {id(p): n for n, p in innermost(model).named_parameters()}
+    inner = set(names.values())
+    for n, p in model.named_parameters():
+        if id(p) not in names:  # one name per tensor: a wrapper's own that an inner one has is marked as the wrapper's
+            names[id(p)] = n if n not in inner else f"(wrapper) {n}"
     return names
 
 
