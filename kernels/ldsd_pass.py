@@ -80,6 +80,8 @@ def _ldsd_kernel(
     momentum,
     beta1,
     beta2,
+    one_minus_beta1,
+    one_minus_beta2,
     adam_eps,
     rounding_seed,
     DTYPE: tl.constexpr,
@@ -147,8 +149,8 @@ def _ldsd_kernel(
                 v_ptrs = _pointer(row, 3, tl.float32, ALIGNED) + local
                 m = _load(m_ptrs, mask, interior)
                 v = _load(v_ptrs, mask, interior)
-                m_new = beta1 * m + (1.0 - beta1) * acc_d
-                v_new = beta2 * v + (1.0 - beta2) * acc_d * acc_d
+                m_new = beta1 * m + one_minus_beta1 * acc_d
+                v_new = beta2 * v + one_minus_beta2 * acc_d * acc_d
                 c1 = tl.load(coef_ptr + 3 * R + 1)
                 c2 = tl.load(coef_ptr + 3 * R + 2)
                 # Correctly rounded, as the other backends compute it (compiled, "/" and tl.sqrt are approximate).
@@ -171,7 +173,7 @@ def _launch(
     coef: torch.Tensor,
     distribution: str,
     rule: str = "sgd",
-    scalars: tuple[float, ...] = (0.0,) * 6,
+    scalars: tuple[float, ...] = (0.0,) * 8,
     rounding_seed: int | None = None,
 ) -> torch.Tensor | None:
     device, dtype = params[0].device, params[0].dtype
@@ -246,8 +248,9 @@ def ldsd_final_(
     if not params:
         return
     assert coef.numel() == final_layout(len(seeds))["size"]
-    # beta rounded to float32 here: compiled, 1 - beta is then a float32 subtraction as on the other backends, and
-    # the interpreter's float64 one gives the same value (exact in float64, rounded once to float32).
+    # 1 - beta from beta's float64 value, rounded once to float32, as on the other backends; the interpreter
+    # computes in float64, so the values it takes are float32's already.
+    one_minus = float32_value(1.0 - beta1), float32_value(1.0 - beta2)
     beta1, beta2 = float32_value(beta1), float32_value(beta2)
-    scalars = (lr, weight_decay, momentum, beta1, beta2, adam_eps)
+    scalars = (lr, weight_decay, momentum, beta1, beta2, *one_minus, adam_eps)
     _launch("final", params, mus, states, bases, seeds, coef, distribution, rule, scalars, rounding_seed)

@@ -557,3 +557,29 @@ def test_numpy_scalar_hyperparameters_train_as_their_float_values(update):
             opt.step(lambda model=model, x=x: model(x).pow(2).mean())
         runs.append([t.clone() for p in model.parameters() for t in (p.detach(), opt.state[p]["mu"])])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("backend", backends_for())
+@pytest.mark.parametrize("beta2", [0.999, 0.99999])
+def test_the_adam_rule_follows_adam_in_float64_with_beta2_near_one(backend, beta2):
+    """1 - beta2 from float32 beta2, and 1 - beta2^t in float32, lost digits: exp_avg_sq was off by 1.3e-5 of its
+    scale at beta2 = 0.999 and 1.4e-3 at 0.99999, where float32 rounding gives ~1e-7. With k = 1, mu stays 0 and
+    the estimate is g * xi(step seed)."""
+    n, lr, beta1, adam_eps = 300, 0.3, 0.9, 1e-8
+    generator = torch.Generator().manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(n, generator=generator).to(DEVICE))
+    target = torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE)
+    opt = LDSD([x], lr=lr, eps=1e-3, k=1, update="adam", betas=(beta1, beta2), adam_eps=adam_eps, seed=5,
+               backend=backend)  # fmt: skip
+    m = torch.zeros(n, dtype=torch.float64, device=DEVICE)
+    v = torch.zeros_like(m)
+    for t in range(1, 5):
+        start = x.detach().double().clone()
+        opt.step(lambda: 0.5 * ((x.double() - target) ** 2).sum())
+        record = opt.trajectory[-1]
+        estimate = record["projected_grad"][0] * stream(record["seed"], 0, n, "gaussian").double().to(DEVICE)
+        m = beta1 * m + (1 - beta1) * estimate
+        v = beta2 * v + (1 - beta2) * estimate**2
+        step = -lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + adam_eps)
+        assert (x.detach().double() - start - step).abs().max() <= 4e-6 * step.abs().max()
+        assert (opt.state[x]["exp_avg_sq"].double() - v).abs().max() <= 4e-7 * v.abs().max()

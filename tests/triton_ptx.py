@@ -47,7 +47,8 @@ LDSD_SIGNATURE = {
     "seeds_ptr": "*i64",
     "coef_ptr": "*fp32",
     "partial_ptr": "*fp64",
-    **{name: "fp32" for name in ("lr", "weight_decay", "momentum", "beta1", "beta2", "adam_eps")},
+    **dict.fromkeys(("lr", "weight_decay", "momentum", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2"), "fp32"),
+    "adam_eps": "fp32",
     "rounding_seed": "i64",
 }
 

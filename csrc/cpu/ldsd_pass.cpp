@@ -33,6 +33,7 @@ struct LdsdConfig {
   std::vector<uint64_t> seeds;
   const float* coef;  // P, D, M rows of 1 + S values, then ok, c1, c2 (mode 2); one row (modes 0 and norm)
   float lr, weight_decay, momentum, beta1, beta2, adam_eps;
+  float one_minus_beta1, one_minus_beta2;  // from beta's double value, rounded once (see _ldsd_reference.py)
   uint64_t rounding_seed;
   bool ok;
 };
@@ -90,8 +91,8 @@ ZK_CPU_CLONES double ldsd_chunk(const Job& job, int64_t chunk_begin, const LdsdC
       } else if (kRule == kAdam) {
         float& m = ts.state1[job.index][shift + j];
         float& v = ts.state2[job.index][shift + j];
-        m = add_rn(mul_rn(cfg.beta1, m), mul_rn(1.0f - cfg.beta1, d));
-        v = add_rn(mul_rn(cfg.beta2, v), mul_rn(mul_rn(1.0f - cfg.beta2, d), d));
+        m = add_rn(mul_rn(cfg.beta1, m), mul_rn(cfg.one_minus_beta1, d));
+        v = add_rn(mul_rn(cfg.beta2, v), mul_rn(mul_rn(cfg.one_minus_beta2, d), d));
         const float c1 = cfg.coef[3 * (cfg.seeds.size() + 1) + 1], c2 = cfg.coef[3 * (cfg.seeds.size() + 1) + 2];
         step = (m / c1) / add_rn(std::sqrt(v / c2), cfg.adam_eps);
       }
@@ -182,6 +183,8 @@ double ldsd_pass_cpu(at::TensorList params, at::TensorList mus, at::TensorList s
   cfg.momentum = static_cast<float>(momentum);
   cfg.beta1 = static_cast<float>(beta1);
   cfg.beta2 = static_cast<float>(beta2);
+  cfg.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  cfg.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   cfg.adam_eps = static_cast<float>(adam_eps);
   cfg.rounding_seed = static_cast<uint64_t>(rounding_seed);
   cfg.ok = mode != kFinal || cfg.coef[3 * row] != 0.0f;

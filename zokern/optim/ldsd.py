@@ -414,8 +414,10 @@ class LDSD(ZOOptimizer):
                 m_row = torch.cat((m_row[:1], torch.zeros(k, device=device), m_row[1:]))
             c1 = c2 = torch.ones((), dtype=torch.float32, device=device)
             if self._rule == "adam":
+                # 1 - beta^t as -expm1(t log beta), log beta taken in float64 on the host: in float32, beta^t near 1
+                # lost the digits of 1 - beta^t (1.3e-5 of it at beta2 = 0.999 and t = 1). t stays on the device.
                 t = adam_steps[device]
-                c1, c2 = 1 - group["betas"][0] ** t, 1 - group["betas"][1] ** t
+                c1, c2 = (-torch.expm1(t * math.log(beta)) for beta in group["betas"])
             coef = torch.cat((p_row, d_row, m_row, torch.stack((ok.to(device, torch.float32), c1, c2))))
             assert coef.numel() == final_layout(len(streams))["size"]
             for dtype in dict.fromkeys(p.dtype for p in chunk_params):
