@@ -560,12 +560,12 @@ def test_numpy_scalar_hyperparameters_train_as_their_float_values(update):
 
 
 @pytest.mark.parametrize("backend", backends_for())
-@pytest.mark.parametrize("beta2", [0.999, 0.99999])
-def test_the_adam_rule_follows_adam_in_float64_with_beta2_near_one(backend, beta2):
+@pytest.mark.parametrize("beta1, beta2", [(0.9, 0.999), (0.9, 0.99999), (0.0, 0.999)])
+def test_the_adam_rule_follows_adam_in_float64_with_beta2_near_one(backend, beta1, beta2):
     """1 - beta2 from float32 beta2, and 1 - beta2^t in float32, lost digits: exp_avg_sq was off by 1.3e-5 of its
-    scale at beta2 = 0.999 and 1.4e-3 at 0.99999, where float32 rounding gives ~1e-7. With k = 1, mu stays 0 and
-    the estimate is g * xi(step seed)."""
-    n, lr, beta1, adam_eps = 300, 0.3, 0.9, 1e-8
+    scale at beta2 = 0.999 and 1.4e-3 at 0.99999, where float32 rounding gives ~1e-7 (beta1 = 0: no first moment,
+    whose log is -inf). With k = 1, mu stays 0 and the estimate is g * xi(step seed)."""
+    n, lr, adam_eps = 300, 0.3, 1e-8
     generator = torch.Generator().manual_seed(0)
     x = torch.nn.Parameter(torch.randn(n, generator=generator).to(DEVICE))
     target = torch.randn(n, generator=generator, dtype=torch.float64).to(DEVICE)

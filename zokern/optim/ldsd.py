@@ -417,7 +417,7 @@ class LDSD(ZOOptimizer):
                 # 1 - beta^t as -expm1(t log beta), log beta taken in float64 on the host: in float32, beta^t near 1
                 # lost the digits of 1 - beta^t (1.3e-5 of it at beta2 = 0.999 and t = 1). t stays on the device.
                 t = adam_steps[device]
-                c1, c2 = (-torch.expm1(t * math.log(beta)) for beta in group["betas"])
+                c1, c2 = (-torch.expm1(t * (math.log(beta) if beta else -math.inf)) for beta in group["betas"])
             coef = torch.cat((p_row, d_row, m_row, torch.stack((ok.to(device, torch.float32), c1, c2))))
             assert coef.numel() == final_layout(len(streams))["size"]
             for dtype in dict.fromkeys(p.dtype for p in chunk_params):
