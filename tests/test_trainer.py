@@ -682,6 +682,21 @@ def test_keywords_of_the_trainer_or_of_a_combined_trainer_class_reach_it(tmp_pat
         ZOTrainer(model, arguments(tmp_path), None, TokenDataset(4), None, None, None, None, None, None,
                   (torch.optim.AdamW(model.parameters()), None))  # fmt: skip
 
+    class NoModelInit(transformers.Trainer):  # TRL's SFTTrainer order: optimizers is the 10th positional
+        def __init__(self, model, args, data_collator=None, train_dataset=None, eval_dataset=None,
+                     processing_class=None, compute_loss_func=None, compute_metrics=None, callbacks=None,
+                     optimizers=(None, None)):  # fmt: skip
+            super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                             compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
+                             callbacks=callbacks, optimizers=optimizers)  # fmt: skip
+
+    class Reordered(ZOTrainer, NoModelInit):
+        pass
+
+    with pytest.raises(ValueError, match="not optimizers="):
+        Reordered(model, arguments(tmp_path), None, TokenDataset(4), None, None, None, None, None,
+                  (torch.optim.AdamW(model.parameters()), None))  # fmt: skip
+
 
 def test_overrides_from_a_mixin_or_passing_through_train_again(tmp_path):
     """The second train() finds accelerate's wrapper of the optimizer ZOTrainer built; a mixin's create_optimizer

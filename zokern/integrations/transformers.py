@@ -139,9 +139,14 @@ class ZOTrainer(Trainer):
         zo_optimizer_kwargs: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
-        # The Trainer's arguments by name, positional ones too; not validated here (a deprecated keyword the Trainer
-        # still takes, another Trainer subclass's own keywords in a combined class).
-        given = {**dict(zip(list(inspect.signature(Trainer.__init__).parameters)[1:], args)), **kwargs}
+        # The Trainer's arguments by name, positional ones too, in the order of the __init__ they go to next (a
+        # combined class's other Trainer may order them otherwise); not validated here (a deprecated keyword the
+        # Trainer still takes, that other class's own keywords).
+        parameters = list(inspect.signature(super().__init__).parameters.values())
+        if any(p.kind is p.VAR_POSITIONAL for p in parameters):  # (a subclass handing *args on to the Trainer)
+            parameters = list(inspect.signature(Trainer.__init__).parameters.values())[1:]
+        positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        given = {**dict(zip(positional, args)), **kwargs}
         optimizers = given.get("optimizers") or (None, None)
         if optimizers[0] is not None:
             raise ValueError("ZOTrainer builds its optimizer: pass zo_optimizer=..., not optimizers=(...)")
