@@ -219,7 +219,7 @@ class ZOTrainer(Trainer):
     def _warn_of_unused_arguments(self, zo_optimizer: ZOOptimizer) -> None:
         """A prebuilt optimizer keeps its own lr and weight_decay (the schedule scales its lr), as the Trainer's
         prebuilt optimizers do: warn where the arguments set others, which would otherwise be silently unused."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self.args)}
+        defaults = _argument_defaults(self.args)
         unused = []
         for key, argument in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
             value = getattr(self.args, argument)
@@ -517,9 +517,14 @@ def _a(name: str) -> str:
     return f"{'an' if name[:1] in 'AEIOU' else 'a'} {name}"
 
 
+def _argument_defaults(args) -> dict[str, Any]:
+    """The TrainingArguments' defaults by name: what a value differing from was set by the user."""
+    return {f.name: f.default for f in dataclasses.fields(args)}
+
+
 def _first_order_arguments(args) -> list[str]:
     """``name=value`` for each first-order argument the user set, which a ZO step cannot honour."""
-    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    defaults = _argument_defaults(args)
     changed = [n for n in _FIRST_ORDER_ARGUMENTS if n in defaults and getattr(args, n) != defaults[n]]
     if args.max_grad_norm not in (0, defaults.get("max_grad_norm")):
         changed.append("max_grad_norm")

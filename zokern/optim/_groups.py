@@ -91,8 +91,8 @@ class GroupChecks:
         return {"params", "lr", "eps", "weight_decay", *self._extra_group_keys()}
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
-        """A group's hyperparameters as the passes apply them (subclasses add theirs, through _check_group_number and
-        _check_group_betas), made floats: another real number (a Fraction, a NumPy scalar) would reach tensor
+        """A group's hyperparameters as the passes apply them (subclasses add theirs, through check_group_number and
+        check_group_betas), made floats: another real number (a Fraction, a NumPy scalar) would reach tensor
         arithmetic and the JSON trajectory as itself."""
         check_step_hyperparameters(group["lr"], group["eps"], group["weight_decay"])
         for key in ("lr", "eps", "weight_decay"):
