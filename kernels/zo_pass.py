@@ -32,9 +32,10 @@ INTERPRETER_BLOCK = 8192
 # Tables kept: the exact mode asks for one per large parameter per forward, so the cache must hold a large model's
 # (OPT-30B has 290 large parameters; a cyclic walk over more keys than an LRU cache holds misses every time).
 _TABLE_CACHE_SIZE = 2048
-# And their bytes, on all devices together: a table holds 40-48 bytes per tile of every tensor it covers, and tensors
-# that get new memory at each call (the exact mode's copies, where the allocator does not hand back the same blocks)
-# would fill the cache with tables of dead addresses, up to 2048 tables of a model's largest parameters.
+# And their bytes, on all devices together: a table holds 32-56 bytes per tile of every tensor it covers (an int64 per
+# column: 4 for this pass, up to 7 for the LDSD and ZOPrO passes), and tensors that get new memory at each call (the
+# exact mode's copies, where the allocator does not hand back the same blocks) would fill the cache with tables of dead
+# addresses, up to 2048 tables of a model's largest parameters.
 _TABLE_CACHE_BYTES = 1 << 30
 _tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _table_bytes = 0

@@ -33,7 +33,6 @@ from zokern._reference import round_stochastic
 from zokern._reference import rounding_bits
 from zokern._reference import stream
 
-RULES = ("sgd", "momentum", "adam")
 STATES_PER_RULE = {"sgd": 0, "momentum": 1, "adam": 2}
 
 

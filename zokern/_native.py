@@ -1,6 +1,8 @@
 """The ``cpu`` and ``cuda`` backends: zokern's C++/CUDA extension, ``zokern._C``, behind the backend interface.
 
-Importing ``zokern._C`` registers two torch ops (csrc/cpu/zo_pass.cpp defines their schemas):
+Importing ``zokern._C`` registers zokern's torch ops; this module wraps the two whose schemas csrc/cpu/zo_pass.cpp
+defines (the others' are in copy_pass.cpp, ldsd_pass.cpp, zopro_pass.cpp and sketch.cpp, wrapped by _native_copy,
+_native_ldsd, _native_zopro and preference/sketch.py):
 
 - ``zokern::zo_pass_(Tensor(a!)[] tensors, int[] bases, int seed, float alpha, int domain, float lr,
   float grad_value, Tensor? grad_tensor, bool update, float weight_decay, int seed2, float alpha2, bool second,

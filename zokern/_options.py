@@ -162,7 +162,6 @@ def _creatable_directory(path: Path) -> Path:
 positive_int = argtype(check_positive_int)
 seed = argtype(check_seed)
 non_negative_float = argtype(check_non_negative_float)
-positive_float = argtype(check_positive_float)
 eps = argtype(check_eps)
 regex = argtype(check_regex)
 device = argtype(check_device)

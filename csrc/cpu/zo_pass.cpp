@@ -1,5 +1,5 @@
-// zokern's torch ops: their schemas (for every backend), their CPU kernels, and the Python module zokern._C that
-// registers them on import.
+// zokern's core torch ops: their schemas (for every backend), their CPU kernels, and the Python module zokern._C that
+// registers them on import (the other files add their ops with TORCH_LIBRARY_FRAGMENT).
 //
 //   zokern::zo_pass_      the fused pass of docs/stream.md, section 5, over a list of tensors of one device and dtype
 //   zokern::philox_words_ fills an int64 [n, 4] tensor with the words of Philox blocks first_block .. first_block+n-1

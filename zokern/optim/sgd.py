@@ -304,9 +304,7 @@ class ZOSGD(ZOOptimizer):
             # two directions per pass, so lambda theta uses the parameters before the step.
             last = probes[-1], self._coefficient(diffs[-1])
             self._restore_update(last[0], self._restore_scale(), last[1], lookahead)
-            self._add_directions(
-                [(s, _scaled(self._coefficient(d), "lr", -1.0)) for s, d in zip(probes[:-1], diffs[:-1])]
-            )
+            self._add_directions([(s, _lr_step(self._coefficient(d))) for s, d in zip(probes[:-1], diffs[:-1])])
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss, **_folded(lookahead))
 
@@ -480,9 +478,9 @@ def _folded(lookahead: int | None) -> dict[str, int]:
     return {} if lookahead is None else dict(next_seed=lookahead)
 
 
-def _scaled(coefficient: Callable[[dict[str, Any]], float], key: str, sign: float):
-    """c(group) * sign * group[key]: turns a projected-gradient share into an update coefficient."""
-    return lambda group: sign * group[key] * coefficient(group)
+def _lr_step(coefficient: Callable[[dict[str, Any]], float]):
+    """-lr * c(group): a probe's projected-gradient share as an update coefficient."""
+    return lambda group: -group["lr"] * coefficient(group)
 
 
 _MERGE_NEEDS_INPLACE = (

@@ -1,12 +1,13 @@
-"""The online preference-optimisation loop: ZOPrO, the MeZO direction, and first-order RLOO in one code path.
+"""The online preference-optimisation loop: ZOPrO, the MeZO direction, LDSD and first-order RLOO in one code path.
 
 One policy step: sample k responses to each of P prompts (frozen rollouts), score them with the reward model,
 subtract the sequence-level KL to the frozen reference, take RLOO advantages, and minimise the PPO-clip surrogate on
-those rollouts: with a ZO step (two policy-loss forwards) or a first-order one (one forward and a backward). Methods
-are compared at the same number of policy-loss forwards. After every iteration of ``steps_per_iteration`` steps,
-pairs of the policy's own responses are labelled by the judge and the reward model is refined (first order); ZOPrO's
-next direction is built from the policy's update over the iteration (mu) and the reward model's refinement (vhat,
-matched to the policy's tensors by name), with gamma decaying linearly over the run.
+those rollouts: with a ZO step (two policy-loss forwards; LDSD's k + 1) or a first-order one (one forward and a
+backward). Methods are compared at the same number of policy-loss forwards. After every iteration of
+``steps_per_iteration`` steps, pairs of the policy's own responses are labelled by the judge and the reward model is
+refined (first order); ZOPrO's next direction is built from the policy's update over the iteration (mu) and the
+reward model's refinement (vhat, matched to the policy's tensors by name), with gamma decaying linearly over the
+run.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
    directory with the run's first record.
 2. Build the word tokenizer; pretrain a small policy on the corpus (first order); train the reward model on the
    pairs (Bradley-Terry, first order).
-3. Run ZOPrO, the MeZO direction and first-order RLOO from that same start, for the same number of policy-loss
-   forwards, each judged on held-out prompts as it goes.
+3. Run the chosen methods (ZOPrO, the MeZO direction and first-order RLOO; ``--methods`` adds LDSD) from that same
+   start, for the same number of policy-loss forwards, each judged on held-out prompts as it goes.
 4. Write ``metrics.jsonl`` (one record per evaluation: method, step, forwards, seconds, reward) and ``reward.png``
    (judged reward against policy-loss forwards and against seconds), and ``sketches.jsonl`` (count-sketches of the
    policy and the reward model after every iteration) with its plots in ``viz/`` (see ``zokern viz``).
