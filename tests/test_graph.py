@@ -161,6 +161,29 @@ def test_an_exception_in_the_closure_restores_theta():
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_a_pass_that_fails_on_a_later_group_leaves_the_earlier_groups_restored(monkeypatch, graph):
+    # Uncaptured graph steps (the CPU's, a GPU's warm-up) run their passes: a pass failing partway takes back the
+    # groups it already moved, as the ordinary step does (they were left at theta + eps z).
+    model = _model()
+    groups = [{"params": [model[0].weight]}, {"params": [model[2].weight, model[2].bias]}]
+    opt = ZOSGD(groups, lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=graph)
+    perturb, calls = zokern.ops.perturb_, []
+
+    def second_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first pass's call on the second group
+            raise RuntimeError("device lost")
+        return perturb(*args, **kwargs)
+
+    monkeypatch.setattr(zokern.ops, "perturb_", second_call_fails)
+    before = _params(model)
+    with pytest.raises(RuntimeError, match="device lost"):
+        opt.step(_closure(model))
+    for a, b in zip(before, _params(model), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_a_new_closure_every_step_warns_on_a_gpu_and_stays_correct():
     plain, opt_plain = _run(False, steps=3)
     model = _model()
@@ -376,7 +399,8 @@ def test_a_failed_capture_forgets_what_it_tracked(fake_capture, error, raised):
     step_graph = opt._graph
     step_graph.key = ("some key",)
 
-    def passes(seed, evaluate):
+    def passes(seed, evaluate, capturing):
+        assert capturing
         opt._track(seed, lambda group: group["eps"])  # what the +eps pass records before the closure fails
         raise error
 
@@ -396,7 +420,7 @@ def test_a_successful_capture_keeps_the_graph_and_its_outputs(fake_capture):
     opt = ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=3, perturbation="inplace", cuda_graph=True)
     step_graph = opt._graph
     outputs = dict(loss=torch.tensor(1.0))
-    step_graph._passes = lambda seed, evaluate: outputs
+    step_graph._passes = lambda seed, evaluate, capturing: outputs
     step_graph._capture(1, lambda: None, torch.device("cpu"))
     assert isinstance(step_graph.graph, _FakeGraph) and step_graph.outputs is outputs
     assert fake_capture == []

@@ -244,7 +244,32 @@ def test_the_cuda_backend_offers_only_ops_with_a_cuda_kernel():
         assert _dispatch._module("cuda", "zo_copy_pass_") is not None
 
 
-OPS = ("zo_pass_", "zo_copy_pass_", "ldsd_move_", "ldsd_squared_norm", "ldsd_final_", "zopro_reduce", "zopro_apply_")
+def test_the_cuda_backend_offers_its_functions_by_their_ops(monkeypatch):
+    """A function is looked up by the torch op it calls, whose name may differ: the stochastic-rounding words
+    (philox_block_words, over zokern::philox_words_) come from the CUDA kernels of an extension that has them."""
+    from zokern import _dispatch
+    from zokern import _native
+
+    if _native.LOAD_ERROR is not None:
+        pytest.skip(f"the extension did not load: {_native.LOAD_ERROR}")
+    with_cuda_kernels = {"zo_pass_", "zo_copy_pass_", "philox_words_"}  # csrc/cuda/bindings.cpp registers these
+    assert all(hasattr(torch.ops.zokern, op) for op in with_cuda_kernels)
+    monkeypatch.setattr(_native, "cuda_kernel_for", lambda op: op in with_cuda_kernels)
+    for function in ("zo_pass_", "zo_copy_pass_", "philox_block_words"):
+        module = _dispatch._module("cuda", function)
+        assert module is not None and hasattr(module, function), function
+
+
+OPS = (
+    "zo_pass_",
+    "zo_copy_pass_",
+    "philox_block_words",
+    "ldsd_move_",
+    "ldsd_squared_norm",
+    "ldsd_final_",
+    "zopro_reduce",
+    "zopro_apply_",
+)
 
 
 @pytest.mark.parametrize("requested", [None, "cuda", "triton"])

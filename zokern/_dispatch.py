@@ -78,12 +78,17 @@ _MODULES = {
 }
 
 
+# The torch op behind a backend function of another name: the cuda backend offers a function only where the
+# extension has a CUDA kernel for its op.
+_TORCH_OP = {"philox_block_words": "philox_words_"}
+
+
 def _module(name: str, op: str = "zo_pass_") -> ModuleType | None:
     """The module of backend ``name`` that implements ``op``, or None if the backend has no such op."""
     if name == "cuda":
         from zokern import _native
 
-        if not _native.cuda_kernel_for(op):
+        if not _native.cuda_kernel_for(_TORCH_OP.get(op, op)):
             return None
     for module_name in _MODULES[name]:
         module = importlib.import_module(module_name)

@@ -18,7 +18,7 @@ losses, the projected gradient) never travel to the host. With :math:`\xi_s` the
 
 Arithmetic is float32. The streams come from the plain-torch oracle (``stream_backend="torch"``, the default) or,
 when this module is an optimizer's fallback backend, from the fused pass of the fastest backend. Tensors are
-processed in chunks so that temporaries stay at a few MiB whatever the model size.
+processed in chunks so that temporaries stay at a few tens of MiB whatever the model size.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def cuda_kernel_for(op: str) -> bool:
         return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"zokern::{op}", "CUDA")
-    except RuntimeError:  # no such op at all (the LDSD and ZOPrO passes' Python names): no CUDA kernel either
+    except RuntimeError:  # no such op at all (ldsd_move_ and ldsd_final_, Python names over ldsd_pass_): none either
         return False
 
 

@@ -3,7 +3,7 @@
 This module is the oracle every other backend is tested against, and the ``torch`` backend that runs wherever
 nothing faster is available. It favours obviously-right over fast: Philox words are computed in int64 (each
 32-bit word held in the low half), the Gaussian transform in float64, and large tensors are processed in chunks
-so that the fallback never allocates more than a few MiB of temporaries, whatever the model size.
+so that the fallback's temporaries stay at a few tens of MiB (~40 MiB a chunk), whatever the model size.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ELEMENTS_PER_CALL_LOG2 = {DOMAIN_GAUSSIAN: 3, DOMAIN_RADEMACHER: 7, DOMAIN_ROUND
 DISTRIBUTIONS = {"gaussian": DOMAIN_GAUSSIAN, "rademacher": DOMAIN_RADEMACHER}
 
 _MASK32 = 0xFFFFFFFF
-# Elements per chunk of the torch backend: bounds its temporaries at a few MiB.
+# Elements per chunk of the torch backend: bounds its temporaries (float64 and int64, ~40 MiB a chunk).
 _CHUNK = 1 << 20
 
 

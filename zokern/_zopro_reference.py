@@ -10,8 +10,8 @@ Per tensor p, with n_p the Gaussian stream of ``seed`` at p's offsets, mu_p and 
   (A, B, C) = :math:`\alpha`(c_mu, -c_n a_p, c_n).
 
 Arithmetic float32 for the apply, float64 for the reductions; tensors are processed in chunks, so temporaries stay
-at a few MiB. The streams come from the oracle (``stream_backend="torch"``) or, as a fallback backend, from the fused
-pass of the fastest backend.
+at a few tens of MiB. The streams come from the oracle (``stream_backend="torch"``) or, as a fallback backend, from
+the fused pass of the fastest backend.
 """
 
 from __future__ import annotations

@@ -137,6 +137,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._checked_values: list[tuple | None] = []  # per group, the hyperparameters the last step found valid
         self._update_passes = 0  # update passes of the current step: each takes its own rounding seed
         self._rows: Iterator[torch.Tensor] | None = None  # a CUDA graph's scalar rows, one per pass (graph.py)
+        self._capturing = False  # while a CUDA graph records the step: its passes run nothing (graph.py)
         self.merge_steps = False  # set by optimizers that fold the next step's perturbation into their last pass
         self._lookahead = Lookahead()
         _hooks.install(self)
@@ -159,7 +160,15 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
     # records in flight are settled first; a captured CUDA graph is not copied (the copy captures its own). What
     # belongs to the original object stays with it, as torch.optim does: hooks registered on it, and the wrapper an
     # LR scheduler puts on its ``step`` (which holds the original: a copy's step would step the original).
-    _TRANSIENT = ("_unsettled", "_rows", "_step_chunks", "_step_prepared", "_block_randomness", "step") + tuple(
+    _TRANSIENT = (
+        "_unsettled",
+        "_rows",
+        "_capturing",
+        "_step_chunks",
+        "_step_prepared",
+        "_block_randomness",
+        "step",
+    ) + tuple(
         f"_optimizer_{kind}_hooks"
         for kind in ("step_pre", "step_post", "state_dict_pre", "state_dict_post")
         + ("load_state_dict_pre", "load_state_dict_post")
@@ -174,7 +183,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         if _loading(state):
             return
         _hooks.install(self)
-        self._unsettled, self._rows = [], None
+        self._unsettled, self._rows, self._capturing = [], None, False
         self._step_chunks, self._step_prepared = None, {}
         self._checked_values = []
         self._busy = False
@@ -293,8 +302,9 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
     def _all_or_none(self, calls: list, move: Callable[[Any, float], None]) -> None:
         """``move(call, 1.0)`` for each call of a tracked pass; if one raises, the calls already made are taken back
         (``move(call, -1.0)``) before it propagates, since the step's record, from which its undo starts, holds the
-        pass as not applied. Not while a CUDA graph records its step (nothing has run)."""
-        if self._rows is not None:
+        pass as not applied. Not while a CUDA graph records its step: nothing has run, and a take-back would be
+        recorded into the graph (its warm-up steps and the CPU's uncaptured ones do run, and are taken back)."""
+        if self._capturing:
             for call in calls:
                 move(call, 1.0)
             return
@@ -857,7 +867,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 disagreed.append(record["step"])
             if record["skipped"]:
                 skipped.append(record["step"])
-        if disagreed:  # counted and warned about above as well: the state agrees with what replay rebuilds
+        if disagreed:  # counted as skipped steps are (the state agrees with what replay rebuilds), then raised
             self._nonfinite += len(skipped)
             raise _distributed.disagreement(disagreed[0])
         if skipped:

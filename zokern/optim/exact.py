@@ -5,7 +5,8 @@ and the weights random-walk away from where they were. Here, while the closure r
 every op that receives a trainable parameter a fresh tensor holding round(theta + sum_k alpha_k z(seed_k)),
 materialised by the fused kernel just before the op and freed when the op no longer needs it. The parameters only
 change in the update pass, so with lr = 0 they stay bit-identical to their start, and the extra memory is the
-largest parameter an op receives (plus any small ones, such as a bias, received by the same op). A parameter used
+largest parameter an op receives, plus the small ones (at most an eighth of the largest), made up front for the
+evaluation. A parameter used
 twice in a forward (tied input and output embeddings) is materialised twice from the same theta: the same value.
 An op that receives several large parameters at once (an RNN's flat weights, multi-head attention's projections)
 holds all of their copies while it runs. Code that takes a parameter's memory itself (``data_ptr()``, as a Triton

@@ -174,15 +174,17 @@ class StepGraph:
             )
         return rows
 
-    def _passes(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+    def _passes(self, seed: int, evaluate: Callable[[], Any], capturing: bool = False) -> dict[str, Any]:
         """The step's kernels, each reading its row: what is captured. The optimizer's own device step, its passes
         fed the rows in launch order (the order of _plan)."""
         opt = self.opt
         rows = opt._rows = iter(self.rows)
+        opt._capturing = capturing
         try:
             fields = opt._device_step_passes(seed, evaluate, None)
         finally:
-            opt._rows = None  # before any undo pass after an exception, which must take its scalars as arguments
+            # Before any undo pass after an exception, which must take its scalars as arguments.
+            opt._rows, opt._capturing = None, False
         assert next(rows, None) is None  # every row of the plan was read
         return fields
 
@@ -198,7 +200,7 @@ class StepGraph:
             # before torch.cuda.graph restores it.
             with torch.cuda.stream(torch.cuda.current_stream(device)):
                 with torch.cuda.graph(graph, pool=pool, stream=self._stream(device), capture_error_mode="thread_local"):
-                    outputs = self._passes(seed, evaluate)
+                    outputs = self._passes(seed, evaluate, capturing=True)
             captured = True
         except torch.OutOfMemoryError:
             raise

@@ -40,7 +40,8 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
     (groups in order, parameters in order; frozen ones included, they are left alone; groups added during the run
     last, as they were added). ``trajectory`` is the run's from its first step (a resumed run's records follow those
     written before its checkpoint). On the same backend the result is bit-identical to the trained parameters. Every
-    zokern optimizer replays: their steps depend only on seeds, hyperparameters and losses, and their states
+    optimizer of zokern.optim replays (not zokern.preference's ZOPrO, whose directions depend on more than the
+    trajectory records): their steps depend only on seeds, hyperparameters and losses, and their states
     (momentum, Adam moments) are rebuilt along the way. Returns the optimizer that replayed, whose state equals the
     original's: its next step is the one the run would have taken (same seed), and it trains the parameters whose
     ``requires_grad`` is set when ``params`` carry the run's last trainable set (else that recorded set). Under

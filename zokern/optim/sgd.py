@@ -386,8 +386,9 @@ class ZOSignSGD(ZOSGD):
     the sign of the momentum buffer). The step size is then independent of the loss scale: use a much smaller
     ``lr`` than ZO-SGD (it moves every weight by exactly :math:`\eta`).
 
-    Extra memory: one float32 tensor the size of the largest trainable parameter, transient (the estimate is
-    materialised one tensor at a time); plus 4 bytes per trainable parameter with momentum.
+    Extra memory: one float32 tensor the size of the largest trainable parameter, transient (the estimate, or its
+    sign with momentum, materialised one tensor at a time; two while several probes are summed, and a float32 copy
+    of a 16-bit parameter as it is updated); plus 4 bytes per trainable parameter with momentum.
     Arguments and returned loss as :class:`ZOSGD`.
     """
 
@@ -404,13 +405,15 @@ class ZOSignSGD(ZOSGD):
         for group, tensors, offsets in self._groups_layout():
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
             for p, offset in zip(tensors, offsets):
-                direction = self._direction(p, offset, terms)
                 if self.momentum:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = new_state(p)
-                    direction = state["momentum_buffer"].mul_(self.momentum).add_(direction)
-                self._decay_and_step(p, offset, torch.sign(direction), group, rounding)
+                    buffer = state["momentum_buffer"].mul_(self.momentum).add_(self._direction(p, offset, terms))
+                    signs = torch.sign(buffer)
+                else:
+                    signs = self._direction(p, offset, terms).sign_()  # in place: one transient tensor, not two
+                self._decay_and_step(p, offset, signs, group, rounding)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)
 

@@ -1,6 +1,6 @@
 """The demo's data, generated here (nothing is downloaded), its word-level tokenizer, the judge, and dataset loading.
 
-    python -m zokern.preference.data --out DIR [--seed 0] [--prompts 400]
+    python -m zokern.preference.data --out DIR [--seed 0] [--prompts 400] [--corpus 6000]
 
 writes to DIR:
 - ``corpus.jsonl`` (``text``): prompts followed by continuations of every sentiment, to pretrain a small policy;

@@ -181,7 +181,8 @@ def train_zo_dpo(
 
     Each response takes ``response_length`` positions (<eos> included; longer ones are cut) and each prompt what is
     left of the model's positions (cut from the left): one warning counts the pairs cut. The reference pass and the
-    evaluations go ``chunk`` pairs per forward, the training step's ``batch`` pairs in one.
+    evaluations go ``chunk`` pairs per two forwards (chosen, then rejected), the training step's ``batch`` pairs
+    likewise.
 
     The default optimizer is ZOSGD over the trainable parameters with lr 1e-2, eps 1e-3: on the demo's policy (token
     embeddings trainable) it took the held-out DPO loss from log 2 to 0.607 in 200 steps (accuracy 0.69), where

@@ -108,7 +108,9 @@ def pretrain(
     return losses
 
 
-PROMPT_TOKENS = 256  # prompts are truncated from the left to this many tokens (a local model's context is longer)
+# Positions for <bos>, a prompt and its <eos> (dropped before the response): prompts keep at most 254 tokens, cut
+# from the left (a local model's context is longer).
+PROMPT_TOKENS = 256
 
 
 @dataclass

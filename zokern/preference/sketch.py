@@ -11,7 +11,7 @@ shape (the policy and the reward model the loop maps onto it) share that part of
 an update is the difference of two sketches. For unit vectors u and v, :math:`\langle Su, Sv\rangle` is an unbiased
 estimate of :math:`\langle u, v\rangle` with variance
 :math:`(1 + \langle u, v\rangle^2 - 2\sum_j u_j^2 v_j^2)/k \le 2/k` (Weinberger et al. 2009; Charikar et al. 2002):
-sketched cosines and squared norms are within a few :math:`\sqrt{2/k}` of the exact ones (k = 512: about 0.06).
+a sketched cosine or squared norm has a standard deviation of at most :math:`\sqrt{2/k}` (k = 512: about 0.06).
 
 On the CPU one C++ pass (csrc/cpu/sketch.cpp) generates the words and accumulates the buckets as the data streams by
 (about 5 ns per element on 2 cores); elsewhere the words come in chunks from the fastest backend and torch adds them
@@ -29,7 +29,7 @@ from zokern._dispatch import select_backend
 from zokern.optim.seeds import mix
 
 DOMAIN_SKETCH = 3  # Philox counter word 2: apart from the Gaussian (0), Rademacher (1) and rounding (2) streams
-_CHUNK_BLOCKS = 1 << 18  # Philox blocks per chunk: 2^20 elements, a few MiB of temporaries
+_CHUNK_BLOCKS = 1 << 18  # Philox blocks per chunk: 2^20 elements, a few tens of MiB of temporaries
 
 
 def name_seed(name: str, seed: int = 0) -> int:
@@ -98,10 +98,10 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class SketchRecorder:
     """Appends sketches of a run's models to a JSON-lines file as the run goes: one line per recorded point,
-    ``{"method", "model", "iteration", "step", "gamma", "k", "seed", "norm", "sketch"}`` (``norm``: the exact
-    norm of the sketched parameters, for reference). k = 512 float64 values: about 10 KB of text per point. With
-    ``fresh=True`` an existing file is emptied at the first point recorded, not before (zokern.preference.records:
-    a run that fails earlier keeps the previous run's sketches)."""
+    ``{"method", "model", "iteration", "step", "gamma", "k", "seed", "norm", "names", "sketch"}`` (``norm``: the exact
+    norm of the sketched parameters, for reference; ``names``: theirs, in order). k = 512 float64 values: about 10 KB of
+    text per point. With ``fresh=True`` an existing file is emptied at the first point recorded, not before
+    (zokern.preference.records: a run that fails earlier keeps the previous run's sketches)."""
 
     def __init__(self, path, k: int = 512, seed: int = 0, fresh: bool = False) -> None:
         if not isinstance(k, int) or k < 1:

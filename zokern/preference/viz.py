@@ -5,7 +5,7 @@ and r_i = R_i - R_{i-1} (S is linear). Statistics per iteration: the angle betwe
 the angle between consecutive policy updates p_{i-1}, p_i (persistence), the norms of p_i and r_i, and ZOPrO's gamma.
 Plots (PNG) and an HTML page that shows them are written to RUN_DIR/viz (or --out). Trajectories are drawn in 2-D by
 PCA of the sketches; t-SNE is added when scikit-learn is installed. Angles come from the sketches, so they carry the
-sketch's error: a cosine within a few sqrt(2/k) of the exact one (zokern.preference.sketch).
+sketch's error: a cosine's standard deviation is at most sqrt(2/k) (zokern.preference.sketch).
 """
 
 from __future__ import annotations
