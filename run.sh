@@ -33,6 +33,8 @@ ensure_zokern() {
   if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && has_module zokern; then
     return
   fi
+  # pip would meet the torch floor by replacing the installed torch: refuse instead, naming it.
+  "$PY" zokern/_floors.py
   has_module ninja || pip_install ninja
   has_build_setuptools || pip_install "setuptools>=77.0.3" wheel
   echo "run.sh: building zokern (C++ extension; CUDA kernels too when torch has CUDA and nvcc is found)"

@@ -152,6 +152,13 @@ def _extension_setup() -> dict:
         if _flag("ZOKERN_REQUIRE_BUILD"):  # the whole extension was asked for: its CUDA kernels too
             raise RuntimeError(f"zokern: {message}; ZOKERN_REQUIRE_BUILD=1")
         print(f"zokern: {message}; building the CPU kernels only")
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        # torch derives the architectures from the visible GPUs, and with none (a build machine, a container build)
+        # it fails (IndexError in _get_cuda_arch_flags): build for the architectures this torch was built for.
+        arch_list = arch_list_of(torch.cuda.get_arch_list())
+        if arch_list:
+            print(f"zokern: no GPU is visible; building the CUDA kernels for torch's architectures ({arch_list})")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     if with_cuda:
         ext = CUDAExtension(
             "zokern._C",
@@ -164,6 +171,13 @@ def _extension_setup() -> dict:
     else:
         ext = cpu_extension()
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
+
+
+def arch_list_of(torch_archs: list[str]) -> str:
+    """TORCH_CUDA_ARCH_LIST for the real architectures of ``torch.cuda.get_arch_list()`` (``sm_80``; not ``sm_90a``,
+    nor ``compute_90``), the newest also as PTX for later GPUs; "" for none."""
+    numbers = sorted({int(a[3:]) for a in torch_archs if re.fullmatch(r"sm_\d+", a)})
+    return ";".join(f"{n // 10}.{n % 10}" for n in numbers) + "+PTX" if numbers else ""
 
 
 if __name__ == "__main__":  # as pip's build backend runs it; tests import the helpers above

@@ -54,11 +54,13 @@ def _pointer(row, column: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constex
 
 @triton.jit
 def _load(ptrs, mask, interior):
-    # Interior tiles skip the mask, whose unknown bound would otherwise stop the loads from being vectorised.
+    # Interior tiles skip the mask, whose unknown bound would otherwise stop the loads from being vectorised. One
+    # return after the runtime branch: Triton 3.2 aborts on a return in each ("Argument rematerialization").
     if interior:
-        return tl.load(ptrs)
+        value = tl.load(ptrs)
     else:
-        return tl.load(ptrs, mask=mask, other=0.0)
+        value = tl.load(ptrs, mask=mask, other=0.0)
+    return value
 
 
 @triton.jit

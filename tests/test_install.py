@@ -192,3 +192,130 @@ def test_a_failed_cpu_build_leaves_an_installable_package(monkeypatch, capsys):
     assert len(attempts) == 1
     assert "zokern will use its torch/triton backends" in capsys.readouterr().out
     assert cpu.optional  # else setuptools' editable install fails copying the library that was not built
+
+
+# ------------------------------------------------------------------------------------------ version floors
+
+
+def test_pyproject_declares_the_floors_the_package_checks():
+    import re
+    from pathlib import Path
+
+    from zokern import _floors
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    for name, floor in (("torch", _floors.TORCH_FLOOR), ("triton", _floors.TRITON_FLOOR)):
+        declared = re.findall(rf'"{name}>=([\d.]+)"', pyproject)
+        assert declared == [".".join(map(str, floor))], (name, declared)
+
+
+@pytest.mark.parametrize(
+    "version, too_old",
+    [("2.5.1+cu121", True), ("2.4", True), ("1.13.1", True), ("2.6.0", False), ("2.6.0a0+ecf3bae40a.nv25.01", False)]
+    + [("2.13.0+cpu", False), ("3.0", False), ("2.10.0.dev20261101", False)],
+)
+def test_torch_versions_are_judged_by_their_release_numbers(version, too_old):
+    from zokern import _floors
+
+    reason = _floors.torch_too_old(version)
+    assert (reason is not None) == too_old
+    if too_old:
+        assert version in reason and "torch >= 2.6" in reason
+
+
+def test_an_older_torch_is_refused_at_import_and_before_a_build():
+    """Named at ``import zokern`` (not an AttributeError from a newer API deep inside a step), and by the script
+    run.sh calls before it builds, where pip would otherwise replace the user's torch."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pretend = "import torch; torch.__version__ = '2.5.1+cu121'; "
+    imported = subprocess.run(
+        [sys.executable, "-c", pretend + "import zokern"], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert imported.returncode != 0
+    assert "ImportError: zokern needs torch >= 2.6, found 2.5.1+cu121" in imported.stderr
+    script = pretend + "import runpy; runpy.run_path('zokern/_floors.py', run_name='__main__')"
+    checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    assert checked.returncode == 1 and "run.sh: zokern needs torch >= 2.6, found 2.5.1+cu121" in checked.stderr
+    current = subprocess.run([sys.executable, "zokern/_floors.py"], capture_output=True, text=True, cwd=root)
+    assert current.returncode == 0, current.stderr
+
+
+@pytest.mark.parametrize("installed, reason", [("3.1.0", "triton 3.1.0 is older than 3.2"), ("3.2.0", None)])
+def test_a_triton_below_its_floor_is_reported_unavailable(monkeypatch, installed, reason):
+    """torch pins its Triton (2.5 pins 3.1), which wins over the triton extra: an older one would fail inside a
+    kernel's compilation, so the backend says why it cannot run instead."""
+    import importlib.metadata
+
+    from zokern import _dispatch
+
+    def version(distribution):
+        if distribution == "triton":
+            return installed
+        raise importlib.metadata.PackageNotFoundError(distribution)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _dispatch._triton_too_old.cache_clear()
+    try:
+        status = _dispatch.backend_status()["triton"]
+        if reason is None:
+            assert status == "available" or not _dispatch._triton_installed()
+        else:
+            assert status.startswith(reason) and "pip install 'triton>=3.2'" in status
+            with pytest.raises(RuntimeError, match="older than 3.2"):
+                _dispatch.available_requested_backend("triton")
+    finally:
+        _dispatch._triton_too_old.cache_clear()
+
+
+def test_the_sdist_carries_every_file_a_build_and_the_tests_need(tmp_path):
+    """setuptools puts an Extension's sources into an sdist, not the headers they include (a build from it failed:
+    zokern/stream.h: No such file), and only the sources of the extension the packing machine would build."""
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    needed = [f for f in listed.stdout.split() if not f.startswith(".")]
+    source = tmp_path / "source"
+    for name in needed:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((root / name).read_bytes())
+    env = dict(os.environ, ZOKERN_SKIP_BUILD="1")  # packing builds nothing; the manifest alone decides
+    out = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("zokern-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    assert not [f for f in needed if f not in packed]
+
+
+def test_a_cuda_build_without_a_visible_gpu_targets_the_architectures_torch_was_built_for(monkeypatch):
+    """torch picks the architectures from the visible GPUs and, with none (a build machine, a container build),
+    failed with an IndexError: the build names torch's own architectures instead."""
+    import torch
+    import torch.utils.cpp_extension as cpp_extension
+
+    setup = _setup_module()
+    for flag in ("ZOKERN_SKIP_BUILD", "ZOKERN_SKIP_CUDA_BUILD", "ZOKERN_REQUIRE_BUILD"):
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "")  # unset (and restored after the test)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_90a", "sm_120", "compute_120"])
+    (ext,) = setup._extension_setup()["ext_modules"]
+    assert "csrc/cuda/zo_pass.cu" in ext.sources
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;12.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # the user's choice stands
+    setup._extension_setup()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"

@@ -126,3 +126,16 @@ def test_positions_count_real_tokens_and_refuse_a_batch_past_the_table():
     assert position_kwargs(policy, mask, new=1)["position_ids"].tolist() == [[2], [4]]
     with pytest.raises(ValueError, match=r"9 positions exceeds the model's 8"):
         response_logprobs(policy, torch.ones(1, 9, dtype=torch.long), torch.ones(1, 9, dtype=torch.long), 2)
+
+
+def test_sampling_passes_the_kv_cache_under_the_name_the_model_takes():
+    """transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40): sampling uses the
+    name the model's forward takes, so it warns on no version; a model taking past_key_values still gets its cache."""
+    import warnings
+
+    policy = new_policy(TOK, hidden=32, layers=1, heads=2).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        new = sample(policy, TOK, [SHORT, LONG], k=2, response_length=6, seed=1)
+    old = sample(_OwnPositions(policy), TOK, [SHORT, LONG], k=2, response_length=6, seed=1)
+    assert torch.equal(new.sequences, old.sequences)

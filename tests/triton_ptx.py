@@ -5,6 +5,7 @@ Run by tests/test_triton.py in a process without TRITON_INTERPRET (which would r
 2 cores) and reports failures: a check before a GPU session (.ci/rehearse_device.sh with TRITON_VARIANTS=all).
 """
 
+import inspect
 import itertools
 import json
 import os
@@ -54,8 +55,11 @@ LDSD_SIGNATURE = {
 
 
 def compile_ptx(fn, signature, constexprs) -> str:
-    signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3
+        signature = dict(signature, **{name: "constexpr" for name in constexprs})
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    else:  # triton 3.2: the constexprs are constants by name, outside the signature
+        source = ASTSource(fn=fn, signature=signature, constants=constexprs)
     return triton.compile(source, target=H100, options=options.LAUNCH).asm["ptx"]  # as zokern launches them
 
 

@@ -4,6 +4,10 @@ The kernel layer: a counter-based perturbation stream (docs/stream.md) and fused
 that perturb, restore and update parameters without ever storing z.
 """
 
+from zokern import _floors
+
+_floors.require_torch()  # before the modules that use newer torch's APIs as they import
+
 from zokern._dispatch import available_backends
 from zokern._dispatch import backend_status
 from zokern._reference import STREAM_VERSION

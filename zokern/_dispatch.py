@@ -18,6 +18,8 @@ from types import ModuleType
 
 import torch
 
+from zokern import _floors
+
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 ENV_VAR = "ZOKERN_BACKEND"
 
@@ -30,6 +32,11 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 def _triton_installed() -> bool:
     # Cached: the module search stats the file system, which cost each pass about 0.1 ms of host time.
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _triton_too_old() -> str | None:
+    return _floors.triton_too_old()
 
 
 def _triton_interpreted() -> bool:
@@ -52,6 +59,8 @@ def backend_status() -> dict[str, str]:
         status["cuda"] = "available"
     if not _triton_installed():
         status["triton"] = "triton is not installed (pip install triton)"
+    elif _triton_too_old() is not None:
+        status["triton"] = _triton_too_old()
     elif not (torch.cuda.is_available() or _triton_interpreted()):
         status["triton"] = "no CUDA device visible to torch (set TRITON_INTERPRET=1 to run Triton on the CPU)"
     else:

@@ -16,9 +16,11 @@ import torch
 
 from zokern.preference.data import WordTokenizer
 from zokern.preference.losses import bradley_terry_loss
+from zokern.preference.positions import cache_kwargs
 from zokern.preference.positions import max_positions
 from zokern.preference.positions import position_kwargs
 from zokern.preference.positions import prompt_budget
+from zokern.preference.positions import returned_cache
 
 
 def policy_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 64):
@@ -153,8 +155,8 @@ def sample(
     for t in range(response_length):
         # The prompts' positions from their masks, then each new token's: mask.sum(-1) - 1, its mask included.
         positions = position_kwargs(policy, step_mask, new=None if past is None else 1)
-        out = policy(input_ids=step_ids, attention_mask=step_mask, past_key_values=past, use_cache=True, **positions)
-        past = out.past_key_values
+        out = policy(input_ids=step_ids, attention_mask=step_mask, **cache_kwargs(policy, past), **positions)
+        past = returned_cache(out)
         probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
         token = torch.multinomial(probs, 1, generator=g).squeeze(1)
         token = torch.where(done, torch.full_like(token, tokenizer.pad_id), token)

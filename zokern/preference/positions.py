@@ -25,6 +25,23 @@ def _takes_position_ids(model_class: type) -> bool:
     return "position_ids" in inspect.signature(model_class.forward).parameters
 
 
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    # transformers 5.24 renamed the KV cache argument and output field past_key_values -> cache (the old names warn
+    # a FutureWarning and go in 5.40); earlier versions, and models written against them, take past_key_values.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """``{name: cache, "use_cache": True}`` under the name ``model``'s forward takes its KV cache by."""
+    return {_cache_argument(type(innermost(model))): cache, "use_cache": True}
+
+
+def returned_cache(output):
+    """The KV cache a forward returned: ``output.cache`` from transformers 5.24, ``output.past_key_values`` before."""
+    return output["cache"] if "cache" in output.keys() else output.past_key_values
+
+
 def innermost(model: torch.nn.Module) -> torch.nn.Module:
     """The model a wrapper forwards to (torch.compile's ``_orig_mod``, PEFT's base model): wrappers take ``**kwargs``,
     so only the model they wrap says whether position ids are taken."""
