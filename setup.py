@@ -155,7 +155,7 @@ def _extension_setup() -> dict:
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         # torch derives the architectures from the visible GPUs, and with none (a build machine, a container build)
         # it fails (IndexError in _get_cuda_arch_flags): build for the architectures this torch was built for.
-        arch_list = arch_list_of(torch.cuda.get_arch_list())
+        arch_list = arch_list_of(torch_cuda_archs())
         if arch_list:
             print(f"zokern: no GPU is visible; building the CUDA kernels for torch's architectures ({arch_list})")
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
@@ -171,6 +171,18 @@ def _extension_setup() -> dict:
     else:
         ext = cpu_extension()
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
+
+
+def torch_cuda_archs() -> list[str]:
+    """The architectures this torch was built for, GPU or none: ``torch.cuda.get_arch_list()`` answers [] without a
+    visible GPU up to torch 2.11 (pytorch#169414), so the build's own flags are read then."""
+    import torch
+
+    archs = torch.cuda.get_arch_list()
+    if not archs:
+        flags = getattr(torch._C, "_cuda_getArchFlags", lambda: None)()
+        archs = flags.split() if flags else []
+    return archs
 
 
 def arch_list_of(torch_archs: list[str]) -> str:

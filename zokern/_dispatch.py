@@ -59,10 +59,10 @@ def backend_status() -> dict[str, str]:
         status["cuda"] = "available"
     if not _triton_installed():
         status["triton"] = "triton is not installed (pip install triton)"
-    elif _triton_too_old() is not None:
-        status["triton"] = _triton_too_old()
     elif not (torch.cuda.is_available() or _triton_interpreted()):
         status["triton"] = "no CUDA device visible to torch (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    elif _triton_too_old() is not None:  # (imports triton: only where it would run)
+        status["triton"] = _triton_too_old()
     else:
         status["triton"] = "available"
     return {name: status[name] for name in BACKENDS}

@@ -12,12 +12,12 @@ too old: ``run.sh`` checks this before building, where pip would replace the use
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 
-# torch 2.6: increment_version over a list, Module.register_load_state_dict_pre_hook, torch.library.register_fake,
-# torch::Library::set_python_module, Adam groups' decoupled_weight_decay key. Triton 3.2: the interpreter runs the
-# kernels (3.1's rejected the Philox helper's tl.arange).
+# torch 2.5 brought increment_version over a list, Module.register_load_state_dict_pre_hook, torch.library.register_fake
+# and torch::Library::set_python_module; 2.6 is the oldest the whole suite was run on (its Adam groups lack 2.7's
+# decoupled_weight_decay key: docs/optim.md). Triton 3.2: the interpreter runs the kernels (3.1's rejected the
+# Philox helper's tl.arange).
 TORCH_FLOOR = (2, 6)
 TRITON_FLOOR = (3, 2)
 
@@ -43,18 +43,18 @@ def torch_too_old(version: str) -> str | None:
 
 
 def triton_too_old() -> str | None:
-    """Why the installed Triton cannot run zokern's kernels, or None (also when its version cannot be read: a
-    distribution under another name is not judged)."""
-    for distribution in ("triton", "pytorch-triton"):
-        try:
-            version = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        if release(version)[:2] < TRITON_FLOOR:
-            floor = _dotted(TRITON_FLOOR)
-            return f"triton {version} is older than {floor} (pip install 'triton>={floor}')"
+    """Why the Triton that imports cannot run zokern's kernels, or None. Judged by the imported module's
+    ``__version__`` (a distribution's record may be stale: a torch nightly's pytorch-triton installed over a stable
+    triton leaves both); one without a readable version is not judged."""
+    try:
+        import triton
+    except Exception as e:  # noqa: BLE001 - any import failure makes the backend unusable
+        return f"triton does not import ({type(e).__name__}: {e})"
+    version = getattr(triton, "__version__", None)
+    if not isinstance(version, str) or not release(version) or release(version)[:2] >= TRITON_FLOOR:
         return None
-    return None
+    floor = _dotted(TRITON_FLOOR)
+    return f"triton {version} is older than {floor} (pip install 'triton>={floor}')"
 
 
 def require_torch() -> None:
