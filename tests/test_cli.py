@@ -548,6 +548,7 @@ def test_a_terminated_demo_removes_its_staging_directory(tmp_path):
     staging_root.mkdir()
     env = {**os.environ, "TMPDIR": str(staging_root)}
     command = [sys.executable, "-m", "zokern", "demo", "--out", str(tmp_path / "out"), "--methods", "mezo"]
+    command += ["--forwards", "60000"]  # far more than it reaches before the signal, on a loaded machine too
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

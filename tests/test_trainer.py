@@ -801,7 +801,7 @@ def test_data_parallel_ranks_average_a_sequence_classifiers_loss_without_the_tra
 
     worker = Path(__file__).with_name("trainer_dp_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     run = subprocess.run([*command, str(worker), str(tmp_path), "classifier"], capture_output=True, text=True,
                          env=env, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
@@ -822,7 +822,8 @@ def test_data_parallel_ranks_stay_identical_unwrapped_through_rank_zero_checkpoi
 
     worker = Path(__file__).with_name("trainer_dp_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    command.append(str(tmp_path))
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -1,6 +1,6 @@
 """One rank of ZOTrainer's data-parallel tests (tests/test_trainer.py), launched by torchrun on the CPU (gloo):
 
-python -m torch.distributed.run --nproc_per_node 2 tests/trainer_dp_worker.py OUT_DIR [classifier]
+python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer_dp_worker.py OUT_DIR [classifier]
 
 A bf16 Llama, in-place perturbation with merged steps, a checkpoint every other step (written by rank 0 alone):
 each rank writes whether the Trainer wrapped its model and its final weights. With ``classifier``: a sequence
