@@ -40,6 +40,13 @@ def test_triton_sources_install_inside_the_zokern_namespace():
     assert "zokern" not in owners.get("kernels", [])
 
 
+def _pack(source, *args: str) -> None:
+    """Run ``python ARGS`` in ``source`` with the extension's build skipped: packing, not compiling."""
+    env = dict(os.environ, ZOKERN_SKIP_BUILD="1")
+    out = subprocess.run([sys.executable, *args], cwd=source, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_wheel_ships_every_subpackage_and_no_top_level_kernels(tmp_path):
     import shutil
     import zipfile
@@ -48,16 +55,7 @@ def test_wheel_ships_every_subpackage_and_no_top_level_kernels(tmp_path):
     root = Path(__file__).resolve().parents[1]
     source = tmp_path / "src"
     shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", "build", "*.so", "__pycache__", "*.egg-info"))
-    env = dict(os.environ, ZOKERN_SKIP_BUILD="1")
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
-        cwd=source,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    _pack(source, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), ".")
     (wheel,) = tmp_path.glob("zokern-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in (
@@ -288,16 +286,7 @@ def test_the_sdist_carries_every_file_a_build_and_the_tests_need(tmp_path):
     for name in needed:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_bytes((root / name).read_bytes())
-    env = dict(os.environ, ZOKERN_SKIP_BUILD="1")  # packing builds nothing; the manifest alone decides
-    out = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
-        cwd=source,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    _pack(source, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist"))  # the manifest alone decides
     (sdist,) = (tmp_path / "dist").glob("zokern-*.tar.gz")
     with tarfile.open(sdist) as tar:
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
