@@ -153,3 +153,34 @@ def save_local_model(directory, kind: str = "opt", embedding_rows: int | None = 
     if tokenizer:
         fast.save_pretrained(directory)
     return fast
+
+
+def launch_ranks(worker, scenario: str, out, world: int = 2) -> list[dict]:
+    """Run ``python worker SCENARIO OUT RANK WORLD`` as ``world`` processes (gloo ranks rendezvousing through a file in
+    ``out``); each writes ``out/rank{r}.json``, returned in rank order. Fails with a rank's stderr if one fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(worker), scenario, str(out), str(rank), str(world)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    for rank, process in enumerate(ranks):
+        try:
+            _, stderr = process.communicate(timeout=240)
+        finally:
+            for p in ranks:
+                if p.poll() is None and process.returncode is None:
+                    p.kill()
+        assert process.returncode == 0, f"rank {rank}: {stderr[-4000:]}"
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]

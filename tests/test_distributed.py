@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +10,7 @@ from dp_worker import SCENARIOS
 from dp_worker import STEPS
 from dp_worker import model_and_batch
 from dp_worker import train
+from helpers import launch_ranks
 
 from zokern.optim import ZOSGD
 
@@ -21,26 +18,7 @@ WORKER = Path(__file__).with_name("dp_worker.py")
 
 
 def _launch(scenario: str, out: Path, world: int = 2) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), scenario, str(out), str(rank), str(world)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    for rank, process in enumerate(ranks):
-        try:
-            _, stderr = process.communicate(timeout=240)
-        finally:
-            for p in ranks:
-                if p.poll() is None and process.returncode is None:
-                    p.kill()
-        assert process.returncode == 0, f"rank {rank}: {stderr[-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return launch_ranks(WORKER, scenario, out, world)
 
 
 def test_two_ranks_on_half_batches_equal_one_process_on_the_whole_batch(tmp_path):

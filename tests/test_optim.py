@@ -893,8 +893,9 @@ def test_nonfinite_loss_skips_the_update_with_a_warning(bad_call, bad):
 
 
 def test_a_trainable_tensor_subclass_is_refused_and_a_frozen_one_left_alone():
-    # A DTensor (FSDP2, tensor parallelism) keeps its values in local shards the passes do not see: refused by name
-    # at construction (it failed at the first step, as "overlapping memory" or an error from inside torch).
+    # A wrapper subclass (torchao's quantized weights) keeps its values where the passes do not see them: refused by
+    # name at construction (it failed at the first step, as "overlapping memory" or an error from inside torch).
+    # FSDP2's DTensors are trained shard by shard (tests/test_fsdp.py).
     from torch.testing._internal.two_tensor import TwoTensor
 
     values = torch.randn(6)

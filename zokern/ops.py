@@ -74,9 +74,9 @@ def _check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 
 
 SUBCLASS_REASON = (
-    "zokern's passes read and write a tensor's own memory, and a tensor subclass (a DTensor of FSDP2 or tensor "
-    "parallelism, say) keeps its values elsewhere. Train replicated parameters (data parallelism: every rank holds "
-    "the whole model), or give the passes each shard's local tensor with its stream offset"
+    "zokern's passes read and write a tensor's own memory, and a tensor subclass (a DTensor, a quantized weight) "
+    "keeps its values elsewhere. The optimizers train FSDP2's sharded DTensors (docs/optim.md); give the passes "
+    "each shard's local tensor with its stream offset"
 )
 
 

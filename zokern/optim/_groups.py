@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from zokern import ops
+from zokern.optim import _shards
 
 
 class GroupChecks:
@@ -37,18 +38,21 @@ class GroupChecks:
         self._check_group_keys(group)
         _warn_if_eps_unresolvable(group)
         first_index: dict[int, int] = {}
+        written: dict[int, torch.Tensor] = {}  # the trainable parameters' tensors the passes write (a DTensor's shard)
         for k, p in enumerate(group["params"]):
             j = first_index.setdefault(id(p), k)
             if j != k:  # torch.optim only warns; a step would then fail on every call
                 raise ValueError(f"params[{j}] and params[{k}] are the same parameter; each must appear once")
             # Only what a step writes: frozen parameters of any dtype and layout (a QLoRA model's packed 4-bit base
             # weights) are never touched; they only hold their place in the stream.
-            if p.requires_grad and not _writable(p):
-                _reject_parameter(f"params[{k}]", p)
+            if p.requires_grad:
+                written[k] = _shards.written_tensor(p, f"params[{k}]")[0]
+                if not _writable(written[k]):
+                    _reject_parameter(f"params[{k}]", written[k])
         # Two Parameters over one storage (weights tied by sharing .data): named here, once; a step refuses them too,
         # but among one group only after drawing its seed, by their place among the trainable tensors.
-        trainable = [k for k, p in enumerate(group["params"]) if p.requires_grad and not p.is_meta]
-        pair = ops.first_overlap_by_device([group["params"][k] for k in trainable])
+        trainable = [k for k, t in written.items() if not t.is_meta]
+        pair = ops.first_overlap_by_device([written[k] for k in trainable])
         if pair is not None:
             first, second = (trainable[k] for k in pair)
             raise ValueError(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from zokern import ops
+from zokern.optim import _shards
 from zokern.optim._checkpoint import _kernel_state
 from zokern.optim._groups import _reject_parameter
 from zokern.optim._groups import _writable
@@ -23,23 +24,28 @@ class LayoutChecks:
     _PASSES_CHECK_MEMORY = True
 
     def _groups_layout(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
-        """Per param group: the group, its trainable tensors and their global stream offsets (fixed during a step,
-        which computes it once for all of its passes and evaluations)."""
+        """Per param group: the group, its trainable tensors (of a sharded parameter, this rank's local shard) and
+        their global stream offsets (fixed during a step, which computes it once for all of its passes and
+        evaluations). Sets ``_sharded``: whether some of them are shards."""
         if self._step_layout is not None:
             return self._step_layout
-        layout, base, index = [], 0, 0
+        layout, base, index, sharded = [], 0, 0, False
         for g, group in enumerate(self.param_groups):
             tensors, offsets = [], []
             for k, p in enumerate(group["params"]):
                 trainable = p.requires_grad if self._trainable_override is None else self._trainable_override[index]
                 if trainable:
-                    if not _writable(p):
-                        _reject_parameter(f"param_groups[{g}]['params'][{k}]", p)
-                    tensors.append(p)
-                    offsets.append(base)
+                    name = f"param_groups[{g}]['params'][{k}]"
+                    tensor, start = _shards.written_tensor(p, name)
+                    if not _writable(tensor):
+                        _reject_parameter(name, tensor)
+                    tensors.append(tensor)  # a shard: the rank's local tensor, at its slice of the parameter's stream
+                    offsets.append(base + start)
+                    sharded = sharded or tensor is not p
                 base += p.numel()
                 index += 1
             layout.append((group, tensors, offsets))
+        self._sharded = sharded
         self._check_distinct_memory(layout)
         self._check_state_shapes(layout)
         return layout
@@ -83,7 +89,9 @@ class LayoutChecks:
         """``param_groups[g]['params'][k]`` of each trainable tensor of ``layout``, in its order."""
         names = []
         for g, (group, tensors, _) in enumerate(layout):
-            positions = {id(p): k for k, p in enumerate(group["params"])}
+            positions = {
+                id(_shards.local_tensor(p) if _shards.is_sharded(p) else p): k for k, p in enumerate(group["params"])
+            }
             names += [f"param_groups[{g}]['params'][{positions[id(p)]}]" for p in tensors]
         return names
 
@@ -136,6 +144,8 @@ class LayoutChecks:
         The exact mode hands each op plain tensors holding theta + eps z in place of the parameters: a parameter class
         with its own ``__torch_function__`` (a fake-quantisation wrapper) would not run, and the step would train
         another function than the model's."""
+        if self._sharded:
+            self._check_sharded_runnable(exact)
         if not exact:
             return
         for g, (group, tensors, _) in enumerate(layout):
@@ -149,6 +159,28 @@ class LayoutChecks:
                         "ops plain tensors in place of the parameters. Use perturbation='inplace'"
                     )
         self._refuse_frozen_aliases(layout)
+
+    def _check_sharded_runnable(self, exact: bool) -> None:
+        """What sharded parameters cannot run yet, refused before a step or a perturbed() block starts."""
+        if exact:
+            raise TypeError(
+                "sharded (DTensor) parameters train in the in-place mode only: the exact mode hands each op a "
+                "perturbed copy of a parameter, and FSDP2's forwards read parameters gathered from the shards. Keep "
+                "the shards in float32 and compute in 16 bits (fully_shard(..., mp_policy=MixedPrecisionPolicy("
+                "param_dtype=torch.bfloat16))), or pass perturbation='inplace' (16-bit parameters default to the "
+                "exact mode)"
+            )
+        if self.merge_steps:
+            raise ValueError(
+                "merge_steps is not supported with sharded (DTensor) parameters: the perturbation it leaves between "
+                "steps is taken back through the modules that own the parameters, which FSDP2 replaces in each forward"
+            )
+        if self._state_keys():
+            raise ValueError(
+                f"{type(self).__name__} keeps per-parameter states ({', '.join(self._state_keys())}), which it does "
+                "not support for sharded (DTensor) parameters yet: use ZOSGD, ZOSignSGD or ZOConservative without "
+                "momentum, or FZOO"
+            )
 
     def _refuse_frozen_aliases(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:
         """The exact mode hands the perturbed copy to the ops that receive a trained Parameter: a frozen Parameter of

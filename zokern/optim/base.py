@@ -29,6 +29,7 @@ from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _distributed
 from zokern.optim import _hooks
+from zokern.optim import _shards
 from zokern.optim import seeds as seeds_
 from zokern.optim._caches import clear_weight_caches
 from zokern.optim._caches import warn_if_compiled_weights_are_frozen
@@ -116,6 +117,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
+        self._sharded = False  # whether the last layout computed holds shards of DTensors (_shards.py)
         # Derived from it, built at the step's first use: the per-device chunks, and the sets of their tensors that
         # the step's passes take, each validated once for all of them (ops.prepare).
         self._step_chunks: list | None = None
@@ -489,6 +491,9 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                                 raise
                             raise refusal from e
                         view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
+                    elif self._sharded:
+                        with _shards.gathering_current_shards():
+                            yield
                     else:
                         yield
             finally:
@@ -736,6 +741,9 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                     loss = closure()
             elif self.merge_steps:
                 with self._lookahead.finding_owners(self._trainable()):
+                    loss = closure()
+            elif self._sharded:
+                with _shards.gathering_current_shards():
                     loss = closure()
             else:
                 loss = closure()

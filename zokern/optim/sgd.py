@@ -142,6 +142,10 @@ class ZOSGD(ZOOptimizer):
 
     def _check_runnable(self, layout: list, exact: bool, stepping: bool = True) -> None:
         super()._check_runnable(layout, exact, stepping)
+        if self._sharded and self.cuda_graph:
+            raise ValueError(
+                "cuda_graph is not supported with sharded (DTensor) parameters: FSDP2 gathers them in forwards"
+            )
         if stepping and self.merge_steps and exact:  # parameters made 16-bit since the constructor (model.half())
             raise ValueError(f"this step would run in the exact mode: {_MERGE_NEEDS_INPLACE}")
 

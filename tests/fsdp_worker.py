@@ -1,0 +1,169 @@
+"""One rank of the sharded-parameter tests (tests/test_fsdp.py): a model sharded with FSDP2 (fully_shard) over gloo on
+the CPU, rendezvous through a file; each rank trains on its half of the batch.
+
+python tests/fsdp_worker.py SCENARIO OUT_DIR RANK WORLD_SIZE
+"""
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor import distribute_tensor
+
+from zokern.optim import FZOO
+from zokern.optim import ZOSGD
+from zokern.optim import ZOConservative
+from zokern.optim import ZOSignSGD
+
+STEPS = 4
+# (name, optimizer, options, dtype). ZOSGD with one probe keeps g on the device, with two gathers on the host; the
+# bfloat16 case rounds its updates stochastically (bits keyed by global index, like z).
+CASES = (
+    ("zosgd", ZOSGD, {}, torch.float32),
+    ("zosgd-probes", ZOSGD, dict(n_probes=2, weight_decay=0.1), torch.float32),
+    ("signsgd", ZOSignSGD, dict(lr=1e-3), torch.float32),
+    ("conservative", ZOConservative, {}, torch.float32),
+    ("fzoo", FZOO, dict(n_probes=3), torch.float32),
+    ("bf16-rademacher", ZOSGD, dict(perturbation="inplace", distribution="rademacher"), torch.bfloat16),
+)
+
+
+def model_and_batch(dtype: torch.dtype = torch.float32):
+    """Rows that two ranks split unevenly (7, 5, 3 and 1: one rank's shard of the last bias is empty), a frozen
+    parameter between trained ones, and a head owned by the root module (FSDP2 keeps the root's gathered parameters
+    after a forward)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    )
+    model.append(torch.nn.Linear(3, 1))
+    model.to(dtype)
+    model[2].bias.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=g, dtype=dtype)
+    y = torch.randn(16, 1, generator=g)
+    return model, x, y
+
+
+def loss_of(model, x, y) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(x).float(), y)
+
+
+def optimizer(cls, model, **kwargs):
+    return cls(model.parameters(), **{"lr": 1e-2, "eps": 1e-3, "seed": 77, **kwargs})
+
+
+def train(model, cls, batches, steps=STEPS, **kwargs):
+    """``steps`` steps on the mean of the batches' losses (in float64, as the ranks' all_reduce averages them), each
+    after a forward outside the optimizer (FSDP2's root keeps what it gathered there: the step's forwards must not)."""
+    opt = optimizer(cls, model, **kwargs)
+    for _ in range(steps):
+        with torch.no_grad():
+            model(batches[0][0])
+        opt.step(lambda: sum(loss_of(model, x, y).double() for x, y in batches) / len(batches))
+    return opt
+
+
+def loop(model, batches, average=lambda losses: None):
+    """STEPS ZO-SGD steps driven by hand: the loss of each perturbation in a perturbed() block, averaged over the
+    batches and then by ``average`` (summed across ranks, in place), and apply_projected_grad."""
+    opt = optimizer(ZOSGD, model)
+    for _ in range(STEPS):
+        seed = opt.new_seed()
+        losses = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for k, scale in enumerate((+1, -1)):
+                with opt.perturbed(seed, scale):
+                    losses[k] = sum(loss_of(model, x, y).double() for x, y in batches) / len(batches)
+        average(losses)
+        if dist.is_initialized():
+            losses /= dist.get_world_size()
+        opt.apply_projected_grad(seed, float(losses[0] - losses[1]) / 2e-3)
+    return model
+
+
+def shard(model) -> None:
+    for k in (0, 2, 4):
+        fully_shard(model[k])
+    fully_shard(model)  # the root: holds model[5]
+
+
+def full(model) -> list[list[float]]:
+    return [p.full_tensor().float().flatten().tolist() for p in model.parameters()]
+
+
+def main() -> None:
+    scenario, out, rank, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'rendezvous'}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    half = slice(rank * 16 // world, (rank + 1) * 16 // world)
+    result = {}
+    if scenario == "train":
+        for name, cls, kwargs, dtype in CASES:
+            model, x, y = model_and_batch(dtype)
+            shard(model)
+            opt = train(model, cls, [(x[half], y[half])], **kwargs)
+            result[name] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])
+        # Resumed halfway from each rank's opt.state_dict(), into a new optimizer.
+        model, x, y = model_and_batch()
+        shard(model)
+        state = train(model, ZOSGD, [(x[half], y[half])], steps=STEPS // 2).state_dict()
+        resumed = optimizer(ZOSGD, model)
+        resumed.load_state_dict(state)
+        for _ in range(STEPS - STEPS // 2):
+            resumed.step(lambda: loss_of(model, x[half], y[half]).double())
+        result["zosgd-resumed"] = full(model)
+    elif scenario == "loop":  # a loop driving the passes itself: perturbed() blocks and apply_projected_grad
+        model, x, y = model_and_batch()
+        shard(model)
+        opt = optimizer(ZOSGD, model)
+        result["params"] = full(loop(model, [(x[half], y[half])], average=lambda losses: dist.all_reduce(losses)))
+    elif scenario == "refusals":
+        errors = {}
+
+        def refused(name, model, cls=ZOSGD, **kwargs):
+            before = full(model)
+            try:
+                opt = optimizer(cls, model, **kwargs)
+                opt.step(lambda: loss_of(model, x[half], y[half]))
+            except (TypeError, ValueError) as e:
+                errors[name] = f"{type(e).__name__}: {e}"
+            errors[name + " unchanged"] = full(model) == before
+
+        model, x, y = model_and_batch(torch.bfloat16)
+        shard(model)
+        refused("bf16 exact", model)
+        model, x, y = model_and_batch()
+        shard(model)
+        refused("momentum", model, momentum=0.9)
+        refused("merge_steps", model, merge_steps=True)
+        columns = torch.nn.Linear(6, 4)
+        columns.weight = torch.nn.Parameter(
+            distribute_tensor(columns.weight.detach(), init_device_mesh("cpu", (world,)), [Shard(1)])
+        )
+        columns.bias.requires_grad_(False)
+        before = columns.weight.full_tensor()
+        try:
+            ZOSGD(columns.parameters(), lr=1e-2, eps=1e-3, seed=1).step(lambda: columns(x.float()[:, :6]).sum())
+        except TypeError as e:
+            errors["columns"] = f"{type(e).__name__}: {e}"
+        errors["columns unchanged"] = torch.equal(columns.weight.full_tensor(), before)
+        result = errors
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank tears down its connections while another still uses them
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
