@@ -30,15 +30,17 @@ class LayoutChecks:
         if self._step_layout is not None:
             return self._step_layout
         layout, base, index, sharded = [], 0, 0, False
+        dtensor = _shards.dtensor_class()  # (once: this loop runs over every parameter at each step)
         for g, group in enumerate(self.param_groups):
             tensors, offsets = [], []
             for k, p in enumerate(group["params"]):
                 trainable = p.requires_grad if self._trainable_override is None else self._trainable_override[index]
                 if trainable:
-                    name = f"param_groups[{g}]['params'][{k}]"
-                    tensor, start = _shards.written_tensor(p, name)
+                    tensor, start = p, 0
+                    if dtensor is not None and isinstance(p, dtensor):
+                        tensor, start = _shards.local_slice(p, f"param_groups[{g}]['params'][{k}]")
                     if not _writable(tensor):
-                        _reject_parameter(name, tensor)
+                        _reject_parameter(f"param_groups[{g}]['params'][{k}]", tensor)
                     tensors.append(tensor)  # a shard: the rank's local tensor, at its slice of the parameter's stream
                     offsets.append(base + start)
                     sharded = sharded or tensor is not p

@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from collections.abc import Iterator
 
 import torch
 
 
-def is_sharded(p: torch.Tensor) -> bool:
-    """Whether ``p`` is a DTensor. Without importing torch.distributed.tensor: no DTensor exists before it is."""
+def dtensor_class() -> type | None:
+    """The DTensor class, or None while torch.distributed.tensor is not imported (no DTensor exists then)."""
     module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(p, module.DTensor)
+    return None if module is None else module.DTensor
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor."""
+    dtensor = dtensor_class()
+    return dtensor is not None and isinstance(p, dtensor)
 
 
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
-    """The plain tensor holding this rank's values of DTensor ``p`` (the same object at every call)."""
-    with torch.no_grad():  # (with grad enabled, to_local builds a new autograd view at each call)
+    """The plain tensor holding this rank's values of DTensor ``p``, the same object at every call: what
+    ``to_local()`` returns without autograd for a plain DTensor, where for a Parameter torch 2.13 returns a new view
+    of it at each call (new objects in each step's layout, and a view per parameter and step)."""
+    local = getattr(p, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        return local
+    with torch.no_grad():
         return p.to_local()
 
 
@@ -31,13 +43,31 @@ def written_tensor(p: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
     return local_slice(p, name) if is_sharded(p) else (p, 0)
 
 
+# id(DTensor) -> (a weak reference to it, its spec, its shard's shape, the index of the shard's first element): what
+# local_slice found, valid while the DTensor keeps that spec (mesh, placements, shape) and its shard that shape. Each
+# step looks up every parameter's shard, and working it out costs ~30 us a parameter (the mesh's rank lookups).
+_found: dict[int, tuple[weakref.ref, object, torch.Size, int]] = {}
+
+
 def local_slice(p: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
     """This rank's shard of DTensor ``p`` and the row-major index of its first element in ``p``; a TypeError naming
     ``name`` for a placement whose shard is not a block of whole rows."""
+    local = local_tensor(p)
+    spec = getattr(p, "_spec", None)
+    found = _found.get(id(p))
+    if found is not None and found[0]() is p and found[1] is spec and found[2] == local.shape:
+        return local, found[3]
+    start = _first_element(p, local, name)
+    if spec is not None:
+        key = id(p)
+        _found[key] = (weakref.ref(p, lambda _: _found.pop(key, None)), spec, local.shape, start)
+    return local, start
+
+
+def _first_element(p: torch.Tensor, local: torch.Tensor, name: str) -> int:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard
 
-    local = local_tensor(p)
     mesh, placements = p.device_mesh, tuple(p.placements)
     rows = p.shape[0] if p.dim() else 1
     start, end = 0, rows
@@ -56,7 +86,6 @@ def local_slice(p: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
         size, coordinate = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
         chunk = -(-(end - start) // size)
         start, end = min(start + coordinate * chunk, end), min(start + (coordinate + 1) * chunk, end)
-    row = p.numel() // rows if rows else 0
     expected = (end - start, *p.shape[1:]) if p.dim() else ()
     if tuple(local.shape) != expected:  # a placement that splits otherwise than torch.chunk: refuse, not guess
         raise TypeError(
@@ -64,7 +93,7 @@ def local_slice(p: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
             f"[{start}, {end}) of its shape {tuple(p.shape)} were expected: zokern cannot tell which slice of the "
             "stream this shard holds"
         )
-    return local, start * row
+    return start * (p.numel() // rows if rows else 0)
 
 
 @contextlib.contextmanager
