@@ -16,6 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor
 
+from zokern import replay
 from zokern.optim import FZOO
 from zokern.optim import ZOSGD
 from zokern.optim import ZOConservative
@@ -115,6 +116,11 @@ def main() -> None:
             shard(model)
             opt = train(model, cls, [(x[half], y[half])], **kwargs)
             result[name] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])
+            if name == "zosgd":  # the trajectory re-applied to the shards of the untrained model
+                again, _, _ = model_and_batch(dtype)
+                shard(again)
+                replay(list(again.parameters()), opt.trajectory)
+                result["zosgd-replayed"] = full(again)
         # Resumed halfway from each rank's opt.state_dict(), into a new optimizer.
         model, x, y = model_and_batch()
         shard(model)

@@ -37,8 +37,9 @@ def test_sharded_steps_equal_one_process_holding_the_whole_model(tmp_path):
         assert ranks[0][name]["losses"] == [r["losses"] for r in opt.trajectory], name
         assert ranks[0][name]["params"] == _whole(model), name
         assert _whole(model) != start, name
-        if name == "zosgd":  # the same run, resumed halfway from each rank's state_dict
+        if name == "zosgd":  # the same run resumed halfway from each rank's state_dict, and replayed on each rank
             assert ranks[0]["zosgd-resumed"] == ranks[1]["zosgd-resumed"] == _whole(model)
+            assert ranks[0]["zosgd-replayed"] == ranks[1]["zosgd-replayed"] == _whole(model)
 
 
 def test_a_loop_of_perturbed_blocks_over_shards_equals_one_process(tmp_path):
