@@ -22,6 +22,12 @@ from zokern.optim import ZOSGD
 from zokern.optim import ZOConservative
 from zokern.optim import ZOSignSGD
 
+# torch 2.6's CPU Stream lacks the record_event and wait_event that FSDP2's collectives call (no-ops from 2.7 on,
+# pytorch#145935): the same no-ops here, so that FSDP2 runs over gloo on the CPU.
+if not hasattr(torch.cpu.Stream, "record_event"):
+    torch.cpu.Stream.record_event = lambda self, event=None: None
+    torch.cpu.Stream.wait_event = lambda self, event: None
+
 STEPS = 4
 # (name, optimizer, options, dtype). ZOSGD with one probe keeps g on the device, with two gathers on the host; the
 # bfloat16 case rounds its updates stochastically (bits keyed by global index, like z).
