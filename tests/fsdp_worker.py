@@ -7,18 +7,22 @@ python tests/fsdp_worker.py SCENARIO OUT_DIR RANK WORLD_SIZE
 import datetime
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor
 
 from zokern import replay
 from zokern.optim import FZOO
+from zokern.optim import LDSD
 from zokern.optim import ZOSGD
+from zokern.optim import ZOAdam
 from zokern.optim import ZOConservative
 from zokern.optim import ZOSignSGD
 
@@ -30,7 +34,8 @@ if not hasattr(torch.cpu.Stream, "record_event"):
 
 STEPS = 4
 # (name, optimizer, options, dtype). ZOSGD with one probe keeps g on the device, with two gathers on the host; the
-# bfloat16 case rounds its updates stochastically (bits keyed by global index, like z).
+# bfloat16 cases round their updates stochastically (bits keyed by global index, like z); momentum and Adam keep
+# states shaped like each shard.
 CASES = (
     ("zosgd", ZOSGD, {}, torch.float32),
     ("zosgd-probes", ZOSGD, dict(n_probes=2, weight_decay=0.1), torch.float32),
@@ -38,6 +43,10 @@ CASES = (
     ("conservative", ZOConservative, {}, torch.float32),
     ("fzoo", FZOO, dict(n_probes=3), torch.float32),
     ("bf16-rademacher", ZOSGD, dict(perturbation="inplace", distribution="rademacher"), torch.bfloat16),
+    ("zosgd-momentum", ZOSGD, dict(momentum=0.9), torch.float32),
+    ("signsgd-momentum", ZOSignSGD, dict(lr=1e-3, momentum=0.5), torch.float32),
+    ("adam", ZOAdam, dict(lr=1e-3), torch.float32),
+    ("adam-bf16", ZOAdam, dict(lr=1e-3, perturbation="inplace"), torch.bfloat16),
 )
 
 
@@ -67,14 +76,37 @@ def optimizer(cls, model, **kwargs):
 
 
 def train(model, cls, batches, steps=STEPS, **kwargs):
+    return run(optimizer(cls, model, **kwargs), model, batches, steps)
+
+
+def run(opt, model, batches, steps=STEPS, peek=True):
     """``steps`` steps on the mean of the batches' losses (in float64, as the ranks' all_reduce averages them), each
-    after a forward outside the optimizer (FSDP2's root keeps what it gathered there: the step's forwards must not)."""
-    opt = optimizer(cls, model, **kwargs)
+    after a forward outside the optimizer, unless not ``peek`` (FSDP2's root keeps what it gathered there: the
+    step's forwards must not)."""
     for _ in range(steps):
-        with torch.no_grad():
-            model(batches[0][0])
+        if peek:
+            with torch.no_grad():
+                model(batches[0][0])
         opt.step(lambda: sum(loss_of(model, x, y).double() for x, y in batches) / len(batches))
     return opt
+
+
+def raising_step(opt, model, batches) -> None:
+    """A step whose closure raises inside the forward, between two sharded modules (an out-of-memory error, say),
+    caught as a loop that goes on would."""
+
+    def fail(module, args):
+        raise RuntimeError("raised inside the forward")
+
+    handle = model[2].register_forward_pre_hook(fail)
+    try:
+        run(opt, model, batches, steps=1, peek=False)
+    except RuntimeError as e:
+        assert "raised inside the forward" in str(e)
+    else:
+        raise AssertionError("the step did not raise")
+    finally:
+        handle.remove()
 
 
 def loop(model, batches, average=lambda losses: None):
@@ -127,15 +159,34 @@ def main() -> None:
                 shard(again)
                 replay(list(again.parameters()), opt.trajectory)
                 result["zosgd-replayed"] = full(again)
-        # Resumed halfway from each rank's opt.state_dict(), into a new optimizer.
+        # A step that raised inside a forward, then more steps (FSDP2 left the root's gathered weights behind).
         model, x, y = model_and_batch()
         shard(model)
-        state = train(model, ZOSGD, [(x[half], y[half])], steps=STEPS // 2).state_dict()
-        resumed = optimizer(ZOSGD, model)
-        resumed.load_state_dict(state)
-        for _ in range(STEPS - STEPS // 2):
-            resumed.step(lambda: loss_of(model, x[half], y[half]).double())
-        result["zosgd-resumed"] = full(model)
+        opt = train(model, ZOSGD, [(x[half], y[half])], steps=1)
+        raising_step(opt, model, [(x[half], y[half])])
+        run(opt, model, [(x[half], y[half])], steps=2, peek=False)
+        result["zosgd-raised"] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])
+        # ZOAdam resumed halfway into a new optimizer: from each rank's state_dict (its states DTensors, through
+        # torch.save), the same with the states gathered (replicated DTensors), and from the state dict of a run on
+        # the whole model (plain tensors): each rank takes its shards' rows of a whole state.
+        for source in ("shards", "replicated", "whole"):
+            model, x, y = model_and_batch()
+            if source == "whole":  # every rank runs the whole model on both halves, then shards it
+                opt = train(model, ZOAdam, [(x[:8], y[:8]), (x[8:], y[8:])], steps=STEPS // 2, lr=1e-3)
+                shard(model)
+            else:
+                shard(model)
+                opt = train(model, ZOAdam, [(x[half], y[half])], steps=STEPS // 2, lr=1e-3)
+            saved = opt.state_dict()
+            if source == "replicated":
+                for states in saved["state"].values():
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        states[key] = states[key].redistribute(placements=[Replicate()])
+            torch.save(saved, out / f"{source}{rank}.pt")
+            resumed = optimizer(ZOAdam, model, lr=1e-3)
+            resumed.load_state_dict(torch.load(out / f"{source}{rank}.pt", weights_only=True))
+            run(resumed, model, [(x[half], y[half])], STEPS - STEPS // 2)
+            result[f"adam-resumed-{source}"] = full(model)
     elif scenario == "loop":  # a loop driving the passes itself: perturbed() blocks and apply_projected_grad
         model, x, y = model_and_batch()
         shard(model)
@@ -158,8 +209,17 @@ def main() -> None:
         refused("bf16 exact", model)
         model, x, y = model_and_batch()
         shard(model)
-        refused("momentum", model, momentum=0.9)
+        refused("ldsd", model, LDSD, k=2)
         refused("merge_steps", model, merge_steps=True)
+        # A state sharded otherwise than its parameter (by columns): refused by the load, which loads nothing.
+        saved = train(model, ZOAdam, [(x[half], y[half])], steps=1, lr=1e-3).state_dict()
+        saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].redistribute(placements=[Shard(1)])
+        fresh = optimizer(ZOAdam, model, lr=1e-3)
+        try:
+            fresh.load_state_dict(saved)
+        except ValueError as e:
+            errors["placement"] = f"{type(e).__name__}: {e}"
+        errors["placement unchanged"] = not fresh.state and fresh.steps_taken == 0
         columns = torch.nn.Linear(6, 4)
         columns.weight = torch.nn.Parameter(
             distribute_tensor(columns.weight.detach(), init_device_mesh("cpu", (world,)), [Shard(1)])
@@ -171,6 +231,17 @@ def main() -> None:
         except TypeError as e:
             errors["columns"] = f"{type(e).__name__}: {e}"
         errors["columns unchanged"] = torch.equal(columns.weight.full_tensor(), before)
+        # An optimizer built after a forward, from the root's gathered copies: warned. Built before: not.
+        model, x, y = model_and_batch()
+        shard(model)
+        for forward_first in (False, True):
+            if forward_first:
+                with torch.no_grad():
+                    model(x)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                optimizer(ZOSGD, model)
+            errors[f"forward first {forward_first}"] = [str(w.message) for w in caught if "zokern" in str(w.message)]
         result = errors
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()  # no rank tears down its connections while another still uses them

@@ -9,8 +9,12 @@ import pytest
 from fsdp_worker import CASES
 from fsdp_worker import loop
 from fsdp_worker import model_and_batch
+from fsdp_worker import raising_step
+from fsdp_worker import run
 from fsdp_worker import train
 from helpers import launch_ranks
+
+from zokern.optim import ZOSGD
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
@@ -23,8 +27,13 @@ def _halves(x, y):
     return [(x[:8], y[:8]), (x[8:], y[8:])]
 
 
-def test_sharded_steps_equal_one_process_holding_the_whole_model(tmp_path):
-    ranks = launch_ranks(WORKER, "train", tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return launch_ranks(WORKER, "train", tmp_path_factory.mktemp("train"))
+
+
+def test_sharded_steps_equal_one_process_holding_the_whole_model(trained):
+    ranks = trained
     for name, cls, kwargs, dtype in CASES:
         assert ranks[0][name] == ranks[1][name], name
         # Each rank regenerates the z of the rows it holds, at their global stream indices (uneven shards, an empty
@@ -37,9 +46,25 @@ def test_sharded_steps_equal_one_process_holding_the_whole_model(tmp_path):
         assert ranks[0][name]["losses"] == [r["losses"] for r in opt.trajectory], name
         assert ranks[0][name]["params"] == _whole(model), name
         assert _whole(model) != start, name
-        if name == "zosgd":  # the same run resumed halfway from each rank's state_dict, and replayed on each rank
-            assert ranks[0]["zosgd-resumed"] == ranks[1]["zosgd-resumed"] == _whole(model)
+        if name == "zosgd":  # the trajectory replayed onto each rank's shards of the starting weights
             assert ranks[0]["zosgd-replayed"] == ranks[1]["zosgd-replayed"] == _whole(model)
+        if name == "adam":  # the same run resumed halfway from each rank's state dict (gathered or not), or a whole
+            # model's
+            for source in ("shards", "replicated", "whole"):
+                resumed = f"adam-resumed-{source}"
+                assert ranks[0][resumed] == ranks[1][resumed] == _whole(model), resumed
+
+
+def test_after_a_step_that_raised_inside_a_forward_the_steps_go_on_as_one_process_would(trained):
+    # FSDP2 keeps a module's gathered weights when its forward raises, as it does the root's after any forward: the
+    # next step's forwards, and the model after it, must read the shards.
+    ranks = trained
+    model, x, y = model_and_batch()
+    opt = train(model, ZOSGD, _halves(x, y), steps=1)
+    raising_step(opt, model, _halves(x, y))
+    run(opt, model, _halves(x, y), steps=2, peek=False)
+    expected = dict(params=_whole(model), losses=[r["losses"] for r in opt.trajectory])
+    assert ranks[0]["zosgd-raised"] == ranks[1]["zosgd-raised"] == expected
 
 
 def test_a_loop_of_perturbed_blocks_over_shards_equals_one_process(tmp_path):
@@ -50,20 +75,27 @@ def test_a_loop_of_perturbed_blocks_over_shards_equals_one_process(tmp_path):
 
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory):
-    ranks = launch_ranks(WORKER, "refusals", tmp_path_factory.mktemp("refusals"))
-    assert ranks[0] == ranks[1]
-    return ranks[0]
+    return launch_ranks(WORKER, "refusals", tmp_path_factory.mktemp("refusals"))
 
 
 @pytest.mark.parametrize(
     "case, message",
     [
         ("bf16 exact", "TypeError: sharded (DTensor) parameters train in the in-place mode only"),
-        ("momentum", "ValueError: ZOSGD keeps per-parameter states (momentum_buffer)"),
+        ("ldsd", "ValueError: LDSD does not support sharded (DTensor) parameters"),
         ("merge_steps", "ValueError: merge_steps is not supported with sharded (DTensor) parameters"),
         ("columns", "TypeError: param group 0: params[0] is a DTensor placed (Shard(dim=1),)"),
+        ("placement", "ValueError: param_groups[0]['params'][0] (shape (7, 6)) is placed (Shard(dim=0),) with a shard"),
     ],
 )
 def test_what_shards_cannot_run_is_refused_and_leaves_them_untouched(refusals, case, message):
-    assert refusals[case].startswith(message)
-    assert refusals[f"{case} unchanged"] is True
+    for rank in refusals:  # on every rank alike (each names its own shard's shape)
+        assert rank[case].startswith(message)
+        assert rank[f"{case} unchanged"] is True
+
+
+def test_an_optimizer_built_from_the_gathered_copies_of_a_forward_is_warned_of(refusals):
+    for rank in refusals:
+        assert rank["forward first False"] == []
+        (message,) = rank["forward first True"]
+        assert "model.parameters() gave their plain copies in place of the root's DTensors" in message

@@ -14,6 +14,7 @@ import torch
 from zokern import ops
 from zokern._reference import STREAM_VERSION
 from zokern.optim import _hooks
+from zokern.optim import _shards
 from zokern.optim import seeds as seeds_
 from zokern.optim._groups import _ZOKERN_GROUP_KEYS
 from zokern.optim._groups import dtype_name
@@ -29,6 +30,7 @@ class Checkpointing:
         self.materialize()
         with _hooks.quiet(self, "state_dict_post"):
             state = super().state_dict()
+        self._save_shards_as_dtensors(state)
         self._save_states_in_parameter_shapes(state)
         layout = self._layout_signature()
         state["zo"] = dict(
@@ -50,6 +52,18 @@ class Checkpointing:
             if returned is not None:
                 state = returned
         return state
+
+    def _save_shards_as_dtensors(self, state: dict[str, Any]) -> None:
+        """A sharded parameter's states hold its shard's values; saved as DTensors placed as it is (shaped like the
+        whole parameter), which torch.distributed.checkpoint saves rank by rank and load_state_dict takes back."""
+        params = self._all_params()
+        for index, entries in state["state"].items():
+            p = params[index]
+            if _shards.is_sharded(p):
+                state["state"][index] = {
+                    key: _shards.saved_state(value, p) if _is_shaped_state(value) else value
+                    for key, value in entries.items()
+                }
 
     def _save_states_in_parameter_shapes(self, state: dict[str, Any]) -> None:
         """States follow a reshaped parameter at the next step: one saved before then is saved viewed to the
@@ -121,6 +135,10 @@ class Checkpointing:
                             f"the state dict's {key!r} for {names[id(p)]} is a {what}: not a state of this "
                             "optimizer's parameters"
                         )
+            if _shards.is_sharded(p):  # a state placed otherwise than its parameter: refused before any is loaded
+                for value in saved.values():
+                    if _is_shaped_state(value):
+                        _shards.loaded_state(value, p, names[id(p)])
             missing = sorted(shaped - saved.keys())
             if saved and missing:
                 raise ValueError(f"the state dict's state for {names[id(p)]} lacks {', '.join(map(repr, missing))}")
@@ -220,9 +238,12 @@ class Checkpointing:
         # read them: a state dict whose states were cast (to save space, say) or transposed comes back so.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = self._all_params()
+        names = self._parameter_names()
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    if _shards.is_sharded(p) and _is_shaped_state(value):
+                        value = _shards.loaded_state(value, p, names[id(p)])
                     self.state[p][key] = _kernel_state(value, p.device, copy=True)
         self.base_seed = zo["base_seed"]
         self.steps_taken = zo["steps_taken"]
@@ -293,6 +314,11 @@ def _first_few(names: list[str]) -> str:
     """The first three names, and how many more (a warning names a few, not a model's hundreds)."""
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return ", ".join(names[:3]) + more
+
+
+def _is_shaped_state(value: object) -> bool:
+    """Whether a state holds values per element of its parameter (not a count, such as LDSD's Adam step)."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0
 
 
 def _kernel_state(value: torch.Tensor, device: torch.device, copy: bool = False) -> torch.Tensor:

@@ -26,10 +26,10 @@ class LayoutChecks:
     def _groups_layout(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
         """Per param group: the group, its trainable tensors (of a sharded parameter, this rank's local shard) and
         their global stream offsets (fixed during a step, which computes it once for all of its passes and
-        evaluations). Sets ``_sharded``: whether some of them are shards."""
+        evaluations). Sets ``_sharded``, whether some of them are shards, and ``_owners``: each one's DTensor."""
         if self._step_layout is not None:
             return self._step_layout
-        layout, base, index, sharded = [], 0, 0, False
+        layout, base, index, owners = [], 0, 0, {}
         dtensor = _shards.dtensor_class()  # (once: this loop runs over every parameter at each step)
         for g, group in enumerate(self.param_groups):
             tensors, offsets = [], []
@@ -43,14 +43,20 @@ class LayoutChecks:
                         _reject_parameter(f"param_groups[{g}]['params'][{k}]", tensor)
                     tensors.append(tensor)  # a shard: the rank's local tensor, at its slice of the parameter's stream
                     offsets.append(base + start)
-                    sharded = sharded or tensor is not p
+                    if tensor is not p:
+                        owners[id(tensor)] = p
                 base += p.numel()
                 index += 1
             layout.append((group, tensors, offsets))
-        self._sharded = sharded
+        self._owners, self._sharded = owners, bool(owners)
         self._check_distinct_memory(layout)
         self._check_state_shapes(layout)
         return layout
+
+    def _state_of(self, p: torch.Tensor) -> dict[str, Any]:
+        """The optimizer state of the parameter whose tensor in the layout is ``p`` (a DTensor's, for its shard: the
+        state holds the shard's values, as plain tensors shaped like it)."""
+        return self.state[self._owners.get(id(p), p)]
 
     def _check_distinct_memory(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:
         """What the passes' own checks (ops.prepare's) cannot see, before the step draws its seed: trainable
@@ -113,7 +119,7 @@ class LayoutChecks:
         keys = self._state_keys()
         for g, (group, tensors, _) in enumerate(layout):
             for p in tensors:
-                state = self.state.get(p)
+                state = self.state.get(self._owners.get(id(p), p))
                 if not state:
                     continue
                 for key, value in list(state.items()):
@@ -132,7 +138,7 @@ class LayoutChecks:
                     if value.numel() == p.numel():
                         state[key] = value.view(p.shape)
                         continue
-                    k = next(k for k, q in enumerate(group["params"]) if q is p)
+                    k = next(k for k, q in enumerate(group["params"]) if q is self._owners.get(id(p), p))
                     raise ValueError(
                         f"param_groups[{g}]['params'][{k}] has shape {tuple(p.shape)} but its optimizer state "
                         f"{key!r} has shape {tuple(value.shape)}: the parameter was resized after the state was "
@@ -176,12 +182,6 @@ class LayoutChecks:
             raise ValueError(
                 "merge_steps is not supported with sharded (DTensor) parameters: the perturbation it leaves between "
                 "steps is taken back through the modules that own the parameters, which FSDP2 replaces in each forward"
-            )
-        if self._state_keys():
-            raise ValueError(
-                f"{type(self).__name__} keeps per-parameter states ({', '.join(self._state_keys())}), which it does "
-                "not support for sharded (DTensor) parameters yet: use ZOSGD, ZOSignSGD or ZOConservative without "
-                "momentum, or FZOO"
             )
 
     def _refuse_frozen_aliases(self, layout: list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -96,13 +97,62 @@ def _first_element(p: torch.Tensor, local: torch.Tensor, name: str) -> int:
     return start * (p.numel() // rows if rows else 0)
 
 
+def warn_if_gathered_copies(params: list[torch.Tensor]) -> None:
+    """Warn when trainable parameters mix DTensors and plain tensors: after a forward, FSDP2 keeps its root module's
+    parameters gathered, and ``model.parameters()`` yields those plain copies, which it frees and refills from the
+    shards at every forward, in place of the root's DTensors (the steps would train copies, not the model)."""
+    trainable = [p for p in params if p.requires_grad]
+    dtensor = dtensor_class()
+    if dtensor is None or not any(isinstance(p, dtensor) for p in trainable):
+        return
+    if all(isinstance(p, dtensor) for p in trainable):
+        return
+    warnings.warn(
+        "zokern: some trainable parameters are DTensors (sharded by FSDP2) and others plain tensors. If the model ran "
+        "a forward after fully_shard, FSDP2 keeps its root module's parameters gathered, and model.parameters() "
+        "gave their plain copies in place of the root's DTensors: the steps would train copies FSDP2 overwrites. "
+        "Build the optimizer before the model's first forward, or call reshard() on its FSDP modules first",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def saved_state(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A state of DTensor parameter ``p`` as a checkpoint holds it: a DTensor placed as ``p`` over the shard of it
+    this rank keeps (shaped like the shard), so that torch.distributed.checkpoint saves each rank's rows."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def loaded_state(value: torch.Tensor, p: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's shard of a saved state of DTensor parameter ``p``: the local tensor of a DTensor saved under the
+    same placements, or the shard's rows of a whole state (a plain tensor, saved by an unsharded run; a replicated
+    DTensor); a ValueError naming ``name`` for a DTensor sharded otherwise."""
+    from torch.distributed.tensor import Replicate
+
+    local, start = local_slice(p, name)
+    if is_sharded(value):
+        mine = local_tensor(value)
+        if tuple(value.placements) == tuple(p.placements) and mine.shape == local.shape:
+            return mine
+        if not all(isinstance(placement, Replicate) for placement in value.placements):
+            raise ValueError(
+                f"{name} is placed {tuple(p.placements)} with a shard of shape {tuple(local.shape)} on this rank, but "
+                f"its saved state is placed {tuple(value.placements)} with a shard of shape {tuple(mine.shape)}: save "
+                "states under the sharding that loads them, or whole (state.full_tensor())"
+            )
+        value = mine
+    return value.reshape(-1)[start : start + local.numel()].view(local.shape)
+
+
 @contextlib.contextmanager
 def gathering_current_shards() -> Iterator[None]:
-    """Inside the block, each FSDP2 module gathers its parameters from their shards when its forward starts, and
-    the modules that ran are resharded when the block ends. FSDP2 keeps a module's gathered parameters after a
-    forward (the root's always, for the backward that a ZO step never runs): a later forward would read them as they
-    were, not as the passes have since perturbed or updated the shards, and so would ``model.parameters()`` and an
-    evaluation after the step."""
+    """Inside the block, each FSDP2 module gathers its parameters from their shards when its forward starts; when the
+    block ends (also by an exception), the modules that ran end their iteration and are resharded. FSDP2 keeps a
+    module's gathered parameters after a forward (the root's always, for the backward that a ZO step never runs;
+    any module's when a forward raised): a later forward would read them as they were, not as the passes have since
+    perturbed or updated the shards, and so would ``model.parameters()`` and an evaluation after the step."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
     module_class = getattr(fsdp, "FSDPModule", None)
     if module_class is None:  # no FSDP2 module exists: nothing to reshard
@@ -121,4 +171,33 @@ def gathering_current_shards() -> Iterator[None]:
     finally:
         handle.remove()
         for module in ran.values():
+            _end_iteration(module)
+        for module in ran.values():
             module.reshard()
+
+
+def _end_iteration(module: torch.nn.Module) -> None:
+    """End the iteration of the FSDP2 tree whose root is ``module`` (nothing for another module): its groups back
+    to idle, whose reshard() a forward that raised left a no-op, and its records of forwards cleared, which only a
+    backward clears otherwise (they grow by a few entries a forward, for as long as the run). torch 2.13's
+    reset_iter_state() does this; earlier releases' same fields are set by hand."""
+    state = module._get_fsdp_state()
+    if not getattr(state, "_is_root", False):
+        return
+    reset = getattr(module, "reset_iter_state", None)
+    if reset is not None:
+        reset()
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    state._comm_ctx.post_forward_order.clear()
+    for tree_state in state._state_ctx.all_states:
+        tree_state._training_state = TrainingState.IDLE
+        # One group per module in torch 2.6 to 2.11 (_fsdp_param_group, None without parameters), a list in 2.13.
+        groups = getattr(tree_state, "_fsdp_param_groups", None)
+        if groups is None:
+            groups = [group for group in (tree_state._fsdp_param_group,) if group is not None]
+        for group in groups:
+            group._training_state = TrainingState.IDLE
+            group._post_forward_indices.clear()
+    state._state_ctx.iter_forward_root = None

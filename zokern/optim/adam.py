@@ -110,7 +110,7 @@ class ZOAdam(ZOSGD):
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
             for p, offset in zip(tensors, offsets):
                 g = self._direction(p, offset, terms)
-                state = self.state[p]
+                state = self._state_of(p)
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = new_state(p)

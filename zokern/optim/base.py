@@ -94,6 +94,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             raise ValueError(f"seed_check_every must be a non-negative integer, got {seed_check_every!r}")
         _dispatch.available_requested_backend(backend)  # its device is checked by the passes
         super().__init__(params, defaults)
+        _shards.warn_if_gathered_copies(self._all_params())
         self.distribution = distribution
         self.backend = backend
         self.seed_check_every = seed_check_every
@@ -118,6 +119,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
         self._sharded = False  # whether the last layout computed holds shards of DTensors (_shards.py)
+        self._owners: dict[int, torch.Tensor] = {}  # and the DTensor of each shard, by the shard's id
         # Derived from it, built at the step's first use: the per-device chunks, and the sets of their tensors that
         # the step's passes take, each validated once for all of them (ops.prepare).
         self._step_chunks: list | None = None
@@ -593,8 +595,9 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                     # ranks would wait in this step's loss reduction, and pair it with this rank's next one: this
                     # rank goes on with NaN losses instead (for the rest of the step), so that every rank runs the
                     # same passes, skips the same update and keeps the same parameters; it raises once the step is
-                    # done.
-                    if not _distributed.active():
+                    # done. Not over sharded parameters: there the forwards are collectives too, which a rank going
+                    # on without its forwards would pair with the others' loss reductions.
+                    if not _distributed.active() or self._sharded:
                         raise
                     failed.append(e)
             evaluated.append(torch.tensor(math.nan, dtype=torch.float64))

@@ -338,6 +338,11 @@ class LDSD(ZOOptimizer):
 
     def _check_runnable(self, layout: list, exact: bool, stepping: bool = True) -> None:
         super()._check_runnable(layout, exact, stepping)
+        if self._sharded:
+            raise ValueError(
+                "LDSD does not support sharded (DTensor) parameters: its projection of mu takes mu's norm over each "
+                "param group, of which a rank holds only its shards"
+            )
         if stepping and not any(tensors for _, tensors, _ in layout):  # before the step draws its seed
             raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
 

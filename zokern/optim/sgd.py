@@ -376,7 +376,7 @@ class ZOSGD(ZOOptimizer):
         for group, tensors, offsets in self._groups_layout():
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
             for p, offset in zip(tensors, offsets):
-                state = self.state[p]
+                state = self._state_of(p)
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = new_state(p)
                 buf = state["momentum_buffer"]
@@ -410,7 +410,7 @@ class ZOSignSGD(ZOSGD):
             terms = [(s, self._coefficient(d)(group)) for s, d in zip(probes, diffs)]
             for p, offset in zip(tensors, offsets):
                 if self.momentum:
-                    state = self.state[p]
+                    state = self._state_of(p)
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = new_state(p)
                     buffer = state["momentum_buffer"].mul_(self.momentum).add_(self._direction(p, offset, terms))
