@@ -3,13 +3,9 @@
 python tests/dp_worker.py SCENARIO OUT_DIR RANK WORLD_SIZE
 """
 
-import datetime
-import json
-import sys
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
+from helpers import join_ranks
+from helpers import leave_ranks
 
 from zokern import replay
 from zokern.optim import FZOO
@@ -39,14 +35,7 @@ def train(optimizer_cls, x, y, model, **kwargs):
 
 
 def main() -> None:
-    scenario, out, rank, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out / 'rendezvous'}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    scenario, out, rank, world = join_ranks()
     model, x, y = model_and_batch()
     shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
     result = {}
@@ -194,9 +183,7 @@ def main() -> None:
     elif scenario == "default_seed":
         torch.manual_seed(100 + rank)  # ranks seeded differently: rank 0's seed must win
         result["seed"] = ZOSGD(model.parameters()).base_seed
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # no rank tears down its connections while another still uses them
-    dist.destroy_process_group()
+    leave_ranks(out, rank, result)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,12 @@ the CPU, rendezvous through a file; each rank trains on its half of the batch.
 python tests/fsdp_worker.py SCENARIO OUT_DIR RANK WORLD_SIZE
 """
 
-import datetime
-import json
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from helpers import join_ranks
+from helpers import leave_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate
@@ -138,14 +136,7 @@ def full(model) -> list[list[float]]:
 
 
 def main() -> None:
-    scenario, out, rank, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out / 'rendezvous'}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    scenario, out, rank, world = join_ranks()
     half = slice(rank * 16 // world, (rank + 1) * 16 // world)
     result = {}
     if scenario == "train":
@@ -243,9 +234,7 @@ def main() -> None:
                 optimizer(ZOSGD, model)
             errors[f"forward first {forward_first}"] = [str(w.message) for w in caught if "zokern" in str(w.message)]
         result = errors
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()  # no rank tears down its connections while another still uses them
-    dist.destroy_process_group()
+    leave_ranks(out, rank, result)
 
 
 if __name__ == "__main__":

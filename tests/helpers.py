@@ -1,6 +1,8 @@
-"""Shared test helpers: random inputs, tolerances relative to the reference, readable ids."""
+"""Shared test helpers: random inputs, tolerances relative to the reference, ids, the distributed tests' ranks."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -162,7 +164,6 @@ def launch_ranks(worker, scenario: str, out, world: int = 2) -> list[dict]:
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
     ranks = [
@@ -184,3 +185,33 @@ def launch_ranks(worker, scenario: str, out, world: int = 2) -> list[dict]:
                     p.kill()
         assert process.returncode == 0, f"rank {rank}: {stderr[-4000:]}"
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def join_ranks() -> tuple[str, Path, int, int]:
+    """In a worker that launch_ranks started: its arguments (scenario, out directory, rank, world size), once it has
+    joined the gloo process group (rendezvous through a file in the out directory)."""
+    import datetime
+    import sys
+
+    import torch.distributed as dist
+
+    scenario, out, rank, world = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'rendezvous'}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    return scenario, out, rank, world
+
+
+def leave_ranks(out, rank: int, result: dict) -> None:
+    """Write a worker's result where launch_ranks reads it, and leave the process group."""
+    import json
+
+    import torch.distributed as dist
+
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank tears down its connections while another still uses them
+    dist.destroy_process_group()
