@@ -8,6 +8,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from helpers import join_ranks
 from helpers import leave_ranks
 from torch.distributed.device_mesh import init_device_mesh
@@ -31,6 +32,7 @@ if not hasattr(torch.cpu.Stream, "record_event"):
     torch.cpu.Stream.wait_event = lambda self, event: None
 
 STEPS = 4
+HSDP_STEPS = 2
 # (name, optimizer, options, dtype). ZOSGD with one probe keeps g on the device, with two gathers on the host; the
 # bfloat16 cases round their updates stochastically (bits keyed by global index, like z); momentum and Adam keep
 # states shaped like each shard.
@@ -109,8 +111,10 @@ def raising_step(opt, model, batches) -> None:
 
 def loop(model, batches, average=lambda losses: None):
     """STEPS ZO-SGD steps driven by hand: the loss of each perturbation in a perturbed() block, averaged over the
-    batches and then by ``average`` (summed across ranks, in place), and apply_projected_grad."""
+    batches and then by ``average`` (summed across ranks, in place), and apply_projected_grad, between two forwards
+    outside the optimizer (FSDP2's root keeps what the first gathered); returns the second forwards' losses."""
     opt = optimizer(ZOSGD, model)
+    after = []
     for _ in range(STEPS):
         seed = opt.new_seed()
         losses = torch.zeros(2, dtype=torch.float64)
@@ -118,11 +122,13 @@ def loop(model, batches, average=lambda losses: None):
             for k, scale in enumerate((+1, -1)):
                 with opt.perturbed(seed, scale):
                     losses[k] = sum(loss_of(model, x, y).double() for x, y in batches) / len(batches)
-        average(losses)
-        if dist.is_initialized():
-            losses /= dist.get_world_size()
-        opt.apply_projected_grad(seed, float(losses[0] - losses[1]) / 2e-3)
-    return model
+            average(losses)
+            if dist.is_initialized():
+                losses /= dist.get_world_size()
+            model(batches[0][0])
+            opt.apply_projected_grad(seed, float(losses[0] - losses[1]) / 2e-3)
+            after.append(loss_of(model, *batches[0]).item())
+    return after
 
 
 def shard(model) -> None:
@@ -131,7 +137,11 @@ def shard(model) -> None:
     fully_shard(model)  # the root: holds model[5]
 
 
-def full(model) -> list[list[float]]:
+def full(model, reshard: bool = False) -> list[list[float]]:
+    """The whole parameters (a collective). Without ``reshard``, the model must hold its DTensors, as after a step;
+    after a forward of one's own, FSDP2's root holds its gathered copies until ``reshard``."""
+    if reshard:
+        model.reshard()
     return [p.full_tensor().float().flatten().tolist() for p in model.parameters()]
 
 
@@ -148,7 +158,10 @@ def main() -> None:
             if name == "zosgd":  # the trajectory re-applied to the shards of the untrained model
                 again, _, _ = model_and_batch(dtype)
                 shard(again)
-                replay(list(again.parameters()), opt.trajectory)
+                parameters = list(again.parameters())  # its DTensors, before a forward gathers the root's
+                with torch.no_grad():
+                    again(x[half])
+                replay(parameters, opt.trajectory)
                 result["zosgd-replayed"] = full(again)
         # A step that raised inside a forward, then more steps (FSDP2 left the root's gathered weights behind).
         model, x, y = model_and_batch()
@@ -181,8 +194,17 @@ def main() -> None:
     elif scenario == "loop":  # a loop driving the passes itself: perturbed() blocks and apply_projected_grad
         model, x, y = model_and_batch()
         shard(model)
-        opt = optimizer(ZOSGD, model)
-        result["params"] = full(loop(model, [(x[half], y[half])], average=lambda losses: dist.all_reduce(losses)))
+        after = loop(model, [(x[half], y[half])], average=lambda losses: dist.all_reduce(losses))
+        result = dict(params=full(model, reshard=True), after=after)
+    elif scenario == "hsdp":  # four ranks: two replicas (Replicate) of a model sharded over two (Shard(0))
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        model, x, y = model_and_batch()
+        for k in (0, 2, 4):
+            fully_shard(model[k], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        quarter = slice(rank * 16 // world, (rank + 1) * 16 // world)
+        train(model, ZOAdam, [(x[quarter], y[quarter])], steps=HSDP_STEPS, lr=1e-3)
+        result = dict(placements=str(model[0].weight.placements), params=full(model))
     elif scenario == "refusals":
         errors = {}
 
@@ -222,6 +244,28 @@ def main() -> None:
         except TypeError as e:
             errors["columns"] = f"{type(e).__name__}: {e}"
         errors["columns unchanged"] = torch.equal(columns.weight.full_tensor(), before)
+        # The sharded states loaded by torch.distributed.checkpoint into a new optimizer's state dict, which has no
+        # entries for them: refused, not a run resumed with zero moments.
+        model, x, y = model_and_batch()
+        shard(model)
+        saved = train(model, ZOAdam, [(x[half], y[half])], steps=1, lr=1e-3).state_dict()
+        dcp.save({"optimizer": saved}, checkpoint_id=out / "dcp")
+        fresh = optimizer(ZOAdam, model, lr=1e-3)
+        template = {"optimizer": fresh.state_dict()}
+        dcp.load(template, checkpoint_id=out / "dcp")
+        try:
+            fresh.load_state_dict(template["optimizer"])
+        except ValueError as e:
+            errors["dcp template"] = f"{type(e).__name__}: {e}"
+        errors["dcp template unchanged"] = not fresh.state and fresh.steps_taken == 0
+        # Those states loaded into an optimizer of the whole model: refused (a whole state would be taken).
+        whole, _, _ = model_and_batch()
+        fresh = optimizer(ZOAdam, whole, lr=1e-3)
+        try:
+            fresh.load_state_dict(saved)
+        except ValueError as e:
+            errors["unsharded"] = f"{type(e).__name__}: {e}"
+        errors["unsharded unchanged"] = not fresh.state and fresh.steps_taken == 0
         # An optimizer built after a forward, from the root's gathered copies: warned. Built before: not.
         model, x, y = model_and_batch()
         shard(model)

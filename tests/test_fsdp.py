@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from fsdp_worker import CASES
+from fsdp_worker import HSDP_STEPS
 from fsdp_worker import loop
 from fsdp_worker import model_and_batch
 from fsdp_worker import raising_step
@@ -15,6 +16,7 @@ from fsdp_worker import train
 from helpers import launch_ranks
 
 from zokern.optim import ZOSGD
+from zokern.optim import ZOAdam
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 
@@ -68,9 +70,24 @@ def test_after_a_step_that_raised_inside_a_forward_the_steps_go_on_as_one_proces
 
 
 def test_a_loop_of_perturbed_blocks_over_shards_equals_one_process(tmp_path):
+    # Each forward after apply_projected_grad reads the updated shards, though FSDP2's root kept what the forward
+    # before it gathered.
     ranks = launch_ranks(WORKER, "loop", tmp_path)
     model, x, y = model_and_batch()
-    assert ranks[0]["params"] == ranks[1]["params"] == _whole(loop(model, _halves(x, y)))
+    after = loop(model, _halves(x, y))
+    assert ranks[0]["params"] == ranks[1]["params"] == _whole(model)
+    assert [r["after"] for r in ranks] == [after, loop(model_and_batch()[0], [(x[8:], y[8:]), (x[:8], y[:8])])]
+
+
+def test_hsdp_steps_equal_one_process_holding_the_whole_model(tmp_path):
+    # Shards placed (Replicate(), Shard(0)) over a 2 x 2 mesh: each replica's ranks hold the same rows, and ZOAdam's
+    # moments follow them.
+    ranks = launch_ranks(WORKER, "hsdp", tmp_path, world=4)
+    model, x, y = model_and_batch()
+    train(model, ZOAdam, [(x[k * 4 : (k + 1) * 4], y[k * 4 : (k + 1) * 4]) for k in range(4)], HSDP_STEPS, lr=1e-3)
+    for rank in ranks:
+        assert rank["placements"] == "(Replicate(), Shard(dim=0))"
+        assert rank["params"] == _whole(model)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +102,9 @@ def refusals(tmp_path_factory):
         ("ldsd", "ValueError: LDSD does not support sharded (DTensor) parameters"),
         ("merge_steps", "ValueError: merge_steps is not supported with sharded (DTensor) parameters"),
         ("columns", "TypeError: param group 0: params[0] is a DTensor placed (Shard(dim=1),)"),
-        ("placement", "ValueError: param_groups[0]['params'][0] (shape (7, 6)) is placed (Shard(dim=0),) with a shard"),
+        ("placement", "ValueError: param_groups[0]['params'][0] (shape (7, 6)) is placed (Shard(dim=0),) over a mesh"),
+        ("dcp template", "ValueError: the state dict holds states of 0 parameters where its run saved 7"),
+        ("unsharded", "ValueError: param_groups[0]['params'][0] (shape (7, 6)) is not sharded, but its saved state"),
     ],
 )
 def test_what_shards_cannot_run_is_refused_and_leaves_them_untouched(refusals, case, message):

@@ -44,6 +44,7 @@ class Checkpointing:
             shapes=layout["shapes"],  # the parameters' order
             trainable=layout["trainable"],  # load_state_dict warns when the resumed run's differ
             dtypes=[dtype_name(d) for d in layout["dtypes"]],  # and these
+            states=sum(1 for entries in state["state"].values() if entries),  # parameters with states
         )
         if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
             state["zo"]["converted_pending"] = True
@@ -59,7 +60,7 @@ class Checkpointing:
         params = self._all_params()
         for index, entries in state["state"].items():
             p = params[index]
-            if _shards.is_sharded(p):
+            if _shards.is_dtensor(p):
                 state["state"][index] = {
                     key: _shards.saved_state(value, p) if _is_shaped_state(value) else value
                     for key, value in entries.items()
@@ -122,6 +123,14 @@ class Checkpointing:
                     f"the state dict's run had shape {tuple(shape)} for {names[id(p)]}: not these parameters, or not "
                     "in this order"
                 )
+        count = sum(1 for entries in state_dict["state"].values() if entries)
+        if zo.get("states", count) != count:  # (absent from state dicts of older zokerns)
+            raise ValueError(
+                f"the state dict holds states of {count} parameters where its run saved {zo['states']}: "
+                "torch.distributed.checkpoint.load fills only the entries of the dict it is given, and a new "
+                "optimizer's state_dict() has none. Load the state dict whole (torch.load), or into a dict that holds "
+                "them"
+            )
         shaped = set(self._state_keys())  # what the passes read as tensors shaped like the parameter
         for saved_id, p in zip([i for g in groups for i in g["params"]], params):
             saved = state_dict["state"].get(saved_id, {})
@@ -135,10 +144,9 @@ class Checkpointing:
                             f"the state dict's {key!r} for {names[id(p)]} is a {what}: not a state of this "
                             "optimizer's parameters"
                         )
-            if _shards.is_sharded(p):  # a state placed otherwise than its parameter: refused before any is loaded
-                for value in saved.values():
-                    if _is_shaped_state(value):
-                        _shards.loaded_state(value, p, names[id(p)])
+            for value in saved.values():  # a state sharded otherwise than its parameter: refused before any loads
+                if _is_shaped_state(value) and (_shards.is_dtensor(p) or _shards.is_dtensor(value)):
+                    _shards.loaded_state(value, p, names[id(p)])
             missing = sorted(shaped - saved.keys())
             if saved and missing:
                 raise ValueError(f"the state dict's state for {names[id(p)]} lacks {', '.join(map(repr, missing))}")
@@ -242,7 +250,7 @@ class Checkpointing:
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    if _shards.is_sharded(p) and _is_shaped_state(value):
+                    if _is_shaped_state(value) and (_shards.is_dtensor(p) or _shards.is_dtensor(value)):
                         value = _shards.loaded_state(value, p, names[id(p)])
                     self.state[p][key] = _kernel_state(value, p.device, copy=True)
         self.base_seed = zo["base_seed"]
@@ -285,6 +293,9 @@ def _check_run_entries(zo: dict[str, Any]) -> None:
     dtypes = zo.get("dtypes")
     if dtypes is not None and not (isinstance(dtypes, list) and all(isinstance(d, str) for d in dtypes)):
         raise ValueError("the state dict's 'zo' entry 'dtypes' is not a list of dtype names: a damaged state dict")
+    states = zo.get("states")
+    if states is not None and not (type(states) is int and states >= 0):
+        raise ValueError("the state dict's 'zo' entry 'states' is not a count: a damaged state dict")
     trainable = zo.get("trainable")
     if trainable is not None and not (isinstance(trainable, list) and all(isinstance(t, bool) for t in trainable)):
         raise ValueError("the state dict's 'zo' entry 'trainable' is not a list of booleans: a damaged state dict")

@@ -26,29 +26,32 @@ class LayoutChecks:
     def _groups_layout(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[int]]]:
         """Per param group: the group, its trainable tensors (of a sharded parameter, this rank's local shard) and
         their global stream offsets (fixed during a step, which computes it once for all of its passes and
-        evaluations). Sets ``_sharded``, whether some of them are shards, and ``_owners``: each one's DTensor."""
+        evaluations). Sets ``_owners``, the DTensor of each shard among them (by the shard's id), and ``_sharded``:
+        whether any parameter of the groups, frozen ones included, is a DTensor (its forwards are collectives)."""
         if self._step_layout is not None:
             return self._step_layout
-        layout, base, index, owners = [], 0, 0, {}
+        layout, base, index, owners, sharded = [], 0, 0, {}, False
         dtensor = _shards.dtensor_class()  # (once: this loop runs over every parameter at each step)
+        plain = (torch.nn.Parameter, torch.Tensor)
         for g, group in enumerate(self.param_groups):
             tensors, offsets = [], []
             for k, p in enumerate(group["params"]):
                 trainable = p.requires_grad if self._trainable_override is None else self._trainable_override[index]
-                if trainable:
-                    tensor, start = p, 0
-                    if dtensor is not None and isinstance(p, dtensor):
+                tensor, start = p, 0
+                if type(p) not in plain and dtensor is not None and isinstance(p, dtensor):  # (rare: one test)
+                    sharded = True
+                    if trainable:
                         tensor, start = _shards.local_slice(p, f"param_groups[{g}]['params'][{k}]")
+                        owners[id(tensor)] = p
+                if trainable:
                     if not _writable(tensor):
                         _reject_parameter(f"param_groups[{g}]['params'][{k}]", tensor)
                     tensors.append(tensor)  # a shard: the rank's local tensor, at its slice of the parameter's stream
                     offsets.append(base + start)
-                    if tensor is not p:
-                        owners[id(tensor)] = p
                 base += p.numel()
                 index += 1
             layout.append((group, tensors, offsets))
-        self._owners, self._sharded = owners, bool(owners)
+        self._owners, self._sharded = owners, sharded
         self._check_distinct_memory(layout)
         self._check_state_shapes(layout)
         return layout
@@ -98,7 +101,7 @@ class LayoutChecks:
         names = []
         for g, (group, tensors, _) in enumerate(layout):
             positions = {
-                id(_shards.local_tensor(p) if _shards.is_sharded(p) else p): k for k, p in enumerate(group["params"])
+                id(_shards.local_tensor(p) if _shards.is_dtensor(p) else p): k for k, p in enumerate(group["params"])
             }
             names += [f"param_groups[{g}]['params'][{positions[id(p)]}]" for p in tensors]
         return names
@@ -116,10 +119,11 @@ class LayoutChecks:
         update some parameters and then fail."""
         if not self.state:  # (a stateless optimizer: nothing to look up for each of its parameters)
             return
-        keys = self._state_keys()
+        keys, owners = self._state_keys(), self._owners
         for g, (group, tensors, _) in enumerate(layout):
             for p in tensors:
-                state = self.state.get(self._owners.get(id(p), p))
+                owner = owners.get(id(p), p) if owners else p
+                state = self.state.get(owner)
                 if not state:
                     continue
                 for key, value in list(state.items()):
@@ -138,9 +142,14 @@ class LayoutChecks:
                     if value.numel() == p.numel():
                         state[key] = value.view(p.shape)
                         continue
-                    k = next(k for k, q in enumerate(group["params"]) if q is self._owners.get(id(p), p))
+                    k = next(k for k, q in enumerate(group["params"]) if q is owner)
+                    shape = (
+                        f"a shard of shape {tuple(p.shape)} on this rank"
+                        if owner is not p
+                        else f"shape {tuple(p.shape)}"
+                    )
                     raise ValueError(
-                        f"param_groups[{g}]['params'][{k}] has shape {tuple(p.shape)} but its optimizer state "
+                        f"param_groups[{g}]['params'][{k}] has {shape} but its optimizer state "
                         f"{key!r} has shape {tuple(value.shape)}: the parameter was resized after the state was "
                         f"built. Build a new optimizer, or start this parameter's state afresh (del opt.state[p])"
                     )
@@ -152,7 +161,7 @@ class LayoutChecks:
         The exact mode hands each op plain tensors holding theta + eps z in place of the parameters: a parameter class
         with its own ``__torch_function__`` (a fake-quantisation wrapper) would not run, and the step would train
         another function than the model's."""
-        if self._sharded:
+        if self._owners:
             self._check_sharded_runnable(exact)
         if not exact:
             return

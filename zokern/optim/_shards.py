@@ -21,7 +21,7 @@ def dtensor_class() -> type | None:
     return None if module is None else module.DTensor
 
 
-def is_sharded(p: torch.Tensor) -> bool:
+def is_dtensor(p: torch.Tensor) -> bool:
     """Whether ``p`` is a DTensor."""
     dtensor = dtensor_class()
     return dtensor is not None and isinstance(p, dtensor)
@@ -41,7 +41,7 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
 def written_tensor(p: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
     """The tensor the passes write for parameter ``p`` and the row-major index of its first element in ``p``: ``p``
     itself at 0, or for a DTensor this rank's shard (``local_slice``)."""
-    return local_slice(p, name) if is_sharded(p) else (p, 0)
+    return local_slice(p, name) if is_dtensor(p) else (p, 0)
 
 
 # id(DTensor) -> (a weak reference to it, its spec, its shard's shape, the index of the shard's first element): what
@@ -97,14 +97,16 @@ def _first_element(p: torch.Tensor, local: torch.Tensor, name: str) -> int:
     return start * (p.numel() // rows if rows else 0)
 
 
-def warn_if_gathered_copies(params: list[torch.Tensor]) -> None:
-    """Warn when trainable parameters mix DTensors and plain tensors: after a forward, FSDP2 keeps its root module's
-    parameters gathered, and ``model.parameters()`` yields those plain copies, which it frees and refills from the
-    shards at every forward, in place of the root's DTensors (the steps would train copies, not the model)."""
-    trainable = [p for p in params if p.requires_grad]
+def check_optimizer_params(params: list[torch.Tensor]) -> None:
+    """At a ZO optimizer's construction: with DTensors among ``params``, learn the FSDP2 modules from now on
+    (track_forwards), and warn when trainable parameters mix DTensors and plain tensors: after a forward, FSDP2 keeps
+    its root module's parameters gathered, and ``model.parameters()`` yields those plain copies, which it frees and
+    refills from the shards at every forward, in place of the root's DTensors (the steps would train copies)."""
     dtensor = dtensor_class()
-    if dtensor is None or not any(isinstance(p, dtensor) for p in trainable):
+    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
         return
+    track_forwards()
+    trainable = [p for p in params if p.requires_grad]
     if all(isinstance(p, dtensor) for p in trainable):
         return
     warnings.warn(
@@ -126,54 +128,88 @@ def saved_state(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def loaded_state(value: torch.Tensor, p: torch.Tensor, name: str) -> torch.Tensor:
-    """This rank's shard of a saved state of DTensor parameter ``p``: the local tensor of a DTensor saved under the
-    same placements, or the shard's rows of a whole state (a plain tensor, saved by an unsharded run; a replicated
-    DTensor); a ValueError naming ``name`` for a DTensor sharded otherwise."""
+    """What a saved per-element state ``value`` of parameter ``p`` holds for this rank: for a DTensor ``p``, the
+    local tensor of a state placed alike over a mesh of the same shape, or its shard's rows of a whole state (a plain
+    tensor, saved by an unsharded run; a replicated DTensor); for a plain ``p``, a whole state. A ValueError naming
+    ``name`` for a state sharded otherwise."""
     from torch.distributed.tensor import Replicate
 
-    local, start = local_slice(p, name)
-    if is_sharded(value):
+    if is_dtensor(value):
         mine = local_tensor(value)
-        if tuple(value.placements) == tuple(p.placements) and mine.shape == local.shape:
+        if (
+            is_dtensor(p)
+            and tuple(value.placements) == tuple(p.placements)
+            and value.device_mesh.shape == p.device_mesh.shape
+            and mine.shape == local_tensor(p).shape
+        ):
             return mine
         if not all(isinstance(placement, Replicate) for placement in value.placements):
+            where = (
+                f"is placed {tuple(p.placements)} over a mesh of shape {tuple(p.device_mesh.shape)}"
+                if is_dtensor(p)
+                else "is not sharded"
+            )
             raise ValueError(
-                f"{name} is placed {tuple(p.placements)} with a shard of shape {tuple(local.shape)} on this rank, but "
-                f"its saved state is placed {tuple(value.placements)} with a shard of shape {tuple(mine.shape)}: save "
-                "states under the sharding that loads them, or whole (state.full_tensor())"
+                f"{name} {where}, but its saved state is placed {tuple(value.placements)} over a mesh of shape "
+                f"{tuple(value.device_mesh.shape)}: save states under the sharding that loads them, or whole "
+                "(state.full_tensor())"
             )
         value = mine
+    if not is_dtensor(p):
+        return value
+    local, start = local_slice(p, name)
     return value.reshape(-1)[start : start + local.numel()].view(local.shape)
 
 
-@contextlib.contextmanager
-def gathering_current_shards() -> Iterator[None]:
-    """Inside the block, each FSDP2 module gathers its parameters from their shards when its forward starts; when the
-    block ends (also by an exception), the modules that ran end their iteration and are resharded. FSDP2 keeps a
-    module's gathered parameters after a forward (the root's always, for the backward that a ZO step never runs;
-    any module's when a forward raised): a later forward would read them as they were, not as the passes have since
-    perturbed or updated the shards, and so would ``model.parameters()`` and an evaluation after the step."""
+# FSDP2 keeps a module's gathered parameters after a forward (the root's always, for the backward a ZO step never
+# runs), and a later forward reads them as they are: every pass that writes shards first reshards the FSDP2 modules
+# known to have run, so that their next forward gathers the shards as the pass left them, and model.parameters()
+# hands out DTensors again (after an evaluation between steps, apply_projected_grad or replay too). A module is
+# known from its first forward after the first sharded optimizer was built, which reshards it first.
+_known: weakref.WeakSet = weakref.WeakSet()
+_tracking: torch.utils.hooks.RemovableHandle | None = None
+
+
+def track_forwards() -> None:
+    """From now on, learn the FSDP2 modules that run a forward (once per process; a sharded optimizer's first)."""
+    global _tracking
+    if _tracking is None:
+        _tracking = torch.nn.modules.module.register_module_forward_pre_hook(_learn)
+
+
+def _learn(module: torch.nn.Module, args: object) -> None:
+    if module in _known:  # (the common case first: a WeakSet lookup)
+        return
     fsdp = sys.modules.get("torch.distributed.fsdp")
     module_class = getattr(fsdp, "FSDPModule", None)
-    if module_class is None:  # no FSDP2 module exists: nothing to reshard
-        yield
-        return
-    ran: dict[int, torch.nn.Module] = {}
+    if module_class is not None and isinstance(module, module_class):
+        _reshard(module)  # it may hold parameters gathered before the shards' last write
+        _known.add(module)
 
-    def reshard(module: torch.nn.Module, args: object) -> None:
-        if isinstance(module, module_class):
-            module.reshard()  # frees the gathered parameters, if any: its own pre-forward hook gathers them anew
-            ran[id(module)] = module
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(reshard)
+def shards_written() -> None:
+    """A pass is about to write shards: the FSDP2 modules that hold gathered parameters let them go."""
+    track_forwards()
+    for module in list(_known):
+        _reshard(module)
+
+
+def _reshard(module: torch.nn.Module) -> None:
+    _end_iteration(module)  # (a root whose last forward raised keeps its gathered parameters through reshard())
+    module.reshard()
+
+
+@contextlib.contextmanager
+def resharded_after() -> Iterator[None]:
+    """When the block (a closure's evaluation) ends, also by an exception, the FSDP2 modules let their gathered
+    parameters go, as before a pass (shards_written): else ``model.parameters()`` would hand out the root's gathered
+    copies in place of its DTensors, and after a forward that raised, FSDP2 would keep any module's."""
+    track_forwards()
     try:
         yield
     finally:
-        handle.remove()
-        for module in ran.values():
-            _end_iteration(module)
-        for module in ran.values():
-            module.reshard()
+        for module in list(_known):
+            _reshard(module)
 
 
 def _end_iteration(module: torch.nn.Module) -> None:
@@ -193,7 +229,8 @@ def _end_iteration(module: torch.nn.Module) -> None:
     state._comm_ctx.post_forward_order.clear()
     for tree_state in state._state_ctx.all_states:
         tree_state._training_state = TrainingState.IDLE
-        # One group per module in torch 2.6 to 2.11 (_fsdp_param_group, None without parameters), a list in 2.13.
+        tree_state._modules_to_run_forward.clear()
+        # One group per module in torch 2.6 to 2.11 (_fsdp_param_group, None without parameters); later, a list.
         groups = getattr(tree_state, "_fsdp_param_groups", None)
         if groups is None:
             groups = [group for group in (tree_state._fsdp_param_group,) if group is not None]

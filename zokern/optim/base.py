@@ -94,7 +94,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             raise ValueError(f"seed_check_every must be a non-negative integer, got {seed_check_every!r}")
         _dispatch.available_requested_backend(backend)  # its device is checked by the passes
         super().__init__(params, defaults)
-        _shards.warn_if_gathered_copies(self._all_params())
+        _shards.check_optimizer_params(self._all_params())
         self.distribution = distribution
         self.backend = backend
         self.seed_check_every = seed_check_every
@@ -118,7 +118,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._trainable_override: list[bool] | None = None  # set by replay, whose tensors carry no requires_grad
         self._last_setup: dict[str, Any] | None = None
         self._step_layout: list | None = None  # the layout of the step in progress
-        self._sharded = False  # whether the last layout computed holds shards of DTensors (_shards.py)
+        self._sharded = False  # whether the last layout's groups hold DTensors, whose forwards are collectives
         self._owners: dict[int, torch.Tensor] = {}  # and the DTensor of each shard, by the shard's id
         # Derived from it, built at the step's first use: the per-device chunks, and the sets of their tensors that
         # the step's passes take, each validated once for all of them (ops.prepare).
@@ -222,6 +222,8 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         (layer-wise learning rates, a group per parameter) launches as few calls as it has distinct values, where each
         call costs host time. One call per entry of ``_device_chunks()`` while a CUDA graph's step runs, whose rows
         are planned so (graph.py)."""
+        if self._owners:
+            _shards.shards_written()
         chunks = self._device_chunks()
         if self._rows is not None:
             return [(scalars_of(group), self._prepared(chunks, (k,))) for k, (_, group, _, _) in enumerate(chunks)]
@@ -282,6 +284,8 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         they draw disjoint bits), which keeps the stored values independent of how parameters are grouped. Call it
         once per pass."""
         self._begin_update()
+        if self._owners:  # (a host-side update writes shards without a fused pass)
+            _shards.shards_written()
         if self.rounding == "nearest":
             return dict(rounding="nearest")
         self._update_passes += 1
@@ -494,7 +498,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                             raise refusal from e
                         view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
                     elif self._sharded:
-                        with _shards.gathering_current_shards():
+                        with _shards.resharded_after():
                             yield
                     else:
                         yield
@@ -746,7 +750,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 with self._lookahead.finding_owners(self._trainable()):
                     loss = closure()
             elif self._sharded:
-                with _shards.gathering_current_shards():
+                with _shards.resharded_after():
                     loss = closure()
             else:
                 loss = closure()

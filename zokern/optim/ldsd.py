@@ -338,7 +338,7 @@ class LDSD(ZOOptimizer):
 
     def _check_runnable(self, layout: list, exact: bool, stepping: bool = True) -> None:
         super()._check_runnable(layout, exact, stepping)
-        if self._sharded:
+        if self._owners:
             raise ValueError(
                 "LDSD does not support sharded (DTensor) parameters: its projection of mu takes mu's norm over each "
                 "param group, of which a rank holds only its shards"

@@ -142,7 +142,7 @@ class ZOSGD(ZOOptimizer):
 
     def _check_runnable(self, layout: list, exact: bool, stepping: bool = True) -> None:
         super()._check_runnable(layout, exact, stepping)
-        if self._sharded and self.cuda_graph:
+        if self._owners and self.cuda_graph:
             raise ValueError(
                 "cuda_graph is not supported with sharded (DTensor) parameters: FSDP2 gathers them in forwards"
             )
