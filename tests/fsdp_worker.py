@@ -217,6 +217,13 @@ def main() -> None:
                 errors[name] = f"{type(e).__name__}: {e}"
             errors[name + " unchanged"] = full(model) == before
 
+        def load_refused(name, fresh, state_dict):
+            try:
+                fresh.load_state_dict(state_dict)
+            except ValueError as e:
+                errors[name] = f"{type(e).__name__}: {e}"
+            errors[name + " unchanged"] = not fresh.state and fresh.steps_taken == 0
+
         model, x, y = model_and_batch(torch.bfloat16)
         shard(model)
         refused("bf16 exact", model)
@@ -227,12 +234,7 @@ def main() -> None:
         # A state sharded otherwise than its parameter (by columns): refused by the load, which loads nothing.
         saved = train(model, ZOAdam, [(x[half], y[half])], steps=1, lr=1e-3).state_dict()
         saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].redistribute(placements=[Shard(1)])
-        fresh = optimizer(ZOAdam, model, lr=1e-3)
-        try:
-            fresh.load_state_dict(saved)
-        except ValueError as e:
-            errors["placement"] = f"{type(e).__name__}: {e}"
-        errors["placement unchanged"] = not fresh.state and fresh.steps_taken == 0
+        load_refused("placement", optimizer(ZOAdam, model, lr=1e-3), saved)
         columns = torch.nn.Linear(6, 4)
         columns.weight = torch.nn.Parameter(
             distribute_tensor(columns.weight.detach(), init_device_mesh("cpu", (world,)), [Shard(1)])
@@ -253,19 +255,9 @@ def main() -> None:
         fresh = optimizer(ZOAdam, model, lr=1e-3)
         template = {"optimizer": fresh.state_dict()}
         dcp.load(template, checkpoint_id=out / "dcp")
-        try:
-            fresh.load_state_dict(template["optimizer"])
-        except ValueError as e:
-            errors["dcp template"] = f"{type(e).__name__}: {e}"
-        errors["dcp template unchanged"] = not fresh.state and fresh.steps_taken == 0
+        load_refused("dcp template", fresh, template["optimizer"])
         # Those states loaded into an optimizer of the whole model: refused (a whole state would be taken).
-        whole, _, _ = model_and_batch()
-        fresh = optimizer(ZOAdam, whole, lr=1e-3)
-        try:
-            fresh.load_state_dict(saved)
-        except ValueError as e:
-            errors["unsharded"] = f"{type(e).__name__}: {e}"
-        errors["unsharded unchanged"] = not fresh.state and fresh.steps_taken == 0
+        load_refused("unsharded", optimizer(ZOAdam, model_and_batch()[0], lr=1e-3), saved)
         # An optimizer built after a forward, from the root's gathered copies: warned. Built before: not.
         model, x, y = model_and_batch()
         shard(model)
