@@ -13,6 +13,7 @@ from helpers import join_ranks
 from helpers import leave_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor import distribute_tensor
@@ -131,6 +132,16 @@ def loop(model, batches, average=lambda losses: None):
     return after
 
 
+def placed(state, placements):
+    """A DTensor state placed otherwise (Replicate, or Shard(1)), from its whole value. (Not by redistribute: its
+    collectives may still be in flight when a refused load drops the tensor, which once aborted a rank.)"""
+    whole = state.full_tensor()
+    local = whole if placements == [Replicate()] else whole.chunk(dist.get_world_size(), dim=1)[dist.get_rank()]
+    return DTensor.from_local(
+        local.contiguous(), state.device_mesh, placements, run_check=False, shape=whole.shape, stride=whole.stride()
+    )
+
+
 def shard(model) -> None:
     for k in (0, 2, 4):
         fully_shard(model[k])
@@ -185,7 +196,7 @@ def main() -> None:
             if source == "replicated":
                 for states in saved["state"].values():
                     for key in ("exp_avg", "exp_avg_sq"):
-                        states[key] = states[key].redistribute(placements=[Replicate()])
+                        states[key] = placed(states[key], [Replicate()])
             torch.save(saved, out / f"{source}{rank}.pt")
             resumed = optimizer(ZOAdam, model, lr=1e-3)
             resumed.load_state_dict(torch.load(out / f"{source}{rank}.pt", weights_only=True))
@@ -233,7 +244,7 @@ def main() -> None:
         refused("merge_steps", model, merge_steps=True)
         # A state sharded otherwise than its parameter (by columns): refused by the load, which loads nothing.
         saved = train(model, ZOAdam, [(x[half], y[half])], steps=1, lr=1e-3).state_dict()
-        saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"].redistribute(placements=[Shard(1)])
+        saved["state"][0]["exp_avg"] = placed(saved["state"][0]["exp_avg"], [Shard(1)])
         load_refused("placement", optimizer(ZOAdam, model, lr=1e-3), saved)
         columns = torch.nn.Linear(6, 4)
         columns.weight = torch.nn.Parameter(
