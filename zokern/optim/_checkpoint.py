@@ -145,7 +145,7 @@ class Checkpointing:
                             "optimizer's parameters"
                         )
             for value in saved.values():  # a state sharded otherwise than its parameter: refused before any loads
-                if _is_shaped_state(value) and (_shards.is_dtensor(p) or _shards.is_dtensor(value)):
+                if _is_shaped_state(value):
                     _shards.loaded_state(value, p, names[id(p)])
             missing = sorted(shaped - saved.keys())
             if saved and missing:
@@ -250,7 +250,7 @@ class Checkpointing:
         for saved_id, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    if _is_shaped_state(value) and (_shards.is_dtensor(p) or _shards.is_dtensor(value)):
+                    if _is_shaped_state(value):
                         value = _shards.loaded_state(value, p, names[id(p)])
                     self.state[p][key] = _kernel_state(value, p.device, copy=True)
         self.base_seed = zo["base_seed"]

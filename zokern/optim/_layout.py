@@ -100,10 +100,9 @@ class LayoutChecks:
         """``param_groups[g]['params'][k]`` of each trainable tensor of ``layout``, in its order."""
         names = []
         for g, (group, tensors, _) in enumerate(layout):
-            positions = {
-                id(_shards.local_tensor(p) if _shards.is_dtensor(p) else p): k for k, p in enumerate(group["params"])
-            }
-            names += [f"param_groups[{g}]['params'][{positions[id(p)]}]" for p in tensors]
+            positions = {id(p): k for k, p in enumerate(group["params"])}
+            owners = self._owners  # (a shard is named by its DTensor's place)
+            names += [f"param_groups[{g}]['params'][{positions[id(owners.get(id(p), p))]}]" for p in tensors]
         return names
 
     def _state_keys(self) -> tuple[str, ...]:

@@ -132,9 +132,9 @@ def loaded_state(value: torch.Tensor, p: torch.Tensor, name: str) -> torch.Tenso
     local tensor of a state placed alike over a mesh of the same shape, or its shard's rows of a whole state (a plain
     tensor, saved by an unsharded run; a replicated DTensor); for a plain ``p``, a whole state. A ValueError naming
     ``name`` for a state sharded otherwise."""
-    from torch.distributed.tensor import Replicate
-
     if is_dtensor(value):
+        from torch.distributed.tensor import Replicate
+
         mine = local_tensor(value)
         if (
             is_dtensor(p)
@@ -190,6 +190,10 @@ def _learn(module: torch.nn.Module, args: object) -> None:
 def shards_written() -> None:
     """A pass is about to write shards: the FSDP2 modules that hold gathered parameters let them go."""
     track_forwards()
+    _reshard_known()
+
+
+def _reshard_known() -> None:
     for module in list(_known):
         _reshard(module)
 
@@ -208,8 +212,7 @@ def resharded_after() -> Iterator[None]:
     try:
         yield
     finally:
-        for module in list(_known):
-            _reshard(module)
+        _reshard_known()
 
 
 def _end_iteration(module: torch.nn.Module) -> None:
