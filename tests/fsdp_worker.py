@@ -9,6 +9,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from helpers import fsdp2_on_cpu
 from helpers import join_ranks
 from helpers import leave_ranks
 from torch.distributed.device_mesh import init_device_mesh
@@ -26,11 +27,7 @@ from zokern.optim import ZOAdam
 from zokern.optim import ZOConservative
 from zokern.optim import ZOSignSGD
 
-# torch 2.6's CPU Stream lacks the record_event and wait_event that FSDP2's collectives call (no-ops from 2.7 on,
-# pytorch#145935): the same no-ops here, so that FSDP2 runs over gloo on the CPU.
-if not hasattr(torch.cpu.Stream, "record_event"):
-    torch.cpu.Stream.record_event = lambda self, event=None: None
-    torch.cpu.Stream.wait_event = lambda self, event: None
+fsdp2_on_cpu()
 
 STEPS = 4
 HSDP_STEPS = 2

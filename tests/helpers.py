@@ -157,6 +157,14 @@ def save_local_model(directory, kind: str = "opt", embedding_rows: int | None = 
     return fast
 
 
+def fsdp2_on_cpu() -> None:
+    """torch 2.6's CPU Stream lacks the record_event and wait_event that FSDP2's collectives call (no-ops from 2.7 on,
+    pytorch#145935): the same no-ops, so that FSDP2 runs over gloo on the CPU. For the distributed workers."""
+    if not hasattr(torch.cpu.Stream, "record_event"):
+        torch.cpu.Stream.record_event = lambda self, event=None: None
+        torch.cpu.Stream.wait_event = lambda self, event: None
+
+
 def launch_ranks(worker, scenario: str, out, world: int = 2) -> list[dict]:
     """Run ``python worker SCENARIO OUT RANK WORLD`` as ``world`` processes (gloo ranks rendezvousing through a file in
     ``out``); each writes ``out/rank{r}.json``, returned in rank order. Fails with a rank's stderr if one fails."""

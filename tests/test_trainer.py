@@ -789,10 +789,8 @@ def test_an_interrupted_train_leaves_no_micro_batch_for_the_next(tmp_path):
     assert sizes == [2, 2, 2]  # each step its window's two micro-batches (the first had a third, left behind)
 
 
-def test_data_parallel_ranks_average_a_sequence_classifiers_loss_without_the_trainers_scale(tmp_path):
-    """The Trainer multiplies the loss by the number of processes for a loss divided by the global item count; a
-    classifier's averages over its own batch, so each step's losses, g and update were twice too large on two
-    ranks. At lr = 0 each step's loss is a mean over 16 of the 32 samples, near the whole set's."""
+def _torchrun_worker(tmp_path, *mode: str) -> list[dict]:
+    """tests/trainer_dp_worker.py run by torchrun as two CPU ranks; what each rank wrote, in rank order."""
     import json
     import os
     import subprocess
@@ -802,10 +800,17 @@ def test_data_parallel_ranks_average_a_sequence_classifiers_loss_without_the_tra
     worker = Path(__file__).with_name("trainer_dp_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
-    run = subprocess.run([*command, str(worker), str(tmp_path), "classifier"], capture_output=True, text=True,
-                         env=env, timeout=300)  # fmt: skip
+    run = subprocess.run([*command, str(worker), str(tmp_path), *mode], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_data_parallel_ranks_average_a_sequence_classifiers_loss_without_the_trainers_scale(tmp_path):
+    """The Trainer multiplies the loss by the number of processes for a loss divided by the global item count; a
+    classifier's averages over its own batch, so each step's losses, g and update were twice too large on two
+    ranks. At lr = 0 each step's loss is a mean over 16 of the 32 samples, near the whole set's."""
+    ranks = _torchrun_worker(tmp_path, "classifier")
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2
     assert all(loss == pytest.approx(ranks[0]["whole"], rel=0.2) for loss in ranks[0]["losses"])
 
@@ -814,19 +819,27 @@ def test_data_parallel_ranks_stay_identical_unwrapped_through_rank_zero_checkpoi
     # Rank 0 alone saves, and saving reads the weights, which takes a merged step's perturbation back: every rank
     # must do so, or rank 0's next step runs other passes (bf16: other rounding) than rank 1's. And no
     # DistributedDataParallel wrapper: its gradient buckets would be as large as the trainable parameters, unused.
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = Path(__file__).with_name("trainer_dp_worker.py")
-    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_BACKEND"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
-    command.append(str(tmp_path))
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _torchrun_worker(tmp_path)
     assert [r["wrapped"] for r in ranks] == ["LlamaForCausalLM"] * 2
     assert ranks[0]["steps"] == ranks[1]["steps"] == 6
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_fsdp2_sharded_training_checkpoints_and_resumes_as_the_replicated_run(tmp_path):
+    """accelerate's FSDP2 (forced on the CPU) shards the model after the optimizer is built and swaps its parameters
+    for the DTensors; the Trainer checkpointed an FSDP optimizer through get_optimizer_state_dict, which drops the ZO
+    optimizer's seed and step count (refused: the first checkpoint raised). Each rank saves the ZO optimizer's state
+    dict, its shards of ZOAdam's moments: the sharded run, and a run resumed from its checkpoint halfway, end bit
+    for bit where the replicated run does, for a whole model and for LoRA adapters over a sharded frozen base."""
+    ranks = _torchrun_worker(tmp_path, "fsdp")
+    assert ranks[0] == ranks[1]
+    result = ranks[0]
+    for name in ("full", "lora"):
+        run = result[name]
+        assert run["sharded types"] == ["DTensor"], name
+        assert run["sharded"] == run["replicated"] != run["start"], name
+        assert {"rank0-of-2-optimizer.pt", "rank1-of-2-optimizer.pt", "scheduler.pt"} <= set(run["files"]), name
+        assert run["resumed"] == run["replicated"] and run["resumed steps"] == 4, name
+    assert "saved by 3 ranks" in result["errors"]["ranks"]
+    assert "resume it on 3 ranks, not 2" in result["errors"]["ranks"]
+    assert "FSDP2 only" in result["errors"]["fsdp1"]

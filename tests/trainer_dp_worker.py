@@ -1,22 +1,30 @@
 """One rank of ZOTrainer's data-parallel tests (tests/test_trainer.py), launched by torchrun on the CPU (gloo):
 
-python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer_dp_worker.py OUT_DIR [classifier]
+python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer_dp_worker.py OUT_DIR [classifier|fsdp]
 
 A bf16 Llama, in-place perturbation with merged steps, a checkpoint every other step (written by rank 0 alone):
 each rank writes whether the Trainer wrapped its model and its final weights. With ``classifier``: a sequence
 classifier at lr = 0, whose loss averages over its own batch; each rank writes its steps' losses and the model's
-loss over the whole dataset.
+loss over the whole dataset. With ``fsdp``: ZOAdam on a Llama (all its weights, and LoRA adapters) replicated,
+sharded by accelerate's FSDP2, and sharded again and resumed from the sharded run's checkpoint; each rank writes
+the weights of each run, and the errors of resumes refused.
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import peft
 import torch
 import torch.distributed as dist
 import transformers
+from accelerate.utils import DistributedType
+from accelerate.utils import FullyShardedDataParallelPlugin
+from helpers import fsdp2_on_cpu
 
 from zokern.integrations import ZOTrainer
+from zokern.optim import ZOAdam
 
 
 def classifier(out: Path) -> None:
@@ -41,6 +49,93 @@ def classifier(out: Path) -> None:
     _finish()
 
 
+class _CPUShardingTrainer(ZOTrainer):
+    """accelerate enables FSDP on accelerators only: its FSDP path (fully_shard, the optimizer's parameters swapped for
+    their DTensors, the sharded checkpoints), forced here over gloo on the CPU."""
+
+    fsdp_version = 2
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        state.distributed_type = DistributedType.FSDP
+        reshard = True if self.fsdp_version == 2 else "FULL_SHARD"  # (FSDP1 names its strategy)
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=self.fsdp_version, reshard_after_forward=reshard, state_dict_type="SHARDED_STATE_DICT"
+        )
+        self.is_fsdp_enabled = True
+
+
+def _weights(model) -> list[list[float]]:
+    """The whole weights (gathered from the shards of a sharded model: a collective)."""
+    whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return [p.detach().float().flatten().tolist() for p in whole]
+
+
+def sharded(out: Path) -> None:
+    fsdp2_on_cpu()
+
+    def trainer(cls, output_dir, lora=False):
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+        if lora:  # (B initialised at random too: else the first steps' z on A would change no loss)
+            config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            model = peft.get_peft_model(model, config)
+        ids = torch.randint(0, 64, (32, 8), generator=torch.Generator().manual_seed(1))
+        args = transformers.TrainingArguments(
+            output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
+            save_strategy="steps", save_steps=2, use_cpu=True, ddp_backend="gloo", report_to=[], disable_tqdm=True,
+            logging_steps=100,
+        )  # fmt: skip
+        data = [{"input_ids": row, "labels": row} for row in ids]
+        options = {"eps": 1e-2, "seed": 0}
+        return cls(model=model, args=args, train_dataset=data, zo_optimizer_cls=ZOAdam, zo_optimizer_kwargs=options)
+
+    result = {}
+    models = ("full", "lora")
+    for name in models:  # the replicated runs first: accelerate's state (FSDP, once forced) outlives a trainer
+        replicated = trainer(ZOTrainer, out / f"replicated-{name}", lora=name == "lora")
+        result[name] = {"start": _weights(replicated.model)}
+        replicated.train()
+        result[name]["replicated"] = _weights(replicated.model)
+    for name in models:
+        run = trainer(_CPUShardingTrainer, out / f"sharded-{name}", lora=name == "lora")
+        run.train()
+        trained = [p for p in run.model.parameters() if p.requires_grad]
+        result[name]["sharded types"] = sorted({type(p).__name__ for p in trained})
+        result[name]["sharded"] = _weights(run.model)
+        checkpoint = out / f"sharded-{name}" / "checkpoint-2"
+        result[name]["files"] = sorted(path.name for path in checkpoint.iterdir())
+        resumed = trainer(_CPUShardingTrainer, out / f"resumed-{name}", lora=name == "lora")
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+        result[name]["resumed"] = _weights(resumed.model)
+        result[name]["resumed steps"] = resumed.zo_optimizer.steps_taken
+    errors = {}
+    # Resumed on another number of ranks than saved it: as if these files were three ranks'.
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.copytree(out / "sharded-full" / "checkpoint-2", out / "three")
+        for path in (out / "three").glob("rank*-of-2-*"):
+            path.rename(path.with_name(path.name.replace("-of-2-", "-of-3-")))
+    dist.barrier()
+    try:
+        trainer(_CPUShardingTrainer, out / "other").train(resume_from_checkpoint=str(out / "three"))
+    except ValueError as e:
+        errors["ranks"] = str(e)
+    fsdp1 = type("FSDP1Trainer", (_CPUShardingTrainer,), {"fsdp_version": 1})
+    try:
+        trainer(fsdp1, out / "fsdp1").train()
+    except ValueError as e:
+        errors["fsdp1"] = str(e)
+    result["errors"] = errors
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    _finish()
+
+
 def _finish() -> None:
     """No rank tears down its connections while another still uses them (gloo aborts the process otherwise)."""
     dist.barrier()
@@ -51,6 +146,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     if sys.argv[2:] == ["classifier"]:
         return classifier(out)
+    if sys.argv[2:] == ["fsdp"]:
+        return sharded(out)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

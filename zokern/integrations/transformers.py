@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import inspect
+import os
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +25,7 @@ import torch
 from accelerate.utils.memory import clear_device_cache
 from transformers import Trainer
 from transformers import TrainerCallback
+from transformers import trainer as trainer_module
 
 from zokern.optim import ZOSGD
 from zokern.optim import ZOOptimizer
@@ -271,6 +275,45 @@ class ZOTrainer(Trainer):
         with _keeping_dtypes(self.model):
             return super()._load_best_model()
 
+    # Under FSDP the Trainer checkpoints its optimizer through torch.distributed.checkpoint's
+    # get_optimizer_state_dict, which keeps only 'state' and 'param_groups' (the ZO optimizer refuses it: its 'zo'
+    # entry holds the run's seed and step count). Each rank saves the ZO optimizer's own state dict instead, which
+    # holds the rank's shards of the per-parameter states; the model and the scheduler are saved as the Trainer does.
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not (self.is_fsdp_enabled and self.zo_optimizer is not None):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        plugin = self.accelerator.state.fsdp_plugin
+        trainer_module.save_fsdp_model(
+            plugin, self.accelerator, self.model, output_dir, **trainer_module.get_fsdp_ckpt_kwargs()
+        )
+        os.makedirs(output_dir, exist_ok=True)
+        mine = _rank_file(output_dir, self.args.process_index, self.args.world_size)
+        torch.save(self.zo_optimizer.state_dict(), mine)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, trainer_module.SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not (self.is_fsdp_enabled and self.zo_optimizer is not None):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        world = self.args.world_size
+        mine = _rank_file(checkpoint, self.args.process_index, world)
+        if not os.path.isfile(mine):
+            saved_by = _rank_files_world_size(checkpoint)
+            if saved_by is not None:
+                raise ValueError(
+                    f"{checkpoint} holds the ZO optimizer's states as saved by {saved_by} ranks, each its own shards: "
+                    f"resume it on {saved_by} ranks, not {world}"
+                )
+            return super()._load_optimizer_and_scheduler(checkpoint)  # (none saved: the Trainer's own files, if any)
+        device = self.args.device  # (on the CPU, accelerate's cpu:0, which torch.load does not take)
+        saved = torch.load(mine, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
+        self.zo_optimizer.load_state_dict(saved)
+        scheduler = os.path.join(checkpoint, trainer_module.SCHEDULER_NAME)
+        if os.path.isfile(scheduler):
+            with warnings.catch_warnings(record=True) as caught:  # (the Trainer hides the scheduler's warnings too)
+                self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+            trainer_module.reissue_pt_warnings(caught)
+
     def save_model(self, *args, **kwargs):
         if self.zo_optimizer is not None:  # as _save_checkpoint: called on every rank, writes on one
             self.zo_optimizer.materialize()
@@ -311,6 +354,7 @@ class ZOTrainer(Trainer):
     def train(self, *args, **kwargs):
         """``Trainer.train``; afterwards the model holds its true weights even with ``merge_steps=True`` (whose steps
         leave the next perturbation in them), for whatever reads them directly next (PEFT's merge_and_unload, say)."""
+        self._check_fsdp_version()
         self._window = []  # micro-batches an interrupted train() left behind belong to no step of this one
         self._window_first_order_flos = 0.0
         try:
@@ -318,6 +362,16 @@ class ZOTrainer(Trainer):
         finally:
             if self.zo_optimizer is not None:
                 self.zo_optimizer.materialize()
+
+    def _check_fsdp_version(self) -> None:
+        # The ZO optimizers train FSDP2's DTensor shards; FSDP1 would wrap the model in flat parameters, which ZOTrainer
+        # never does (it prepares the model unwrapped, as for evaluation): the run would hold the whole model.
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "ZOTrainer shards a model with FSDP2 only: set fsdp_config={'fsdp_version': 2} (FSDP1's flat "
+                "parameters are not supported)"
+            )
 
     # No gradients exist: nothing to clip, and no gradient norm to log (the Trainer's would read 0.0).
     def _clip_grad_norm(self, model):
@@ -491,6 +545,22 @@ def _keeping_dtypes(model: torch.nn.Module) -> Iterator[None]:
         dtype = before.get(name)
         if dtype is not None and p.dtype != dtype and p.is_floating_point() and dtype.is_floating_point:
             p.data = p.data.to(dtype)
+
+
+def _rank_file(directory: str, rank: int, world: int) -> str:
+    """Where rank ``rank`` of ``world`` saves the ZO optimizer's state dict in a sharded run's checkpoint (the name the
+    Trainer gives its per-rank optimizer files under XLA's FSDP)."""
+    return os.path.join(directory, f"rank{rank}-of-{world}-{trainer_module.OPTIMIZER_NAME}")
+
+
+def _rank_files_world_size(directory: str) -> int | None:
+    """The number of ranks that saved per-rank optimizer files in ``directory``, or None if none did."""
+    pattern = re.compile(rf"rank\d+-of-(\d+)-{re.escape(trainer_module.OPTIMIZER_NAME)}")
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "rank*-of-*"))):
+        found = pattern.fullmatch(os.path.basename(path))
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def _check_scheduler(scheduler: Any, zo_optimizer: ZOOptimizer | None) -> None:
