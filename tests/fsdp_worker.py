@@ -277,6 +277,14 @@ def main() -> None:
                 warnings.simplefilter("always")
                 optimizer(ZOSGD, model)
             errors[f"forward first {forward_first}"] = [str(w.message) for w in caught if "zokern" in str(w.message)]
+        # A bfloat16 loss (a MixedPrecisionPolicy's output_dtype casts the model's outputs): warned of, with the cause.
+        model, x, y = model_and_batch()
+        shard(model)
+        opt = optimizer(ZOSGD, model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(lambda: loss_of(model, x[half], y[half]).bfloat16())
+        errors["bf16 loss"] = [str(w.message) for w in caught if "zokern" in str(w.message)]
         result = errors
     leave_ranks(out, rank, result)
 

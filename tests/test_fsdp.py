@@ -118,3 +118,9 @@ def test_an_optimizer_built_from_the_gathered_copies_of_a_forward_is_warned_of(r
         assert rank["forward first False"] == []
         (message,) = rank["forward first True"]
         assert "model.parameters() gave their plain copies in place of the root's DTensors" in message
+
+
+def test_a_sixteen_bit_loss_over_shards_is_warned_of_with_fsdp2s_output_cast(refusals):
+    for rank in refusals:
+        (message,) = rank["bf16 loss"]
+        assert "bfloat16 loss" in message and "MixedPrecisionPolicy's output_dtype casts the model's outputs" in message

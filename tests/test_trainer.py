@@ -830,16 +830,27 @@ def test_fsdp2_sharded_training_checkpoints_and_resumes_as_the_replicated_run(tm
     for the DTensors; the Trainer checkpointed an FSDP optimizer through get_optimizer_state_dict, which drops the ZO
     optimizer's seed and step count (refused: the first checkpoint raised). Each rank saves the ZO optimizer's state
     dict, its shards of ZOAdam's moments: the sharded run, and a run resumed from its checkpoint halfway, end bit
-    for bit where the replicated run does, for a whole model and for LoRA adapters over a sharded frozen base."""
+    for bit where the replicated run does, for a whole model (its checkpoints sharded, or gathered) and for LoRA
+    adapters over a sharded frozen base; and with bf16=True, whose policy ZOTrainer keeps from rounding the loss."""
     ranks = _torchrun_worker(tmp_path, "fsdp")
     assert ranks[0] == ranks[1]
     result = ranks[0]
-    for name in ("full", "lora"):
+    for name in ("full", "lora", "gathered"):
         run = result[name]
         assert run["sharded types"] == ["DTensor"], name
         assert run["sharded"] == run["replicated"] != run["start"], name
         assert {"rank0-of-2-optimizer.pt", "rank1-of-2-optimizer.pt", "scheduler.pt"} <= set(run["files"]), name
         assert run["resumed"] == run["replicated"] and run["resumed steps"] == 4, name
+    # float32 shards computing in bfloat16: the losses keep float32 (accelerate's policy cast them to bfloat16, whose
+    # spacing at 4 is 0.03, and some steps' L+ and L- were equal), and a resumed run ends where the run does.
+    mixed = result["mixed"]
+    assert mixed["policy"] == ["torch.bfloat16", "None"] and mixed["dtypes"] == ["torch.float32"]
+    losses = [loss for step in mixed["losses"] for loss in step]
+    assert len(losses) == 8 and all(float(torch.tensor(loss).bfloat16()) != loss for loss in losses)
+    assert mixed["resumed"] == mixed["sharded"] != result["full"]["start"]
+    assert "pytorch_model_fsdp_0" in result["full"]["files"]  # each rank's shards (torch.distributed.checkpoint)
+    assert "model.safetensors" in result["gathered"]["files"]
     assert "saved by 3 ranks" in result["errors"]["ranks"]
     assert "resume it on 3 ranks, not 2" in result["errors"]["ranks"]
     assert "FSDP2 only" in result["errors"]["fsdp1"]
+    assert "was saved by a run without FSDP" in result["errors"]["replicated"]

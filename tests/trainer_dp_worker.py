@@ -19,6 +19,7 @@ import peft
 import torch
 import torch.distributed as dist
 import transformers
+from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from accelerate.utils import FullyShardedDataParallelPlugin
 from helpers import fsdp2_on_cpu
@@ -51,19 +52,30 @@ def classifier(out: Path) -> None:
 
 class _CPUShardingTrainer(ZOTrainer):
     """accelerate enables FSDP on accelerators only: its FSDP path (fully_shard, the optimizer's parameters swapped for
-    their DTensors, the sharded checkpoints), forced here over gloo on the CPU."""
+    their DTensors, the checkpoints), forced here over gloo on the CPU."""
 
     fsdp_version = 2
+    state_dict_type = "SHARDED_STATE_DICT"
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         state = self.accelerator.state
-        state.distributed_type = DistributedType.FSDP
+        # Also in PartialState's shared state, from which each AcceleratorState() built later takes its own (as
+        # accelerate sets it): else the Trainer's later accelerator calls see the CPU's MULTI_CPU again.
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         reshard = True if self.fsdp_version == 2 else "FULL_SHARD"  # (FSDP1 names its strategy)
         state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=self.fsdp_version, reshard_after_forward=reshard, state_dict_type="SHARDED_STATE_DICT"
+            fsdp_version=self.fsdp_version, reshard_after_forward=reshard, state_dict_type=self.state_dict_type
         )
+        if state.mixed_precision != "no":  # as accelerate's state sets a plugin's policy (bf16=True: bfloat16)
+            state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
         self.is_fsdp_enabled = True
+
+
+class _CPUGatheringTrainer(_CPUShardingTrainer):
+    """Checkpoints its model gathered (FULL_STATE_DICT): a model file from_pretrained loads."""
+
+    state_dict_type = "FULL_STATE_DICT"
 
 
 def _weights(model) -> list[list[float]]:
@@ -75,7 +87,7 @@ def _weights(model) -> list[list[float]]:
 def sharded(out: Path) -> None:
     fsdp2_on_cpu()
 
-    def trainer(cls, output_dir, lora=False):
+    def trainer(cls, output_dir, lora=False, bf16=False):
         torch.manual_seed(0)
         config = transformers.LlamaConfig(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -89,31 +101,51 @@ def sharded(out: Path) -> None:
         args = transformers.TrainingArguments(
             output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-3,
             save_strategy="steps", save_steps=2, use_cpu=True, ddp_backend="gloo", report_to=[], disable_tqdm=True,
-            logging_steps=100,
+            logging_steps=100, bf16=bf16,
         )  # fmt: skip
         data = [{"input_ids": row, "labels": row} for row in ids]
         options = {"eps": 1e-2, "seed": 0}
         return cls(model=model, args=args, train_dataset=data, zo_optimizer_cls=ZOAdam, zo_optimizer_kwargs=options)
 
     result = {}
-    models = ("full", "lora")
-    for name in models:  # the replicated runs first: accelerate's state (FSDP, once forced) outlives a trainer
-        replicated = trainer(ZOTrainer, out / f"replicated-{name}", lora=name == "lora")
-        result[name] = {"start": _weights(replicated.model)}
+    # The runs by name: (whether the model is LoRA adapters, the trainer that shards it), each against the replicated
+    # run of its model.
+    runs = {
+        "full": (False, _CPUShardingTrainer),
+        "lora": (True, _CPUShardingTrainer),
+        "gathered": (False, _CPUGatheringTrainer),
+    }
+    for lora in (False, True):  # the replicated runs first: accelerate's state (FSDP, once forced) outlives a trainer
+        replicated = trainer(ZOTrainer, out / f"replicated-{lora}", lora=lora)
+        result[f"start {lora}"] = _weights(replicated.model)
         replicated.train()
-        result[name]["replicated"] = _weights(replicated.model)
-    for name in models:
-        run = trainer(_CPUShardingTrainer, out / f"sharded-{name}", lora=name == "lora")
+        result[f"replicated {lora}"] = _weights(replicated.model)
+    for name, (lora, cls) in runs.items():
+        run = trainer(cls, out / f"sharded-{name}", lora=lora)
         run.train()
         trained = [p for p in run.model.parameters() if p.requires_grad]
-        result[name]["sharded types"] = sorted({type(p).__name__ for p in trained})
-        result[name]["sharded"] = _weights(run.model)
+        result[name] = {"sharded types": sorted({type(p).__name__ for p in trained}), "sharded": _weights(run.model)}
         checkpoint = out / f"sharded-{name}" / "checkpoint-2"
         result[name]["files"] = sorted(path.name for path in checkpoint.iterdir())
-        resumed = trainer(_CPUShardingTrainer, out / f"resumed-{name}", lora=name == "lora")
+        resumed = trainer(cls, out / f"resumed-{name}", lora=lora)
         resumed.train(resume_from_checkpoint=str(checkpoint))
         result[name]["resumed"] = _weights(resumed.model)
         result[name]["resumed steps"] = resumed.zo_optimizer.steps_taken
+        result[name]["start"], result[name]["replicated"] = result[f"start {lora}"], result[f"replicated {lora}"]
+    # float32 shards, bfloat16 forwards (bf16=True: accelerate's FSDP2 policy, which casts the model's outputs to
+    # bfloat16, the loss included, unless ZOTrainer drops that cast): its losses, and the run resumed halfway.
+    mixed = trainer(_CPUShardingTrainer, out / "mixed", bf16=True)
+    mixed.train()
+    policy = mixed.accelerator.state.fsdp_plugin.mixed_precision_policy
+    result["mixed"] = {
+        "policy": [str(policy.param_dtype), str(policy.output_dtype)],
+        "losses": [r["losses"] for r in mixed.zo_optimizer.trajectory],
+        "sharded": _weights(mixed.model),
+        "dtypes": sorted({str(p.dtype) for p in mixed.model.parameters()}),
+    }
+    resumed = trainer(_CPUShardingTrainer, out / "mixed-resumed", bf16=True)
+    resumed.train(resume_from_checkpoint=str(out / "mixed" / "checkpoint-2"))
+    result["mixed"]["resumed"] = _weights(resumed.model)
     errors = {}
     # Resumed on another number of ranks than saved it: as if these files were three ranks'.
     dist.barrier()
@@ -126,6 +158,12 @@ def sharded(out: Path) -> None:
         trainer(_CPUShardingTrainer, out / "other").train(resume_from_checkpoint=str(out / "three"))
     except ValueError as e:
         errors["ranks"] = str(e)
+    try:  # the replicated run's checkpoint resumed sharded
+        trainer(_CPUShardingTrainer, out / "other").train(
+            resume_from_checkpoint=str(out / "replicated-False" / "checkpoint-2")
+        )
+    except ValueError as e:
+        errors["replicated"] = str(e)
     fsdp1 = type("FSDP1Trainer", (_CPUShardingTrainer,), {"fsdp_version": 1})
     try:
         trainer(fsdp1, out / "fsdp1").train()

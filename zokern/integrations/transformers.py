@@ -268,6 +268,8 @@ class ZOTrainer(Trainer):
     # another perturbation and rounding mode, and end elsewhere than the run it continues. The model keeps the dtypes
     # it was built with (the checkpoint's values, saved in them, convert back exactly).
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_fsdp_enabled:
+            _check_sharded_checkpoint(resume_from_checkpoint)
         with _keeping_dtypes(self.model if model is None else model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -355,6 +357,7 @@ class ZOTrainer(Trainer):
         """``Trainer.train``; afterwards the model holds its true weights even with ``merge_steps=True`` (whose steps
         leave the next perturbation in them), for whatever reads them directly next (PEFT's merge_and_unload, say)."""
         self._check_fsdp_version()
+        self._keep_float32_losses()
         self._window = []  # micro-batches an interrupted train() left behind belong to no step of this one
         self._window_first_order_flos = 0.0
         try:
@@ -372,6 +375,16 @@ class ZOTrainer(Trainer):
                 "ZOTrainer shards a model with FSDP2 only: set fsdp_config={'fsdp_version': 2} (FSDP1's flat "
                 "parameters are not supported)"
             )
+
+    def _keep_float32_losses(self) -> None:
+        # accelerate's FSDP2 mixed precision casts the root module's outputs to the 16-bit compute dtype
+        # (output_dtype), the loss the model computed in float32 included: L+ - L- is then quantised to the loss's
+        # bf16 spacing (0.016 at a loss of 3) and g often 0. Without output_dtype, outputs keep the dtype they
+        # were computed in (the logits 16-bit, the loss float32). Set before train() prepares (shards) the model.
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        policy = getattr(plugin, "mixed_precision_policy", None)
+        if self.is_fsdp_enabled and getattr(policy, "output_dtype", None) in (torch.bfloat16, torch.float16):
+            plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
 
     # No gradients exist: nothing to clip, and no gradient norm to log (the Trainer's would read 0.0).
     def _clip_grad_norm(self, model):
@@ -545,6 +558,18 @@ def _keeping_dtypes(model: torch.nn.Module) -> Iterator[None]:
         dtype = before.get(name)
         if dtype is not None and p.dtype != dtype and p.is_floating_point() and dtype.is_floating_point:
             p.data = p.data.to(dtype)
+
+
+def _check_sharded_checkpoint(checkpoint: str) -> None:
+    """A sharded run resumes from a checkpoint a sharded run saved, whose model accelerate's FSDP saving wrote (else
+    torch.distributed.checkpoint fails on missing metadata, naming neither the checkpoint nor the cause)."""
+    from accelerate.utils.constants import FSDP_MODEL_NAME
+
+    if os.path.isdir(checkpoint) and not any(FSDP_MODEL_NAME in name for name in os.listdir(checkpoint)):
+        raise ValueError(
+            f"{checkpoint} was saved by a run without FSDP (it holds no {FSDP_MODEL_NAME}*): resume it without FSDP, "
+            "or load its weights into the model before the Trainer shards it and start a new run"
+        )
 
 
 def _rank_file(directory: str, rank: int, world: int) -> str:

@@ -183,8 +183,8 @@ class LayoutChecks:
                 "sharded (DTensor) parameters train in the in-place mode only: the exact mode hands each op a "
                 "perturbed copy of a parameter, and FSDP2's forwards read parameters gathered from the shards. Keep "
                 "the shards in float32 and compute in 16 bits (fully_shard(..., mp_policy=MixedPrecisionPolicy("
-                "param_dtype=torch.bfloat16))), or pass perturbation='inplace' (16-bit parameters default to the "
-                "exact mode)"
+                "param_dtype=torch.bfloat16)); with accelerate or ZOTrainer, a float32 model and bf16 mixed "
+                "precision), or pass perturbation='inplace' (16-bit parameters default to the exact mode)"
             )
         if self.merge_steps:
             raise ValueError(

@@ -774,7 +774,13 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             self._loss_device = loss.device
             if loss.dtype in _SIXTEEN_BIT and not self._warned_16bit_loss:
                 self._warned_16bit_loss = True
-                warnings.warn(sixteen_bit_loss_message("the closure", loss.dtype), UserWarning, stacklevel=4)
+                message = sixteen_bit_loss_message("the closure", loss.dtype)
+                if self._sharded:
+                    message += (
+                        " Under FSDP2, a MixedPrecisionPolicy's output_dtype casts the model's outputs, the loss "
+                        "included: leave it unset"
+                    )
+                warnings.warn(message, UserWarning, stacklevel=4)
             # A copy (one scalar, no host sync): a closure may return the same tensor, refilled, at every call.
             return loss.detach().reshape(()).clone()
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
