@@ -57,6 +57,16 @@ def test_sharded_steps_equal_one_process_holding_the_whole_model(trained):
                 assert ranks[0][resumed] == ranks[1][resumed] == _whole(model), resumed
 
 
+def test_modules_gathered_by_hand_between_steps_are_resharded_before_the_next_steps_passes(trained):
+    # Not only the modules that ran a forward are resharded before a pass: what unshard() gathered before a step is
+    # not what its forwards read after its first pass wrote the shards.
+    ranks = trained
+    model, x, y = model_and_batch()
+    opt = train(model, ZOSGD, [(x[:8], y[:8]), (x[8:], y[8:])])
+    expected = dict(params=_whole(model), losses=[r["losses"] for r in opt.trajectory])
+    assert ranks[0]["zosgd-unsharded"] == ranks[1]["zosgd-unsharded"] == expected
+
+
 def test_after_a_step_that_raised_inside_a_forward_the_steps_go_on_as_one_process_would(trained):
     # FSDP2 keeps a module's gathered weights when its forward raises, as it does the root's after any forward: the
     # next step's forwards, and the model after it, must read the shards.
