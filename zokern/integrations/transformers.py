@@ -372,8 +372,8 @@ class ZOTrainer(Trainer):
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
             raise ValueError(
-                "ZOTrainer shards a model with FSDP2 only: set fsdp_config={'fsdp_version': 2} (FSDP1's flat "
-                "parameters are not supported)"
+                "ZOTrainer shards a model with FSDP2 only: set fsdp_config={'fsdp_version': 2} (accelerate >= 1.6; "
+                "FSDP1's flat parameters are not supported)"
             )
 
     def _keep_float32_losses(self) -> None:
