@@ -25,6 +25,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 from helpers import fsdp2_on_cpu
 
 from zokern.integrations import ZOTrainer
+from zokern.optim import ZOSGD
 from zokern.optim import ZOAdam
 
 
@@ -87,7 +88,7 @@ def _weights(model) -> list[list[float]]:
 def sharded(out: Path) -> None:
     fsdp2_on_cpu()
 
-    def trainer(cls, output_dir, lora=False, bf16=False):
+    def trainer(cls, output_dir, lora=False, bf16=False, optimizer=ZOAdam):
         torch.manual_seed(0)
         config = transformers.LlamaConfig(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -105,7 +106,7 @@ def sharded(out: Path) -> None:
         )  # fmt: skip
         data = [{"input_ids": row, "labels": row} for row in ids]
         options = {"eps": 1e-2, "seed": 0}
-        return cls(model=model, args=args, train_dataset=data, zo_optimizer_cls=ZOAdam, zo_optimizer_kwargs=options)
+        return cls(model=model, args=args, train_dataset=data, zo_optimizer_cls=optimizer, zo_optimizer_kwargs=options)
 
     result = {}
     # The runs by name: (whether the model is LoRA adapters, the trainer that shards it), each against the replicated
@@ -146,14 +147,22 @@ def sharded(out: Path) -> None:
     resumed = trainer(_CPUShardingTrainer, out / "mixed-resumed", bf16=True)
     resumed.train(resume_from_checkpoint=str(out / "mixed" / "checkpoint-2"))
     result["mixed"]["resumed"] = _weights(resumed.model)
-    errors = {}
-    # Resumed on another number of ranks than saved it: as if these files were three ranks'.
+    # Resumed on another number of ranks than saved it: as if these files were three ranks'. ZOSGD keeps no
+    # per-parameter states (its files hold the same state dict), ZOAdam its moments' shards.
+    sgd = trainer(_CPUShardingTrainer, out / "sgd", optimizer=ZOSGD)
+    sgd.train()
+    result["sgd"] = {"sharded": _weights(sgd.model)}
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.copytree(out / "sharded-full" / "checkpoint-2", out / "three")
-        for path in (out / "three").glob("rank*-of-2-*"):
-            path.rename(path.with_name(path.name.replace("-of-2-", "-of-3-")))
+        for run, three in (("sgd", "sgd-three"), ("sharded-full", "three")):
+            shutil.copytree(out / run / "checkpoint-2", out / three)
+            for path in (out / three).glob("rank*-of-2-*"):
+                path.rename(path.with_name(path.name.replace("-of-2-", "-of-3-")))
     dist.barrier()
+    resumed = trainer(_CPUShardingTrainer, out / "sgd-resumed", optimizer=ZOSGD)
+    resumed.train(resume_from_checkpoint=str(out / "sgd-three"))
+    result["sgd"]["resumed"] = _weights(resumed.model)
+    errors = {}
     try:
         trainer(_CPUShardingTrainer, out / "other").train(resume_from_checkpoint=str(out / "three"))
     except ValueError as e:

@@ -299,16 +299,22 @@ class ZOTrainer(Trainer):
             return super()._load_optimizer_and_scheduler(checkpoint)
         world = self.args.world_size
         mine = _rank_file(checkpoint, self.args.process_index, world)
-        if not os.path.isfile(mine):
-            saved_by = _rank_files_world_size(checkpoint)
-            if saved_by is not None:
-                raise ValueError(
-                    f"{checkpoint} holds the ZO optimizer's states as saved by {saved_by} ranks, each its own shards: "
-                    f"resume it on {saved_by} ranks, not {world}"
-                )
-            return super()._load_optimizer_and_scheduler(checkpoint)  # (none saved: the Trainer's own files, if any)
         device = self.args.device  # (on the CPU, accelerate's cpu:0, which torch.load does not take)
-        saved = torch.load(mine, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
+        map_location = "cpu" if device.type == "cpu" else device
+        if os.path.isfile(mine):
+            saved = torch.load(mine, map_location=map_location, weights_only=True)
+        else:
+            saved_by = _rank_files_world_size(checkpoint)
+            if saved_by is None:  # (none saved: the Trainer's own files, if any)
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            # Saved by another number of ranks: without per-parameter states (ZOSGD without momentum), every rank's
+            # file holds the same state dict (the run's seed, step count and trajectory), which any sharding loads.
+            saved = torch.load(_rank_file(checkpoint, 0, saved_by), map_location=map_location, weights_only=True)
+            if saved.get("state"):
+                raise ValueError(
+                    f"{checkpoint} holds the ZO optimizer's per-parameter states (momentum, Adam's moments) as saved "
+                    f"by {saved_by} ranks, each its own shards: resume it on {saved_by} ranks, not {world}"
+                )
         self.zo_optimizer.load_state_dict(saved)
         scheduler = os.path.join(checkpoint, trainer_module.SCHEDULER_NAME)
         if os.path.isfile(scheduler):
