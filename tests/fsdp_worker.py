@@ -223,6 +223,33 @@ def main() -> None:
         quarter = slice(rank * 16 // world, (rank + 1) * 16 // world)
         train(model, ZOAdam, [(x[quarter], y[quarter])], steps=HSDP_STEPS, lr=1e-3)
         result = dict(placements=str(model[0].weight.placements), params=full(model))
+    elif scenario == "reshard-save":  # four ranks: ZOAdam's states saved sharded over 4, and over 2 x 2 (HSDP)
+        quarter = slice(rank * 16 // world, (rank + 1) * 16 // world)
+        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for name, mesh in (("flat", None), ("hsdp", hsdp)):
+            model, x, y = model_and_batch()
+            for k in (0, 2, 4):
+                fully_shard(model[k], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = train(model, ZOAdam, [(x[quarter], y[quarter])], steps=HSDP_STEPS, lr=1e-3)
+            torch.save(opt.state_dict(), out / f"{name}{rank}.pt")
+            torch.save(opt.trajectory, out / "trajectory.pt")  # (the weights: the steps, replayed)
+    elif scenario == "reshard-load":  # two ranks: those states loaded, and the run continued
+        for name in ("flat", "hsdp"):
+            model, x, y = model_and_batch()
+            shard(model)
+            saved = out.parent / "save"
+            replay(list(model.parameters()), torch.load(saved / "trajectory.pt", weights_only=True))
+            opt = optimizer(ZOAdam, model, lr=1e-3)
+            opt.load_sharded_state_dict(torch.load(saved / f"{name}{r}.pt", weights_only=True) for r in range(4))
+            run(opt, model, [(x[half], y[half])], steps=HSDP_STEPS)
+            result[name] = full(model)
+        try:  # three of the four
+            optimizer(ZOAdam, model, lr=1e-3).load_sharded_state_dict(
+                torch.load(saved / f"flat{r}.pt", weights_only=True) for r in range(3)
+            )
+        except ValueError as e:
+            result["three"] = str(e)
     elif scenario == "refusals":
         errors = {}
 

@@ -100,6 +100,37 @@ def test_hsdp_steps_equal_one_process_holding_the_whole_model(tmp_path):
         assert rank["params"] == _whole(model)
 
 
+def test_states_saved_on_four_ranks_resume_on_two_and_in_one_process(tmp_path):
+    # ZOAdam's moments saved by four ranks (Shard(0) over 4: 2 + 2 + 2 + 1 rows; and HSDP's 2 x 2), loaded by two
+    # (4 + 3 rows) and by one process holding the whole model: each takes its rows from the state dicts that hold
+    # them, and the run goes on as one process's would have.
+    import torch
+
+    from zokern import replay
+
+    saved, loaded = tmp_path / "save", tmp_path / "load"
+    saved.mkdir()
+    loaded.mkdir()
+    launch_ranks(WORKER, "reshard-save", saved, world=4)
+    ranks = launch_ranks(WORKER, "reshard-load", loaded)
+    model, x, y = model_and_batch()
+    opt = train(model, ZOAdam, list(zip(x.chunk(4), y.chunk(4))), HSDP_STEPS, lr=1e-3)
+    run(opt, model, _halves(x, y), HSDP_STEPS)
+    for name in ("flat", "hsdp"):
+        assert ranks[0][name] == ranks[1][name] == _whole(model), name
+    # One process: the weights after the saved steps (replayed from the run's trajectory), the moments loaded.
+    whole = model_and_batch()[0]
+    replay(list(whole.parameters()), opt.trajectory[:HSDP_STEPS])
+    resumed = ZOAdam(whole.parameters(), lr=1e-3, eps=1e-3, seed=77)
+    resumed.load_sharded_state_dict(torch.load(saved / f"flat{r}.pt", weights_only=True) for r in range(4))
+    assert resumed.steps_taken == HSDP_STEPS
+    run(resumed, whole, _halves(x, y), HSDP_STEPS)
+    assert _whole(whole) == _whole(model)
+    # Three of the four state dicts: rank 0's rows (0-3 of 7) are all there, rank 1's last row is not.
+    assert "three" not in ranks[0]
+    assert "hold only part of" in ranks[1]["three"] and "'exp_avg'" in ranks[1]["three"]
+
+
 @pytest.fixture(scope="module")
 def refusals(tmp_path_factory):
     return launch_ranks(WORKER, "refusals", tmp_path_factory.mktemp("refusals"))

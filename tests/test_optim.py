@@ -356,6 +356,30 @@ def test_resuming_from_state_dict_continues_bit_identically(cls):
     assert all(torch.equal(p, u) for p, u in zip(params, uninterrupted))
 
 
+def test_load_sharded_state_dict_of_an_unsharded_run_loads_as_load_state_dict_and_checks_the_ranks_agree():
+    # (Sharded state dicts: tests/test_fsdp.py.) One state dict of whole states is every rank's: each keeps its rows.
+    params, groups, closure, _ = _problem(torch.float32)
+    opt = ZOAdam(groups, seed=9)
+    for _ in range(2):
+        opt.step(closure)
+    saved = opt.state_dict()
+    resumed = ZOAdam(_problem(torch.float32)[1], seed=1)
+    resumed.load_sharded_state_dict(iter([saved]))
+    assert resumed.steps_taken == 2 and resumed.base_seed == 9
+    for p, q in zip(opt.state, resumed.state):
+        assert all(torch.equal(opt.state[p][k], resumed.state[q][k]) for k in ("exp_avg", "exp_avg_sq"))
+    _, other_groups, other_closure, _ = _problem(torch.float32)
+    other = ZOAdam(other_groups, seed=10)  # another run
+    for _ in range(2):
+        other.step(other_closure)
+    fresh = ZOAdam(_problem(torch.float32)[1], seed=1)
+    with pytest.raises(ValueError, match="rank 1's is not of the same run and step as rank 0's"):
+        fresh.load_sharded_state_dict([saved, other.state_dict()])
+    with pytest.raises(ValueError, match="no state dict was given"):
+        fresh.load_sharded_state_dict([])
+    assert fresh.steps_taken == 0 and not fresh.state
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize(
     "cls,kwargs",

@@ -147,26 +147,30 @@ def sharded(out: Path) -> None:
     resumed = trainer(_CPUShardingTrainer, out / "mixed-resumed", bf16=True)
     resumed.train(resume_from_checkpoint=str(out / "mixed" / "checkpoint-2"))
     result["mixed"]["resumed"] = _weights(resumed.model)
-    # Resumed on another number of ranks than saved it: as if these files were three ranks'. ZOSGD keeps no
-    # per-parameter states (its files hold the same state dict), ZOAdam its moments' shards.
+    # Resumed on another number of ranks than saved it: as if the files were three ranks' (the third a copy of the
+    # second), or four's (two missing). ZOSGD keeps no per-parameter states: its files hold the same state dict,
+    # which loads on any number of ranks; ZOAdam's moments are each rank's rows, over a mesh of the two ranks.
     sgd = trainer(_CPUShardingTrainer, out / "sgd", optimizer=ZOSGD)
     sgd.train()
     result["sgd"] = {"sharded": _weights(sgd.model)}
     dist.barrier()
     if dist.get_rank() == 0:
-        for run, three in (("sgd", "sgd-three"), ("sharded-full", "three")):
-            shutil.copytree(out / run / "checkpoint-2", out / three)
-            for path in (out / three).glob("rank*-of-2-*"):
-                path.rename(path.with_name(path.name.replace("-of-2-", "-of-3-")))
+        for run, renamed, world in (("sgd", "sgd-three", 3), ("sharded-full", "three", 3), ("sharded-full", "four", 4)):
+            shutil.copytree(out / run / "checkpoint-2", out / renamed)
+            for path in (out / renamed).glob("rank*-of-2-*"):
+                path.rename(path.with_name(path.name.replace("-of-2-", f"-of-{world}-")))
+            if world == 3:
+                shutil.copy(out / renamed / "rank1-of-3-optimizer.pt", out / renamed / "rank2-of-3-optimizer.pt")
     dist.barrier()
     resumed = trainer(_CPUShardingTrainer, out / "sgd-resumed", optimizer=ZOSGD)
     resumed.train(resume_from_checkpoint=str(out / "sgd-three"))
     result["sgd"]["resumed"] = _weights(resumed.model)
     errors = {}
-    try:
-        trainer(_CPUShardingTrainer, out / "other").train(resume_from_checkpoint=str(out / "three"))
-    except ValueError as e:
-        errors["ranks"] = str(e)
+    for renamed in ("three", "four"):
+        try:
+            trainer(_CPUShardingTrainer, out / "other").train(resume_from_checkpoint=str(out / renamed))
+        except ValueError as e:
+            errors[renamed] = str(e)
     try:  # the replicated run's checkpoint resumed sharded
         trainer(_CPUShardingTrainer, out / "other").train(
             resume_from_checkpoint=str(out / "replicated-False" / "checkpoint-2")

@@ -299,23 +299,25 @@ class ZOTrainer(Trainer):
             return super()._load_optimizer_and_scheduler(checkpoint)
         world = self.args.world_size
         mine = _rank_file(checkpoint, self.args.process_index, world)
-        device = self.args.device  # (on the CPU, accelerate's cpu:0, which torch.load does not take)
-        map_location = "cpu" if device.type == "cpu" else device
         if os.path.isfile(mine):
-            saved = torch.load(mine, map_location=map_location, weights_only=True)
+            device = self.args.device  # (on the CPU, accelerate's cpu:0, which torch.load does not take)
+            map_location = "cpu" if device.type == "cpu" else device
+            self.zo_optimizer.load_state_dict(torch.load(mine, map_location=map_location, weights_only=True))
         else:
             saved_by = _rank_files_world_size(checkpoint)
             if saved_by is None:  # (none saved: the Trainer's own files, if any)
                 return super()._load_optimizer_and_scheduler(checkpoint)
-            # Saved by another number of ranks: without per-parameter states (ZOSGD without momentum), every rank's
-            # file holds the same state dict (the run's seed, step count and trajectory), which any sharding loads.
-            saved = torch.load(_rank_file(checkpoint, 0, saved_by), map_location=map_location, weights_only=True)
-            if saved.get("state"):
+            # Saved by another number of ranks: each per-parameter state takes this rank's rows from the files that
+            # hold them, read one at a time.
+            files = [_rank_file(checkpoint, r, saved_by) for r in range(saved_by)]
+            missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+            if missing:
                 raise ValueError(
-                    f"{checkpoint} holds the ZO optimizer's per-parameter states (momentum, Adam's moments) as saved "
-                    f"by {saved_by} ranks, each its own shards: resume it on {saved_by} ranks, not {world}"
+                    f"{checkpoint} holds the ZO optimizer's state dicts of {saved_by} ranks, resumed on {world}: "
+                    f"each rank reads all of them, and these are missing: {', '.join(missing)}"
                 )
-        self.zo_optimizer.load_state_dict(saved)
+            saved = (torch.load(f, map_location="cpu", weights_only=True) for f in files)
+            self.zo_optimizer.load_sharded_state_dict(saved)
         scheduler = os.path.join(checkpoint, trainer_module.SCHEDULER_NAME)
         if os.path.isfile(scheduler):
             with warnings.catch_warnings(record=True) as caught:  # (the Trainer hides the scheduler's warnings too)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -202,6 +203,63 @@ class Checkpointing:
                 stacklevel=3,
             )
 
+    def load_sharded_state_dict(self, state_dicts: Iterable[dict[str, Any]]) -> None:
+        """Loads the state dicts that all the ranks of a sharded run saved (each rank's ``state_dict()``, in rank
+        order) into this optimizer, whatever its parameters' sharding: another number of ranks, another mesh, or
+        none (whole parameters). Each per-parameter state (momentum, ZOAdam's moments) takes the elements this rank
+        holds from the state dicts that hold them; the rest is rank 0's, as ``load_state_dict`` loads it. The state
+        dicts are read one at a time: a generator of ``torch.load`` calls keeps one in memory."""
+        self._refuse_nested("load_sharded_state_dict")
+        params, names = self._all_params(), self._parameter_names()
+        first: dict[str, Any] | None = None
+        pieces: dict[tuple[Any, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (saved id, key) -> (values, filled)
+        count = 0
+        for rank, state_dict in enumerate(state_dicts):
+            count += 1
+            if first is None:
+                first = state_dict
+                saved_ids = [i for g in first.get("param_groups", ()) for i in g.get("params", ())]
+                if "zo" not in first or len(saved_ids) != len(params):
+                    break  # (load_state_dict below says what differs)
+                by_id = dict(zip(saved_ids, params))
+            elif _run_and_step(state_dict) != _run_and_step(first):
+                raise ValueError(
+                    f"the state dict given as rank {rank}'s is not of the same run and step as rank 0's: give the "
+                    "state dicts the ranks saved together"
+                )
+            for saved_id, states in state_dict.get("state", {}).items():
+                p = by_id.get(saved_id)
+                if p is None:
+                    continue
+                local, start = _shards.written_tensor(p, names[id(p)])
+                for key, value in states.items():
+                    if not (_is_shaped_state(value) and value.is_floating_point()):
+                        continue
+                    values, where = _shards.saved_slice(value, rank, names[id(p)])
+                    target, filled = pieces.setdefault(
+                        (saved_id, key),
+                        (torch.empty(local.numel(), dtype=torch.float32), torch.zeros(local.numel(), dtype=torch.bool)),
+                    )
+                    lo, hi = max(where, start), min(where + values.numel(), start + local.numel())
+                    if lo < hi:
+                        target[lo - start : hi - start] = values[lo - where : hi - where].float().cpu()
+                        filled[lo - start : hi - start] = True
+        if first is None:
+            raise ValueError("no state dict was given")
+        state_dict = dict(first, state={i: dict(states) for i, states in first.get("state", {}).items()})
+        for (saved_id, key), (target, filled) in pieces.items():
+            p = by_id[saved_id]
+            if not bool(filled.all()):
+                raise ValueError(
+                    f"the {count} state dicts given hold only part of {names[id(p)]}'s {key!r} for this rank: give "
+                    "the state dicts of all the ranks that saved them"
+                )
+            local, _ = _shards.written_tensor(p, names[id(p)])
+            value = target.view(local.shape)
+            value = _shards.saved_state(value, p) if _shards.is_dtensor(p) else value
+            state_dict["state"].setdefault(saved_id, {})[key] = value  # (rank 0 may hold none of p)
+        self.load_state_dict(state_dict)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._refuse_nested("load_state_dict")  # mid-step it would rewind the step count under the running step
         # A roll-back abandons the timeline whose merged perturbation is pending: taken back first, so that a
@@ -325,6 +383,12 @@ def _first_few(names: list[str]) -> str:
     """The first three names, and how many more (a warning names a few, not a model's hundreds)."""
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return ", ".join(names[:3]) + more
+
+
+def _run_and_step(state_dict: dict[str, Any]) -> tuple:
+    """What the ranks' state dicts of one checkpoint share: the run's base seed and the steps taken."""
+    zo = state_dict.get("zo") or {}
+    return zo.get("base_seed"), zo.get("steps_taken")
 
 
 def _is_shaped_state(value: object) -> bool:

@@ -66,10 +66,18 @@ def local_slice(p: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
 
 
 def _first_element(p: torch.Tensor, local: torch.Tensor, name: str) -> int:
+    mesh = p.device_mesh
+    sizes = [mesh.size(d) for d in range(mesh.ndim)]
+    coordinate = [mesh.get_local_rank(d) for d in range(mesh.ndim)]
+    return _block(p, tuple(p.placements), sizes, coordinate, tuple(local.shape), name)
+
+
+def _block(p: torch.Tensor, placements: tuple, sizes: list[int], coordinate: list[int], shape: tuple, name: str) -> int:
+    """The row-major index in ``p`` of the first element of the shard, shaped ``shape``, held by the coordinate
+    ``coordinate`` of a mesh of ``sizes`` under ``placements``; a TypeError for a shard not a block of rows."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard
 
-    mesh, placements = p.device_mesh, tuple(p.placements)
     rows = p.shape[0] if p.dim() else 1
     start, end = 0, rows
     for mesh_dim, placement in enumerate(placements):
@@ -84,17 +92,34 @@ def _first_element(p: torch.Tensor, local: torch.Tensor, name: str) -> int:
             )
         # Shard(0) splits the rows it is given as torch.chunk does: chunks of ceil(rows / size), the last ones short
         # or empty; a second Shard(0) splits this rank's chunk again.
-        size, coordinate = mesh.size(mesh_dim), mesh.get_local_rank(mesh_dim)
-        chunk = -(-(end - start) // size)
-        start, end = min(start + coordinate * chunk, end), min(start + (coordinate + 1) * chunk, end)
+        chunk = -(-(end - start) // sizes[mesh_dim])
+        k = coordinate[mesh_dim]
+        start, end = min(start + k * chunk, end), min(start + (k + 1) * chunk, end)
     expected = (end - start, *p.shape[1:]) if p.dim() else ()
-    if tuple(local.shape) != expected:  # a placement that splits otherwise than torch.chunk: refuse, not guess
+    if shape != expected:  # a placement that splits otherwise than torch.chunk: refuse, not guess
         raise TypeError(
-            f"{name} is a DTensor placed {placements} whose local shard has shape {tuple(local.shape)}, where rows "
+            f"{name} is a DTensor placed {placements} whose local shard has shape {shape}, where rows "
             f"[{start}, {end}) of its shape {tuple(p.shape)} were expected: zokern cannot tell which slice of the "
             "stream this shard holds"
         )
     return start * (p.numel() // rows if rows else 0)
+
+
+def saved_slice(value: torch.Tensor, rank: int, name: str) -> tuple[torch.Tensor, int]:
+    """The values a saved state ``value`` holds, flat, and the row-major index of the first in its parameter: for a
+    DTensor, the shard that global rank ``rank`` of the run that saved it held (its mesh as saved); else all."""
+    if not is_dtensor(value):
+        return value.reshape(-1), 0
+    local = local_tensor(value)
+    mesh = value.device_mesh
+    where = (mesh.mesh == rank).nonzero().tolist()
+    if len(where) != 1:
+        raise ValueError(
+            f"the state of {name} given as rank {rank}'s is placed over the ranks {mesh.mesh.flatten().tolist()}, "
+            "not over that rank: give the state dicts of all the ranks that saved them, in rank order"
+        )
+    start = _block(value, tuple(value.placements), list(mesh.shape), where[0], tuple(local.shape), name)
+    return local.reshape(-1), start
 
 
 def check_optimizer_params(params: list[torch.Tensor]) -> None:
