@@ -373,7 +373,9 @@ def test_load_sharded_state_dict_of_an_unsharded_run_loads_as_load_state_dict_an
     for _ in range(2):
         other.step(other_closure)
     fresh = ZOAdam(_problem(torch.float32)[1], seed=1)
-    with pytest.raises(ValueError, match="rank 1's is not of the same run and step as rank 0's"):
+    with pytest.raises(
+        ValueError, match=r"state dict 1 \(saved by rank 1\) is not of the same run, step and number of ranks"
+    ):
         fresh.load_sharded_state_dict([saved, other.state_dict()])
     with pytest.raises(ValueError, match="no state dict was given"):
         fresh.load_sharded_state_dict([])

@@ -851,10 +851,10 @@ def test_fsdp2_sharded_training_checkpoints_and_resumes_as_the_replicated_run(tm
     assert "pytorch_model_fsdp_0" in result["full"]["files"]  # each rank's shards (torch.distributed.checkpoint)
     assert "model.safetensors" in result["gathered"]["files"]
     # On another number of ranks (each rank reads all the files; tests/test_fsdp.py checks the rows ZOAdam's
-    # moments take): ZOSGD's state dicts, the same on every rank, resume; a file of a rank outside the saved states'
-    # mesh, and missing files, are refused by name.
+    # moments take): ZOSGD's state dicts, the same on every rank, resume; a rank's file twice, and missing files,
+    # are refused by name.
     assert result["sgd"]["resumed"] == result["sgd"]["sharded"] != result["full"]["start"]
-    assert "given as rank 2's is placed over the ranks [0, 1]" in result["errors"]["three"]
+    assert "two state dicts saved by rank 1 were given" in result["errors"]["three"]
     assert "these are missing: rank2-of-4-optimizer.pt, rank3-of-4-optimizer.pt" in result["errors"]["four"]
     assert "FSDP2 only" in result["errors"]["fsdp1"]
     assert "was saved by a run without FSDP" in result["errors"]["replicated"]

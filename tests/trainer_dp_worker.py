@@ -149,7 +149,7 @@ def sharded(out: Path) -> None:
     result["mixed"]["resumed"] = _weights(resumed.model)
     # Resumed on another number of ranks than saved it: as if the files were three ranks' (the third a copy of the
     # second), or four's (two missing). ZOSGD keeps no per-parameter states: its files hold the same state dict,
-    # which loads on any number of ranks; ZOAdam's moments are each rank's rows, over a mesh of the two ranks.
+    # which loads on any number of ranks; ZOAdam's hold each rank's rows, and say which rank saved them.
     sgd = trainer(_CPUShardingTrainer, out / "sgd", optimizer=ZOSGD)
     sgd.train()
     result["sgd"] = {"sharded": _weights(sgd.model)}

@@ -30,6 +30,7 @@ from transformers import trainer as trainer_module
 from zokern.optim import ZOSGD
 from zokern.optim import ZOOptimizer
 from zokern.optim import _distributed
+from zokern.optim._shards import ShardingMismatch
 from zokern.optim.base import sixteen_bit_loss_message
 
 
@@ -295,20 +296,23 @@ class ZOTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, trainer_module.SCHEDULER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None or not (self.is_fsdp_enabled and self.zo_optimizer is not None):
+        saved_by = None if checkpoint is None else _rank_files_world_size(checkpoint)
+        if saved_by is None or self.zo_optimizer is None:  # (the Trainer's own files, if any)
             return super()._load_optimizer_and_scheduler(checkpoint)
         world = self.args.world_size
         mine = _rank_file(checkpoint, self.args.process_index, world)
-        if os.path.isfile(mine):
+        loaded = False
+        if self.is_fsdp_enabled and saved_by == world and os.path.isfile(mine):  # its own, if sharded as saved
             device = self.args.device  # (on the CPU, accelerate's cpu:0, which torch.load does not take)
-            map_location = "cpu" if device.type == "cpu" else device
-            self.zo_optimizer.load_state_dict(torch.load(mine, map_location=map_location, weights_only=True))
-        else:
-            saved_by = _rank_files_world_size(checkpoint)
-            if saved_by is None:  # (none saved: the Trainer's own files, if any)
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            # Saved by another number of ranks: each per-parameter state takes this rank's rows from the files that
-            # hold them, read one at a time.
+            saved = torch.load(mine, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
+            try:
+                self.zo_optimizer.load_state_dict(saved)
+                loaded = True
+            except ShardingMismatch:  # the same number of ranks, another mesh
+                pass
+        if not loaded:
+            # Another number of ranks, another mesh, or none (a run without FSDP): each per-parameter state takes
+            # this rank's rows from the files that hold them, read one at a time.
             files = [_rank_file(checkpoint, r, saved_by) for r in range(saved_by)]
             missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
             if missing:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from zokern import ops
 from zokern._reference import STREAM_VERSION
@@ -47,6 +48,9 @@ class Checkpointing:
             dtypes=[dtype_name(d) for d in layout["dtypes"]],  # and these
             states=sum(1 for entries in state["state"].values() if entries),  # parameters with states
         )
+        if any(_shards.is_dtensor(v) for entries in state["state"].values() for v in entries.values()):
+            # Each rank saves its shards: load_sharded_state_dict places a state dict by the rank that saved it.
+            state["zo"]["rank"], state["zo"]["world_size"] = dist.get_rank(), dist.get_world_size()
         if self._lookahead.converted(clear=False):  # the next step's record says so, in the resumed run too
             state["zo"]["converted_pending"] = True
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
@@ -204,29 +208,35 @@ class Checkpointing:
             )
 
     def load_sharded_state_dict(self, state_dicts: Iterable[dict[str, Any]]) -> None:
-        """Loads the state dicts that all the ranks of a sharded run saved (each rank's ``state_dict()``, in rank
+        """Loads the state dicts that all the ranks of a sharded run saved (each rank's ``state_dict()``, in any
         order) into this optimizer, whatever its parameters' sharding: another number of ranks, another mesh, or
         none (whole parameters). Each per-parameter state (momentum, ZOAdam's moments) takes the elements this rank
         holds from the state dicts that hold them; the rest is rank 0's, as ``load_state_dict`` loads it. The state
-        dicts are read one at a time: a generator of ``torch.load`` calls keeps one in memory."""
+        dicts are read one at a time: a generator of ``torch.load`` calls keeps one in memory. Refused, with nothing
+        loaded, unless given exactly one state dict of each rank of the same run and step (a state dict of whole
+        states, saved without sharding, stands for every rank)."""
         self._refuse_nested("load_sharded_state_dict")
         params, names = self._all_params(), self._parameter_names()
         first: dict[str, Any] | None = None
+        seen: set[int] = set()
         pieces: dict[tuple[Any, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (saved id, key) -> (values, filled)
-        count = 0
-        for rank, state_dict in enumerate(state_dicts):
-            count += 1
+        for position, state_dict in enumerate(state_dicts):
+            zo = state_dict.get("zo") or {}
+            rank = zo.get("rank", position)
             if first is None:
                 first = state_dict
                 saved_ids = [i for g in first.get("param_groups", ()) for i in g.get("params", ())]
-                if "zo" not in first or len(saved_ids) != len(params):
+                if not zo or len(saved_ids) != len(params):
                     break  # (load_state_dict below says what differs)
                 by_id = dict(zip(saved_ids, params))
-            elif _run_and_step(state_dict) != _run_and_step(first):
+            elif _same_run_and_step(state_dict) != _same_run_and_step(first):
                 raise ValueError(
-                    f"the state dict given as rank {rank}'s is not of the same run and step as rank 0's: give the "
-                    "state dicts the ranks saved together"
+                    f"state dict {position} (saved by rank {rank}) is not of the same run, step and number of ranks "
+                    "as the first: give the state dicts the ranks saved together"
                 )
+            if rank in seen:
+                raise ValueError(f"two state dicts saved by rank {rank} were given: give each rank's once")
+            seen.add(rank)
             for saved_id, states in state_dict.get("state", {}).items():
                 p = by_id.get(saved_id)
                 if p is None:
@@ -246,13 +256,21 @@ class Checkpointing:
                         filled[lo - start : hi - start] = True
         if first is None:
             raise ValueError("no state dict was given")
+        world = (first.get("zo") or {}).get("world_size")
+        if world is not None and seen != set(range(world)):
+            # (refused alike on every rank: a rank that found its rows would go on into collectives the others left)
+            missing = sorted(set(range(world)) - seen)
+            raise ValueError(
+                f"the state dicts of {world} ranks were saved, and those of ranks {missing} were not given: give "
+                "them all"
+            )
         state_dict = dict(first, state={i: dict(states) for i, states in first.get("state", {}).items()})
         for (saved_id, key), (target, filled) in pieces.items():
             p = by_id[saved_id]
             if not bool(filled.all()):
                 raise ValueError(
-                    f"the {count} state dicts given hold only part of {names[id(p)]}'s {key!r} for this rank: give "
-                    "the state dicts of all the ranks that saved them"
+                    f"the state dicts given hold only part of {names[id(p)]}'s {key!r} for this rank: give the state "
+                    "dicts of all the ranks that saved them"
                 )
             local, _ = _shards.written_tensor(p, names[id(p)])
             value = target.view(local.shape)
@@ -385,10 +403,11 @@ def _first_few(names: list[str]) -> str:
     return ", ".join(names[:3]) + more
 
 
-def _run_and_step(state_dict: dict[str, Any]) -> tuple:
-    """What the ranks' state dicts of one checkpoint share: the run's base seed and the steps taken."""
+def _same_run_and_step(state_dict: dict[str, Any]) -> tuple:
+    """What the ranks' state dicts of one checkpoint share: the run, its step, its optimizer, and its ranks."""
     zo = state_dict.get("zo") or {}
-    return zo.get("base_seed"), zo.get("steps_taken")
+    keys = ("base_seed", "steps_taken", "optimizer", "options", "shapes", "world_size")
+    return tuple(repr(zo.get(k)) for k in keys)
 
 
 def _is_shaped_state(value: object) -> bool:

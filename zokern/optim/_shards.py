@@ -152,6 +152,11 @@ def saved_state(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
+class ShardingMismatch(ValueError):
+    """A saved state sharded otherwise than its parameter is now: load_sharded_state_dict, given all the ranks'
+    state dicts, takes it."""
+
+
 def loaded_state(value: torch.Tensor, p: torch.Tensor, name: str) -> torch.Tensor:
     """What a saved per-element state ``value`` of parameter ``p`` holds for this rank: for a DTensor ``p``, the
     local tensor of a state placed alike over a mesh of the same shape, or its shard's rows of a whole state (a plain
@@ -174,10 +179,10 @@ def loaded_state(value: torch.Tensor, p: torch.Tensor, name: str) -> torch.Tenso
                 if is_dtensor(p)
                 else "is not sharded"
             )
-            raise ValueError(
+            raise ShardingMismatch(
                 f"{name} {where}, but its saved state is placed {tuple(value.placements)} over a mesh of shape "
-                f"{tuple(value.device_mesh.shape)}: save states under the sharding that loads them, or whole "
-                "(state.full_tensor())"
+                f"{tuple(value.device_mesh.shape)}: load the state dicts of all the ranks that saved them with "
+                "load_sharded_state_dict, or save states under the sharding that loads them, or whole"
             )
         value = mine
     if not is_dtensor(p):
