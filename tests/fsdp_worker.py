@@ -177,7 +177,7 @@ def main() -> None:
         shard(model)
         opt = optimizer(ZOSGD, model)
         for _ in range(STEPS):
-            model[2].unshard()
+            model[2].unshard(async_op=True)  # (its handle never waited on: the gather stays pending)
             model.unshard()
             opt.step(lambda: loss_of(model, x[half], y[half]).double())
         result["zosgd-unsharded"] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])

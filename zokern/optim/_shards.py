@@ -198,6 +198,7 @@ def loaded_state(value: torch.Tensor, p: torch.Tensor, name: str) -> torch.Tenso
 # known from its first forward after the first sharded optimizer was built, which reshards it first.
 _known: weakref.WeakSet = weakref.WeakSet()
 _tracking: torch.utils.hooks.RemovableHandle | None = None
+_learned = False  # whether a module was learned since modules_learned() last said
 
 
 def track_forwards() -> None:
@@ -213,8 +214,19 @@ def _learn(module: torch.nn.Module, args: object) -> None:
     fsdp = sys.modules.get("torch.distributed.fsdp")
     module_class = getattr(fsdp, "FSDPModule", None)
     if module_class is not None and isinstance(module, module_class):
+        global _learned
         _reshard(module)  # it may hold parameters gathered before the shards' last write
         _known.add(module)
+        _learned = True
+
+
+def modules_learned() -> bool:
+    """Whether an FSDP2 module ran its first forward since the last call. A root's first forward initialises its
+    tree, which in torch 2.6 gives shards that are padded new local tensors (their values copied): a step whose
+    closure ran it must write those."""
+    global _learned
+    learned, _learned = _learned, False
+    return learned
 
 
 def shards_written() -> None:
@@ -229,8 +241,35 @@ def _reshard_known() -> None:
 
 
 def _reshard(module: torch.nn.Module) -> None:
-    _end_iteration(module)  # (a root whose last forward raised keeps its gathered parameters through reshard())
+    state = module._get_fsdp_state()
+    _end_iteration(module, state)  # (a root whose last forward raised keeps its gathered parameters through reshard())
+    _drop_pending_gathers(state)
     module.reshard()
+
+
+def _drop_pending_gathers(state) -> None:
+    """Drop the all-gathers a module's groups issued and have not copied out: unshard() outside a forward (or a
+    forward prefetch whose forward raised) gathers the shards as they are then, and the module's next forward copies
+    out those values, however the shards were written since; reshard() leaves them (torch 2.13's reset_iter_state
+    drops them for a whole tree). Waited for first, as FSDP2 does."""
+    for group in _param_groups(state):
+        result = group._all_gather_result
+        if result is None:
+            continue
+        if result.all_gather_event is not None:
+            group.device_handle.current_stream().wait_event(result.all_gather_event)
+        if isinstance(result.all_gather_work, torch.distributed.distributed_c10d.Work):
+            result.all_gather_work.wait()
+        group._all_gather_result = None
+
+
+def _param_groups(state) -> list:
+    """An FSDP2 state's parameter groups: one per module in torch 2.6 to 2.11 (``_fsdp_param_group``, None without
+    parameters); later, a list."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        groups = [group for group in (state._fsdp_param_group,) if group is not None]
+    return groups
 
 
 @contextlib.contextmanager
@@ -245,12 +284,11 @@ def resharded_after() -> Iterator[None]:
         _reshard_known()
 
 
-def _end_iteration(module: torch.nn.Module) -> None:
-    """End the iteration of the FSDP2 tree whose root is ``module`` (nothing for another module): its groups back
-    to idle, whose reshard() a forward that raised left a no-op, and its records of forwards cleared, which only a
-    backward clears otherwise (they grow by a few entries a forward, for as long as the run). torch 2.13's
-    reset_iter_state() does this; earlier releases' same fields are set by hand."""
-    state = module._get_fsdp_state()
+def _end_iteration(module: torch.nn.Module, state) -> None:
+    """End the iteration of the FSDP2 tree whose root is ``module`` (FSDP2 state ``state``; nothing for another
+    module): its groups back to idle, whose reshard() a forward that raised left a no-op, and its records of forwards
+    cleared, which only a backward clears otherwise (they grow by a few entries a forward, for as long as the run).
+    torch 2.13's reset_iter_state() does this; earlier releases' same fields are set by hand."""
     if not getattr(state, "_is_root", False):
         return
     reset = getattr(module, "reset_iter_state", None)
@@ -263,11 +301,7 @@ def _end_iteration(module: torch.nn.Module) -> None:
     for tree_state in state._state_ctx.all_states:
         tree_state._training_state = TrainingState.IDLE
         tree_state._modules_to_run_forward.clear()
-        # One group per module in torch 2.6 to 2.11 (_fsdp_param_group, None without parameters); later, a list.
-        groups = getattr(tree_state, "_fsdp_param_groups", None)
-        if groups is None:
-            groups = [group for group in (tree_state._fsdp_param_group,) if group is not None]
-        for group in groups:
+        for group in _param_groups(tree_state):
             group._training_state = TrainingState.IDLE
             group._post_forward_indices.clear()
     state._state_ctx.iter_forward_root = None

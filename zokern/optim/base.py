@@ -199,6 +199,19 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
 
     # ------------------------------------------------------------------------------------------- fused calls
 
+    def _follow_new_shards(self) -> None:
+        """After a closure that ran an FSDP2 tree's first forward: if that gave shards new local tensors (torch 2.6
+        pads uneven ones so, copying their values), the step's later passes take the new ones, not the tensors its
+        layout holds (which FSDP2 no longer reads: the forwards after them would see the old values, and the update
+        would be lost)."""
+        if not _shards.modules_learned() or self._step_layout is None:  # (outside a step, each pass lays out anew)
+            return
+        if all(id(_shards.local_tensor(p)) == key for key, p in self._owners.items()):
+            return
+        self._step_layout = None
+        self._step_layout = self._groups_layout()
+        self._step_chunks, self._step_prepared = None, {}
+
     def _device_chunks(self) -> list[tuple[int, dict[str, Any], list[torch.Tensor], list[int]]]:
         """(group index, group, trainable parameters, offsets) per param group and device: one fused call each."""
         if self._step_chunks is not None:
@@ -498,8 +511,11 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                             raise refusal from e
                         view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
                     elif self._sharded:
-                        with _shards.resharded_after():
-                            yield
+                        try:
+                            with _shards.resharded_after():
+                                yield
+                        finally:
+                            self._follow_new_shards()  # (before the pass that takes the perturbation back)
                     else:
                         yield
             finally:
@@ -750,8 +766,11 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 with self._lookahead.finding_owners(self._trainable()):
                     loss = closure()
             elif self._sharded:
-                with _shards.resharded_after():
-                    loss = closure()
+                try:
+                    with _shards.resharded_after():
+                        loss = closure()
+                finally:
+                    self._follow_new_shards()  # (before the passes after it, the restoring one if it raised)
             else:
                 loss = closure()
         except RuntimeError as e:  # torch.optim's habit of a closure that calls backward()
