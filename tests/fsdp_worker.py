@@ -13,6 +13,7 @@ from helpers import fsdp2_on_cpu
 from helpers import join_ranks
 from helpers import leave_ranks
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
@@ -45,6 +46,9 @@ CASES = (
     ("signsgd-momentum", ZOSignSGD, dict(lr=1e-3, momentum=0.5), torch.float32),
     ("adam", ZOAdam, dict(lr=1e-3), torch.float32),
     ("adam-bf16", ZOAdam, dict(lr=1e-3, perturbation="inplace"), torch.bfloat16),
+    # The exact mode (bfloat16's default): the forwards' ops receive copies of the tensors FSDP2 gathers, perturbed.
+    ("bf16-exact", ZOSGD, {}, torch.bfloat16),
+    ("adam-bf16-exact", ZOAdam, dict(lr=1e-3, n_probes=2), torch.bfloat16),
 )
 
 
@@ -139,10 +143,11 @@ def placed(state, placements):
     )
 
 
-def shard(model) -> None:
+def shard(model, policy: MixedPrecisionPolicy | None = None) -> None:
+    kwargs = {} if policy is None else dict(mp_policy=policy)
     for k in (0, 2, 4):
-        fully_shard(model[k])
-    fully_shard(model)  # the root: holds model[5]
+        fully_shard(model[k], **kwargs)
+    fully_shard(model, **kwargs)  # the root: holds model[5]
 
 
 def full(model, reshard: bool = False) -> list[list[float]]:
@@ -171,6 +176,17 @@ def main() -> None:
                     again(x[half])
                 replay(parameters, opt.trajectory)
                 result["zosgd-replayed"] = full(again)
+        # The exact mode with lr = 0: bfloat16 shards, and float32 shards whose forwards gather bfloat16 copies (a
+        # MixedPrecisionPolicy), are never written; the losses are those of the perturbed gathered tensors.
+        for name, dtype, policy in (
+            ("exact-lr0", torch.bfloat16, None),
+            ("exact-mixed-lr0", torch.float32, MixedPrecisionPolicy(param_dtype=torch.bfloat16)),
+        ):
+            model, x, y = model_and_batch(dtype)
+            shard(model, policy)
+            before = full(model)
+            opt = train(model, ZOSGD, [(x[half], y[half])], lr=0.0, perturbation="exact")
+            result[name] = dict(unchanged=full(model) == before, losses=[r["losses"] for r in opt.trajectory])
         # Modules gathered by hand between steps (unshard(): a module that has run a forward, and the root), which
         # the step must let go before its first pass writes the shards.
         model, x, y = model_and_batch()
@@ -214,6 +230,10 @@ def main() -> None:
         shard(model)
         after = loop(model, [(x[half], y[half])], average=lambda losses: dist.all_reduce(losses))
         result = dict(params=full(model, reshard=True), after=after)
+        model, x, y = model_and_batch(torch.bfloat16)  # the exact mode's blocks
+        shard(model)
+        after = loop(model, [(x[half], y[half])], average=lambda losses: dist.all_reduce(losses))
+        result["bf16"] = dict(params=full(model, reshard=True), after=after)
     elif scenario == "hsdp":  # four ranks: two replicas (Replicate) of a model sharded over two (Shard(0))
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
         model, x, y = model_and_batch()
@@ -271,9 +291,21 @@ def main() -> None:
                 errors[name] = f"{type(e).__name__}: {e}"
             errors[name + " unchanged"] = not fresh.state and fresh.steps_taken == 0
 
-        model, x, y = model_and_batch(torch.bfloat16)
-        shard(model)
-        refused("bf16 exact", model)
+        # A DTensor the model computes with as it is (no FSDP2 module gathers it): the exact mode cannot perturb it.
+        _, x, _ = model_and_batch(torch.bfloat16)
+        rows = torch.nn.Linear(6, 4, dtype=torch.bfloat16)
+        rows.weight = torch.nn.Parameter(
+            distribute_tensor(rows.weight.detach(), init_device_mesh("cpu", (world,)), [Shard(0)])
+        )
+        rows.bias.requires_grad_(False)
+        before = rows.weight.full_tensor()
+        try:
+            ZOSGD(rows.parameters(), lr=1e-2, eps=1e-3, seed=1).step(
+                lambda: torch.nn.functional.linear(x, rows.weight.full_tensor()).float().sum()
+            )
+        except ValueError as e:
+            errors["exact dtensor"] = f"{type(e).__name__}: {e}"
+        errors["exact dtensor unchanged"] = torch.equal(rows.weight.full_tensor(), before)
         model, x, y = model_and_batch()
         shard(model)
         refused("ldsd", model, LDSD, k=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from fsdp_worker import CASES
 from fsdp_worker import HSDP_STEPS
 from fsdp_worker import loop
@@ -57,6 +58,22 @@ def test_sharded_steps_equal_one_process_holding_the_whole_model(trained):
                 assert ranks[0][resumed] == ranks[1][resumed] == _whole(model), resumed
 
 
+def test_the_exact_mode_perturbs_the_gathered_tensors_and_never_writes_the_shards(trained):
+    # With lr = 0, bfloat16 shards stay bit for bit as they were, and the losses are a whole bfloat16 model's in the
+    # exact mode; so are those of float32 shards gathered as bfloat16 copies (MixedPrecisionPolicy), whose copies the
+    # exact mode perturbs as a bfloat16 model's weights. (Trained with lr > 0: CASES' "bf16-exact" ones.)
+    ranks = trained
+    model, x, y = model_and_batch(torch.bfloat16)
+    opt = train(model, ZOSGD, _halves(x, y), lr=0.0, perturbation="exact")
+    losses = [r["losses"] for r in opt.trajectory]
+    assert all(plus != minus for plus, minus in losses)
+    _, x32, _ = model_and_batch()
+    mixed = train(model_and_batch(torch.bfloat16)[0], ZOSGD, _halves(x32.bfloat16(), y), lr=0.0)
+    for rank in ranks:
+        assert rank["exact-lr0"] == dict(unchanged=True, losses=losses)
+        assert rank["exact-mixed-lr0"] == dict(unchanged=True, losses=[r["losses"] for r in mixed.trajectory])
+
+
 def test_modules_gathered_by_hand_between_steps_are_resharded_before_the_next_steps_passes(trained):
     # Not only the modules that ran a forward are resharded before a pass: what unshard() gathered before a step,
     # waited for or still pending (async_op=True: FSDP2's next forward of the module copies out that gather), is not
@@ -90,6 +107,10 @@ def test_a_loop_of_perturbed_blocks_over_shards_equals_one_process(tmp_path):
     after = loop(model, _halves(x, y))
     assert ranks[0]["params"] == ranks[1]["params"] == _whole(model)
     assert [r["after"] for r in ranks] == [after, loop(model_and_batch()[0], [(x[8:], y[8:]), (x[:8], y[:8])])]
+    model, x, y = model_and_batch(torch.bfloat16)  # the exact mode's blocks
+    after = loop(model, _halves(x, y))
+    assert ranks[0]["bf16"]["params"] == ranks[1]["bf16"]["params"] == _whole(model)
+    assert ranks[0]["bf16"]["after"] == after
 
 
 def test_hsdp_steps_equal_one_process_holding_the_whole_model(tmp_path):
@@ -107,8 +128,6 @@ def test_states_saved_on_four_ranks_resume_on_two_and_in_one_process(tmp_path):
     # ZOAdam's moments saved by four ranks (Shard(0) over 4: 2 + 2 + 2 + 1 rows; and HSDP's 2 x 2), loaded by two
     # (4 + 3 rows) and by one process holding the whole model: each takes its rows from the state dicts that hold
     # them, and the run goes on as one process's would have.
-    import torch
-
     from zokern import replay
 
     saved, loaded = tmp_path / "save", tmp_path / "load"
@@ -145,7 +164,7 @@ def refusals(tmp_path_factory):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("bf16 exact", "TypeError: sharded (DTensor) parameters train in the in-place mode only"),
+        ("exact dtensor", "ValueError: exact perturbation: 1 sharded (DTensor) parameter(s) reached no torch"),
         ("ldsd", "ValueError: LDSD does not support sharded (DTensor) parameters"),
         ("merge_steps", "ValueError: merge_steps is not supported with sharded (DTensor) parameters"),
         ("columns", "TypeError: param group 0: params[0] is a DTensor placed (Shard(dim=1),)"),

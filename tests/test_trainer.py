@@ -831,13 +831,15 @@ def test_fsdp2_sharded_training_checkpoints_and_resumes_as_the_replicated_run(tm
     optimizer's seed and step count (refused: the first checkpoint raised). Each rank saves the ZO optimizer's state
     dict, its shards of ZOAdam's moments: the sharded run, and a run resumed from its checkpoint halfway, end bit
     for bit where the replicated run does, for a whole model (its checkpoints sharded, or gathered) and for LoRA
-    adapters over a sharded frozen base; and with bf16=True, whose policy ZOTrainer keeps from rounding the loss."""
+    adapters over a sharded frozen base, and in the exact mode for a bfloat16 model; and with bf16=True, whose policy
+    ZOTrainer keeps from rounding the loss."""
     ranks = _torchrun_worker(tmp_path, "fsdp")
     assert ranks[0] == ranks[1]
     result = ranks[0]
-    for name in ("full", "lora", "gathered"):
+    for name in ("full", "lora", "gathered", "exact"):
         run = result[name]
         assert run["sharded types"] == ["DTensor"], name
+        assert run["exact"] == [name == "exact"] * 2, name  # (bfloat16 weights: the exact mode, sharded or not)
         assert run["sharded"] == run["replicated"] != run["start"], name
         assert {"rank0-of-2-optimizer.pt", "rank1-of-2-optimizer.pt", "scheduler.pt"} <= set(run["files"]), name
         assert run["resumed"] == run["replicated"] and run["resumed steps"] == 4, name

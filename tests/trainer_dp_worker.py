@@ -88,13 +88,13 @@ def _weights(model) -> list[list[float]]:
 def sharded(out: Path) -> None:
     fsdp2_on_cpu()
 
-    def trainer(cls, output_dir, lora=False, bf16=False, optimizer=ZOAdam):
+    def trainer(cls, output_dir, lora=False, bf16=False, optimizer=ZOAdam, dtype=torch.float32):
         torch.manual_seed(0)
         config = transformers.LlamaConfig(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64,
         )  # fmt: skip
-        model = transformers.LlamaForCausalLM(config)
+        model = transformers.LlamaForCausalLM(config).to(dtype)
         if lora:  # (B initialised at random too: else the first steps' z on A would change no loss)
             config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
             model = peft.get_peft_model(model, config)
@@ -109,30 +109,37 @@ def sharded(out: Path) -> None:
         return cls(model=model, args=args, train_dataset=data, zo_optimizer_cls=optimizer, zo_optimizer_kwargs=options)
 
     result = {}
-    # The runs by name: (whether the model is LoRA adapters, the trainer that shards it), each against the replicated
-    # run of its model.
+    # The runs by name: (whether the model is LoRA adapters, its dtype, the trainer that shards it), each against the
+    # replicated run of its model. A bfloat16 model runs in the exact mode (its default), which perturbs the tensors
+    # FSDP2 gathers for the forwards.
+    bf16 = torch.bfloat16
     runs = {
-        "full": (False, _CPUShardingTrainer),
-        "lora": (True, _CPUShardingTrainer),
-        "gathered": (False, _CPUGatheringTrainer),
+        "full": (False, torch.float32, _CPUShardingTrainer),
+        "lora": (True, torch.float32, _CPUShardingTrainer),
+        "gathered": (False, torch.float32, _CPUGatheringTrainer),
+        "exact": (False, bf16, _CPUShardingTrainer),
     }
-    for lora in (False, True):  # the replicated runs first: accelerate's state (FSDP, once forced) outlives a trainer
-        replicated = trainer(ZOTrainer, out / f"replicated-{lora}", lora=lora)
-        result[f"start {lora}"] = _weights(replicated.model)
+    # The replicated runs first: accelerate's state (FSDP, once forced) outlives a trainer.
+    for lora, dtype in sorted({(lora, dtype) for lora, dtype, _ in runs.values()}, key=str):
+        replicated = trainer(ZOTrainer, out / f"replicated-{lora}-{dtype}", lora=lora, dtype=dtype)
+        result[f"start {lora} {dtype}"] = _weights(replicated.model)
         replicated.train()
-        result[f"replicated {lora}"] = _weights(replicated.model)
-    for name, (lora, cls) in runs.items():
-        run = trainer(cls, out / f"sharded-{name}", lora=lora)
+        result[f"replicated {lora} {dtype}"] = _weights(replicated.model)
+        result[f"exact {lora} {dtype}"] = replicated.zo_optimizer.exact()
+    for name, (lora, dtype, cls) in runs.items():
+        run = trainer(cls, out / f"sharded-{name}", lora=lora, dtype=dtype)
         run.train()
         trained = [p for p in run.model.parameters() if p.requires_grad]
         result[name] = {"sharded types": sorted({type(p).__name__ for p in trained}), "sharded": _weights(run.model)}
+        result[name]["exact"] = [run.zo_optimizer.exact(), result[f"exact {lora} {dtype}"]]
         checkpoint = out / f"sharded-{name}" / "checkpoint-2"
         result[name]["files"] = sorted(path.name for path in checkpoint.iterdir())
-        resumed = trainer(cls, out / f"resumed-{name}", lora=lora)
+        resumed = trainer(cls, out / f"resumed-{name}", lora=lora, dtype=dtype)
         resumed.train(resume_from_checkpoint=str(checkpoint))
         result[name]["resumed"] = _weights(resumed.model)
         result[name]["resumed steps"] = resumed.zo_optimizer.steps_taken
-        result[name]["start"], result[name]["replicated"] = result[f"start {lora}"], result[f"replicated {lora}"]
+        result[name]["start"] = result[f"start {lora} {dtype}"]
+        result[name]["replicated"] = result[f"replicated {lora} {dtype}"]
     # float32 shards, bfloat16 forwards (bf16=True: accelerate's FSDP2 policy, which casts the model's outputs to
     # bfloat16, the loss included, unless ZOTrainer drops that cast): its losses, and the run resumed halfway.
     mixed = trainer(_CPUShardingTrainer, out / "mixed", bf16=True)
@@ -173,7 +180,7 @@ def sharded(out: Path) -> None:
             errors[renamed] = str(e)
     try:  # the replicated run's checkpoint resumed sharded
         trainer(_CPUShardingTrainer, out / "other").train(
-            resume_from_checkpoint=str(out / "replicated-False" / "checkpoint-2")
+            resume_from_checkpoint=str(out / f"replicated-False-{torch.float32}" / "checkpoint-2")
         )
     except ValueError as e:
         errors["replicated"] = str(e)

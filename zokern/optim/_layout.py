@@ -161,7 +161,7 @@ class LayoutChecks:
         with its own ``__torch_function__`` (a fake-quantisation wrapper) would not run, and the step would train
         another function than the model's."""
         if self._owners:
-            self._check_sharded_runnable(exact)
+            self._check_sharded_runnable()
         if not exact:
             return
         for g, (group, tensors, _) in enumerate(layout):
@@ -176,16 +176,8 @@ class LayoutChecks:
                     )
         self._refuse_frozen_aliases(layout)
 
-    def _check_sharded_runnable(self, exact: bool) -> None:
+    def _check_sharded_runnable(self) -> None:
         """What sharded parameters cannot run yet, refused before a step or a perturbed() block starts."""
-        if exact:
-            raise TypeError(
-                "sharded (DTensor) parameters train in the in-place mode only: the exact mode hands each op a "
-                "perturbed copy of a parameter, and FSDP2's forwards read parameters gathered from the shards. Keep "
-                "the shards in float32 and compute in 16 bits (fully_shard(..., mp_policy=MixedPrecisionPolicy("
-                "param_dtype=torch.bfloat16)); with accelerate or ZOTrainer, a float32 model and bf16 mixed "
-                "precision), or pass perturbation='inplace' (16-bit parameters default to the exact mode)"
-            )
         if self.merge_steps:
             raise ValueError(
                 "merge_steps is not supported with sharded (DTensor) parameters: the perturbation it leaves between "

@@ -199,6 +199,7 @@ def loaded_state(value: torch.Tensor, p: torch.Tensor, name: str) -> torch.Tenso
 _known: weakref.WeakSet = weakref.WeakSet()
 _tracking: torch.utils.hooks.RemovableHandle | None = None
 _learned = False  # whether a module was learned since modules_learned() last said
+_learned_count = 0  # how many modules were learned: GatheredTensors walks the modules again when it changes
 
 
 def track_forwards() -> None:
@@ -214,10 +215,10 @@ def _learn(module: torch.nn.Module, args: object) -> None:
     fsdp = sys.modules.get("torch.distributed.fsdp")
     module_class = getattr(fsdp, "FSDPModule", None)
     if module_class is not None and isinstance(module, module_class):
-        global _learned
+        global _learned, _learned_count
         _reshard(module)  # it may hold parameters gathered before the shards' last write
         _known.add(module)
-        _learned = True
+        _learned, _learned_count = True, _learned_count + 1
 
 
 def modules_learned() -> bool:
@@ -270,6 +271,47 @@ def _param_groups(state) -> list:
     if groups is None:
         groups = [group for group in (state._fsdp_param_group,) if group is not None]
     return groups
+
+
+class GatheredTensors:
+    """The whole tensors FSDP2 gathers from the shards of the DTensors ``wanted`` (by id) for its modules' forwards,
+    the tensors those forwards' ops receive, found among the parameters of the FSDP2 modules learned so far. FSDP2
+    makes a parameter's gathered tensor at its module's first gather and keeps that object, refilling its memory at
+    each gather and freeing it after: found once, it stands for the parameter in every later forward."""
+
+    def __init__(self, wanted: dict[int, object]) -> None:
+        self._missing = set(wanted)
+        self._walked = -1  # _learned_count when the modules were last walked
+        self._candidates: list = []  # FSDP2's records (FSDPParam) of missing parameters, whose gather is not made yet
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a wanted parameter's gathered tensor is still to be found."""
+        return bool(self._missing)
+
+    def found(self) -> list[tuple[torch.Tensor, int]]:
+        """(gathered tensor, id of its DTensor) of the wanted parameters whose gathered tensors were made since the
+        last call: checked at each op until all are found (in the first evaluation of a run, as FSDP2's first forward
+        makes them; in later ones, at once)."""
+        if self._walked != _learned_count:
+            self._walked = _learned_count
+            seen = {id(record) for record in self._candidates}
+            for module in list(_known):
+                for group in _param_groups(module._get_fsdp_state()):
+                    self._candidates.extend(
+                        record
+                        for record in group.fsdp_params
+                        if id(record.sharded_param) in self._missing and id(record) not in seen
+                    )
+        out = []
+        for record in self._candidates:
+            tensor = getattr(record, "_unsharded_param", None)
+            if tensor is not None and id(record.sharded_param) in self._missing:
+                self._missing.discard(id(record.sharded_param))
+                out.append((tensor, id(record.sharded_param)))
+        if out:
+            self._candidates = [record for record in self._candidates if id(record.sharded_param) in self._missing]
+        return out
 
 
 @contextlib.contextmanager

@@ -502,7 +502,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                     if self._exact_now:
                         view = self._perturbed_view()
                         try:
-                            with view:
+                            with self._exact_evaluation(view):
                                 yield
                         except RuntimeError as e:
                             refusal = _fullgraph_refusal(e, exact=True)
@@ -524,12 +524,30 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 clear_weight_caches()
 
     def _perturbed_view(self) -> PerturbedView:
-        uses = {
-            id(p): ParameterUse(p, offset, index)
-            for index, (_, tensors, offsets) in enumerate(self._groups_layout())
-            for p, offset in zip(tensors, offsets)
-        }
-        return PerturbedView(uses, self._displacement, self._pass_kwargs())
+        uses, sharded = {}, {}
+        for index, (_, tensors, offsets) in enumerate(self._groups_layout()):
+            for p, offset in zip(tensors, offsets):
+                owner = self._owners.get(id(p))
+                if owner is None:
+                    uses[id(p)] = ParameterUse(p, offset, index)
+                else:  # a shard: ops receive its DTensor's gathered whole tensor, perturbed from the DTensor's offset
+                    start = _shards.local_slice(owner, "a sharded parameter")[1]
+                    sharded[id(owner)] = ParameterUse(owner, offset - start, index)
+        return PerturbedView(uses, self._displacement, self._pass_kwargs(), sharded)
+
+    @contextlib.contextmanager
+    def _exact_evaluation(self, view: PerturbedView) -> Iterator[None]:
+        """An evaluation that sees the perturbation through ``view``; over shards, the FSDP2 modules let their
+        gathered tensors go when it ends (as after an in-place evaluation), outside the view."""
+        if not self._sharded:
+            with view:
+                yield
+            return
+        try:
+            with _shards.resharded_after(), view:
+                yield
+        finally:
+            self._follow_new_shards()
 
     # --------------------------------------------------------------------------------------------------- steps
 
@@ -760,7 +778,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             warn_if_compiled_weights_are_frozen()
         try:
             if view is not None:
-                with view:
+                with self._exact_evaluation(view):
                     loss = closure()
             elif self.merge_steps:
                 with self._lookahead.finding_owners(self._trainable()):

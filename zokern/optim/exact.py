@@ -21,6 +21,10 @@ do. Code that bypasses torch's function overrides (a custom C++/CUDA extension h
 unperturbed value; a trainable parameter no op received during an evaluation is reported as an error, naming it. A
 torch.compile'd model runs eagerly here, op by op (its frames break at the view, which dynamo must not trace): right,
 but not compiled; ``fullgraph=True`` cannot compile it at all. Use perturbation='inplace' to run it compiled.
+
+Sharded parameters (FSDP2's DTensors): a module's forward computes with the whole tensors FSDP2 gathers from the
+shards, so those gathered tensors stand for the parameters here, perturbed at their parameter's stream offset (found
+as FSDP2 makes them: _shards.GatheredTensors); neither the shards nor the gathered tensors are written.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from zokern import ops
 from zokern._dispatch import select_backend
+from zokern.optim import _shards
 
 # Properties whose value is made of the parameter's values (a view or the tensor itself): an op reading the parameter
 # through them must see the perturbed value. Every other property is metadata, read from the parameter with no copy.
@@ -140,12 +145,15 @@ def _first_keyword(kwargs: dict) -> tuple[str | None, Any]:
 
 
 class ParameterUse:
-    """Where a trainable parameter sits: its stream offset and param group index."""
+    """Where a trainable parameter sits: its stream offset and param group index. ``key``: the id of the optimizer's
+    parameter it stands for, by which check_all_used names it (``param`` itself, or the DTensor whose gathered copy
+    ``param`` is)."""
 
-    __slots__ = ("group", "offset", "param")
+    __slots__ = ("group", "key", "offset", "param")
 
-    def __init__(self, param: torch.Tensor, offset: int, group: int) -> None:
+    def __init__(self, param: torch.Tensor, offset: int, group: int, key: int | None = None) -> None:
         self.param, self.offset, self.group = param, offset, group
+        self.key = id(param) if key is None else key
 
 
 class PerturbedView(TorchFunctionMode):
@@ -160,14 +168,26 @@ class PerturbedView(TorchFunctionMode):
     SMALL = 1 << 16
 
     def __init__(
-        self, uses: dict[int, ParameterUse], displacement: dict[int, list[float]], pass_kwargs: dict[str, Any]
+        self,
+        uses: dict[int, ParameterUse],
+        displacement: dict[int, list[float]],
+        pass_kwargs: dict[str, Any],
+        sharded: dict[int, ParameterUse] | None = None,
     ) -> None:
         super().__init__()
         self.uses = uses
         self.displacement = {seed: list(alphas) for seed, alphas in displacement.items()}
         self.pass_kwargs = pass_kwargs
-        self.used: set[int] = set()
+        self.used: set[int] = set()  # the keys of the uses some op received
+        self.expected = {use.key for use in uses.values()}
         self.ready = self._materialise_small()
+        # Sharded parameters (DTensors, by id): their ops receive the whole tensors FSDP2 gathers from the shards
+        # for a module's forward, each perturbed at its DTensor's stream offset, found as FSDP2 makes them (their
+        # memory is freed between forwards: none is materialised up front). The shards are never written.
+        self.sharded = sharded or {}
+        self.gathered = _shards.GatheredTensors(self.sharded) if sharded else None
+        self.expected.update(self.sharded)
+        self._take_gathered()
         # Copies kept for the rest of the evaluation: whose memory was handed out (_RAW_MEMORY), or that the forward
         # wrote; later ops receive them (and see the write).
         self.exposed: dict[int, torch.Tensor] = {}
@@ -180,6 +200,8 @@ class PerturbedView(TorchFunctionMode):
     @torch.compiler.disable
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.gathered is not None and self.gathered.waiting:  # (FSDP2's first gathers: the first evaluation)
+            self._take_gathered()
         kind = _kind(func)
         if kind is _DESCRIPTOR:
             owner = id(getattr(func, "__self__", None))
@@ -234,6 +256,14 @@ class PerturbedView(TorchFunctionMode):
                 if isinstance(part, torch.Tensor) and part is not first and _shares_memory(part, source):
                     self.handed_out[part] = param
         return out
+
+    def _take_gathered(self) -> None:
+        """Add the gathered tensors of sharded parameters that FSDP2 made since the last call to the uses."""
+        if self.gathered is None:
+            return
+        for tensor, key in self.gathered.found():
+            use = self.sharded[key]
+            self.uses[id(tensor)] = ParameterUse(tensor, use.offset, use.group, key)
 
     def _keep_derived(self, tensor: Any) -> None:
         """If ``tensor`` shares the memory of a parameter's copy, it is about to be written: keep that copy."""
@@ -294,7 +324,7 @@ class PerturbedView(TorchFunctionMode):
         use = self.uses.get(id(x))
         if use is None:
             return x
-        self.used.add(id(x))
+        self.used.add(use.key)
         kept = self.exposed.get(id(x), self.ready.get(id(x)))
         return kept if kept is not None else self.materialise([use])[0]
 
@@ -338,7 +368,16 @@ class PerturbedView(TorchFunctionMode):
         return ready
 
     def check_all_used(self, names: dict[int, str]) -> None:
-        missing = [names.get(k, "?") for k in self.uses if k not in self.used]
+        missing = [names.get(k, "?") for k in self.expected if k not in self.used]
+        sharded = [names.get(k, "?") for k in self.sharded if k not in self.used]
+        if sharded:
+            raise ValueError(
+                f"exact perturbation: {len(sharded)} sharded (DTensor) parameter(s) reached no torch operation as the "
+                f"whole tensor an FSDP2 module's forward gathers from the shards ({', '.join(sharded[:5])}"
+                f"{', ...' if len(sharded) > 5 else ''}): the exact mode perturbs those gathered tensors. Freeze "
+                "parameters the loss does not use (requires_grad=False); a DTensor the model computes with as it is "
+                "(distribute_tensor, not fully_shard) trains in perturbation='inplace' only"
+            )
         if missing:
             raise ValueError(
                 f"exact perturbation: the closure never passed {len(missing)} trainable parameter(s) to a torch "
