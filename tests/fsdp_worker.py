@@ -93,6 +93,17 @@ def run(opt, model, batches, steps=STEPS, peek=True):
     return opt
 
 
+def penalty(opt) -> torch.Tensor:
+    """1e-3 times the trained weights' squared norm, in float64 (exact: a sum of few squares of bfloat16 values),
+    computed on the parameters themselves (DTensors: each rank's part, then summed)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            square = p.double().pow(2).sum()
+            total = total + (square.full_tensor() if isinstance(square, DTensor) else square)
+    return 1e-3 * total
+
+
 def raising_step(opt, model, batches) -> None:
     """A step whose closure raises inside the forward, between two sharded modules (an out-of-memory error, say),
     caught as a loop that goes on would."""
@@ -187,6 +198,14 @@ def main() -> None:
             before = full(model)
             opt = train(model, ZOSGD, [(x[half], y[half])], lr=0.0, perturbation="exact")
             result[name] = dict(unchanged=full(model) == before, losses=[r["losses"] for r in opt.trajectory])
+        # The exact mode with a closure that also computes with the DTensors themselves (a penalty on the weights,
+        # outside the forward): those ops receive DTensors over the perturbed shards.
+        model, x, y = model_and_batch(torch.bfloat16)
+        shard(model)
+        opt = optimizer(ZOSGD, model)
+        for _ in range(STEPS):
+            opt.step(lambda: loss_of(model, x[half], y[half]).double() + penalty(opt))
+        result["exact-penalty"] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])
         # Modules gathered by hand between steps (unshard(): a module that has run a forward, and the root), which
         # the step must let go before its first pass writes the shards.
         model, x, y = model_and_batch()
@@ -291,21 +310,20 @@ def main() -> None:
                 errors[name] = f"{type(e).__name__}: {e}"
             errors[name + " unchanged"] = not fresh.state and fresh.steps_taken == 0
 
-        # A DTensor the model computes with as it is (no FSDP2 module gathers it): the exact mode cannot perturb it.
-        _, x, _ = model_and_batch(torch.bfloat16)
-        rows = torch.nn.Linear(6, 4, dtype=torch.bfloat16)
-        rows.weight = torch.nn.Parameter(
-            distribute_tensor(rows.weight.detach(), init_device_mesh("cpu", (world,)), [Shard(0)])
-        )
-        rows.bias.requires_grad_(False)
-        before = rows.weight.full_tensor()
+        # A write through a DTensor in the exact mode (FSDP2's forwards would not read it): refused before it writes.
+        model, x, y = model_and_batch(torch.bfloat16)
+        shard(model)
+        before = full(model)
+
+        def halve_then_loss():
+            model[2].weight.data.mul_(0.5)  # (model[2] has not run yet: its weight is still the DTensor)
+            return loss_of(model, x[half], y[half])
+
         try:
-            ZOSGD(rows.parameters(), lr=1e-2, eps=1e-3, seed=1).step(
-                lambda: torch.nn.functional.linear(x, rows.weight.full_tensor()).float().sum()
-            )
-        except ValueError as e:
-            errors["exact dtensor"] = f"{type(e).__name__}: {e}"
-        errors["exact dtensor unchanged"] = torch.equal(rows.weight.full_tensor(), before)
+            optimizer(ZOSGD, model).step(halve_then_loss)
+        except RuntimeError as e:
+            errors["exact write"] = f"{type(e).__name__}: {e}"
+        errors["exact write unchanged"] = full(model) == before
         model, x, y = model_and_batch()
         shard(model)
         refused("ldsd", model, LDSD, k=2)

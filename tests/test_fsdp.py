@@ -9,8 +9,12 @@ import pytest
 import torch
 from fsdp_worker import CASES
 from fsdp_worker import HSDP_STEPS
+from fsdp_worker import STEPS
 from fsdp_worker import loop
+from fsdp_worker import loss_of
 from fsdp_worker import model_and_batch
+from fsdp_worker import optimizer
+from fsdp_worker import penalty
 from fsdp_worker import raising_step
 from fsdp_worker import run
 from fsdp_worker import train
@@ -72,6 +76,17 @@ def test_the_exact_mode_perturbs_the_gathered_tensors_and_never_writes_the_shard
     for rank in ranks:
         assert rank["exact-lr0"] == dict(unchanged=True, losses=losses)
         assert rank["exact-mixed-lr0"] == dict(unchanged=True, losses=[r["losses"] for r in mixed.trajectory])
+
+
+def test_ops_given_the_dtensors_themselves_receive_them_perturbed_in_the_exact_mode(trained):
+    # A closure that also computes with the DTensors (a penalty on the weights, outside the forward) read theta
+    # there, not theta + eps z: its losses were not one process's.
+    model, x, y = model_and_batch(torch.bfloat16)
+    opt = optimizer(ZOSGD, model)
+    for _ in range(STEPS):
+        opt.step(lambda: sum(loss_of(model, a, b).double() for a, b in _halves(x, y)) / 2 + penalty(opt))
+    expected = dict(params=_whole(model), losses=[r["losses"] for r in opt.trajectory])
+    assert trained[0]["exact-penalty"] == trained[1]["exact-penalty"] == expected
 
 
 def test_modules_gathered_by_hand_between_steps_are_resharded_before_the_next_steps_passes(trained):
@@ -164,7 +179,7 @@ def refusals(tmp_path_factory):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("exact dtensor", "ValueError: exact perturbation: 1 sharded (DTensor) parameter(s) reached no torch"),
+        ("exact write", "RuntimeError: exact perturbation: the closure writes a sharded (DTensor) parameter of shape"),
         ("ldsd", "ValueError: LDSD does not support sharded (DTensor) parameters"),
         ("merge_steps", "ValueError: merge_steps is not supported with sharded (DTensor) parameters"),
         ("columns", "TypeError: param group 0: params[0] is a DTensor placed (Shard(dim=1),)"),

@@ -67,7 +67,7 @@ class Checkpointing:
             p = params[index]
             if _shards.is_dtensor(p):
                 state["state"][index] = {
-                    key: _shards.saved_state(value, p) if _is_shaped_state(value) else value
+                    key: _shards.placed_like(value, p) if _is_shaped_state(value) else value
                     for key, value in entries.items()
                 }
 
@@ -274,7 +274,7 @@ class Checkpointing:
                 )
             local, _ = _shards.written_tensor(p, names[id(p)])
             value = target.view(local.shape)
-            value = _shards.saved_state(value, p) if _shards.is_dtensor(p) else value
+            value = _shards.placed_like(value, p) if _shards.is_dtensor(p) else value
             state_dict["state"].setdefault(saved_id, {})[key] = value  # (rank 0 may hold none of p)
         self.load_state_dict(state_dict)
 

@@ -144,9 +144,9 @@ def check_optimizer_params(params: list[torch.Tensor]) -> None:
     )
 
 
-def saved_state(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A state of DTensor parameter ``p`` as a checkpoint holds it: a DTensor placed as ``p`` over the shard of it
-    this rank keeps (shaped like the shard), so that torch.distributed.checkpoint saves each rank's rows."""
+def placed_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A DTensor placed as DTensor ``p`` whose local tensor is ``value`` (shaped like ``p``'s shard): a state as a
+    checkpoint holds it (torch.distributed.checkpoint saves each rank's rows), or the exact mode's perturbed copy."""
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())

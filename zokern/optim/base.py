@@ -509,7 +509,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                             if refusal is None:
                                 raise
                             raise refusal from e
-                        view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
+                        self._check_all_used(view)  # as step() does: L(theta) taken for L+
                     elif self._sharded:
                         try:
                             with _shards.resharded_after():
@@ -534,6 +534,16 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                     start = _shards.local_slice(owner, "a sharded parameter")[1]
                     sharded[id(owner)] = ParameterUse(owner, offset - start, index)
         return PerturbedView(uses, self._displacement, self._pass_kwargs(), sharded)
+
+    def _check_all_used(self, view: PerturbedView) -> None:
+        """After an exact-mode evaluation: refuse trainable parameters that no op received, on this rank or, under
+        torch.distributed, on any (so that every rank decides alike: one raising alone would leave the others
+        waiting in the next collective)."""
+        unused = view.unused()
+        if _distributed.active():
+            order = [id(p) for group in self.param_groups for p in group["params"] if id(p) in view.expected]
+            unused = _distributed.unused_on_every_rank(order, unused)
+        view.check_all_used(self._parameter_names(), unused)
 
     @contextlib.contextmanager
     def _exact_evaluation(self, view: PerturbedView) -> Iterator[None]:
@@ -802,7 +812,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 "on perturbed copies): return the loss without calling backward(), which a ZO step does not use"
             ) from e
         if view is not None:
-            view.check_all_used(self._parameter_names())
+            self._check_all_used(view)
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")

@@ -85,10 +85,16 @@ def _written_argument(func, args: tuple, kwargs: dict) -> tuple[int | str, Any] 
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = _local(a), _local(b)
     try:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.device == b.device
     except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass, a sparse result)
         return False
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (whose memory is this rank's); any other tensor itself."""
+    return _shards.local_tensor(t) if _shards.is_dtensor(t) else t
 
 
 # In-place ops that change a tensor's shape, strides or storage, not its values: applied to a view or an alias of a
@@ -181,11 +187,13 @@ class PerturbedView(TorchFunctionMode):
         self.used: set[int] = set()  # the keys of the uses some op received
         self.expected = {use.key for use in uses.values()}
         self.ready = self._materialise_small()
-        # Sharded parameters (DTensors, by id): their ops receive the whole tensors FSDP2 gathers from the shards
-        # for a module's forward, each perturbed at its DTensor's stream offset, found as FSDP2 makes them (their
-        # memory is freed between forwards: none is materialised up front). The shards are never written.
+        # Sharded parameters (DTensors, by id): an op given one receives a DTensor over its perturbed shard, and the
+        # ops of an FSDP2 module's forward receive the whole tensors FSDP2 gathers from the shards, each perturbed at
+        # its DTensor's stream offset, found as FSDP2 makes them (their memory is freed between forwards: none is
+        # materialised up front). Neither the shards nor the gathered tensors are written.
         self.sharded = sharded or {}
         self.gathered = _shards.GatheredTensors(self.sharded) if sharded else None
+        self.uses.update(self.sharded)
         self.expected.update(self.sharded)
         self._take_gathered()
         # Copies kept for the rest of the evaluation: whose memory was handed out (_RAW_MEMORY), or that the forward
@@ -277,6 +285,7 @@ class PerturbedView(TorchFunctionMode):
         kept = self.exposed.get(id(param))
         if kept is not None and _shares_memory(kept, written):  # the kept copy already (maybe rebound: w.data = y.t())
             return
+        self._refuse_sharded_write(param)
         storage = written.untyped_storage()
         if storage.nbytes() != param.nbytes:  # not a copy of its own: nothing zokern made
             raise RuntimeError(
@@ -300,8 +309,20 @@ class PerturbedView(TorchFunctionMode):
 
     def _keep(self, param: torch.Tensor) -> torch.Tensor:
         if id(param) not in self.exposed:
+            self._refuse_sharded_write(param)
             self.exposed[id(param)] = self._swap(param)
         return self.exposed[id(param)]
+
+    def _refuse_sharded_write(self, param: torch.Tensor) -> None:
+        """Writing a sharded parameter through its DTensor (or handing out its memory) would reach a copy that
+        FSDP2's forwards never read (they gather the shards): refused before the write, theta untouched."""
+        if id(param) in self.sharded:
+            raise RuntimeError(
+                f"exact perturbation: the closure writes a sharded (DTensor) parameter of shape {tuple(param.shape)} "
+                "through its DTensor, or takes its memory; the exact mode never writes the shards, and FSDP2's "
+                "forwards read what they gather from them, so the write would be lost. Write parameters inside "
+                "their FSDP2 module's forward (on the gathered tensor), or use perturbation='inplace'"
+            )
 
     def _swap_all(self, values: tuple) -> tuple:
         """The arguments with parameters replaced; lists and tuples of tensors (RNN weights, a namedtuple given to
@@ -330,7 +351,15 @@ class PerturbedView(TorchFunctionMode):
 
     def materialise(self, uses: list[ParameterUse]) -> list[torch.Tensor]:
         """Fresh tensors holding the perturbed values of ``uses`` (parameters of one group, or one parameter): the
-        first perturbation written out of place from theta (one read, one write), any further one in place."""
+        first perturbation written out of place from theta (one read, one write), any further one in place. A
+        DTensor's: a DTensor placed as it over a perturbed copy of this rank's shard."""
+        if _shards.is_dtensor(uses[0].param):
+            outs = []
+            for use in uses:
+                shard, start = _shards.local_slice(use.param, f"a sharded parameter of shape {tuple(use.param.shape)}")
+                (local,) = self.materialise([ParameterUse(shard, use.offset + start, use.group, use.key)])
+                outs.append(_shards.placed_like(local, use.param))
+            return outs
         params = [use.param.detach() for use in uses]
         offsets = [use.offset for use in uses]
         terms = [(seed, alphas[uses[0].group]) for seed, alphas in self.displacement.items()]
@@ -367,16 +396,24 @@ class PerturbedView(TorchFunctionMode):
                 ready[id(use.param)] = out
         return ready
 
-    def check_all_used(self, names: dict[int, str]) -> None:
-        missing = [names.get(k, "?") for k in self.expected if k not in self.used]
-        sharded = [names.get(k, "?") for k in self.sharded if k not in self.used]
+    def unused(self) -> set[int]:
+        """The keys of the trainable parameters no op received."""
+        return self.expected - self.used
+
+    def check_all_used(self, names: dict[int, str], unused: set[int] | None = None) -> None:
+        """Raise, naming them, if some trainable parameters were never perturbed: ``unused`` (by default this
+        evaluation's; under torch.distributed, those no rank's evaluation used)."""
+        unused = self.unused() if unused is None else unused
+        missing = [names.get(k, "?") for k in self.expected if k in unused]
+        sharded = [names.get(k, "?") for k in self.sharded if k in unused]
         if sharded:
             raise ValueError(
-                f"exact perturbation: {len(sharded)} sharded (DTensor) parameter(s) reached no torch operation as the "
-                f"whole tensor an FSDP2 module's forward gathers from the shards ({', '.join(sharded[:5])}"
-                f"{', ...' if len(sharded) > 5 else ''}): the exact mode perturbs those gathered tensors. Freeze "
-                "parameters the loss does not use (requires_grad=False); a DTensor the model computes with as it is "
-                "(distribute_tensor, not fully_shard) trains in perturbation='inplace' only"
+                f"exact perturbation: {len(sharded)} sharded (DTensor) parameter(s) reached no torch operation, "
+                "neither as their DTensors nor as the whole tensors FSDP2 gathers for their module's forward "
+                f"({', '.join(sharded[:5])}{', ...' if len(sharded) > 5 else ''}). Freeze parameters the loss does "
+                "not use (requires_grad=False). zokern finds the gathered tensors of FSDP2 modules whose forward "
+                "runs through module(...): one run only through a method given to register_fsdp_forward_method is "
+                "not seen (call the module itself once), or use perturbation='inplace'"
             )
         if missing:
             raise ValueError(
