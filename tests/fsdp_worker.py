@@ -46,6 +46,9 @@ CASES = (
     ("signsgd-momentum", ZOSignSGD, dict(lr=1e-3, momentum=0.5), torch.float32),
     ("adam", ZOAdam, dict(lr=1e-3), torch.float32),
     ("adam-bf16", ZOAdam, dict(lr=1e-3, perturbation="inplace"), torch.bfloat16),
+    # LDSD: each rank's part of mu's norm, summed over the ranks; mu shaped like each shard.
+    ("ldsd", LDSD, dict(k=3, mu_lr=0.5, mu_norm=1e-5), torch.float32),  # (a small ball: mu is projected)
+    ("ldsd-adam-bf16", LDSD, dict(k=2, update="adam", lr=1e-3, perturbation="inplace"), torch.bfloat16),
     # The exact mode (bfloat16's default): the forwards' ops receive copies of the tensors FSDP2 gathers, perturbed.
     ("bf16-exact", ZOSGD, {}, torch.bfloat16),
     ("adam-bf16-exact", ZOAdam, dict(lr=1e-3, n_probes=2), torch.bfloat16),
@@ -166,7 +169,8 @@ def full(model, reshard: bool = False) -> list[list[float]]:
     after a forward of one's own, FSDP2's root holds its gathered copies until ``reshard``."""
     if reshard:
         model.reshard()
-    return [p.full_tensor().float().flatten().tolist() for p in model.parameters()]
+    whole = [p.full_tensor() if isinstance(p, DTensor) else p for p in model.parameters()]
+    return [p.detach().float().flatten().tolist() for p in whole]
 
 
 def main() -> None:
@@ -324,9 +328,16 @@ def main() -> None:
         except RuntimeError as e:
             errors["exact write"] = f"{type(e).__name__}: {e}"
         errors["exact write unchanged"] = full(model) == before
+        model, x, y = model_and_batch(torch.bfloat16)
+        shard(model)
+        refused("ldsd exact", model, LDSD, k=2)
+        model, x, y = model_and_batch()
+        fully_shard(model[0])  # the other layers replicated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (DTensors and plain tensors together: warned of, tested below)
+            refused("ldsd mixed", model, LDSD, k=2)
         model, x, y = model_and_batch()
         shard(model)
-        refused("ldsd", model, LDSD, k=2)
         refused("merge_steps", model, merge_steps=True)
         # A state sharded otherwise than its parameter (by columns): refused by the load, which loads nothing.
         saved = train(model, ZOAdam, [(x[half], y[half])], steps=1, lr=1e-3).state_dict()

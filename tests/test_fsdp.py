@@ -180,7 +180,8 @@ def refusals(tmp_path_factory):
     "case, message",
     [
         ("exact write", "RuntimeError: exact perturbation: the closure writes a sharded (DTensor) parameter of shape"),
-        ("ldsd", "ValueError: LDSD does not support sharded (DTensor) parameters"),
+        ("ldsd exact", "TypeError: LDSD trains sharded (DTensor) parameters in the in-place mode only"),
+        ("ldsd mixed", "ValueError: LDSD trains sharded parameters when all of its trained parameters are shards"),
         ("merge_steps", "ValueError: merge_steps is not supported with sharded (DTensor) parameters"),
         ("columns", "TypeError: param group 0: params[0] is a DTensor placed (Shard(dim=1),)"),
         (

@@ -144,6 +144,18 @@ def check_optimizer_params(params: list[torch.Tensor]) -> None:
     )
 
 
+def sum_over_shards(values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks that hold the other shards of DTensor ``p`` (the mesh dimensions on which it
+    is sharded; replicas along the others hold the same rows): a reduction over a parameter's whole from each rank's
+    share of it. In place, and returned."""
+    from torch.distributed.tensor import Shard
+
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard):
+            torch.distributed.all_reduce(values, group=p.device_mesh.get_group(dim))
+    return values
+
+
 def placed_like(value: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """A DTensor placed as DTensor ``p`` whose local tensor is ``value`` (shaped like ``p``'s shard): a state as a
     checkpoint holds it (torch.distributed.checkpoint saves each rank's rows), or the exact mode's perturbed copy."""

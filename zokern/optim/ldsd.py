@@ -18,6 +18,7 @@ from zokern._ldsd_reference import STATES_PER_RULE
 from zokern._ldsd_reference import final_layout
 from zokern._transfer import to_device
 from zokern.optim import _ldsd_passes as passes
+from zokern.optim import _shards
 from zokern.optim import seeds as seeds_
 from zokern.optim._groups import _check_number
 from zokern.optim._groups import check_group_betas
@@ -210,7 +211,7 @@ class LDSD(ZOOptimizer):
         counts = None  # the run's Adam counts, computed once a parameter needs them (not every step)
         for _, params, _ in self._groups_layout():
             for p in params:
-                state = self.state[p]
+                state = self._state_of(p)
                 for key in self._state_keys():
                     if key not in state:
                         state[key] = new_state(p)
@@ -225,12 +226,12 @@ class LDSD(ZOOptimizer):
                         )
 
     def _mus(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.state[p]["mu"] for p in params]
+        return [self._state_of(p)["mu"] for p in params]
 
     def _rule_states(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
         keys = self._state_keys()[1:]
         assert len(keys) == STATES_PER_RULE[self._rule]
-        return [tuple(self.state[p][key] for key in keys) for p in params]
+        return [tuple(self._state_of(p)[key] for key in keys) for p in params]
 
     # ---------------------------------------------------------------------------------------------- displacement
 
@@ -294,6 +295,8 @@ class LDSD(ZOOptimizer):
         """``move(chunk, +1.0)`` for each entry of _device_chunks() whose final pass has not run (it is restored and
         updated already), all or none: theta stays where the position the step keeps says (the undo of a failed step
         starts from it)."""
+        if self._owners:
+            _shards.shards_written()
         chunks = []
         for n, (index, group, params, offsets) in enumerate(self._device_chunks()):
             left = [k for k, p in enumerate(params) if (n, p.dtype) not in self._finished]
@@ -339,12 +342,31 @@ class LDSD(ZOOptimizer):
     def _check_runnable(self, layout: list, exact: bool, stepping: bool = True) -> None:
         super()._check_runnable(layout, exact, stepping)
         if self._owners:
-            raise ValueError(
-                "LDSD does not support sharded (DTensor) parameters: its projection of mu takes mu's norm over each "
-                "param group, of which a rank holds only its shards"
-            )
+            self._check_shardable(exact)
         if stepping and not any(tensors for _, tensors, _ in layout):  # before the step draws its seed
             raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
+
+    def _check_shardable(self, exact: bool) -> None:
+        """Over shards, each rank reduces its shards' part of mu's norm and the ranks sum the parts: the trained
+        parameters must all be shards of one placement (a replicated one would be counted once per rank)."""
+        if exact:
+            raise TypeError(
+                "LDSD trains sharded (DTensor) parameters in the in-place mode only: its exact mode perturbs the "
+                "whole tensors FSDP2 gathers by theta + eps (mu + sigma xi), and each rank holds only its shard of "
+                "mu. Pass perturbation='inplace' (16-bit parameters default to the exact mode), or keep float32 "
+                "shards with a bfloat16 MixedPrecisionPolicy"
+            )
+        owners = list(self._owners.values())
+        first = owners[0]
+        trained = sum(len(params) for _, params, _ in self._groups_layout())
+        same = all(p.device_mesh == first.device_mesh and p.placements == first.placements for p in owners)
+        if len(owners) != trained or not same:
+            raise ValueError(
+                "LDSD trains sharded parameters when all of its trained parameters are shards placed alike (one "
+                "mesh, one placement): each rank's part of mu's norm is summed over the ranks holding the other "
+                "shards, and a replicated parameter, or one sharded otherwise, would be counted wrongly. Freeze "
+                "the others, or train them with another optimizer"
+            )
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         self._finished = set()
@@ -407,6 +429,10 @@ class LDSD(ZOOptimizer):
         k, sizes, rounding = self.k, self._group_sizes(), self._update_rounding()
         if norms is None and raw_mu_rows is not None:
             norms = self._mu_norms(raw_mu_rows, paired)
+        if norms and self._owners:  # each rank's shards' part of each group's norm: the sum over the shards
+            indices = sorted(norms)
+            parts = torch.stack([norms[index].to(torch.float64) for index in indices])
+            norms = dict(zip(indices, _shards.sum_over_shards(parts, next(iter(self._owners.values())))))
         for n, (index, group, chunk_params, chunk_offsets) in enumerate(self._device_chunks()):
             device = chunk_params[0].device
             sigma, g = group["sigma"], grads[index]
@@ -490,7 +516,8 @@ class LDSD(ZOOptimizer):
         return norms
 
     def _group_sizes(self) -> list[int]:
-        return [sum(p.numel() for p in params) for _, params, _ in self._groups_layout()]
+        """Each group's number of trained elements (of a sharded parameter, the whole's)."""
+        return [sum(self._owners.get(id(p), p).numel() for p in params) for _, params, _ in self._groups_layout()]
 
     def _adam_counts_after(self, ok: torch.Tensor) -> dict[torch.device, torch.Tensor]:
         """Adam's update count t of this step (skipped steps do not count), per device: one value, shared by all
@@ -503,7 +530,8 @@ class LDSD(ZOOptimizer):
     def _advance_adam_steps(self, ok: torch.Tensor) -> None:
         if self._rule == "adam":
             for _, _, params, _ in self._device_chunks():
-                torch._foreach_add_([self.state[p]["step"] for p in params], ok.to(params[0].device, torch.float32))
+                steps = [self._state_of(p)["step"] for p in params]
+                torch._foreach_add_(steps, ok.to(params[0].device, torch.float32))
 
     def _adam_counts(self) -> dict[torch.device, torch.Tensor]:
         """Per device, the largest update count of its trainable parameters (new 0-d tensors): the run's count,
@@ -511,8 +539,9 @@ class LDSD(ZOOptimizer):
         steps: dict[torch.device, list[torch.Tensor]] = {}
         for _, _, params, _ in self._device_chunks():
             for p in params:
-                if "step" in self.state[p]:
-                    steps.setdefault(p.device, []).append(self.state[p]["step"])
+                state = self._state_of(p)
+                if "step" in state:
+                    steps.setdefault(p.device, []).append(state["step"])
         return {device: torch.stack(counts).max() for device, counts in steps.items()}
 
 
