@@ -227,6 +227,16 @@ def main() -> None:
         raising_step(opt, model, [(x[half], y[half])])
         run(opt, model, [(x[half], y[half])], steps=2, peek=False)
         result["zosgd-raised"] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])
+        # LDSD resumed halfway from each rank's state dict (mu's shards saved as DTensors): as the run goes on.
+        model, x, y = model_and_batch()
+        shard(model)
+        options = next(kwargs for name, _, kwargs, _ in CASES if name == "ldsd")
+        saved = train(model, LDSD, [(x[half], y[half])], steps=STEPS // 2, **options).state_dict()
+        torch.save(saved, out / f"ldsd{rank}.pt")
+        resumed = optimizer(LDSD, model, **options)
+        resumed.load_state_dict(torch.load(out / f"ldsd{rank}.pt", weights_only=True))
+        run(resumed, model, [(x[half], y[half])], STEPS - STEPS // 2)
+        result["ldsd-resumed"] = full(model)
         # ZOAdam resumed halfway into a new optimizer: from each rank's state_dict (its states DTensors, through
         # torch.save), the same with the states gathered (replicated DTensors), and from the state dict of a run on
         # the whole model (plain tensors): each rank takes its shards' rows of a whole state.

@@ -55,6 +55,8 @@ def test_sharded_steps_equal_one_process_holding_the_whole_model(trained):
         assert _whole(model) != start, name
         if name == "zosgd":  # the trajectory replayed onto each rank's shards of the starting weights
             assert ranks[0]["zosgd-replayed"] == ranks[1]["zosgd-replayed"] == _whole(model)
+        if name == "ldsd":  # resumed halfway from each rank's state dict
+            assert ranks[0]["ldsd-resumed"] == ranks[1]["ldsd-resumed"] == _whole(model)
         if name == "adam":  # the same run resumed halfway from each rank's state dict (gathered or not), or a whole
             # model's
             for source in ("shards", "replicated", "whole"):
