@@ -34,17 +34,6 @@ def train(optimizer_cls, x, y, model, **kwargs):
     return opt
 
 
-def branch_loss(model, head, x, y, uses_head: bool) -> torch.Tensor:
-    """A bfloat16 model's loss whose second head only some micro-batches use (a branch, an expert no token reached)."""
-    loss = torch.nn.functional.mse_loss(model(x).float(), y)
-    return loss + head(x).float().pow(2).mean() if uses_head else loss
-
-
-def branch_model():
-    model, x, y = model_and_batch()
-    return model.bfloat16(), torch.nn.Linear(6, 1).bfloat16(), x.bfloat16(), y
-
-
 def main() -> None:
     scenario, out, rank, world = join_ranks()
     model, x, y = model_and_batch()
@@ -58,20 +47,6 @@ def main() -> None:
                 "params": [p.detach().flatten().tolist() for p in model.parameters()],
                 "losses": [r["losses"] for r in opt.trajectory],
             }
-        # The exact mode (bfloat16) with a parameter rank 1's batch does not use: both ranks go on.
-        model, head, xb, yb = branch_model()
-        opt = ZOSGD([*model.parameters(), *head.parameters()], lr=1e-2, eps=1e-3, seed=77)
-        for _ in range(STEPS):
-            opt.step(lambda: branch_loss(model, head, xb[shard], yb[shard], uses_head=rank == 0))
-        result["exact-branch"] = {
-            "params": [p.detach().float().flatten().tolist() for p in [*model.parameters(), *head.parameters()]],
-            "losses": [r["losses"] for r in opt.trajectory],
-        }
-        opt = ZOSGD(head.parameters(), lr=1e-2, eps=1e-3, seed=77)  # a head no rank uses: refused on both
-        try:
-            opt.step(lambda: branch_loss(model, head, xb[shard], yb[shard], uses_head=False))
-        except ValueError as e:
-            result["exact-unused"] = str(e)
     elif scenario == "replay_alone":
         start = [p.detach().clone() for p in model.parameters()]
         opt = train(ZOSGD, x[shard], y[shard], model)

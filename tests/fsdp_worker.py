@@ -96,6 +96,26 @@ def run(opt, model, batches, steps=STEPS, peek=True):
     return opt
 
 
+def ldsd_raising_at_f_minus(model, batches) -> list:
+    """LDSD (k=2) whose second step's third forward (f-, after its candidates' losses were reduced) raises, caught;
+    then two more steps. Returns the trajectory: the raised step's record holds the losses its passes used."""
+    opt = optimizer(LDSD, model, k=2, mu_lr=0.5, mu_norm=1e-5)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 6:
+            raise RuntimeError("raised at f-")
+        return sum(loss_of(model, x, y).double() for x, y in batches) / len(batches)
+
+    for _ in range(4):
+        try:
+            opt.step(closure)
+        except RuntimeError as e:
+            assert "raised at f-" in str(e)
+    return opt.trajectory
+
+
 def penalty(opt) -> torch.Tensor:
     """1e-3 times the trained weights' squared norm, in float64 (exact: a sum of few squares of bfloat16 values),
     computed on the parameters themselves (DTensors: each rank's part, then summed)."""
@@ -227,6 +247,10 @@ def main() -> None:
         raising_step(opt, model, [(x[half], y[half])])
         run(opt, model, [(x[half], y[half])], steps=2, peek=False)
         result["zosgd-raised"] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])
+        model, x, y = model_and_batch()
+        shard(model)
+        trajectory = ldsd_raising_at_f_minus(model, [(x[half], y[half])])
+        result["ldsd-raised"] = dict(params=full(model), losses=[r["losses"] for r in trajectory])
         # LDSD resumed halfway from each rank's state dict (mu's shards saved as DTensors): as the run goes on.
         model, x, y = model_and_batch()
         shard(model)
@@ -346,6 +370,16 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (DTensors and plain tensors together: warned of, tested below)
             refused("ldsd mixed", model, LDSD, k=2)
+            # Replay, which runs no other check, refuses it too (the replicated layers' share of mu's norm would be
+            # counted once per rank).
+            whole, _, _ = model_and_batch()
+            trajectory = train(whole, LDSD, [(x[half], y[half])], steps=1, k=2).trajectory
+            before = full(model)
+            try:
+                replay(list(model.parameters()), trajectory)
+            except ValueError as e:
+                errors["ldsd replay mixed"] = f"{type(e).__name__}: {e}"
+            errors["ldsd replay mixed unchanged"] = full(model) == before
         model, x, y = model_and_batch()
         shard(model)
         refused("merge_steps", model, merge_steps=True)

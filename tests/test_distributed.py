@@ -41,36 +41,6 @@ def test_two_ranks_on_half_batches_equal_one_process_on_the_whole_batch(tmp_path
         assert ranks[0][name]["params"] == [p.detach().flatten().tolist() for p in model.parameters()]
 
 
-def test_in_the_exact_mode_a_parameter_one_ranks_batch_skips_is_used_by_the_others(tmp_path):
-    # Each rank's evaluation sees which parameters its ops received; one whose batch skips a parameter (a branch, an
-    # expert no token reached) raised alone, and the other rank waited in the next collective. The ranks now decide
-    # together: the run equals one process on both halves, and a parameter no rank uses is refused on both.
-    from dp_worker import branch_loss
-    from dp_worker import branch_model
-
-    ranks = _launch("train", tmp_path)
-    model, head, x, y = branch_model()
-    opt = ZOSGD([*model.parameters(), *head.parameters()], lr=1e-2, eps=1e-3, seed=77)
-    assert opt.exact()
-    for _ in range(STEPS):
-        opt.step(
-            lambda: (
-                sum(
-                    branch_loss(model, head, x[k * 8 : k * 8 + 8], y[k * 8 : k * 8 + 8], k == 0).double()
-                    for k in (0, 1)
-                )
-                / 2
-            )
-        )
-    expected = {
-        "params": [p.detach().float().flatten().tolist() for p in [*model.parameters(), *head.parameters()]],
-        "losses": [r["losses"] for r in opt.trajectory],
-    }
-    assert ranks[0]["exact-branch"] == ranks[1]["exact-branch"] == expected
-    for rank in ranks:
-        assert "the closure never passed 2 trainable parameter(s) to a torch operation" in rank["exact-unused"]
-
-
 def test_two_ranks_match_the_whole_batch_loss_within_float32_summation_order(tmp_path):
     # The whole batch in one forward sums the 16 squared errors in another order than two forwards of 8: each loss
     # may differ by a few float32 ulps, delta <= 4 ulp(L). g = (L+ - L-) / (2 eps) then differs by at most

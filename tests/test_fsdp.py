@@ -10,6 +10,7 @@ import torch
 from fsdp_worker import CASES
 from fsdp_worker import HSDP_STEPS
 from fsdp_worker import STEPS
+from fsdp_worker import ldsd_raising_at_f_minus
 from fsdp_worker import loop
 from fsdp_worker import loss_of
 from fsdp_worker import model_and_batch
@@ -89,6 +90,16 @@ def test_ops_given_the_dtensors_themselves_receive_them_perturbed_in_the_exact_m
         opt.step(lambda: sum(loss_of(model, a, b).double() for a, b in _halves(x, y)) / 2 + penalty(opt))
     expected = dict(params=_whole(model), losses=[r["losses"] for r in opt.trajectory])
     assert trained[0]["exact-penalty"] == trained[1]["exact-penalty"] == expected
+
+
+def test_a_sharded_ldsd_step_that_raised_records_the_losses_its_passes_used(trained):
+    # Its f- forward raised (on every rank) after the candidates' losses were averaged on the device; the record held
+    # each rank's own losses, so the ranks' trajectories differed and replay took another candidate than the run.
+    model, x, y = model_and_batch()
+    trajectory = ldsd_raising_at_f_minus(model, _halves(x, y))
+    assert trajectory[1]["raised"] and len(trajectory[1]["losses"]) == 2
+    expected = dict(params=_whole(model), losses=[r["losses"] for r in trajectory])
+    assert trained[0]["ldsd-raised"] == trained[1]["ldsd-raised"] == expected
 
 
 def test_modules_gathered_by_hand_between_steps_are_resharded_before_the_next_steps_passes(trained):
@@ -184,6 +195,7 @@ def refusals(tmp_path_factory):
         ("exact write", "RuntimeError: exact perturbation: the closure writes a sharded (DTensor) parameter of shape"),
         ("ldsd exact", "TypeError: LDSD trains sharded (DTensor) parameters in the in-place mode only"),
         ("ldsd mixed", "ValueError: LDSD trains sharded parameters when all of its trained parameters are shards"),
+        ("ldsd replay mixed", "ValueError: LDSD trains sharded parameters when all of its trained parameters are"),
         ("merge_steps", "ValueError: merge_steps is not supported with sharded (DTensor) parameters"),
         ("columns", "TypeError: param group 0: params[0] is a DTensor placed (Shard(dim=1),)"),
         (

@@ -133,17 +133,6 @@ def max_across_ranks(value: int) -> int:
     return int(t.item())
 
 
-def unused_on_every_rank(keys: list[int], unused: set[int]) -> set[int]:
-    """Those of ``keys`` (the same parameters, in the same order, on every rank) that are in ``unused`` on every
-    rank: one rank's micro-batch may skip a parameter (a branch, an expert no token reached) that another's uses.
-    One small all_reduce, read on the host."""
-    if not active() or not keys:
-        return unused
-    flags = torch.tensor([key in unused for key in keys], dtype=torch.int32).to(_comm_device())
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    return {key for key, flag in zip(keys, flags.tolist()) if flag}
-
-
 class RanksDisagree(RuntimeError):
     """The ranks are not taking the same step: their parameters would silently diverge."""
 

@@ -125,6 +125,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._step_chunks: list | None = None
         self._step_prepared: dict[tuple[int, ...], ops.PreparedTensors] = {}
         self._losses: list[float] = []  # the current step's gathered losses, in evaluation order
+        self._reduced: list[torch.Tensor] = []  # and its rounds' losses as reduced, gathered or kept on the device
         self._loss_device = torch.device("cpu")  # where step() returns the loss: the closure's device
         # Perturbations applied and not yet undone (exact mode: the perturbation the closure sees): seed -> the
         # total coefficient of z(seed) in each group.
@@ -509,7 +510,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                             if refusal is None:
                                 raise
                             raise refusal from e
-                        self._check_all_used(view)  # as step() does: L(theta) taken for L+
+                        view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
                     elif self._sharded:
                         try:
                             with _shards.resharded_after():
@@ -534,16 +535,6 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                     start = _shards.local_slice(owner, "a sharded parameter")[1]
                     sharded[id(owner)] = ParameterUse(owner, offset - start, index)
         return PerturbedView(uses, self._displacement, self._pass_kwargs(), sharded)
-
-    def _check_all_used(self, view: PerturbedView) -> None:
-        """After an exact-mode evaluation: refuse trainable parameters that no op received, on this rank or, under
-        torch.distributed, on any (so that every rank decides alike: one raising alone would leave the others
-        waiting in the next collective)."""
-        unused = view.unused()
-        if _distributed.active():
-            order = [id(p) for group in self.param_groups for p in group["params"] if id(p) in view.expected]
-            unused = _distributed.unused_on_every_rank(order, unused)
-        view.check_all_used(self._parameter_names(), unused)
 
     @contextlib.contextmanager
     def _exact_evaluation(self, view: PerturbedView) -> Iterator[None]:
@@ -681,9 +672,17 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
     def _record_raised(self, seed: int, evaluated: list[torch.Tensor]) -> None:
         """The record of a step whose closure raised: no update, but its passes ran (perturbations and their undo,
         which rounds in place), and replay redoes them to stay bit-identical. Its losses are the values those passes
-        depended on (LDSD moves to its best candidate): the gathered ones (averaged across ranks), then this rank's
-        of evaluations not gathered yet (a device step's)."""
+        depended on (LDSD moves to its best candidate): those of the rounds reduced (averaged across ranks, gathered
+        or kept on the device), then this rank's of evaluations not reduced yet."""
         losses = list(self._losses)
+        reduced: list[float] = []
+        for values in self._reduced:
+            try:
+                reduced.extend(values.tolist())
+            except Exception:  # the device failed with the closure: nothing more to read
+                break
+        if len(reduced) > len(losses):
+            losses = reduced
         for value in evaluated[len(losses) :]:
             try:
                 losses.append(float(value))
@@ -733,7 +732,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         ``layout``: the step's ``_groups_layout()``, and ``exact`` whether it runs in the exact mode, when the
         caller has them already."""
         self._displacement.clear()
-        self._losses = []
+        self._losses, self._reduced = [], []
         self._step_layout = self._groups_layout() if layout is None else layout
         self._exact_now = self.exact() if exact is None else exact
         self._step_seed, self._update_passes = seed, 0
@@ -812,7 +811,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 "on perturbed copies): return the loss without calling backward(), which a ZO step does not use"
             ) from e
         if view is not None:
-            self._check_all_used(view)
+            view.check_all_used(self._parameter_names())
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
@@ -874,6 +873,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 self._step_digest = self._digest()
             identity += (self._step_digest,)
         losses, agree = _distributed.mean_across_ranks_on_device(values, device, identity)
+        self._reduced.append(losses)
         self._round += 1
         if agree is not None:
             self._agreement.append(agree)

@@ -396,14 +396,9 @@ class PerturbedView(TorchFunctionMode):
                 ready[id(use.param)] = out
         return ready
 
-    def unused(self) -> set[int]:
-        """The keys of the trainable parameters no op received."""
-        return self.expected - self.used
-
-    def check_all_used(self, names: dict[int, str], unused: set[int] | None = None) -> None:
-        """Raise, naming them, if some trainable parameters were never perturbed: ``unused`` (by default this
-        evaluation's; under torch.distributed, those no rank's evaluation used)."""
-        unused = self.unused() if unused is None else unused
+    def check_all_used(self, names: dict[int, str]) -> None:
+        """Raise, naming them, if some trainable parameters reached no op in this evaluation (never perturbed)."""
+        unused = self.expected - self.used
         missing = [names.get(k, "?") for k in self.expected if k in unused]
         sharded = [names.get(k, "?") for k in self.sharded if k in unused]
         if sharded:

@@ -347,15 +347,19 @@ class LDSD(ZOOptimizer):
             raise ValueError("LDSD has no trainable parameters (all have requires_grad=False)")
 
     def _check_shardable(self, exact: bool) -> None:
-        """Over shards, each rank reduces its shards' part of mu's norm and the ranks sum the parts: the trained
-        parameters must all be shards of one placement (a replicated one would be counted once per rank)."""
+        """Over shards: the in-place mode only, and the shards as _check_shard_placements wants them."""
         if exact:
             raise TypeError(
                 "LDSD trains sharded (DTensor) parameters in the in-place mode only: its exact mode perturbs the "
                 "whole tensors FSDP2 gathers by theta + eps (mu + sigma xi), and each rank holds only its shard of "
-                "mu. Pass perturbation='inplace' (16-bit parameters default to the exact mode), or keep float32 "
-                "shards with a bfloat16 MixedPrecisionPolicy"
+                "mu. Pass perturbation='inplace' (for 16-bit parameters the default is the exact mode)"
             )
+        self._check_shard_placements()
+
+    def _check_shard_placements(self) -> None:
+        """Over shards, each rank reduces its shards' part of mu's norm and the ranks sum the parts: the trained
+        parameters must all be shards of one placement (a replicated one would be counted once per rank). Checked
+        by every step, replay's too (which runs no other check)."""
         owners = list(self._owners.values())
         first = owners[0]
         trained = sum(len(params) for _, params, _ in self._groups_layout())
@@ -369,6 +373,8 @@ class LDSD(ZOOptimizer):
             )
 
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        if self._owners:
+            self._check_shard_placements()
         self._finished = set()
         k = self.k
         self._init_state()
