@@ -24,7 +24,8 @@ but not compiled; ``fullgraph=True`` cannot compile it at all. Use perturbation=
 
 Sharded parameters (FSDP2's DTensors): a module's forward computes with the whole tensors FSDP2 gathers from the
 shards, so those gathered tensors stand for the parameters here, perturbed at their parameter's stream offset (found
-as FSDP2 makes them: _shards.GatheredTensors); neither the shards nor the gathered tensors are written.
+as FSDP2 makes them: _shards.GatheredTensors); an op given the DTensor itself receives a DTensor over a perturbed copy
+of the rank's shard. Neither the shards nor the gathered tensors are written (a write through the DTensor is refused).
 """
 
 from __future__ import annotations
