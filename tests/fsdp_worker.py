@@ -15,6 +15,7 @@ from helpers import leave_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor import Shard
@@ -114,6 +115,26 @@ def ldsd_raising_at_f_minus(model, batches) -> list:
         except RuntimeError as e:
             assert "raised at f-" in str(e)
     return opt.trajectory
+
+
+class Scored(torch.nn.Sequential):
+    """A model whose loss comes through a method of its own (generate(), say), not through forward."""
+
+    def score(self, x):
+        return super().forward(x)
+
+
+def train_scored(model, batches, **kwargs):
+    """STEPS ZO-SGD steps on the loss of ``model.score``: under FSDP2, registered with register_fsdp_forward_method,
+    which gathers and reshards as a forward does but passes no forward pre-hook (zokern's learning of modules)."""
+    opt = optimizer(ZOSGD, model, **kwargs)
+    for _ in range(STEPS):
+        opt.step(
+            lambda: (
+                sum(torch.nn.functional.mse_loss(model.score(x).float(), y).double() for x, y in batches) / len(batches)
+            )
+        )
+    return opt
 
 
 def penalty(opt) -> torch.Tensor:
@@ -251,6 +272,14 @@ def main() -> None:
         shard(model)
         trajectory = ldsd_raising_at_f_minus(model, [(x[half], y[half])])
         result["ldsd-raised"] = dict(params=full(model), losses=[r["losses"] for r in trajectory])
+        # A loss computed through a method given to register_fsdp_forward_method, in both modes.
+        for dtype in (torch.float32, torch.bfloat16):
+            model, x, y = model_and_batch(dtype)
+            model.__class__ = Scored
+            shard(model)
+            register_fsdp_forward_method(model, "score")
+            opt = train_scored(model, [(x[half], y[half])])
+            result[f"scored {dtype}"] = dict(params=full(model), losses=[r["losses"] for r in opt.trajectory])
         # LDSD resumed halfway from each rank's state dict (mu's shards saved as DTensors): as the run goes on.
         model, x, y = model_and_batch()
         shard(model)

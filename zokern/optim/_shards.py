@@ -249,8 +249,21 @@ def shards_written() -> None:
 
 
 def _reshard_known() -> None:
-    for module in list(_known):
+    for module in fsdp_modules():
         _reshard(module)
+
+
+def fsdp_modules() -> list[torch.nn.Module]:
+    """The FSDP2 modules learned, and every other that fully_shard registered (torch's registry of composable
+    states): a module whose forward runs only through a method given to register_fsdp_forward_method never passes
+    the forward pre-hook that learns modules, but keeps its gathered parameters as the others do."""
+    modules = list(_known)
+    registry = getattr(sys.modules.get("torch.distributed._composable_state"), "_module_state_mapping", None)
+    module_class = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if registry is not None and module_class is not None:
+        known = set(modules)
+        modules += [m for m in list(registry) if isinstance(m, module_class) and m not in known]
+    return modules
 
 
 def _reshard(module: torch.nn.Module) -> None:
@@ -287,7 +300,7 @@ def _param_groups(state) -> list:
 
 class GatheredTensors:
     """The whole tensors FSDP2 gathers from the shards of the DTensors ``wanted`` (by id) for its modules' forwards,
-    the tensors those forwards' ops receive, found among the parameters of the FSDP2 modules learned so far. FSDP2
+    the tensors those forwards' ops receive, found among the parameters of the FSDP2 modules (fsdp_modules()). FSDP2
     makes a parameter's gathered tensor at its module's first gather and keeps that object, refilling its memory at
     each gather and freeing it after: found once, it stands for the parameter in every later forward."""
 
@@ -308,7 +321,7 @@ class GatheredTensors:
         if self._walked != _learned_count:
             self._walked = _learned_count
             seen = {id(record) for record in self._candidates}
-            for module in list(_known):
+            for module in fsdp_modules():
                 for group in _param_groups(module._get_fsdp_state()):
                     self._candidates.extend(
                         record

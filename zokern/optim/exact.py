@@ -406,10 +406,9 @@ class PerturbedView(TorchFunctionMode):
             raise ValueError(
                 f"exact perturbation: {len(sharded)} sharded (DTensor) parameter(s) reached no torch operation, "
                 "neither as their DTensors nor as the whole tensors FSDP2 gathers for their module's forward "
-                f"({', '.join(sharded[:5])}{', ...' if len(sharded) > 5 else ''}). Freeze parameters the loss does "
-                "not use (requires_grad=False). zokern finds the gathered tensors of FSDP2 modules whose forward "
-                "runs through module(...): one run only through a method given to register_fsdp_forward_method is "
-                "not seen (call the module itself once), or use perturbation='inplace'"
+                f"({', '.join(sharded[:5])}{', ...' if len(sharded) > 5 else ''}), so they could not be perturbed. "
+                "Freeze parameters the loss does not use (requires_grad=False); for code that reads them outside "
+                "torch (DTensor.full_tensor() or to_local() on the parameter itself), use perturbation='inplace'"
             )
         if missing:
             raise ValueError(
