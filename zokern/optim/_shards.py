@@ -254,16 +254,15 @@ def _reshard_known() -> None:
 
 
 def fsdp_modules() -> list[torch.nn.Module]:
-    """The FSDP2 modules learned, and every other that fully_shard registered (torch's registry of composable
-    states): a module whose forward runs only through a method given to register_fsdp_forward_method never passes
-    the forward pre-hook that learns modules, but keeps its gathered parameters as the others do."""
-    modules = list(_known)
+    """Every module fully_shard registered (torch's registry of composable states, which holds the modules learned
+    too): a module whose forward runs only through a method given to register_fsdp_forward_method never passes the
+    forward pre-hook that learns modules, but keeps its gathered parameters as the others do. The modules learned
+    where a torch release has no such registry."""
     registry = getattr(sys.modules.get("torch.distributed._composable_state"), "_module_state_mapping", None)
     module_class = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
-    if registry is not None and module_class is not None:
-        known = set(modules)
-        modules += [m for m in list(registry) if isinstance(m, module_class) and m not in known]
-    return modules
+    if registry is None or module_class is None:
+        return list(_known)
+    return [m for m in list(registry) if isinstance(m, module_class)]
 
 
 def _reshard(module: torch.nn.Module) -> None:

@@ -503,7 +503,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                     if self._exact_now:
                         view = self._perturbed_view()
                         try:
-                            with self._exact_evaluation(view):
+                            with self._evaluation(view):
                                 yield
                         except RuntimeError as e:
                             refusal = _fullgraph_refusal(e, exact=True)
@@ -511,14 +511,9 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                                 raise
                             raise refusal from e
                         view.check_all_used(self._parameter_names())  # as step() does: L(theta) taken for L+
-                    elif self._sharded:
-                        try:
-                            with _shards.resharded_after():
-                                yield
-                        finally:
-                            self._follow_new_shards()  # (before the pass that takes the perturbation back)
                     else:
-                        yield
+                        with self._evaluation(None):
+                            yield
             finally:
                 self._busy = False
                 self._undo_displacement()
@@ -537,15 +532,17 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         return PerturbedView(uses, self._displacement, self._pass_kwargs(), sharded)
 
     @contextlib.contextmanager
-    def _exact_evaluation(self, view: PerturbedView) -> Iterator[None]:
-        """An evaluation that sees the perturbation through ``view``; over shards, the FSDP2 modules let their
-        gathered tensors go when it ends (as after an in-place evaluation), outside the view."""
+    def _evaluation(self, view: PerturbedView | None) -> Iterator[None]:
+        """An evaluation of the closure, seeing the perturbation through ``view`` in the exact mode. Over shards, the
+        FSDP2 modules let their gathered parameters go when it ends (outside the view), and the step follows new
+        local tensors of the shards (before the passes after it, the restoring one if it raised)."""
+        seen = contextlib.nullcontext() if view is None else view
         if not self._sharded:
-            with view:
+            with seen:
                 yield
             return
         try:
-            with _shards.resharded_after(), view:
+            with _shards.resharded_after(), seen:
                 yield
         finally:
             self._follow_new_shards()
@@ -786,20 +783,12 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         if view is None:  # (the exact mode's evaluations run eagerly: nothing compiled to freeze)
             warn_if_compiled_weights_are_frozen()
         try:
-            if view is not None:
-                with self._exact_evaluation(view):
-                    loss = closure()
-            elif self.merge_steps:
+            if view is None and self.merge_steps:  # (refused over shards)
                 with self._lookahead.finding_owners(self._trainable()):
                     loss = closure()
-            elif self._sharded:
-                try:
-                    with _shards.resharded_after():
-                        loss = closure()
-                finally:
-                    self._follow_new_shards()  # (before the passes after it, the restoring one if it raised)
             else:
-                loss = closure()
+                with self._evaluation(view):
+                    loss = closure()
         except RuntimeError as e:  # torch.optim's habit of a closure that calls backward()
             refusal = _fullgraph_refusal(e, exact=view is not None)
             if refusal is not None:
