@@ -19,6 +19,7 @@ from fsdp_worker import optimizer
 from fsdp_worker import penalty
 from fsdp_worker import raising_step
 from fsdp_worker import run
+from fsdp_worker import skipping_the_head
 from fsdp_worker import train
 from fsdp_worker import train_scored
 from helpers import launch_ranks
@@ -140,6 +141,19 @@ def test_after_a_step_that_raised_inside_a_forward_the_steps_go_on_as_one_proces
     run(opt, model, _halves(x, y), steps=2, peek=False)
     expected = dict(params=_whole(model), losses=[r["losses"] for r in opt.trajectory])
     assert ranks[0]["zosgd-raised"] == ranks[1]["zosgd-raised"] == expected
+
+
+def test_a_rank_whose_forward_skipped_a_parameter_in_the_exact_mode_raises_after_the_step_every_rank_skipped(trained):
+    # Raising at once, that rank would leave the other waiting in the next forward's all-gather. One process raises
+    # at once and updates nothing either: the same weights after the steps that follow.
+    ranks = trained
+    model, x, y = model_and_batch(torch.bfloat16)
+    raised, skipped = skipping_the_head(model, _halves(x, y), skips=True)
+    assert "never passed 2 trainable parameter(s)" in raised and skipped == 0
+    assert ranks[0]["exact-skipped"]["params"] == ranks[1]["exact-skipped"]["params"] == _whole(model)
+    assert "2 sharded (DTensor) parameter(s) reached no torch operation" in ranks[1]["exact-skipped"]["raised"]
+    assert ranks[0]["exact-skipped"]["raised"] == ""
+    assert ranks[0]["exact-skipped"]["skipped"] == ranks[1]["exact-skipped"]["skipped"] == 1
 
 
 def test_a_loop_of_perturbed_blocks_over_shards_equals_one_process(tmp_path):

@@ -618,26 +618,38 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         randomness: list[SharedRandomness] = []
 
         def evaluate() -> torch.Tensor:
-            if not failed:
-                try:
-                    if randomness:  # the same dropout masks (and any draws of the closure) as the step's first
-                        randomness[0].rewind()
-                    else:
-                        randomness.append(SharedRandomness(params[0].device for *_, params, _ in self._device_chunks()))
-                    evaluated.append(self._evaluate(closure))
-                    return evaluated[-1]
-                except Exception as e:
-                    # Alone, the step undoes its perturbation and re-raises. Under torch.distributed the other
-                    # ranks would wait in this step's loss reduction, and pair it with this rank's next one: this
-                    # rank goes on with NaN losses instead (for the rest of the step), so that every rank runs the
-                    # same passes, skips the same update and keeps the same parameters; it raises once the step is
-                    # done. Not over sharded parameters: there the forwards are collectives too, which a rank going
-                    # on without its forwards would pair with the others' loss reductions.
-                    if not _distributed.active() or self._sharded:
-                        raise
-                    failed.append(e)
-            evaluated.append(torch.tensor(math.nan, dtype=torch.float64))
-            return evaluated[-1]
+            # Alone, a step whose evaluation fails undoes its perturbation and re-raises. Under torch.distributed
+            # the other ranks would wait in this step's loss reduction, and pair it with this rank's next one: this
+            # rank goes on with NaN losses instead (for the rest of the step), so that every rank runs the same
+            # passes, skips the same update and keeps the same parameters; it raises once the step is done. Over
+            # sharded parameters the forwards are collectives too: a closure that raised may have left one
+            # unpaired, and the step raises at once; a failure found after the closure returned (a parameter the
+            # exact mode saw no op receive, a loss not a scalar) leaves the forwards paired, and this rank goes on
+            # running them, its losses NaN.
+            if failed and not self._sharded:
+                return self._failed_evaluation(evaluated)
+            if randomness:  # the same dropout masks (and any draws of the closure) as the step's first
+                randomness[0].rewind()
+            else:
+                randomness.append(SharedRandomness(params[0].device for *_, params, _ in self._device_chunks()))
+            try:
+                view = self._perturbed_view() if self._exact_now else None
+                loss = self._call_closure(closure, view)
+            except Exception as e:
+                if not _distributed.active() or self._sharded:
+                    raise
+                failed.append(e)
+                return self._failed_evaluation(evaluated)
+            try:
+                loss = self._checked_loss(loss, view)
+            except Exception as e:
+                if not _distributed.active():
+                    raise
+                failed.append(e)
+            if failed:
+                return self._failed_evaluation(evaluated)
+            evaluated.append(loss)
+            return loss
 
         self._update_hold = held_interrupts()  # entered by the step's first update pass (_begin_update)
         try:
@@ -776,9 +788,15 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._track(seed, lambda group: group["eps"])
         return True
 
-    def _evaluate(self, closure: Closure) -> torch.Tensor:
-        """The closure's loss on this rank, validated, as a 0-d tensor (not synchronised to the host)."""
-        view = self._perturbed_view() if self._exact_now else None
+    @staticmethod
+    def _failed_evaluation(evaluated: list[torch.Tensor]) -> torch.Tensor:
+        """The loss a rank whose step failed reports for an evaluation: NaN, so that every rank skips the update."""
+        evaluated.append(torch.tensor(math.nan, dtype=torch.float64))
+        return evaluated[-1]
+
+    def _call_closure(self, closure: Closure, view: PerturbedView | None) -> Any:
+        """What the closure returns on this rank, evaluated as a ZO step does: without autograd, through the exact
+        mode's ``view`` (or, with merge_steps, finding who reads the parameters)."""
         clear_weight_caches()  # each evaluation reads other weights than the last (see _caches)
         if view is None:  # (the exact mode's evaluations run eagerly: nothing compiled to freeze)
             warn_if_compiled_weights_are_frozen()
@@ -799,6 +817,11 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 f"{e}. zokern: a ZO step evaluates the closure without autograd (under torch.no_grad; in exact mode "
                 "on perturbed copies): return the loss without calling backward(), which a ZO step does not use"
             ) from e
+        return loss
+
+    def _checked_loss(self, loss: Any, view: PerturbedView | None) -> torch.Tensor:
+        """The closure's value ``loss`` as a 0-d tensor (not synchronised to the host), once checked: a real scalar,
+        and with the exact mode's ``view`` every trainable parameter perturbed in the evaluation."""
         if view is not None:
             view.check_all_used(self._parameter_names())
         if isinstance(loss, torch.Tensor):
