@@ -191,7 +191,7 @@ def no_work(monkeypatch):
         (["quickstart", "--lr", "1e39"], "argument --lr: expected a finite number >= 0 (below 3.4e38"),
         (
             ["quickstart", "--eps", "1e38"],
-            "argument --eps: expected eps below 3.5e+37 (a step moves by up to 2 x 4.855",
+            "argument --eps: expected eps below 3.504e+37 (a step moves by up to 2 x 4.855",
         ),
         (["demo", "--out", ""], "argument --out: an empty path (an unset variable?)"),
         (["viz", ""], "argument run_dir: an empty path"),

@@ -205,6 +205,17 @@ def test_a_perturbed_block_that_never_uses_a_parameter_is_an_error():
     assert torch.equal(used, torch.ones(4, dtype=torch.bfloat16))
 
 
+def test_a_parameter_without_elements_need_not_reach_an_op():
+    # It has nothing to perturb: the exact mode refused it as unused (bfloat16), where float32 trained.
+    used = torch.nn.Parameter(torch.linspace(-1, 1, 6).bfloat16())
+    empty = torch.nn.Parameter(torch.ones(0, dtype=torch.bfloat16))
+    opt = ZOSGD([used, empty], lr=1e-2, seed=0)
+    assert opt.exact()
+    opt.step(lambda: (used.float() - 0.3).pow(2).sum())
+    assert opt.steps_taken == 1 and not opt.trajectory[-1].get("raised")
+    assert not torch.equal(used, torch.linspace(-1, 1, 6).bfloat16())
+
+
 def test_two_parameters_over_one_storage_are_refused_before_any_forward():
     # The exact mode's first pass is the update: its overlap check came after both evaluations, which had seen the
     # two "tied" parameters perturbed by different parts of the stream. Tied before the optimizer is built: refused

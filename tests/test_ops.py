@@ -307,6 +307,15 @@ BAD_CALLS = [
         r"tensors\[2\].*float64",
     ),
     ("not a tensor", lambda ts: zokern.perturb_(ts + [[1.0]], 1, EPS), TypeError, r"tensors\[2\] is a list"),
+    # A set's order (by id) changes between runs, and with it each tensor's slice of the stream.
+    ("a set", lambda ts: zokern.perturb_(set(ts), 1, EPS), TypeError, r"tensors must be an ordered .* got a set"),
+    ("a set of offsets", lambda ts: zokern.perturb_(ts, 1, EPS, offsets={0, 9}), TypeError, r"offsets must be a list"),
+    (
+        "sets into",
+        lambda ts: zokern.perturb_into_([t.clone() for t in ts], frozenset(ts), 1, EPS),
+        TypeError,
+        r"must be an ordered collection of tensors .* got a frozenset",
+    ),
     (
         "two devices",
         lambda ts: zokern.perturb_(ts + [torch.empty(2, device="meta")], 1, EPS),

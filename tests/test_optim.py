@@ -834,6 +834,7 @@ def _trained_trajectory():
     [
         (lambda t: t[2].update(stream_version=99), None, r"record 2 was written with stream version 99"),
         (lambda t: t[3].pop("losses"), None, r"record 3 lacks losses"),
+        (lambda t: t.append(5), None, r"record 4 is of type int, not a dict"),
         (lambda t: t.pop(0), None, r"must start at a record with a 'setup'"),
         (lambda t: t.__setitem__(slice(0, 2), [dict(t[0], step=2), t[3]]), None, r"record 0 is step 2"),
         (lambda t: None, lambda ps: [ps[2], ps[1], ps[0]], r"params\[0\] has numel 13.*parameter 0 had 35"),
@@ -862,7 +863,8 @@ def _trained_trajectory():
         ),
     ],
     ids=[
-        *("stream version", "missing losses", "no setup", "resumed part alone", "order", "dtype", "shape", "count"),
+        *("stream version", "missing losses", "not a record", "no setup", "resumed part alone", "order", "dtype"),
+        *("shape", "count"),
         *("a loss too few", "a loss not a number", "non-finite loss of a completed step", "negative lr", "zero eps"),
         *("other optimizer", "other n_probes", "unknown rounding"),
     ],
@@ -1049,16 +1051,33 @@ def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losse
     # and NaN into the parameters, FZOO raised mid-step, and the device step dropped the update as if it were taken.
     (a, frozen, b), groups, _, _ = _problem()
     initial = [p.detach().clone() for p in (a, frozen, b)]
-    opt = cls(groups, seed=1, **kwargs)
+    _assert_the_step_is_skipped(cls(groups, seed=1, **kwargs), losses, (a, frozen, b), initial)
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs", [(ZOSGD, {}), (ZOSGD, dict(n_probes=2)), (ZOSGD, dict(momentum=0.9)), (LDSD, dict(k=2))]
+)
+def test_a_projected_gradient_whose_step_at_a_large_lr_is_beyond_float32_skips_the_update(cls, kwargs):
+    # g = 1e35 is within the limit, but not lr g z at lr = 1e4: the step wrote inf (with two probes, it raised
+    # mid-step after the first probe's update).
+    (a, frozen, b), groups, _, _ = _problem()
+    initial = [p.detach().clone() for p in (a, frozen, b)]
+    for group in groups:
+        group["lr"] = 1e4
+    _assert_the_step_is_skipped(cls(groups, seed=1, **kwargs), [1e32, -1e32], (a, frozen, b), initial)
+
+
+def _assert_the_step_is_skipped(opt, losses, params, initial):
+    """One step of ``opt`` on ``losses`` (cycled): skipped as non-finite, the parameters restored, replay alike."""
     values = itertools.cycle(losses)
     with pytest.warns(RuntimeWarning, match=r"non-finite loss at .*projected gradient beyond float32 counts"):
         loss = opt.step(lambda: torch.tensor(next(values), dtype=torch.float64))
     assert math.isnan(loss.item()) and opt.nonfinite_steps == 1 and opt.trajectory[-1]["skipped"]
-    for p, start in zip((a, frozen, b), initial):
+    for p, start in zip(params, initial):
         torch.testing.assert_close(p.detach(), start, atol=1e-6, rtol=0)
     replayed = [t.clone() for t in initial]
     zokern.replay(replayed, opt.trajectory)
-    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, (a, frozen, b)))
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))
 
 
 @pytest.mark.parametrize(
@@ -1072,6 +1091,10 @@ def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losse
         (lambda ps: ZOSGD(ps, distribution="uniform"), ValueError, "distribution"),
         (lambda ps: ZOSGD(ps, nesterov=True), TypeError, "nesterov"),
         (lambda ps: ZOAdam(ps, betas=(0.9, 1.0)), ValueError, "betas"),
+        # float32 holds it as zero: the update's sqrt(v) + adam_eps would divide 0 by 0 where g z is 0 (NaN).
+        (lambda ps: ZOAdam(ps, adam_eps=1e-46), ValueError, r"invalid adam_eps: 1e-46 \(outside float32's normal"),
+        (lambda ps: ZOAdam([{"params": ps, "adam_eps": 1e-40}]), ValueError, r"param group 0: invalid adam_eps"),
+        (lambda ps: LDSD(ps, update="adam", adam_eps=1e-46), ValueError, r"invalid adam_eps: 1e-46"),
         (lambda ps: FZOO(ps, n_probes=1), ValueError, "n_probes"),
         (lambda ps: ZOConservative(ps, n_probes=2), ValueError, "n_probes"),
         (lambda ps: ZOSGD(ps, seed=-3), ValueError, "seed"),
@@ -1080,7 +1103,7 @@ def test_a_projected_gradient_beyond_float32_skips_the_update(cls, kwargs, losse
         (lambda ps: ZOSGD(ps, lr=1e39), ValueError, r"invalid lr: 1e\+39 \(beyond float32's range"),
         # theta + eps z would overflow float32 (|z| up to 4.855), or the flip's -2 eps would be refused mid-step.
         (lambda ps: ZOSGD(ps, eps=1e38), ValueError, r"invalid eps: 1e\+38 \(a step moves theta by up to 2 x 4.855"),
-        (lambda ps: ZOSGD(ps, eps=3.6e37), ValueError, r"eps must be below 3.5e\+37"),
+        (lambda ps: ZOSGD(ps, eps=3.6e37), ValueError, r"eps must be below 3.504e\+37"),
         (lambda ps: LDSD(ps, eps=1.0, sigma=1e39), ValueError, r"invalid eps \* sigma: 1e\+39"),
         (lambda ps: LDSD(ps, eps=1e-3, sigma=1e41), ValueError, r"eps \* sigma: 1e\+38 \(a step moves theta by"),
         (
@@ -1166,7 +1189,7 @@ def test_a_step_checks_hyperparameters_changed_since_construction(cls, kwargs, k
     with pytest.raises(exc, match=match):
         opt.step(closure)
     assert opt.steps_taken == saved_at and all(torch.equal(p, q) for p, q in zip((a, frozen, b), before))
-    if hasattr(opt, "apply_projected_grad"):
+    if type(opt) is not LDSD:  # (which refuses perturbed() whatever its groups)
         if type(opt) is ZOSGD and not opt.momentum:  # the others refuse apply_projected_grad whatever their groups
             with pytest.raises(exc, match=match):
                 opt.apply_projected_grad(opt.new_seed(), 1.0)
@@ -1446,6 +1469,24 @@ def test_a_step_whose_closure_raised_replays(cls, kwargs, dtype):
     assert again.steps_taken == 5
 
 
+@pytest.mark.parametrize("cls,kwargs", [(ZOSGD, {}), (ZOSGD, dict(momentum=0.9)), (ZOAdam, {})])
+def test_a_trajectory_whose_losses_were_written_as_integers_replays(cls, kwargs):
+    # JSON writers other than Python's (JavaScript's) write 3.0 as 3: momentum and Adam replays wrote the first
+    # steps, then failed on an int (AttributeError).
+    params, groups, closure, _ = _problem()
+    initial = [p.detach().clone() for p in params]
+    opt = cls(groups, seed=4, **kwargs)
+    for _ in range(3):
+        opt.step(lambda: float(round(closure().item() * 1e4)))
+    trajectory = json.loads(json.dumps(opt.trajectory))
+    for record in trajectory:
+        record["losses"] = [int(v) for v in record["losses"]]
+    replayed = [t.clone() for t in initial]
+    zokern.replay(replayed, trajectory)
+    assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))
+    assert not torch.equal(replayed[0], initial[0])
+
+
 def test_schedulers_cycle_the_momentum_an_optimizer_uses():
     from torch.optim.lr_scheduler import OneCycleLR
 
@@ -1499,7 +1540,14 @@ def test_bad_closures_are_clear_errors_and_restore():
         opt.step(lambda: (p**2).sum() * (1 + 2j))
     with pytest.raises(ValueError, match="real loss, got a tensor of dtype torch.bool"):
         opt.step(lambda: (p**2).sum() > 1)
+    with pytest.raises(ValueError, match="a loss on the meta device, which holds no value"):
+        opt.step(lambda: torch.ones((), device="meta"))
     torch.testing.assert_close(p.detach(), before, atol=1e-7, rtol=0)
+    # A number beyond float64 (an int, not a float's inf) is a non-finite loss: the step skipped, not an OverflowError.
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        assert math.isnan(opt.step(lambda: 10**400).item())
+    assert opt.nonfinite_steps == 1
+    torch.testing.assert_close(p.detach(), before, atol=2e-7, rtol=0)  # (float32 in place: to its rounding)
 
 
 def test_lower_level_pieces_compose_into_a_step():
@@ -1533,6 +1581,31 @@ def test_lower_level_pieces_compose_into_a_step():
         with_tensors.apply_projected_grad(seed, torch.ones(2))
 
 
+@pytest.mark.parametrize("given_as", ["floats", "a tensor"])
+def test_a_projected_gradient_whose_update_float32_cannot_hold_is_refused_or_not_applied(given_as):
+    # The second group's g: lr g z is beyond float32. Numbers are refused, naming it, before the first group is
+    # written (it was updated, then the pass of the second refused); a tensor, read on the device, leaves that
+    # group as it is, as a non-finite g does.
+    (a, frozen, b), groups, _, _ = _problem()
+    opt = ZOSGD(groups, seed=4)
+    before = [p.detach().clone() for p in (a, b)]
+    grads = [0.5, 1e37]  # (1e37 alone is within float32, as is 1e37 * 4.9 * 2e-3, the group's lr)
+    opt.param_groups[1]["lr"] = 10.0
+    if given_as == "floats":
+        with pytest.raises(ValueError, match=r"projected_grad\[1\] is 1e\+37: param group 1's update, .*lr = 10"):
+            opt.apply_projected_grad(opt.new_seed(), grads)
+        assert torch.equal(a, before[0])
+    else:
+        opt.apply_projected_grad(opt.new_seed(), torch.tensor(grads))
+        assert not torch.equal(a, before[0])
+    assert torch.equal(b, before[1])
+    one = torch.nn.Parameter(torch.randn(6))
+    start = one.detach().clone()
+    with pytest.raises(ValueError, match=r"projected_grad is 3e\+38: param group 0's update"):
+        ZOSGD([one], lr=0.1).apply_projected_grad(1, 3e38)  # finite in float32: it wrote inf
+    assert torch.equal(one, start)
+
+
 @pytest.mark.parametrize("given_as", ["floats", "a tensor", "tensors"])
 def test_lower_level_pieces_with_each_groups_eps_compose_into_a_step(given_as):
     """Each group perturbs by its own eps, so its g is (L+ - L-) / (2 eps) with that eps: given one per group, the
@@ -1564,7 +1637,8 @@ def test_lower_level_pieces_with_each_groups_eps_compose_into_a_step(given_as):
 @pytest.mark.parametrize(
     "cls,kwargs,rule",
     [(ZOSGD, dict(momentum=0.9), "momentum"), (ZOAdam, {}, "Adam"), (ZOSignSGD, {}, "its sign")]
-    + [(ZOConservative, {}, "the conservative choice")],
+    + [(ZOConservative, {}, "the conservative choice"), (FZOO, {}, "its probes' losses over their spread")]
+    + [(LDSD, dict(k=2), "its learned directions")],
 )
 def test_apply_projected_grad_is_refused_where_the_step_updates_by_another_rule(cls, kwargs, rule):
     """It applies ZO-SGD's update; these optimizers' steps do not (Adam once moved every weight by g z / ~1e3)."""

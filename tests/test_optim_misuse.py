@@ -160,6 +160,45 @@ def test_states_built_under_inference_mode_serve_the_steps_outside_it(cls, kwarg
 
 
 @pytest.mark.parametrize(
+    "cls, kwargs, key",
+    [
+        (ZOSGD, {}, "eps"),
+        (ZOSGD, dict(n_probes=2), "eps"),
+        (ZOSGD, dict(one_sided=True), "eps"),
+        (ZOAdam, {}, "eps"),
+        (LDSD, dict(k=3), "eps"),
+        (LDSD, dict(k=3), "sigma"),
+    ],
+    ids=["sgd", "sgd-2-probes", "sgd-one-sided", "adam", "ldsd", "ldsd-sigma"],
+)
+def test_a_closure_that_changes_what_the_step_perturbs_by_is_refused_and_theta_restored(cls, kwargs, key):
+    # The passes after the change took back another perturbation than the one applied: with lr = 0, theta moved
+    # (by 0.78 at eps 1e-2 -> 0.5), and a value step() would refuse (eps = -1) was applied, then refused by replay.
+    a, b = _pair()
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = _optimizer(cls, [a, b], dict(kwargs, lr=0.0))
+    was = opt.param_groups[0][key]
+    calls = [0]
+
+    def changing():
+        calls[0] += 1
+        if calls[0] == 2:
+            opt.param_groups[0][key] = -1.0
+        return _loss(a, b)
+
+    opt.step(lambda: _loss(a, b))
+    with pytest.raises(ValueError, match=rf"param group 0's {key} was changed from {was} to -1.0 during a step"):
+        opt.step(changing)
+    assert opt.param_groups[0][key] == was
+    for p, start in zip((a, b), before):  # (float32 in place: restored to its rounding)
+        torch.testing.assert_close(p.detach(), start, atol=1e-6, rtol=0)
+    opt.step(lambda: _loss(a, b))
+    replayed = [t.clone() for t in before]
+    zokern.replay(replayed, opt.trajectory)
+    assert torch.equal(replayed[0], a) and torch.equal(replayed[1], b)
+
+
+@pytest.mark.parametrize(
     "cls, kwargs",
     [(ZOSGD, {}), (ZOSGD, dict(n_probes=2)), (ZOAdam, {}), (LDSD, dict(k=3))],
     ids=["sgd", "sgd-2-probes", "adam", "ldsd"],
@@ -227,7 +266,7 @@ def test_nested_perturbed_blocks_and_an_update_inside_one_are_refused():
         (-1, 1.0, ValueError, r"seed must be in \[0, 2\^63\)"),
         (1.5, 1.0, TypeError, r"seed must be an integer"),
         (3, 1e42, ValueError, r"invalid scale \* eps: 1e\+39 \(a step moves theta by up to 2 x 4.855"),
-        (3, -1e41, ValueError, r"scale \* eps must be below 3.5e\+37"),  # theta + scale eps z would overflow
+        (3, -1e41, ValueError, r"scale \* eps must be below 3.504e\+37"),  # theta + scale eps z would overflow
     ],
 )
 def test_perturbed_checks_its_seed_and_scale_before_anything(backend, dtype, seed, scale, exc, match):
@@ -683,6 +722,9 @@ def _damage_state(key, value):
         (_damage_zo("trainable", [1, 1, 1, 1]), ValueError, "'trainable' is not a list of booleans"),
         (_damage_zo("dtypes", [torch.float32]), ValueError, "'dtypes' is not a list of dtype names"),
         (_damage_zo("shapes", [(3,)]), ValueError, "'shapes' is not a list of shapes"),
+        (_damage_zo("options", [1]), ValueError, "'options' is not a dict of options"),
+        (_damage_zo("numels", "abc"), ValueError, "'numels' is not a list of sizes"),
+        (lambda sd: sd.__setitem__("zo", 5), ValueError, "'zo' entry is of type int, not a dict"),
         (_damage_state("momentum_buffer", torch.tensor(0.0)), ValueError, r"'momentum_buffer' .* tensor of shape \(\)"),
         (_damage_state("momentum_buffer", 0.5), ValueError, r"'momentum_buffer' .* is a float"),
     ],

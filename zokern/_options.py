@@ -88,7 +88,7 @@ def check_eps(text: str | float) -> float:
     value = check_positive_float(text)
     if not value < EPS_LIMIT:
         raise ValueError(
-            f"expected eps below {EPS_LIMIT:.2g} (a step moves by up to 2 x {Z_BOUND} x eps, which float32 must hold), "
+            f"expected eps below {EPS_LIMIT:.4g} (a step moves by up to 2 x {Z_BOUND} x eps, which float32 must hold), "
             f"got {value:g}"
         )
     return value

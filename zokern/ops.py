@@ -93,6 +93,11 @@ def _check_tensors(tensors: Tensors, written: bool = True, name: str = "tensors"
         raise TypeError("this function takes tensors, not a PreparedTensors (only the in-place passes take one)")
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
+    if isinstance(tensors, (set, frozenset)):  # as torch.optim refuses them: each tensor's slice depends on the order
+        raise TypeError(
+            f"{name} must be an ordered collection of tensors (a list or tuple), got a {type(tensors).__name__}: "
+            "each tensor draws the stream slice after the tensors before it, and a set's order changes between runs"
+        )
     try:
         tensors = list(tensors)
     except TypeError:
@@ -175,6 +180,10 @@ def _bases(tensors: list[torch.Tensor], offset: int, offsets: Iterable[int] | No
     if offsets is not None:
         if offset != 0:
             raise ValueError("pass either offset (tensors laid end to end) or offsets (one per tensor), not both")
+        if isinstance(offsets, (set, frozenset)):
+            raise TypeError(
+                "offsets must be a list or tuple, one per tensor in order, got a set (its order is arbitrary)"
+            )
         bases = list(offsets)
         if len(bases) != len(tensors):
             raise ValueError(f"offsets has {len(bases)} entries for {len(tensors)} tensors")

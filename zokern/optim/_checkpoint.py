@@ -353,6 +353,8 @@ _RESUMABLE_OPTIONS = frozenset({"backend", "seed_check_every", "perturbation", "
 
 def _check_run_entries(zo: dict[str, Any]) -> None:
     """The run's entries of a state dict, before anything is loaded (a damaged one would leave half of it loaded)."""
+    if not isinstance(zo, dict):
+        raise ValueError(f"the state dict's 'zo' entry is of type {type(zo).__name__}, not a dict: damaged")
     missing = [k for k in ("optimizer", "stream_version", "base_seed", "steps_taken", "nonfinite_steps") if k not in zo]
     if missing:
         raise ValueError(f"the state dict's 'zo' entry lacks {', '.join(map(repr, missing))}: a damaged state dict")
@@ -361,6 +363,12 @@ def _check_run_entries(zo: dict[str, Any]) -> None:
             ops._check_index(key, zo[key])
         except (TypeError, ValueError) as e:
             raise type(e)(f"the state dict's {e}") from None
+    options = zo.get("options")
+    if options is not None and not (isinstance(options, dict) and all(isinstance(k, str) for k in options)):
+        raise ValueError("the state dict's 'zo' entry 'options' is not a dict of options: a damaged state dict")
+    numels = zo.get("numels")
+    if numels is not None and not (isinstance(numels, list) and all(type(n) is int and n >= 0 for n in numels)):
+        raise ValueError("the state dict's 'zo' entry 'numels' is not a list of sizes: a damaged state dict")
     shapes = zo.get("shapes")
     if shapes is not None and not (
         isinstance(shapes, list) and all(isinstance(s, list) and all(type(n) is int for n in s) for s in shapes)

@@ -221,7 +221,7 @@ def check_perturbation_scale(name: str, scale: float) -> None:
     if not scale < ops.EPS_LIMIT:
         raise ValueError(
             f"invalid {name}: {scale:g} (a step moves theta by up to 2 x {ops.Z_BOUND} x {name}, which float32 must "
-            f"hold: {name} must be below {ops.EPS_LIMIT:.2g})"
+            f"hold: {name} must be below {ops.EPS_LIMIT:.4g})"
         )
 
 
@@ -275,6 +275,22 @@ def check_group_betas(group: dict[str, Any]) -> None:
     if any(type(b) is not float for b in betas):
         floats = [float(b) for b in betas]
         group["betas"] = floats if isinstance(betas, list) else tuple(floats)
+
+
+def check_adam_eps(value: Any) -> float:
+    """Adam's denominator term as float32, where the update divides by sqrt(v) + adam_eps, can hold it: a value it
+    flushes to zero (or holds as a subnormal, which GPUs flush) would divide 0 by 0 wherever g z was 0 (NaN)."""
+    value = _check_number("adam_eps", value, 0.0, True)
+    if not ops.FLOAT32_TINY <= value < ops.FLOAT32_OVERFLOW:
+        raise ValueError(
+            f"invalid adam_eps: {value:g} (outside float32's normal range, [1.2e-38, 3.4e38], where the update divides "
+            "by sqrt(v) + adam_eps: a smaller one makes that 0 / 0 wherever v is 0)"
+        )
+    return value
+
+
+def check_group_adam_eps(group: dict[str, Any]) -> None:
+    group["adam_eps"] = check_adam_eps(group["adam_eps"])
 
 
 def check_group_number(group: dict[str, Any], key: str, low: float | None, strict: bool) -> None:

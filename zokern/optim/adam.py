@@ -6,9 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from zokern.optim._groups import _check_betas
-from zokern.optim._groups import _check_number
+from zokern.optim._groups import check_adam_eps
+from zokern.optim._groups import check_group_adam_eps
 from zokern.optim._groups import check_group_betas
-from zokern.optim._groups import check_group_number
 from zokern.optim.base import new_state
 from zokern.optim.sgd import ZOSGD
 
@@ -57,7 +57,7 @@ class ZOAdam(ZOSGD):
         rounding: str = "auto",
     ) -> None:
         _check_betas(betas)
-        _check_number("adam_eps", adam_eps, 0.0, True)
+        check_adam_eps(adam_eps)
         super().__init__(
             params,
             lr,
@@ -85,7 +85,7 @@ class ZOAdam(ZOSGD):
         if "betas" in group:
             check_group_betas(group)
         if "adam_eps" in group:
-            check_group_number(group, "adam_eps", 0.0, True)
+            check_group_adam_eps(group)
 
     def options(self) -> dict[str, Any]:
         options = super().options()

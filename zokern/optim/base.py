@@ -476,6 +476,18 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._block_randomness.clear()  # a new estimate begins
         return seed
 
+    def apply_projected_grad(self, seed: int, projected_grad: Any) -> None:
+        """ZO-SGD's update of a step whose estimate the caller formed (:class:`ZOSGD`'s): refused by optimizers
+        whose steps update otherwise."""
+        raise NotImplementedError(
+            f"apply_projected_grad applies ZO-SGD's update, but this {type(self).__name__} updates by "
+            f"{self._own_update_rule()}: drive it with step(closure)"
+        )
+
+    def _own_update_rule(self) -> str | None:
+        """How step() updates theta when it is not ZO-SGD's rule (which apply_projected_grad applies)."""
+        return "its own rule"
+
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float = 1.0) -> Iterator[None]:
         """Inside the block, every trainable parameter is theta + scale * eps * z(seed); restored on exit, also when
@@ -616,6 +628,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         evaluated: list[torch.Tensor] = []
         failed: list[Exception] = []
         randomness: list[SharedRandomness] = []
+        scales = self._perturbation_scales()
 
         def evaluate() -> torch.Tensor:
             # Alone, a step whose evaluation fails undoes its perturbation and re-raises. Under torch.distributed
@@ -641,6 +654,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 failed.append(e)
                 return self._failed_evaluation(evaluated)
             try:
+                self._keep_perturbation_scales(scales)
                 loss = self._checked_loss(loss, view)
             except Exception as e:
                 if not _distributed.active():
@@ -788,6 +802,25 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         self._track(seed, lambda group: group["eps"])
         return True
 
+    _SCALE_KEYS = ("eps", "sigma")  # the group values a step's passes perturb by (sigma: LDSD's)
+
+    def _perturbation_scales(self) -> list[tuple]:
+        return [tuple(group.get(key) for key in self._SCALE_KEYS) for group in self.param_groups]
+
+    def _keep_perturbation_scales(self, scales: list[tuple]) -> None:
+        """Refuse a closure that changed a group's eps (or sigma) during the step, once those values are put back:
+        the passes after it would take back another perturbation than the one applied (theta displaced)."""
+        for k, (group, was) in enumerate(zip(self.param_groups, scales)):
+            for key, before in zip(self._SCALE_KEYS, was):
+                after = group.get(key)
+                if after != before:
+                    group[key] = before
+                    raise ValueError(
+                        f"param group {k}'s {key} was changed from {before} to {after} during a step (by its "
+                        f"closure), and is put back to {before}, by which the step's passes perturbed and restore "
+                        "the parameters: change hyperparameters between steps"
+                    )
+
     @staticmethod
     def _failed_evaluation(evaluated: list[torch.Tensor]) -> torch.Tensor:
         """The loss a rank whose step failed reports for an evaluation: NaN, so that every rank skips the update."""
@@ -827,6 +860,8 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            if loss.is_meta:
+                raise ValueError("the closure returned a loss on the meta device, which holds no value")
             if loss.is_complex() or loss.dtype == torch.bool:  # no order: L+ - L- would not be a slope
                 raise ValueError(f"the closure must return a real loss, got a tensor of dtype {loss.dtype}")
             self._loss_device = loss.device
@@ -842,7 +877,11 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             # A copy (one scalar, no host sync): a closure may return the same tensor, refilled, at every call.
             return loss.detach().reshape(()).clone()
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-            return torch.tensor(float(loss), dtype=torch.float64)
+            try:
+                value = float(loss)
+            except OverflowError:  # an int or Fraction beyond float64: a non-finite loss
+                value = math.inf if loss > 0 else -math.inf
+            return torch.tensor(value, dtype=torch.float64)
         raise ValueError(f"the closure must return a scalar loss (tensor or number), got {type(loss).__name__}")
 
     def _gather(self, values: list) -> list[float]:
@@ -861,18 +900,25 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             raise NonFiniteLoss
         return floats
 
-    # The largest projected gradient a step applies: its update (g z, |z| < 5; in the momentum buffer too) must be
-    # finite in float32, where the passes and the states compute. Adam's second moment squares it (ZOAdam: lower).
+    # The largest projected gradient a step applies: g z (|z| < 5; in the momentum buffer too) and its step lr g z
+    # must be finite in float32, where the passes and the states compute (see _lr_reach). Adam's second moment
+    # squares it (ZOAdam: lower).
     _PROJECTED_LIMIT = ops.FLOAT32_OVERFLOW / 8
     _SQUARED_PROJECTED_LIMIT = math.sqrt(ops.FLOAT32_OVERFLOW) / 8  # for rules that square it (Adam's second moment)
 
+    def _lr_reach(self) -> float:
+        """What a projected gradient is multiplied by, at most, on its way into theta or a state: 1, or a group's lr
+        beyond 1 (a gradient within _PROJECTED_LIMIT times lr = 1e4 would still write inf)."""
+        return max(1.0, *(group["lr"] for group in self.param_groups))
+
     def _check_projected(self, coefficients: list[float], per_eps: bool = True) -> None:
         """Skip the step (as for a non-finite loss) if a projected gradient, c / eps in some group (``per_eps``) or c,
-        is beyond _PROJECTED_LIMIT: applied, it would write inf or NaN into the parameters or the states."""
+        times the largest lr beyond 1, is beyond _PROJECTED_LIMIT: applied, it would write inf or NaN into the
+        parameters or the states."""
         largest = max(map(abs, coefficients), default=0.0)
         if per_eps:
             largest /= min(group["eps"] for group in self.param_groups)
-        if not largest < self._PROJECTED_LIMIT:
+        if not largest * self._lr_reach() < self._PROJECTED_LIMIT:
             raise NonFiniteLoss
 
     def _reduce(self, values: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

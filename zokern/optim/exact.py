@@ -186,7 +186,7 @@ class PerturbedView(TorchFunctionMode):
         self.displacement = {seed: list(alphas) for seed, alphas in displacement.items()}
         self.pass_kwargs = pass_kwargs
         self.used: set[int] = set()  # the keys of the uses some op received
-        self.expected = {use.key for use in uses.values()}
+        self.expected = _perturbable(uses)
         self.ready = self._materialise_small()
         # Sharded parameters (DTensors, by id): an op given one receives a DTensor over its perturbed shard, and the
         # ops of an FSDP2 module's forward receive the whole tensors FSDP2 gathers from the shards, each perturbed at
@@ -195,7 +195,7 @@ class PerturbedView(TorchFunctionMode):
         self.sharded = sharded or {}
         self.gathered = _shards.GatheredTensors(self.sharded) if sharded else None
         self.uses.update(self.sharded)
-        self.expected.update(self.sharded)
+        self.expected.update(_perturbable(self.sharded))
         self._take_gathered()
         # Copies kept for the rest of the evaluation: whose memory was handed out (_RAW_MEMORY), or that the forward
         # wrote; later ops receive them (and see the write).
@@ -417,3 +417,9 @@ class PerturbedView(TorchFunctionMode):
                 "perturbed. Freeze parameters the loss does not use (requires_grad=False), or, for code that reads "
                 "parameters outside torch (C++ extensions handed raw pointers), use perturbation='inplace'."
             )
+
+
+def _perturbable(uses: dict[int, ParameterUse]) -> set[int]:
+    """The keys of the parameters an evaluation must perturb: all but those without elements, which have nothing to
+    perturb (an op need not receive them)."""
+    return {use.key for use in uses.values() if use.param.numel()}

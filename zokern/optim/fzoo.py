@@ -68,6 +68,9 @@ class FZOO(ZOOptimizer):
     def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
         return options["n_probes"] + 1
 
+    def _own_update_rule(self) -> str:
+        return "its probes' losses over their spread"
+
     def _run_step(self, seed: int, evaluate: Callable[[], Any]) -> dict[str, Any]:
         probes = [seeds_.probe_seed(seed, k) for k in range(self.n_probes)]
         values = [evaluate()]

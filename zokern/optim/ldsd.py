@@ -21,6 +21,7 @@ from zokern.optim import _ldsd_passes as passes
 from zokern.optim import _shards
 from zokern.optim import seeds as seeds_
 from zokern.optim._groups import _check_number
+from zokern.optim._groups import check_group_adam_eps
 from zokern.optim._groups import check_group_betas
 from zokern.optim._groups import check_group_number
 from zokern.optim._interrupts import held_interrupts
@@ -170,7 +171,7 @@ class LDSD(ZOOptimizer):
         check_group_number(group, "mu_lr", 0.0, False)
         if self.update != "adam":
             return
-        check_group_number(group, "adam_eps", 0.0, True)
+        check_group_adam_eps(group)
         check_group_betas(group)
 
     def _check_candidate_reach(self, group: dict[str, Any]) -> None:
@@ -328,6 +329,9 @@ class LDSD(ZOOptimizer):
         }
         return _LDSDView(uses, self)
 
+    def _own_update_rule(self) -> str:
+        return "its learned directions"
+
     def perturbed(self, seed: int, scale: float = 1.0):
         raise NotImplementedError("LDSD's directions depend on its learned mean: drive it with step(closure)")
 
@@ -401,7 +405,7 @@ class LDSD(ZOOptimizer):
         # A non-finite loss, or a projected gradient the final pass cannot apply in float32 (it moves theta by
         # g (mu + sigma xi), the Adam rule squares it): no update.
         largest = (f_plus - f_minus).abs() / (2 * min(group["eps"] for group in self.param_groups))
-        largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups))
+        largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups)) * self._lr_reach()
         limit = self._SQUARED_PROJECTED_LIMIT if self._rule == "adam" else self._PROJECTED_LIMIT
         ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < limit)
         grads = self._final_pass(onehot, f_plus - f_minus, raw_mu_rows, norms, paired, ok)

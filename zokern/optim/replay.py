@@ -63,13 +63,14 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
-        losses = functools.partial(next, iter(record["losses"]))
+        values = [float(v) for v in record["losses"]]  # (JSON writes 3.0 as 3: the step's host path takes floats)
+        losses = functools.partial(next, iter(values))
         if record.get("raised"):
             # It raised in an evaluation, or after its last one (a Ctrl-C held to the end of a restore pass, or
             # caught while the host waited for the losses): either way before its first update pass, which a step
             # holds a Ctrl-C through until its record says it completed. (Not told apart: a Ctrl-C at the host's
             # wait before ZOConservative's or LDSD's move to a candidate, which replay runs, then undoes.)
-            losses = _raising_after(record["losses"])
+            losses = _raising_after(values)
             optimizer._update_hold = _UpdateNeverBegan()
         try:
             fields = optimizer._take_step(record["seed"], losses, record.get("next_seed"), record.get("claimed", True))
@@ -135,6 +136,9 @@ def _check(params: list[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> 
     """Everything replay will need, before it writes anything."""
     if not trajectory:
         raise ValueError("the trajectory is empty")
+    for k, record in enumerate(trajectory):
+        if not isinstance(record, dict):
+            raise ValueError(f"record {k} is of type {type(record).__name__}, not a dict: not a trajectory record")
     if "setup" not in trajectory[0]:
         raise ValueError("the trajectory must start at a record with a 'setup' entry (the first step of a run)")
     sizes: list[int] = []

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from zokern import ops
 from zokern.optim import seeds as seeds_
 from zokern.optim._caches import clear_weight_caches
 from zokern.optim._groups import _check_number
@@ -207,8 +208,9 @@ class ZOSGD(ZOOptimizer):
         step whose estimate the caller formed (with :meth:`new_seed` and :meth:`perturbed`). ``projected_grad`` is g,
         one value for every group or one per param group (each group perturbs with its own eps, so its g is
         (L+ - L-) / (2 eps) with that eps; one value is refused when the groups' eps differ): numbers, or a tensor
-        with one element or one per group (read on the device, no host sync; a non-finite value leaves theta as it
-        is). Not recorded in the trajectory: replay covers steps taken with :meth:`step`. Optimizers whose step
+        with one element or one per group (read on the device, no host sync; a value not finite, or whose update
+        lr g z float32 cannot hold, leaves its groups as they are; such a number is refused, before any group is
+        written). Not recorded in the trajectory: replay covers steps taken with :meth:`step`. Optimizers whose step
         updates by another rule (momentum, Adam, sign, the conservative choice) refuse it."""
         rule = self._own_update_rule()
         if rule is not None:
@@ -224,14 +226,29 @@ class ZOSGD(ZOOptimizer):
                 "the param groups' eps differ, so their projected gradients (L+ - L-) / (2 eps) do: pass one per "
                 "param group"
             )
+        by_group = {id(group): self._applicable(grads, k, group) for k, group in enumerate(self.param_groups)}
         self.materialize()
-        by_group = {id(group): grads[k % len(grads)] for k, group in enumerate(self.param_groups)}
         self._restore_update(seed, 0.0, lambda group: by_group[id(group)])
         self._block_randomness.clear()  # the estimate is applied: its blocks' draws are done with
         clear_weight_caches()  # weights computed from theta before the update (see _caches)
 
+    def _applicable(self, grads: list, k: int, group: dict[str, Any]) -> float | torch.Tensor:
+        """Group ``k``'s g among apply_projected_grad's ``grads`` (one, or one per group), checked before any group
+        is written: a number whose update lr g z float32 cannot hold is refused; a tensor is made NaN there (read on
+        the device), so that the pass leaves theta as it is, as for a non-finite one."""
+        g = grads[k % len(grads)]
+        limit = self._PROJECTED_LIMIT / max(1.0, group["lr"])
+        if isinstance(g, torch.Tensor):
+            return torch.where(g.abs() < limit, g, torch.nan)
+        if not abs(g) < limit:
+            name = "projected_grad" if len(grads) == 1 else f"projected_grad[{k}]"
+            raise ValueError(
+                f"{name} is {g:g}: param group {k}'s update, lr * g * z with lr = {group['lr']:g} and |z| up to "
+                f"{ops.Z_BOUND}, would be beyond float32 (|g| must be below {limit:.3g}); nothing was updated"
+            )
+        return g
+
     def _own_update_rule(self) -> str | None:
-        """How step() updates theta when it is not ZO-SGD's rule (which apply_projected_grad applies)."""
         return "momentum" if self.momentum else None
 
     def _projected_grads(self, projected_grad: Any) -> list:
@@ -344,11 +361,11 @@ class ZOSGD(ZOOptimizer):
         else:
             diff, loss = 0.5 * (losses[0] - losses[1]), 0.5 * (losses[0] + losses[1])
         # A non-finite loss makes g non-finite (d of inf and a finite value is inf, of inf and inf NaN): no update;
-        # nor where some group's g z would be beyond float32, which the update pass computes in. The pass restores
-        # without updating where g is not finite: every group's g is NaN then, so that no group updates alone.
+        # nor where some group's g z, or lr g z, would be beyond float32, which the update pass computes in. The
+        # pass restores without updating where g is not finite: every group's g is NaN then, so no group updates alone.
         eps = list(dict.fromkeys(group["eps"] for group in self.param_groups))  # distinct, in order (eps > 0)
         grads = torch.stack([diff / e for e in eps])
-        ok = torch.isfinite(losses).all() & (grads.abs() < self._PROJECTED_LIMIT).all()
+        ok = torch.isfinite(losses).all() & (grads.abs() * self._lr_reach() < self._PROJECTED_LIMIT).all()
         grads = torch.where(ok, grads, torch.nan)
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         by_eps = dict(zip(eps, grads.unbind()))
