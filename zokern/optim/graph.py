@@ -10,7 +10,7 @@ What changes from step to step reaches the captured kernels through device memor
 seed from its row of ``zokern._scalars``. The projected gradient is computed on the device inside the graph. A replayed
 step therefore runs the uncaptured step's passes with the same values, lr schedules included (bit for bit given the
 same losses; the forwards are captured kernels too, which cuBLAS may choose differently inside a capture); a change
-of eps, of the parameters' layout or storage, or of the closure object captures anew.
+of eps (or of an lr above 1), of the parameters' layout or storage, or of the closure object captures anew.
 
 The closure is replayed as captured: it must read its inputs from the same tensors every step (copy each batch into
 them) and must not sync with the host (no ``.item()``, no data-dependent shapes). On the CPU there is nothing to
@@ -143,15 +143,17 @@ class StepGraph:
 
     def _key(self, closure: Callable[[], Any], chunks: list) -> tuple:
         """What a captured graph holds fixed: the closure, the tensors and offsets of each fused call, each group's
-        eps (g = d / eps is computed inside the graph), the pass options, and where every parameter of the optimizer
-        lives (the closure reads the frozen ones too: one given new storage must not be read at its old address)."""
+        eps (g = d / eps is computed inside the graph) and the largest lr above 1 (which bounds g there: _lr_reach),
+        the pass options, and where every parameter of the optimizer lives (the closure reads the frozen ones too: one
+        given new storage must not be read at its old address)."""
         opt = self.opt
         layout = tuple(
             (index, group["eps"], tuple((p.data_ptr(), p.dtype, p.numel()) for p in params), tuple(offsets))
             for index, group, params, offsets in chunks
         )
         storage = tuple(p.data_ptr() for group in opt.param_groups for p in group["params"])
-        return id(closure), layout, storage, opt.one_sided, opt.rounding, opt.distribution, opt.backend
+        options = (opt.one_sided, opt.rounding, opt.distribution, opt.backend)
+        return id(closure), layout, opt._lr_reach(), storage, options
 
     def _plan(self, seed: int, chunks: list) -> list[list[int]]:
         """The rows of one step, in launch order: +eps per fused call, then (two-sided) -2 eps, then the
