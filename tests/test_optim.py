@@ -1043,6 +1043,9 @@ _HUGE_G = [1e37, -1e37]  # g = (L+ - L-) / (2 eps) = 1e40 with eps = 1e-3
         (LDSD, dict(k=2), _HUGE_G),
         (LDSD, dict(k=2, sigma=10.0), [0.0, 1e30, -1e35]),  # g = 5e37, but g sigma = 5e38 moves theta
         (LDSD, dict(k=2, update="adam"), [1e20, -1e20]),
+        (LDSD, dict(k=2), [0.0, 1e43, 0.0]),  # g = 0, but mu's step mu_lr c_i / (K sigma) is beyond float32
+        (ZOConservative, {}, [0.0, 3e34, -3e34]),  # g = 3e37: its move to the ascent candidate is 2 lr g z
+        (ZOSGD, dict(momentum=0.9), [5e33, -5e33]),  # g = 5e36: the buffer sums up to 10 of them
     ],
     ids=lambda x: x.__name__ if isinstance(x, type) else ",".join(map(str, x.values() if isinstance(x, dict) else x)),
 )
@@ -1478,9 +1481,12 @@ def test_a_trajectory_whose_losses_were_written_as_integers_replays(cls, kwargs)
     opt = cls(groups, seed=4, **kwargs)
     for _ in range(3):
         opt.step(lambda: float(round(closure().item() * 1e4)))
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.step(lambda: 10**400)  # beyond float64: a non-finite loss, the step skipped
+    opt.step(lambda: float(round(closure().item() * 1e4)))
     trajectory = json.loads(json.dumps(opt.trajectory))
     for record in trajectory:
-        record["losses"] = [int(v) for v in record["losses"]]
+        record["losses"] = [int(v) if math.isfinite(v) else 10**400 for v in record["losses"]]
     replayed = [t.clone() for t in initial]
     zokern.replay(replayed, trajectory)
     assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))

@@ -198,6 +198,27 @@ def test_a_closure_that_changes_what_the_step_perturbs_by_is_refused_and_theta_r
     assert torch.equal(replayed[0], a) and torch.equal(replayed[1], b)
 
 
+@pytest.mark.parametrize("cls, kwargs", [(ZOSGD, {}), (ZOSGD, dict(n_probes=2))], ids=["sgd", "sgd-2-probes"])
+def test_a_closure_that_changes_eps_then_raises_leaves_eps_and_a_trajectory_that_replays(cls, kwargs):
+    # Its own exception propagates; eps was left changed, and recorded so: replay took other steps.
+    a, b = _pair()
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = _optimizer(cls, [a, b], kwargs)
+
+    def changing_then_raising():
+        opt.param_groups[0]["eps"] = 0.1
+        raise RuntimeError("a bad batch")
+
+    opt.step(lambda: _loss(a, b))
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        opt.step(changing_then_raising)
+    assert opt.param_groups[0]["eps"] == 1e-3 and opt.trajectory[-1]["eps"] == [1e-3]
+    opt.step(lambda: _loss(a, b))
+    replayed = [t.clone() for t in before]
+    zokern.replay(replayed, opt.trajectory)
+    assert torch.equal(replayed[0], a) and torch.equal(replayed[1], b)
+
+
 @pytest.mark.parametrize(
     "cls, kwargs",
     [(ZOSGD, {}), (ZOSGD, dict(n_probes=2)), (ZOAdam, {}), (LDSD, dict(k=3))],

@@ -648,13 +648,14 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             try:
                 view = self._perturbed_view() if self._exact_now else None
                 loss = self._call_closure(closure, view)
-            except Exception as e:
-                if not _distributed.active() or self._sharded:
+            except BaseException as e:
+                self._put_back_scales(scales)  # for the passes that take the perturbation back, and the record
+                if not isinstance(e, Exception) or not _distributed.active() or self._sharded:
                     raise
                 failed.append(e)
                 return self._failed_evaluation(evaluated)
             try:
-                self._keep_perturbation_scales(scales)
+                self._refuse_changed_scales(scales)
                 loss = self._checked_loss(loss, view)
             except Exception as e:
                 if not _distributed.active():
@@ -807,19 +808,30 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
     def _perturbation_scales(self) -> list[tuple]:
         return [tuple(group.get(key) for key in self._SCALE_KEYS) for group in self.param_groups]
 
-    def _keep_perturbation_scales(self, scales: list[tuple]) -> None:
-        """Refuse a closure that changed a group's eps (or sigma) during the step, once those values are put back:
-        the passes after it would take back another perturbation than the one applied (theta displaced)."""
+    def _put_back_scales(self, scales: list[tuple]) -> list[tuple]:
+        """Put back each group's eps (or sigma) that differs from ``scales``, its value when the step began; returns
+        (group index, key, value found) for each."""
+        changed = []
         for k, (group, was) in enumerate(zip(self.param_groups, scales)):
             for key, before in zip(self._SCALE_KEYS, was):
                 after = group.get(key)
                 if after != before:
+                    changed.append((k, key, after))
                     group[key] = before
-                    raise ValueError(
-                        f"param group {k}'s {key} was changed from {before} to {after} during a step (by its "
-                        f"closure), and is put back to {before}, by which the step's passes perturbed and restore "
-                        "the parameters: change hyperparameters between steps"
-                    )
+        return changed
+
+    def _refuse_changed_scales(self, scales: list[tuple]) -> None:
+        """Refuse a closure that changed a group's eps (or sigma) during the step, once those values are put back:
+        the passes after it would take back another perturbation than the one applied (theta displaced)."""
+        changed = self._put_back_scales(scales)
+        if changed:
+            k, key, after = changed[0]
+            before = scales[k][self._SCALE_KEYS.index(key)]
+            raise ValueError(
+                f"param group {k}'s {key} was changed from {before} to {after} during a step (by its closure), and is "
+                f"put back to {before}, by which the step's passes perturbed and restore the parameters: change "
+                "hyperparameters between steps"
+            )
 
     @staticmethod
     def _failed_evaluation(evaluated: list[torch.Tensor]) -> torch.Tensor:
@@ -877,11 +889,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             # A copy (one scalar, no host sync): a closure may return the same tensor, refilled, at every call.
             return loss.detach().reshape(()).clone()
         if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-            try:
-                value = float(loss)
-            except OverflowError:  # an int or Fraction beyond float64: a non-finite loss
-                value = math.inf if loss > 0 else -math.inf
-            return torch.tensor(value, dtype=torch.float64)
+            return torch.tensor(real_as_float(loss), dtype=torch.float64)
         raise ValueError(f"the closure must return a scalar loss (tensor or number), got {type(loss).__name__}")
 
     def _gather(self, values: list) -> list[float]:
@@ -901,24 +909,27 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         return floats
 
     # The largest projected gradient a step applies: g z (|z| < 5; in the momentum buffer too) and its step lr g z
-    # must be finite in float32, where the passes and the states compute (see _lr_reach). Adam's second moment
+    # must be finite in float32, where the passes and the states compute (see _update_reach). Adam's second moment
     # squares it (ZOAdam: lower).
     _PROJECTED_LIMIT = ops.FLOAT32_OVERFLOW / 8
     _SQUARED_PROJECTED_LIMIT = math.sqrt(ops.FLOAT32_OVERFLOW) / 8  # for rules that square it (Adam's second moment)
 
-    def _lr_reach(self) -> float:
-        """What a projected gradient is multiplied by, at most, on its way into theta or a state: 1, or a group's lr
-        beyond 1 (a gradient within _PROJECTED_LIMIT times lr = 1e4 would still write inf)."""
-        return max(1.0, *(group["lr"] for group in self.param_groups))
+    def _update_reach(self) -> float:
+        """What a projected gradient is multiplied by, at most, on its way into theta or a state: a group's lr beyond
+        1 (a gradient within _PROJECTED_LIMIT times lr = 1e4 would still write inf), and a momentum buffer's sum of up
+        to 1 / (1 - momentum) of them."""
+        reach = max(1.0, *(group["lr"] for group in self.param_groups))
+        momentum = getattr(self, "momentum", 0.0)
+        return reach / (1.0 - momentum) if momentum else reach
 
     def _check_projected(self, coefficients: list[float], per_eps: bool = True) -> None:
         """Skip the step (as for a non-finite loss) if a projected gradient, c / eps in some group (``per_eps``) or c,
-        times the largest lr beyond 1, is beyond _PROJECTED_LIMIT: applied, it would write inf or NaN into the
+        times _update_reach, is beyond _PROJECTED_LIMIT: applied, it would write inf or NaN into the
         parameters or the states."""
         largest = max(map(abs, coefficients), default=0.0)
         if per_eps:
             largest /= min(group["eps"] for group in self.param_groups)
-        if not largest * self._lr_reach() < self._PROJECTED_LIMIT:
+        if not largest * self._update_reach() < self._PROJECTED_LIMIT:
             raise NonFiniteLoss
 
     def _reduce(self, values: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1099,6 +1110,15 @@ def new_state(p: torch.Tensor) -> torch.Tensor:
     torch.inference_mode (an inference tensor could not be updated by the steps that run outside it)."""
     with torch.inference_mode(False):
         return torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+
+def real_as_float(value: numbers.Real) -> float:
+    """A real number (a loss) as a float: one beyond float64 (an int, a Fraction) as the infinity of its sign, a
+    non-finite loss."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _fullgraph_refusal(error: RuntimeError, exact: bool) -> RuntimeError | None:

@@ -405,9 +405,11 @@ class LDSD(ZOOptimizer):
         # A non-finite loss, or a projected gradient the final pass cannot apply in float32 (it moves theta by
         # g (mu + sigma xi), the Adam rule squares it): no update.
         largest = (f_plus - f_minus).abs() / (2 * min(group["eps"] for group in self.param_groups))
-        largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups)) * self._lr_reach()
+        largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups)) * self._update_reach()
         limit = self._SQUARED_PROJECTED_LIMIT if self._rule == "adam" else self._PROJECTED_LIMIT
         ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < limit)
+        for row in (raw_mu_rows or {}).values():  # nor a step of mu (mu_lr c_i / (K sigma) for each xi_i) beyond it
+            ok = ok & (row.abs().max() * k < self._PROJECTED_LIMIT)
         grads = self._final_pass(onehot, f_plus - f_minus, raw_mu_rows, norms, paired, ok)
         return dict(
             losses=torch.cat((losses, f_minus.view(1))),

@@ -20,6 +20,7 @@ from zokern.optim._groups import check_step_hyperparameters
 from zokern.optim._groups import dtype_name
 from zokern.optim.adam import ZOAdam
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.base import real_as_float
 from zokern.optim.fzoo import FZOO
 from zokern.optim.ldsd import LDSD
 from zokern.optim.sgd import ZOSGD
@@ -63,7 +64,7 @@ def replay(params: Sequence[torch.Tensor], trajectory: Sequence[dict[str, Any]])
             optimizer = _build(params, record["setup"], optimizer)
         for group, lr, eps, wd in zip(optimizer.param_groups, record["lr"], record["eps"], record["weight_decay"]):
             group.update(lr=lr, eps=eps, weight_decay=wd)
-        values = [float(v) for v in record["losses"]]  # (JSON writes 3.0 as 3: the step's host path takes floats)
+        values = [real_as_float(v) for v in record["losses"]]  # (JSON writes 3.0 as 3; the host path takes floats)
         losses = functools.partial(next, iter(values))
         if record.get("raised"):
             # It raised in an evaluation, or after its last one (a Ctrl-C held to the end of a restore pass, or
@@ -191,7 +192,7 @@ def _check_step(record: dict[str, Any], k: int, setup: dict[str, Any]) -> None:
     if record.get("raised") or record.get("skipped"):  # stopped early (a skip: at a round it could not apply)
         consistent = len(losses) <= expected
     else:
-        consistent = len(losses) == expected and all(math.isfinite(v) for v in losses)
+        consistent = len(losses) == expected and all(math.isfinite(real_as_float(v)) for v in losses)
     if not consistent:
         state = "raised" if record.get("raised") else "skipped" if record.get("skipped") else "completed"
         raise ValueError(

@@ -365,7 +365,7 @@ class ZOSGD(ZOOptimizer):
         # pass restores without updating where g is not finite: every group's g is NaN then, so no group updates alone.
         eps = list(dict.fromkeys(group["eps"] for group in self.param_groups))  # distinct, in order (eps > 0)
         grads = torch.stack([diff / e for e in eps])
-        ok = torch.isfinite(losses).all() & (grads.abs() * self._lr_reach() < self._PROJECTED_LIMIT).all()
+        ok = torch.isfinite(losses).all() & (grads.abs() * self._update_reach() < self._PROJECTED_LIMIT).all()
         grads = torch.where(ok, grads, torch.nan)
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         by_eps = dict(zip(eps, grads.unbind()))
@@ -467,6 +467,8 @@ class ZOConservative(ZOSGD):
     @classmethod
     def _losses_per_step(cls, options: dict[str, Any], record: dict[str, Any]) -> int:
         return 4 if record.get("accepted") == "descent" else 5  # L0, L+, L-, then one or both candidates
+
+    _PROJECTED_LIMIT = ZOSGD._PROJECTED_LIMIT / 2  # the move to the ascent candidate is 2 lr g z
 
     def _own_update_rule(self) -> str | None:
         return "the conservative choice among candidates"
