@@ -5,6 +5,7 @@ result."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -153,10 +154,32 @@ def test_bad_pairs_and_counts_are_refused_before_any_forward(change, message):
 
 
 def test_pairs_with_the_same_responses_are_counted_in_a_warning():
+    # The same as the policy sees them: after the tokenizer (which lowercases) and the cut to the response length.
     pairs = _pairs(6)
     pairs[2] = dict(pairs[2], rejected=pairs[2]["chosen"])
-    with pytest.warns(UserWarning, match=r"train_pairs: 1 of 6 pairs \(the first: train_pairs\[2\]\) have the same"):
+    pairs[4] = dict(pairs[4], chosen="The movie was GREAT", rejected="the movie was great")
+    long = " ".join(["the"] * 20)
+    pairs[5] = dict(pairs[5], chosen=f"{long} fun", rejected=f"{long} sad")  # the same first 16 tokens
+    with pytest.warns(UserWarning) as caught:
         train_zo_dpo(_policy(), TOK, pairs, _pairs(3, seed=1), steps=0)
+    messages = [str(w.message) for w in caught]
+    tie = r"train_pairs: 3 of 6 pairs \(the first: train_pairs\[2\]\) have the same chosen and rejected response once"
+    assert any(re.match(tie, m) for m in messages), messages
+    assert not any("eval_pairs" in m for m in messages)
+
+
+class _Normalising(WordTokenizer):
+    """A tokenizer whose normalisation drops a text entirely (a BERT-style one drops zero-width spaces)."""
+
+    def encode(self, text):
+        return [] if text == "\u200b" else super().encode(text)
+
+
+def test_responses_that_encode_to_no_token_are_counted_in_a_warning():
+    pairs = _pairs(6)
+    pairs[1] = dict(pairs[1], chosen="\u200b")
+    with pytest.warns(UserWarning, match=r"train_pairs: 1 of 12 responses encode to no token"):
+        train_zo_dpo(_policy(), _Normalising(TOK.vocabulary), pairs, _pairs(3, seed=1), steps=0)
 
 
 @pytest.mark.filterwarnings("ignore:ZO-DPO truncates")

@@ -105,6 +105,40 @@ def test_the_loop_records_sketches_of_both_models_every_iteration(world, tmp_pat
     assert len(rows) == 3 and all(r["policy_update_norm"] > 0 and r["reward_update_norm"] > 0 for r in rows)
 
 
+def test_zopro_copies_the_trained_tensors_alone_and_forms_mu_and_vhat_in_those_copies(world, monkeypatch):
+    # The loop copied every parameter of both models at each iteration (for every method): at 1.3B parameters with
+    # the embedding trained, 10 GB where ZOPrO needs 0.8.
+    import zokern.preference.loop as loop
+
+    seen = []
+    make = loop._zopro_direction
+
+    def capture(policy, policy_start, reward_model, rm_start, *rest):
+        trained = dict(loop._trainable_named(policy))
+        counterparts = loop._reward_counterparts(policy, reward_model)
+        expected = (
+            {n: p.detach() - policy_start[n] for n, p in trained.items()},
+            {n: p.detach() - rm_start[n] for n, p in counterparts.items()},
+        )
+        names = (set(policy_start), set(rm_start), set(trained))
+        direction = make(policy, policy_start, reward_model, rm_start, *rest)
+        seen.append((names, expected, direction))
+        return direction
+
+    monkeypatch.setattr(loop, "_zopro_direction", capture)
+    config = LoopConfig(forwards=8, steps_per_iteration=2, eval_every=8, eval_prompts=2, rm_steps=2)
+    policy = copy.deepcopy(world["policy"])
+    reward_model = copy.deepcopy(world["reward_model"])
+    run("zopro", policy, reward_model, world["tokenizer"], world["train"], world["heldout"], world["judge"], config)
+    assert len(seen) == 2
+    for (policy_names, rm_names, trained), (mu, vhat), direction in seen:
+        assert policy_names == rm_names == trained == {"model.decoder.embed_tokens.weight"}
+        assert torch.equal(direction.mu[0], mu["model.decoder.embed_tokens.weight"])
+        v = vhat["model.decoder.embed_tokens.weight"].double()
+        torch.testing.assert_close(direction.vhat[0].double(), v / v.norm(), rtol=1e-6, atol=1e-9)  # (normalised)
+        assert direction.mu[0].abs().sum() > 0 and direction.vhat[0].abs().sum() > 0
+
+
 def test_zopro_raises_the_judged_reward_beyond_the_seed_spread(world):
     records = run(
         "zopro",
@@ -145,12 +179,60 @@ def test_zopro_step_moves_along_its_direction():
         assert torch.allclose(p.detach().double(), x - 1e-2 * g_hat * zz, atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "steps, forwards_per_step, ends",
+    [
+        (30, 2, [10, 20, 30]),  # ZO: 10 steps of 2 forwards
+        (45, 1, [20, 40, 45]),  # first order: 20 steps of 1, the last iteration short
+        (20, 3, [7, 14, 20]),  # LDSD at k = 2: after 21, 42 and 60 forwards (it refined every 21: 21, 42, 63)
+        (6, 9, [3, 5, 6]),  # LDSD at k = 8: 27, 45, 54 (it refined every 18)
+        (3, 25, [1, 2, 3]),  # a step beyond 20 forwards: one step per iteration
+    ],
+)
+def test_iterations_end_where_the_forwards_reach_each_multiple_of_twenty(steps, forwards_per_step, ends):
+    from zokern.preference.loop import iteration_ends
+
+    assert iteration_ends(steps, forwards_per_step, 20) == ends
+
+
 def test_a_budget_below_one_step_is_refused(world):
     # Nothing would train, and the run's only record (the start) would read as a result.
     config = LoopConfig(forwards=4, eval_prompts=2, rm_steps=1, ldsd_k=4)
     w = world
     with pytest.raises(ValueError, match=r"forwards=4 is less than one ldsd step \(5 policy-loss forwards\)"):
         run("ldsd", w["policy"], w["reward_model"], w["tokenizer"], w["train"], w["heldout"], w["judge"], config)
+
+
+def test_models_that_do_not_fit_the_tokenizer_and_a_judge_without_score_are_refused_before_any_work(world):
+    # A reward model padding with another id scored short rows on padding (their scores depended on the rows beside
+    # them); a tokenizer past a model's embedding failed inside torch's embedding.
+    from zokern.preference.dpo import train_zo_dpo
+
+    w, config = world, LoopConfig(forwards=4, eval_prompts=2, rm_steps=1)
+    tokenizer, policy = w["tokenizer"], w["policy"]
+    reward_model = copy.deepcopy(w["reward_model"])
+    reward_model.config.pad_token_id = tokenizer.pad_id + 5
+    padding = r"reward model's config.pad_token_id is 5 but the tokenizer pads with 0: .* scored on padding"
+    with pytest.raises(ValueError, match=padding):
+        run("mezo", policy, reward_model, tokenizer, w["train"], w["heldout"], w["judge"], config)
+    with pytest.raises(ValueError, match=padding):
+        train_reward_model(reward_model, tokenizer, w["pairs"][:4], steps=1)
+    larger = WordTokenizer([*tokenizer.vocabulary, "extra", "words"])
+    top = len(larger) - 1
+    prompts = (w["train"], w["heldout"], w["judge"], config)
+    for name, call in (
+        ("policy", lambda: run("mezo", policy, w["reward_model"], larger, *prompts)),
+        ("policy", lambda: train_zo_dpo(policy, larger, w["pairs"][:4], w["pairs"][4:8], steps=1)),
+        ("reward model", lambda: train_reward_model(w["reward_model"], larger, w["pairs"][:4], steps=1)),
+    ):
+        with pytest.raises(ValueError, match=rf"tokenizer's ids reach {top} but the {name}'s input embedding has"):
+            call()
+    with pytest.raises(TypeError, match=r"judge must have a score\(prompt, response\) method .* got function"):
+        run("mezo", policy, w["reward_model"], tokenizer, w["train"], w["heldout"], lambda p, r: 1.0, config)
+    # A model with more rows than the tokenizer (OPT's 50272 for 50265 tokens) may sample an id past it: <unk>.
+    assert tokenizer.decode([tokenizer.bos_id, 5, len(tokenizer) + 3, tokenizer.eos_id]) == (
+        f"{tokenizer.vocabulary[5]} <unk>"
+    )
 
 
 @pytest.mark.parametrize(
@@ -383,7 +465,9 @@ def test_zopro_maps_a_wrapped_policys_tensors_onto_the_reward_model_by_their_inn
     small = dict(steps_per_iteration=2, prompts_per_step=2, k=2, response_length=4, eval_every=8, eval_prompts=1)
     config = LoopConfig(forwards=8, rm_steps=2, seed=0, **small)  # trainable=None: the embedding, inside the wrapper
     prompts = ["the movie was", "the fun was"]
-    run("zopro", policy, reward_model, tokenizer, prompts, prompts[:1], _LengthJudge(), config)
+    # (the LoRA adapters the model came with trainable are frozen: said, with the pattern that would train them)
+    with pytest.warns(UserWarning, match=r"freezes the 4 parameter\(s\) it came with trainable .*trainable='lora_'"):
+        run("zopro", policy, reward_model, tokenizer, prompts, prompts[:1], _LengthJudge(), config)
     assert directions and all(v is not None and v.abs().sum() > 0 for d in directions for v in d.vhat)
     # The LoRA adapters alone have no counterpart in a plain reward model: ZOPrO would be MeZO with momentum.
     config.trainable = "lora_"
@@ -423,7 +507,7 @@ def test_a_wrappers_own_parameters_keep_their_names():
     policy = peft.get_peft_model(lora_policy.unload(), config)
     names = [name for name, _ in loop._trainable_named(policy)]
     assert names == ["prompt_encoder.default.embedding.weight"]
-    assert set(loop._named(policy)) >= set(names)
+    assert set(loop._inner_names(policy).values()) >= set(names)
     assert not loop._reward_counterparts(policy, reward_model)
 
 
@@ -440,9 +524,9 @@ def test_a_wrappers_own_parameter_named_as_an_inner_one_is_kept_apart():
             return self.inner
 
     wrapper = Wrapper()
-    named = loop._named(wrapper)
-    assert sorted(named) == ["(wrapper) weight", "bias", "weight"]
-    assert torch.equal(named["(wrapper) weight"], wrapper.weight) and torch.equal(named["weight"], wrapper.inner.weight)
+    names = loop._inner_names(wrapper)
+    assert sorted(names.values()) == ["(wrapper) weight", "bias", "weight"]
+    assert names[id(wrapper.weight)] == "(wrapper) weight" and names[id(wrapper.inner.weight)] == "weight"
 
 
 def test_a_tokenizer_whose_ids_are_not_integers_is_named():

@@ -221,6 +221,26 @@ def test_one_process_on_several_gpus_averages_the_replicas_losses(tmp_path):
     assert trainer._takes_item_count(model, counted) is True
 
 
+def test_the_item_count_probe_gives_a_sampling_loss_the_same_draws_and_leaves_torchs_random_state(tmp_path):
+    # A loss that drops tokens at random drew other tokens for its two probe calls: taken to divide by the count,
+    # its window summed the micro-batches' means (k times the loss); and the probe's draws moved torch's generator, so
+    # a resumed run, which probes at its first window, drew otherwise than the run it resumed.
+    class TokenDropout(ZOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"].clone()
+            labels[torch.rand(labels.shape) < 0.3] = -100
+            return model(input_ids=inputs["input_ids"], labels=labels).loss  # a mean: the count is not taken
+
+    model = tiny_opt().eval()
+    trainer = TokenDropout(model=model, args=arguments(tmp_path), train_dataset=TokenDataset(4))
+    batch = {"input_ids": TokenDataset(4).ids[:2], "labels": TokenDataset(4).ids[:2]}
+    counted = [{**batch, "zokern.num_items_in_batch": torch.tensor(2 * (batch["labels"].shape[1] - 1))}] * 2
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    assert trainer._takes_item_count(model, counted) is False
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize(
     "options,exc,match",
     [
@@ -273,6 +293,24 @@ def test_trains_evaluates_and_resumes_bit_identically(tmp_path):
     assert resumed.zo_optimizer.steps_taken == 4
     for (name, a), b in zip(uninterrupted.named_parameters(), resumed_model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_without_the_zo_optimizers_state_is_refused_as_a_resume_point(tmp_path):
+    # save_only_model=True: the Trainer went on with a new optimizer, whose seeds started over (the run's
+    # perturbations repeated) with the lr schedule; a first-order Trainer's optimizer.pt: an error naming no file.
+    data = TokenDataset(16)
+    saving = arguments(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2, save_only_model=True)
+    ZOTrainer(model=tiny_opt(), args=saving, train_dataset=data).train()
+    checkpoint = str(tmp_path / "a" / "checkpoint-2")
+    resumed = ZOTrainer(model=tiny_opt(), args=arguments(tmp_path / "a", max_steps=4), train_dataset=data)
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds no optimizer state \(optimizer.pt; saved with save_only"):
+        resumed.train(resume_from_checkpoint=checkpoint)
+    assert resumed.zo_optimizer.steps_taken == 0
+    first_order = arguments(tmp_path / "b", max_steps=2, save_strategy="steps", save_steps=2)
+    transformers.Trainer(model=tiny_opt(), args=first_order, train_dataset=data).train()
+    resumed = ZOTrainer(model=tiny_opt(), args=arguments(tmp_path / "b", max_steps=4), train_dataset=data)
+    with pytest.raises(ValueError, match=r"optimizer.pt is not a zokern optimizer's state dict \(a first-order"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
 
 
 def test_the_learning_rate_schedule_drives_the_zo_steps(tmp_path):
@@ -407,6 +445,14 @@ def test_a_batch_the_model_computes_no_loss_from_is_named(tmp_path):
     args = arguments(tmp_path, per_device_train_batch_size=1)
     with pytest.raises(ValueError, match=r"shape \(1, 1\), not a loss"):
         OneScore(model=tiny_opt(), args=args, train_dataset=NoLabels(16)).train()
+
+    class PerExample(ZOTrainer):  # labels given, the losses not reduced: not a missing label
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = model(input_ids=inputs["input_ids"]).logits[:, :-1].transpose(1, 2)
+            return torch.nn.functional.cross_entropy(logits, inputs["labels"][:, 1:], reduction="none").mean(1)
+
+    with pytest.raises(ValueError, match=r"shape \(2,\), not a loss: one loss per example or token\? reduce them"):
+        PerExample(model=tiny_opt(), args=arguments(tmp_path), train_dataset=TokenDataset(16)).train()
 
 
 def test_a_graph_capturing_optimizer_gets_one_closure_over_static_inputs(tmp_path, monkeypatch):

@@ -298,7 +298,28 @@ class ZOTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         saved_by = None if checkpoint is None else _rank_files_world_size(checkpoint)
         if saved_by is None or self.zo_optimizer is None:  # (the Trainer's own files, if any)
-            return super()._load_optimizer_and_scheduler(checkpoint)
+            if checkpoint is None or self.zo_optimizer is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            saved = os.path.join(checkpoint, trainer_module.OPTIMIZER_NAME)
+            instead = (
+                f"load its weights into a new run instead (from_pretrained({checkpoint!r}), trained without "
+                "resume_from_checkpoint)"
+            )
+            if not os.path.isfile(saved):  # the Trainer would go on with a new optimizer, silently
+                raise ValueError(
+                    f"{checkpoint} holds no optimizer state ({trainer_module.OPTIMIZER_NAME}; saved with "
+                    "save_only_model=True?): resumed, the ZO optimizer would draw its seeds from step 0 again, "
+                    f"repeating the run's perturbations, and the lr schedule would start over; {instead}"
+                )
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            except ValueError as e:
+                if "no 'zo' entry" not in str(e):
+                    raise
+                raise ValueError(
+                    f"{saved} is not a zokern optimizer's state dict (a first-order Trainer's checkpoint?): a ZO run "
+                    f"resumes from its own checkpoints; {instead}"
+                ) from e
         world = self.args.world_size
         mine = _rank_file(checkpoint, self.args.process_index, world)
         loaded = False
@@ -477,13 +498,22 @@ class ZOTrainer(Trainer):
         if not self.model_accepts_loss_kwargs or items is None or self.compute_loss_func is not None:
             return False  # never passed a count, or a compute_loss_func's own affair: nothing to tell (every rank)
         answer = -1  # not told: every micro-batch's loss was 0 (or not finite) with either count
+        # Each forward from torch's random state as it is, left as it was: a loss that samples (token dropout, an
+        # augmentation) must draw the same for both counts, and the run the same as without the probe (a resumed
+        # run probes at another step than the run it resumes).
+        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         for entry in window:
             batch = {k: v for k, v in entry.items() if k != _NUM_ITEMS}
             with torch.no_grad(), self.compute_loss_context_manager():
-                once = self.compute_loss(model, dict(batch), num_items_in_batch=items)
-                twice = self.compute_loss(model, dict(batch), num_items_in_batch=items * 2)
+                with torch.random.fork_rng(devices=cuda):
+                    once = self.compute_loss(model, dict(batch), num_items_in_batch=items)
+                with torch.random.fork_rng(devices=cuda):
+                    twice = self.compute_loss(model, dict(batch), num_items_in_batch=items * 2)
             if self.args.n_gpu > 1:  # nn.DataParallel's one loss per GPU, as the closure takes their mean
                 once, twice = once.mean(), twice.mean()
+            if once.numel() != 1:  # not a loss: the step's closure says why
+                answer = 0
+                break
             if bool(torch.isfinite(once)) and once.item() != 0:
                 answer = int(not torch.equal(once, twice))
                 break
@@ -518,9 +548,14 @@ class ZOTrainer(Trainer):
                     # (n, 1)); the first output of a model that computed no loss (no labels?) is something else.
                     per_gpu = self.args.n_gpu > 1 and loss.dim() == 2 and loss.shape[1] == 1
                     if not (0 < loss.numel() <= max(1, self.args.n_gpu) and (loss.dim() <= 1 or per_gpu)):
+                        why = (
+                            "one loss per example or token? reduce them to one (.mean())"
+                            if "labels" in entry
+                            else "the model computed none from this batch (labels missing?)"
+                        )
                         raise ValueError(
-                            f"compute_loss returned a tensor of shape {tuple(loss.shape)}, not a loss: the model "
-                            f"computed none from this batch (its keys: {', '.join(sorted(batch))}; labels missing?)"
+                            f"compute_loss returned a tensor of shape {tuple(loss.shape)}, not a loss: {why} (the "
+                            f"batch's keys: {', '.join(sorted(batch))})"
                         )
                     if self.args.n_gpu > 1:
                         loss = loss.mean()

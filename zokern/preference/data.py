@@ -316,7 +316,13 @@ class WordTokenizer:
         return [self.index.get(w, self.unk_id) for w in self._SPLIT.findall(text.lower())]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return " ".join(self.vocabulary[i] for i in text_ids(ids, self.eos_id, (self.pad_id, self.bos_id)))
+        """The text of ``ids`` up to the first <eos>, without padding and <bos>; an id past the vocabulary (a model
+        whose embedding has more rows than the tokenizer) as <unk>."""
+        size = len(self.vocabulary)
+        words = (
+            self.vocabulary[i] if i < size else "<unk>" for i in text_ids(ids, self.eos_id, (self.pad_id, self.bos_id))
+        )
+        return " ".join(words)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps({"vocabulary": self.vocabulary}))

@@ -22,6 +22,7 @@ from zokern.preference.data import is_conversation
 from zokern.preference.local import loop_tokenizer
 from zokern.preference.losses import dpo_loss
 from zokern.preference.losses import response_logprobs
+from zokern.preference.models import check_vocabulary
 from zokern.preference.models import model_device
 from zokern.preference.positions import prompt_budget
 
@@ -130,15 +131,33 @@ def _checked_pairs(pairs, name: str) -> list[dict]:
                 if value is None and column == "prompt" and "chosen" in row and "rejected" in row:
                     hint = f" ({IMPLICIT_PROMPT})"
                 raise ValueError(f"{name}[{k}] has an empty, missing or non-text {column!r}: {value!r}{hint}")
-    ties = [k for k, row in enumerate(rows) if row["chosen"] == row["rejected"]]
+    return rows
+
+
+def warn_ties(tokenizer, pairs: Sequence[dict], name: str, response_length: int) -> None:
+    """One warning, with counts, for the pairs of ``name`` whose chosen and rejected responses are the same tokens
+    as the policy sees them (after the tokenizer's normalisation and the cut to ``response_length``), and one for
+    responses that encode to no token (the policy sees <eos> alone)."""
+    ties, empty = [], 0
+    for k, row in enumerate(pairs):
+        chosen, rejected = tokenizer.encode(row["chosen"]), tokenizer.encode(row["rejected"])
+        empty += (not chosen) + (not rejected)
+        if [*chosen, tokenizer.eos_id][:response_length] == [*rejected, tokenizer.eos_id][:response_length]:
+            ties.append(k)
     if ties:
         warnings.warn(
-            f"{name}: {len(ties)} of {len(rows)} pairs (the first: {name}[{ties[0]}]) have the same chosen and "
-            "rejected response: they teach nothing (their DPO loss stays log 2) and count as misranked in the accuracy",
+            f"{name}: {len(ties)} of {len(pairs)} pairs (the first: {name}[{ties[0]}]) have the same chosen and "
+            f"rejected response once tokenized (and cut to {response_length} tokens): they teach nothing (their DPO "
+            "loss stays log 2) and count as misranked in the accuracy",
             UserWarning,
             stacklevel=3,
         )
-    return rows
+    if empty:
+        warnings.warn(
+            f"{name}: {empty} of {2 * len(pairs)} responses encode to no token (the policy sees <eos> alone)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def warn_truncation(tokenizer, pairs: Sequence[dict], response_length: int, prompt_tokens: int | None) -> None:
@@ -200,6 +219,9 @@ def train_zo_dpo(
         check_positive_float(beta)
     except ValueError as e:
         raise ValueError(f"beta: {e}") from None
+    check_vocabulary(tokenizer, policy, "policy")
+    warn_ties(tokenizer, train_pairs, "train_pairs", response_length)
+    warn_ties(tokenizer, eval_pairs, "eval_pairs", response_length)
     warn_truncation(tokenizer, [*train_pairs, *eval_pairs], response_length, prompt_budget(policy, response_length))
     policy.eval()  # dropout off: the reference pass, and ZO compares two losses of one function
     train_ref = reference_logprobs(policy, tokenizer, train_pairs, response_length, chunk)

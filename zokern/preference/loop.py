@@ -1,13 +1,13 @@
 """The online preference-optimisation loop: ZOPrO, the MeZO direction, LDSD and first-order RLOO in one code path.
 
-One policy step: sample k responses to each of P prompts (frozen rollouts), score them with the reward model,
-subtract the sequence-level KL to the frozen reference, take RLOO advantages, and minimise the PPO-clip surrogate on
-those rollouts: with a ZO step (two policy-loss forwards; LDSD's k + 1) or a first-order one (one forward and a
-backward). Methods are compared at the same number of policy-loss forwards. After every iteration of
-``steps_per_iteration`` steps, pairs of the policy's own responses are labelled by the judge and the reward model is
-refined (first order); ZOPrO's next direction is built from the policy's update over the iteration (mu) and the
-reward model's refinement (vhat, matched to the policy's tensors by name), with gamma decaying linearly over the
-run.
+One policy step: sample k responses to each of P prompts (frozen rollouts), score them with the reward model, subtract
+the sequence-level KL to the frozen reference, take RLOO advantages, and minimise the PPO-clip surrogate on those
+rollouts: with a ZO step (two policy-loss forwards; LDSD's k + 1) or a first-order one (one forward and a backward).
+Methods are compared at the same number of policy-loss forwards. After every iteration of ``2 * steps_per_iteration``
+policy-loss forwards (``steps_per_iteration`` ZO steps), pairs of the policy's own responses are labelled by the judge
+and the reward model is refined (first order); ZOPrO's next direction is built from the policy's update over the
+iteration (mu) and the reward model's refinement (vhat, matched to the policy's tensors by name), with gamma decaying
+linearly over the run.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from zokern.preference.losses import kl_penalised_rewards
 from zokern.preference.losses import ppo_clip_loss
 from zokern.preference.losses import response_logprobs
 from zokern.preference.losses import rloo_advantages
+from zokern.preference.models import check_reward_padding
+from zokern.preference.models import check_vocabulary
 from zokern.preference.models import reward_scores
 from zokern.preference.models import sample
 from zokern.preference.models import train_reward_model
@@ -166,11 +168,6 @@ def _judged_pairs(policy, tokenizer, prompts, judge, config, seed) -> list[dict]
     return pairs
 
 
-def _named(model) -> dict[str, torch.Tensor]:
-    names = _inner_names(model)
-    return {names[id(p)]: p.detach().clone() for p in model.parameters()}
-
-
 def _inner_names(model) -> dict[int, str]:
     """Each parameter's name inside the model's wrappers (PEFT's, torch.compile's): the names by which a wrapped
     policy's tensors meet a plain reward model's. A wrapper's own parameters (PEFT's prompt encoder) keep their
@@ -198,6 +195,18 @@ def _reward_counterparts(policy, reward_model) -> dict[str, torch.Tensor]:
 def forwards_per_step_of(method: str, config: LoopConfig) -> int:
     """Policy-loss forwards per step: a ZO step 2, LDSD k + 1, a first-order step 1."""
     return {"rloo": 1, "ldsd": config.ldsd_k + 1}.get(method, 2)
+
+
+def iteration_ends(steps: int, forwards_per_step: int, forwards_per_iteration: int) -> list[int]:
+    """The step after which each iteration ends (its reward-model refinement): the first at which the run's
+    policy-loss forwards reach each multiple of ``forwards_per_iteration``, so that methods whose step costs another
+    number of forwards (LDSD's k + 1) refine at the same budgets on average; at least one step each, the last at the
+    run's end."""
+    ends: list[int] = []
+    while not ends or ends[-1] < steps:
+        reach = math.ceil(forwards_per_iteration * (len(ends) + 1) / forwards_per_step)
+        ends.append(min(steps, max(reach, ends[-1] + 1 if ends else 1)))
+    return ends
 
 
 def check_forwards(forwards: int, methods: tuple[str, ...], config: LoopConfig) -> None:
@@ -233,9 +242,16 @@ def run(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     tokenizer = loop_tokenizer(tokenizer)
     config.check()
+    if not callable(getattr(judge, "score", None)):  # (before the copies and the first sampling)
+        raise TypeError(
+            f"judge must have a score(prompt, response) method returning a number, got {type(judge).__name__}"
+        )
     for name, prompts in (("train_prompts", train_prompts), ("heldout_prompts", heldout_prompts)):
         _check_prompts(name, prompts)
     prompt_budget(policy, config.response_length)  # a response the policy's positions cannot hold, before any work
+    check_vocabulary(tokenizer, policy, "policy")
+    check_vocabulary(tokenizer, reward_model, "reward model")
+    check_reward_padding(reward_model, tokenizer)
     reference = copy.deepcopy(policy).eval()
     reward_model = copy.deepcopy(reward_model).eval()  # scores without dropout, as after each refinement
     policy.eval()  # dropout off: ZO compares two losses of one function
@@ -265,8 +281,8 @@ def run(
         raise ValueError(
             f"forwards={config.forwards} is less than one {method} step ({forwards_per_step} policy-loss forwards)"
         )
-    steps_per_iteration = max(1, round(2 * config.steps_per_iteration / forwards_per_step))
-    iterations = max(1, math.ceil(steps / steps_per_iteration))
+    ends = iteration_ends(steps, forwards_per_step, 2 * config.steps_per_iteration)
+    iterations = len(ends)
     eval_prompts = heldout_prompts[: config.eval_prompts]
     g = torch.Generator().manual_seed(config.seed)
     records: list[dict] = []
@@ -296,9 +312,11 @@ def run(
     step = 0
     gamma = 0.0 if method == "zopro" else None  # ZOPrO's first iteration explores without a previous update
     sketch(0, gamma)
-    for iteration in range(iterations):
-        policy_start, rm_start = _named(policy), _named(reward_model)
-        for _ in range(min(steps_per_iteration, steps - step)):
+    for iteration, end in enumerate(ends):
+        if method == "zopro":  # what mu and vhat are formed from: the trained tensors and their counterparts alone
+            policy_start = {n: p.detach().clone() for n, p in _trainable_named(policy)}
+            rm_start = {n: p.detach().clone() for n, p in _reward_counterparts(policy, reward_model).items()}
+        while step < end:
             rows = torch.randint(0, len(train_prompts), (config.prompts_per_step,), generator=g).tolist()
             closure, _ = _policy_objective(
                 policy, reference, reward_model, tokenizer, [train_prompts[r] for r in rows], config, seed=step
@@ -329,12 +347,13 @@ def run(
 
 def _zopro_direction(policy, policy_start, reward_model, rm_start, config, iteration, iterations) -> ZOPrODirection:
     """mu = the policy's update over the iteration; vhat = the reward model's refinement on the tensor of the same
-    name (the score head has none); gamma decays linearly from gamma0 to 0 over the run."""
+    name (the score head has none); gamma decays linearly from gamma0 to 0 over the run. Formed in the copies taken
+    at the iteration's start, which they replace (no third copy)."""
     counterparts = _reward_counterparts(policy, reward_model)
     mu, vhat = [], []
     for name, p in _trainable_named(policy):
-        mu.append(p.detach() - policy_start[name])
+        mu.append(policy_start.pop(name).neg_().add_(p.detach()))
         mapped = counterparts.get(name)
-        vhat.append(None if mapped is None else mapped.detach() - rm_start[name])
+        vhat.append(None if mapped is None else rm_start.pop(name).neg_().add_(mapped.detach()))
     gamma = config.gamma0 * max(0.0, 1.0 - (iteration + 1) / iterations)
     return ZOPrODirection(mu, vhat, gamma)

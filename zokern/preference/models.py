@@ -58,6 +58,37 @@ def new_reward_model(tokenizer: WordTokenizer, seed: int = 0, **config) -> torch
     return transformers.OPTForSequenceClassification(cfg)
 
 
+def check_vocabulary(tokenizer, model: torch.nn.Module, name: str) -> None:
+    """Refuse a tokenizer whose ids reach past ``model``'s input embedding (``name``: the model, for the message),
+    which would fail inside torch's embedding at its first forward."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:  # a model of one's own without transformers' accessor: nothing to compare
+        return
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
+    top = max(size - 1, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    if top >= rows:
+        raise ValueError(
+            f"the tokenizer's ids reach {top} but the {name}'s input embedding has {rows} rows: the tokenizer does "
+            "not belong to this model"
+        )
+
+
+def check_reward_padding(reward_model: torch.nn.Module, tokenizer) -> None:
+    """Refuse a reward model that takes another token than the tokenizer's padding for padding: transformers'
+    sequence classifiers score a row's last token that is not ``config.pad_token_id``, so rows shorter than their
+    batch would be scored on padding (a row's score would depend on the rows beside it)."""
+    config = getattr(reward_model, "config", None)
+    if config is None or not hasattr(config, "pad_token_id"):
+        return
+    if config.pad_token_id != tokenizer.pad_id:
+        raise ValueError(
+            f"the reward model's config.pad_token_id is {config.pad_token_id} but the tokenizer pads with "
+            f"{tokenizer.pad_id}: the model scores each row's last token that is not its pad id, so rows would be "
+            f"scored on padding. Set reward_model.config.pad_token_id = {tokenizer.pad_id}"
+        )
+
+
 def batch_texts(
     tokenizer: WordTokenizer, texts: Sequence[str], max_length: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +225,8 @@ def train_reward_model(
     cut from the left to ``max_length`` positions, and to the model's position table."""
     if not pairs:
         raise ValueError("no preference pairs to train the reward model on")
+    check_vocabulary(tokenizer, reward_model, "reward model")
+    check_reward_padding(reward_model, tokenizer)
     table = max_positions(reward_model)
     max_length = max_length if table is None else min(max_length, table)
     g = torch.Generator().manual_seed(seed)

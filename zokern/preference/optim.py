@@ -25,7 +25,8 @@ class ZOPrO(ZOSGD):
     Parameters must be float32 and perturbed in place: the direction (mu, vhat and the stream's noise together) is
     applied by one fused pass per param group (:meth:`ZOPrODirection.apply_`). Weight decay is not supported. Replay
     needs the direction inputs of every iteration, so ``zokern.replay`` does not cover ZOPrO runs. Extra memory: mu
-    and vhat, 8 bytes per trainable parameter.
+    and vhat, 8 bytes per trainable parameter (the loop's copies of the next ones, taken at an iteration's start, 8
+    more during it).
     """
 
     _MERGES = False

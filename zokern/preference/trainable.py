@@ -5,6 +5,7 @@ whose names a regular expression matches (``''`` matches all)."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -35,8 +36,19 @@ def trainable_names(model: torch.nn.Module, trainable: str | None) -> list[str]:
 
 
 def select_trainable(model: torch.nn.Module, trainable: str | None) -> list[torch.nn.Parameter]:
-    """Set ``requires_grad`` on the selected parameters only (trainable_names); returns them in model order."""
+    """Set ``requires_grad`` on the selected parameters only (trainable_names); returns them in model order. The
+    default (None) warns when it freezes parameters the model came with trainable (a PEFT model's adapters)."""
     names = set(trainable_names(model, trainable))
+    if trainable is None:
+        frozen = [n for n, p in model.named_parameters() if p.requires_grad and n not in names]
+        if frozen and any(not p.requires_grad for _, p in model.named_parameters()):  # (not a model all trainable)
+            warnings.warn(
+                f"trainable=None trains the policy's input embedding and freezes the {len(frozen)} parameter(s) it "
+                f"came with trainable ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}): pass a pattern "
+                "to train those (trainable='lora_' for PEFT's LoRA adapters)",
+                UserWarning,
+                stacklevel=3,
+            )
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
     return [p for name, p in model.named_parameters() if name in names]
