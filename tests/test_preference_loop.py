@@ -179,6 +179,35 @@ def test_zopro_step_moves_along_its_direction():
         assert torch.allclose(p.detach().double(), x - 1e-2 * g_hat * zz, atol=2e-5)
 
 
+def test_a_model_of_ones_own_is_not_held_to_checks_that_do_not_apply_to_it(world):
+    # transformers' get_input_embeddings raises for a model it cannot find the embedding in, and a scorer of one's
+    # own may pool by the attention mask whatever its config's pad id: both trained before the checks, and still do.
+    import transformers
+
+    tokenizer = world["tokenizer"]
+
+    class Scorer(transformers.PreTrainedModel):
+        config_class = transformers.OPTConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.backbone = transformers.OPTModel(config)
+            self.head = torch.nn.Linear(config.hidden_size, 1)
+
+        def forward(self, input_ids, attention_mask, **kwargs):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            last = attention_mask.shape[1] - 1  # (left-padded: every row ends in the last column)
+            return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.head(hidden[:, last]))
+
+    config = transformers.OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+        word_embed_proj_dim=16, max_position_embeddings=64, pad_token_id=tokenizer.pad_id + 1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    losses = train_reward_model(Scorer(config), tokenizer, world["pairs"][:8], steps=2, batch=4)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
 @pytest.mark.parametrize(
     "steps, forwards_per_step, ends",
     [

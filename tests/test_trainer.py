@@ -303,9 +303,16 @@ def test_a_checkpoint_without_the_zo_optimizers_state_is_refused_as_a_resume_poi
     ZOTrainer(model=tiny_opt(), args=saving, train_dataset=data).train()
     checkpoint = str(tmp_path / "a" / "checkpoint-2")
     resumed = ZOTrainer(model=tiny_opt(), args=arguments(tmp_path / "a", max_steps=4), train_dataset=data)
-    with pytest.raises(ValueError, match=r"checkpoint-2 holds no optimizer state \(optimizer.pt; saved with save_only"):
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds no optimizer.pt nor scheduler.pt \(saved with save_only"):
         resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed.zo_optimizer.steps_taken == 0
+    # The Trainer loads the optimizer only with its scheduler: without that file it went on with new ones too.
+    saving = arguments(tmp_path / "c", max_steps=2, save_strategy="steps", save_steps=2)
+    ZOTrainer(model=tiny_opt(), args=saving, train_dataset=data).train()
+    (tmp_path / "c" / "checkpoint-2" / "scheduler.pt").unlink()
+    resumed = ZOTrainer(model=tiny_opt(), args=arguments(tmp_path / "c", max_steps=4), train_dataset=data)
+    with pytest.raises(ValueError, match=r"checkpoint-2 holds no scheduler.pt \("):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "c" / "checkpoint-2"))
     first_order = arguments(tmp_path / "b", max_steps=2, save_strategy="steps", save_steps=2)
     transformers.Trainer(model=tiny_opt(), args=first_order, train_dataset=data).train()
     resumed = ZOTrainer(model=tiny_opt(), args=arguments(tmp_path / "b", max_steps=4), train_dataset=data)

@@ -18,6 +18,7 @@ import inspect
 import os
 import re
 import warnings
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -305,11 +306,14 @@ class ZOTrainer(Trainer):
                 f"load its weights into a new run instead (from_pretrained({checkpoint!r}), trained without "
                 "resume_from_checkpoint)"
             )
-            if not os.path.isfile(saved):  # the Trainer would go on with a new optimizer, silently
+            # The Trainer loads the optimizer only with the scheduler, and without either goes on with new ones.
+            missing = [name for name in (trainer_module.OPTIMIZER_NAME, trainer_module.SCHEDULER_NAME)
+                       if not os.path.isfile(os.path.join(checkpoint, name))]  # fmt: skip
+            if missing:
                 raise ValueError(
-                    f"{checkpoint} holds no optimizer state ({trainer_module.OPTIMIZER_NAME}; saved with "
-                    "save_only_model=True?): resumed, the ZO optimizer would draw its seeds from step 0 again, "
-                    f"repeating the run's perturbations, and the lr schedule would start over; {instead}"
+                    f"{checkpoint} holds no {' nor '.join(missing)} (saved with save_only_model=True?): resumed, the "
+                    "ZO optimizer would draw its seeds from step 0 again, repeating the run's perturbations, and the "
+                    f"lr schedule would start over; {instead}"
                 )
             try:
                 return super()._load_optimizer_and_scheduler(checkpoint)
@@ -501,13 +505,13 @@ class ZOTrainer(Trainer):
         # Each forward from torch's random state as it is, left as it was: a loss that samples (token dropout, an
         # augmentation) must draw the same for both counts, and the run the same as without the probe (a resumed
         # run probes at another step than the run it resumes).
-        cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+        fork = _random_state_fork(model, self.args.n_gpu)
         for entry in window:
             batch = {k: v for k, v in entry.items() if k != _NUM_ITEMS}
             with torch.no_grad(), self.compute_loss_context_manager():
-                with torch.random.fork_rng(devices=cuda):
+                with fork():
                     once = self.compute_loss(model, dict(batch), num_items_in_batch=items)
-                with torch.random.fork_rng(devices=cuda):
+                with fork():
                     twice = self.compute_loss(model, dict(batch), num_items_in_batch=items * 2)
             if self.args.n_gpu > 1:  # nn.DataParallel's one loss per GPU, as the closure takes their mean
                 once, twice = once.mean(), twice.mean()
@@ -617,6 +621,17 @@ def _check_sharded_checkpoint(checkpoint: str) -> None:
             f"{checkpoint} was saved by a run without FSDP (it holds no {FSDP_MODEL_NAME}*): resume it without FSDP, "
             "or load its weights into the model before the Trainer shards it and start a new run"
         )
+
+
+def _random_state_fork(model: torch.nn.Module, n_gpu: int) -> Callable[[], Any]:
+    """A context that saves torch's random states of the CPU and of the accelerator the model's parameters are on
+    (each of its devices; under nn.DataParallel each of its ``n_gpu``), and gives them back on exit."""
+    accelerators = {p.device.type for p in model.parameters()} - {"cpu", "meta"}
+    if len(accelerators) != 1:  # the CPU's alone (or devices of several kinds: each kind's own is out of reach)
+        return lambda: torch.random.fork_rng(devices=[])
+    (kind,) = accelerators
+    indices = {p.device.index or 0 for p in model.parameters() if p.device.type == kind} | set(range(max(n_gpu, 0)))
+    return lambda: torch.random.fork_rng(devices=sorted(indices), device_type=kind)
 
 
 def _rank_file(directory: str, rank: int, world: int) -> str:

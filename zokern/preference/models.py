@@ -17,6 +17,7 @@ import torch
 from zokern.preference.data import WordTokenizer
 from zokern.preference.losses import bradley_terry_loss
 from zokern.preference.positions import cache_kwargs
+from zokern.preference.positions import innermost
 from zokern.preference.positions import max_positions
 from zokern.preference.positions import position_kwargs
 from zokern.preference.positions import prompt_budget
@@ -61,9 +62,12 @@ def new_reward_model(tokenizer: WordTokenizer, seed: int = 0, **config) -> torch
 def check_vocabulary(tokenizer, model: torch.nn.Module, name: str) -> None:
     """Refuse a tokenizer whose ids reach past ``model``'s input embedding (``name``: the model, for the message),
     which would fail inside torch's embedding at its first forward."""
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    try:
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    except (NotImplementedError, AttributeError):  # transformers' default, for a model it cannot find it in
+        embeddings = None
     rows = getattr(embeddings, "num_embeddings", None)
-    if rows is None:  # a model of one's own without transformers' accessor: nothing to compare
+    if rows is None:  # a model of one's own without the accessor: nothing to compare
         return
     size = len(tokenizer) if hasattr(tokenizer, "__len__") else 0
     top = max(size - 1, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
@@ -75,9 +79,11 @@ def check_vocabulary(tokenizer, model: torch.nn.Module, name: str) -> None:
 
 
 def check_reward_padding(reward_model: torch.nn.Module, tokenizer) -> None:
-    """Refuse a reward model that takes another token than the tokenizer's padding for padding: transformers'
-    sequence classifiers score a row's last token that is not ``config.pad_token_id``, so rows shorter than their
-    batch would be scored on padding (a row's score would depend on the rows beside it)."""
+    """Refuse a transformers sequence classifier that takes another token than the tokenizer's padding for padding:
+    it scores a row's last token that is not ``config.pad_token_id``, so rows shorter than their batch would be
+    scored on padding (a row's score would depend on the rows beside it)."""
+    if not type(innermost(reward_model)).__name__.endswith("ForSequenceClassification"):
+        return  # a scorer of one's own, which may pool otherwise (by the attention mask)
     config = getattr(reward_model, "config", None)
     if config is None or not hasattr(config, "pad_token_id"):
         return
