@@ -1070,14 +1070,28 @@ def test_a_projected_gradient_whose_step_at_a_large_lr_is_beyond_float32_skips_t
     _assert_the_step_is_skipped(cls(groups, seed=1, **kwargs), [1e32, -1e32], (a, frozen, b), initial)
 
 
-def _assert_the_step_is_skipped(opt, losses, params, initial):
-    """One step of ``opt`` on ``losses`` (cycled): skipped as non-finite, the parameters restored, replay alike."""
+@pytest.mark.parametrize(
+    "cls,kwargs", [(ZOSGD, {}), (ZOSGD, dict(momentum=0.9)), (ZOSGD, dict(n_probes=2)), (LDSD, dict(k=2))]
+)
+def test_a_step_whose_update_a_float16_parameter_cannot_hold_skips_the_update(cls, kwargs):
+    # g = 1e5 at lr 1: lr g z reaches 5e5, beyond float16's 65504 (float32 holds it): the update wrote inf, silently.
+    (a, frozen, b), groups, _, _ = _problem(torch.float16)
+    initial = [p.detach().clone() for p in (a, frozen, b)]
+    for group in groups:
+        group["lr"] = 1.0
+    opt = cls(groups, seed=1, perturbation="inplace", **kwargs)  # (the losses are given: no op reads the parameters)
+    _assert_the_step_is_skipped(opt, [100.0, -100.0], (a, frozen, b), initial, atol=2e-3)  # (float16's ulp at 2)
+
+
+def _assert_the_step_is_skipped(opt, losses, params, initial, atol=1e-6):
+    """One step of ``opt`` on ``losses`` (cycled): skipped as non-finite, the parameters restored (to ``atol``: the
+    in-place cycle's rounding), replay alike."""
     values = itertools.cycle(losses)
     with pytest.warns(RuntimeWarning, match=r"non-finite loss at .*projected gradient beyond float32 counts"):
         loss = opt.step(lambda: torch.tensor(next(values), dtype=torch.float64))
     assert math.isnan(loss.item()) and opt.nonfinite_steps == 1 and opt.trajectory[-1]["skipped"]
     for p, start in zip(params, initial):
-        torch.testing.assert_close(p.detach(), start, atol=1e-6, rtol=0)
+        torch.testing.assert_close(p.detach(), start, atol=atol, rtol=0)
     replayed = [t.clone() for t in initial]
     zokern.replay(replayed, opt.trajectory)
     assert all(torch.equal(r, p.detach()) for r, p in zip(replayed, params))

@@ -78,6 +78,7 @@ class ZOAdam(ZOSGD):
         self.defaults.update(betas=tuple(betas), adam_eps=adam_eps)
 
     _PROJECTED_LIMIT = ZOSGD._SQUARED_PROJECTED_LIMIT  # the second moment holds (g z)^2 in float32
+    _LINEAR_UPDATE = False  # its step is about lr whatever g
 
     def _check_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_hyperparameters(group)

@@ -922,6 +922,22 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         momentum = getattr(self, "momentum", 0.0)
         return reach / (1.0 - momentum) if momentum else reach
 
+    _LINEAR_UPDATE = False  # whether the update is lr g z (ZO-SGD's rule, LDSD's SGD rules): see _float16_limit
+    _FLOAT16_ROOM = 65504.0 / 2  # what an update may add to a float16 weight: half its range, the rest its own value
+
+    def _float16_limit(self) -> float:
+        """The largest |g| whose update lr g z (|z| < 4.855; a momentum buffer's sum of 1 / (1 - momentum) of them) a
+        float16 parameter holds, for rules whose update is linear in g (a float16 weight overflows long before
+        float32's range, which _update_reach bounds); inf where no float16 parameter trains or the rule normalises
+        its step."""
+        if not self._LINEAR_UPDATE:
+            return math.inf
+        if not any(p.dtype == torch.float16 for _, tensors, _ in self._groups_layout() for p in tensors):
+            return math.inf
+        momentum = getattr(self, "momentum", 0.0)
+        step = max(group["lr"] for group in self.param_groups) * ops.Z_BOUND / (1.0 - momentum)
+        return self._FLOAT16_ROOM / step if step else math.inf
+
     def _check_projected(self, coefficients: list[float], per_eps: bool = True) -> None:
         """Skip the step (as for a non-finite loss) if a projected gradient, c / eps in some group (``per_eps``) or c,
         times _update_reach, is beyond _PROJECTED_LIMIT: applied, it would write inf or NaN into the
@@ -929,7 +945,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         largest = max(map(abs, coefficients), default=0.0)
         if per_eps:
             largest /= min(group["eps"] for group in self.param_groups)
-        if not largest * self._update_reach() < self._PROJECTED_LIMIT:
+        if not (largest * self._update_reach() < self._PROJECTED_LIMIT and largest < self._float16_limit()):
             raise NonFiniteLoss
 
     def _reduce(self, values: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

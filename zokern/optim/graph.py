@@ -143,7 +143,7 @@ class StepGraph:
 
     def _key(self, closure: Callable[[], Any], chunks: list) -> tuple:
         """What a captured graph holds fixed: the closure, the tensors and offsets of each fused call, each group's
-        eps (g = d / eps is computed inside the graph) and _update_reach (which bounds g there),
+        eps (g = d / eps is computed inside the graph) and the bounds on g there (_update_reach, _float16_limit),
         the pass options, and where every parameter of the optimizer lives (the closure reads the frozen ones too: one
         given new storage must not be read at its old address)."""
         opt = self.opt
@@ -153,7 +153,7 @@ class StepGraph:
         )
         storage = tuple(p.data_ptr() for group in opt.param_groups for p in group["params"])
         options = (opt.one_sided, opt.rounding, opt.distribution, opt.backend)
-        return id(closure), layout, opt._update_reach(), storage, options
+        return id(closure), layout, (opt._update_reach(), opt._float16_limit()), storage, options
 
     def _plan(self, seed: int, chunks: list) -> list[list[int]]:
         """The rows of one step, in launch order: +eps per fused call, then (two-sided) -2 eps, then the

@@ -104,6 +104,10 @@ class LDSD(ZOOptimizer):
 
     _PASSES_CHECK_MEMORY = False  # its passes take the parameters as the optimizer checked them (_groups_layout)
 
+    @property
+    def _LINEAR_UPDATE(self) -> bool:  # theta - lr g (mu + sigma xi), but for the Adam rule's
+        return self._rule != "adam"
+
     def __init__(
         self,
         params,
@@ -408,6 +412,7 @@ class LDSD(ZOOptimizer):
         largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups)) * self._update_reach()
         limit = self._SQUARED_PROJECTED_LIMIT if self._rule == "adam" else self._PROJECTED_LIMIT
         ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < limit)
+        ok = ok & (largest / self._update_reach() < self._float16_limit())  # (float16: lr g (mu + sigma xi))
         for row in (raw_mu_rows or {}).values():  # nor a step of mu (mu_lr c_i / (K sigma) for each xi_i) beyond it
             ok = ok & (row.abs().max() * k < self._PROJECTED_LIMIT)
         grads = self._final_pass(onehot, f_plus - f_minus, raw_mu_rows, norms, paired, ok)

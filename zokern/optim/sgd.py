@@ -74,6 +74,8 @@ class ZOSGD(ZOOptimizer):
             batch from the same tensors every step and must not sync with the host.
     """
 
+    _LINEAR_UPDATE = True  # theta - lr g z (momentum: through its buffer)
+
     def __init__(
         self,
         params,
@@ -365,7 +367,9 @@ class ZOSGD(ZOOptimizer):
         # pass restores without updating where g is not finite: every group's g is NaN then, so no group updates alone.
         eps = list(dict.fromkeys(group["eps"] for group in self.param_groups))  # distinct, in order (eps > 0)
         grads = torch.stack([diff / e for e in eps])
-        ok = torch.isfinite(losses).all() & (grads.abs() * self._update_reach() < self._PROJECTED_LIMIT).all()
+        bound = grads.abs()
+        ok = torch.isfinite(losses).all() & (bound * self._update_reach() < self._PROJECTED_LIMIT).all()
+        ok = ok & (bound < self._float16_limit()).all()
         grads = torch.where(ok, grads, torch.nan)
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         by_eps = dict(zip(eps, grads.unbind()))
@@ -405,7 +409,8 @@ class ZOSignSGD(ZOSGD):
     r"""ZO-SignSGD: the ZO-SGD estimate :math:`\hat g`, but the update uses its elementwise sign,
     :math:`\theta \leftarrow \theta - \eta(\operatorname{sign}(\hat g) + \lambda\theta)` (with momentum:
     the sign of the momentum buffer). The step size is then independent of the loss scale: use a much smaller
-    ``lr`` than ZO-SGD (it moves every weight by exactly :math:`\eta`).
+    ``lr`` than ZO-SGD (it moves every weight by exactly :math:`\eta`; a 16-bit one by :math:`\eta` in expectation,
+    as its update rounds stochastically).
 
     Extra memory: one float32 tensor the size of the largest trainable parameter, transient (the estimate, or its
     sign with momentum, materialised one tensor at a time; two while several probes are summed, and a float32 copy
@@ -415,6 +420,7 @@ class ZOSignSGD(ZOSGD):
 
     _MERGES = False
     _GRAPHS = False
+    _LINEAR_UPDATE = False  # theta - lr sign(g) z: bounded whatever g
 
     def _own_update_rule(self) -> str | None:
         return "its sign"
