@@ -810,13 +810,13 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
 
     def _put_back_scales(self, scales: list[tuple]) -> list[tuple]:
         """Put back each group's eps (or sigma) that differs from ``scales``, its value when the step began; returns
-        (group index, key, value found) for each."""
+        (group index, key, value put back, value found) for each."""
         changed = []
         for k, (group, was) in enumerate(zip(self.param_groups, scales)):
             for key, before in zip(self._SCALE_KEYS, was):
                 after = group.get(key)
                 if after != before:
-                    changed.append((k, key, after))
+                    changed.append((k, key, before, after))
                     group[key] = before
         return changed
 
@@ -825,8 +825,7 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         the passes after it would take back another perturbation than the one applied (theta displaced)."""
         changed = self._put_back_scales(scales)
         if changed:
-            k, key, after = changed[0]
-            before = scales[k][self._SCALE_KEYS.index(key)]
+            k, key, before, after = changed[0]
             raise ValueError(
                 f"param group {k}'s {key} was changed from {before} to {after} during a step (by its closure), and is "
                 f"put back to {before}, by which the step's passes perturbed and restore the parameters: change "
@@ -918,9 +917,11 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         """What a projected gradient is multiplied by, at most, on its way into theta or a state: a group's lr beyond
         1 (a gradient within _PROJECTED_LIMIT times lr = 1e4 would still write inf), and a momentum buffer's sum of up
         to 1 / (1 - momentum) of them."""
-        reach = max(1.0, *(group["lr"] for group in self.param_groups))
-        momentum = getattr(self, "momentum", 0.0)
-        return reach / (1.0 - momentum) if momentum else reach
+        return max(1.0, *(group["lr"] for group in self.param_groups)) * self._buffer_sum()
+
+    def _buffer_sum(self) -> float:
+        """How many steps' g z a momentum buffer holds at most: 1 / (1 - momentum); 1 without momentum."""
+        return 1.0 / (1.0 - getattr(self, "momentum", 0.0))
 
     _LINEAR_UPDATE = False  # whether the update is lr g z (ZO-SGD's rule, LDSD's SGD rules): see _float16_limit
     _FLOAT16_ROOM = 65504.0 / 2  # what an update may add to a float16 weight: half its range, the rest its own value
@@ -934,18 +935,24 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             return math.inf
         if not any(p.dtype == torch.float16 for _, tensors, _ in self._groups_layout() for p in tensors):
             return math.inf
-        momentum = getattr(self, "momentum", 0.0)
-        step = max(group["lr"] for group in self.param_groups) * ops.Z_BOUND / (1.0 - momentum)
+        step = max(group["lr"] for group in self.param_groups) * ops.Z_BOUND * self._buffer_sum()
         return self._FLOAT16_ROOM / step if step else math.inf
+
+    def _within_limits(self, size: Any, limit: float | None = None) -> Any:
+        """Whether projected gradients of magnitude ``size`` (a float, or a tensor of them, read on the device) can
+        be applied: times _update_reach below ``limit`` (default _PROJECTED_LIMIT), and below _float16_limit."""
+        within = size * self._update_reach() < (self._PROJECTED_LIMIT if limit is None else limit)
+        float16 = self._float16_limit()
+        return within if float16 == math.inf else within & (size < float16)
 
     def _check_projected(self, coefficients: list[float], per_eps: bool = True) -> None:
         """Skip the step (as for a non-finite loss) if a projected gradient, c / eps in some group (``per_eps``) or c,
-        times _update_reach, is beyond _PROJECTED_LIMIT: applied, it would write inf or NaN into the
-        parameters or the states."""
+        is beyond the limits (_within_limits): applied, it would write inf or NaN into the parameters or the
+        states."""
         largest = max(map(abs, coefficients), default=0.0)
         if per_eps:
             largest /= min(group["eps"] for group in self.param_groups)
-        if not (largest * self._update_reach() < self._PROJECTED_LIMIT and largest < self._float16_limit()):
+        if not self._within_limits(largest):
             raise NonFiniteLoss
 
     def _reduce(self, values: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

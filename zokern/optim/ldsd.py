@@ -407,12 +407,11 @@ class LDSD(ZOOptimizer):
         f_minus = self._device_losses([evaluate()])[0]
         f_plus = losses.gather(0, best.view(1))[0]
         # A non-finite loss, or a projected gradient the final pass cannot apply in float32 (it moves theta by
-        # g (mu + sigma xi), the Adam rule squares it): no update.
+        # g (mu + sigma xi), the Adam rule squares it; float16 weights hold less): no update.
         largest = (f_plus - f_minus).abs() / (2 * min(group["eps"] for group in self.param_groups))
-        largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups)) * self._update_reach()
+        largest = largest * max(1.0, *(group["sigma"] for group in self.param_groups))
         limit = self._SQUARED_PROJECTED_LIMIT if self._rule == "adam" else self._PROJECTED_LIMIT
-        ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & (largest < limit)
-        ok = ok & (largest / self._update_reach() < self._float16_limit())  # (float16: lr g (mu + sigma xi))
+        ok = torch.isfinite(losses).all() & torch.isfinite(f_minus) & self._within_limits(largest, limit)
         for row in (raw_mu_rows or {}).values():  # nor a step of mu (mu_lr c_i / (K sigma) for each xi_i) beyond it
             ok = ok & (row.abs().max() * k < self._PROJECTED_LIMIT)
         grads = self._final_pass(onehot, f_plus - f_minus, raw_mu_rows, norms, paired, ok)

@@ -367,9 +367,7 @@ class ZOSGD(ZOOptimizer):
         # pass restores without updating where g is not finite: every group's g is NaN then, so no group updates alone.
         eps = list(dict.fromkeys(group["eps"] for group in self.param_groups))  # distinct, in order (eps > 0)
         grads = torch.stack([diff / e for e in eps])
-        bound = grads.abs()
-        ok = torch.isfinite(losses).all() & (bound * self._update_reach() < self._PROJECTED_LIMIT).all()
-        ok = ok & (bound < self._float16_limit()).all()
+        ok = torch.isfinite(losses).all() & self._within_limits(grads.abs()).all()
         grads = torch.where(ok, grads, torch.nan)
         loss = torch.where(ok, loss, torch.nan)  # a skipped step's loss is NaN, as its record and the host path say
         by_eps = dict(zip(eps, grads.unbind()))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from zokern.preference.data import text_ids
+from zokern.preference.models import check_vocabulary
 from zokern.preference.models import seeded_global_rng
 
 
@@ -102,11 +103,7 @@ def check_tokenizer(path: Path, tokenizer: HFTokenizer, policy: torch.nn.Module)
             f"--model {path}: no usable tokenizer ({len(tokenizer)} token(s); {SAMPLE_TEXT!r} encodes to {ids}); "
             f"the directory must hold the tokenizer's files (tokenizer.save_pretrained)"
         )
-    vocabulary = tokenizer.tokenizer.get_vocab().values()
-    top = max([*vocabulary, tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id])
-    rows = policy.get_input_embeddings().num_embeddings
-    if top >= rows:
-        raise ValueError(
-            f"--model {path}: the tokenizer's ids reach {top} but the model's input embedding has {rows} rows: "
-            f"the tokenizer does not belong to this model"
-        )
+    try:
+        check_vocabulary(tokenizer, policy, "model")
+    except ValueError as e:
+        raise ValueError(f"--model {path}: {e}") from None
