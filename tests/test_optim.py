@@ -1626,6 +1626,22 @@ def test_a_projected_gradient_whose_update_float32_cannot_hold_is_refused_or_not
     assert torch.equal(one, start)
 
 
+def test_a_projected_gradient_whose_update_a_float16_parameter_cannot_hold_is_refused_or_not_applied():
+    # lr g z with g = 1e4 at lr 1 reaches 4.9e4: float32 holds it, but it brings a float16 weight to inf (or close
+    # enough that the next step does); it was written silently. A float32 parameter takes it.
+    half = torch.nn.Parameter(torch.randn(6).half())
+    full = torch.nn.Parameter(torch.randn(6))
+    opt = ZOSGD([{"params": [full]}, {"params": [half]}], lr=1.0)
+    start = [p.detach().clone() for p in (full, half)]
+    with pytest.raises(ValueError, match=r"projected_grad\[1\] is 10000: .*beyond half of float16's range"):
+        opt.apply_projected_grad(opt.new_seed(), [1e4, 1e4])
+    assert torch.equal(full, start[0]) and torch.equal(half, start[1])
+    opt.apply_projected_grad(opt.new_seed(), torch.tensor([1e4, 1e4]))  # read on the device: that group is left
+    assert torch.equal(half, start[1]) and not torch.equal(full, start[0])
+    opt.apply_projected_grad(opt.new_seed(), [1e4, 1.0])
+    assert torch.isfinite(half).all() and not torch.equal(half, start[1])
+
+
 @pytest.mark.parametrize("given_as", ["floats", "a tensor", "tensors"])
 def test_lower_level_pieces_with_each_groups_eps_compose_into_a_step(given_as):
     """Each group perturbs by its own eps, so its g is (L+ - L-) / (2 eps) with that eps: given one per group, the

@@ -228,25 +228,33 @@ class ZOSGD(ZOOptimizer):
                 "the param groups' eps differ, so their projected gradients (L+ - L-) / (2 eps) do: pass one per "
                 "param group"
             )
-        by_group = {id(group): self._applicable(grads, k, group) for k, group in enumerate(self.param_groups)}
+        by_group = {
+            id(group): self._applicable(grads, k, group, tensors)
+            for k, (group, tensors, _) in enumerate(self._groups_layout())
+        }
         self.materialize()
         self._restore_update(seed, 0.0, lambda group: by_group[id(group)])
         self._block_randomness.clear()  # the estimate is applied: its blocks' draws are done with
         clear_weight_caches()  # weights computed from theta before the update (see _caches)
 
-    def _applicable(self, grads: list, k: int, group: dict[str, Any]) -> float | torch.Tensor:
+    def _applicable(self, grads: list, k: int, group: dict[str, Any], tensors: list) -> float | torch.Tensor:
         """Group ``k``'s g among apply_projected_grad's ``grads`` (one, or one per group), checked before any group
-        is written: a number whose update lr g z float32 cannot hold is refused; a tensor is made NaN there (read on
-        the device), so that the pass leaves theta as it is, as for a non-finite one."""
+        is written: a number whose update lr g z float32 cannot hold (or, with float16 parameters in the group, half
+        of float16's range: see _float16_limit) is refused; a tensor is made NaN there (read on the device), so that
+        the pass leaves theta as it is, as for a non-finite one."""
         g = grads[k % len(grads)]
-        limit = self._PROJECTED_LIMIT / max(1.0, group["lr"])
+        limit, held_by = self._PROJECTED_LIMIT / max(1.0, group["lr"]), "float32"
+        if group["lr"] and any(p.dtype == torch.float16 for p in tensors):
+            float16 = self._FLOAT16_ROOM / (group["lr"] * ops.Z_BOUND)
+            if float16 < limit:
+                limit, held_by = float16, "half of float16's range (the group trains float16 parameters)"
         if isinstance(g, torch.Tensor):
             return torch.where(g.abs() < limit, g, torch.nan)
         if not abs(g) < limit:
             name = "projected_grad" if len(grads) == 1 else f"projected_grad[{k}]"
             raise ValueError(
                 f"{name} is {g:g}: param group {k}'s update, lr * g * z with lr = {group['lr']:g} and |z| up to "
-                f"{ops.Z_BOUND}, would be beyond float32 (|g| must be below {limit:.3g}); nothing was updated"
+                f"{ops.Z_BOUND}, would be beyond {held_by} (|g| must be below {limit:.3g}); nothing was updated"
             )
         return g
 
