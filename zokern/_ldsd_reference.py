@@ -14,7 +14,9 @@ losses, the projected gradient) never travel to the host. With :math:`\xi_s` the
   :math:`m \leftarrow \beta_1 m + (1-\beta_1) d,\ v \leftarrow \beta_2 v + (1-\beta_2) d^2,\ u = (m/c_1)/(\sqrt{v/c_2}
   + \delta)`), :math:`x \leftarrow \theta_0 - \eta(u + \lambda\theta_0)` and :math:`\mu \leftarrow M(\mu, \xi)`.
   Where ``ok`` is 0 (a non-finite loss), only :math:`x \leftarrow \theta_0`: mu and the rule's states keep their
-  values.
+  values. The two additions to x are docs/stream.md's add() (section 5: a zero term leaves x; each sum's exact error
+  kept for stochastic rounding), the update is left out when :math:`\eta = 0` and :math:`\lambda\theta_0` when
+  :math:`\lambda = 0`, and the result is rounded as that section's pass rounds.
 
 Arithmetic is float32. The streams come from the plain-torch oracle (``stream_backend="torch"``, the default) or,
 when this module is an optimizer's fallback backend, from the fused pass of the fastest backend. Tensors are
@@ -29,8 +31,8 @@ import torch
 
 from zokern import ops
 from zokern._reference import _CHUNK
-from zokern._reference import round_stochastic
-from zokern._reference import rounding_bits
+from zokern._reference import add_exact
+from zokern._reference import round_stochastic_at
 from zokern._reference import stream
 
 STATES_PER_RULE = {"sgd": 0, "momentum": 1, "adam": 2}
@@ -66,9 +68,9 @@ def _streams(seeds: Sequence[int], start: int, count: int, distribution: str, de
     return [generate(s, start, count, device=device, backend=backend) for s in seeds]
 
 
-def _write(part: torch.Tensor, x: torch.Tensor, rounding_seed: int | None, start: int) -> None:
+def _write(part: torch.Tensor, x: torch.Tensor, e: torch.Tensor, rounding_seed: int | None, start: int) -> None:
     if rounding_seed is not None and part.dtype in (torch.bfloat16, torch.float16):
-        x = round_stochastic(x, rounding_bits(rounding_seed, start, x.numel(), x.device), part.dtype)
+        x = round_stochastic_at(x, e, rounding_seed, start, part.dtype)
     part.copy_(x)
 
 
@@ -141,7 +143,8 @@ def ldsd_final_(
     for k, lo, n, start in _chunks(params, bases):
         part, mu = params[k].view(-1)[lo : lo + n], mus[k].view(-1)[lo : lo + n]
         xis = _streams(seeds, start, n, distribution, part.device, stream_backend)
-        theta0 = part.float() + _combine(coef[at["P"]], mu, xis)
+        x = part.float()
+        theta0, e0 = add_exact(x, torch.zeros_like(x), _combine(coef[at["P"]], mu, xis))
         direction = _combine(coef[at["D"]], mu, xis)
         if rule == "sgd":
             step = direction
@@ -160,10 +163,13 @@ def ldsd_final_(
             step = (m_new / coef[at["c1"]]) / (root + f32(adam_eps))
             m.copy_(torch.where(ok, m_new, m))
             v.copy_(torch.where(ok, v_new, v))
-        updated = theta0 - eta * (step + wd * theta0)
+        updated, e = theta0, e0
+        if eta != 0.0:  # (as the fused pass, docs/stream.md section 5: lr = 0 writes back theta0's bits)
+            u = eta * (step + wd * theta0) if wd != 0.0 else eta * step
+            updated, e = add_exact(theta0, e0, -u)
         mu_new = _combine(coef[at["M"]], mu, xis)
         mu.copy_(torch.where(ok, mu_new, mu))
-        _write(part, torch.where(ok, updated, theta0), rounding_seed, start)
+        _write(part, torch.where(ok, updated, theta0), torch.where(ok, e, e0), rounding_seed, start)
 
 
 def float32_value(v: float) -> float:

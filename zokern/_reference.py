@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-STREAM_VERSION = 1
+STREAM_VERSION = 2
 
 # Philox4x32 constants (Salmon et al. 2011; Random123).
 PHILOX_M0 = 0xD2511F53
@@ -26,9 +26,10 @@ PHILOX_ROUNDS = 10
 DOMAIN_GAUSSIAN = 0
 DOMAIN_RADEMACHER = 1
 DOMAIN_ROUNDING = 2
+DOMAIN_ROUNDING_FINE = 3  # the second rounding integer, read where the first ties (section 5)
 
 # log2 of the number of elements one Philox call feeds, per stream.
-ELEMENTS_PER_CALL_LOG2 = {DOMAIN_GAUSSIAN: 3, DOMAIN_RADEMACHER: 7, DOMAIN_ROUNDING: 3}
+ELEMENTS_PER_CALL_LOG2 = {DOMAIN_GAUSSIAN: 3, DOMAIN_RADEMACHER: 7, DOMAIN_ROUNDING: 3, DOMAIN_ROUNDING_FINE: 3}
 
 DISTRIBUTIONS = {"gaussian": DOMAIN_GAUSSIAN, "rademacher": DOMAIN_RADEMACHER}
 
@@ -108,33 +109,103 @@ def stream(
 
 
 def rounding_bits(
-    seed: int, start: int, count: int, device: torch.device | str | None = None, words_of=None
+    seed: int,
+    start: int,
+    count: int,
+    device: torch.device | str | None = None,
+    words_of=None,
+    domain: int = DOMAIN_ROUNDING,
 ) -> torch.Tensor:
-    """The 16-bit stochastic-rounding integers s_i for i in [start, start + count), as int64. ``words_of``: a
-    backend's ``philox_block_words`` (the same words; a compiled one in a few ops, where this module's takes ~130)."""
+    """The 16-bit stochastic-rounding integers s_i (``domain`` 2; 3: the second ones, s2_i) for i in [start, start +
+    count), as int64. ``words_of``: a backend's ``philox_block_words`` (the same words; a compiled one in a few ops,
+    where this module's takes ~130)."""
     if count == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
-    first, n_blocks, skip = _block_span(start, count, ELEMENTS_PER_CALL_LOG2[DOMAIN_ROUNDING])
-    words = (words_of or philox_block_words)(seed, DOMAIN_ROUNDING, first, n_blocks, device)
+    first, n_blocks, skip = _block_span(start, count, ELEMENTS_PER_CALL_LOG2[domain])
+    words = (words_of or philox_block_words)(seed, domain, first, n_blocks, device)
     halves = torch.stack((words & 0xFFFF, words >> 16), dim=2).reshape(-1)
     return halves[skip : skip + count]
 
 
-def round_stochastic(x: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round float32 x to a 16-bit dtype: away from zero with probability q (docs/stream.md, section 5)."""
+def add_exact(x: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """section 5's add(x, e, w) on float32 tensors: x + w and e plus that sum's exact rounding error (Knuth's TwoSum),
+    x and e left as they are where w is +-0 (a zero term never changes a bit, -0 included)."""
+    s = x + w
+    v = s - x
+    d = (x - (s - v)) + (w - v)
+    zero = w == 0
+    return torch.where(zero, x, s), torch.where(zero, e, e + d)
+
+
+def round_stochastic(
+    x: torch.Tensor, e: torch.Tensor, bits: torch.Tensor, fine_bits: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Round x + e (float32 x, and e its exact residual: section 5) to a 16-bit dtype: to one of the two neighbours
+    of x + e, away from zero with the probability that makes the expectation x + e, to 2^-32 of their spacing."""
+    f32 = torch.float32
+    e = torch.where(torch.isfinite(e), e, 0.0)
+    x, e = add_exact(x, torch.zeros_like(x), e)  # renormalised: |e| <= half of x's float32 spacing
     nearest = x.to(dtype)
     as_int = nearest.view(torch.int16).to(torch.int32) & 0xFFFF
+    m = x.abs()
+    r = torch.where(x < 0, -e, e)  # the residual along the magnitude
     # Sign-magnitude: subtracting 1 from the bit pattern moves one step toward zero, adding 1 one step away.
-    overshot = (nearest.to(torch.float32).abs() > x.abs()).to(torch.int32)
-    toward = as_int - overshot
-    away = toward + 1
+    toward = as_int - (nearest.to(f32).abs() > m).to(torch.int32)
     as_16 = lambda b: torch.where(b >= 0x8000, b - 0x10000, b).to(torch.int16).view(dtype)  # noqa: E731
-    t_lo, t_hi = as_16(toward), as_16(away)
-    mag_lo = t_lo.to(torch.float32).abs()
-    q = (x.abs() - mag_lo) / (t_hi.to(torch.float32).abs() - mag_lo)
-    rounded = torch.where(bits.to(torch.float32) < q * 65536.0, t_hi, t_lo)
-    in_range = torch.isfinite(x) & (x.abs() <= torch.finfo(dtype).max)
+    on_grid_and_below = (as_16(toward).to(f32).abs() == m) & (r < 0)
+    toward = toward - on_grid_and_below.to(torch.int32)  # x + e lies in the cell below x
+    t_lo, t_hi = as_16(toward), as_16(toward + 1)
+    mag_lo = t_lo.to(f32).abs()
+    span = t_hi.to(f32).abs() - mag_lo  # a power of two: the divisions below are exact
+    big_d = ((m - mag_lo) / span) * 65536.0
+    big_r = (r / span) * 65536.0
+    k0 = torch.floor(big_d)
+    frac = (big_d - k0) + big_r
+    whole = torch.floor(frac)
+    k, f = k0 + whole, frac - whole
+    s, s2 = bits.to(f32), fine_bits.to(f32)
+    away = (s < k) | ((s == k) & (s2 < f * 65536.0))
+    rounded = torch.where(away, t_hi, t_lo)
+    in_range = torch.isfinite(x) & (m <= torch.finfo(dtype).max) & (x != 0)
     return torch.where(in_range, rounded, nearest)
+
+
+def round_stochastic_at(
+    x: torch.Tensor,
+    e: torch.Tensor,
+    rounding_seed: int,
+    start: int,
+    dtype: torch.dtype,
+    words_of=None,
+) -> torch.Tensor:
+    """round_stochastic with the rounding integers of elements [start, start + x.numel()) of ``rounding_seed``."""
+    n = x.numel()
+    bits = rounding_bits(rounding_seed, start, n, x.device, words_of)
+    fine = rounding_bits(rounding_seed, start, n, x.device, words_of, DOMAIN_ROUNDING_FINE)
+    return round_stochastic(x.reshape(-1), e.reshape(-1), bits, fine, dtype).view(x.shape)
+
+
+def pass_values(
+    x: torch.Tensor,
+    z1: torch.Tensor,
+    a: float,
+    g: torch.Tensor | None,
+    lr: float,
+    weight_decay: float,
+    z2: torch.Tensor | None = None,
+    b: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Section 5's pass on float32 values x given the float32 streams z1 (and z2: the second seed's), with float32
+    scalars (g a float32 tensor, None: no update): the result x and its exact residual e, before rounding."""
+    x, e = add_exact(x, torch.zeros_like(x), a * z1)
+    if g is not None and lr != 0.0:
+        u = lr * (g * z1 + weight_decay * x) if weight_decay != 0.0 else lr * (g * z1)
+        updated, e_updated = add_exact(x, e, -u)
+        finite = torch.isfinite(g)
+        x, e = torch.where(finite, updated, x), torch.where(finite, e_updated, e)
+    if z2 is not None:
+        x, e = add_exact(x, e, b * z2)
+    return x, e
 
 
 def zo_pass_(
@@ -171,14 +242,10 @@ def zo_pass_(
                 part = flat[lo : lo + _CHUNK]
                 i0, n = base + lo, part.numel()
                 z1 = stream(seed, i0, n, distribution, t.device).to(f32)
-                x = part.to(f32) + a * z1
-                if g is not None:
-                    updated = x - eta * (g * z1 + wd * x)
-                    x = torch.where(torch.isfinite(g), updated, x)
-                if seed2 is not None:
-                    x = x + b * stream(seed2, i0, n, distribution, t.device).to(f32)
+                z2 = None if seed2 is None else stream(seed2, i0, n, distribution, t.device).to(f32)
+                x, e = pass_values(part.to(f32), z1, a, g, eta, wd, z2, b)
                 if rounding_seed is not None and t.dtype in (torch.bfloat16, torch.float16):
-                    part.copy_(round_stochastic(x, rounding_bits(rounding_seed, i0, n, t.device), t.dtype))
+                    part.copy_(round_stochastic_at(x, e, rounding_seed, i0, t.dtype))
                 else:
                     part.copy_(x)
 
