@@ -24,6 +24,7 @@ from zokern.kernels import options
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import rademacher_tile
 from zokern.kernels.zo_pass import _TL_DTYPES
+from zokern.kernels.zo_pass import _add
 from zokern.kernels.zo_pass import _rounded
 from zokern.kernels.zo_pass import _widen
 from zokern.kernels.zo_pass import _work_table
@@ -136,8 +137,8 @@ def _ldsd_kernel(
         if MODE == 3:
             acc64 = acc_m.to(tl.float64)
             tl.store(partial_ptr + pid, tl.sum(tl.where(mask, acc64 * acc64, 0.0), axis=0))
-        x = x + acc_p
         if MODE == 2:
+            x, e = _add(x, tl.zeros_like(x), acc_p)  # theta0; e: its exact residual, read by stochastic rounding
             ok = tl.load(coef_ptr + 3 * R) != 0.0
             if RULE == 0:
                 step = acc_d
@@ -159,10 +160,18 @@ def _ldsd_kernel(
                 step = tl.math.div_rn(tl.math.div_rn(m_new, c1), tl.math.sqrt_rn(tl.math.div_rn(v_new, c2)) + adam_eps)
                 _store(m_ptrs, tl.where(ok, m_new, m), mask, interior)
                 _store(v_ptrs, tl.where(ok, v_new, v), mask, interior)
-            updated = x - lr * (step + weight_decay * x)
             _store(mu_ptrs, tl.where(ok, acc_m, mu), mask, interior)
-            x = tl.where(ok, updated, x)
-        _store(x_ptrs, _rounded(x, rounding_seed, g0, DTYPE, STOCHASTIC, BLOCK), mask, interior)
+            # As the fused pass: lr = 0 and weight_decay = 0 leave their terms out (an infinite theta0 stays so).
+            if lr != 0.0:
+                if weight_decay != 0.0:
+                    step = step + weight_decay * x
+                updated, e_updated = _add(x, e, -(lr * step))
+                x = tl.where(ok, updated, x)
+                e = tl.where(ok, e_updated, e)
+        else:  # a move is a plain sum (zokern._ldsd_reference.ldsd_move_), rounded to nearest
+            x = x + acc_p
+            e = tl.zeros_like(x)
+        _store(x_ptrs, _rounded(x, e, rounding_seed, g0, DTYPE, STOCHASTIC, BLOCK), mask, interior)
 
 
 def _launch(

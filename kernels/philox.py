@@ -16,6 +16,7 @@ PHILOX_W1 = tl.constexpr(0xBB67AE85)
 DOMAIN_GAUSSIAN = tl.constexpr(0)
 DOMAIN_RADEMACHER = tl.constexpr(1)
 DOMAIN_ROUNDING = tl.constexpr(2)
+DOMAIN_ROUNDING_FINE = tl.constexpr(3)
 
 # float32(pi / 32768): the angle step of the Box-Muller grid.
 ANGLE_STEP = tl.constexpr(9.587379924285257e-05)
@@ -130,9 +131,10 @@ def rademacher_tile(seed, g0, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def rounding_tile(seed, g0, BLOCK: tl.constexpr):
-    """The stochastic-rounding integers s_i in [0, 65536) for i in [g0, g0 + BLOCK), int32; g0 a multiple of 8."""
-    x0, x1, x2, x3 = philox_blocks(seed, g0 >> 3, BLOCK // 8, DOMAIN_ROUNDING)
+def rounding_tile(seed, g0, BLOCK: tl.constexpr, DOMAIN: tl.constexpr):
+    """The stochastic-rounding integers in [0, 65536) for i in [g0, g0 + BLOCK), int32; g0 a multiple of 8: s_i
+    with DOMAIN_ROUNDING, the second ones s2_i with DOMAIN_ROUNDING_FINE (the same layout)."""
+    x0, x1, x2, x3 = philox_blocks(seed, g0 >> 3, BLOCK // 8, DOMAIN)
     column = tl.arange(0, 8)[None, :]
     word = tl.where(
         column < 4,

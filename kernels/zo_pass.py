@@ -19,6 +19,8 @@ from zokern._reference import DISTRIBUTIONS
 from zokern._reference import DOMAIN_RADEMACHER
 from zokern._transfer import to_device
 from zokern.kernels import options
+from zokern.kernels.philox import DOMAIN_ROUNDING
+from zokern.kernels.philox import DOMAIN_ROUNDING_FINE
 from zokern.kernels.philox import gaussian_tile
 from zokern.kernels.philox import philox_blocks
 from zokern.kernels.philox import rademacher_tile
@@ -70,40 +72,78 @@ def _round_nearest(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _sign_magnitude_round(x, s, DTYPE: tl.constexpr):
-    """x rounded to DTYPE away from zero iff s < q * 65536 (docs/stream.md, section 5), for finite in-range x."""
+def _add(x, e, w):
+    """docs/stream.md section 5's add(x, e, w): x + w, and e plus that sum's exact rounding error (Knuth's TwoSum),
+    where w is not +-0; x and e as they are where it is (a zero term never changes a bit, -0 included)."""
+    s = x + w
+    v = s - x
+    d = (x - (s - v)) + (w - v)
+    zero = w == 0.0
+    return tl.where(zero, x, s), tl.where(zero, e, e + d)
+
+
+@triton.jit
+def _code_value(code, DTYPE: tl.constexpr):
+    """The float32 value of a DTYPE code held in an int32. bf16 goes through its bits, as in _widen."""
     if DTYPE == tl.bfloat16:
-        # bf16 is float32 with the low 16 bits cut: truncation is rounding toward zero, and q * 65536 is exactly
-        # those low bits.
-        bits = x.to(tl.uint32, bitcast=True)
-        toward = bits & 0xFFFF0000
-        chosen = tl.where(s.to(tl.uint32) < (bits & 0xFFFF), toward + 0x10000, toward)
-        return _bf16_from_bits(chosen)
+        return (code.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return code.to(tl.uint16).to(DTYPE, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _sign_magnitude_round(x, e, rounding_seed, g0, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """x + e rounded to DTYPE stochastically (docs/stream.md, section 5, steps 3 and 4) for finite, non-zero,
+    in-range x and its renormalised residual e; other lanes get some value."""
+    if DTYPE == tl.bfloat16:
+        # bf16 is float32 with the low 16 bits cut: truncation is rounding toward zero.
+        code = (x.to(tl.uint32, bitcast=True) >> 16).to(tl.int32)
     else:
         nearest = _round_nearest(x, DTYPE)
         code = nearest.to(tl.uint16, bitcast=True).to(tl.int32)
         # In sign-magnitude codes, -1 steps toward zero and +1 away from it.
-        toward_code = code - (tl.abs(nearest.to(tl.float32)) > tl.abs(x)).to(tl.int32)
-        toward = toward_code.to(tl.uint16).to(DTYPE, bitcast=True)
-        away = (toward_code + 1).to(tl.uint16).to(DTYPE, bitcast=True)
-        low = tl.abs(toward.to(tl.float32))
-        # Correctly rounded division (compiled, "/" is an approximation within 2 ulps): q must be exact, and it is,
-        # as its divisor is a power of two.
-        q = tl.math.div_rn(tl.abs(x) - low, tl.abs(away.to(tl.float32)) - low)
-        return tl.where(s.to(tl.float32) < q * 65536.0, away, toward)
+        code = code - (tl.abs(nearest.to(tl.float32)) > tl.abs(x)).to(tl.int32)
+    m = tl.abs(x)
+    r = tl.where(x < 0.0, -e, e)  # the residual along the magnitude
+    code = code - ((tl.abs(_code_value(code, DTYPE)) == m) & (r < 0.0)).to(tl.int32)  # x + e in the cell below x
+    low = tl.abs(_code_value(code, DTYPE))
+    span = tl.abs(_code_value(code + 1, DTYPE)) - low
+    # Correctly rounded divisions (compiled, "/" is an approximation within 2 ulps): exact, as span is a power of two.
+    big_d = tl.math.div_rn(m - low, span) * 65536.0
+    big_r = tl.math.div_rn(r, span) * 65536.0
+    k0 = tl.floor(big_d)
+    frac = (big_d - k0) + big_r
+    # Compiled, tl.floor flushes subnormals: a negative subnormal frac gives k one more and f = frac < 0, where the
+    # reference has f = 1.0 (1 + frac rounded): the same decision, s < k0.
+    whole = tl.floor(frac)
+    k = k0 + whole
+    f = frac - whole
+    s = rounding_tile(rounding_seed, g0, BLOCK, DOMAIN_ROUNDING).to(tl.float32)
+    away = s < k
+    # s2 decides only where s = k and f > 0 (s2 >= 0), about once in 65536 elements: the tile draws its second
+    # integers only when a lane needs them, so the pass costs what it did.
+    tie = (s == k) & (f > 0.0)
+    if tl.max(tie.to(tl.int32), axis=0) > 0:
+        s2 = rounding_tile(rounding_seed, g0, BLOCK, DOMAIN_ROUNDING_FINE).to(tl.float32)
+        away = away | (tie & (s2 < f * 65536.0))
+    return (code + away.to(tl.int32)).to(tl.uint16).to(DTYPE, bitcast=True)
 
 
 @triton.jit
-def _rounded(x, rounding_seed, g0, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
-    """The float32 tile x as DTYPE: stochastically rounded with the rounding stream of ``rounding_seed`` at the
-    tile's indices, or rounded to nearest (docs/stream.md, section 5)."""
+def _rounded(x, e, rounding_seed, g0, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    """The float32 tile x (e: its exact residual) as DTYPE: x + e stochastically rounded with the rounding streams of
+    ``rounding_seed`` at the tile's indices, or x rounded to nearest (docs/stream.md, section 5)."""
     if STOCHASTIC:
-        s = rounding_tile(rounding_seed, g0, BLOCK)
+        e = tl.where(tl.abs(e) <= 3.4028234663852886e38, e, 0.0)
+        x, e = _add(x, tl.zeros_like(e), e)  # renormalised: |e| at most half of x's float32 spacing
+        # Zeros, NaN, infinities and magnitudes beyond the format's largest finite value round to nearest.
         if DTYPE == tl.float16:
-            in_range = tl.abs(x) <= 65504.0  # false for NaN and infinities, which round to nearest
+            in_range = tl.abs(x) <= 65504.0
         else:
             in_range = tl.abs(x) <= 3.3895313892515355e38
-        return tl.where(in_range, _sign_magnitude_round(x, s, DTYPE), _round_nearest(x, DTYPE))
+        in_range = in_range & (x != 0.0)
+        stochastic = _sign_magnitude_round(x, e, rounding_seed, g0, DTYPE, BLOCK)
+        return tl.where(in_range, stochastic, _round_nearest(x, DTYPE))
     else:
         return _round_nearest(x, DTYPE)
 
@@ -169,22 +209,27 @@ def _zo_pass_kernel(
         z1 = rademacher_tile(seed, g0, BLOCK)
     else:
         z1 = gaussian_tile(seed, g0, BLOCK)
-    x = x + alpha * z1
+    x, e = _add(x, tl.zeros_like(x), alpha * z1)  # e: the exact residual, read by stochastic rounding alone
     if UPDATE:
         if GRAD_ON_DEVICE:
             g = tl.load(grad_ptr)
         else:
             g = grad_value
-        updated = x - lr * (g * z1 + weight_decay * x)
-        x = tl.where(tl.abs(g) <= 3.4028234663852886e38, updated, x)  # a NaN or infinite g only restores
+        # A NaN or infinite g only restores; lr = 0 and weight_decay = 0 leave their terms out, so that an infinite
+        # weight stays infinite (0 * inf is NaN).
+        if (lr != 0.0) & (tl.abs(g) <= 3.4028234663852886e38):
+            step = g * z1
+            if weight_decay != 0.0:
+                step = step + weight_decay * x
+            x, e = _add(x, e, -(lr * step))
     if SECOND:
         if RADEMACHER:
             z2 = rademacher_tile(seed2, g0, BLOCK)
         else:
             z2 = gaussian_tile(seed2, g0, BLOCK)
-        x = x + alpha2 * z2
+        x, e = _add(x, e, alpha2 * z2)
 
-    out = _rounded(x, rounding_seed, g0, DTYPE, STOCHASTIC, BLOCK)
+    out = _rounded(x, e, rounding_seed, g0, DTYPE, STOCHASTIC, BLOCK)
     if interior:
         tl.store(ptrs, out)
     else:

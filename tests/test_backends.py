@@ -126,7 +126,7 @@ def _reference_rule_on_own_stream(impl, t, base, kwargs):
 # ------------------------------------------------------------------------------------------------ the stream
 
 
-@pytest.mark.parametrize("domain", [0, 1, 2])
+@pytest.mark.parametrize("domain", [0, 1, 2, 3])
 def test_philox_words_bit_identical(impl, domain):
     # Seeds in [2**31, 2**32) reach Triton as uint32 scalars, not int64 (its interpreter once got their key wrong).
     cases = ((0, 0), (2**63 - 1, 2**32 - 3), (0x299F31D0A4093822, 2**59 + 17), (5, 2**60 - 40))

@@ -289,6 +289,46 @@ def test_many_tiny_updates_add_up_under_stochastic_rounding():
             assert torch.equal(theta, torch.full((n,), 1.5, dtype=torch.bfloat16))
 
 
+def test_tiny_updates_of_weights_on_a_power_of_two_are_unbiased_in_both_directions():
+    # bf16 weights at 1.0 moved T times by +-3e-8 (a quarter of float32's spacing above 1.0, half of the one below)
+    # along a fixed Rademacher z. Rounding x = 1 +- 3e-8 to float32 first kept 1.0 upward (every upward update lost)
+    # and doubled the downward ones (1 - 6e-8): each sign's mean signed error was T * 3e-8 = 3e-6, 10 standard
+    # deviations. Stochastic rounding of the pass's exact result (docs/stream.md section 5) moves each group by its
+    # intended total: a weight moves up by u = 2^-7 with probability 3e-8 / u (down: 2^-8, 3e-8 / 2^-8), so the
+    # group mean's variance is T * 3e-8 * u / n.
+    n, steps, alpha = 1 << 18, 100, 3e-8
+    theta = torch.ones(n, dtype=torch.bfloat16)
+    for t in range(steps):
+        zokern.perturb_(theta, 11, alpha, distribution="rademacher", rounding="stochastic", rounding_seed=500 + t)
+    z = zokern.rademacher(11, 0, n).double()
+    for sign, spacing in ((1.0, 2.0**-7), (-1.0, 2.0**-8)):
+        moved = theta.double()[z == sign] - 1.0
+        sd = math.sqrt(steps * alpha * spacing / moved.numel())
+        assert abs(moved.mean().item() - sign * steps * alpha) < 5 * sd, (sign, moved.mean().item(), sd)
+        assert (moved != 0).any()
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_zeros_and_infinities_keep_their_bits_where_no_term_changes_them(dtype, rounding):
+    # A zero term (lr = 0, a zero coefficient) leaves a weight's bits: -0 stayed -0 (+0 - (-0) made it +0), and an
+    # infinite weight stays infinite where weight_decay is 0 (its 0 * inf made it NaN at the first update, lr = 0
+    # included): a trainable -inf mask, say.
+    special = torch.tensor([-0.0, 0.0, math.inf, -math.inf, 1.5, -0.0], dtype=dtype)
+    kwargs = dict(rounding=rounding, **({"rounding_seed": 9} if rounding == "stochastic" else {}))
+    t = special.clone()
+    zokern.perturb_(t, 3, 0.0, **kwargs)
+    zokern.restore_update_(t, 3, 0.0, 0.0, 2.0, weight_decay=0.1, **kwargs)
+    assert torch.equal(t.view(torch.int16), special.view(torch.int16))
+    zokern.restore_update_(t, 3, 0.0, 1e-2, 2.0, **kwargs)  # weight_decay 0: inf stays inf
+    assert torch.equal(t[2:4], special[2:4]) and t[4] != special[4]
+    theta = torch.nn.Parameter(special.clone())
+    opt = ZOSGD([theta], lr=0.0, eps=1e-3, seed=1, rounding=rounding)
+    for _ in range(3):
+        opt.step(lambda: (theta[4].double() - 1) ** 2)  # (the exact mode: theta is never written in the forwards)
+    assert torch.equal(theta.detach().view(torch.int16), special.view(torch.int16))
+
+
 # ----------------------------------------------------------------------------------------------- loss precision
 
 

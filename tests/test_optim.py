@@ -356,6 +356,21 @@ def test_resuming_from_state_dict_continues_bit_identically(cls):
     assert all(torch.equal(p, u) for p, u in zip(params, uninterrupted))
 
 
+def test_a_state_dict_of_stream_version_1_resumes_and_another_version_is_refused():
+    # Version 2 changed how 16-bit updates are rounded, not z: a version-1 run's states and seeds resume as they were.
+    params, groups, closure, _ = _problem()
+    opt = ZOSGD(groups, seed=9, momentum=0.5)
+    opt.step(closure)
+    saved = opt.state_dict()
+    saved["zo"] = dict(saved["zo"], stream_version=1)
+    resumed = ZOSGD(_problem()[1], seed=1, momentum=0.5)
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict()["zo"]["stream_version"] == zokern.STREAM_VERSION == 2
+    saved["zo"]["stream_version"] = 3
+    with pytest.raises(ValueError, match="state dict written with stream version 3; this zokern has 2"):
+        ZOSGD(_problem()[1], seed=1, momentum=0.5).load_state_dict(saved)
+
+
 def test_load_sharded_state_dict_of_an_unsharded_run_loads_as_load_state_dict_and_checks_the_ranks_agree():
     # (Sharded state dicts: tests/test_fsdp.py.) One state dict of whole states is every rank's: each keeps its rows.
     params, groups, closure, _ = _problem(torch.float32)

@@ -208,6 +208,91 @@ ZK_INLINE void fill_rounding(uint64_t seed, int64_t chunk_begin, int64_t lo, int
   }
 }
 
+// ------------------------------------------------------------- the pass's exact sums and their stochastic rounding
+
+// docs/stream.md, section 5: domain 3 holds the second rounding integers, laid out as domain 2's.
+constexpr uint32_t kDomainRoundingFine = 3;
+
+// Section 5's add(x, e, w): a zero term leaves x and e (a -0 weight stays -0); otherwise x + w, and e gathers the
+// sum's exact error (Knuth's TwoSum; -ffp-contract=off keeps it exact). kResidual false: x only, for the passes
+// whose rounding never reads e. Selects on bit patterns keep the loops branch-free.
+template <bool kResidual>
+ZK_INLINE void add_term(float& x, float& e, float w) {
+  const float s = add_rn(x, w);
+  const bool zero = w == 0.0f;
+  if (kResidual) {
+    const float v = sub_rn(s, x);
+    const float d = add_rn(sub_rn(x, sub_rn(s, v)), sub_rn(w, v));
+    e = bits_float(select_bits(zero, float_bits(e), float_bits(add_rn(e, d))));
+  }
+  x = bits_float(select_bits(zero, float_bits(x), float_bits(s)));
+}
+
+// |x| rounded toward zero to a 16-bit format, as its magnitude's bit pattern, for |x| (bits mag) finite and at most
+// the format's largest finite value. Integer work, apart from float16's subnormals (multiples of 2^-24).
+ZK_INLINE uint32_t truncated(BFloat16Format, uint32_t mag) { return mag >> 16; }
+
+ZK_INLINE uint32_t truncated(Float16Format, uint32_t mag) {
+  const uint32_t normal = (mag - 0x38000000u) >> 13;  // rebias the exponent (127 -> 15), drop 13 mantissa bits
+  // The clamp keeps the conversion defined for every x.
+  const float a = bits_float(mag < Float16Format::kMinNormalBits ? mag : Float16Format::kMinNormalBits);
+  const uint32_t subnormal = static_cast<uint32_t>(a * 0x1.0p24f);
+  return mag >= Float16Format::kMinNormalBits ? normal : subnormal;
+}
+
+// floor(v) for finite v of magnitude below 2^31: D in [0, 65536] and F within a few units of 0, below. Through an
+// integer conversion, which vectorises where floorf does not (gcc, with trapping math).
+ZK_INLINE float floor_small(float v) {
+  const float t = static_cast<float>(static_cast<int32_t>(v));
+  return bits_float(select_bits(t > v, float_bits(t - 1.0f), float_bits(t)));
+}
+
+// Section 5's stochastic rounding of x + e (e: x's residual) to a 16-bit Format with the first rounding integer s.
+// Where s ties with k (once in 2^16), the second integer s2 decides: *fine receives f * 65536 there (away from zero
+// iff s2 < *fine) and -1 elsewhere, and resolve_ties draws s2 for those elements only. Comparisons of magnitudes
+// are on bit patterns, and nothing but the final select reads round_nearest: float work on a value that may be a
+// NaN constant in one arm gets sunk into a branch, and the loop would not vectorise.
+template <class Format>
+ZK_INLINE uint16_t round_stochastic_exact(float x, float e, uint32_t s, float* fine) {
+  float r = 0.0f;
+  add_term<true>(x, r, bits_float(select_bits(is_finite(e), float_bits(e), 0u)));  // |r| <= x's half spacing
+  const uint32_t u = float_bits(x), mag = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
+  const float m = bits_float(mag);
+  const uint32_t r_bits = float_bits(r) ^ sign;  // r along the magnitude
+  const auto magnitude = [](uint32_t pattern) {
+    return float_bits(Format::to_float(static_cast<uint16_t>(pattern))) & 0x7FFFFFFFu;
+  };
+  uint32_t toward = truncated(Format{}, mag);
+  toward -= (magnitude(toward) == mag) & (r_bits > 0x80000000u) ? 1u : 0u;  // on the grid, x + e in the cell below
+  const float lo = bits_float(magnitude(toward));
+  const float span = bits_float(magnitude(toward + 1)) - lo;  // a power of two: the divisions are exact
+  const bool in_range = (mag != 0u) & (mag <= Format::kMaxFiniteBits);  // else to nearest (and not finite)
+  // Out of range, D and F are 0: the floors' integer conversions then stay defined.
+  const float big_d = bits_float(select_bits(in_range, float_bits(mul_rn(sub_rn(m, lo) / span, 65536.0f)), 0u));
+  const float big_r = mul_rn(bits_float(r_bits) / span, 65536.0f);
+  const float k0 = floor_small(big_d);
+  const float frac = bits_float(select_bits(in_range, float_bits(add_rn(sub_rn(big_d, k0), big_r)), 0u));
+  const float whole = floor_small(frac);
+  const float k = add_rn(k0, whole), f = sub_rn(frac, whole);
+  const float sf = static_cast<float>(s);
+  *fine = bits_float(select_bits(in_range & (sf == k), float_bits(mul_rn(f, 65536.0f)), float_bits(-1.0f)));
+  const uint32_t stochastic = (sign >> 16) | (toward + (sf < k ? 1u : 0u));
+  return static_cast<uint16_t>(select_bits(in_range, stochastic, Format::round_nearest(x)));
+}
+
+// The ties of round_stochastic_exact over n elements from global index i0 (fine[j] >= 0): one Philox call (domain
+// 3) each, the same s2 an eager draw would read. The stored value then moves one step away from zero iff s2 < fine.
+template <class Storage>
+ZK_INLINE void resolve_ties(uint64_t rounding_seed, int64_t i0, int64_t n, const float* fine, Storage* data) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (fine[j] < 0.0f) continue;
+    const uint64_t i = static_cast<uint64_t>(i0 + j);
+    const Philox4 w = philox_block(rounding_seed, i >> kRoundingLog2, kDomainRoundingFine);
+    const uint32_t s2 = (w.x[(i & 7) >> 1] >> (16 * (i & 1))) & 0xFFFFu;
+    if (static_cast<float>(s2) < fine[j]) ++data[j];
+  }
+}
+
 // x86-64's baseline, SSE2, has no vector 32x32->64-bit multiply that the vectoriser can use for Philox: AVX2 and
 // AVX-512 (x86-64-v4) clones, picked at load time, run the Philox batches 8 or 16 blocks at a time (1.4x and 3.6x
 // the SSE2 throughput on an AMD EPYC). setup.py compiles with -ffp-contract=off, so x86-64-v4's FMA leaves the

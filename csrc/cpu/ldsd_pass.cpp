@@ -68,6 +68,7 @@ template <class Format, int kMode, int kRule, bool kStochastic>
 ZK_CPU_CLONES double ldsd_chunk(const Job& job, int64_t chunk_begin, const LdsdConfig& cfg, const LdsdTensors& ts) {
   alignas(64) float acc[3][kChunk];
   alignas(64) uint16_t bits[kChunk];
+  alignas(64) float fine[kChunk];
   const int64_t lo = std::max(chunk_begin, job.base);
   const int64_t last = std::min(chunk_begin + (kChunk - 1), job.last);
   const int64_t shift = lo - job.base, n = last - lo + 1;
@@ -80,7 +81,14 @@ ZK_CPU_CLONES double ldsd_chunk(const Job& job, int64_t chunk_begin, const LdsdC
   auto* __restrict data = static_cast<typename Format::Storage*>(job.data) + shift;
   const int64_t off = lo - chunk_begin;
   for (int64_t j = 0; j < n; ++j) {
-    float x = add_rn(Format::to_float(data[j]), acc[0][j]);
+    // The final pass adds to x as the fused pass does (docs/stream.md, section 5's add(): theta0's e is kept for
+    // stochastic rounding, and a zero term leaves x); the move passes are plain sums, as the reference's.
+    float x = Format::to_float(data[j]), e = 0.0f;
+    if (kMode == kFinal) {
+      add_term<kStochastic>(x, e, acc[0][j]);
+    } else {
+      x = add_rn(x, acc[0][j]);
+    }
     if (kMode == kFinal && cfg.ok) {
       const float d = acc[1][j];
       float step = d;
@@ -96,11 +104,20 @@ ZK_CPU_CLONES double ldsd_chunk(const Job& job, int64_t chunk_begin, const LdsdC
         const float c1 = cfg.coef[3 * (cfg.seeds.size() + 1) + 1], c2 = cfg.coef[3 * (cfg.seeds.size() + 1) + 2];
         step = (m / c1) / add_rn(std::sqrt(v / c2), cfg.adam_eps);
       }
-      x = sub_rn(x, mul_rn(cfg.lr, add_rn(step, mul_rn(cfg.weight_decay, x))));
+      if (cfg.lr != 0.0f) {  // as the fused pass: no update at lr = 0, no weight_decay * x at weight_decay = 0
+        const float decay =
+            bits_float(select_bits(cfg.weight_decay != 0.0f, float_bits(mul_rn(cfg.weight_decay, x)), 0u));
+        add_term<kStochastic>(x, e, -mul_rn(cfg.lr, add_rn(step, decay)));
+      }
       mu[j] = acc[2][j];
     }
-    data[j] = kStochastic ? Format::round_stochastic(x, bits[off + j]) : Format::round_nearest(x);
+    if constexpr (kStochastic) {
+      data[j] = round_stochastic_exact<Format>(x, e, bits[off + j], fine + off + j);
+    } else {
+      data[j] = Format::round_nearest(x);
+    }
   }
+  if constexpr (kStochastic) resolve_ties(cfg.rounding_seed, lo, n, fine + off, data);
   double sum = 0.0;
   if (kMode == kMoveNorm) {
     for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(acc[1][j]) * acc[1][j];

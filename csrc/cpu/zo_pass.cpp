@@ -81,11 +81,33 @@ struct PassConfig {
   PassScalars scalars;
 };
 
+// docs/stream.md, section 5's pass on one element, rounded and stored. kStochastic: e is kept and x + e rounded,
+// *fine as round_stochastic_exact sets it (else untouched).
+template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
+ZK_INLINE void pass_element_into(typename Format::Storage& d, float z1, float z2, uint32_t s, float* fine,
+                                 const PassScalars& p) {
+  float x = Format::to_float(d), e = 0.0f;
+  add_term<kStochastic>(x, e, mul_rn(p.alpha, z1));
+  if (kUpdate) {
+    // No weight_decay * x when weight_decay is 0: 0 * inf would turn an infinite weight into NaN. (The + 0 in its
+    // place can only turn a -0 u into +0: a zero term either way.)
+    const float decay = bits_float(select_bits(p.weight_decay != 0.0f, float_bits(mul_rn(p.weight_decay, x)), 0u));
+    add_term<kStochastic>(x, e, -mul_rn(p.lr, add_rn(mul_rn(p.grad, z1), decay)));
+  }
+  if (kSecond) add_term<kStochastic>(x, e, mul_rn(p.alpha2, z2));
+  if constexpr (kStochastic) {
+    d = round_stochastic_exact<Format>(x, e, s, fine);
+  } else {
+    d = Format::round_nearest(x);
+  }
+}
+
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
 ZK_CPU_CLONES void process_chunk_gaussian(const Job& job, int64_t chunk_begin, const PassConfig& cfg) {
   alignas(64) float z1[kChunk];
   alignas(64) float z2[kChunk];
   alignas(64) uint16_t s[kChunk];
+  alignas(64) float fine[kChunk];
   BlockWords words;
   const int64_t lo = std::max(chunk_begin, job.base);
   const int64_t last = std::min(chunk_begin + (kChunk - 1), job.last);
@@ -97,27 +119,28 @@ ZK_CPU_CLONES void process_chunk_gaussian(const Job& job, int64_t chunk_begin, c
   const int64_t off = lo - chunk_begin, n = last - lo + 1;
   const PassScalars p = cfg.scalars;
   for (int64_t j = 0; j < n; ++j) {
-    const float x = pass_element(Format::to_float(data[j]), z1[off + j], kSecond ? z2[off + j] : 0.0f, p, kUpdate,
-                                 kSecond);
-    data[j] = kStochastic ? Format::round_stochastic(x, s[off + j]) : Format::round_nearest(x);
+    pass_element_into<Format, kUpdate, kSecond, kStochastic>(data[j], z1[off + j], kSecond ? z2[off + j] : 0.0f,
+                                                             kStochastic ? s[off + j] : 0u, fine + off + j, p);
   }
+  if constexpr (kStochastic) resolve_ties(cfg.rounding_seed, lo, n, fine + off, data);
 }
 
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
 ZK_INLINE void rademacher_element(typename Format::Storage& d, uint32_t bit1, uint32_t bit2, uint16_t s,
-                                  const PassScalars& p) {
-  const float x = pass_element(Format::to_float(d), sign_float(bit1), kSecond ? sign_float(bit2) : 0.0f, p, kUpdate,
-                               kSecond);
-  d = kStochastic ? Format::round_stochastic(x, s) : Format::round_nearest(x);
+                                  float* fine, const PassScalars& p) {
+  pass_element_into<Format, kUpdate, kSecond, kStochastic>(d, sign_float(bit1), kSecond ? sign_float(bit2) : 0.0f,
+                                                           s, fine, p);
 }
 
 // Whole words of a 16-bit perturb pass (no update, second seed or stochastic rounding) with AVX-512 where the CPU has
-// it (rademacher_avx512.h); false: the caller's portable loop does them.
+// it (rademacher_avx512.h); false: the caller's portable loop does them. alpha = 0 takes the portable loop, whose
+// zero term leaves every bit (x + 0 would turn -0 into +0).
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
 bool perturb_words_avx512(typename Format::Storage* data, int64_t base, int64_t first_word, int64_t end_word,
                           const BlockWords& words, int64_t first_block, const PassScalars& p) {
 #ifdef ZK_AVX512_PATHS
   if constexpr (!kUpdate && !kSecond && !kStochastic) {
+    if (p.alpha == 0.0f) return false;
     if constexpr (std::is_same_v<Format, BFloat16Format>) {
       if (!avx512::has_bf16_path()) return false;
       avx512::perturb_words_bf16(data, base, first_word, end_word, words, first_block, p.alpha);
@@ -141,6 +164,7 @@ bool perturb_words_avx512(typename Format::Storage* data, int64_t base, int64_t 
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
 ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin, const PassConfig& cfg) {
   alignas(64) uint16_t s[kChunk];
+  alignas(64) float fine[kChunk];
   BlockWords words1, words2, scratch;
   const int64_t lo = std::max(chunk_begin, job.base);
   const int64_t last = std::min(chunk_begin + (kChunk - 1), job.last);
@@ -170,15 +194,20 @@ ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin,
       if (vectorised) continue;
       for (uint32_t e = 0; e < 32; ++e) {
         rademacher_element<Format, kUpdate, kSecond, kStochastic>(data[w0 + e - job.base], w1 >> e, w2 >> e,
-                                                                  kStochastic ? s[w0 + e - chunk_begin] : 0, p);
+                                                                  kStochastic ? s[w0 + e - chunk_begin] : 0,
+                                                                  fine + (w0 + e - chunk_begin), p);
       }
     } else {  // a tensor's first or last, partial word
       const int64_t e_last = std::min<int64_t>(31, last - w0);  // counts within the word: no overflow at 2^63 - 1
       for (int64_t e = std::max<int64_t>(0, lo - w0); e <= e_last; ++e) {
         rademacher_element<Format, kUpdate, kSecond, kStochastic>(data[w0 + e - job.base], w1 >> e, w2 >> e,
-                                                                  kStochastic ? s[w0 + e - chunk_begin] : 0, p);
+                                                                  kStochastic ? s[w0 + e - chunk_begin] : 0,
+                                                                  fine + (w0 + e - chunk_begin), p);
       }
     }
+  }
+  if constexpr (kStochastic) {
+    resolve_ties(cfg.rounding_seed, lo, last - lo + 1, fine + (lo - chunk_begin), data + (lo - job.base));
   }
 }
 
@@ -229,8 +258,8 @@ void zo_pass_cpu(at::TensorList tensors, at::IntArrayRef bases, int64_t seed, do
                        static_cast<uint64_t>(rounding_seed),
                        {static_cast<float>(alpha), static_cast<float>(lr), g, static_cast<float>(weight_decay),
                         static_cast<float>(alpha2)}};
-  // A non-finite g skips the update: the pass then only restores.
-  const bool do_update = update && is_finite(g);
+  // A non-finite g skips the update: the pass then only restores; lr = 0 leaves it out (section 5).
+  const bool do_update = update && is_finite(g) && cfg.scalars.lr != 0.0f;
   switch (tensors[0].scalar_type()) {
     case at::kFloat:
       run_pass_for<Float32Format>(jobs, n_tasks, cfg, do_update, second, false);

@@ -8,12 +8,13 @@
 // cache). A warp's 32 octets are 256 contiguous elements, read and written with 16-byte accesses whenever the
 // octet's addresses are 16-byte aligned (the tensor's base index and pointers permit it); octets cut by a tensor's
 // ends, or misaligned, use element accesses. Each tensor is read from its source and written to its data, the same
-// memory for an in-place pass: the out-of-place pass (the exact mode's theta + alpha z) is the same kernel.
+// memory for an in-place pass: the out-of-place pass (the exact mode's theta + alpha z, plain sums rounded to nearest)
+// is the same kernel.
 //
 // Cost per octet: one Philox call and four Box-Muller pairs for Gaussian z; one Philox call for Rademacher z (the
 // 16 threads of a 128-element group recompute the same call, which costs the warp no more than one call, as for
 // Gaussian z, without the transform); one more call for the second seed's z, and one for the stochastic-rounding
-// integers.
+// integers (and one for the second ones, in the octets that need them: one in 8192).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -102,6 +103,69 @@ __device__ __forceinline__ PassConfig from_row(PassConfig c) {
   return c;
 }
 
+// ----------------------------------------------------------------------------------------------- the pass's math
+
+constexpr uint32_t kDomainRoundingFine = 3;  // the second stochastic-rounding integers (docs/stream.md, section 2)
+
+__device__ __forceinline__ float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// Section 5's add(x, e, w): x + w, and e plus that sum's exact rounding error (TwoSum). A zero term changes no bit
+// (x = -0 stays -0), except out of place, whose plain sums turn -0 + +0 into +0 (e is then unused).
+__device__ __forceinline__ void add_exact(float& x, float& e, float w, bool in_place = true) {
+  if (w == 0.0f && in_place) return;
+  const float s = add_rn(x, w);
+  const float v = sub_rn(s, x);
+  e = add_rn(e, add_rn(sub_rn(x, sub_rn(s, v)), sub_rn(w, v)));
+  x = s;
+}
+
+// Section 5's pass: x and its exact residual e. update: the update is on, g finite and lr not 0 (never out of
+// place). The update leaves weight_decay * x out when weight_decay is 0 (0 * inf would turn an infinite x into NaN).
+__device__ __forceinline__ void pass_exact(float& x, float& e, float z1, float z2, const PassScalars& p, bool update,
+                                           bool second, bool in_place) {
+  e = 0.0f;
+  add_exact(x, e, mul_rn(p.alpha, z1), in_place);
+  if (update) {
+    const float gz = mul_rn(p.grad, z1);
+    add_exact(x, e, -mul_rn(p.lr, p.weight_decay != 0.0f ? add_rn(gz, mul_rn(p.weight_decay, x)) : gz));
+  }
+  if (second) add_exact(x, e, mul_rn(p.alpha2, z2), in_place);
+}
+
+// Stochastic rounding of x + e to a 16-bit format (section 5's steps 1-4, in its operations): returns the stored bits
+// as decided by s alone, and sets *fine_threshold to f * 65536 where s = k (the element is then t' iff s2 < that),
+// else to 0, which no s2 is below. Every step is a float32 operation, subnormals kept.
+template <class Fmt>
+__device__ __forceinline__ uint16_t round_exact_stochastic(float x, float e, uint32_t s, float* fine_threshold) {
+  *fine_threshold = 0.0f;
+  float r = 0.0f;
+  if (is_finite(e)) add_exact(x, r, e);  // renormalised: |r| is at most half of x's float32 spacing
+  const uint16_t nearest = Fmt::round_nearest(x);
+  const uint32_t bits = float_bits(x), mag = bits & 0x7FFFFFFFu;
+  if (mag == 0 || mag > Fmt::kMaxFiniteBits) return nearest;  // +-0, beyond the format's range, inf or NaN
+  const float m = bits_float(mag);
+  if (bits != mag) r = -r;  // the residual along the magnitude
+  // t: the magnitude's bits rounded toward zero, one step lower where x is on the grid and x + e below it.
+  uint32_t t = nearest & 0x7FFFu;
+  float lo = Fmt::to_float(static_cast<uint16_t>(t));
+  if (lo > m || (lo == m && r < 0.0f)) lo = Fmt::to_float(static_cast<uint16_t>(--t));
+  const float span = sub_rn(Fmt::to_float(static_cast<uint16_t>(t + 1)), lo);  // a power of two: exact divisions
+  const float d = mul_rn(div_rn(sub_rn(m, lo), span), 65536.0f);
+  const float k0 = floorf(d);
+  const float frac = add_rn(sub_rn(d, k0), mul_rn(div_rn(r, span), 65536.0f));
+  const float whole = floorf(frac);
+  const float k = add_rn(k0, whole);
+  const float s_f = static_cast<float>(s);
+  if (s_f == k) *fine_threshold = mul_rn(sub_rn(frac, whole), 65536.0f);
+  return static_cast<uint16_t>(((bits >> 16) & 0x8000u) | (t + (s_f < k ? 1u : 0u)));
+}
+
 template <uint32_t kDomain>
 __device__ __forceinline__ void z_octet(uint64_t seed, uint64_t octet, float z[8]) {
   if constexpr (kDomain == kDomainGaussian) {
@@ -117,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
   using Storage = typename Fmt::Storage;
   const PassConfig cfg = config.scalars != nullptr ? from_row(config) : config;
   const float g = cfg.grad_ptr != nullptr ? *cfg.grad_ptr : cfg.grad;
-  const bool update = cfg.update && is_finite(g);
+  const bool update = cfg.update && is_finite(g) && cfg.lr != 0.0f;
   const PassScalars p{cfg.alpha, cfg.lr, g, cfg.weight_decay, cfg.alpha2};
 
   // A block's tiles increase, so after one search its tensor index only walks forward: over the whole grid-stride
@@ -133,6 +197,7 @@ __global__ void __launch_bounds__(kThreads)
     if (j0 <= -8 || j0 >= numel) continue;
     Storage* data = static_cast<Storage*>(map.data[k]);
     const Storage* source = static_cast<const Storage*>(map.source[k]);
+    const bool in_place = source == data;  // out of place (the exact mode's copies): plain sums, update and rounding off
     const bool vector = j0 >= 0 && j0 + 8 <= numel &&
                         ((reinterpret_cast<uintptr_t>(data + j0) | reinterpret_cast<uintptr_t>(source + j0)) & 15) == 0;
 
@@ -155,13 +220,26 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kStochastic) rounding_octet(philox_block(cfg.rounding_seed, octet, kDomainRounding), s);
 
     Storage out[8];
+    float fine_threshold[8];
+    bool fine = false;  // some element's s ties with its k: its s2 decides
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const float x = pass_element(Fmt::to_float(raw[e]), z1[e], kSecond ? z2[e] : 0.0f, p, update, kSecond);
+      float x = Fmt::to_float(raw[e]), err;
+      pass_exact(x, err, z1[e], kSecond ? z2[e] : 0.0f, p, update, kSecond, in_place);
       if constexpr (kStochastic) {
-        out[e] = Fmt::round_stochastic(x, s[e]);
+        out[e] = round_exact_stochastic<Fmt>(x, err, s[e], &fine_threshold[e]);
+        fine |= fine_threshold[e] > 0.0f;
       } else {
         out[e] = Fmt::round_nearest(x);
+      }
+    }
+    if constexpr (kStochastic) {
+      // s2 matters once in 65536 elements: only those octets make domain 3's Philox call, out of the loop above.
+      if (fine) {
+        uint32_t s2[8];
+        rounding_octet(philox_block(cfg.rounding_seed, octet, kDomainRoundingFine), s2);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] += static_cast<float>(s2[e]) < fine_threshold[e] ? 1 : 0;
       }
     }
 

@@ -21,6 +21,11 @@ from zokern.optim import seeds as seeds_
 from zokern.optim._groups import _ZOKERN_GROUP_KEYS
 from zokern.optim._groups import dtype_name
 
+# Versions whose state dicts a run resumes from: version 1's z is version 2's (only the rounding of 16-bit updates
+# changed), so its states and a pending perturbation mean the same. Replay, which regenerates every stored bit, takes
+# records of this version only.
+_LOADABLE_STREAM_VERSIONS = (1, STREAM_VERSION)
+
 
 class Checkpointing:
     """The checkpoint half of ZOOptimizer (``self`` is one)."""
@@ -297,7 +302,7 @@ class Checkpointing:
         _check_run_entries(zo)
         if zo["optimizer"] != type(self).__name__:
             raise ValueError(f"state dict of a {zo['optimizer']}, loaded into a {type(self).__name__}")
-        if zo["stream_version"] != STREAM_VERSION:
+        if zo["stream_version"] not in _LOADABLE_STREAM_VERSIONS:
             raise ValueError(
                 f"state dict written with stream version {zo['stream_version']}; this zokern has {STREAM_VERSION}"
             )

@@ -122,10 +122,6 @@ class ZOAdam(ZOSGD):
                 m.mul_(beta1).add_(g, alpha=1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 denominator = (v / (1 - beta2**t)).sqrt_().add_(group["adam_eps"])
-                x = p.data.float()
-                if group["weight_decay"]:
-                    x.mul_(1 - group["lr"] * group["weight_decay"])
-                x.addcdiv_(m, denominator, value=-group["lr"] / (1 - beta1**t))
-                self._write(p, offset, x, rounding)
+                self._write_update(p, offset, m.div(denominator).div_(1 - beta1**t), group, rounding)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)

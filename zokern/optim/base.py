@@ -434,21 +434,47 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                     else:
                         ops.perturb_(tensors, seeds[0], coefficients[0], **kwargs)
 
-    def _write(self, p: torch.Tensor, offset: int, x: torch.Tensor, rounding: dict[str, Any]) -> None:
-        """Store the float32 values x into parameter p: stochastically rounded for 16-bit parameters (the bits of
-        the rounding stream at p's offsets, docs/stream.md section 5, with the seed of the pass's ``rounding``),
-        unless rounding='nearest'."""
+    def _write_update(
+        self,
+        p: torch.Tensor,
+        offset: int,
+        direction: torch.Tensor | None,
+        group: dict[str, Any],
+        rounding: dict[str, Any],
+    ) -> None:
+        """p <- p - lr * (direction + weight_decay * p) (``direction`` None: the decay alone), computed in float32 as
+        the fused pass computes its update (docs/stream.md section 5: a zero lr or weight_decay leaves its term out,
+        and the subtraction's exact residual goes to stochastic rounding, so that an update below p's float32
+        spacing is not lost), written in p's dtype (``rounding``: the update pass's)."""
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if lr == 0 or (direction is None and weight_decay == 0):
+            return
+        theta = p.data.float()
+        if weight_decay == 0:
+            step = direction
+        else:
+            step = theta * weight_decay if direction is None else direction + weight_decay * theta
+        x, residual = _reference.add_exact(theta, torch.zeros_like(theta), -(step * lr))
+        self._write(p, offset, x, residual, rounding)
+
+    def _write(
+        self, p: torch.Tensor, offset: int, x: torch.Tensor, residual: torch.Tensor, rounding: dict[str, Any]
+    ) -> None:
+        """Store the float32 values x (``residual``: what x lost to float32 rounding) into parameter p: x + residual
+        stochastically rounded for 16-bit parameters (the bits of the rounding stream at p's offsets, docs/stream.md
+        section 5, with the seed of the pass's ``rounding``), unless rounding='nearest'; else x as it is."""
         if p.dtype not in _SIXTEEN_BIT or rounding["rounding"] != "stochastic":
             p.data.copy_(x)
             return
         words_of = _dispatch.select_backend(p.device, self.backend, "philox_block_words").philox_block_words
         # By chunks: the rounding's integer temporaries take ~50 bytes an element, which over a whole embedding
         # matrix would dwarf the step's documented memory. The bits are keyed by element index, so chunks change none.
-        flat_p, flat_x = p.data.view(-1), x.reshape(-1)
+        flat_p, flat_x, flat_e = p.data.view(-1), x.reshape(-1), residual.reshape(-1)
         for start in range(0, p.numel(), _ROUNDING_CHUNK):
             end = min(start + _ROUNDING_CHUNK, p.numel())
-            bits = _reference.rounding_bits(rounding["rounding_seed"], offset + start, end - start, p.device, words_of)
-            flat_p[start:end] = _reference.round_stochastic(flat_x[start:end], bits, p.dtype)
+            flat_p[start:end] = _reference.round_stochastic_at(
+                flat_x[start:end], flat_e[start:end], rounding["rounding_seed"], offset + start, p.dtype, words_of
+            )
 
     def _direction(self, p: torch.Tensor, offset: int, terms: list[tuple[int, float]]) -> torch.Tensor:
         """sum_k c_k z(seed_k) over p's slice of the stream, materialised in float32 (one tensor at a time)."""

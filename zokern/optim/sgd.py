@@ -387,17 +387,6 @@ class ZOSGD(ZOOptimizer):
             per_group = torch.stack([by_eps[group["eps"]] for group in self.param_groups])
         return dict(losses=losses, projected_grad=per_group, loss=loss, skipped=~ok), by_eps
 
-    def _decay_and_step(
-        self, p: torch.Tensor, offset: int, direction: torch.Tensor, group: dict[str, Any], rounding: dict[str, Any]
-    ) -> None:
-        """p <- p - lr * (direction + weight_decay * p), computed in float32, written in p's dtype (``rounding``: the
-        update pass's)."""
-        x = p.data.float()
-        if group["weight_decay"]:
-            x.mul_(1 - group["lr"] * group["weight_decay"])
-        x.add_(direction, alpha=-group["lr"])
-        self._write(p, offset, x, rounding)
-
     def _momentum_update(self, probes: list[int], diffs: list[float]) -> None:
         rounding = self._update_rounding()
         for group, tensors, offsets in self._groups_layout():
@@ -408,7 +397,7 @@ class ZOSGD(ZOOptimizer):
                     state["momentum_buffer"] = new_state(p)
                 buf = state["momentum_buffer"]
                 buf.mul_(self.momentum).add_(self._direction(p, offset, terms))
-                self._decay_and_step(p, offset, buf, group, rounding)
+                self._write_update(p, offset, buf, group, rounding)
 
 
 class ZOSignSGD(ZOSGD):
@@ -446,7 +435,7 @@ class ZOSignSGD(ZOSGD):
                     signs = torch.sign(buffer)
                 else:
                     signs = self._direction(p, offset, terms).sign_()  # in place: one transient tensor, not two
-                self._decay_and_step(p, offset, signs, group, rounding)
+                self._write_update(p, offset, signs, group, rounding)
         grads = [sum(diffs) / (self.n_probes * g["eps"]) for g in self.param_groups]
         return dict(projected_grad=grads, loss=loss)
 
@@ -507,7 +496,7 @@ class ZOConservative(ZOSGD):
             for group, tensors, offsets in self._groups_layout():
                 if group["weight_decay"]:
                     for p, offset in zip(tensors, offsets):
-                        self._write(p, offset, p.data.float() * (1 - group["lr"] * group["weight_decay"]), rounding)
+                        self._write_update(p, offset, None, group, rounding)
         return dict(projected_grad=grads, loss=loss_at_theta, accepted=accepted)
 
 
