@@ -1,7 +1,7 @@
 """Step time and peak memory of a ZO step against MeZO's published step and AdamW, measured side by side in one run:
 
     python -m benchmarks.step --model opt-1.3b --batch 16 --seq 256            (GPU)
-    python -m benchmarks.step --model tiny --device cpu --batch 2 --seq 32      (CPU smoke)
+    python -m benchmarks.step --model tiny --device cpu --batch 2 --seq 32 --no-append   (CPU smoke)
 
 The model is built from a `transformers` config with random weights, in bf16 (``--dtype``). Methods, one after the
 other on the same model and batch:
@@ -310,7 +310,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be at least {low}, got {value}")
     if not 2 <= args.seq <= positions:  # a next-token loss needs two tokens; a longer one indexes past the positions
         parser.error(f"--seq must be in [2, {positions}] for {args.model}, got {args.seq}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: this benchmark runs on the CPU or on an available CUDA GPU")
+    if args.backends is not None:
+        unknown = sorted(set(args.backends.split(",")) - set(zokern.backend_status()))
+        if unknown:
+            parser.error(f"--backends {','.join(unknown)}: not a zokern backend ({', '.join(zokern.backend_status())})")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the capture's side stream and graph pool are the current device's
     args.run = uuid.uuid4().hex[:12]  # every row of this run carries it: plot_step plots one run per model

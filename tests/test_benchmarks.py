@@ -234,6 +234,10 @@ def test_old_runs_without_ids_stay_apart_when_their_first_row_is_dropped(tmp_pat
         (("--seq", "1"), r"--seq must be in \[2, 2048\]"),
         (("--seq", "3000"), r"--seq must be in \[2, 2048\] for tiny, got 3000"),
         (("--batch", "0"), "--batch must be at least 1"),
+        # A traceback, or (a backend name mistyped) rows of error text appended to RESULTS.md with exit status 0.
+        (("--device", "foo"), "--device 'foo' is not a torch device"),
+        (("--device", "meta"), "--device meta: this benchmark runs on the CPU or on an available CUDA GPU"),
+        (("--backends", "cpu,bogus"), r"--backends bogus: not a zokern backend \(cuda, triton, cpu, torch\)"),
     ],
 )
 def test_step_benchmark_refuses_shapes_it_cannot_measure(option, match, capsys):
@@ -253,6 +257,7 @@ def test_step_benchmark_makes_an_indexed_cuda_device_current(monkeypatch, device
     from benchmarks import step
 
     calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(str(d)))
     monkeypatch.setattr(step, "measure", lambda args, rows: None)
     assert step.main(["--model", "tiny", "--device", device, "--no-append"]) == 0

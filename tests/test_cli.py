@@ -240,6 +240,20 @@ def test_a_missing_model_directory_is_reported_before_any_work(tmp_path, capsys,
         _main(["demo", "--model", tmp_path / "nowhere", "--out", tmp_path / "run"], capsys)
 
 
+def test_ctrl_c_ends_a_command_in_one_line_with_status_130(capsys, monkeypatch):
+    from zokern import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)
+    code, err = _main(["info"], capsys)
+    assert code == 130 and err == "zokern info: interrupted\n", err
+    monkeypatch.setenv("ZOKERN_TRACEBACK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        _main(["info"], capsys)
+
+
 def test_quickstart_refuses_an_unavailable_backend_in_one_line(capsys, no_work):
     import zokern
 
@@ -316,8 +330,13 @@ _PREVIOUS_RUN = (
 
 
 def _previous(name: str) -> str:
-    """A previous run's file; its tokenizer as the demo writes one (a run of a local model removes only such)."""
-    return '{"vocabulary": ["previous"]}' if name == "tokenizer.json" else f"previous {name}\n"
+    """A previous run's file; its tokenizer as the demo writes one (a run of a local model removes only such), its
+    metrics and page summary as the demo writes them (the run replaces only such)."""
+    return {
+        "tokenizer.json": '{"vocabulary": ["previous"]}',
+        "metrics.jsonl": '{"method": "zopro", "step": 0, "forwards": 0, "seconds": 0.0, "reward": 0.1}\n',
+        "viz/summary.json": '{"zopro": {"iterations": 1, "median_angle": 91.0}}',
+    }.get(name, f"previous {name}\n")
 
 
 def _demo_over_a_previous_run(out, loop, monkeypatch, capsys, *options):
@@ -326,7 +345,7 @@ def _demo_over_a_previous_run(out, loop, monkeypatch, capsys, *options):
     from zokern.preference import pipeline
 
     (out / "viz").mkdir(parents=True)
-    for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html"):
+    for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html", "viz/summary.json"):
         (out / name).write_text(_previous(name))
     monkeypatch.setattr(pipeline, "pretrain", lambda *args, **kwargs: [0.0])
     monkeypatch.setattr(pipeline, "train_reward_model", lambda *args, **kwargs: [0.0] * 10)
@@ -343,7 +362,7 @@ def test_a_failed_demo_run_keeps_the_previous_results(tmp_path, monkeypatch, cap
     out = tmp_path / "out"
     code, err = _demo_over_a_previous_run(out, broken, monkeypatch, capsys)
     assert code == 2 and "zokern demo: the loop failed" in err
-    for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html"):
+    for name in (*_PREVIOUS_RUN, "reward.png", "viz/zopro_interplay.png", "viz/index.html", "viz/summary.json"):
         assert (out / name).read_text() == _previous(name), name
 
 
@@ -489,6 +508,33 @@ def test_viz_leaves_out_a_cut_off_last_record_and_non_finite_sketches(tmp_path, 
     assert (tmp_path / "viz" / "index.html").exists()
 
 
+def test_viz_replaces_its_own_page_only(tmp_path, capsys):
+    """Its --out lost every *_trajectories.png, *_tsne.png and *_interplay.png there, and an index.html and
+    summary.json of anyone's: it removes what its earlier page wrote, and refuses to replace another's."""
+    (tmp_path / "sketches.jsonl").write_text(_sketch_line() + _sketch_line(iteration=1))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "holiday_trajectories.png").write_bytes(b"a photo")
+    code, err = _main(["viz", tmp_path, "--out", site], capsys)
+    assert code == 0, err
+    assert (site / "holiday_trajectories.png").read_bytes() == b"a photo" and (site / "mezo_trajectories.png").exists()
+    (site / "old_interplay.png").write_bytes(b"its plot")
+    summary = json.loads((site / "summary.json").read_text())
+    (site / "summary.json").write_text(json.dumps(dict(summary, old=summary["mezo"])))  # an earlier page's method
+    (site / "old_trajectories.png").write_bytes(b"its plot")
+    code, err = _main(["viz", tmp_path, "--out", site], capsys)
+    assert code == 0, err
+    assert not (site / "old_trajectories.png").exists() and not (site / "old_interplay.png").exists()
+    assert (site / "holiday_trajectories.png").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("my page")
+    (mine / "mezo_trajectories.png").write_bytes(b"mine too")
+    code, err = _main(["viz", tmp_path, "--out", mine], capsys)
+    assert code == 2 and "holds index.html, mezo_trajectories.png, which no earlier zokern viz page wrote" in err, err
+    assert (mine / "index.html").read_text() == "my page"
+
+
 def test_a_backend_forced_by_the_environment_is_checked_before_any_work(monkeypatch, capsys, no_work):
     """Unavailable, it raised a RuntimeError (a traceback, status 1) once the first optimizer was built: in the
     demo, after its data, pretraining and reward model."""
@@ -525,9 +571,33 @@ def test_a_demo_does_not_replace_data_files_no_earlier_run_wrote(tmp_path, capsy
     assert code == 2 and "holds preferences.jsonl but no earlier demo run's metrics.jsonl" in err, err
     assert (out / "preferences.jsonl").read_text() == "my own pairs\n"
     (out / "preferences.jsonl").unlink()
-    (out / "sketches.jsonl").mkdir()  # what the run's first record would replace, and cannot
+    # A metrics.jsonl of one's own (any file of that common name was taken for an earlier run's, and replaced
+    # with every file beside it).
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')
+    (out / "reward.png").write_bytes(b"my plot")
     code, err = _main(["demo", "--out", out], capsys)
-    assert code == 2 and "sketches.jsonl cannot be replaced (not a writable file)" in err, err
+    assert code == 2 and "holds metrics.jsonl, reward.png but no earlier demo run's metrics.jsonl" in err, err
+    assert (out / "reward.png").read_bytes() == b"my plot"
+    (out / "reward.png").unlink()
+    (out / "metrics.jsonl").write_text('{"method": "mezo", "step": 0, "forwards": 0, "seconds": 0.1, "reward": 0.2}\n')
+    for name in ("sketches.jsonl", "reward.png"):  # what the run's first record would replace, and cannot
+        (out / name).mkdir()
+        code, err = _main(["demo", "--out", out], capsys)
+        assert code == 2 and f"{name} cannot be replaced (not a writable file)" in err, err
+        (out / name).rmdir()
+    (out / "viz").mkdir()
+    (out / "viz" / "index.html").write_text("my page")  # an earlier run's page has its summary.json
+    code, err = _main(["demo", "--out", out], capsys)
+    assert code == 2 and "index.html, which no earlier zokern viz page wrote" in err, err
+
+
+def test_dpo_checks_that_its_records_file_can_be_replaced_before_any_work(tmp_path, capsys, monkeypatch):
+    from zokern.preference import pipeline
+
+    monkeypatch.setattr(pipeline, "load_rows", lambda *args, **kwargs: pytest.fail("the run loaded its data first"))
+    (tmp_path / "out" / "dpo_metrics.jsonl").mkdir(parents=True)
+    code, err = _main(["dpo", "--data", tmp_path / "pairs.jsonl", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "dpo_metrics.jsonl cannot be replaced (not a writable file)" in err, err
 
 
 def test_quickstart_fails_when_its_loss_ends_not_finite(monkeypatch, capsys):

@@ -125,6 +125,17 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_by_name(tmp_path):
         load_local(tmp_path / "small")
 
 
+def test_a_damaged_weights_file_or_a_file_for_a_directory_is_refused_by_name(tmp_path):
+    # A damaged safetensors file raised safetensors' own error type: a traceback where one line was promised.
+    save_local_model(tmp_path / "damaged", kind="gpt2")
+    (tmp_path / "damaged" / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"--model .*damaged: cannot load a causal LM and its tokenizer from it"):
+        load_local(tmp_path / "damaged")
+    (tmp_path / "a_file").write_text("weights?")
+    with pytest.raises(FileNotFoundError, match=r"--model .*a_file: a file, not a directory"):
+        load_local(tmp_path / "a_file")
+
+
 def test_a_matching_local_model_loads(tmp_path):
     save_local_model(tmp_path / "ok", kind="gpt2")
     policy, reward_model, tokenizer = load_local(tmp_path / "ok")

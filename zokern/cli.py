@@ -141,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())
         print(f"zokern {args.command}: {message} (ZOKERN_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: unwound (the demo's staging directory gone), said in one line
+        if os.environ.get("ZOKERN_TRACEBACK") == "1":
+            raise
+        print(f"zokern {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if terminating:  # (main() called from Python: the caller's handling comes back)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

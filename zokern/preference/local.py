@@ -67,8 +67,11 @@ def load_local(
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {path}: no such directory (a local save_pretrained directory is expected)")
-    unloadable = (OSError, ValueError, KeyError)
+        what = "a file, not a directory" if path.exists() else "no such directory"
+        raise FileNotFoundError(f"--model {path}: {what} (a local save_pretrained directory is expected)")
+    from safetensors import SafetensorError  # (a dependency of transformers)
+
+    unloadable = (OSError, ValueError, KeyError, SafetensorError)  # SafetensorError: a damaged weights file
     try:
         tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(path))
         policy = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -47,6 +47,7 @@ from zokern.preference.records import RecordFile
 from zokern.preference.sketch import SketchRecorder
 from zokern.preference.trainable import select_trainable
 from zokern.preference.trainable import trainable_names
+from zokern.preference.viz import check_replaceable_page
 from zokern.preference.viz import clear_plots
 from zokern.preference.viz import make_plots
 
@@ -135,18 +136,41 @@ def run_pipeline(
 
 def _check_replaceable(out: Path) -> None:
     """Before any work: what the run's first record replaces in ``out`` can be replaced, and is an earlier run's. A
-    data file without an earlier run's metrics beside it is the user's own (it was replaced without a word); a
-    records file the run cannot rewrite failed the run after the earlier run's data and plots were gone."""
-    foreign = [name for name in GENERATED if name != "tokenizer.json" and (out / name).exists()]
-    if foreign and not (out / "metrics.jsonl").exists():
+    metrics.jsonl whose first record is not a demo's, or data files or plots without an earlier run's metrics beside
+    them, are the user's own (they were replaced without a word); a records file or a plot the run cannot rewrite
+    failed the run after the earlier run's data and plots were gone (or beside them)."""
+    data = [name for name in GENERATED if name != "tokenizer.json"]  # (a tokenizer goes only if it is the demo's)
+    replaced = [name for name in (*data, "metrics.jsonl", "sketches.jsonl", "reward.png") if (out / name).exists()]
+    if replaced and not _earlier_demo_metrics(out / "metrics.jsonl"):
         raise ValueError(
-            f"--out {out} holds {', '.join(foreign)} but no earlier demo run's metrics.jsonl: the demo would replace "
+            f"--out {out} holds {', '.join(replaced)} but no earlier demo run's metrics.jsonl: the demo would replace "
             "them. Choose another --out"
         )
-    for name in ("metrics.jsonl", "sketches.jsonl"):
-        path = out / name
-        if path.exists() and (not path.is_file() or not os.access(path, os.W_OK)):
-            raise ValueError(f"{path} cannot be replaced (not a writable file): the run's records go there")
+    for name in ("metrics.jsonl", "sketches.jsonl", "reward.png"):
+        _check_writable(out / name)
+    check_replaceable_page(out / "viz")
+
+
+def _check_writable(path: Path) -> None:
+    if path.exists() and (not path.is_file() or not os.access(path, os.W_OK)):
+        raise ValueError(f"{path} cannot be replaced (not a writable file): the run writes it")
+
+
+def _earlier_demo_metrics(path: Path) -> bool:
+    """Whether ``path`` holds a demo run's records (its first line one: method, step, forwards, seconds, reward), or
+    none (a run stopped before its first)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"method", "step", "forwards", "seconds", "reward"} <= record.keys()
 
 
 def _word_tokenizer_file(path: Path) -> bool:
@@ -286,6 +310,7 @@ def run_dpo(
 
     seed, steps = check_seed(seed), check_positive_int(steps)
     response_tokens, out = check_positive_int(response_tokens), check_output_dir(out)
+    _check_writable(out / "dpo_metrics.jsonl")  # before the data and the pretraining, not after
     datasets.disable_progress_bars()
     pairs = load_rows(data, ("prompt", "chosen", "rejected"), split=split)
     if len(pairs) < 10:
@@ -314,7 +339,7 @@ def run_dpo(
 
 def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", type=options.path, required=True, help="preference pairs: .jsonl, .parquet or a saved dataset"
+        "--data", type=options.path, required=True, help="preference pairs: .jsonl, .json, .parquet or a saved dataset"
     )
     parser.add_argument(
         "--out",

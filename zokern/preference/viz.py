@@ -103,6 +103,10 @@ def interplay(models: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
+_SUMMARY_KEYS = {"iterations", "median_angle", "min_angle", "max_angle", "within_10_of_90", "median_persistence",
+                 "sketch_noise_degrees"}  # fmt: skip
+
+
 def summary(rows: list[dict], k: int) -> dict[str, float]:
     """Median and spread of the policy–reward angles; the share within 10 degrees of orthogonal; the sketch's own
     spread of angles around 90 degrees (one standard deviation of the cosine, sqrt(1/k))."""
@@ -132,14 +136,49 @@ def _pca_2d(sketches: torch.Tensor) -> torch.Tensor:
     return centred @ basis
 
 
-PAGE_FILES = ("index.html", "summary.json", "*_trajectories.png", "*_tsne.png", "*_interplay.png")
+PLOT_KINDS = ("trajectories", "tsne", "interplay")  # each method's plots: f"{method}_{kind}.png"
+
+
+def _plot_names(method: str) -> list[str]:
+    return [f"{method}_{kind}.png" for kind in PLOT_KINDS]
+
+
+def _page_files(out: Path) -> list[str] | None:
+    """The files of the page make_plots wrote in ``out`` (index.html, summary.json and its methods' plots, from
+    summary.json's methods); None where ``out`` holds no such page."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ours = isinstance(summary, dict) and all(
+        m.replace("_", "").replace("-", "").isalnum() and isinstance(v, dict) and v.keys() <= _SUMMARY_KEYS
+        for m, v in summary.items()
+    )
+    return ["index.html", "summary.json", *(n for m in summary for n in _plot_names(m))] if ours else None
+
+
+def check_replaceable_page(out: Path, methods: list[str] = ()) -> None:
+    """Before a page is written in ``out``: refuse a page (index.html, summary.json), or plots of ``methods``, that
+    no earlier page of zokern viz wrote there (the user's own, which the page would replace)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} is not a directory: the page goes there")
+    ours = _page_files(out) or []
+    theirs = [n for n in ("index.html", "summary.json", *(n for m in methods for n in _plot_names(m))) if n not in ours]
+    clash = [n for n in theirs if (out / n).exists()]
+    if clash:
+        raise ValueError(
+            f"{out} holds {', '.join(clash)}, which no earlier zokern viz page wrote: the page would replace them. "
+            "Choose another --out"
+        )
 
 
 def clear_plots(out: Path) -> None:
-    """Remove the files make_plots writes in ``out``: a page must not show, or link past, plots of another run."""
-    for pattern in PAGE_FILES:
-        for path in Path(out).glob(pattern):
-            path.unlink()
+    """Remove the earlier page make_plots wrote in ``out`` (and nothing else): a page must not show, or link past,
+    plots of another run."""
+    for name in _page_files(Path(out)) or []:
+        (Path(out) / name).unlink(missing_ok=True)
 
 
 def make_plots(run_dir: Path, out: Path | None = None) -> Path:
@@ -152,6 +191,7 @@ def make_plots(run_dir: Path, out: Path | None = None) -> Path:
 
     runs = load(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "viz"
+    check_replaceable_page(out, list(runs))
     out.mkdir(parents=True, exist_ok=True)
     clear_plots(out)
     sections = []
