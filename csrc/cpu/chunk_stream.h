@@ -221,75 +221,135 @@ ZK_INLINE void add_term(float& x, float& e, float w) {
   const float s = add_rn(x, w);
   const bool zero = w == 0.0f;
   if (kResidual) {
+    // No select for e: at a zero w the error d is 0 wherever x is finite (e + d = e, up to a zero's sign, which the
+    // rounding does not read), and where x is not finite (once not finite, it stays so) the rounding reads no e.
     const float v = sub_rn(s, x);
     const float d = add_rn(sub_rn(x, sub_rn(s, v)), sub_rn(w, v));
-    e = bits_float(select_bits(zero, float_bits(e), float_bits(add_rn(e, d))));
+    e = add_rn(e, d);
   }
   x = bits_float(select_bits(zero, float_bits(x), float_bits(s)));
 }
 
-// |x| rounded toward zero to a 16-bit format, as its magnitude's bit pattern, for |x| (bits mag) finite and at most
-// the format's largest finite value. Integer work, apart from float16's subnormals (multiples of 2^-24).
-ZK_INLINE uint32_t truncated(BFloat16Format, uint32_t mag) { return mag >> 16; }
+// Section 5's stochastic rounding, step 3, for each 16-bit Format: from the magnitude m (bits mag) of the
+// renormalised x and whether its residual points below it (r < 0 along the magnitude), the pattern of t, the
+// integer k0 = floor(D), D - k0 and P, Q with R = (r * P) * Q bit for bit as the spec's (r / span) * 65536. Integer
+// work where the format allows: nothing here converts a neighbour back to float32.
+struct CellOfX {
+  uint32_t toward;  // t's pattern (magnitude)
+  int32_t k0;
+  float d_frac;     // D - k0
+  float p, q;
+  bool inf_span;    // t is the largest finite value and t' infinite: the spec's D and R are then 0
+};
 
-ZK_INLINE uint32_t truncated(Float16Format, uint32_t mag) {
-  const uint32_t normal = (mag - 0x38000000u) >> 13;  // rebias the exponent (127 -> 15), drop 13 mantissa bits
+// bf16 keeps float32's exponent: t drops x's low 16 bits, which are D (x - t is a multiple of x's float32 spacing,
+// span / 65536); on the grid with r < 0, t is one below and D = 65536. span = 2^(max(ef, 1) - 134) with ef t's
+// exponent field, and 1/span = 2^(134 - ef) is a float32 from ef = 7: there r * (1/span) rounds the exact r / span
+// once, as the division does. Below (t < 2^-120), r / span = r * 2^(134 - ef) is exact (r is a multiple of 2^-149
+// and |r / span| < 2^-12), as are r * 2^(118 - ef) and its product with 2^32.
+ZK_INLINE CellOfX cell_of(BFloat16Format, uint32_t mag, bool below) {
+  const uint32_t low = mag & 0xFFFFu;
+  const bool shift = (low == 0u) & below;
+  const uint32_t toward = (mag >> 16) - (shift ? 1u : 0u);
+  const uint32_t field = (toward >> 7) & 0xFFu;
+  const uint32_t ef = field < 1u ? 1u : field;
+  const bool tiny = ef < 7u;
+  return {toward,
+          shift ? 65536 : static_cast<int32_t>(low),
+          0.0f,
+          bits_float((tiny ? 245u - ef : 261u - ef) << 23),
+          bits_float(tiny ? 0x4F800000u : 0x47800000u),  // 2^32, 2^16
+          toward == 0x7F7Fu};
+}
+
+// float16 normals: t drops 13 bits of x, D = 8 * those bits (an integer: x's float32 spacing is span / 8192).
+// Subnormals (x < 2^-14, spacing 2^-24): D = (x * 2^24 - t) * 65536, exact, with a fraction. span =
+// 2^(max(ef, 1) - 25), 1/span a float32 throughout.
+ZK_INLINE CellOfX cell_of(Float16Format, uint32_t mag, bool below) {
+  const bool normal = mag >= Float16Format::kMinNormalBits;
   // The clamp keeps the conversion defined for every x.
-  const float a = bits_float(mag < Float16Format::kMinNormalBits ? mag : Float16Format::kMinNormalBits);
-  const uint32_t subnormal = static_cast<uint32_t>(a * 0x1.0p24f);
-  return mag >= Float16Format::kMinNormalBits ? normal : subnormal;
+  const float a24 = mul_rn(bits_float(normal ? Float16Format::kMinNormalBits : mag), 0x1.0p24f);
+  const int32_t t_sub = static_cast<int32_t>(a24);
+  const float d_sub = mul_rn(sub_rn(a24, static_cast<float>(t_sub)), 65536.0f);
+  // Selects on bit patterns, not float ternaries: gcc sinks float work into branches otherwise (no vectorising).
+  const float d_normal = static_cast<float>(static_cast<int32_t>((mag & 0x1FFFu) << 3));
+  const float d = bits_float(select_bits(normal, float_bits(d_normal), float_bits(d_sub)));
+  const uint32_t toward0 = normal ? (mag - 0x38000000u) >> 13 : static_cast<uint32_t>(t_sub);
+  const bool shift = (d == 0.0f) & below;
+  const uint32_t toward = toward0 - (shift ? 1u : 0u);
+  const float big_d = bits_float(select_bits(shift, 0x47800000u, float_bits(d)));  // 65536
+  const int32_t k0 = static_cast<int32_t>(big_d);  // D >= 0: the conversion is the floor
+  const uint32_t field = (toward >> 10) & 0x1Fu;
+  const uint32_t ef = field < 1u ? 1u : field;
+  return {toward, k0, sub_rn(big_d, static_cast<float>(k0)), bits_float((152u - ef) << 23), 65536.0f,
+          toward == 0x7BFFu};
 }
 
-// floor(v) for finite v of magnitude below 2^31: D in [0, 65536] and F within a few units of 0, below. Through an
+// floor(v) for finite v of magnitude below 2^31 (F, within a few units of 0, below), as an integer. Through an
 // integer conversion, which vectorises where floorf does not (gcc, with trapping math).
-ZK_INLINE float floor_small(float v) {
-  const float t = static_cast<float>(static_cast<int32_t>(v));
-  return bits_float(select_bits(t > v, float_bits(t - 1.0f), float_bits(t)));
+ZK_INLINE int32_t floor_small_int(float v) {
+  const int32_t t = static_cast<int32_t>(v);
+  return t - (static_cast<float>(t) > v ? 1 : 0);
 }
+
+constexpr uint32_t kNoTie = 0xFFFFFFFFu;  // a NaN: round_stochastic_exact's mark of an element without a tie
 
 // Section 5's stochastic rounding of x + e (e: x's residual) to a 16-bit Format with the first rounding integer s.
-// Where s ties with k (once in 2^16), the second integer s2 decides: *fine receives f * 65536 there (away from zero
-// iff s2 < *fine) and -1 elsewhere, and resolve_ties draws s2 for those elements only. Comparisons of magnitudes
-// are on bit patterns, and nothing but the final select reads round_nearest: float work on a value that may be a
-// NaN constant in one arm gets sunk into a branch, and the loop would not vectorise.
+// Where s ties with k (once in 2^16), the second integer s2 decides: *fine receives F there (away from zero iff
+// s2 < f * 65536, f = F - floor(F); F is 0 out of range: never away) and kNoTie elsewhere, and resolve_ties draws
+// s2 for those elements only. Comparisons of magnitudes are on bit patterns, and nothing but the final select reads
+// round_nearest: float work on a value that may be a NaN constant in one arm gets sunk into a branch, and the loop
+// would not vectorise.
 template <class Format>
 ZK_INLINE uint16_t round_stochastic_exact(float x, float e, uint32_t s, float* fine) {
-  float r = 0.0f;
-  add_term<true>(x, r, bits_float(select_bits(is_finite(e), float_bits(e), 0u)));  // |r| <= x's half spacing
+  // Step 1. x + (-0) is x for every x (a -0 x included), so a zero or non-finite e adds -0 instead of being
+  // selected around; r = d: the spec's 0 + d but for a zero's sign, which nothing below reads. Where x is not
+  // finite, r may be NaN: only out-of-range work reads it, and selects drop that.
+  const float w = bits_float(select_bits(is_finite(e) & (e != 0.0f), float_bits(e), 0x80000000u));
+  const float sum = add_rn(x, w), v = sub_rn(sum, x);
+  const float r = add_rn(sub_rn(x, sub_rn(sum, v)), sub_rn(w, v));  // |r| <= x's half spacing
+  x = sum;
   const uint32_t u = float_bits(x), mag = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
-  const float m = bits_float(mag);
   const uint32_t r_bits = float_bits(r) ^ sign;  // r along the magnitude
-  const auto magnitude = [](uint32_t pattern) {
-    return float_bits(Format::to_float(static_cast<uint16_t>(pattern))) & 0x7FFFFFFFu;
-  };
-  uint32_t toward = truncated(Format{}, mag);
-  toward -= (magnitude(toward) == mag) & (r_bits > 0x80000000u) ? 1u : 0u;  // on the grid, x + e in the cell below
-  const float lo = bits_float(magnitude(toward));
-  const float span = bits_float(magnitude(toward + 1)) - lo;  // a power of two: the divisions are exact
+  const CellOfX c = cell_of(Format{}, mag, r_bits > 0x80000000u);  // below: x + e in the cell under x
   const bool in_range = (mag != 0u) & (mag <= Format::kMaxFiniteBits);  // else to nearest (and not finite)
-  // Out of range, D and F are 0: the floors' integer conversions then stay defined.
-  const float big_d = bits_float(select_bits(in_range, float_bits(mul_rn(sub_rn(m, lo) / span, 65536.0f)), 0u));
-  const float big_r = mul_rn(bits_float(r_bits) / span, 65536.0f);
-  const float k0 = floor_small(big_d);
-  const float frac = bits_float(select_bits(in_range, float_bits(add_rn(sub_rn(big_d, k0), big_r)), 0u));
-  const float whole = floor_small(frac);
-  const float k = add_rn(k0, whole), f = sub_rn(frac, whole);
-  const float sf = static_cast<float>(s);
-  *fine = bits_float(select_bits(in_range & (sf == k), float_bits(mul_rn(f, 65536.0f)), float_bits(-1.0f)));
-  const uint32_t stochastic = (sign >> 16) | (toward + (sf < k ? 1u : 0u));
+  const float big_r = mul_rn(mul_rn(bits_float(r_bits), c.p), c.q);
+  // F = (D - k0) + R; 0 out of range (so that the floor's conversion stays defined) and where span is infinite.
+  int32_t whole;
+  float frac;
+  if constexpr (std::is_same_v<Format, BFloat16Format>) {
+    // D is an integer: F = R (a -0 R as +0: no difference below), |R| <= 1/2 in range, floor(F) = -1 iff R < 0.
+    frac = bits_float(select_bits(in_range & !c.inf_span, float_bits(big_r), 0u));
+    whole = frac < 0.0f ? -1 : 0;
+  } else {
+    frac = bits_float(select_bits(in_range & !c.inf_span, float_bits(add_rn(c.d_frac, big_r)), 0u));
+    whole = floor_small_int(frac);
+  }
+  const int32_t k = c.k0 + whole;
+  const int32_t si = static_cast<int32_t>(s);
+  // Ties keep F (resolve_ties takes f = F - floor(F) from it), the others a NaN pattern.
+  *fine = bits_float(select_bits(si == k, float_bits(frac), kNoTie));
+  const uint32_t stochastic = (sign >> 16) | (c.toward + (si < k ? 1u : 0u));
   return static_cast<uint16_t>(select_bits(in_range, stochastic, Format::round_nearest(x)));
 }
 
-// The ties of round_stochastic_exact over n elements from global index i0 (fine[j] >= 0): one Philox call (domain
-// 3) each, the same s2 an eager draw would read. The stored value then moves one step away from zero iff s2 < fine.
+// The ties of round_stochastic_exact over n elements from global index i0 (fine[j] not kNoTie): one Philox call
+// (domain 3) each, the same s2 an eager draw would read. The stored value then moves one step away from zero iff
+// s2 < f * 65536 with f = F - floor(F), section 5's float32 steps. A vectorised scan first skips the chunks (nearly
+// all) that have none.
 template <class Storage>
 ZK_INLINE void resolve_ties(uint64_t rounding_seed, int64_t i0, int64_t n, const float* fine, Storage* data) {
+  uint32_t any = 0;
+  for (int64_t j = 0; j < n; ++j) any |= float_bits(fine[j]) != kNoTie ? 1u : 0u;
+  if (!any) return;
   for (int64_t j = 0; j < n; ++j) {
-    if (fine[j] < 0.0f) continue;
+    if (float_bits(fine[j]) == kNoTie) continue;
+    const float whole = static_cast<float>(floor_small_int(fine[j]));
+    const float threshold = mul_rn(sub_rn(fine[j], whole), 65536.0f);
     const uint64_t i = static_cast<uint64_t>(i0 + j);
     const Philox4 w = philox_block(rounding_seed, i >> kRoundingLog2, kDomainRoundingFine);
     const uint32_t s2 = (w.x[(i & 7) >> 1] >> (16 * (i & 1))) & 0xFFFFu;
-    if (static_cast<float>(s2) < fine[j]) ++data[j];
+    if (static_cast<float>(s2) < threshold) ++data[j];
   }
 }
 
