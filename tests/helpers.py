@@ -126,11 +126,14 @@ def tiny_gpt2(vocab_size: int, positions: int = 64, classifier: bool = False, se
     return model.eval()
 
 
-def save_local_model(directory, kind: str = "opt", embedding_rows: int | None = None, tokenizer: bool = True):
+def save_local_model(
+    directory, kind: str = "opt", embedding_rows: int | None = None, tokenizer: bool = True, positions: int = 128
+):
     """A small causal LM with random weights and a word-level fast tokenizer, saved like a downloaded model
     (``save_pretrained``); ``kind`` "opt" (the demo's policy architecture) or "gpt2"; ``embedding_rows`` (default:
-    the tokenizer's size) to build a model whose vocabulary does not match; ``tokenizer=False`` saves the weights
-    only. Returns the tokenizer (saved or not)."""
+    the tokenizer's size) to build a model whose vocabulary does not match (``positions``: a GPT-2's position
+    table); ``tokenizer=False`` saves the weights
+    only; ``kind`` "bert": an encoder (BertModel), which is not causal. Returns the tokenizer (saved or not)."""
     import transformers
     from tokenizers import Tokenizer
     from tokenizers import models
@@ -149,8 +152,13 @@ def save_local_model(directory, kind: str = "opt", embedding_rows: int | None = 
     torch.manual_seed(0)
     if kind == "opt":
         model = transformers.OPTForCausalLM(policy_config(rows, max_positions=128))
+    elif kind == "bert":
+        config = transformers.BertConfig(
+            vocab_size=rows, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+        model = transformers.BertModel(config)
     else:
-        model = tiny_gpt2(rows, positions=128)
+        model = tiny_gpt2(rows, positions=positions)
     model.save_pretrained(directory)
     if tokenizer:
         fast.save_pretrained(directory)

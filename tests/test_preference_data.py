@@ -188,6 +188,7 @@ def _no_rows(save):
         ("none.parquet", _no_rows(lambda d, p: d.to_parquet(str(p))), r"none\.parquet: the dataset has no rows"),
         ("blank.jsonl", "\n  \n", r"blank\.jsonl: the file is empty"),
         ("bad.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{x\n', r"bad\.jsonl, line 2: not valid JSON"),
+        ("lists.jsonl", '["a", "b", "c"]\n["d", "e", "f"]\n', r"lists\.jsonl, line 1: an array, where each line must"),
         ("empty.parquet", "", r"empty\.parquet: the file is empty"),
         (
             "latin1.jsonl",

@@ -84,6 +84,19 @@ def test_demo_checks_the_trainable_set_before_any_training(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_demo_checks_the_models_positions_before_training_the_reward_model(tmp_path, monkeypatch, capsys):
+    # A position table too short for the responses failed only when the loop started, after the reward model's
+    # training.
+    save_local_model(tmp_path / "short", kind="gpt2", positions=8)
+    seen = {}
+    _stub_training(monkeypatch, seen)
+    argv = ["demo", "--model", str(tmp_path / "short"), "--out", str(tmp_path / "run"), "--methods", "mezo"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "short: a response of 12 tokens leaves no room for a prompt in the model's 8 positions" in err, err
+    assert "reward model trained" not in seen
+
+
 def test_demo_of_a_local_model_keeps_a_hugging_face_tokenizer_in_out_and_refuses_the_model_directory(
     tmp_path, monkeypatch, capsys
 ):
@@ -134,6 +147,14 @@ def test_a_damaged_weights_file_or_a_file_for_a_directory_is_refused_by_name(tmp
     (tmp_path / "a_file").write_text("weights?")
     with pytest.raises(FileNotFoundError, match=r"--model .*a_file: a file, not a directory"):
         load_local(tmp_path / "a_file")
+
+
+def test_an_encoder_is_refused_as_not_causal(tmp_path):
+    # A saved BertModel loaded as a causal LM (BertLMHeadModel, attending both ways), trained the reward model, then
+    # failed in sampling with a shape error.
+    save_local_model(tmp_path / "bert", kind="bert")
+    with pytest.raises(ValueError, match=r"--model .*bert: not a causal language model .*BertLMHeadModel"):
+        load_local(tmp_path / "bert")
 
 
 def test_a_matching_local_model_loads(tmp_path):

@@ -271,10 +271,13 @@ def _unreadable(path: Path, error: Exception) -> str:
         with path.open(encoding="utf-8", errors="replace") as fh:  # a byte that is not UTF-8 fails json.loads below
             for number, line in enumerate(fh, 1):
                 try:
-                    if line.strip():
-                        json.loads(line)
+                    record = json.loads(line) if line.strip() else {}
                 except json.JSONDecodeError as e:
                     return f"{path}, line {number}: not valid JSON ({e})"
+                if not isinstance(record, dict):  # (datasets said "Trailing data at position 76")
+                    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+                    kind = kinds.get(type(record), "a number")
+                    return f"{path}, line {number}: {kind}, where each line must be a JSON object of columns"
     cause = error.__cause__ or error
     return f"{path}: cannot be read as {path.suffix[1:]} ({type(cause).__name__}: {cause})"
 

@@ -78,6 +78,7 @@ def load_local(
     except unloadable as e:
         raise ValueError(f"--model {path}: cannot load a causal LM and its tokenizer from it ({e})") from None
     check_tokenizer(path, tokenizer, policy)  # before the second copy of the weights loads
+    check_causal(path, policy)
     try:
         transformers.logging.set_verbosity_error()  # the fresh score head is expected: no warning about it
         with seeded_global_rng(seed):  # the head's initial weights, drawn on the CPU
@@ -94,6 +95,21 @@ def load_local(
 
 
 SAMPLE_TEXT = "the movie was great"
+
+
+@torch.no_grad()
+def check_causal(path: Path, policy: torch.nn.Module) -> None:
+    """The policy generates token by token, so its first position's logits must not depend on the tokens after it:
+    an encoder loaded with a language-model head (a saved BertModel) passed the loading and failed in sampling, after
+    the reward model's training, with a shape error."""
+    vocabulary = policy.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[1 % vocabulary, 2 % vocabulary], [1 % vocabulary, 3 % vocabulary]])
+    first = policy(input_ids=ids, use_cache=False).logits[:, 0].float()
+    if not torch.allclose(first[0], first[1], rtol=1e-4, atol=1e-5):
+        raise ValueError(
+            f"--model {path}: not a causal language model (its first position's output depends on the tokens after "
+            f"it: {type(policy).__name__}); a decoder-only model (GPT-2, Llama, OPT, ...) is expected"
+        )
 
 
 def check_tokenizer(path: Path, tokenizer: HFTokenizer, policy: torch.nn.Module) -> None:

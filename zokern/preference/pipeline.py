@@ -43,6 +43,7 @@ from zokern.preference.models import new_policy
 from zokern.preference.models import new_reward_model
 from zokern.preference.models import pretrain
 from zokern.preference.models import train_reward_model
+from zokern.preference.positions import prompt_budget
 from zokern.preference.records import RecordFile
 from zokern.preference.sketch import SketchRecorder
 from zokern.preference.trainable import select_trainable
@@ -91,7 +92,9 @@ def run_pipeline(
     # the previous run's data, metrics and plots as they were, and one that fails after leaves no plot of another run.
     with tempfile.TemporaryDirectory(prefix="zokern-demo-") as staging_dir:
         staging = Path(staging_dir)
-        policy, reward_model, tokenizer, train, heldout = _starting_point(staging, model, device, seed, trainable)
+        policy, reward_model, tokenizer, train, heldout = _starting_point(
+            staging, model, device, seed, trainable, config.response_length
+        )
         judge = SentimentJudge()
 
         def publish() -> None:
@@ -181,7 +184,9 @@ def _word_tokenizer_file(path: Path) -> bool:
         return False
 
 
-def _starting_point(staging: Path, model: Path | None, device: str, seed: int, trainable: str | None):
+def _starting_point(
+    staging: Path, model: Path | None, device: str, seed: int, trainable: str | None, response_length: int
+):
     """The demo's data, written to ``staging``; the policy (the small one pretrained here, or ``model``) and the
     reward model trained on the data's pairs, on ``device``; the train and held-out prompts."""
     counts = make_demo_data(staging, seed=seed, prompts=200, corpus=3000)
@@ -198,6 +203,10 @@ def _starting_point(staging: Path, model: Path | None, device: str, seed: int, t
         reward_model = new_reward_model(tokenizer, seed=seed).to(device)
     else:
         policy, reward_model, tokenizer = load_local(model, device, seed=seed)
+        try:  # a position table too short for the responses, before the reward model's training (the loop says too)
+            prompt_budget(policy, response_length)
+        except ValueError as e:
+            raise ValueError(f"--model {model}: {e}") from None
         names = trainable_names(policy, trainable)
         n = sum(p.numel() for p in policy.parameters())
         print(f"policy: {model} ({n / 1e6:.1f}M parameters) on {device}; trainable: {', '.join(names)}")
@@ -306,7 +315,6 @@ def run_dpo(
     import datasets
 
     from zokern.preference.dpo import train_zo_dpo
-    from zokern.preference.positions import prompt_budget
 
     seed, steps = check_seed(seed), check_positive_int(steps)
     response_tokens, out = check_positive_int(response_tokens), check_output_dir(out)
