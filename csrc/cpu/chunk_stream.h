@@ -305,14 +305,19 @@ ZK_INLINE uint16_t round_stochastic_exact(float x, float e, uint32_t s, float* f
   // Step 1. x + (-0) is x for every x (a -0 x included), so a zero or non-finite e adds -0 instead of being
   // selected around; r = d: the spec's 0 + d but for a zero's sign, which nothing below reads. Where x is not
   // finite, r may be NaN: only out-of-range work reads it, and selects drop that.
-  const float w = bits_float(select_bits(is_finite(e) & (e != 0.0f), float_bits(e), 0x80000000u));
+  // e finite and not 0: its magnitude's pattern in [1, 0x7F7FFFFF] (one unsigned compare).
+  const float w = bits_float(select_bits((float_bits(e) & 0x7FFFFFFFu) - 1u < 0x7F7FFFFFu, float_bits(e), 0x80000000u));
   const float sum = add_rn(x, w), v = sub_rn(sum, x);
   const float r = add_rn(sub_rn(x, sub_rn(sum, v)), sub_rn(w, v));  // |r| <= x's half spacing
   x = sum;
   const uint32_t u = float_bits(x), mag = u & 0x7FFFFFFFu, sign = u & 0x80000000u;
   const uint32_t r_bits = float_bits(r) ^ sign;  // r along the magnitude
   const CellOfX c = cell_of(Format{}, mag, r_bits > 0x80000000u);  // below: x + e in the cell under x
-  const bool in_range = (mag != 0u) & (mag <= Format::kMaxFiniteBits);  // else to nearest (and not finite)
+  // Else to nearest (and not finite). bf16 leaves its zeros in range: from a ±0 x, r is ±0 (x + w = 0 only if
+  // exact), so below is false, k0 = 0, F = ±0 and k = 0: the stochastic formula stores x's sign over 0, as rounding
+  // to nearest does, and a tie's F = ±0 never moves it.
+  constexpr bool kBf16 = std::is_same_v<Format, BFloat16Format>;
+  const bool in_range = (kBf16 || mag != 0u) & (mag <= Format::kMaxFiniteBits);
   const float big_r = mul_rn(mul_rn(bits_float(r_bits), c.p), c.q);
   // F = (D - k0) + R; 0 out of range (so that the floor's conversion stays defined) and where span is infinite.
   int32_t whole;
@@ -330,7 +335,14 @@ ZK_INLINE uint16_t round_stochastic_exact(float x, float e, uint32_t s, float* f
   // Ties keep F (resolve_ties takes f = F - floor(F) from it), the others a NaN pattern.
   *fine = bits_float(select_bits(si == k, float_bits(frac), kNoTie));
   const uint32_t stochastic = (sign >> 16) | (c.toward + (si < k ? 1u : 0u));
-  return static_cast<uint16_t>(select_bits(in_range, stochastic, Format::round_nearest(x)));
+  if constexpr (kBf16) {
+    // Out of range is beyond the largest finite value: round_nearest there, where 0x7F7F is odd (its ties go up, to
+    // infinity) and a carry never reaches the sign: (mag + 0x8000) >> 16, or 0x7FC0 for NaN.
+    const uint32_t nearest = mag > 0x7F800000u ? 0x7FC0u : ((sign >> 16) | ((mag + 0x8000u) >> 16));
+    return static_cast<uint16_t>(select_bits(in_range, stochastic, nearest));
+  } else {
+    return static_cast<uint16_t>(select_bits(in_range, stochastic, Format::round_nearest(x)));
+  }
 }
 
 // The ties of round_stochastic_exact over n elements from global index i0 (fine[j] not kNoTie): one Philox call
