@@ -32,8 +32,7 @@ ZK_CPU_CLONES void copy_chunk(const Job& job, const void* source, int64_t chunk_
   auto* __restrict out = static_cast<typename Format::Storage*>(job.data) + (lo - job.base);
   const int64_t off = lo - chunk_begin, n = last - lo + 1;
   for (int64_t j = 0; j < n; ++j) {
-    const float x = pass_element(Format::to_float(src[j]), z1[off + j], kSecond ? z2[off + j] : 0.0f, p, false,
-                                 kSecond);
+    const float x = perturbed_element(Format::to_float(src[j]), z1[off + j], kSecond ? z2[off + j] : 0.0f, p, kSecond);
     out[j] = Format::round_nearest(x);
   }
 }

@@ -223,15 +223,14 @@ ZK_HD void rounding_octet(const Philox4& w, uint32_t s[8]) {
 
 // ------------------------------------------------------------------------------------------- storage formats
 //
-// Each format: to_float (exact), round_nearest (round to nearest even), round_stochastic (docs/stream.md, section
-// 5: away from zero iff s < q * 65536 for in-range finite x, else to nearest). 16-bit formats are stored as their
-// bit patterns (uint16_t), so host and device code share one representation.
+// Each format: to_float (exact), round_nearest (round to nearest even). Stochastic rounding (docs/stream.md, section
+// 5) rounds the pass's exact result and lives with the passes (csrc/cpu/chunk_stream.h, csrc/cuda/zo_pass.cu).
+// 16-bit formats are stored as their bit patterns (uint16_t), so host and device code share one representation.
 
 struct Float32Format {
   using Storage = float;
   static ZK_HD float to_float(float v) { return v; }
   static ZK_HD float round_nearest(float x) { return x; }
-  static ZK_HD float round_stochastic(float x, uint32_t) { return x; }
 };
 
 struct BFloat16Format {
@@ -250,13 +249,6 @@ struct BFloat16Format {
     // mask arithmetic on a bool cost the CPU's 16-bit passes measurably more.
     return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 #endif
-  }
-
-  // bf16 keeps float32's exponent, so q * 65536 is exactly the 16 bits that truncation toward zero drops.
-  static ZK_HD uint16_t round_stochastic(float x, uint32_t s) {
-    const uint32_t u = float_bits(x);
-    const uint32_t stochastic = (u >> 16) + (s < (u & 0xFFFFu) ? 1u : 0u);
-    return static_cast<uint16_t>(select_bits((u & 0x7FFFFFFFu) > kMaxFiniteBits, round_nearest(x), stochastic));
   }
 };
 
@@ -293,26 +285,6 @@ struct Float16Format {
     return static_cast<uint16_t>(((w & 0x80000000u) >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 #endif
   }
-
-  // t = x truncated toward zero, threshold = q * 65536 with q = (|x| - |t|) / ulp: every step is exact in float32.
-  // Both ranges are computed and selected, branch-free.
-  static ZK_HD uint16_t round_stochastic(float x, uint32_t s) {
-    const uint32_t u = float_bits(x);
-    const uint32_t mag = u & 0x7FFFFFFFu;
-    // Normal float16 range: rebias the exponent (127 -> 15) and drop 13 mantissa bits.
-    const uint32_t toward_normal = (mag - 0x38000000u) >> 13;
-    const float threshold_normal = static_cast<float>((mag & 0x1FFFu) << 3);
-    // Subnormal range: multiples of 2^-24. The clamp keeps the conversion defined for every x.
-    const float a = bits_float(mag < kMinNormalBits ? mag : kMinNormalBits);
-    const uint32_t toward_subnormal = static_cast<uint32_t>(a * 0x1.0p24f);
-    const float threshold_subnormal = (a - static_cast<float>(toward_subnormal) * 0x1.0p-24f) * 0x1.0p40f;
-    const bool normal = mag >= kMinNormalBits;
-    const uint32_t toward = select_bits(normal, toward_normal, toward_subnormal);
-    const float threshold =
-        bits_float(select_bits(normal, float_bits(threshold_normal), float_bits(threshold_subnormal)));
-    const uint32_t stochastic = ((u >> 16) & 0x8000u) | (toward + (static_cast<float>(s) < threshold ? 1u : 0u));
-    return static_cast<uint16_t>(select_bits(mag > kMaxFiniteBits, round_nearest(x), stochastic));
-  }
 };
 
 // ------------------------------------------------------------------------------------------------- the pass
@@ -325,10 +297,10 @@ struct PassScalars {
   float alpha2;        // b: the second seed's perturbation
 };
 
-// docs/stream.md, section 5, in float32 with every operation rounded separately.
-ZK_HD float pass_element(float x, float z1, float z2, const PassScalars& p, bool update, bool second) {
+// The out-of-place perturbation (docs/stream.md, section 5: plain sums, rounded to nearest), in float32 with every
+// operation rounded separately.
+ZK_HD float perturbed_element(float x, float z1, float z2, const PassScalars& p, bool second) {
   x = add_rn(x, mul_rn(p.alpha, z1));
-  if (update) x = sub_rn(x, mul_rn(p.lr, add_rn(mul_rn(p.grad, z1), mul_rn(p.weight_decay, x))));
   if (second) x = add_rn(x, mul_rn(p.alpha2, z2));
   return x;
 }
