@@ -961,7 +961,11 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
             return math.inf
         if not any(p.dtype == torch.float16 for _, tensors, _ in self._groups_layout() for p in tensors):
             return math.inf
-        step = max(group["lr"] for group in self.param_groups) * ops.Z_BOUND * self._buffer_sum()
+        return self._float16_bound(max(group["lr"] for group in self.param_groups))
+
+    def _float16_bound(self, lr: float) -> float:
+        """The largest |g| whose update at ``lr`` (times the momentum buffer's sum) stays within _FLOAT16_ROOM."""
+        step = lr * ops.Z_BOUND * self._buffer_sum()
         return self._FLOAT16_ROOM / step if step else math.inf
 
     def _within_limits(self, size: Any, limit: float | None = None) -> Any:

@@ -244,8 +244,8 @@ class ZOSGD(ZOOptimizer):
         the pass leaves theta as it is, as for a non-finite one."""
         g = grads[k % len(grads)]
         limit, held_by = self._PROJECTED_LIMIT / max(1.0, group["lr"]), "float32"
-        if group["lr"] and any(p.dtype == torch.float16 for p in tensors):
-            float16 = self._FLOAT16_ROOM / (group["lr"] * ops.Z_BOUND)
+        if any(p.dtype == torch.float16 for p in tensors):
+            float16 = self._float16_bound(group["lr"])  # (no momentum here: apply_projected_grad refuses it)
             if float16 < limit:
                 limit, held_by = float16, "half of float16's range (the group trains float16 parameters)"
         if isinstance(g, torch.Tensor):
