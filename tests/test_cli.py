@@ -472,7 +472,22 @@ def _sketch_line(**fields):
         ),
         (
             _sketch_line() + _sketch_line(iteration=1, k=8, sketch=[0.5] * 8),
-            "method 'mezo' has sketches of different kinds (k=4 (4 values), seed 0, k=8 (8 values), seed 0)",
+            "method 'mezo' has sketches of different kinds (k=4, seed 0, k=8, seed 0)",
+        ),
+        # Hand-edited or foreign records: each raised a traceback in the plots
+        (_sketch_line(k=0, sketch=[]), "line 1: not a sketch record (k 0 is not a positive integer)"),
+        (_sketch_line(k=3), "line 1: not a sketch record (sketch has 4 values where k is 3)"),
+        (_sketch_line(iteration="1"), "line 1: not a sketch record (iteration '1' is not a non-negative integer)"),
+        (_sketch_line(step=1.5), "line 1: not a sketch record (step 1.5 is not a non-negative integer)"),
+        (_sketch_line(gamma="0.5"), "line 1: not a sketch record (gamma '0.5' is neither a number nor null)"),
+        (_sketch_line(sketch=[0, "1", 0, 0]), "line 1: not a sketch record (sketch is not a list of numbers)"),
+        (_sketch_line(seed=[1]), "line 1: not a sketch record (seed [1] is not an integer)"),
+        (_sketch_line(model=None), "line 1: not a sketch record (model None is not a string)"),
+        (_sketch_line(method="../up"), "line 1: not a sketch record (method '../up' is not a plain name"),
+        ("[1, 2]\n", "line 1: not a sketch record (a JSON list, not an object)"),
+        (
+            _sketch_line() + _sketch_line(iteration=1) + _sketch_line(),  # two runs appended to one file
+            "method 'mezo' has more than one policy sketch at iteration(s) [0]: keep one run's records per file",
         ),
     ],
 )

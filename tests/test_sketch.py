@@ -134,6 +134,32 @@ def test_viz_writes_plots_a_page_and_statistics(tmp_path):
     assert summary["iterations"] == 6 and 0 <= summary["within_10_of_90"] <= 1
 
 
+def test_interplay_pairs_updates_by_iteration_around_a_left_out_sketch(tmp_path):
+    """A non-finite sketch is left out of the run: the updates next to it are not formed across the gap, and every
+    later update pairs the policy's and the reward model's own iteration (by position, they paired i with i + 1)."""
+    from zokern.preference.viz import interplay
+    from zokern.preference.viz import load
+
+    _write_run(tmp_path / "sketches.jsonl")
+    lines = (tmp_path / "sketches.jsonl").read_text().splitlines()
+    broken = json.loads(lines[2 * 3])  # the policy at iteration 3
+    assert (broken["model"], broken["iteration"]) == ("policy", 3)
+    broken["sketch"][0] = math.inf
+    lines[2 * 3] = json.dumps(broken)
+    (tmp_path / "sketches.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="not finite"):
+        models = load(tmp_path)["zopro"]
+    rows = interplay(models)
+    assert [r["iteration"] for r in rows] == [1, 2, 5, 6]
+    policy = {p["iteration"]: p["sketch"] for p in models["policy"]}
+    reward = {p["iteration"]: p["sketch"] for p in models["reward"]}
+    for row in rows:
+        i = row["iteration"]
+        assert row["policy_update_norm"] == pytest.approx(float((policy[i] - policy[i - 1]).norm()))
+        assert row["reward_update_norm"] == pytest.approx(float((reward[i] - reward[i - 1]).norm()))
+    assert [math.isnan(r["persistence_angle"]) for r in rows] == [True, False, True, False]
+
+
 def test_the_summary_of_a_single_iteration_is_strict_json():
     import json
     import math

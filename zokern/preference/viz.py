@@ -27,6 +27,43 @@ from zokern.preference.sketch import cosine
 FIELDS = ("method", "model", "iteration", "step", "gamma", "k", "sketch")  # what the plots read of a record
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain_name(method) -> bool:
+    return isinstance(method, str) and method.replace("_", "").replace("-", "").isalnum()
+
+
+def _check_record(point) -> None:
+    """ValueError naming what makes a line not a recorder's record (a file edited by hand, or another program's)."""
+    if not isinstance(point, dict):
+        raise ValueError(f"a JSON {type(point).__name__}, not an object")
+    missing = [f for f in FIELDS if f not in point]
+    if missing:
+        raise ValueError(f"no {', '.join(map(repr, missing))}")
+    for field in ("method", "model"):
+        if not isinstance(point[field], str):
+            raise ValueError(f"{field} {point[field]!r} is not a string")
+    if not _plain_name(point["method"]):  # it names the plot files
+        raise ValueError(f"method {point['method']!r} is not a plain name (letters, digits, '_' and '-')")
+    for field in ("iteration", "step"):
+        if not _is_int(point[field]) or point[field] < 0:
+            raise ValueError(f"{field} {point[field]!r} is not a non-negative integer")
+    gamma = point["gamma"]
+    if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))):
+        raise ValueError(f"gamma {gamma!r} is neither a number nor null")
+    sketch, k = point["sketch"], point["k"]
+    if not _is_int(k) or k < 1:
+        raise ValueError(f"k {k!r} is not a positive integer")
+    if not isinstance(sketch, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in sketch):
+        raise ValueError("sketch is not a list of numbers")
+    if len(sketch) != k:
+        raise ValueError(f"sketch has {len(sketch)} values where k is {k}")
+    if "seed" in point and not _is_int(point["seed"]):
+        raise ValueError(f"seed {point['seed']!r} is not an integer")
+
+
 def load(run_dir: Path) -> dict[str, dict[str, list[dict]]]:
     """method -> model ("policy", "reward") -> the recorded points in iteration order. ValueError, naming the file
     and line, for a record without one of FIELDS; for a file with no records; for a method with no policy points."""
@@ -42,9 +79,7 @@ def load(run_dir: Path) -> dict[str, dict[str, list[dict]]]:
             continue
         try:
             point = json.loads(raw.decode("utf-8"))
-            missing = [f for f in FIELDS if f not in point]
-            if missing:
-                raise ValueError(f"no {', '.join(map(repr, missing))}")
+            _check_record(point)
             point["sketch"] = torch.tensor(point["sketch"], dtype=torch.float64)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
             if number == len(lines):  # the last line, cut off (no newline after it): a run stopped while writing
@@ -64,15 +99,21 @@ def load(run_dir: Path) -> dict[str, dict[str, list[dict]]]:
         if not models.get("policy"):
             raise ValueError(f"{path}: method {method!r} has no policy sketches (models recorded: {sorted(models)})")
         # Sketches compare only under one hashing (size k and seed): a file appended to by runs that differ in them.
-        kinds = {(p["k"], len(p["sketch"]), p.get("seed")) for points in models.values() for p in points}
+        kinds = {(p["k"], p.get("seed")) for points in models.values() for p in points}
         if len(kinds) > 1:
-            described = ", ".join(f"k={k} ({n} values), seed {seed}" for k, n, seed in sorted(kinds, key=str))
+            described = ", ".join(f"k={k}, seed {seed}" for k, seed in sorted(kinds, key=str))
             raise ValueError(
                 f"{path}: method {method!r} has sketches of different kinds ({described}), which do not compare: "
                 "keep one run's records per file"
             )
-        for points in models.values():
+        for model, points in models.items():
             points.sort(key=lambda p: p["iteration"])
+            repeated = sorted({a["iteration"] for a, b in zip(points, points[1:]) if a["iteration"] == b["iteration"]})
+            if repeated:  # two runs appended to one file: their updates would be taken between the runs
+                raise ValueError(
+                    f"{path}: method {method!r} has more than one {model} sketch at iteration(s) {repeated}: "
+                    "keep one run's records per file"
+                )
     return runs
 
 
@@ -83,12 +124,17 @@ def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def interplay(models: dict[str, list[dict]]) -> list[dict]:
     """One row per iteration i >= 1: angles (degrees), update norms (sketched) and gamma."""
-    policy, reward = models.get("policy", []), models.get("reward", [])
+    # By iteration number, not position: an iteration whose sketch was left out (not finite) has no update, and
+    # neither has the one after it.
+    policy = {p["iteration"]: p for p in models.get("policy", [])}
+    reward = {p["iteration"]: p for p in models.get("reward", [])}
     rows = []
-    for i in range(1, min(len(policy), len(reward))):
+    for i in sorted(policy):
+        if not {i - 1, i} <= policy.keys() & reward.keys():
+            continue
         p = policy[i]["sketch"] - policy[i - 1]["sketch"]
         r = reward[i]["sketch"] - reward[i - 1]["sketch"]
-        previous = policy[i - 1]["sketch"] - policy[i - 2]["sketch"] if i >= 2 else None
+        previous = policy[i - 1]["sketch"] - policy[i - 2]["sketch"] if i - 2 in policy else None
         rows.append(
             dict(
                 iteration=i,
@@ -151,8 +197,7 @@ def _page_files(out: Path) -> list[str] | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     ours = isinstance(summary, dict) and all(
-        m.replace("_", "").replace("-", "").isalnum() and isinstance(v, dict) and v.keys() <= _SUMMARY_KEYS
-        for m, v in summary.items()
+        _plain_name(m) and isinstance(v, dict) and v.keys() <= _SUMMARY_KEYS for m, v in summary.items()
     )
     return ["index.html", "summary.json", *(n for m in summary for n in _plot_names(m))] if ours else None
 
