@@ -118,14 +118,14 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.zokern.philox_words_.default, (torch.empty(5, 4, dtype=torch.int64), 3, 1, 9))
 
 
-# The hand-written AVX-512 paths (taken on CPUs that have the instructions) against the portable loops, which
-# ZOKERN_NO_AVX512=1 selects: the same script in two processes, compared bit for bit.
+# The hand-written AVX-512 and AVX2 paths (taken on CPUs that have the instructions) against the portable loops:
+# the same script in processes with ZOKERN_CPU_PATHS set to each, compared bit for bit. On a CPU without a path, its
+# cap runs the best path the CPU has (the portable loop at worst), and the comparison still holds.
 
 
-def _script_output(script: str, args: list[str], path, no_avx512: bool) -> torch.Tensor:
-    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_NO_AVX512"}
-    if no_avx512:
-        env["ZOKERN_NO_AVX512"] = "1"
+def _script_output(script: str, args: list[str], path, cpu_paths: str) -> torch.Tensor:
+    env = {k: v for k, v in os.environ.items() if k != "ZOKERN_CPU_PATHS"}
+    env["ZOKERN_CPU_PATHS"] = cpu_paths
     subprocess.run([sys.executable, "-c", script, *args, str(path)], env=env, check=True, timeout=300)
     return torch.load(path)
 
@@ -152,8 +152,8 @@ torch.save(out, sys.argv[1])
 
 
 def test_gaussian_and_rounding_streams_equal_the_portable_philox(tmp_path):
-    vector = _script_output(PASSES_SCRIPT, [], tmp_path / "vector.pt", no_avx512=False)
-    portable = _script_output(PASSES_SCRIPT, [], tmp_path / "portable.pt", no_avx512=True)
+    vector = _script_output(PASSES_SCRIPT, [], tmp_path / "vector.pt", "avx512")
+    portable = _script_output(PASSES_SCRIPT, [], tmp_path / "portable.pt", "portable")
     assert len(vector) == len(portable) == 3 * 3 + 3
     assert all(torch.equal(v, p) for v, p in zip(vector, portable))
 
@@ -175,11 +175,12 @@ torch.save(torch.stack(out), sys.argv[2])
 """
 
 
+@pytest.mark.parametrize("cpu_paths", ["avx512", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_rademacher_perturb_of_every_16_bit_value(dtype, tmp_path):
+def test_rademacher_perturb_of_every_16_bit_value(dtype, cpu_paths, tmp_path):
     name = [str(dtype).removeprefix("torch.")]
-    vector = _script_output(ALL_BITS_SCRIPT, name, tmp_path / "vector.pt", no_avx512=False)
-    portable = _script_output(ALL_BITS_SCRIPT, name, tmp_path / "portable.pt", no_avx512=True)
+    vector = _script_output(ALL_BITS_SCRIPT, name, tmp_path / "vector.pt", cpu_paths)
+    portable = _script_output(ALL_BITS_SCRIPT, name, tmp_path / "portable.pt", "portable")
     assert torch.equal(vector, portable)  # NaNs included: both write the canonical NaN
     values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     nan = torch.isnan(values)
@@ -192,3 +193,4 @@ def test_rademacher_perturb_of_every_16_bit_value(dtype, tmp_path):
             k += 1
     canonical = {torch.bfloat16: {0x7FC0}, torch.float16: {0x7E00, -0x200}}[dtype]  # fp16 keeps the NaN's sign
     assert set(vector[:, nan].unique().tolist()) <= canonical
+

@@ -10,15 +10,17 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include <zokern/stream.h>
 
-// Hand-written AVX-512 paths (here and in rademacher_avx512.h), picked at run time on CPUs that have the
-// instructions; ZOKERN_NO_AVX512=1 keeps the portable loops on any CPU: what the tests compare them against.
+// Hand-written AVX-512 and AVX2 paths (here, rademacher_avx512.h and rademacher_avx2.h), picked at run time on CPUs
+// that have the instructions. ZOKERN_CPU_PATHS caps them: `portable` keeps the portable loops on any CPU (what the
+// tests compare the others against), `avx2` the AVX2 paths at most, `avx512` (or unset) the best the CPU has.
 #if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define ZK_AVX512_PATHS 1
+#define ZK_X86_PATHS 1
 #include <immintrin.h>
 // GCC 12's intrinsics seed their "undefined" pass-through vectors from themselves (`__m512i __Y = __Y;`), and -Wall
 // then warns at every inlined shift, multiply or conversion that they may be used uninitialized: a false positive,
@@ -68,14 +70,26 @@ struct BlockWords {
   alignas(64) uint32_t w[4][kMaxBlocks];
 };
 
-#ifdef ZK_AVX512_PATHS
-inline bool avx512_disabled_by_environment() {
-  const char* v = std::getenv("ZOKERN_NO_AVX512");
-  return v != nullptr && v[0] != '\0' && !(v[0] == '0' && v[1] == '\0');
+#ifdef ZK_X86_PATHS
+enum class CpuPaths { kPortable, kAvx2, kAvx512 };
+
+// The cap ZOKERN_CPU_PATHS sets, read once. A value it does not know is an error at the first pass, not a silent
+// fallback (a test that meant to compare the portable loop would compare a path with itself).
+inline CpuPaths cpu_paths_cap() {
+  static const CpuPaths cap = [] {
+    const char* v = std::getenv("ZOKERN_CPU_PATHS");
+    const std::string value = v == nullptr ? "" : v;
+    if (value.empty() || value == "avx512") return CpuPaths::kAvx512;
+    if (value == "avx2") return CpuPaths::kAvx2;
+    if (value == "portable") return CpuPaths::kPortable;
+    TORCH_CHECK(false, "ZOKERN_CPU_PATHS must be portable, avx2 or avx512 (or unset: the best the CPU has), got '",
+                value, "'");
+  }();
+  return cap;
 }
 
 inline bool has_avx512_philox() {
-  static const bool ok = !avx512_disabled_by_environment() && __builtin_cpu_supports("avx512f");
+  static const bool ok = cpu_paths_cap() >= CpuPaths::kAvx512 && __builtin_cpu_supports("avx512f");
   return ok;
 }
 
@@ -131,7 +145,7 @@ ZK_INLINE void philox_blocks(uint64_t seed, uint32_t domain, uint64_t first, int
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   // 32-bit counter arithmetic (with the carry) keeps the loop in 32-bit lanes.
   const uint32_t n_lo = static_cast<uint32_t>(first), n_hi = static_cast<uint32_t>(first >> 32);
-#ifdef ZK_AVX512_PATHS
+#ifdef ZK_X86_PATHS
   if (count >= 16 && has_avx512_philox()) {  // fewer: one half-empty vector gains nothing (latency-bound rounds)
     philox_blocks_avx512(k0, k1, domain, n_lo, n_hi, count, out);
     return;
@@ -410,6 +424,9 @@ inline std::vector<Job> chunk_jobs(at::TensorList tensors, at::IntArrayRef bases
 // Calls f(job, chunk_begin, task) for every task, spread over threads by at::parallel_for.
 template <class F>
 void parallel_chunks(const std::vector<Job>& jobs, int64_t n_tasks, F&& f) {
+#ifdef ZK_X86_PATHS
+  (void)cpu_paths_cap();  // a bad ZOKERN_CPU_PATHS raises here, in the caller's thread, not in a worker's
+#endif
   at::parallel_for(0, n_tasks, kGrainChunks, [&](int64_t begin, int64_t end) {
     // The last job starting at or before `begin`; empty tensors own no task and are never jobs.
     size_t k = std::upper_bound(jobs.begin(), jobs.end(), begin,

@@ -17,7 +17,7 @@
 
 #include "chunk_stream.h"
 
-#ifdef ZK_AVX512_PATHS
+#ifdef ZK_X86_PATHS
 
 namespace zokern {
 namespace cpu {
@@ -29,14 +29,14 @@ ZK_QUIET_INTRINSICS_BEGIN
 #define ZK_AVX512_FP16 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
 
 inline bool has_bf16_path() {
-  static const bool ok = !avx512_disabled_by_environment() && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = cpu_paths_cap() >= CpuPaths::kAvx512 && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                          __builtin_cpu_supports("avx512bf16");
   return ok;
 }
 
 inline bool has_fp16_path() {
-  static const bool ok = !avx512_disabled_by_environment() && __builtin_cpu_supports("avx512bw") &&
+  static const bool ok = cpu_paths_cap() >= CpuPaths::kAvx512 && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
   return ok;
 }

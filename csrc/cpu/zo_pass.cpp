@@ -23,6 +23,7 @@
 #include <zokern/stream.h>
 
 #include "chunk_stream.h"
+#include "rademacher_avx2.h"
 #include "rademacher_avx512.h"
 
 namespace zokern {
@@ -132,23 +133,33 @@ ZK_INLINE void rademacher_element(typename Format::Storage& d, uint32_t bit1, ui
                                                            s, fine, p);
 }
 
-// Whole words of a 16-bit perturb pass (no update, second seed or stochastic rounding) with AVX-512 where the CPU has
-// it (rademacher_avx512.h); false: the caller's portable loop does them. alpha = 0 takes the portable loop, whose
-// zero term leaves every bit (x + 0 would turn -0 into +0).
+// Whole words of a 16-bit perturb pass (no update, second seed or stochastic rounding) with AVX-512 or AVX2 where
+// the CPU has them (rademacher_avx512.h, rademacher_avx2.h); false: the caller's portable loop does them. alpha = 0
+// takes the portable loop, whose zero term leaves every bit (x + 0 would turn -0 into +0).
 template <class Format, bool kUpdate, bool kSecond, bool kStochastic>
-bool perturb_words_avx512(typename Format::Storage* data, int64_t base, int64_t first_word, int64_t end_word,
-                          const BlockWords& words, int64_t first_block, const PassScalars& p) {
-#ifdef ZK_AVX512_PATHS
+bool perturb_words_simd(typename Format::Storage* data, int64_t base, int64_t first_word, int64_t end_word,
+                        const BlockWords& words, int64_t first_block, const PassScalars& p) {
+#ifdef ZK_X86_PATHS
   if constexpr (!kUpdate && !kSecond && !kStochastic) {
     if (p.alpha == 0.0f) return false;
     if constexpr (std::is_same_v<Format, BFloat16Format>) {
-      if (!avx512::has_bf16_path()) return false;
-      avx512::perturb_words_bf16(data, base, first_word, end_word, words, first_block, p.alpha);
-      return true;
+      if (avx512::has_bf16_path()) {
+        avx512::perturb_words_bf16(data, base, first_word, end_word, words, first_block, p.alpha);
+        return true;
+      }
+      if (avx2::has_path()) {
+        avx2::perturb_words_bf16(data, base, first_word, end_word, words, first_block, p.alpha);
+        return true;
+      }
     } else if constexpr (std::is_same_v<Format, Float16Format>) {
-      if (!avx512::has_fp16_path()) return false;
-      avx512::perturb_words_fp16(data, base, first_word, end_word, words, first_block, p.alpha);
-      return true;
+      if (avx512::has_fp16_path()) {
+        avx512::perturb_words_fp16(data, base, first_word, end_word, words, first_block, p.alpha);
+        return true;
+      }
+      if (avx2::has_path()) {
+        avx2::perturb_words_fp16(data, base, first_word, end_word, words, first_block, p.alpha);
+        return true;
+      }
     }
   }
 #endif
@@ -185,7 +196,7 @@ ZK_CPU_CLONES void process_chunk_rademacher(const Job& job, int64_t chunk_begin,
   }
   // Whole words [first_full, end_full); no overflow at the stream's last index.
   const int64_t first_full = (lo >> 5) + ((lo & 31) != 0), end_full = (last >> 5) + ((last & 31) == 31);
-  const bool vectorised = first_full < end_full && perturb_words_avx512<Format, kUpdate, kSecond, kStochastic>(
+  const bool vectorised = first_full < end_full && perturb_words_simd<Format, kUpdate, kSecond, kStochastic>(
                                                        data, job.base, first_full, end_full, words1, first_block, p);
   for (int64_t word = lo >> 5; word <= (last >> 5); ++word) {  // 32 elements per word
     const int64_t b = (word >> 2) - first_block, q = word & 3, w0 = word << 5;
@@ -278,6 +289,9 @@ void philox_words_cpu(const at::Tensor& out, int64_t seed, int64_t domain, int64
   TORCH_CHECK(out.device().is_cpu(), "philox_words_: out is on ", out.device(), ", expected cpu");
   int64_t* words = out.mutable_data_ptr<int64_t>();
   // Through the passes' batch generator (at any first block: its counter carries are tested here).
+#ifdef ZK_X86_PATHS
+  (void)cpu_paths_cap();  // a bad ZOKERN_CPU_PATHS raises here, not in a worker thread
+#endif
   at::parallel_for(0, out.size(0), 4096, [&](int64_t begin, int64_t end) {
     BlockWords batch;
     for (int64_t b = begin; b < end; b += kMaxBlocks) {
