@@ -193,6 +193,11 @@ def test_one_step_is_the_formula():
     for seen, point in zip(calls, [x0 + eps * z for z in zs] + [x0 - eps * zs[best]]):
         assert torch.allclose(seen.double(), point, atol=1e-5)
     g = (losses[best] - f_minus) / (2 * eps)
+    # The step's g comes from float32 losses: a loss of 173 is rounded by up to 7.6e-6, g by up to 7.6e-4 (and z,
+    # within its tolerance, moves the losses too). The update and the buffer follow the step's own g.
+    g_run = opt.trajectory[0]["projected_grad"][0]
+    assert g_run == pytest.approx(g, abs=1e-3)
+    g = g_run
     expected_x = x0 - lr * g * zs[best]  # momentum buffer starts at zero: the first step is plain SGD
     c = [(k * li - sum(losses)) / (k - 1) for li in losses]
     raw = mu0.double() - mu_lr / (k * sigma) * sum(ci * xi for ci, xi in zip(c, xis))

@@ -194,3 +194,33 @@ def test_rademacher_perturb_of_every_16_bit_value(dtype, cpu_paths, tmp_path):
     canonical = {torch.bfloat16: {0x7FC0}, torch.float16: {0x7E00, -0x200}}[dtype]  # fp16 keeps the NaN's sign
     assert set(vector[:, nan].unique().tolist()) <= canonical
 
+
+def _correctly_rounded_gaussian_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """docs/stream.md, section 3: r for every low half-word, and (cos theta, sin theta) for every high one (theta as
+    the kernels compute it, in float32), each the float32 nearest the exact value."""
+    mpmath = pytest.importorskip("mpmath")  # a dependency of torch's sympy
+    theta = (torch.arange(65536, dtype=torch.float32) - 32767.5) * torch.tensor(9.58737992428525768e-05)
+    radius, cos, sin = [], [], []
+    with mpmath.workprec(80):
+        for v, t in enumerate(theta.tolist()):
+            r = mpmath.sqrt(-2 * mpmath.log(mpmath.mpf(2 * v + 1) / 131072))
+            c, s = mpmath.cos(t), mpmath.sin(t)
+            with mpmath.workprec(24):  # unary plus rounds to nearest at 24 bits, float32's precision
+                radius.append(float(+r))
+                cos.append(float(+c))
+                sin.append(float(+s))
+    return tuple(torch.tensor(v, dtype=torch.float32) for v in (radius, cos, sin))
+
+
+def test_gaussian_z_is_the_product_of_correctly_rounded_r_and_angle():
+    """The CPU backend's z is r * cos theta or r * sin theta, the three each rounded correctly: bits that do not
+    depend on the platform's libm. Tables from float32 logf, sinf and cosf (r rounded three times) gave another z at
+    13 % of the elements with glibc 2.36, and would differ otherwise with another libm."""
+    radius, cos, sin = _correctly_rounded_gaussian_tables()
+    seed, n_blocks = 2**40 + 9, 1 << 19
+    words = _native.philox_block_words(seed, 0, 0, n_blocks)  # domain 0: the Gaussian stream
+    lo, hi = (words & 0xFFFF).flatten(), (words >> 16).flatten()
+    assert lo.unique().numel() == hi.unique().numel() == 65536  # every entry of both tables is checked
+    expected = torch.stack([radius[lo] * cos[hi], radius[lo] * sin[hi]], dim=1).flatten()  # float32 products
+    z = ops.gaussian(seed, 0, 8 * n_blocks, backend="cpu")
+    assert torch.equal(z.view(torch.int32), expected.view(torch.int32))

@@ -61,7 +61,9 @@ def _check_real(name: str, value: object) -> float:
     except OverflowError:  # an integer or fraction beyond any float
         value = math.inf
     if not abs(value) < FLOAT32_OVERFLOW:
-        raise ValueError(f"{name} must be finite in float32, the passes' precision (|{name}| < 3.4e38), got {value}")
+        raise ValueError(
+            f"{name} must be finite in float32, the passes' precision (|{name}| < 3.4028236e38), got {value}"
+        )
     # A value that rounds to a float32 zero (-0.0, or |value| <= 2^-150) is +0.0 (docs/stream.md, section 5).
     return 0.0 if abs(value) <= _FLOAT32_ROUNDS_TO_ZERO else value
 

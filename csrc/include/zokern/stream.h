@@ -170,8 +170,11 @@ ZK_HD float gaussian_radius(uint32_t lo16) {
   asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(s));
   return r;
 #else
-  const float u = (static_cast<float>(lo16) + 0.5f) * (1.0f / 65536.0f);
-  return std::sqrt(-2.0f * std::log(u));
+  // In float64, rounded once to float32: the correctly rounded r (tests/test_backends.py checks all 65536 against
+  // exact arithmetic), whatever the platform's libm. logf, sinf and cosf are not correctly rounded (glibc's miss at
+  // about 1 % of these inputs, each libm elsewhere), and the CPU backend's z would differ between platforms.
+  const double u = (static_cast<double>(lo16) + 0.5) / 65536.0;
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u)));
 #endif
 }
 
@@ -181,8 +184,8 @@ ZK_HD void gaussian_sincos(uint32_t hi16, float* sin_theta, float* cos_theta) {
 #ifdef __CUDA_ARCH__
   __sincosf(theta, sin_theta, cos_theta);
 #else
-  *sin_theta = std::sin(theta);
-  *cos_theta = std::cos(theta);
+  *sin_theta = static_cast<float>(std::sin(static_cast<double>(theta)));  // correctly rounded, as gaussian_radius
+  *cos_theta = static_cast<float>(std::cos(static_cast<double>(theta)));
 #endif
 }
 
