@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import signal
 import warnings
 from fractions import Fraction
@@ -196,6 +197,55 @@ def test_a_closure_that_changes_what_the_step_perturbs_by_is_refused_and_theta_r
     replayed = [t.clone() for t in before]
     zokern.replay(replayed, opt.trajectory)
     assert torch.equal(replayed[0], a) and torch.equal(replayed[1], b)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, key, value",
+    [
+        (ZOSignSGD, {}, "lr", math.nan),
+        (ZOSGD, dict(momentum=0.9), "lr", math.nan),
+        (ZOSGD, dict(momentum=0.9), "weight_decay", -math.inf),
+        (ZOAdam, {}, "lr", math.nan),
+        (ZOAdam, {}, "betas", (math.nan, 0.999)),
+        (LDSD, dict(k=3), "lr", math.nan),
+    ],
+    ids=["signsgd-lr", "momentum-lr", "momentum-weight-decay", "adam-lr", "adam-betas", "ldsd-lr"],
+)
+def test_a_closure_that_sets_a_bad_hyperparameter_is_refused_before_the_update(cls, kwargs, key, value):
+    # The host-side update rules read the groups after the closures and wrote NaN into theta, silently (not counted
+    # as a non-finite step); the fused passes' own checks refused it for ZO-SGD.
+    a, b = _pair()
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = _optimizer(cls, [a, b], kwargs)
+    calls = [0]
+
+    def setting():
+        calls[0] += 1
+        if calls[0] == 2:
+            opt.param_groups[0][key] = value
+        return _loss(a, b)
+
+    with pytest.raises(ValueError, match="param group 0"):
+        opt.step(setting)
+    for p, start in zip((a, b), before):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach(), start, atol=1e-6, rtol=0)
+
+
+def test_an_lr_the_closure_sets_is_this_steps_as_in_torch_optim():
+    # torch.optim's steps call the closure first, then read the groups: so does the update here.
+    a, b = _pair()
+    twin_a, twin_b = _pair()
+    opt, twin = ZOSGD([a, b], lr=1e-2, seed=3), ZOSGD([twin_a, twin_b], lr=1e-2, seed=3)
+
+    def setting():
+        opt.param_groups[0]["lr"] = 0.5
+        return _loss(a, b)
+
+    opt.step(setting)
+    twin.param_groups[0]["lr"] = 0.5
+    twin.step(lambda: _loss(twin_a, twin_b))
+    assert torch.equal(a, twin_a) and torch.equal(b, twin_b) and opt.trajectory[-1]["lr"] == [0.5]
 
 
 @pytest.mark.parametrize("cls, kwargs", [(ZOSGD, {}), (ZOSGD, dict(n_probes=2))], ids=["sgd", "sgd-2-probes"])
@@ -764,6 +814,59 @@ def test_a_damaged_state_dict_is_refused_before_anything_is_loaded(damage, error
     assert all(torch.equal(a, b) for a, b in zip(before[2], after[2]))
 
 
+@pytest.mark.parametrize(
+    "value, match",
+    [(-1, "is -1: not a count of updates"), (None, "is None: not a count"), (2.0, "is 2.0: not a count"),
+     ("absent", "lacks 'step'")],
+)  # fmt: skip
+def test_a_damaged_adam_count_is_refused_before_anything_is_loaded(value, match):
+    # step = -1 loaded, and the next step wrote NaN into that parameter (bias corrections 1 - beta^0); None failed
+    # partway through the update, after earlier parameters were written.
+    a, b = _pair()
+    source = ZOAdam([a, b], lr=1e-2)
+    source.step(lambda: _loss(a, b))
+    state = source.state_dict()
+    if value == "absent":
+        del state["state"][1]["step"]
+    else:
+        state["state"][1]["step"] = value
+    target = ZOAdam([a, b], lr=1e-2)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert not target.state and target.steps_taken == 0
+
+
+def test_a_state_dict_whose_parameter_names_differ_is_refused_naming_them():
+    # Built from named_parameters(), the groups carry param_names (torch >= 2.6); a load into the same-shaped
+    # parameters in another order went silently, each taking the other's momentum and stream.
+    model = torch.nn.ModuleDict(dict(a=torch.nn.Linear(4, 4), b=torch.nn.Linear(4, 4)))
+    source = ZOSGD(list(model.named_parameters()), lr=1e-2, momentum=0.9)
+    source.step(lambda: model["b"](model["a"](torch.ones(2, 4))).square().mean())
+    state = source.state_dict()
+    named = list(model.named_parameters())
+    target = ZOSGD(named[2:] + named[:2], lr=1e-2, momentum=0.9)
+    with pytest.raises(ValueError, match=r"parameter 0 is 'b.weight' here and 'a.weight' in the state dict"):
+        target.load_state_dict(state)
+    assert not target.state
+    ZOSGD(named, lr=1e-2, momentum=0.9).load_state_dict(state)  # the same names: loads
+    other = torch.nn.ModuleDict(dict(a=torch.nn.Linear(4, 3), b=torch.nn.Linear(3, 4)))
+    with pytest.raises(ValueError, match=r"16 elements for 'a.weight', param_groups\[0\]\['params'\]\[0\]"):
+        ZOSGD(list(other.named_parameters()), lr=1e-2, momentum=0.9).load_state_dict(state)  # named in messages
+
+
+def test_a_state_dict_of_other_group_sizes_is_refused_naming_sizes_and_the_first_parameter():
+    # torch's own message ("a parameter group that doesn't match the size of optimizer's group") named nothing: the
+    # common case is an optimizer over the trainable parameters only, after a layer was frozen.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    source = ZOSGD(model.parameters(), lr=1e-2, momentum=0.9)
+    source.step(lambda: model(torch.ones(2, 4)).square().mean())
+    model[0].requires_grad_(False)
+    target = ZOSGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+    with pytest.raises(ValueError, match=r"groups of \[4\] parameters, this optimizer has \[2\] .*parameter 0\)"):
+        target.load_state_dict(source.state_dict())
+    assert not target.state
+
+
 def test_loading_a_run_that_trained_other_parameters_warns_naming_them():
     model, _, _, source = _run()
     state = source.state_dict()
@@ -1184,3 +1287,23 @@ def test_a_frozen_wrapper_subclass_does_not_stop_the_exact_mode():
     opt = ZOSGD([trained, frozen], lr=1e-2, eps=1e-2, seed=0)
     opt.step(lambda: trained.float().sum())
     assert opt.steps_taken == 1
+
+
+def test_repr_shows_the_options_that_hold_for_every_group():
+    # torch's repr shows the groups only: ZOSGD(momentum=0.9, n_probes=4) printed as ZOSGD() did.
+    text = repr(ZOSGD([torch.nn.Parameter(torch.ones(3))], lr=1e-3, momentum=0.9, n_probes=4))
+    assert "lr: 0.001" in text and "momentum: 0.9" in text and "n_probes: 4" in text and text.endswith(")")
+
+
+def test_replay_of_a_run_that_resized_a_parameter_says_so():
+    # It blamed the caller ("pass the initial parameters as the run had them"), whichever copy was given.
+    emb = torch.nn.Embedding(6, 3)
+    initial = emb.weight.detach().clone()
+    opt = ZOSGD(emb.parameters(), lr=1e-2)
+    opt.step(lambda: emb.weight.square().sum())
+    emb.weight.data = torch.cat([emb.weight.data, torch.ones(2, 3)])  # as resize_token_embeddings does
+    opt.step(lambda: emb.weight.square().sum())
+    with pytest.raises(ValueError, match=r"changed parameter 0's numel from 18 to 24 at record 1 .*trajectory\[:1\]"):
+        zokern.replay([initial.clone()], opt.trajectory)
+    replayed = initial.clone()
+    zokern.replay([replayed], opt.trajectory[:1])  # the records before the resize replay

@@ -30,6 +30,8 @@ _LOADABLE_STREAM_VERSIONS = (1, STREAM_VERSION)
 class Checkpointing:
     """The checkpoint half of ZOOptimizer (``self`` is one)."""
 
+    _COUNT_STATES: tuple[str, ...] = ()  # per-parameter states that count updates (ints), beside the shaped ones
+
     def state_dict(self) -> dict[str, Any]:
         self._refuse_nested("state_dict")  # mid-step it would count the step, and the parameters beside it be off
         if _called_from(_DCP_STATE_DICT):
@@ -111,9 +113,32 @@ class Checkpointing:
                     "saved run's options to continue that run"
                 )
         groups = state_dict["param_groups"]
-        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
-            return  # torch's load_state_dict names this mismatch
+        saved_sizes = [len(g["params"]) for g in groups]
+        sizes = [len(g["params"]) for g in self.param_groups]
+        if saved_sizes != sizes:  # torch's own message names neither the sizes nor the parameters
+            shapes = [tuple(p.shape) for p in self._all_params()]
+            first = next(
+                (k for k, (a, b) in enumerate(zip(shapes, map(tuple, zo.get("shapes", ())))) if a != b),
+                min(len(shapes), len(zo.get("shapes", shapes))),
+            )
+            raise ValueError(
+                f"the state dict's run had param groups of {saved_sizes} parameters, this optimizer has {sizes} "
+                f"(the first that differs, in order: parameter {first}): a layer frozen or an adapter added since "
+                "the checkpoint? An optimizer over the trainable parameters only (ZOTrainer's, or one built from "
+                "those with requires_grad) has other groups then; build it over the parameters the run trained"
+            )
         for k, (saved_group, group) in enumerate(zip(groups, self.param_groups)):
+            # Built from named_parameters(), both name their parameters: parameters of one shape in another order
+            # would each take the other's states and stream silently.
+            saved_names, names = saved_group.get("param_names"), group.get("param_names")
+            if saved_names is not None and names is not None and list(saved_names) != list(names):
+                j, mine, theirs = next(
+                    (j, a, b) for j, (a, b) in enumerate(zip([*names, None], [*saved_names, None])) if a != b
+                )
+                raise ValueError(
+                    f"param group {k}'s parameter {j} is {mine!r} here and {theirs!r} in the state dict: not these "
+                    "parameters, or not in this order"
+                )
             # What the constructor refuses, loaded, would step silently (a negative lr, eps = 0) or fail mid-step.
             try:
                 self._validate_group(dict(saved_group, params=group["params"]))
@@ -157,9 +182,16 @@ class Checkpointing:
             for value in saved.values():  # a state sharded otherwise than its parameter: refused before any loads
                 if _is_shaped_state(value):
                     _shards.loaded_state(value, p, names[id(p)])
-            missing = sorted(shaped - saved.keys())
+            missing = sorted((shaped | set(self._COUNT_STATES)) - saved.keys())
             if saved and missing:
                 raise ValueError(f"the state dict's state for {names[id(p)]} lacks {', '.join(map(repr, missing))}")
+            for key in self._COUNT_STATES:  # a negative count gave NaN bias corrections, written into theta
+                value = saved.get(key, 0)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ValueError(
+                        f"the state dict's {key!r} for {names[id(p)]} is {value!r}: not a count of updates (an "
+                        "integer >= 0)"
+                    )
 
     def _warn_if_trainable_differs(self, saved: list[bool] | None) -> None:
         """Warn, naming them, when parameters the saved run trained are frozen now or the reverse. Not an error:

@@ -222,11 +222,15 @@ class LayoutChecks:
         )
 
     def _parameter_names(self) -> dict[int, str]:
-        return {
-            id(p): f"param_groups[{g}]['params'][{k}] (shape {tuple(p.shape)})"
-            for g, group in enumerate(self.param_groups)
-            for k, p in enumerate(group["params"])
-        }
+        """How messages name each parameter: its place, and its name where the groups were built from
+        ``named_parameters()`` (torch >= 2.6 keeps the names as ``param_names``)."""
+        names = {}
+        for g, group in enumerate(self.param_groups):
+            given = group.get("param_names") or ()
+            for k, p in enumerate(group["params"]):
+                place = f"param_groups[{g}]['params'][{k}] (shape {tuple(p.shape)})"
+                names[id(p)] = f"{given[k]!r}, {place}" if k < len(given) else place
+        return names
 
 
 # The __torch_function__ of plain tensors and of nn.Parameter (which disables it): any other is a class's own.

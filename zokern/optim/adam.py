@@ -96,6 +96,8 @@ class ZOAdam(ZOSGD):
     def _extra_group_keys(self) -> tuple[str, ...]:
         return ("betas", "adam_eps")
 
+    _COUNT_STATES = ("step",)
+
     def _state_keys(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 

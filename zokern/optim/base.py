@@ -682,6 +682,9 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
                 return self._failed_evaluation(evaluated)
             try:
                 self._refuse_changed_scales(scales)
+                # The update reads the groups after the closures, as torch.optim's steps do; a value set there is
+                # checked as one set between steps (an lr set to NaN wrote NaN through the host-side update rules).
+                self._check_groups_hyperparameters()
                 loss = self._checked_loss(loss, view)
             except Exception as e:
                 if not _distributed.active():
@@ -1113,6 +1116,11 @@ class ZOOptimizer(GroupChecks, LayoutChecks, Checkpointing, torch.optim.Optimize
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- checkpoint
+
+    def __repr__(self) -> str:
+        """torch's (the param groups), and the options that hold for all of them (momentum, probes, ...)."""
+        options = "\n".join(f"    {key}: {value!r}" for key, value in self.options().items())
+        return f"{super().__repr__().removesuffix(')')}Options (every group)\n{options}\n)"
 
     def options(self) -> dict[str, Any]:
         """The constructor's keyword options besides the per-group hyperparameters (recorded for replay)."""

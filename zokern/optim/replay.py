@@ -156,7 +156,8 @@ def _check(params: list[torch.Tensor], trajectory: Sequence[dict[str, Any]]) -> 
         if record["step"] != k:
             raise ValueError(
                 f"record {k} is step {record['step']}: replay rebuilds the optimizer's state from a run's first step, "
-                "record after record (a resumed run's trajectory goes after the records written before its checkpoint)"
+                "record after record (a resumed run's trajectory goes after the records written before its checkpoint; "
+                "a seed drawn outside step, by new_seed() for apply_projected_grad, leaves a step no record)"
             )
         if "setup" in record:
             sizes = _check_setup(params, record["setup"], k, sizes, setup)
@@ -233,6 +234,15 @@ def _check_setup(
     # between steps (model.half()): replay converts them where its setup says so (_convert), so only the
     # parameters a setup adds (all of them at the first) must come in the dtype the run had.
     known = sum(before) if k else 0
+    was, now = previous.get("numels"), setup.get("numels")
+    if k and was is not None and now is not None:
+        resized = next((j for j, (a, b) in enumerate(zip(was, now)) if a != b), None)
+        if resized is not None:  # no initial parameters can fit both: say so, not that these are the wrong ones
+            raise ValueError(
+                f"the run changed parameter {resized}'s numel from {was[resized]} to {now[resized]} at record {k} "
+                f"(resize_token_embeddings between steps, say): replay cannot follow a resize; it can replay the "
+                f"records before it, trajectory[:{k}]"
+            )
     for name, want, have, start in (
         ("numel", setup.get("numels"), [p.numel() for p in params[: sum(sizes)]], 0),
         # A run may reshape a parameter between steps (its stream is row-major whatever its shape).
