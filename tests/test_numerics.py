@@ -541,3 +541,46 @@ def test_a_stochastically_rounded_host_update_writes_by_chunks_with_the_same_bit
     chunked = run()
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(whole, chunked))
     assert not torch.equal(whole[0], start()[0].detach())  # the updates did write
+
+
+class _CachedAliasLM(torch.nn.Module):
+    """A tied head read through a tensor made from the embedding's weight once, before any step (a cached transpose,
+    as a model might keep for speed): a plain tensor over theta's memory, which no op receives as the parameter."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.emb, self.how = torch.nn.Embedding(20, 8), how
+
+    def cache(self):
+        w = self.emb.weight
+        self.head = {"view": w.t(), "detach": w.detach().t(), "data": w.data.t(), "rows": w.detach()[2:12]}[self.how]
+
+    def forward(self, tokens):
+        hidden = torch.tanh(self.emb(tokens))
+        head = self.head if self.how != "rows" else self.head.t()
+        out = hidden @ head
+        if self.how == "detach":  # a write through the alias: to the evaluation's copy, seen after, never theta
+            self.head.mul_(0.5)
+            out = out + hidden @ self.head
+        return out.float().logsumexp(-1).mean()
+
+
+@pytest.mark.parametrize("how", ["view", "detach", "data", "rows"])
+def test_a_tensor_made_from_a_parameter_before_the_step_reads_the_perturbed_value(how):
+    # It read theta: the tied head was evaluated unperturbed at both theta + eps z and theta - eps z, and g came out
+    # 0.45 of the true one (a review's repro), silently, since the parameter itself reached an op too.
+    tokens = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = _CachedAliasLM(how).bfloat16()
+    model.cache()
+    start = model.emb.weight.detach().clone()
+    reference = _CachedAliasLM(how).bfloat16()
+    with torch.no_grad():
+        z = zokern.ops.gaussian(123, 0, start.numel()).view(start.shape)
+        reference.emb.weight.copy_((start.float() + 1e-2 * z).bfloat16())
+    reference.cache()
+    opt = ZOSGD(model.parameters(), lr=0.0, eps=1e-2, perturbation="exact")
+    with torch.no_grad(), opt.perturbed(123, 1.0):
+        got = model(tokens).item()
+    assert got == reference(tokens).item()
+    assert torch.equal(model.emb.weight, start)  # theta itself is never written, also through the alias

@@ -1185,13 +1185,17 @@ def real_as_float(value: numbers.Real) -> float:
 def _fullgraph_refusal(error: RuntimeError, exact: bool) -> RuntimeError | None:
     """What to say when torch.compile(fullgraph=True) met the hooks by which the exact mode (or merge_steps) sees
     what the model reads; None for any other error."""
-    if type(error).__name__ != "Unsupported" or not ("PerturbedView" in str(error) or "Lookahead" in str(error)):
+    if type(error).__name__ not in _DYNAMO_REFUSALS or not ("PerturbedView" in str(error) or "Lookahead" in str(error)):
         return None
     return RuntimeError(
-        "zokern: torch.compile(fullgraph=True) cannot trace the hooks by which "
+        "zokern: torch.compile(fullgraph=True), or an op that compiles itself so (flex_attention, torch.cond, "
+        f"torch.while_loop), cannot trace the hooks by which "
         f"{'the exact mode (the default for 16-bit parameters)' if exact else 'merge_steps'} sees what the model "
         f"reads; compile without fullgraph=True{', or use perturbation=' + repr('inplace') if exact else ''}"
     )
+
+
+_DYNAMO_REFUSALS = ("Unsupported", "UncapturedHigherOrderOpError")  # fullgraph tracing, a higher-order op's
 
 
 def sixteen_bit_loss_message(source: str, dtype: torch.dtype) -> str:

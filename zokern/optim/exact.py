@@ -16,8 +16,9 @@ a write through a view of it, ``inplace=True``): the write goes to the perturbed
 evaluation then sees, never to theta.
 
 What a model must satisfy: the closure reaches every trainable parameter through torch operations (modules,
-functional calls, tensor methods, ``.data``, ``.T`` and the other properties made of its values), as Python models
-do. Code that bypasses torch's function overrides (a custom C++/CUDA extension handed raw pointers) would see the
+functional calls, tensor methods, ``.data``, ``.T`` and the other properties made of its values, or a tensor made
+from it before the evaluation and kept, which lies in its memory: found by address), as Python models do. Code
+that bypasses torch's function overrides (a custom C++/CUDA extension handed raw pointers) would see the
 unperturbed value; a trainable parameter no op received during an evaluation is reported as an error, naming it. A
 torch.compile'd model runs eagerly here, op by op (its frames break at the view, which dynamo must not trace): right,
 but not compiled; ``fullgraph=True`` cannot compile it at all. Use perturbation='inplace' to run it compiled.
@@ -30,6 +31,7 @@ of the rank's shard. Neither the shards nor the gathered tensors are written (a 
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import torch
@@ -187,6 +189,10 @@ class PerturbedView(TorchFunctionMode):
         self.pass_kwargs = pass_kwargs
         self.used: set[int] = set()  # the keys of the uses some op received
         self.expected = _perturbable(uses)
+        # Where the plain parameters' memory lies, sorted: a tensor made from one before the evaluation (a cached
+        # transpose of a tied weight, `.detach()`, `.data`) is no parameter here, yet reads theta (_alias).
+        self.ranges = _memory_ranges(uses.values())
+        self.range_starts = [start for start, _, _ in self.ranges]
         self.ready = self._materialise_small()
         # Sharded parameters (DTensors, by id): an op given one receives a DTensor over its perturbed shard, and the
         # ops of an FSDP2 module's forward receive the whole tensors FSDP2 gathers from the shards, each perturbed at
@@ -232,6 +238,14 @@ class PerturbedView(TorchFunctionMode):
             args, kwargs = _with_first(args, kwargs, kept)
             out = func(*args[:1], *self._swap_all(args[1:]), **self._swap_kwargs(kwargs))
             return first if out is kept else out
+        if (kind is _RAW or writes) and not setter and self.ranges and isinstance(first, torch.Tensor):
+            alias = self._alias(first) if id(first) not in self.uses else None
+            if alias is not None:  # written or handed out through an alias made before: the kept copy's, as above
+                self.used.add(alias.key)
+                view = _aliased_view(self._keep(alias.param), first, alias.param)
+                args, kwargs = _with_first(args, kwargs, view)
+                out = func(*args[:1], *self._swap_all(args[1:]), **self._swap_kwargs(kwargs))
+                return first if out is view else out
         if writes and isinstance(first, (list, tuple)):  # torch._foreach_*_: each parameter's kept copy
             first = type(first)(self._keep(x) if id(x) in self.uses else x for x in first)
             args, kwargs = _with_first(args, kwargs, first)
@@ -345,10 +359,29 @@ class PerturbedView(TorchFunctionMode):
     def _swap(self, x: torch.Tensor) -> torch.Tensor:
         use = self.uses.get(id(x))
         if use is None:
-            return x
+            alias = self._alias(x) if self.ranges else None
+            return x if alias is None else _aliased_view(self._swap(alias.param), x, alias.param)
         self.used.add(use.key)
         kept = self.exposed.get(id(x), self.ready.get(id(x)))
         return kept if kept is not None else self.materialise([use])[0]
+
+    def _alias(self, x: torch.Tensor) -> ParameterUse | None:
+        """The use of the parameter whose memory wholly holds ``x`` (a plain tensor, no parameter), if any."""
+        if type(x) is not torch.Tensor:  # activations are plain tensors; subclasses (DTensor) have no pointer here
+            return None
+        try:
+            ptr = x.data_ptr()
+        except RuntimeError:  # no storage: a tensor being traced (flex_attention compiles itself)
+            return None
+        k = bisect.bisect_right(self.range_starts, ptr) - 1
+        if k < 0:
+            return None
+        start, end, use = self.ranges[k]
+        param = use.param
+        if ptr >= end or x.dtype != param.dtype or x.device != param.device or not x.numel():
+            return None
+        last = ptr + x.element_size() * sum((n - 1) * step for n, step in zip(x.shape, x.stride()))
+        return use if last < end else None
 
     def materialise(self, uses: list[ParameterUse]) -> list[torch.Tensor]:
         """Fresh tensors holding the perturbed values of ``uses`` (parameters of one group, or one parameter): the
@@ -417,6 +450,22 @@ class PerturbedView(TorchFunctionMode):
                 "perturbed. Freeze parameters the loss does not use (requires_grad=False), or, for code that reads "
                 "parameters outside torch (C++ extensions handed raw pointers), use perturbation='inplace'."
             )
+
+
+def _memory_ranges(uses) -> list[tuple[int, int, ParameterUse]]:
+    """(first byte, end byte, use) of each plain contiguous parameter with elements, sorted by address."""
+    ranges = []
+    for use in uses:
+        p = use.param
+        if type(p) in (torch.Tensor, torch.nn.Parameter) and p.numel() and p.is_contiguous() and not p.is_meta:
+            ranges.append((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), use))
+    return sorted(ranges, key=lambda r: r[0])
+
+
+def _aliased_view(copy: torch.Tensor, alias: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The view of ``param``'s perturbed ``copy`` (its layout, contiguous) that ``alias`` is of ``param``."""
+    offset = (alias.data_ptr() - param.data_ptr()) // alias.element_size()
+    return copy.as_strided(alias.shape, alias.stride(), copy.storage_offset() + offset)
 
 
 def _perturbable(uses: dict[int, ParameterUse]) -> set[int]:
