@@ -231,21 +231,14 @@ class PerturbedView(TorchFunctionMode):
         # A value property's setter (`weight.data = x`) writes the parameter; on a view it rebinds the view.
         setter = kind is _DESCRIPTOR and func.__name__ == "__set__"
         writes = kind is _WRITE or setter or kwargs.get("inplace") is True
-        if (kind is _RAW or kind is _REBIND or writes) and id(first) in self.uses:
+        if kind is _RAW or kind is _REBIND or writes:
             # The copy this evaluation keeps: its memory is handed out, or it is written (a write returns the
             # parameter, as an in-place op returns its first argument, so that `module.weight *= 2` stays a Parameter).
-            kept = self._keep(first)
-            args, kwargs = _with_first(args, kwargs, kept)
-            out = func(*args[:1], *self._swap_all(args[1:]), **self._swap_kwargs(kwargs))
-            return first if out is kept else out
-        if (kind is _RAW or writes) and not setter and self.ranges and isinstance(first, torch.Tensor):
-            alias = self._alias(first) if id(first) not in self.uses else None
-            if alias is not None:  # written or handed out through an alias made before: the kept copy's, as above
-                self.used.add(alias.key)
-                view = _aliased_view(self._keep(alias.param), first, alias.param)
-                args, kwargs = _with_first(args, kwargs, view)
+            kept = self._kept_for(first, follow_aliases=not (kind is _REBIND or setter))
+            if kept is not None:
+                args, kwargs = _with_first(args, kwargs, kept)
                 out = func(*args[:1], *self._swap_all(args[1:]), **self._swap_kwargs(kwargs))
-                return first if out is view else out
+                return first if out is kept else out
         if writes and isinstance(first, (list, tuple)):  # torch._foreach_*_: each parameter's kept copy
             first = type(first)(self._keep(x) if id(x) in self.uses else x for x in first)
             args, kwargs = _with_first(args, kwargs, first)
@@ -321,6 +314,14 @@ class PerturbedView(TorchFunctionMode):
             if param is not None:  # written through a view of a parameter's copy
                 self._keep_written(param, out)
         return dict(zip(kwargs, self._swap_all(tuple(kwargs.values()))))
+
+    def _kept_for(self, x: Any, follow_aliases: bool) -> torch.Tensor | None:
+        """The kept copy of the parameter ``x`` is, or (``follow_aliases``) the same view of it for a tensor made
+        from a parameter before the evaluation; None for anything else."""
+        if id(x) in self.uses:
+            return self._keep(x)
+        alias = self._alias(x) if follow_aliases and self.ranges and isinstance(x, torch.Tensor) else None
+        return None if alias is None else _aliased_view(self._keep(alias.param), x, alias.param)
 
     def _keep(self, param: torch.Tensor) -> torch.Tensor:
         if id(param) not in self.exposed:
